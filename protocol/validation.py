@@ -1,0 +1,137 @@
+"""Validators for request inputs. Each returns the normalised value or raises ValidationError."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid as _uuid
+
+from protocol.errors import ValidationError
+
+_NONCE = re.compile(r"^[A-Za-z0-9]{1,64}$")
+_MASK = re.compile(r"^0x[0-9a-fA-F]{1,6}$")
+_HEX = re.compile(r"^[0-9a-fA-F]*$")
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n([A-Za-z0-9+/=\r\n]+?)\r?\n?-----END \1-----", re.S
+)
+
+#: Agent ids: upstream accepts any UUID and, for ``uuid = hash_ek``, a 64-hex SHA-256 of the EK.
+_AGENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+
+MAX_PCR = 23
+
+
+def agent_id(value: object, field: str = "agent_id") -> str:
+    """An agent id: a UUID (any case, normalised to lower) or a hash-style id of safe characters."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field, "must be a non-empty string")
+    try:
+        return str(_uuid.UUID(value))
+    except ValueError:
+        pass
+    if _AGENT_ID.match(value) and _HEX.match(value) and len(value) in (40, 64, 96, 128):
+        return value.lower()
+    raise ValidationError(field, "not a valid agent UUID")
+
+
+def uuid(value: object, field: str = "uuid") -> str:
+    """A strict RFC 4122 UUID in canonical lower-case form."""
+    if not isinstance(value, str):
+        raise ValidationError(field, "must be a string")
+    try:
+        return str(_uuid.UUID(value))
+    except ValueError as exc:
+        raise ValidationError(field, "not a valid UUID") from exc
+
+
+def nonce(value: object, field: str = "nonce") -> str:
+    """1 to 64 ASCII letters and digits (the TPM's qualifying-data limit)."""
+    if not isinstance(value, str) or not _NONCE.match(value):
+        raise ValidationError(field, "must be 1-64 characters [A-Za-z0-9]")
+    return value
+
+
+def pcr_mask(value: object, field: str = "mask") -> int:
+    """A hex mask ``0x…`` over PCRs 0-23; returns the integer."""
+    if not isinstance(value, str) or not _MASK.match(value):
+        raise ValidationError(field, "must be a hex mask 0x… over PCRs 0-23")
+    mask = int(value, 16)
+    if mask >> (MAX_PCR + 1):
+        raise ValidationError(field, "selects a PCR above 23")
+    return mask
+
+
+def mask_to_pcrs(mask: int) -> list[int]:
+    return [i for i in range(MAX_PCR + 1) if mask >> i & 1]
+
+
+def pcrs_to_mask(pcrs: list[int] | tuple[int, ...] | set[int]) -> str:
+    m = 0
+    for p in pcrs:
+        if not 0 <= p <= MAX_PCR:
+            raise ValidationError("pcr", f"PCR {p} out of range 0-23")
+        m |= 1 << p
+    return hex(m)
+
+
+def b64(value: object, field: str, *, allow_empty: bool = False, max_len: int | None = None) -> bytes:
+    """Strict standard base64 (padding required, no stray characters); returns the bytes."""
+    if not isinstance(value, str):
+        raise ValidationError(field, "must be a base64 string")
+    if not value and not allow_empty:
+        raise ValidationError(field, "must not be empty")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValidationError(field, "is not valid base64") from exc
+    if max_len is not None and len(raw) > max_len:
+        raise ValidationError(field, f"decodes to more than {max_len} bytes")
+    return raw
+
+
+def hex_bytes(value: object, field: str, *, length: int | None = None) -> bytes:
+    if not isinstance(value, str) or not _HEX.match(value) or len(value) % 2:
+        raise ValidationError(field, "must be an even-length hex string")
+    raw = bytes.fromhex(value)
+    if length is not None and len(raw) != length:
+        raise ValidationError(field, f"must be {length} bytes")
+    return raw
+
+
+def pem(value: object, field: str, *, label: str | None = None) -> str:
+    """A PEM text with at least one well-formed block (of ``label`` if given)."""
+    if not isinstance(value, str):
+        raise ValidationError(field, "must be a PEM string")
+    try:
+        raw = value.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(field, "PEM must be ASCII") from exc
+    blocks = _PEM_BLOCK.findall(raw)
+    if not blocks:
+        raise ValidationError(field, "is not PEM")
+    for kind, body in blocks:
+        if label is not None and kind.decode() != label:
+            raise ValidationError(field, f"expected a PEM {label}")
+        try:
+            base64.b64decode(b"".join(body.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValidationError(field, "PEM body is not valid base64") from exc
+    return value
+
+
+def integer(value: object, field: str, *, lo: int | None = None, hi: int | None = None) -> int:
+    """An int (not a bool); digit strings are accepted as upstream's tenant sends ports as text."""
+    if isinstance(value, bool):
+        raise ValidationError(field, "must be an integer")
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValidationError(field, "must be an integer")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValidationError(field, f"must be in {lo}..{hi}")
+    return value
+
+
+def port(value: object, field: str = "port") -> int:
+    return integer(value, field, lo=1, hi=65535)
