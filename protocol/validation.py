@@ -30,7 +30,7 @@ def agent_id(value: object, field: str = "agent_id") -> str:
         return str(_uuid.UUID(value))
     except ValueError:
         pass
-    if _AGENT_ID.match(value) and _HEX.match(value) and len(value) in (40, 64, 96, 128):
+    if _AGENT_ID.fullmatch(value) and _HEX.fullmatch(value) and len(value) in (40, 64, 96, 128):
         return value.lower()
     raise ValidationError(field, "not a valid agent UUID")
 
@@ -47,14 +47,14 @@ def uuid(value: object, field: str = "uuid") -> str:
 
 def nonce(value: object, field: str = "nonce") -> str:
     """1 to 64 ASCII letters and digits (the TPM's qualifying-data limit)."""
-    if not isinstance(value, str) or not _NONCE.match(value):
+    if not isinstance(value, str) or not _NONCE.fullmatch(value):
         raise ValidationError(field, "must be 1-64 characters [A-Za-z0-9]")
     return value
 
 
 def pcr_mask(value: object, field: str = "mask") -> int:
     """A hex mask ``0x…`` over PCRs 0-23; returns the integer."""
-    if not isinstance(value, str) or not _MASK.match(value):
+    if not isinstance(value, str) or not _MASK.fullmatch(value):
         raise ValidationError(field, "must be a hex mask 0x… over PCRs 0-23")
     mask = int(value, 16)
     if mask >> (MAX_PCR + 1):
@@ -91,7 +91,7 @@ def b64(value: object, field: str, *, allow_empty: bool = False, max_len: int | 
 
 
 def hex_bytes(value: object, field: str, *, length: int | None = None) -> bytes:
-    if not isinstance(value, str) or not _HEX.match(value) or len(value) % 2:
+    if not isinstance(value, str) or not _HEX.fullmatch(value) or len(value) % 2:
         raise ValidationError(field, "must be an even-length hex string")
     raw = bytes.fromhex(value)
     if length is not None and len(raw) != length:
@@ -124,7 +124,7 @@ def integer(value: object, field: str, *, lo: int | None = None, hi: int | None 
     """An int (not a bool); digit strings are accepted as upstream's tenant sends ports as text."""
     if isinstance(value, bool):
         raise ValidationError(field, "must be an integer")
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
     if not isinstance(value, int):
         raise ValidationError(field, "must be an integer")

@@ -19,7 +19,7 @@ _PREFIX = re.compile(r"^v(\d+)\.(\d+)$")
 
 def parse_version_prefix(segment: str) -> str:
     """``"v2.1"`` -> ``"2.1"``; anything else raises ValidationError."""
-    m = _PREFIX.match(segment)
+    m = _PREFIX.fullmatch(segment)
     if not m:
         raise ValidationError("api_version", "expected v<major>.<minor>")
     return f"{int(m.group(1))}.{int(m.group(2))}"
