@@ -1,0 +1,86 @@
+"""Actor configuration loading/validation and the SQLite store (real files, real SQLite)."""
+
+import tomllib
+
+import pytest
+import sqlalchemy as sa
+import trio
+
+from actors.common import config
+from actors.common.store import Store, sqlite_url
+
+OPTIONS = [
+    config.Option("quote_interval", "float", 2.0, "seconds between quotes", minimum=0.01),
+    config.Option("max_retries", "int", 10, "retries before FAILED", minimum=0),
+    config.Option("exponential_backoff", "bool", True, "delay n is retry_interval ** n"),
+    config.Option("trusted_client_ca", "list", ["cacert.crt"], "CA files for client certificates"),
+    config.Option("tpm_hash_alg", "choice", "sha256", "PCR bank", choices=("sha1", "sha256", "sha384", "sha512")),
+    config.Option("ek_handle", "int_or_str", "generate", "generate or a persistent handle"),
+    config.Option("webhook_url", "str", None, "where notices also go"),
+]
+
+
+def test_defaults_file_env_overrides(tmp_path):
+    f = tmp_path / "v.toml"
+    f.write_text('[verifier]\nquote_interval = 0.5\nek_handle = "0x81010001"\n')
+    env = {"KEYTRIO_VERIFIER_MAX_RETRIES": "3", "KEYTRIO_VERIFIER_TRUSTED_CLIENT_CA": '["a.pem", "b.pem"]',
+           "KEYTRIO_VERIFIER_EXPONENTIAL_BACKOFF": "false"}
+    cfg = config.load("verifier", OPTIONS, f, env=env)
+    assert cfg.quote_interval == 0.5 and cfg["max_retries"] == 3
+    assert cfg.trusted_client_ca == ["a.pem", "b.pem"]
+    assert cfg.exponential_backoff is False
+    assert cfg.ek_handle == 0x81010001 and cfg.tpm_hash_alg == "sha256" and cfg.webhook_url is None
+    assert config.load("verifier", OPTIONS, None, env={}, overrides={"quote_interval": 1}).quote_interval == 1.0
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    f = tmp_path / "v.toml"
+    f.write_text('quote_interval = "soon"\nmax_retries = -1\ntpm_hash_alg = "md5"\nbogus = 1\n')
+    env = {"KEYTRIO_VERIFIER_EXPONENTIAL_BACKOFF": "yes", "KEYTRIO_VERIFIER_TRUSTED_CLIENT_CA": "a.pem"}
+    with pytest.raises(config.ConfigError) as info:
+        config.load("verifier", OPTIONS, f, env=env)
+    text = "\n".join(info.value.problems)
+    for needle in ("quote_interval", "max_retries", "tpm_hash_alg", "bogus", "EXPONENTIAL_BACKOFF", "TRUSTED_CLIENT_CA"):
+        assert needle in text
+    assert len(info.value.problems) == 6
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load("verifier", OPTIONS, tmp_path / "nope.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("quote_interval = = 2")
+    with pytest.raises(config.ConfigError):
+        config.load("verifier", OPTIONS, bad, env={})
+
+
+def test_default_config_text_is_valid_toml_and_loads(tmp_path):
+    text = config.default_config_text("verifier", OPTIONS)
+    assert "KEYTRIO_VERIFIER_" in text and "# seconds between quotes" in text
+    tomllib.loads(text)
+    f = tmp_path / "d.toml"
+    f.write_text(text)
+    assert config.load("verifier", OPTIONS, f, env={}).max_retries == 10
+
+
+META = sa.MetaData()
+ITEMS = sa.Table("items", META, sa.Column("id", sa.Integer, primary_key=True), sa.Column("v", sa.String))
+
+
+async def test_sqlite_store_commits_and_survives_reopen(tmp_path):
+    url = sqlite_url(tmp_path / "db.sqlite")
+    store = await Store.open(url, META)
+    assert store.is_sqlite
+    async with trio.open_nursery() as n:
+        for i in range(20):
+            n.start_soon(store.write, lambda c, i=i: c.execute(ITEMS.insert().values(id=i, v=str(i))))
+    with pytest.raises(sa.exc.IntegrityError):
+        await store.write(lambda c: (c.execute(ITEMS.insert().values(id=100, v="x")),
+                                     c.execute(ITEMS.insert().values(id=1, v="dup"))))
+    await store.close()
+    store = await Store.open(url, META)
+    rows = await store.read(lambda c: c.execute(sa.select(ITEMS.c.id).order_by(ITEMS.c.id)).scalars().all())
+    assert rows == list(range(20))  # the failed transaction left nothing behind
+    mode = await store.read(lambda c: c.exec_driver_sql("PRAGMA journal_mode").scalar())
+    assert mode == "wal"
+    await store.close()
