@@ -1,0 +1,312 @@
+"""A quart-trio app factory with keytrio's HTTP conventions.
+
+* Every answer, errors included, is the envelope ``{"code", "status", "results"}``.
+* Versioned routes: ``@app.api.route("/agents/<agent_id>", methods=["GET"])`` is served at
+  ``/v2.0/agents/<agent_id>`` ... for each version of the app; the handler finds the version in
+  ``g.api_version``. A well-formed but unsupported version prefix (``/v9.9/...``) answers 400 with
+  status ``API version not supported`` (the text upstream's verifier renegotiates on).
+* Client certificates (CERT_OPTIONAL servers): public routes (``/version``, ``/verify/*``) work
+  without one; every other path needs a client cert whose verified chain contains one of the
+  configured CAs, else a JSON 403. The cert comes from the scope entry serve.py adds
+  (``scope["extensions"]["tls"]``).
+* Bodies over ``max_upload_size`` get a 413 envelope (serve.BodyLimit); ``await json_body()``
+  returns a dict or answers 400.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
+from quart import Response, current_app, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import BaseConverter
+
+from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE, BodyLimit
+from protocol.envelope import envelope
+from protocol.versions import UNSUPPORTED_VERSION_STATUS
+
+log = logging.getLogger("keytrio.app")
+
+_VERSION_PREFIX = re.compile(r"^/v(\d+(?:\.\d+)*)(/.*)?$")
+
+
+class ApiError(Exception):
+    """Raise from a handler to answer ``code`` with ``status`` (never put secrets in it)."""
+
+    def __init__(self, code: int, status: str, results: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code} {status}")
+        self.code = code
+        self.status = status
+        self.results = results or {}
+
+
+def json_response(
+    code: int = 200, results: dict[str, Any] | None = None, status: str | None = None
+) -> Response:
+    """An envelope response (status defaults to "Success" / the HTTP reason phrase)."""
+    body = json.dumps(envelope(code, status, results))
+    return Response(body, status=code, mimetype="application/json")
+
+
+def ok(results: dict[str, Any] | None = None, status: str = "Success") -> Response:
+    return json_response(200, results, status)
+
+
+def client_cert_der() -> bytes | None:
+    """The client's leaf certificate (DER) of the current request, if it presented one."""
+    tls = request.scope.get("extensions", {}).get("tls") or {}
+    return tls.get("client_cert_der")
+
+
+def client_chain_der() -> list[bytes]:
+    """The client's verified chain (DER, leaf first) of the current request; [] without one."""
+    tls = request.scope.get("extensions", {}).get("tls") or {}
+    return list(tls.get("client_chain_der") or [])
+
+
+# Content types accepted for a JSON body. Missing and form-urlencoded are here on purpose:
+# tornado's HTTP client (upstream Keylime's verifier) sends a JSON body with no Content-Type set
+# by the caller, which tornado labels application/x-www-form-urlencoded.
+_JSON_TYPES = {"", "application/json", "text/plain", "application/x-www-form-urlencoded"}
+
+
+async def json_body() -> dict[str, Any]:
+    """The request body as a JSON object, else an :class:`ApiError` 400."""
+    mimetype = (request.mimetype or "").lower()
+    if mimetype not in _JSON_TYPES and not mimetype.endswith("+json"):
+        raise ApiError(400, f"Unsupported content type {mimetype!r}: expected application/json")
+    raw = await request.get_data(as_text=False)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, "Malformed JSON body") from exc
+    if not isinstance(doc, dict):
+        raise ApiError(400, "JSON body must be an object")
+    return doc
+
+
+class _VersionConverter(BaseConverter):
+    regex = r"\d+(?:\.\d+)*"
+
+
+class ApiRoutes:
+    """Registers a route once for every API version of the app (see the module docstring)."""
+
+    def __init__(self, app: KeytrioApp) -> None:
+        self._app = app
+        #: endpoint -> versions it is served for
+        self.endpoint_versions: dict[str, tuple[str, ...]] = {}
+
+    def route(
+        self,
+        rule: str,
+        *,
+        methods: Iterable[str] = ("GET",),
+        public: bool = False,
+        versions: Iterable[str] | None = None,
+        endpoint: str | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """``rule`` without the version prefix, e.g. ``"/agents/<agent_id>"``.
+
+        ``versions``: a subset of the app's versions (a route added in v2.2); asked with another
+        version the app supports it answers 404. ``public``: served without a client cert.
+        """
+        if not rule.startswith("/"):
+            raise ValueError("rule must start with '/'")
+        app_versions = self._app.api_versions
+        route_versions = tuple(versions) if versions is not None else app_versions
+        unknown = set(route_versions) - set(app_versions)
+        if unknown:
+            raise ValueError(f"versions {sorted(unknown)} are not served by this app")
+
+        def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+            name = endpoint or func.__name__
+            if name in self.endpoint_versions:
+                raise ValueError(f"endpoint {name!r} registered twice")
+            self.endpoint_versions[name] = route_versions
+            if public:
+                self._app.public_endpoints.add(name)
+            self._app.add_url_rule(
+                "/v<apiversion:api_version>" + rule, endpoint=name, view_func=func, methods=list(methods)
+            )
+            return func
+
+        return decorator
+
+
+class KeytrioApp(QuartTrio):
+    """QuartTrio with keytrio's conventions; build it with :func:`make_app`."""
+
+    api_versions: tuple[str, ...]
+    api: ApiRoutes
+    public_endpoints: set[str]
+    public_paths: tuple[str, ...]
+    require_client_cert: bool
+    trusted_ca_fingerprints: frozenset[bytes]
+    trusted_cas: list[x509.Certificate]
+
+
+def make_app(
+    name: str,
+    *,
+    versions: tuple[str, ...],
+    public_routes: Iterable[str] = ("/version",),
+    require_client_cert: bool,
+    trusted_client_ca: Iterable[str | os.PathLike[str]] = (),
+    max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE,
+    version_payload: dict[str, Any] | None = None,
+) -> KeytrioApp:
+    """A :class:`KeytrioApp` named ``name``.
+
+    * ``versions``: the API versions served (e.g. protocol.versions.SERVER_VERSIONS).
+    * ``public_routes``: unversioned paths served without a client cert; an entry ending in
+      ``/*`` is a prefix (``"/verify/*"``). Matched against the path without its version prefix.
+    * ``require_client_cert``: non-public routes need a client cert chaining to one of
+      ``trusted_client_ca`` (PEM files, usually the server-components CA), else 403.
+      False for a plain-HTTP app (the registrar's agent port).
+    * ``version_payload``: if given, ``GET /version`` (unversioned, public) answers it.
+    """
+    if not versions:
+        raise ValueError("versions must not be empty")
+    app = KeytrioApp(name)
+    app.api_versions = tuple(versions)
+    app.public_endpoints = set()
+    app.public_paths = tuple(public_routes)
+    app.require_client_cert = require_client_cert
+    app.trusted_cas = _load_cas(trusted_client_ca)
+    if require_client_cert and not app.trusted_cas:
+        raise ValueError("require_client_cert needs trusted_client_ca")
+    app.trusted_ca_fingerprints = frozenset(hashlib.sha256(_der(ca)).digest() for ca in app.trusted_cas)
+    app.config["MAX_CONTENT_LENGTH"] = max_upload_size
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    app.url_map.converters["apiversion"] = _VersionConverter
+    app.url_map.strict_slashes = False
+    app.api = ApiRoutes(app)
+    app.asgi_app = BodyLimit(app.asgi_app, max_size=max_upload_size)  # type: ignore[method-assign]
+
+    app.before_request(_before_request)
+    app.register_error_handler(ApiError, _on_api_error)
+    app.register_error_handler(HTTPException, _on_http_exception)
+    app.register_error_handler(Exception, _on_exception)
+
+    if version_payload is not None:
+        payload = dict(version_payload)
+
+        @app.route("/version", methods=["GET"])
+        async def version() -> Response:
+            return ok(payload)
+
+        app.public_endpoints.add("version")
+    return app
+
+
+async def _before_request() -> None:
+    app = _current_app()
+    # 1. authorisation first: an unauthenticated client learns nothing about routes or versions
+    if app.require_client_cert and not _is_public(app) and not _has_trusted_client_cert(app):
+        raise ApiError(403, "Forbidden: a client certificate from the trusted CA is required")
+    # 2. the API version of a versioned route
+    view_args = request.view_args
+    if view_args is not None and "api_version" in view_args:
+        version = view_args.pop("api_version")
+        if version not in app.api_versions:
+            raise ApiError(400, f"{UNSUPPORTED_VERSION_STATUS}: {version}")
+        if version not in app.api.endpoint_versions.get(request.endpoint or "", app.api_versions):
+            raise ApiError(404, "Not Found")
+        g.api_version = version
+
+
+def _current_app() -> KeytrioApp:
+    return current_app._get_current_object()  # type: ignore[no-any-return]
+
+
+def _is_public(app: KeytrioApp) -> bool:
+    if request.endpoint is not None and request.endpoint in app.public_endpoints:
+        return True
+    path = request.path
+    m = _VERSION_PREFIX.match(path)
+    if m:
+        path = m.group(2) or "/"
+    for entry in app.public_paths:
+        if entry.endswith("/*"):
+            if path.startswith(entry[:-1]):
+                return True
+        elif path.rstrip("/") == entry.rstrip("/"):
+            return True
+    return False
+
+
+def _has_trusted_client_cert(app: KeytrioApp) -> bool:
+    chain = client_chain_der()
+    if chain:
+        # serve.py reports the chain OpenSSL verified during the handshake (leaf first); the
+        # TLS layer may trust more CAs than this app, so look for one of ours in it.
+        return any(hashlib.sha256(der).digest() in app.trusted_ca_fingerprints for der in chain)
+    leaf = client_cert_der()
+    if leaf is None:
+        return False
+    # No verified chain available: accept a leaf directly signed by one of our CAs.
+    try:
+        cert = x509.load_der_x509_certificate(leaf)
+    except ValueError:
+        return False
+    for ca in app.trusted_cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (InvalidSignature, ValueError, TypeError):
+            continue
+        return True
+    return False
+
+
+async def _on_api_error(error: ApiError) -> Response:
+    return json_response(error.code, error.results, error.status)
+
+
+async def _on_http_exception(error: HTTPException) -> Response:
+    code = error.code or 500
+    response = json_response(code)
+    if isinstance(error, MethodNotAllowed):
+        for name, value in error.get_headers():
+            if name.lower() == "allow":
+                response.headers["Allow"] = value
+    if code == 404:
+        # A well-formed version prefix that we do not serve: tell the client to renegotiate.
+        m = _VERSION_PREFIX.match(request.path)
+        app = _current_app()
+        if m and m.group(1) not in app.api_versions:
+            return json_response(400, None, f"{UNSUPPORTED_VERSION_STATUS}: {m.group(1)}")
+    return response
+
+
+async def _on_exception(error: Exception) -> Response:
+    # The traceback goes to our log; the client gets no exception text (it might hold secrets).
+    log.error(
+        "unhandled error in %s %s",
+        request.method,
+        request.path,
+        exc_info=(type(error), error, error.__traceback__),
+    )
+    return json_response(500)
+
+
+def _load_cas(paths: Iterable[str | os.PathLike[str]]) -> list[x509.Certificate]:
+    cas: list[x509.Certificate] = []
+    for path in paths:
+        with open(path, "rb") as fh:
+            cas.extend(x509.load_pem_x509_certificates(fh.read()))
+    return cas
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.DER)

@@ -1,0 +1,525 @@
+"""Serve an ASGI (quart-trio) app on hypercorn's trio machinery, inside the caller's nursery.
+
+``await nursery.start(functools.partial(serve, app, host=..., port=0, ssl_context=ctx))`` binds,
+returns the bound ``(host, port)`` once serving, and serves until cancelled. Cancellation is a
+clean shutdown: no new connections, idle keep-alive connections are closed at once, in-flight
+requests get ``graceful_timeout`` seconds to finish, then the app's lifespan shutdown runs.
+
+We keep hypercorn's HTTP/1.1 protocol code (h11 state machine, ASGI stream, lifespan) but own the
+accept loop and the per-connection task, because hypercorn 0.18's trio worker has four defects
+(STACK_NOTES.md), fixed here:
+
+1. one connection that raises takes down ``serve()`` and its nursery -> every connection runs in
+   :meth:`_Server._handle_connection`, which logs and swallows anything it raises;
+2. the keep-alive idle timer is lost after each quart-trio request (the timer is (re)started with
+   an ``await`` from inside quart's already-cancelled request nursery) -> :class:`_Connection`
+   handles hypercorn's ``Updated(idle=...)`` events synchronously by moving the deadline of the
+   connection's own cancel scope;
+3. rejected TLS handshakes are not logged -> we run the handshake ourselves and log peer address
+   and the ssl error text on logger ``keytrio.serve``;
+4. the app cannot see the peer certificate -> every HTTP scope carries
+   ``scope["extensions"]["tls"]`` (the ASGI TLS extension keys, plus DER forms)::
+
+       {"client_cert_der": bytes | None,        # the client's leaf, DER
+        "client_chain_der": list[bytes],        # verified chain, leaf first ([] without a cert)
+        "client_cert_chain": list[str],         # the same chain as PEM (ASGI TLS extension)
+        "client_cert_name": str | None,         # RFC 4514 subject of the leaf
+        "client_cert_error": None,              # the handshake verified whatever was presented
+        "tls_version": int | None,              # 0x0303 (TLS 1.2) / 0x0304 (TLS 1.3)
+        "cipher_suite": None, "cipher_name": str | None, "server_cert": None}
+
+   On a plain-HTTP server the key is absent. A quart route reads it via ``request.scope``.
+
+HTTP/2 is never spoken: ALPN offers only http/1.1 and the h2c upgrade / prior-knowledge paths of
+hypercorn's h11 protocol are disabled, so requests are answered over HTTP/1.1.
+
+:class:`BodyLimit` is an ASGI middleware that answers a body over ``max_size`` with a real 413 in
+the JSON envelope (after draining the upload, so the client reads the answer instead of a reset).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h11
+import trio
+from cryptography import x509
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config
+from hypercorn.events import Event, Updated
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState, LifespanState
+from hypercorn.utils import parse_socket_addr
+
+from protocol.envelope import error as error_envelope
+
+log = logging.getLogger("keytrio.serve")
+
+DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
+DEFAULT_GRACEFUL_TIMEOUT = 3.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_UPLOAD_SIZE = 1 << 20
+DEFAULT_DRAIN_LIMIT = 16 << 20
+DEFAULT_BODY_TIMEOUT = 30.0
+
+# accept() errors that mean "out of resources right now", not "the listener is broken"
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def serve(
+    app: ASGIApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ssl_context: ssl.SSLContext | None = None,
+    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
+    graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``host:port`` (port 0: any free port) until cancelled.
+
+    ``task_status.started((host, port))`` reports the bound address once connections are accepted.
+    With ``ssl_context`` (see actors/common/tls.py) the port speaks HTTPS, else plain HTTP.
+    """
+    server = _Server(
+        app,
+        ssl_context=ssl_context,
+        keep_alive_timeout=keep_alive_timeout,
+        graceful_timeout=graceful_timeout,
+        handshake_timeout=handshake_timeout,
+    )
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    stop = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.run, listeners, stop)
+            task_status.started(bound)
+            try:
+                await trio.sleep_forever()
+            finally:
+                # Our cancellation is the shutdown signal: the server body is shielded and
+                # winds down by itself (bounded by its own deadlines).
+                stop.set()
+    finally:
+        for listener in listeners:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+
+
+class _Server:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        keep_alive_timeout: float,
+        graceful_timeout: float,
+        handshake_timeout: float,
+    ) -> None:
+        self.app = ASGIWrapper(app)
+        self.ssl_context = ssl_context
+        self.keep_alive_timeout = keep_alive_timeout
+        self.graceful_timeout = graceful_timeout
+        self.handshake_timeout = handshake_timeout
+        self.config = Config()
+        self.config.keep_alive_timeout = keep_alive_timeout
+        self.config.graceful_timeout = graceful_timeout
+        self.config.shutdown_timeout = max(graceful_timeout, 1.0)
+        self.config.errorlog = log  # hypercorn's own messages ("Error in ASGI Framework", ...)
+        self.config.accesslog = None
+        self.config.include_server_header = False  # no server software/version banner
+        self.context = WorkerContext(None)
+        self.lifespan_state: LifespanState = {}
+        self.connections: set[_Connection | _Pending] = set()
+
+    async def run(
+        self,
+        listeners: list[trio.SocketListener],
+        stop: trio.Event,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        sockname = listeners[0].socket.getsockname()
+        bound = (sockname[0], sockname[1])
+        lifespan = Lifespan(self.app, self.config, self.lifespan_state)
+        # Shielded: the caller's cancellation arrives as `stop`, so that in-flight requests can
+        # finish; every phase after `stop` has its own deadline.
+        with trio.CancelScope(shield=True) as shield:
+            async with trio.open_nursery() as lifespan_nursery:
+                await lifespan_nursery.start(lifespan.handle_lifespan)
+                with trio.fail_after(self.config.startup_timeout):
+                    await lifespan.wait_for_startup()
+                async with trio.open_nursery() as conn_nursery:
+                    async with trio.open_nursery() as accept_nursery:
+                        for listener in listeners:
+                            accept_nursery.start_soon(self._accept_loop, listener, conn_nursery)
+                        task_status.started(bound)
+                        await stop.wait()
+                        accept_nursery.cancel_scope.cancel()
+                    shield.deadline = (
+                        trio.current_time() + self.graceful_timeout + self.config.shutdown_timeout + 1
+                    )
+                    await self.context.terminated.set()  # h11 stops recycling connections
+                    for conn in list(self.connections):
+                        conn.shutdown()
+                    conn_nursery.cancel_scope.deadline = trio.current_time() + self.graceful_timeout
+                await lifespan.wait_for_shutdown()
+                lifespan_nursery.cancel_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                    log.error("accept failed (%s), pausing 100 ms", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(self._handle_connection, stream)
+
+    async def _handle_connection(self, sock_stream: trio.SocketStream) -> None:
+        peer = _peer(sock_stream)
+        pending = _Pending()
+        self.connections.add(pending)
+        try:
+            with pending.scope:
+                stream: trio.abc.Stream = sock_stream
+                tls: dict[str, Any] | None = None
+                if self.ssl_context is not None:
+                    ssl_stream = trio.SSLStream(
+                        sock_stream, self.ssl_context, server_side=True, https_compatible=True
+                    )
+                    if not await self._handshake(ssl_stream, peer):
+                        return
+                    stream, tls = ssl_stream, _tls_extension(ssl_stream)
+                app = _WithTLS(self.app, tls) if tls is not None else self.app
+                conn = _Connection(
+                    app,
+                    self.config,
+                    self.context,
+                    ConnectionState(self.lifespan_state.copy()),
+                    stream,  # type: ignore[arg-type]
+                    keep_alive_timeout=self.keep_alive_timeout,
+                )
+                self.connections.discard(pending)
+                self.connections.add(conn)
+                try:
+                    await conn.run()
+                finally:
+                    self.connections.discard(conn)
+        except Exception:  # isolation boundary: one connection never stops serve()
+            log.exception("connection from %s failed", peer)
+        finally:
+            self.connections.discard(pending)
+            await trio.aclose_forcefully(sock_stream)
+
+    async def _handshake(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> bool:
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                await stream.do_handshake()
+        except trio.TooSlowError:
+            log.warning(
+                "TLS handshake from %s rejected: no handshake within %.1f s", peer, self.handshake_timeout
+            )
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.warning("TLS handshake from %s rejected: %s", peer, _ssl_reason(exc))
+            await _flush_alert(stream)
+            return False
+        return True
+
+
+async def _flush_alert(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """Best effort: send the TLS alert OpenSSL produced for the failed handshake (trio drops it),
+    so the client learns why (e.g. "certificate required") instead of seeing a bare EOF."""
+    outgoing = getattr(stream, "_outgoing", None)  # trio's private MemoryBIO
+    data = outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
+    if not data:
+        return
+    with trio.move_on_after(1.0):
+        try:
+            await stream.transport_stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+            pass
+
+
+class _Pending:
+    """A connection still in its TLS handshake: shutdown simply cancels it."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+
+    def shutdown(self) -> None:
+        self.scope.cancel()
+
+
+class _H11Only(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol without the switch to HTTP/2 (h2c upgrade, PRI preface)."""
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        return None
+
+
+class _Connection(TCPServer):
+    """hypercorn's trio TCPServer with a working idle timer and no HTTP/2.
+
+    The idle timer is the deadline of ``self.scope``, the cancel scope the whole connection runs
+    in: ``Updated(idle=True)`` sets it to now + keep_alive_timeout, ``Updated(idle=False)`` to
+    infinity. Moving a deadline never checkpoints, so it also works when hypercorn sends the event
+    from quart-trio's already-cancelled request nursery.
+    """
+
+    def __init__(self, *args: Any, keep_alive_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_alive_timeout = keep_alive_timeout
+        self.scope = trio.CancelScope()
+        self.idle = True
+
+    async def run(self) -> None:
+        stream: Any = self.stream
+        if isinstance(stream, trio.SSLStream):
+            sock, is_ssl = stream.transport_stream.socket, True
+        else:
+            sock, is_ssl = stream.socket, False
+        with self.scope:
+            try:
+                client = parse_socket_addr(sock.family, sock.getpeername())
+                server = parse_socket_addr(sock.family, sock.getsockname())
+                async with TaskGroup() as task_group:
+                    self._task_group = task_group
+                    self.protocol = _H11Only(  # type: ignore[assignment]
+                        self.app,
+                        self.config,
+                        self.context,
+                        task_group,
+                        ConnectionState(self.state),
+                        is_ssl,
+                        client,
+                        server,
+                        self.protocol_send,
+                    )
+                    self._set_idle(True)
+                    await self._read_data()
+            except OSError:
+                pass
+            finally:
+                await self._close()
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            self._set_idle(event.idle)  # no await: see the class docstring
+            return
+        await super().protocol_send(event)
+
+    def _set_idle(self, idle: bool) -> None:
+        self.idle = idle
+        self.scope.deadline = trio.current_time() + self.keep_alive_timeout if idle else math.inf
+
+    def shutdown(self) -> None:
+        """Server shutdown: drop an idle connection now; a busy one closes after its response
+        (hypercorn's h11 does not recycle once the worker context is terminated)."""
+        if self.idle:
+            self.scope.cancel()
+
+
+class _WithTLS:
+    """Per-connection app wrapper that puts the TLS facts into every scope of that connection."""
+
+    def __init__(self, app: Any, tls: dict[str, Any]) -> None:
+        self.app = app
+        self.tls = tls
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any, sync_spawn: Any, call_soon: Any) -> None:
+        if scope.get("type") in ("http", "websocket"):
+            scope.setdefault("extensions", {})["tls"] = dict(self.tls)
+        await self.app(scope, receive, send, sync_spawn, call_soon)
+
+
+def _tls_extension(stream: trio.SSLStream[trio.SocketStream]) -> dict[str, Any]:
+    chain = _verified_chain(stream)
+    leaf = stream.getpeercert(binary_form=True)
+    if leaf and not chain:
+        chain = [leaf]
+    name = None
+    if leaf:
+        try:
+            name = x509.load_der_x509_certificate(leaf).subject.rfc4514_string()
+        except ValueError:
+            name = None
+    cipher = stream.cipher()
+    return {
+        "client_cert_der": leaf or None,
+        "client_chain_der": chain,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der) for der in chain],
+        "client_cert_name": name,
+        "client_cert_error": None,
+        "tls_version": _TLS_VERSIONS.get(stream.version() or ""),
+        "cipher_suite": None,
+        "cipher_name": cipher[0] if cipher else None,
+        "server_cert": None,
+    }
+
+
+def _verified_chain(stream: trio.SSLStream[trio.SocketStream]) -> list[bytes]:
+    """The verified client chain (leaf first) as DER; [] when the client sent no cert.
+
+    Python 3.13 has ``SSLObject.get_verified_chain()``; 3.11/3.12 have it only on the private
+    ``_sslobj`` (returning ``_ssl.Certificate`` objects).
+    """
+    obj: Any = stream._ssl_object
+    getter = getattr(obj, "get_verified_chain", None) or getattr(obj._sslobj, "get_verified_chain", None)
+    if getter is None:
+        return []
+    certs = getter() or []
+    out = []
+    for cert in certs:
+        out.append(cert if isinstance(cert, bytes) else cert.public_bytes(2))  # 2 == _ssl.ENCODING_DER
+    return out
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return "<unknown>"
+    return f"{addr[0]}:{addr[1]}"
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """The most specific reason in the exception's cause chain (ssl errors carry OpenSSL's text)."""
+    reason = exc
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLError | OSError):
+            reason = cur
+        cur = cur.__cause__ or cur.__context__
+    if isinstance(reason, ssl.SSLError):
+        # "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: ... (_ssl.c:1006)"
+        return f"{type(reason).__name__}: {_SSL_SOURCE.sub('', str(reason))}"
+    text = str(reason) or type(reason).__name__
+    if isinstance(reason, trio.BrokenResourceError) and not str(reason):
+        text = "connection closed during handshake"
+    return text
+
+
+class BodyLimit:
+    """ASGI middleware: bodies over ``max_size`` get a 413 in the JSON envelope.
+
+    A body declared too large by Content-Length is rejected before the app sees the request; a
+    chunked body is buffered up to ``max_size`` and rejected as soon as it exceeds it. Either way
+    the rest of the upload is read and discarded (up to ``drain_limit`` bytes) before answering,
+    because hypercorn closes a connection whose request body is unread and the client would see a
+    reset instead of the 413. Beyond ``drain_limit`` we answer at once with ``Connection: close``.
+    A body that stalls for ``body_timeout`` seconds gets a 408.
+
+    The app receives the body in one ``http.request`` message.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_size: int = DEFAULT_MAX_UPLOAD_SIZE,
+        drain_limit: int = DEFAULT_DRAIN_LIMIT,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    ) -> None:
+        self.app = app
+        self.max_size = max_size
+        self.drain_limit = drain_limit
+        self.body_timeout = body_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope.get("headers", []))
+        if declared is not None and declared > self.max_size:
+            await self._reject(receive, send, more=True, drained=0, declared=declared)
+            return
+        chunks: list[bytes] = []
+        total = 0
+        more = True
+        with trio.move_on_after(self.body_timeout) as body_scope:
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # the client left; nobody to answer
+                body = message.get("body", b"")
+                total += len(body)
+                more = bool(message.get("more_body", False))
+                if total > self.max_size:
+                    await self._reject(receive, send, more=more, drained=total, declared=None)
+                    return
+                chunks.append(body)
+        if body_scope.cancelled_caught:
+            await _send_envelope(send, 408, "Request body not received in time", close=True)
+            return
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay_receive() -> dict[str, Any]:
+            if replay:
+                return replay.pop()
+            return await receive()
+
+        await self.app(scope, replay_receive, send)
+
+    async def _reject(
+        self, receive: Receive, send: Send, *, more: bool, drained: int, declared: int | None
+    ) -> None:
+        close = declared is not None and declared > self.drain_limit
+        if not close:
+            with trio.move_on_after(self.body_timeout):
+                while more and drained <= self.drain_limit:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    drained += len(message.get("body", b""))
+                    more = bool(message.get("more_body", False))
+            close = more
+        await _send_envelope(
+            send, 413, f"Request body larger than the limit of {self.max_size} bytes", close=close
+        )
+
+
+async def _send_envelope(send: Send, code: int, status: str, *, close: bool) -> None:
+    body = json.dumps(error_envelope(code, status)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": code, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _content_length(headers: Any) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # h11 already rejects a malformed Content-Length with 400
+    return None
+
+
+__all__ = ["BodyLimit", "serve"]

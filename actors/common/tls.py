@@ -1,0 +1,115 @@
+"""TLS contexts for keytrio's servers and clients (DESIGN.md "Trust and transport").
+
+Trust model:
+
+* one server-components CA issues the verifier/registrar server certs and the tenant/verifier
+  client certs;
+* the agent's HTTPS cert is self-signed and *pinned* by whoever connects to it: the client's trust
+  store is "the CA + that one leaf", and no host name is checked (agents are reached by the
+  address they registered, which their cert does not name).
+
+Both sides speak TLS 1.2+ and HTTP/1.1 only (ALPN ``http/1.1``): hypercorn's HTTP/2 path is not
+used anywhere in keytrio.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Iterable
+from typing import Literal
+
+ClientCertMode = Literal["required", "optional", "none"]
+
+_VERIFY_MODES: dict[str, ssl.VerifyMode] = {
+    "required": ssl.CERT_REQUIRED,
+    "optional": ssl.CERT_OPTIONAL,
+    "none": ssl.CERT_NONE,
+}
+
+StrPath = str | os.PathLike[str]
+
+
+def server_context(
+    cert_file: StrPath,
+    key_file: StrPath,
+    *,
+    client_ca_files: Iterable[StrPath] = (),
+    mode: ClientCertMode,
+) -> ssl.SSLContext:
+    """A server context: our cert chain, TLS 1.2+, ALPN http/1.1, client certs per ``mode``.
+
+    ``mode``: ``"required"`` (the agent: the handshake fails without a client cert from one of
+    ``client_ca_files``), ``"optional"`` (verifier and registrar: a client cert is asked for and, if
+    presented, must chain to one of the CAs; routes then decide, see actors/common/app.py),
+    ``"none"`` (no client cert is asked for).
+
+    Note: with ``"optional"`` a presented cert that does *not* chain to the CAs still fails the
+    handshake (OpenSSL semantics; Python offers no verify callback).
+    """
+    if mode not in _VERIFY_MODES:
+        raise ValueError(f"mode must be one of {sorted(_VERIFY_MODES)}, not {mode!r}")
+    ca_files = [os.fspath(p) for p in client_ca_files]
+    if mode != "none" and not ca_files:
+        raise ValueError(f"client_ca_files is required when mode={mode!r}")
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    ctx.load_cert_chain(os.fspath(cert_file), os.fspath(key_file))
+    ctx.verify_mode = _VERIFY_MODES[mode]
+    if mode != "none":
+        for path in ca_files:
+            ctx.load_verify_locations(cafile=path)
+    return ctx
+
+
+def client_context(
+    ca_files: Iterable[StrPath],
+    cert_file: StrPath | None = None,
+    key_file: StrPath | None = None,
+    *,
+    pinned_server_cert_pem: str | None = None,
+    check_hostname: bool | None = None,
+) -> ssl.SSLContext:
+    """A client context that always verifies the server (CERT_REQUIRED, never ``verify=False``).
+
+    * ``ca_files``: the CA(s) that may issue the server's cert (the server-components CA).
+    * ``cert_file``/``key_file``: our client cert, loaded *into the context* (httpx 0.28.1 silently
+      sends no client cert with ``verify="ca.pem", cert=(...)``; pass this context as ``verify``).
+    * ``pinned_server_cert_pem``: an agent's registered self-signed ``mtls_cert``; it is added to
+      the trust store as a trust anchor of its own (partial-chain verification, so the leaf is
+      trusted even though it carries no CA flags).
+    * ``check_hostname``: default False when a cert is pinned (agents are reached by IP and their
+      cert names only the agent), True otherwise.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    loaded = False
+    for path in ca_files:
+        ctx.load_verify_locations(cafile=os.fspath(path))
+        loaded = True
+    if pinned_server_cert_pem is not None:
+        if "-----BEGIN CERTIFICATE-----" not in pinned_server_cert_pem:
+            raise ValueError("pinned_server_cert_pem is not a PEM certificate")
+        ctx.load_verify_locations(cadata=pinned_server_cert_pem)
+        # A self-signed leaf without CA:TRUE/keyCertSign is only accepted as an anchor when
+        # OpenSSL may stop the chain at any trusted cert.
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        loaded = True
+    if not loaded:
+        raise ValueError("a client context needs at least one CA file or a pinned server cert")
+    if check_hostname is None:
+        check_hostname = pinned_server_cert_pem is None
+    ctx.check_hostname = check_hostname
+    if cert_file is not None:
+        ctx.load_cert_chain(os.fspath(cert_file), os.fspath(key_file) if key_file is not None else None)
+    elif key_file is not None:
+        raise ValueError("key_file given without cert_file")
+    return ctx
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
