@@ -1,0 +1,410 @@
+"""protocol.quote: pcr blob layout, TPMS_ATTEST / TPMT_SIGNATURE decoding, the quote string."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tpm2_pytss.constants import TPM2_ALG, TPM2_GENERATED, TPM2_ST
+from tpm2_pytss.TSS2_Exception import TSS2_Exception
+from tpm2_pytss.types import (
+    TPM2B_DATA,
+    TPM2B_DIGEST,
+    TPM2B_ECC_PARAMETER,
+    TPM2B_NAME,
+    TPM2B_PUBLIC_KEY_RSA,
+    TPML_PCR_SELECTION,
+    TPMS_ATTEST,
+    TPMS_CLOCK_INFO,
+    TPMS_PCR_SELECTION,
+    TPMS_QUOTE_INFO,
+    TPMS_SIGNATURE_ECC,
+    TPMS_SIGNATURE_RSA,
+    TPMT_SIGNATURE,
+    TPMU_ATTEST,
+    TPMU_SIGNATURE,
+)
+
+from protocol import quote, tpm2
+from protocol.errors import DecodeError, ProtocolError, ValidationError
+from tests.protocol.test_tpm2 import private_key
+
+# --- builders shared with test_quote_check (not tests) --------------------------------------------
+
+
+def pcr_values(bank: str, pcrs: list[int], seed: bytes = b"") -> dict[int, bytes]:
+    return {p: hashlib.new(bank, seed + bytes([p])).digest() for p in pcrs}
+
+
+def make_attest(
+    *,
+    nonce: bytes = b"abcdefghij0123456789",
+    bank: str = "sha256",
+    pcrs: dict[int, bytes] | None = None,
+    digest_alg: str | None = None,
+    select: tuple[str, list[int]] | None = None,
+    clock: tuple[int, int, int, int] = (100_000, 3, 1, 1),
+    signer: bytes = b"\x00\x0b" + bytes(range(32)),
+) -> bytes:
+    """A marshalled TPMS_ATTEST quote built with tpm2-pytss (independent of protocol.quote)."""
+    pcrs = pcr_values(bank, [0, 1, 2, 10, 16]) if pcrs is None else pcrs
+    order = sorted(pcrs)
+    sel_bank, sel_pcrs = select if select is not None else (bank, order)
+    bitmap = sum(1 << p for p in sel_pcrs).to_bytes(3, "little")
+    selection = TPML_PCR_SELECTION(
+        pcrSelections=[TPMS_PCR_SELECTION(hash=tpm2.HASH_ALGS[sel_bank], sizeofSelect=3, pcrSelect=bitmap)]
+    )
+    pcr_digest = hashlib.new(digest_alg or bank, b"".join(pcrs[p] for p in order)).digest()
+    attest = TPMS_ATTEST(
+        magic=TPM2_GENERATED.VALUE,
+        type=TPM2_ST.ATTEST_QUOTE,
+        qualifiedSigner=TPM2B_NAME(signer),
+        extraData=TPM2B_DATA(nonce),
+        clockInfo=TPMS_CLOCK_INFO(clock=clock[0], resetCount=clock[1], restartCount=clock[2], safe=clock[3]),
+        firmwareVersion=0x2019102300163636,
+        attested=TPMU_ATTEST(quote=TPMS_QUOTE_INFO(pcrSelect=selection, pcrDigest=TPM2B_DIGEST(pcr_digest))),
+    )
+    return attest.marshal()
+
+
+def sign_attest(attest: bytes, kind: str = "rsa", hash_alg: str = "sha256", scheme: str = "") -> bytes:
+    """A marshalled TPMT_SIGNATURE over ``attest`` by the test key ``kind`` (built with tpm2-pytss)."""
+    key = private_key(kind)
+    h = tpm2.crypto_hash(hash_alg)
+    halg = tpm2.HASH_ALGS[hash_alg]
+    if isinstance(key, rsa.RSAPrivateKey):
+        scheme = scheme or "rsassa"
+        if scheme == "rsassa":
+            raw = key.sign(attest, padding.PKCS1v15(), h)
+            body = TPMU_SIGNATURE(rsassa=TPMS_SIGNATURE_RSA(hash=halg, sig=TPM2B_PUBLIC_KEY_RSA(raw)))
+        else:
+            raw = key.sign(attest, padding.PSS(padding.MGF1(h), padding.PSS.DIGEST_LENGTH), h)
+            body = TPMU_SIGNATURE(rsapss=TPMS_SIGNATURE_RSA(hash=halg, sig=TPM2B_PUBLIC_KEY_RSA(raw)))
+        alg = tpm2.SIGN_ALGS[scheme]
+    else:
+        r, s = decode_dss_signature(key.sign(attest, ec.ECDSA(h)))
+        size = (key.curve.key_size + 7) // 8
+        body = TPMU_SIGNATURE(
+            ecdsa=TPMS_SIGNATURE_ECC(
+                hash=halg,
+                signatureR=TPM2B_ECC_PARAMETER(r.to_bytes(size, "big")),
+                signatureS=TPM2B_ECC_PARAMETER(s.to_bytes(size, "big")),
+            )
+        )
+        alg = TPM2_ALG.ECDSA
+    return TPMT_SIGNATURE(sigAlg=alg, signature=body).marshal()
+
+
+def make_quote(
+    kind: str = "rsa", bank: str = "sha256", pcrs: dict[int, bytes] | None = None, **attest_kw
+) -> str:
+    pcrs = pcr_values(bank, [0, 1, 2, 10, 16]) if pcrs is None else pcrs
+    attest = make_attest(bank=bank, pcrs=pcrs, **attest_kw)
+    return quote.build_quote(attest, sign_attest(attest, kind, bank), quote.encode_pcr_blob(bank, pcrs))
+
+
+# --- pcr blob -------------------------------------------------------------------------------------------
+
+BANKS = st.sampled_from(["sha1", "sha256", "sha384", "sha512"])
+
+
+@st.composite
+def bank_and_pcrs(draw):
+    bank = draw(BANKS)
+    size = tpm2.DIGEST_SIZES[bank]
+    chosen = draw(st.sets(st.integers(0, 23)))
+    return bank, {p: draw(st.binary(min_size=size, max_size=size)) for p in chosen}
+
+
+@settings(max_examples=200, deadline=None)
+@given(bank_and_pcrs())
+def test_pcr_blob_round_trip(bp):
+    bank, pcrs = bp
+    blob = quote.encode_pcr_blob(bank, pcrs)
+    assert len(blob) == 136 + 532 * ((len(pcrs) + 7) // 8)
+    assert quote.decode_pcr_blob(blob) == (bank, pcrs)
+
+
+def test_pcr_blob_layout_by_hand():
+    pcrs = pcr_values("sha256", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16])
+    blob = quote.encode_pcr_blob("sha256", pcrs)
+    # as tpm2_quote -o wrote it for sha256:0-10,16 on swtpm (tpm2-tools 5.4)
+    assert blob[:12] == bytes.fromhex("010000000b0003ff07010000")
+    assert blob[12:132] == bytes(120)
+    assert blob[132:140] == bytes.fromhex("0200000008000000")
+    assert blob[140:142] == b"\x20\x00"
+    assert blob[142:174] == pcrs[0] and blob[174:206] == bytes(32)
+    second = 136 + 532
+    assert blob[second : second + 4] == b"\x04\x00\x00\x00"
+    assert blob[second + 4 + 3 * 66 + 2 : second + 4 + 3 * 66 + 34] == pcrs[16]
+    assert blob[second + 4 + 4 * 66 :] == bytes(4 * 66)
+    assert len(blob) == 1200
+
+
+def test_encode_pcr_blob_rejects_bad_input():
+    with pytest.raises(ValidationError):
+        quote.encode_pcr_blob("md5", {})
+    with pytest.raises(ValidationError):
+        quote.encode_pcr_blob("sha256", {24: bytes(32)})
+    with pytest.raises(ValidationError):
+        quote.encode_pcr_blob("sha256", {1: bytes(20)})
+
+
+def test_decode_pcr_blob_rejects_inconsistent_blobs():
+    blob = bytearray(quote.encode_pcr_blob("sha256", pcr_values("sha256", [0, 16])))
+    bad = []
+    b = bytearray(blob)
+    b[0] = 2  # two banks
+    bad.append(b)
+    b = bytearray(blob)
+    b[4:6] = b"\x04\x00"  # sha1 id... with 32-byte digests
+    bad.append(b)
+    b = bytearray(blob)
+    b[4:6] = b"\x99\x00"  # unknown bank
+    bad.append(b)
+    b = bytearray(blob)
+    b[6] = 5  # sizeofSelect > 4
+    bad.append(b)
+    b = bytearray(blob)
+    b[7] = 0x07  # three PCRs selected, two values
+    bad.append(b)
+    b = bytearray(blob)
+    b[132] = 2  # two TPML_DIGEST but one present
+    bad.append(b)
+    b = bytearray(blob)
+    b[136] = 9  # 9 digests in a list
+    bad.append(b)
+    bad.append(blob + b"\x00")
+    for raw in bad:
+        with pytest.raises(DecodeError):
+            quote.decode_pcr_blob(bytes(raw))
+    for cut in range(0, len(blob), 37):
+        with pytest.raises(DecodeError):
+            quote.decode_pcr_blob(bytes(blob[:cut]))
+
+
+def test_decode_pcr_blob_empty_selection():
+    assert quote.decode_pcr_blob(quote.encode_pcr_blob("sha1", {})) == ("sha1", {})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_decode_pcr_blob_random_bytes(raw):
+    try:
+        quote.decode_pcr_blob(raw)
+    except DecodeError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_decode_pcr_blob_mutated(data):
+    bank, pcrs = data.draw(bank_and_pcrs())
+    blob = bytearray(quote.encode_pcr_blob(bank, pcrs))
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] = data.draw(st.integers(0, 255))
+    try:
+        quote.decode_pcr_blob(bytes(blob))
+    except DecodeError:
+        pass
+
+
+# --- TPMS_ATTEST / TPMT_SIGNATURE: the hand decoder agrees with tpm2-pytss ------------------------
+
+
+def test_decode_attest_fields():
+    pcrs = pcr_values("sha384", [0, 7, 16])
+    raw = make_attest(nonce=b"n0nce", bank="sha384", pcrs=pcrs, clock=(77, 5, 2, 1))
+    info = quote.decode_attest(raw)
+    assert info.extra_data == b"n0nce"
+    assert info.clock == quote.ClockInfo(77, 5, 2, 1)
+    assert info.firmware_version == 0x2019102300163636
+    assert info.qualified_signer == b"\x00\x0b" + bytes(range(32))
+    assert info.pcr_select == (quote.PcrSelection(0x000C, (0, 7, 16)),)
+    assert info.pcr_select[0].bank == "sha384"
+    assert info.pcr_digest == hashlib.sha384(pcrs[0] + pcrs[7] + pcrs[16]).digest()
+
+
+def _pytss(cls, raw):
+    try:
+        obj, used = cls.unmarshal(raw)
+    except TSS2_Exception:
+        return None
+    return obj if used == len(raw) else None
+
+
+def _agree_attest(raw: bytes) -> None:
+    try:
+        mine = quote.decode_attest(raw)
+    except DecodeError:
+        mine = None
+    ref = _pytss(TPMS_ATTEST, raw)
+    if ref is not None and (ref.magic != TPM2_GENERATED.VALUE or ref.type != TPM2_ST.ATTEST_QUOTE):
+        ref = None
+    assert (mine is None) == (ref is None)
+    if mine is None:
+        return
+    assert mine.extra_data == bytes(ref.extraData)
+    assert mine.qualified_signer == bytes(ref.qualifiedSigner)
+    ci = ref.clockInfo
+    assert mine.clock == quote.ClockInfo(ci.clock, ci.resetCount, ci.restartCount, ci.safe)
+    assert mine.firmware_version == ref.firmwareVersion
+    q = ref.attested.quote
+    assert mine.pcr_digest == bytes(q.pcrDigest)
+    assert len(mine.pcr_select) == q.pcrSelect.count
+    for sel, rsel in zip(mine.pcr_select, q.pcrSelect, strict=False):
+        assert sel.hash_alg == rsel.hash
+        bits = bytes(rsel.pcrSelect)[: rsel.sizeofSelect]
+        assert sel.pcrs == tuple(i for i in range(len(bits) * 8) if int.from_bytes(bits, "little") >> i & 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_decode_attest_agrees_with_tpm2_pytss_on_mutations(data):
+    raw = bytearray(make_attest())
+    op = data.draw(st.sampled_from(["flip", "cut", "append"]))
+    if op == "flip":
+        for _ in range(data.draw(st.integers(1, 3))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    elif op == "cut":
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        raw += data.draw(st.binary(min_size=1, max_size=8))
+    _agree_attest(bytes(raw))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_decode_attest_random_bytes(raw):
+    _agree_attest(b"\xff\x54\x43\x47\x80\x18" + raw)
+    try:
+        quote.decode_attest(raw)
+    except DecodeError:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("kind", "scheme"), [("rsa", "rsassa"), ("rsa", "rsapss"), ("p256", ""), ("p384", "")]
+)
+def test_decode_signature_matches_tpm2_pytss(kind, scheme):
+    raw = sign_attest(b"data", kind, "sha384", scheme)
+    sig = quote.decode_signature(raw)
+    ref = TPMT_SIGNATURE.unmarshal(raw)[0]
+    assert sig.sig_alg == ref.sigAlg
+    assert sig.hash_alg == tpm2.HASH_ALGS["sha384"]
+    if kind == "rsa":
+        assert sig.sig == bytes(ref.signature.rsassa.sig)
+    else:
+        assert (sig.r, sig.s) == (
+            bytes(ref.signature.ecdsa.signatureR),
+            bytes(ref.signature.ecdsa.signatureS),
+        )
+    assert quote.encode_signature(sig) == raw
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_decode_signature_mutations_only_decode_error(data):
+    raw = bytearray(sign_attest(b"x", data.draw(st.sampled_from(["rsa", "p256"]))))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    else:
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        sig = quote.decode_signature(bytes(raw))
+    except DecodeError:
+        return
+    ref = _pytss(TPMT_SIGNATURE, bytes(raw))
+    assert ref is not None and ref.sigAlg == sig.sig_alg
+
+
+# --- quote string -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["rsa", "p256"])
+def test_quote_string_round_trip(kind):
+    pcrs = pcr_values("sha256", [0, 10, 16])
+    attest = make_attest(pcrs=pcrs)
+    sig = sign_attest(attest, kind)
+    blob = quote.encode_pcr_blob("sha256", pcrs)
+    text = quote.build_quote(attest, sig, blob)
+    assert text.startswith("r") and text.count(":") == 2
+    q = quote.parse_quote(text)
+    assert (q.attest_raw, q.signature_raw, q.pcr_blob) == (attest, sig, blob)
+    assert (q.bank, q.pcrs) == ("sha256", pcrs)
+    assert q.clock == quote.ClockInfo(100_000, 3, 1, 1)
+    # the tpm2-pytss views
+    assert bytes(q.attest.extraData) == b"abcdefghij0123456789"
+    assert q.signature.marshal() == sig
+    assert quote.build_quote(attest, q.signature, blob) == text
+
+
+def test_parse_quote_rejects_malformed():
+    good = make_quote()
+    _, a, s, p = ("r", *good[1:].split(":"))
+    wrong_magic = base64.b64encode(b"\x00" + base64.b64decode(a)[1:]).decode()
+    attest = bytearray(base64.b64decode(a))
+    attest[4:6] = struct.pack(">H", 0x8017)  # TPM_ST_ATTEST_CERTIFY
+    wrong_type = base64.b64encode(bytes(attest)).decode()
+    trailing = base64.b64encode(base64.b64decode(a) + b"\x00").decode()
+    hmac_sig = base64.b64encode(b"\x00\x05\x00\x0b" + bytes(32)).decode()  # sigAlg HMAC
+    bad = [
+        good[1:],  # no "r"
+        "x" + good[1:],
+        f"r{a}:{s}",  # two parts
+        f"r{a}:{s}:{p}:{p}",
+        f"r{a}!:{s}:{p}",  # not base64
+        f"r{a}:{s}:{p[:-2]}",  # bad padding
+        f"r{wrong_magic}:{s}:{p}",
+        f"r{wrong_type}:{s}:{p}",
+        f"r{trailing}:{s}:{p}",
+        f"r{a}:{hmac_sig}:{p}",  # unsupported sigAlg
+        f"r{a}:{s}:",
+        "r" + "A" * 20000,
+        "",
+    ]
+    for text in bad:
+        with pytest.raises(DecodeError):
+            quote.parse_quote(text)
+    with pytest.raises(DecodeError):
+        quote.parse_quote(None)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_parse_quote_random_text(text):
+    try:
+        quote.parse_quote(text)
+    except DecodeError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_parse_quote_random_parts(data):
+    parts = [base64.b64encode(data.draw(st.binary(max_size=300))).decode() for _ in range(3)]
+    try:
+        quote.parse_quote("r" + ":".join(parts))
+    except ProtocolError:
+        pass
+
+
+def test_clock_info_json():
+    ci = quote.ClockInfo(5, 1, 2, 1)
+    assert ci.to_json() == {"clock": 5, "resetcount": 1, "restartcount": 2, "safe": 1}
+    assert quote.ClockInfo.from_json(ci.to_json()) == ci
+    for bad in (
+        {},
+        None,
+        {"clock": -1, "resetcount": 1, "restartcount": 2, "safe": 1},
+        {"clock": "5", "resetcount": 1, "restartcount": 2, "safe": 1},
+    ):
+        with pytest.raises(DecodeError):
+            quote.ClockInfo.from_json(bad)
