@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The TSS logs expected TPM errors (probing, refused activations) to stderr; keytrio reports
+    # its own errors. An operator can still ask for the TSS log by setting TSS2_LOG.
+    os.environ.setdefault("TSS2_LOG", "all+NONE")
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -86,10 +86,12 @@ class Run:
     dir: Path
     out: TextIO = sys.stdout
     steps: list[StepResult] = field(default_factory=list)
+    _notes: list[str] = field(default_factory=list)
 
     @contextlib.asynccontextmanager
     async def step(self, title: str) -> AsyncIterator[None]:
         start = time.perf_counter()
+        self._notes = []
         try:
             yield
         except BaseException as exc:
@@ -97,16 +99,23 @@ class Run:
             detail = _describe(exc)
             self.steps.append(StepResult(title, False, secs, detail))
             self._line(f"  FAIL  {title}  ({secs:.2f} s)")
+            self._flush_notes()
             for line in detail.splitlines():
                 self._line(f"        {line}")
             raise
         secs = time.perf_counter() - start
         self.steps.append(StepResult(title, True, secs))
         self._line(f"  ok    {title}  ({secs:.2f} s)")
+        self._flush_notes()
 
     def note(self, text: str) -> None:
         """An indented line under the current step (a value seen, a verdict)."""
-        self._line(f"        {text}")
+        self._notes.append(text)
+
+    def _flush_notes(self) -> None:
+        for text in self._notes:
+            self._line(f"        {text}")
+        self._notes = []
 
     @staticmethod
     def check(condition: bool, message: str) -> None:
