@@ -55,3 +55,18 @@ async def test_a_failing_step_fails_the_run(tmp_path: Path):
     assert "FAIL  a step that does not hold" in text and "arithmetic is off" in text
     assert "never reached" not in text
     assert "0 passed, 1 failed" in text
+
+
+@pytest.mark.swtpm
+def test_keytrio_testbed_tpm_start_stop(tmp_path: Path, capsys):
+    from scenarios.cli import main
+
+    d = tmp_path / "tpm"
+    assert main(["testbed", "tpm", "start", "--dir", str(d), "--banks", "sha256"]) == 0
+    tcti = capsys.readouterr().out.strip()
+    assert tcti.startswith("swtpm:")
+    env = {**os.environ, "TPM2TOOLS_TCTI": tcti}
+    out = subprocess.run(["tpm2_pcrread", "sha256:16"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and "16: 0x" + "0" * 64 in out.stdout
+    assert main(["testbed", "tpm", "stop", "--dir", str(d)]) == 0
+    assert main(["testbed", "tpm", "stop", "--dir", str(d)]) == 1
