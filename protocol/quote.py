@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPMS_ATTEST, TPMT_SIGNATURE
 
 from protocol.errors import DecodeError, ValidationError
-from protocol.tpm2 import DIGEST_SIZES, HASH_ALGS, HASH_NAMES
+from protocol.tpm2 import DIGEST_SIZES, HASH_ALGS, HASH_NAMES, unmarshal_exact
 
 TPM_GENERATED_VALUE = 0xFF544347
 TPM_ST_ATTEST_QUOTE = 0x8018
@@ -320,25 +319,15 @@ class ParsedQuote:
 
     @cached_property
     def attest(self) -> TPMS_ATTEST:
-        return _pytss_unmarshal(TPMS_ATTEST, self.attest_raw)
+        return unmarshal_exact(TPMS_ATTEST, self.attest_raw)
 
     @cached_property
     def signature(self) -> TPMT_SIGNATURE:
-        return _pytss_unmarshal(TPMT_SIGNATURE, self.signature_raw)
+        return unmarshal_exact(TPMT_SIGNATURE, self.signature_raw)
 
     @property
     def clock(self) -> ClockInfo:
         return self.info.clock
-
-
-def _pytss_unmarshal(cls: Any, raw: bytes) -> Any:
-    try:
-        obj, used = cls.unmarshal(raw)
-    except TSS2_Exception as exc:
-        raise DecodeError(f"{cls.__name__}: {exc}") from None
-    if used != len(raw):
-        raise DecodeError(f"{cls.__name__}: trailing bytes")
-    return obj
 
 
 def _b64(part: str, what: str) -> bytes:

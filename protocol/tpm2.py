@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -109,13 +110,18 @@ def parse_public(raw: bytes) -> TPM2B_PUBLIC:
     raw = bytes(raw)
     if len(raw) < 2 or int.from_bytes(raw[:2], "big") == 0:
         raise DecodeError("TPM2B_PUBLIC: empty")
+    return unmarshal_exact(TPM2B_PUBLIC, raw)
+
+
+def unmarshal_exact(cls: Any, raw: bytes) -> Any:
+    """Unmarshal one tpm2-pytss structure that must fill ``raw`` exactly; DecodeError otherwise."""
     try:
-        public, used = TPM2B_PUBLIC.unmarshal(raw)
+        obj, used = cls.unmarshal(raw)
     except TSS2_Exception as exc:
-        raise DecodeError(f"TPM2B_PUBLIC: {exc}") from None
+        raise DecodeError(f"{cls.__name__}: {exc}") from None
     if used != len(raw):
-        raise DecodeError(f"TPM2B_PUBLIC: {len(raw) - used} trailing bytes")
-    return public
+        raise DecodeError(f"{cls.__name__}: {len(raw) - used} trailing bytes")
+    return obj
 
 
 def public_from_b64(text: str) -> TPM2B_PUBLIC:
