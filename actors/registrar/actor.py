@@ -1,0 +1,112 @@
+"""The Registrar actor: one store, two listeners, one housekeeping task, all in its own nursery.
+
+    registrar = Registrar(load_config(path))
+    addresses = await nursery.start(registrar.run)   # RegistrarAddresses(http=(h, p), https=(h, p))
+
+Cancelling ``run`` shuts it down cleanly: listeners stop, in-flight requests get
+``graceful_timeout`` seconds, then the database is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from actors.common.config import Config
+from actors.common.serve import serve
+from actors.common.store import Store
+from actors.common.tls import server_context
+from actors.registrar.app import build_admin_app, build_agent_app
+from actors.registrar.config import Settings, resolve
+from actors.registrar.ekcert import load_cert_store
+from actors.registrar.schema import metadata
+from actors.registrar.service import RegistrarService
+
+log = logging.getLogger("keytrio.registrar")
+
+
+@dataclass(frozen=True)
+class RegistrarAddresses:
+    http: tuple[str, int]  # agents: register, activate
+    https: tuple[str, int]  # tenant / verifier (mTLS)
+
+
+def sweep_interval(activation_timeout: float) -> float:
+    """How often expired registrations are looked for: a quarter of the timeout, 50 ms .. 30 s."""
+    return min(max(activation_timeout / 4, 0.05), 30.0)
+
+
+class Registrar:
+    """``Registrar(config).run()``; ``clock`` gives wall-clock epoch seconds (tests may pass their own)."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.settings: Settings = resolve(config)  # raises ConfigError before anything starts
+        self.clock = clock
+        self.addresses: RegistrarAddresses | None = None
+        self.service: RegistrarService | None = None
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[RegistrarAddresses] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        s, cfg = self.settings, self.config
+        cert_store = []
+        if s.tpm_cert_store is not None:
+            cert_store = await trio.to_thread.run_sync(load_cert_store, s.tpm_cert_store)
+        tls = server_context(
+            s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional"
+        )
+        if s.database_url.startswith("sqlite") and not cfg.database_url:
+            await trio.to_thread.run_sync(partial(s.data_dir.mkdir, parents=True, exist_ok=True))
+        store = await Store.open(s.database_url, metadata)
+        try:
+            service = RegistrarService(
+                store,
+                activation_timeout=cfg.activation_timeout,
+                require_ek_cert=cfg.require_ek_cert,
+                cert_store=cert_store,
+                clock=self.clock,
+            )
+            self.service = service
+            agent_app = build_agent_app(service, max_upload_size=cfg.max_upload_size)
+            admin_app = build_admin_app(
+                service, trusted_client_ca=s.trusted_client_ca, max_upload_size=cfg.max_upload_size
+            )
+            async with trio.open_nursery() as nursery:
+                http = await nursery.start(
+                    partial(
+                        serve, agent_app, host=cfg.ip, port=cfg.port, graceful_timeout=cfg.graceful_timeout
+                    )
+                )
+                https = await nursery.start(
+                    partial(
+                        serve,
+                        admin_app,
+                        host=cfg.ip,
+                        port=cfg.tls_port,
+                        ssl_context=tls,
+                        graceful_timeout=cfg.graceful_timeout,
+                    )
+                )
+                nursery.start_soon(self._sweeper, service)
+                self.addresses = RegistrarAddresses(tuple(http), tuple(https))
+                log.info("event=registrar.started http=%s:%d https=%s:%d", *http, *https)
+                task_status.started(self.addresses)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.close()
+            log.info("event=registrar.stopped")
+
+    async def _sweeper(self, service: RegistrarService) -> None:
+        interval = sweep_interval(self.config.activation_timeout)
+        while True:
+            await trio.sleep(interval)
+            try:
+                await service.sweep()
+            except Exception:  # a database hiccup must not stop the registrar; retried next round
+                log.exception("event=registrar.sweep_failed")
