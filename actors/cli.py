@@ -1,14 +1,16 @@
 """Actor verbs of the `keytrio` command (registrar, verifier, agent, tenant, ca, policy).
 
 `scenarios/cli.py` owns the top-level parser and hands these verbs here. A verb is added to
-`register` only once it works.
+`register` only once it works; each actor's own cli module defines its options.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from actors.registrar import cli as registrar_cli
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the actor verbs to the top-level parser (none yet: they arrive with their actors)."""
-    del subparsers
+    """Add the actor verbs to the top-level parser."""
+    registrar_cli.register(subparsers)
