@@ -1,0 +1,220 @@
+"""The agent actor: ``await nursery.start(Agent(config).run)`` -> the bound (host, port).
+
+Start sequence: data dir -> TPM (TCTI) -> EK (+ cert) -> AK (saved blobs reloaded) -> agent id ->
+NK + self-signed mTLS cert -> PCR 16 := H(NK PEM) in every active bank -> secure dir -> bind the
+HTTPS port -> register + activate with the registrar (if ``registrar_ip`` is set; retried with
+backoff while it is unreachable) -> ``task_status.started(bound)``. The port is bound before
+registering so that ``port = 0`` works: the registered port is ``contact_port`` or the bound one.
+
+Everything lives in this object and its nursery (no module state): several agents, each on its
+own TPM and data dir, can run in one process. Cancellation is a clean shutdown: the server stops,
+running scripts are killed, the tmpfs (if we mounted it) is unmounted and the TPM context closed
+(transient EK/AK flushed).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from cryptography import x509
+
+from actors.agent import config as agent_config
+from actors.agent import datadir, identity
+from actors.agent.app import build_app
+from actors.agent.keys import Keys
+from actors.agent.quotes import QuoteSource
+from actors.agent.registration import Registration, RegistrationError
+from actors.agent.revocation import Revocations
+from actors.agent.runner import Runner
+from actors.agent.secure import SecureDir
+from actors.agent.tpm import Tpm
+from actors.common import tls
+from actors.common.config import Config
+from actors.common.serve import serve
+
+log = logging.getLogger("keytrio.agent")
+
+
+class AgentConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What a running agent exposes to its owner (tests, the testbed)."""
+
+    agent_id: str
+    address: tuple[str, int]
+    nk_pem: str
+    mtls_cert: str
+    ek_public: bytes
+    ek_cert_der: bytes | None
+    ak_public: bytes
+    hash_alg: str
+
+
+class Agent:
+    def __init__(self, config: Config) -> None:
+        if not config.trusted_client_ca:
+            raise AgentConfigError("trusted_client_ca: at least one CA file is required")
+        self.config = config
+        self.info: AgentInfo | None = None
+        self.runner: Runner | None = None
+        self.keys: Keys | None = None
+        self.tpm: Tpm | None = None  # the opened TPM while running (the testbed extends PCRs through it)
+
+    @classmethod
+    def from_options(cls, **overrides: object) -> Agent:
+        """An agent from defaults + ``overrides`` (no file, no environment): for tests/testbed."""
+        return cls(agent_config.load(None, env={}, overrides=overrides))
+
+    async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        data_dir: Path = cfg.data_dir
+        await trio.to_thread.run_sync(datadir.ensure_dir, data_dir)
+        contact_ip = cfg.contact_ip or cfg.ip
+
+        configured_cert = None
+        if cfg.revocation_cert is not None:
+            try:
+                pem = await trio.to_thread.run_sync(Path(cfg.revocation_cert).read_bytes)
+                configured_cert = x509.load_pem_x509_certificate(pem)
+            except (OSError, ValueError) as exc:
+                raise AgentConfigError(f"revocation_cert {cfg.revocation_cert}: {exc}") from exc
+
+        async with await Tpm.open(cfg.tcti, owner_password=cfg.tpm_ownerpassword or None) as tpm:
+            self.tpm = tpm
+            ident = await identity.setup(
+                tpm,
+                data_dir,
+                uuid_setting=cfg.uuid,
+                ek_handle=cfg.ek_handle,
+                encryption_alg=cfg.tpm_encryption_alg,
+                signing_alg=cfg.tpm_signing_alg,
+                hash_alg=cfg.tpm_hash_alg,
+            )
+            agent_id = ident.agent_id
+            nk, nk_pem, cert_pem = await trio.to_thread.run_sync(datadir.load_or_create_nk, data_dir, contact_ip)
+            banks = await identity.bind_nk(tpm, nk_pem)
+            if cfg.tpm_hash_alg not in banks:
+                raise AgentConfigError(f"tpm_hash_alg {cfg.tpm_hash_alg}: that PCR bank is not active on the TPM")
+
+            secure = SecureDir(
+                Path(cfg.secure_dir) if cfg.secure_dir else data_dir / "secure",
+                size=agent_config.parse_size(cfg.secure_size),
+                mount=cfg.secure_mount,
+            )
+            await trio.to_thread.run_sync(secure.prepare)
+            try:
+                runner = Runner(timeout=cfg.action_timeout, run_as=cfg.run_as, agent_id=agent_id)
+                revocations = Revocations(
+                    agent_id=agent_id,
+                    data_dir=data_dir,
+                    runner=runner,
+                    actions_dir=Path(cfg.revocation_actions_dir) if cfg.revocation_actions_dir else None,
+                    configured_cert=configured_cert,
+                )
+                await trio.to_thread.run_sync(revocations.load_seen)
+                if secure.unzipped.is_dir():
+                    # a payload unpacked before a restart keeps its revocation cert and actions
+                    await trio.to_thread.run_sync(revocations.use_payload, secure.unzipped)
+                keys = Keys(
+                    agent_id=agent_id,
+                    nk_private=nk,
+                    secure_dir=secure,
+                    runner=runner,
+                    enable_autorun=cfg.enable_autorun,
+                    on_payload=revocations.use_payload,
+                )
+                quotes = QuoteSource(
+                    tpm=tpm,
+                    ak=ident.ak,
+                    hash_alg=cfg.tpm_hash_alg,
+                    enc_alg=ident.enc_alg,
+                    sign_alg=ident.sign_alg,
+                    nk_pem=nk_pem,
+                    boottime_source=Path(cfg.boottime_source),
+                    ima_ml_path=Path(cfg.ima_ml_path),
+                    measuredboot_ml_path=Path(cfg.measuredboot_ml_path),
+                )
+                app = build_app(
+                    trusted_client_ca=list(cfg.trusted_client_ca),
+                    max_upload_size=cfg.max_upload_size,
+                    nk_pem=nk_pem,
+                    quotes=quotes,
+                    keys=keys,
+                    revocations=revocations,
+                )
+                ssl_ctx = await trio.to_thread.run_sync(self._server_context, data_dir)
+                failure: RegistrationError | None = None
+                async with trio.open_nursery() as nursery:
+                    runner.attach(nursery)
+                    self.runner, self.keys = runner, keys
+                    bound = await nursery.start(
+                        functools.partial(serve, app, host=cfg.ip, port=cfg.port, ssl_context=ssl_ctx)
+                    )
+                    contact_port = cfg.contact_port or bound[1]
+                    if cfg.registrar_ip:
+                        try:
+                            await self._register(tpm, ident, contact_ip, contact_port, cert_pem)
+                        except RegistrationError as exc:
+                            # re-raised bare below, not inside the nursery's ExceptionGroup
+                            failure = exc
+                            nursery.cancel_scope.cancel()
+                    if failure is None:
+                        self._started(agent_id, bound, nk_pem, cert_pem, ident, task_status)
+                if failure is not None:
+                    raise failure
+            finally:
+                self.tpm = None
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(secure.release)
+
+    async def _register(
+        self, tpm: Tpm, ident: identity.Identity, contact_ip: str, contact_port: int, cert_pem: str
+    ) -> None:
+        cfg = self.config
+        await Registration(
+            registrar_ip=cfg.registrar_ip,
+            registrar_port=cfg.registrar_port,
+            contact_ip=contact_ip,
+            contact_port=contact_port,
+            mtls_cert=cert_pem,
+            retries=cfg.max_retries,
+            interval=cfg.retry_interval,
+            exponential=cfg.exponential_backoff,
+        ).run(tpm, ident)
+
+    def _started(
+        self,
+        agent_id: str,
+        bound: tuple[str, int],
+        nk_pem: str,
+        cert_pem: str,
+        ident: identity.Identity,
+        task_status: trio.TaskStatus[tuple[str, int]],
+    ) -> None:
+        self.info = AgentInfo(
+            agent_id=agent_id,
+            address=bound,
+            nk_pem=nk_pem,
+            mtls_cert=cert_pem,
+            ek_public=ident.ek.public,
+            ek_cert_der=ident.ek.cert_der,
+            ak_public=ident.ak.public,
+            hash_alg=self.config.tpm_hash_alg,
+        )
+        log.info("agent=%s event=serving address=%s:%d", agent_id, *bound)
+        task_status.started(bound)
+
+    def _server_context(self, data_dir: Path):  # -> ssl.SSLContext
+        return tls.server_context(
+            data_dir / datadir.NK_CERT,
+            data_dir / datadir.NK_KEY,
+            client_ca_files=list(self.config.trusted_client_ca),
+            mode="required",
+        )

@@ -1,0 +1,131 @@
+"""The agent's HTTPS API (PROTOCOL.md "Agent"), served at /v2.1 plus /version.
+
+Every route needs a client cert from the trusted CA (the TLS layer already requires one at the
+handshake; app.py checks the chain again). Bad input -> 400 naming the field; nothing changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Response, request
+
+from actors.agent.keys import KeyError400, Keys
+from actors.agent.quotes import QuoteSource
+from actors.agent.revocation import NoticeRefused, Revocations
+from actors.agent.tpm import TpmError
+from actors.common.app import ApiError, KeytrioApp, json_body, json_response, make_app, ok
+from protocol import validation
+from protocol.errors import ProtocolError, ValidationError
+from protocol.versions import AGENT_VERSIONS, agent_version_payload
+
+MAX_IMA_ENTRY = 1 << 40
+
+
+def _arg(name: str, *, required: bool = True) -> str | None:
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        raise ApiError(400, f"Invalid {name}: given more than once")
+    if not values:
+        if required:
+            raise ApiError(400, f"Missing query parameter: {name}")
+        return None
+    return values[0]
+
+
+def build_app(
+    *,
+    trusted_client_ca: list[str],
+    max_upload_size: int,
+    nk_pem: str,
+    quotes: QuoteSource,
+    keys: Keys,
+    revocations: Revocations,
+) -> KeytrioApp:
+    app = make_app(
+        "keytrio-agent",
+        versions=AGENT_VERSIONS,
+        require_client_cert=True,
+        trusted_client_ca=trusted_client_ca,
+        max_upload_size=max_upload_size,
+        version_payload=agent_version_payload(),
+    )
+
+    @app.errorhandler(ValidationError)
+    async def _validation(exc: ValidationError) -> Response:
+        return json_response(400, None, f"Invalid {exc.field}: {exc.reason}")
+
+    @app.api.route("/keys/pubkey")
+    async def pubkey() -> Response:
+        return ok({"pubkey": nk_pem})
+
+    @app.api.route("/quotes/identity")
+    async def identity_quote() -> Response:
+        nonce = validation.nonce(_arg("nonce"))
+        try:
+            results = await quotes.identity(nonce)
+        except TpmError as exc:
+            raise ApiError(500, "TPM quote failed") from exc
+        return ok(results)
+
+    @app.api.route("/quotes/integrity")
+    async def integrity_quote() -> Response:
+        nonce = validation.nonce(_arg("nonce"))
+        mask_text = _arg("mask", required=False)
+        pcrs = validation.mask_to_pcrs(validation.pcr_mask(mask_text)) if mask_text is not None else []
+        partial_text = _arg("partial", required=False)
+        if partial_text not in (None, "0", "1"):
+            raise ApiError(400, "Invalid partial: must be 0 or 1")
+        partial = partial_text != "0"  # upstream's default is a partial quote (no pubkey)
+        entry_text = _arg("ima_ml_entry", required=False)
+        entry = 0
+        if entry_text is not None:
+            entry = validation.integer(entry_text, "ima_ml_entry", lo=0, hi=MAX_IMA_ENTRY)
+        try:
+            results = await quotes.integrity(nonce, pcrs, partial, entry)
+        except TpmError as exc:
+            raise ApiError(500, "TPM quote failed") from exc
+        return ok(results)
+
+    @app.api.route("/keys/ukey", methods=("POST",))
+    async def ukey() -> Response:
+        body = await json_body()
+        status = await _keys_call(keys.post_ukey(body))
+        return ok({}, status)
+
+    @app.api.route("/keys/vkey", methods=("POST",))
+    async def vkey() -> Response:
+        body = await json_body()
+        status = await _keys_call(keys.post_vkey(body))
+        return ok({}, status)
+
+    @app.api.route("/keys/verify")
+    async def verify() -> Response:
+        challenge = _arg("challenge")
+        try:
+            hmac_hex = keys.verify(challenge)
+        except KeyError400 as exc:
+            raise ApiError(400, str(exc)) from exc
+        return ok({"hmac": hmac_hex})
+
+    @app.api.route("/notifications/revocation", methods=("POST",))
+    async def revocation_notice() -> Response:
+        body = await json_body()
+        try:
+            status = await revocations.handle(body)
+        except NoticeRefused as exc:
+            raise ApiError(403, str(exc)) from exc
+        return ok({}, status)
+
+    return app
+
+
+async def _keys_call(coro: Any) -> str:
+    try:
+        return await coro
+    except KeyError400 as exc:
+        raise ApiError(400, str(exc)) from exc
+    except ValidationError:
+        raise
+    except ProtocolError as exc:  # e.g. a half of the wrong size
+        raise ApiError(400, "Invalid key material") from exc

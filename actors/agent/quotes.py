@@ -1,0 +1,110 @@
+"""Identity and integrity quotes (PROTOCOL.md "Agent"): TPM quote, then logs, in that order.
+
+The TPM layer reads the PCRs and quotes in one locked sequence and retries if the quote's
+pcrDigest does not match the values read. The IMA list is read *after* the quote, so the list
+may run ahead of the quoted PCR 10 (the verifier handles that), never behind it.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from actors.agent.tpm import AttestationKey, Tpm
+from protocol.quote import build_quote, encode_pcr_blob
+
+log = logging.getLogger("keytrio.agent")
+
+PCR_NK = 16
+PCR_IMA = 10
+PCR_BOOT = 0
+
+
+def read_boottime(source: Path) -> int:
+    """Boot time (epoch seconds): the ``btime`` line of /proc/stat, or a file holding an integer."""
+    text = source.read_text("ascii", errors="replace")
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "btime" and parts[1].isdigit():
+            return int(parts[1])
+    stripped = text.strip()
+    if stripped.isdigit():
+        return int(stripped)
+    raise ValueError(f"{source}: no boot time found")
+
+
+def ima_tail(text: str, entry: int) -> tuple[str, int]:
+    """(lines from ``entry`` on, the entry number they start at), PROTOCOL.md's rules.
+
+    entry == number of lines -> empty list at that entry; entry beyond the end (the log was
+    reset, e.g. by a reboot) -> the whole list from entry 0.
+    """
+    # Only complete lines count: a line without its newline may still be being written.
+    lines = [line + "\n" for line in text.split("\n")[:-1]]
+    if entry > len(lines):
+        entry = 0
+    return "".join(lines[entry:]), entry
+
+
+def _read_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@dataclass(frozen=True)
+class QuoteSource:
+    tpm: Tpm
+    ak: AttestationKey
+    hash_alg: str
+    enc_alg: str
+    sign_alg: str
+    nk_pem: str
+    boottime_source: Path
+    ima_ml_path: Path
+    measuredboot_ml_path: Path
+
+    async def _quote(self, nonce: str, pcrs: set[int]) -> str:
+        pcrs = set(pcrs) | {PCR_NK}
+        q = await self.tpm.quote(self.ak, nonce=nonce.encode("ascii"), pcrs=pcrs, bank=self.hash_alg)
+        return build_quote(q.attest, q.signature, encode_pcr_blob(q.bank, q.pcrs))
+
+    async def _boottime(self) -> int:
+        return await trio.to_thread.run_sync(read_boottime, self.boottime_source)
+
+    def _algs(self) -> dict[str, Any]:
+        return {"hash_alg": self.hash_alg, "enc_alg": self.enc_alg, "sign_alg": self.sign_alg}
+
+    async def identity(self, nonce: str) -> dict[str, Any]:
+        quote = await self._quote(nonce, {PCR_NK})
+        return {"quote": quote, **self._algs(), "pubkey": self.nk_pem, "boottime": await self._boottime()}
+
+    async def integrity(self, nonce: str, pcrs: list[int], partial: bool, ima_entry: int) -> dict[str, Any]:
+        quote = await self._quote(nonce, set(pcrs))
+        results: dict[str, Any] = {"quote": quote, **self._algs()}
+        if not partial:
+            results["pubkey"] = self.nk_pem
+        results["boottime"] = await self._boottime()
+        if PCR_IMA in pcrs:
+            # after the quote: the list may be ahead of the quoted PCR 10, never behind
+            try:
+                raw = await trio.to_thread.run_sync(_read_bytes, self.ima_ml_path)
+            except FileNotFoundError:
+                # no IMA on this machine: say so with null, as upstream's agent does
+                results["ima_measurement_list"] = None
+                results["ima_measurement_list_entry"] = 0
+            else:
+                # undecodable path bytes become U+FFFD; JSON carries text only
+                tail, entry = ima_tail(raw.decode("utf-8", "replace"), ima_entry)
+                results["ima_measurement_list"] = tail
+                results["ima_measurement_list_entry"] = entry
+        if PCR_BOOT in pcrs:
+            try:
+                mb = await trio.to_thread.run_sync(_read_bytes, self.measuredboot_ml_path)
+            except FileNotFoundError:
+                mb = None
+            results["mb_measurement_list"] = base64.b64encode(mb).decode("ascii") if mb is not None else None
+        return results

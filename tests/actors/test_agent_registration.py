@@ -1,0 +1,98 @@
+"""Agent registration + activation against the real registrar actor (both on real sockets)."""
+
+from __future__ import annotations
+
+import base64
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from actors.agent.registration import RegistrationError
+from actors.common import tls
+from actors.common.client import make_client
+from actors.registrar.actor import Registrar
+from actors.registrar.config import load_config as registrar_load_config
+from tests.actors.test_agent import results, start_agent
+
+pytestmark = pytest.mark.swtpm
+
+AGENT_ID = "d432fbb3-d2f1-4a97-9ef7-75bd81c0a9e1"
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _registrar(pki: Any, tmp: Path, port: int = 0) -> Registrar:
+    return Registrar(registrar_load_config(None, env={}, overrides={
+        "ip": "127.0.0.1", "port": port, "tls_port": 0, "data_dir": str(tmp / "registrar"),
+        "server_cert": str(pki.server.cert), "server_key": str(pki.server.key),
+        "trusted_client_ca": [str(pki.ca)], "graceful_timeout": 0.5,
+    }))
+
+
+async def _record(pki: Any, https: tuple[str, int], agent_id: str) -> dict[str, Any]:
+    ctx = tls.client_context([pki.ca], pki.client.cert, pki.client.key)
+    async with make_client(ctx) as c:
+        return results(await c.get(f"https://127.0.0.1:{https[1]}/v2.1/agents/{agent_id}"))
+
+
+async def test_register_activate_restart_and_other_tpm(
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm: Any, swtpm_factory: Any
+) -> None:
+    registrar = _registrar(pki, tmp_path)
+    addrs = await nursery.start(registrar.run)
+    opts = {"registrar_ip": "127.0.0.1", "registrar_port": addrs.http[1], "uuid": AGENT_ID,
+            "retry_interval": 0.1, "max_retries": 3}
+
+    r = await start_agent(nursery, tmp_path, pki, swtpm.tcti, **opts)
+    info = r.info
+    rec = await _record(pki, addrs.https, AGENT_ID)
+    assert rec["ek_tpm"] == _b64(info.ek_public)
+    assert rec["aik_tpm"] == _b64(info.ak_public)
+    assert info.ek_cert_der is not None and rec["ekcert"] is not None
+    assert rec["mtls_cert"] == info.mtls_cert
+    assert (rec["ip"], rec["port"], rec["regcount"]) == ("127.0.0.1", info.address[1], 1)
+    await r.stop()
+
+    # restarted: same identity, re-registered (regcount + 1), new port recorded
+    r = await start_agent(nursery, tmp_path, pki, swtpm.tcti, **opts)
+    rec = await _record(pki, addrs.https, AGENT_ID)
+    assert (rec["aik_tpm"], rec["mtls_cert"], rec["regcount"]) == (_b64(info.ak_public), info.mtls_cert, 2)
+    assert rec["port"] == r.info.address[1]
+    await r.stop()
+
+    # the same uuid on another TPM (different EK): the registrar refuses, the agent does not start
+    other = await swtpm_factory(fresh=True)
+    with pytest.raises(RegistrationError, match="403"):
+        await start_agent(nursery, tmp_path / "other", pki, other.tcti, **opts,
+                          data_dir=str(tmp_path / "other-data"))
+    assert (await _record(pki, addrs.https, AGENT_ID))["regcount"] == 2
+
+
+async def test_registration_waits_for_an_unreachable_registrar(
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm: Any
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opts = {"registrar_ip": "127.0.0.1", "registrar_port": port, "uuid": AGENT_ID,
+            "retry_interval": 0.2, "max_retries": 50}
+    started: list[Any] = []
+
+    async def agent_task() -> None:
+        started.append(await start_agent(nursery, tmp_path, pki, swtpm.tcti, **opts))
+
+    nursery.start_soon(agent_task)
+    await trio.sleep(0.8)
+    assert not started  # still retrying
+    registrar = _registrar(pki, tmp_path, port=port)
+    addrs = await nursery.start(registrar.run)
+    with trio.fail_after(10):
+        while not started:
+            await trio.sleep(0.05)
+    assert (await _record(pki, addrs.https, AGENT_ID))["regcount"] == 1
+    await started[0].stop()
