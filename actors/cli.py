@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 
+from actors.agent import cli as agent_cli
 from actors.registrar import cli as registrar_cli
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the actor verbs to the top-level parser."""
     registrar_cli.register(subparsers)
+    agent_cli.register(subparsers)
