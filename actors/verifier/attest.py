@@ -1,0 +1,292 @@
+"""One attestation round of the verifier's monitor against one agent.
+
+* :func:`attest_once` = fresh nonce -> :func:`fetch_quote` (``GET quotes/integrity``) ->
+  :func:`evaluate` (pure: reply types, quote, PCR 16 binding, ``tpm_policy`` PCRs, IMA hook).
+* :func:`deliver_v` posts the V key half once the first quote was good.
+
+Communication problems are not failures here: ``request_json`` raises
+:class:`~actors.common.client.CommunicationError` / :class:`~actors.common.client.HttpError` /
+:class:`~actors.common.client.MalformedResponse` and the monitor decides about retries and
+states. Everything the agent *says* is hostile input: a wrong type or an undecodable quote is a
+:class:`~protocol.failures.Failure`, never an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import ssl
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from actors.common import tls
+from actors.common.client import DEFAULT_MAX_RESPONSE_BYTES, request_json
+from protocol import payload, tpm2
+from protocol.errors import ProtocolError
+from protocol.failures import Failure, Severity
+from protocol.quote import ClockInfo
+from protocol.quote_check import PCR_16, QUOTE_VALIDATION, check_pcr16, check_quote
+
+PCR_IMA = 10
+NONCE_LEN = 20  # what upstream's verifier sends
+_NONCE_CHARS = string.ascii_letters + string.digits
+MAX_QUOTE_RESPONSE_BYTES = DEFAULT_MAX_RESPONSE_BYTES  # IMA lists can be large; still capped
+CHECK_RESPONSE = "response"  # context["check"] of a malformed-reply failure (wrong/missing field)
+
+#: PCR 10 verdicts recorded in AttestState.pcr10 (never "passed" without a runtime policy)
+PCR10_NOT_CHECKED = "not_checked"
+PCR10_NOT_QUOTED = "not_quoted"
+PCR10_CHECKED = "checked"
+
+# IMA hook (filled by the IMA issue): (ima_measurement_list text or None, its first entry number,
+# quoted PCRs, bank) -> (failures, number of lines verified so far, i.e. the next ima_ml_entry)
+ImaCheck = Callable[[str | None, int, dict[int, bytes], str], tuple[list[Failure], int]]
+
+
+@dataclass
+class AgentTarget:
+    """What the verifier knows about one enrolled agent (parsed once, used every poll)."""
+
+    agent_id: str
+    ip: str
+    port: int
+    mtls_cert: str
+    ak: tpm2.AkKey
+    tpm_policy: dict[str, Any] = field(default_factory=dict)
+    accept_tpm_hash_algs: list[str] = field(default_factory=lambda: ["sha512", "sha384", "sha256"])
+    accept_tpm_signing_algs: list[str] = field(default_factory=lambda: ["ecschnorr", "rsassa"])
+    accept_tpm_encryption_algs: list[str] = field(default_factory=lambda: ["ecc", "rsa"])
+    supported_version: str = "2.1"
+    ima_check: ImaCheck | None = None  # None: no runtime policy -> PCR 10 "not checked"
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"https://{host}:{self.port}/v{self.supported_version}"
+
+
+@dataclass
+class AttestState:
+    """Per-agent memory between polls; :func:`evaluate` updates it only after a good quote."""
+
+    clock: ClockInfo | None = None
+    ima_ml_entry: int = 0
+    nk_pem: str | None = None
+    boottime: int | None = None
+    hash_alg: str | None = None
+    enc_alg: str | None = None
+    sign_alg: str | None = None
+    pcr10: str = PCR10_NOT_QUOTED
+    quotes_received: int = 0
+    attestation_count: int = 0
+
+
+def agent_ssl_context(
+    ca_files: Iterable[os.PathLike[str] | str],
+    client_cert: os.PathLike[str] | str,
+    client_key: os.PathLike[str] | str,
+    mtls_cert_pem: str,
+) -> ssl.SSLContext:
+    """Client context for one agent: our client cert; trust = CA + the agent's pinned mtls_cert."""
+    return tls.client_context(ca_files, client_cert, client_key, pinned_server_cert_pem=mtls_cert_pem)
+
+
+def new_nonce() -> str:
+    return "".join(secrets.choice(_NONCE_CHARS) for _ in range(NONCE_LEN))
+
+
+# --- tpm_policy ----------------------------------------------------------------------------------
+
+
+def policy_pcrs(tpm_policy: dict[str, Any]) -> dict[int, list[str]]:
+    """PCR -> accepted lowercase hex values (a single string counts as a one-item list).
+
+    Enrolment validates the policy; whatever slipped through is skipped here rather than crash.
+    """
+    out: dict[int, list[str]] = {}
+    for key, values in tpm_policy.items():
+        if not isinstance(key, str) or not key.isdigit():
+            continue  # "mask" and any other metadata
+        pcr = int(key)
+        if not 0 <= pcr <= 23:
+            continue
+        if isinstance(values, str):
+            values = [values]
+        if isinstance(values, list):
+            out[pcr] = [v.lower().removeprefix("0x") for v in values if isinstance(v, str)]
+    return out
+
+
+def quote_mask(target: AgentTarget) -> str:
+    """The mask to ask for: the policy's mask and PCRs | PCR 16 (| PCR 10 with a runtime policy)."""
+    mask = 0
+    raw = target.tpm_policy.get("mask")
+    if isinstance(raw, str):
+        try:
+            mask = int(raw, 16) & 0xFFFFFF
+        except ValueError:
+            mask = 0
+    for pcr in policy_pcrs(target.tpm_policy):
+        mask |= 1 << pcr
+    mask |= 1 << PCR_16
+    if target.ima_check is not None:
+        mask |= 1 << PCR_IMA
+    return hex(mask)
+
+
+# --- one round -----------------------------------------------------------------------------------
+
+
+async def fetch_quote(client: httpx.AsyncClient, target: AgentTarget, state: AttestState, nonce: str) -> dict:
+    """GET quotes/integrity; partial=0 until we hold the agent's NK (we need its pubkey)."""
+    partial = "1" if state.nk_pem is not None else "0"
+    params = {
+        "nonce": nonce,
+        "mask": quote_mask(target),
+        "partial": partial,
+        "ima_ml_entry": str(state.ima_ml_entry),
+    }
+    reply = await request_json(
+        client,
+        "GET",
+        target.base_url + "/quotes/integrity",
+        params=params,
+        max_response_bytes=MAX_QUOTE_RESPONSE_BYTES,
+    )
+    return reply.results
+
+
+def _response_failure(message: str, **extra: object) -> Failure:
+    ctx: dict[str, object] = {"message": message, "check": CHECK_RESPONSE}
+    ctx.update(extra)
+    return Failure(QUOTE_VALIDATION, ctx, Severity.EMERGENCY, recoverable=False)
+
+
+def _typed_fields(reply: object, need_pubkey: bool) -> tuple[dict[str, Any], list[Failure]]:
+    """Pick the reply fields we use, checking their types (hostile types -> failures)."""
+    if not isinstance(reply, dict):
+        return {}, [_response_failure("quote reply results are not an object")]
+    fails: list[Failure] = []
+    out: dict[str, Any] = {}
+    required = ["quote", "hash_alg", "enc_alg", "sign_alg"] + (["pubkey"] if need_pubkey else [])
+    for name in required:
+        value = reply.get(name)
+        if value is None:
+            fails.append(_response_failure(f"{name} is missing", field=name))
+        elif not isinstance(value, str):
+            fails.append(_response_failure(f"{name} must be a string", field=name))
+        else:
+            out[name] = value
+    boottime = reply.get("boottime")
+    if boottime is not None:
+        if isinstance(boottime, bool) or not isinstance(boottime, int):
+            fails.append(_response_failure("boottime must be an integer", field="boottime"))
+        else:
+            out["boottime"] = boottime
+    ml = reply.get("ima_measurement_list")
+    if ml is not None and not isinstance(ml, str):
+        fails.append(_response_failure("ima_measurement_list must be a string", field="ima_measurement_list"))
+    entry = reply.get("ima_measurement_list_entry", 0)
+    if isinstance(entry, bool) or not isinstance(entry, int) or entry < 0:
+        fails.append(_response_failure("ima_measurement_list_entry must be an integer >= 0",
+                                       field="ima_measurement_list_entry"))
+        entry = 0
+    out["ima_measurement_list"] = ml if isinstance(ml, str) else None
+    out["ima_measurement_list_entry"] = entry
+    return out, fails
+
+
+def _check_policy_pcrs(target: AgentTarget, pcrs: dict[int, bytes]) -> list[Failure]:
+    fails: list[Failure] = []
+    wanted = policy_pcrs(target.tpm_policy)
+    missing = sorted(p for p in wanted if p not in pcrs and p != PCR_16)
+    if missing:
+        fails.append(Failure("pcr_validation.missing_pcrs",
+                             {"context": "PCRs are missing in quote", "data": missing}, recoverable=True))
+    for pcr, accepted in sorted(wanted.items()):
+        # PCR 16 is the NK binding (check_pcr16), never a policy value
+        if pcr == PCR_16 or pcr not in pcrs:
+            continue
+        got = pcrs[pcr].hex()
+        if got not in accepted:
+            fails.append(Failure(f"pcr_validation.invalid_pcr_{pcr}",
+                                 {"pcr": pcr, "got": got, "expected": accepted}, recoverable=True))
+    return fails
+
+
+def evaluate(target: AgentTarget, state: AttestState, reply: object, nonce: str) -> list[Failure]:
+    """Check one integrity-quote reply; update ``state`` only when nothing failed. Pure, no I/O."""
+    need_pubkey = state.nk_pem is None
+    fields, fails = _typed_fields(reply, need_pubkey)
+    if fails or "quote" not in fields:
+        return fails
+    nk_pem = fields.get("pubkey") if need_pubkey else state.nk_pem
+    assert nk_pem is not None
+
+    if fields["enc_alg"] not in target.accept_tpm_encryption_algs:
+        fails.append(Failure(QUOTE_VALIDATION, {
+            "message": f"encryption algorithm {fields['enc_alg']} is not accepted", "check": "algorithm"},
+            Severity.EMERGENCY))
+    try:
+        check = check_quote(
+            fields["quote"],
+            ak_public=target.ak,
+            nonce=nonce,
+            hash_alg=fields["hash_alg"],
+            accepted_hash_algs=target.accept_tpm_hash_algs,
+            accepted_sign_algs=target.accept_tpm_signing_algs,
+            previous_clock=state.clock,
+        )
+    except (ProtocolError, ValueError, TypeError, OverflowError) as exc:
+        # check_quote reports bad quotes as failures; this is the belt for what it might miss
+        fails.append(_response_failure("quote could not be checked", error=type(exc).__name__))
+        return fails
+    fails.extend(check.failures)
+    if check.quote is None or check.bank is None:
+        return fails  # undecodable: nothing more to look at
+
+    pcrs = check.pcrs
+    pcr16 = check_pcr16(check.bank, pcrs, nk_pem)
+    if pcr16 is not None:
+        fails.append(pcr16)
+    fails.extend(_check_policy_pcrs(target, pcrs))
+
+    next_entry = state.ima_ml_entry
+    if PCR_IMA not in pcrs:
+        pcr10 = PCR10_NOT_QUOTED
+    elif target.ima_check is None:
+        pcr10 = PCR10_NOT_CHECKED  # no runtime policy: PCR 10 is unverified, never "passed"
+    else:
+        ima_fails, next_entry = target.ima_check(
+            fields["ima_measurement_list"], fields["ima_measurement_list_entry"], pcrs, check.bank)
+        fails.extend(ima_fails)
+        pcr10 = PCR10_CHECKED
+
+    state.quotes_received += 1
+    if fails:
+        return fails
+    state.clock = check.clock
+    state.nk_pem = nk_pem
+    state.boottime = fields.get("boottime", state.boottime)
+    state.hash_alg, state.enc_alg, state.sign_alg = fields["hash_alg"], fields["enc_alg"], fields["sign_alg"]
+    state.ima_ml_entry = next_entry
+    state.pcr10 = pcr10
+    state.attestation_count += 1
+    return fails
+
+
+async def attest_once(client: httpx.AsyncClient, target: AgentTarget, state: AttestState) -> list[Failure]:
+    """One poll: fresh nonce, fetch, evaluate. Communication errors propagate to the monitor."""
+    nonce = new_nonce()
+    reply = await fetch_quote(client, target, state, nonce)
+    return evaluate(target, state, reply, nonce)
+
+
+async def deliver_v(client: httpx.AsyncClient, target: AgentTarget, v: bytes, nk_pem: str) -> None:
+    """POST keys/vkey with V encrypted to the agent's NK (raises HttpError on a non-200)."""
+    body = {"encrypted_key": payload.encrypt_key_half(nk_pem, v)}
+    await request_json(client, "POST", target.base_url + "/keys/vkey", body)
