@@ -1,0 +1,378 @@
+"""The verifier's REST API (HTTPS; client cert from ``trusted_client_ca`` except on public routes).
+
+``POST|GET|DELETE /v2.x/agents/{uuid}``, ``GET /v2.x/agents/?verifier=ID[&bulk]``,
+``PUT /v2.x/agents/{uuid}/stop`` and ``…/reactivate``. The monitor is not started here: the
+actor injects hooks (``on_enrolled`` …) that run after the store has committed the change.
+A hook may be a plain function or a coroutine function taking the agent id.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import ipaddress
+import json
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from cryptography import x509
+from quart import Response, g, request
+
+from actors.common.app import ApiError, KeytrioApp, json_body, make_app, ok
+from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
+from actors.common.store import Store
+from actors.verifier import records
+from protocol import tpm2, validation
+from protocol.errors import ProtocolError, ValidationError
+from protocol.versions import SERVER_VERSIONS, server_version_payload
+
+Hook = Callable[[str], Awaitable[None] | None]
+
+#: Fields upstream's tenant always sends and upstream's verifier requires (PROTOCOL.md).
+REQUIRED_FIELDS = (
+    "v",
+    "cloudagent_ip",
+    "cloudagent_port",
+    "tpm_policy",
+    "runtime_policy",
+    "runtime_policy_name",
+    "runtime_policy_key",
+    "mb_policy",
+    "mb_policy_name",
+    "ima_sign_verification_keys",
+    "metadata",
+    "revocation_key",
+    "accept_tpm_hash_algs",
+    "accept_tpm_encryption_algs",
+    "accept_tpm_signing_algs",
+    "ak_tpm",
+    "mtls_cert",
+    "supported_version",
+)
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
+_VERSION = re.compile(r"^\d{1,3}\.\d{1,3}$")
+_ALG_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_HEX = re.compile(r"^[0-9a-fA-F]{2,256}$")
+_MAX_TEXT = 256 * 1024  # any single text field; the body limit bounds the total anyway
+_FAILED_STATES = {records.FAILED, records.INVALID_QUOTE, records.TENANT_FAILED, records.TERMINATED}
+
+
+def _bad(exc: ProtocolError) -> ApiError:
+    return ApiError(400, f"Bad request: {exc}")
+
+
+def parse_agent_id(raw: str) -> str:
+    try:
+        return validation.agent_id(raw, "agent_id")
+    except ValidationError as exc:
+        raise _bad(exc) from None
+
+
+# --- field validators (raise ValidationError) ------------------------------------------------------
+
+
+def _text(doc: dict[str, Any], field: str, *, nullable: bool = True) -> str | None:
+    value = doc[field]
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(field, "must be a string" + (" or null" if nullable else ""))
+    if len(value) > _MAX_TEXT:
+        raise ValidationError(field, "is too long")
+    return value
+
+
+def _json_text(value: object, field: str) -> Any:
+    """A JSON value sent as JSON text (what upstream's tenant does) or directly."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValidationError(field, "is not valid JSON") from None
+    return value
+
+
+def _ip(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValidationError("cloudagent_ip", "must be an IP address or host name")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(value):
+        raise ValidationError("cloudagent_ip", "must be an IP address or host name")
+    return value
+
+
+def _v(value: object) -> str:
+    raw = validation.b64(value, "v")
+    if len(raw) != 32:
+        raise ValidationError("v", "must decode to 32 bytes")
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _tpm_policy(value: object) -> str:
+    policy = _json_text(value, "tpm_policy")
+    if not isinstance(policy, dict):
+        raise ValidationError("tpm_policy", "must be a JSON object")
+    if "mask" not in policy:
+        raise ValidationError("tpm_policy", 'needs a "mask"')
+    validation.pcr_mask(policy["mask"], "tpm_policy.mask")
+    for key, accepted in policy.items():
+        if key == "mask":
+            continue
+        if not (key.isascii() and key.isdigit() and 0 <= int(key) <= validation.MAX_PCR):
+            raise ValidationError("tpm_policy", f"key {key[:16]!r} is not a PCR number 0-23")
+        values = [accepted] if isinstance(accepted, str) else accepted
+        if not isinstance(values, list) or not all(isinstance(h, str) and _HEX.fullmatch(h) for h in values):
+            raise ValidationError("tpm_policy", f"PCR {key}: accepted values must be hex digests")
+    return value if isinstance(value, str) else json.dumps(policy)
+
+
+def _alg_list(value: object, field: str) -> list[str]:
+    algs = _json_text(value, field)
+    if not isinstance(algs, list) or not all(isinstance(a, str) and _ALG_NAME.fullmatch(a) for a in algs):
+        raise ValidationError(field, "must be a list of algorithm names (or JSON text of one)")
+    return algs
+
+
+def _meta_data(value: object) -> str:
+    meta = _json_text(value, "metadata")
+    if not isinstance(meta, dict):
+        raise ValidationError("metadata", "must be a JSON object (or JSON text of one)")
+    return value if isinstance(value, str) else json.dumps(meta)
+
+
+def _ak(value: object) -> tuple[str, str, str]:
+    """(canonical base64 ak_tpm, enc_alg, sign_alg)."""
+    raw = validation.b64(value, "ak_tpm", max_len=4096)
+    try:
+        pub = tpm2.parse_public(raw)
+        tpm2.check_ak_attributes(pub)
+        enc, sign, _ = tpm2.key_algorithms(pub)
+    except ProtocolError as exc:
+        reason = exc.reason if isinstance(exc, ValidationError) else str(exc)
+        raise ValidationError("ak_tpm", f"is not a usable AK ({reason})") from None
+    return base64.b64encode(tpm2.public_bytes(pub)).decode("ascii"), enc, sign
+
+
+def _mtls_cert(value: object) -> str | None:
+    if value is None or value == "disabled":  # upstream agents with mTLS off
+        return None
+    text = validation.pem(value, "mtls_cert", label="CERTIFICATE")
+    try:
+        x509.load_pem_x509_certificate(text.encode("ascii"))
+    except ValueError:
+        raise ValidationError("mtls_cert", "is not a valid X.509 certificate") from None
+    return text
+
+
+def _revocation_key(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    return validation.pem(value, "revocation_key")
+
+
+def parse_enrolment(agent_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """Validate a ``POST /agents/{id}`` body into column values (ApiError 400 naming the problem)."""
+    missing = [f for f in REQUIRED_FIELDS if f not in doc]
+    if missing:
+        raise ApiError(400, "Bad request: missing required fields: " + ", ".join(missing))
+    try:
+        runtime_policy = _text(doc, "runtime_policy") or ""
+        validation.b64(runtime_policy, "runtime_policy", allow_empty=True)
+        supported = doc["supported_version"]
+        if not isinstance(supported, str) or not _VERSION.fullmatch(supported):
+            raise ValidationError("supported_version", "must be a version like 2.1")
+        ak_tpm, enc_alg, sign_alg = _ak(doc["ak_tpm"])
+        keys = _text(doc, "ima_sign_verification_keys")
+        if keys:
+            _json_text(keys, "ima_sign_verification_keys")
+        return {
+            "agent_id": agent_id,
+            "v": _v(doc["v"]),
+            "ip": _ip(doc["cloudagent_ip"]),
+            "port": validation.port(doc["cloudagent_port"], "cloudagent_port"),
+            "tpm_policy": _tpm_policy(doc["tpm_policy"]),
+            "runtime_policy": runtime_policy,
+            "runtime_policy_name": _text(doc, "runtime_policy_name"),
+            "runtime_policy_key": _text(doc, "runtime_policy_key"),
+            "mb_policy": _text(doc, "mb_policy"),
+            "mb_policy_name": _text(doc, "mb_policy_name"),
+            "ima_sign_verification_keys": keys,
+            "meta_data": _meta_data(doc["metadata"]),
+            "revocation_key": _revocation_key(doc["revocation_key"]),
+            "accept_tpm_hash_algs": json.dumps(_alg_list(doc["accept_tpm_hash_algs"], "accept_tpm_hash_algs")),
+            "accept_tpm_encryption_algs": json.dumps(
+                _alg_list(doc["accept_tpm_encryption_algs"], "accept_tpm_encryption_algs")
+            ),
+            "accept_tpm_signing_algs": json.dumps(
+                _alg_list(doc["accept_tpm_signing_algs"], "accept_tpm_signing_algs")
+            ),
+            "ak_tpm": ak_tpm,
+            "mtls_cert": _mtls_cert(doc["mtls_cert"]),
+            "supported_version": supported,
+            "enc_alg": enc_alg,
+            "sign_alg": sign_alg,
+        }
+    except ProtocolError as exc:
+        raise _bad(exc) from None
+
+
+# --- GET view ----------------------------------------------------------------------------------------
+
+
+def _enc_alg_v25(enc: str) -> str:
+    # 2.5 reports the key size; generic names are normalised to their defaults (upstream)
+    return {"rsa": "rsa2048", "ecc": "ecc256"}.get(enc, enc)
+
+
+def agent_view(
+    row: dict[str, Any], *, version: str, verifier_ip: str, verifier_port: int, quote_interval: float
+) -> dict[str, Any]:
+    """The status record of GET /agents/{id} for API ``version``."""
+    mb = row["mb_policy"]
+    view: dict[str, Any] = {
+        "operational_state": row["operational_state"],
+        "v": row["v"],
+        "ip": row["ip"],
+        "port": row["port"],
+        "tpm_policy": row["tpm_policy"],
+        "meta_data": row["meta_data"],
+        "has_mb_refstate": 0 if mb in (None, "", "null") else 1,
+        "has_runtime_policy": 1 if row["runtime_policy"] else 0,
+        "accept_tpm_hash_algs": json.loads(row["accept_tpm_hash_algs"]),
+        "accept_tpm_encryption_algs": json.loads(row["accept_tpm_encryption_algs"]),
+        "accept_tpm_signing_algs": json.loads(row["accept_tpm_signing_algs"]),
+        "hash_alg": row["hash_alg"],
+        "enc_alg": row["enc_alg"],
+        "sign_alg": row["sign_alg"],
+        "verifier_id": row["verifier_id"],
+        "verifier_ip": verifier_ip,
+        "verifier_port": verifier_port,
+        "severity_level": row["severity_level"],
+        "last_event_id": row["last_event_id"],
+        "attestation_count": row["attestation_count"],
+        "last_received_quote": row["last_received_quote"],
+        "last_successful_attestation": row["last_successful_attestation"],
+    }
+    if tuple(int(p) for p in version.split(".")) >= (2, 5):
+        view["enc_alg"] = _enc_alg_v25(row["enc_alg"])
+        if row["operational_state"] in _FAILED_STATES:
+            status = "FAIL"
+        elif row["attestation_count"] == 0:
+            status = "PENDING"
+        else:
+            status = "PASS"
+        view["attestation_status"] = status
+        view["attestation_period"] = f"{quote_interval:g}s"
+    return view
+
+
+# --- the app -----------------------------------------------------------------------------------------
+
+
+async def _call(hook: Hook | None, agent_id: str) -> None:
+    if hook is None:
+        return
+    result = hook(agent_id)
+    if inspect.isawaitable(result):
+        await result
+
+
+def build_app(
+    store: Store,
+    *,
+    verifier_id: str,
+    ip: str,
+    port: int,
+    trusted_client_ca: Iterable[str | os.PathLike[str]],
+    max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE,
+    quote_interval: float = 2.0,
+    initial_state: int = records.GET_QUOTE,
+    clock: Callable[[], float] = time.time,
+    on_enrolled: Hook | None = None,
+    on_deleted: Hook | None = None,
+    on_stop: Hook | None = None,
+    on_reactivate: Hook | None = None,
+) -> KeytrioApp:
+    """The verifier's HTTPS app over ``store`` (verifier_ip/port are reported in GET records)."""
+    app = make_app(
+        "keytrio-verifier",
+        versions=SERVER_VERSIONS,
+        public_routes=("/version", "/verify/*"),
+        require_client_cert=True,
+        trusted_client_ca=trusted_client_ca,
+        max_upload_size=max_upload_size,
+        version_payload=server_version_payload(),
+    )
+
+    def view(row: dict[str, Any]) -> dict[str, Any]:
+        return agent_view(
+            row, version=g.api_version, verifier_ip=ip, verifier_port=port, quote_interval=quote_interval
+        )
+
+    @app.api.route("/agents/<agent_id>", methods=("POST",))
+    async def add_agent(agent_id: str) -> Response:
+        aid = parse_agent_id(agent_id)
+        values = parse_enrolment(aid, await json_body())
+        values.update(
+            operational_state=initial_state,
+            verifier_id=verifier_id,
+            enrolled_at=clock(),
+            attestation_count=0,
+            last_received_quote=0,
+            last_successful_attestation=0,
+        )
+        try:
+            await records.add(store, values)
+        except records.DuplicateAgent:
+            raise ApiError(409, f"Agent of uuid {aid} already exists") from None
+        await _call(on_enrolled, aid)
+        return ok()
+
+    @app.api.route("/agents/<agent_id>", methods=("GET",))
+    async def get_agent(agent_id: str) -> Response:
+        aid = parse_agent_id(agent_id)
+        row = await records.get(store, aid)
+        if row is None:
+            raise ApiError(404, f"Agent {aid} not found")
+        return ok(view(row))
+
+    @app.api.route("/agents/", methods=("GET",))
+    async def list_agents() -> Response:
+        wanted = request.args.get("verifier")
+        if "bulk" in request.args:
+            rows = await records.list_all(store, wanted)
+            return ok({row["agent_id"]: view(row) for row in rows})
+        return ok({"uuids": [[aid] for aid in await records.list_ids(store, wanted)]})
+
+    @app.api.route("/agents/<agent_id>", methods=("DELETE",))
+    async def delete_agent(agent_id: str) -> Response:
+        aid = parse_agent_id(agent_id)
+        if not await records.delete(store, aid):
+            raise ApiError(404, f"Agent {aid} not found")
+        await _call(on_deleted, aid)
+        return ok()
+
+    @app.api.route("/agents/<agent_id>/stop", methods=("PUT",))
+    async def stop_agent(agent_id: str) -> Response:
+        aid = parse_agent_id(agent_id)
+        if not await records.set_state(store, aid, records.TENANT_FAILED):
+            raise ApiError(404, f"Agent {aid} not found")
+        await _call(on_stop, aid)
+        return ok()
+
+    @app.api.route("/agents/<agent_id>/reactivate", methods=("PUT",))
+    async def reactivate_agent(agent_id: str) -> Response:
+        aid = parse_agent_id(agent_id)
+        if not await records.set_state(store, aid, records.GET_QUOTE):
+            raise ApiError(404, f"Agent {aid} not found")
+        await _call(on_reactivate, aid)
+        return ok()
+
+    return app

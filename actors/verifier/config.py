@@ -1,0 +1,176 @@
+"""The verifier's configuration options (keys as upstream Keylime's where the concept is shared).
+
+File names of the TLS material are resolved against ``tls_dir`` (default ``<data_dir>/cv_ca``,
+upstream's CA directory layout); absolute paths are used as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from actors.common.config import Config, ConfigError, Option, default_config_text, load
+from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
+from actors.common.store import sqlite_url
+
+ACTOR = "verifier"
+
+
+def _database_url(value: str) -> str | None:
+    if value and "://" not in value:
+        return "must be empty (SQLite in data_dir) or a URL like sqlite:///path or postgresql://…"
+    return None
+
+
+def _verifier_id(value: str) -> str | None:
+    if not value or len(value) > 255:
+        return "must be 1-255 characters"
+    return None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("ip", "str", "127.0.0.1", "Address the HTTPS listener binds to."),
+    Option("port", "int", 8881, "HTTPS port (mTLS); 0 = any free port.", minimum=0, maximum=65535),
+    Option(
+        "data_dir",
+        "path",
+        "/var/lib/keytrio/verifier",
+        "Directory of the default SQLite database (verifier.sqlite) and of the default tls_dir.",
+    ),
+    Option(
+        "database_url",
+        "str",
+        "",
+        "SQLAlchemy URL of the database; empty = sqlite:///<data_dir>/verifier.sqlite.\n"
+        "PostgreSQL: postgresql+psycopg://user:password@host/db",
+        check=_database_url,
+    ),
+    Option("tls_dir", "path", None, "Directory of the TLS files below; empty = <data_dir>/cv_ca."),
+    Option("server_cert", "path", "server-cert.crt", "Server certificate (PEM) of the HTTPS listener."),
+    Option("server_key", "path", "server-private.pem", "Private key (PEM, unencrypted) of server_cert."),
+    Option(
+        "trusted_client_ca",
+        "list",
+        ["cacert.crt"],
+        "CA certificates (PEM files) whose client certificates may use the HTTPS API.",
+    ),
+    Option(
+        "trusted_server_ca",
+        "list",
+        ["cacert.crt"],
+        "CA certificates (PEM files) trusted when talking to agents (plus each agent's mtls_cert).",
+    ),
+    Option("client_cert", "path", "client-cert.crt", "Client certificate (PEM) presented to agents."),
+    Option("client_key", "path", "client-private.pem", "Private key (PEM, unencrypted) of client_cert."),
+    Option("verifier_id", "str", "default", "Name of this verifier (agents are listed per verifier).",
+           check=_verifier_id),
+    Option("quote_interval", "float", 2.0, "Seconds between two quotes of one agent.", minimum=0.0),
+    Option("retry_interval", "float", 2.0, "Seconds before retrying a failed agent request.", minimum=0.0),
+    Option("max_retries", "int", 10, "Retries of a failed agent request before FAILED.", minimum=0),
+    Option(
+        "exponential_backoff",
+        "bool",
+        True,
+        "With it the n-th retry waits retry_interval ** n seconds (as upstream).",
+    ),
+    Option("request_timeout", "float", 60.0, "Timeout in seconds of one request to an agent.", minimum=0.1),
+    Option(
+        "max_upload_size",
+        "int",
+        DEFAULT_MAX_UPLOAD_SIZE,
+        "Largest accepted request body in bytes (larger ones get 413).",
+        minimum=1024,
+    ),
+    Option(
+        "max_response_size",
+        "int",
+        64 << 20,
+        "Largest accepted response body from an agent in bytes (IMA lists can be large).",
+        minimum=1024,
+    ),
+    Option(
+        "max_concurrent_requests",
+        "int",
+        64,
+        "Agent requests in flight at once across all agents.",
+        minimum=1,
+    ),
+    Option("webhook_url", "str", "", "If set, revocation notices are also POSTed to this URL."),
+    Option(
+        "graceful_timeout", "float", 3.0, "Seconds in-flight requests get to finish at shutdown.", minimum=0.0
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The options with every path resolved: what the actor actually uses."""
+
+    config: Config
+    database_url: str
+    data_dir: Path
+    server_cert: Path
+    server_key: Path
+    trusted_client_ca: tuple[Path, ...]
+    trusted_server_ca: tuple[Path, ...]
+    client_cert: Path
+    client_key: Path
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults < TOML file < ``KEYTRIO_VERIFIER_*`` environment < ``overrides``."""
+    return load(ACTOR, OPTIONS, path, env=env, overrides=overrides)
+
+
+def default_config() -> str:
+    """The commented default configuration (``keytrio verifier --print-default-config``)."""
+    return default_config_text(ACTOR, OPTIONS, "continuous attestation of enrolled agents")
+
+
+def resolve(config: Config) -> Settings:
+    """Resolve paths and cross-check options; raises ConfigError listing every problem."""
+    data_dir = Path(config.data_dir)
+    tls_dir = Path(config.tls_dir) if config.tls_dir is not None else data_dir / "cv_ca"
+
+    def in_tls_dir(p: Any) -> Path:
+        p = Path(p)
+        return p if p.is_absolute() else tls_dir / p
+
+    problems: list[str] = []
+    files = {
+        name: in_tls_dir(config[name]) for name in ("server_cert", "server_key", "client_cert", "client_key")
+    }
+    for name, p in files.items():
+        if not p.is_file():
+            problems.append(f"{name}: no such file {p}")
+    cas: dict[str, tuple[Path, ...]] = {}
+    for name in ("trusted_client_ca", "trusted_server_ca"):
+        cas[name] = tuple(in_tls_dir(p) for p in config[name])
+        if not cas[name]:
+            problems.append(f"{name}: at least one CA is needed")
+        for p in cas[name]:
+            if not p.is_file():
+                problems.append(f"{name}: no such file {p}")
+    if config.webhook_url and not str(config.webhook_url).startswith(("http://", "https://")):
+        problems.append("webhook_url: must be an http:// or https:// URL (or empty)")
+    if problems:
+        raise ConfigError(problems)
+    url = config.database_url or sqlite_url(data_dir / "verifier.sqlite")
+    return Settings(
+        config,
+        url,
+        data_dir,
+        files["server_cert"],
+        files["server_key"],
+        cas["trusted_client_ca"],
+        cas["trusted_server_ca"],
+        files["client_cert"],
+        files["client_key"],
+    )

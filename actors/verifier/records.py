@@ -1,0 +1,171 @@
+"""Store access for the verifier's agent table (schema.py); every write is one committed transaction.
+
+Rows come back as plain dicts (column name -> value; JSON columns still as text: callers decode).
+Functions that address one agent return False/None when it does not exist, so a monitor racing a
+DELETE simply finds its row gone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from actors.common.store import Store
+from actors.verifier.schema import agents
+
+# Operational states (upstream keylime/common/states.py)
+REGISTERED = 0
+START = 1
+SAVED = 2
+GET_QUOTE = 3
+GET_QUOTE_RETRY = 4
+PROVIDE_V = 5
+PROVIDE_V_RETRY = 6
+FAILED = 7
+TERMINATED = 8
+INVALID_QUOTE = 9
+TENANT_FAILED = 10
+
+
+class DuplicateAgent(Exception):
+    """An agent with this id is already enrolled."""
+
+
+def _where(agent_id: str) -> Any:
+    return agents.c.agent_id == agent_id
+
+
+def _one(conn: Connection, agent_id: str) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(agents).where(_where(agent_id))).mappings().first()
+    return dict(row) if row is not None else None
+
+
+async def add(store: Store, values: dict[str, Any]) -> None:
+    """Insert a new enrolment (``values`` = column values incl. agent_id); DuplicateAgent if known."""
+
+    def txn(conn: Connection) -> bool:
+        if _one(conn, values["agent_id"]) is not None:
+            return False
+        conn.execute(sa.insert(agents).values(**values))
+        return True
+
+    try:
+        inserted = await store.write(txn)
+    except sa.exc.IntegrityError:  # a concurrent enrolment of the same id won the race
+        raise DuplicateAgent(values["agent_id"]) from None
+    if not inserted:
+        raise DuplicateAgent(values["agent_id"])
+
+
+async def get(store: Store, agent_id: str) -> dict[str, Any] | None:
+    return await store.read(lambda conn: _one(conn, agent_id))
+
+
+async def list_ids(store: Store, verifier_id: str | None = None) -> list[str]:
+    """Agent ids (sorted), of one verifier if ``verifier_id`` is given."""
+
+    def q(conn: Connection) -> list[str]:
+        stmt = sa.select(agents.c.agent_id).order_by(agents.c.agent_id)
+        if verifier_id is not None:
+            stmt = stmt.where(agents.c.verifier_id == verifier_id)
+        return [r[0] for r in conn.execute(stmt)]
+
+    return await store.read(q)
+
+
+async def list_all(store: Store, verifier_id: str | None = None) -> list[dict[str, Any]]:
+    """Full rows (sorted by id), of one verifier if ``verifier_id`` is given."""
+
+    def q(conn: Connection) -> list[dict[str, Any]]:
+        stmt = sa.select(agents).order_by(agents.c.agent_id)
+        if verifier_id is not None:
+            stmt = stmt.where(agents.c.verifier_id == verifier_id)
+        return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    return await store.read(q)
+
+
+async def delete(store: Store, agent_id: str) -> bool:
+    def txn(conn: Connection) -> int:
+        return conn.execute(sa.delete(agents).where(_where(agent_id))).rowcount
+
+    return bool(await store.write(txn))
+
+
+async def update(store: Store, agent_id: str, **values: Any) -> bool:
+    """Set columns of one agent; False if it is not enrolled (any more)."""
+
+    def txn(conn: Connection) -> int:
+        return conn.execute(sa.update(agents).where(_where(agent_id)).values(**values)).rowcount
+
+    return bool(await store.write(txn))
+
+
+async def set_state(store: Store, agent_id: str, state: int, **values: Any) -> bool:
+    return await update(store, agent_id, operational_state=state, **values)
+
+
+async def record_success(
+    store: Store,
+    agent_id: str,
+    *,
+    now: float,
+    hash_alg: str | None = None,
+    enc_alg: str | None = None,
+    sign_alg: str | None = None,
+    next_ima_ml_entry: int | None = None,
+    ima_pcr10: dict[str, str] | None = None,
+    boottime: int | None = None,
+    clock_info: dict[str, Any] | None = None,
+    state: int | None = None,
+) -> bool:
+    """A quote verified: count it and keep the monitor's progress (None = leave unchanged)."""
+    values: dict[str, Any] = {
+        "attestation_count": agents.c.attestation_count + 1,
+        "last_received_quote": int(now),
+        "last_successful_attestation": int(now),
+    }
+    optional = {
+        "hash_alg": hash_alg,
+        "enc_alg": enc_alg,
+        "sign_alg": sign_alg,
+        "next_ima_ml_entry": next_ima_ml_entry,
+        "ima_pcr10": json.dumps(ima_pcr10, sort_keys=True) if ima_pcr10 is not None else None,
+        "boottime": boottime,
+        "tpm_clock_info": json.dumps(clock_info, sort_keys=True) if clock_info is not None else None,
+        "operational_state": state,
+    }
+    values.update({k: v for k, v in optional.items() if v is not None})
+    return await update(store, agent_id, **values)
+
+
+async def record_failure(
+    store: Store,
+    agent_id: str,
+    *,
+    state: int,
+    event_id: str,
+    severity_level: int,
+    received_at: float | None = None,
+) -> bool:
+    """An attestation failed (policy or communication): new state and the worst event so far.
+
+    ``received_at`` is given when a quote did arrive (it counts as last_received_quote).
+    """
+
+    def txn(conn: Connection) -> int:
+        row = _one(conn, agent_id)
+        if row is None:
+            return 0
+        values: dict[str, Any] = {"operational_state": state}
+        # severity_level/last_event_id reflect the worst event seen (upstream keeps the highest)
+        if row["severity_level"] is None or severity_level >= row["severity_level"]:
+            values.update(severity_level=severity_level, last_event_id=event_id)
+        if received_at is not None:
+            values["last_received_quote"] = int(received_at)
+        return conn.execute(sa.update(agents).where(_where(agent_id)).values(**values)).rowcount
+
+    return bool(await store.write(txn))

@@ -1,0 +1,58 @@
+"""The verifier's table: one row per enrolled agent.
+
+Enrolment columns hold what the tenant POSTed (texts as sent, so GET can echo them; JSON lists
+as JSON text). Status columns are written by the monitor (actors/verifier/attest.py) through
+records.py. Timestamps are wall-clock epoch seconds (ints, as upstream reports them); 0 = never.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+agents = sa.Table(
+    "verifier_agents",
+    metadata,
+    sa.Column("agent_id", sa.String(255), primary_key=True),
+    # --- enrolment (POST /v2.x/agents/{uuid}) ---
+    sa.Column("v", sa.Text, nullable=True),  # base64 of 32 bytes
+    sa.Column("ip", sa.String(255), nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("tpm_policy", sa.Text, nullable=False),  # JSON text: {"<pcr>": [hex, ...], "mask": "0x…"}
+    sa.Column("runtime_policy", sa.Text, nullable=False, default=""),  # base64, may be empty
+    sa.Column("runtime_policy_name", sa.String(255), nullable=True),
+    sa.Column("runtime_policy_key", sa.Text, nullable=True),
+    sa.Column("mb_policy", sa.Text, nullable=True),
+    sa.Column("mb_policy_name", sa.String(255), nullable=True),
+    sa.Column("ima_sign_verification_keys", sa.Text, nullable=True),
+    sa.Column("meta_data", sa.Text, nullable=False, default="{}"),
+    sa.Column("revocation_key", sa.Text, nullable=True),  # PEM private key, signs notices
+    sa.Column("accept_tpm_hash_algs", sa.Text, nullable=False),  # JSON list
+    sa.Column("accept_tpm_encryption_algs", sa.Text, nullable=False),  # JSON list
+    sa.Column("accept_tpm_signing_algs", sa.Text, nullable=False),  # JSON list
+    sa.Column("ak_tpm", sa.Text, nullable=False),  # base64 TPM2B_PUBLIC
+    sa.Column("mtls_cert", sa.Text, nullable=True),  # PEM of the agent's server cert (pinned)
+    sa.Column("supported_version", sa.String(16), nullable=False),
+    sa.Column("enrolled_at", sa.Float, nullable=False),
+    # --- status ---
+    sa.Column("operational_state", sa.Integer, nullable=False),
+    sa.Column("verifier_id", sa.String(255), nullable=False),
+    sa.Column("severity_level", sa.Integer, nullable=True),
+    sa.Column("last_event_id", sa.String(255), nullable=True),
+    sa.Column("attestation_count", sa.Integer, nullable=False, default=0),
+    sa.Column("last_received_quote", sa.Integer, nullable=False, default=0),
+    sa.Column("last_successful_attestation", sa.Integer, nullable=False, default=0),
+    sa.Column("hash_alg", sa.String(32), nullable=False, default=""),
+    sa.Column("enc_alg", sa.String(32), nullable=False, default=""),
+    sa.Column("sign_alg", sa.String(32), nullable=False, default=""),
+    sa.Column("v_delivered", sa.Boolean, nullable=False, default=False),
+    # IMA progress: the next measurement-list line to ask for, and PCR 10 replayed so far per
+    # bank ({"sha256": hex, ...}) so a partial list continues where the last quote ended
+    sa.Column("next_ima_ml_entry", sa.Integer, nullable=False, default=0),
+    sa.Column("ima_pcr10", sa.Text, nullable=False, default="{}"),
+    sa.Column("boottime", sa.Integer, nullable=True),
+    # the last good quote's TPMS_CLOCK_INFO: {"clock", "resetCount", "restartCount", "safe"}
+    sa.Column("tpm_clock_info", sa.Text, nullable=True),
+    sa.Index("ix_verifier_agents_verifier_id", "verifier_id"),
+)
