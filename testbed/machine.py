@@ -1,0 +1,228 @@
+"""A simulated machine: its own swtpm, a boot that really extends PCRs 0-7, an IMA log, an agent.
+
+Lifecycle (structured): ``await nursery.start(machine.run)`` provisions and starts the TPM,
+boots (boot event log + boot_aggregate), starts the agent and returns once it serves; cancelling
+``run`` stops the agent and the TPM cleanly. Operations while it runs: :meth:`measure`,
+:meth:`extend`, :meth:`stop_agent` / :meth:`start_agent`, :meth:`reboot`.
+
+swtpm serves one client connection at a time, so while the agent runs every extend goes
+through the agent's own TPM handle; while it is stopped the machine opens the TPM itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from actors.agent.actor import Agent, AgentInfo
+from actors.agent.tpm import Tpm
+from testbed import boot_log
+from testbed.ima_log import FILE_NAME, ImaLog
+from testbed.pki import CaFiles
+from testbed.swtpm import Swtpm, swtpm_running
+
+#: First boot time of every machine (epoch seconds); each reboot adds a deterministic amount.
+BASE_BOOTTIME = 1_767_225_600
+
+
+class Machine:
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        ca: CaFiles,
+        *,
+        registrar: tuple[str, int] | None = None,
+        banks: Sequence[str] = ("sha1", "sha256"),
+        seed: int = 0,
+        swtpm_ca_dir: Path | None = None,
+        **agent_options: Any,
+    ) -> None:
+        self.name = name
+        self.dir = Path(root) / name
+        self.ca = ca
+        self.registrar = registrar
+        self.banks = tuple(banks)
+        self.rng = random.Random(f"{seed}:{name}")
+        self.swtpm_ca_dir = swtpm_ca_dir
+        self.agent_options = agent_options
+        self.boots = 0
+        self.swtpm: Swtpm | None = None
+        self.agent: Agent | None = None
+        self.info: AgentInfo | None = None
+        self.ima: ImaLog | None = None
+        self._port = int(agent_options.pop("port", 0))
+        self._nursery: trio.Nursery | None = None
+        self._agent_scope: trio.CancelScope | None = None
+        self._agent_done: trio.Event | None = None
+        self._boot_tpm: Tpm | None = None  # the TPM handle used while booting (no agent yet)
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    @property
+    def ima_path(self) -> Path:
+        return self.dir / FILE_NAME
+
+    @property
+    def boot_log_path(self) -> Path:
+        return self.dir / "binary_bios_measurements"
+
+    @property
+    def boottime_path(self) -> Path:
+        return self.dir / "boottime"
+
+    @property
+    def actions_dir(self) -> Path:
+        return self.dir / "revocation-actions"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self.info is None:
+            raise RuntimeError(f"machine {self.name}: agent not running")
+        return self.info.address
+
+    @property
+    def agent_id(self) -> str:
+        if self.info is None:
+            raise RuntimeError(f"machine {self.name}: agent never started")
+        return self.info.agent_id
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Machine] = trio.TASK_STATUS_IGNORED) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        async with swtpm_running(self.dir / "tpm", banks=self.banks, ca_dir=self.swtpm_ca_dir) as sw:
+            self.swtpm = sw
+            try:
+                await self._boot()
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await self.start_agent()
+                    task_status.started(self)
+                    await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.stop_agent()
+                self._nursery = None
+
+    async def _boot(self) -> None:
+        """Extend PCRs 0-7 from the boot log, start a fresh IMA log, set a new boot time."""
+        self.boots += 1
+        self.boottime_path.write_text(f"{BASE_BOOTTIME + 1000 * self.boots + self.rng.randrange(100)}\n")
+        self.boot_log_path.write_bytes(boot_log.build(self.banks))
+        assert self.swtpm is not None
+        async with await Tpm.open(self.swtpm.tcti) as tpm:
+            for pcr, digests in boot_log.events(self.banks):
+                await tpm.extend(pcr, digests)
+            boot_pcrs = {b: await tpm.read_pcrs(b, range(10)) for b in self.banks}
+            self.ima = ImaLog(self.ima_path, self.extend, self.banks)
+            self._boot_tpm = tpm
+            try:
+                await self.ima.boot_aggregate(boot_pcrs)
+            finally:
+                self._boot_tpm = None
+
+    def _agent_config(self) -> dict[str, Any]:
+        self.actions_dir.mkdir(parents=True, exist_ok=True)
+        opts: dict[str, Any] = {
+            "tcti": self.swtpm.tcti if self.swtpm else "",
+            "ip": "127.0.0.1",
+            "port": self._port,
+            "data_dir": str(self.dir / "agent-data"),
+            "trusted_client_ca": [str(self.ca.ca)],
+            "boottime_source": str(self.boottime_path),
+            "ima_ml_path": str(self.ima_path),
+            "measuredboot_ml_path": str(self.boot_log_path),
+            "revocation_actions_dir": str(self.actions_dir),
+            "secure_mount": "never",
+            "tpm_hash_alg": "sha256",
+        }
+        if self.registrar is not None:
+            opts["registrar_ip"], opts["registrar_port"] = self.registrar
+        opts.update(self.agent_options)
+        return opts
+
+    async def start_agent(self) -> AgentInfo:
+        """Start the agent (it binds PCR 16 and registers); keeps the port across restarts."""
+        if self._nursery is None:
+            raise RuntimeError(f"machine {self.name} is not running")
+        if self._agent_scope is not None:
+            raise RuntimeError(f"machine {self.name}: agent already running")
+        agent = Agent.from_options(**self._agent_config())
+        scope, done = trio.CancelScope(), trio.Event()
+
+        async def run_agent(task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with scope:
+                    await agent.run(task_status=task_status)
+            finally:
+                done.set()
+
+        self._agent_scope, self._agent_done = scope, done
+        try:
+            _host, port = await self._nursery.start(run_agent)
+        except BaseException:
+            self._agent_scope = self._agent_done = None
+            raise
+        self._port = port
+        self.agent, self.info = agent, agent.info
+        return agent.info  # type: ignore[return-value]
+
+    async def stop_agent(self) -> None:
+        """Stop the agent process (its TPM connection closes); the machine keeps running."""
+        scope, done = self._agent_scope, self._agent_done
+        if scope is None or done is None:
+            return
+        scope.cancel()
+        await done.wait()
+        self._agent_scope = self._agent_done = None
+        self.agent = None
+
+    @property
+    def agent_running(self) -> bool:
+        return self._agent_scope is not None
+
+    async def reboot(self) -> None:
+        """Agent down, TPM2_Shutdown + restart (PCRs reset, resetCount + 1), boot again, agent up."""
+        await self.stop_agent()
+        assert self.swtpm is not None
+        await self.swtpm.restart()
+        await self._boot()
+        await self.start_agent()
+
+    # -- measurements ---------------------------------------------------------------------------
+
+    async def extend(self, pcr: int, digests: dict[str, bytes]) -> None:
+        if self._boot_tpm is not None:
+            await self._boot_tpm.extend(pcr, digests)
+        elif self.agent is not None and self.agent.tpm is not None:
+            await self.agent.tpm.extend(pcr, digests)
+        else:
+            assert self.swtpm is not None
+            async with await Tpm.open(self.swtpm.tcti) as tpm:
+                await tpm.extend(pcr, digests)
+
+    async def extend_data(self, pcr: int, data: bytes) -> None:
+        """Extend ``pcr`` in every bank with H_bank(data) (e.g. to change a policy PCR)."""
+        await self.extend(pcr, {b: hashlib.new(b, data).digest() for b in self.banks})
+
+    async def measure(self, path: str, content: bytes | None = None) -> bytes:
+        """Record a file measurement in the IMA log (then PCR 10); returns the content measured."""
+        if self.ima is None:
+            raise RuntimeError("not booted")
+        if content is None:
+            content = self.rng.randbytes(64)
+        await self.ima.measure(path, content)
+        return content
+
+    async def read_pcrs(self, bank: str, pcrs: Sequence[int]) -> dict[int, bytes]:
+        if self.agent is not None and self.agent.tpm is not None:
+            return await self.agent.tpm.read_pcrs(bank, pcrs)
+        assert self.swtpm is not None
+        async with await Tpm.open(self.swtpm.tcti) as tpm:
+            return await tpm.read_pcrs(bank, pcrs)
