@@ -23,6 +23,7 @@ from actors.agent.actor import Agent, AgentInfo
 from actors.agent.tpm import Tpm
 from testbed import boot_log
 from testbed.ima_log import FILE_NAME, ImaLog
+from testbed.netproxy import Mode, NetProxy
 from testbed.pki import CaFiles
 from testbed.swtpm import Swtpm, swtpm_running
 
@@ -41,6 +42,7 @@ class Machine:
         banks: Sequence[str] = ("sha1", "sha256"),
         seed: int = 0,
         swtpm_ca_dir: Path | None = None,
+        proxy: bool = False,
         **agent_options: Any,
     ) -> None:
         self.name = name
@@ -51,6 +53,9 @@ class Machine:
         self.rng = random.Random(f"{seed}:{name}")
         self.swtpm_ca_dir = swtpm_ca_dir
         self.agent_options = agent_options
+        # With a proxy, peers learn the proxy's port as the agent's contact port, so the
+        # testbed can cut the machine's network (refuse / blackhole) and restore it.
+        self.proxy: NetProxy | None = NetProxy() if proxy else None
         self.boots = 0
         self.swtpm: Swtpm | None = None
         self.agent: Agent | None = None
@@ -102,6 +107,8 @@ class Machine:
                 await self._boot()
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    if self.proxy is not None:
+                        await nursery.start(self.proxy.run)
                     await self.start_agent()
                     task_status.started(self)
                     await trio.sleep_forever()
@@ -144,6 +151,8 @@ class Machine:
         }
         if self.registrar is not None:
             opts["registrar_ip"], opts["registrar_port"] = self.registrar
+        if self.proxy is not None:
+            opts["contact_ip"], opts["contact_port"] = "127.0.0.1", self.proxy.port
         opts.update(self.agent_options)
         return opts
 
@@ -170,6 +179,8 @@ class Machine:
             self._agent_scope = self._agent_done = None
             raise
         self._port = port
+        if self.proxy is not None:
+            self.proxy.target = ("127.0.0.1", port)
         self.agent, self.info = agent, agent.info
         return agent.info  # type: ignore[return-value]
 
@@ -182,6 +193,23 @@ class Machine:
         await done.wait()
         self._agent_scope = self._agent_done = None
         self.agent = None
+
+    def cut_network(self, mode: Mode = "refuse") -> None:
+        """Peers can no longer reach the agent: connections refused, or never answered."""
+        if self.proxy is None:
+            raise RuntimeError(f"machine {self.name} has no proxy (Machine(..., proxy=True))")
+        self.proxy.set_mode(mode)
+
+    def restore_network(self) -> None:
+        if self.proxy is not None:
+            self.proxy.set_mode("pass")
+
+    @property
+    def contact(self) -> tuple[str, int]:
+        """The address peers use: the proxy's when there is one, else the agent's."""
+        if self.proxy is not None:
+            return ("127.0.0.1", self.proxy.port)
+        return self.address
 
     @property
     def agent_running(self) -> bool:

@@ -70,3 +70,28 @@ async def test_machine_boot_register_measure_reboot(tmp_path: Path, swtpm_ca_dir
         entries = ima.parse_list(m.ima_path.read_text())
         assert ima.replay(entries, "sha256") == (await m.read_pcrs("sha256", [10]))[10]
         nursery.cancel_scope.cancel()
+
+
+async def test_machine_behind_proxy_registers_proxy_port(tmp_path: Path, swtpm_ca_dir: Path):
+    import httpx
+
+    from actors.common import tls
+
+    ca = make_cv_ca(tmp_path / "cv_ca")
+    registrar = _registrar(tmp_path, ca)
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(registrar.run)
+        m = Machine("m2", tmp_path, ca, registrar=addrs.http, swtpm_ca_dir=swtpm_ca_dir, proxy=True)
+        await nursery.start(m.run)
+        rec = await registrar.service.get(m.agent_id)
+        assert rec["port"] == m.contact[1] != m.address[1]
+        ctx = tls.client_context([ca.ca], ca.client_cert, ca.client_key, pinned_server_cert_pem=m.info.mtls_cert)
+        url = "https://{}:{}/version".format(*m.contact)
+        async with httpx.AsyncClient(verify=ctx, timeout=2) as client:
+            assert (await client.get(url)).status_code == 200
+            m.cut_network("refuse")
+            with pytest.raises(httpx.TransportError):
+                await client.get(url)
+            m.restore_network()
+            assert (await client.get(url)).status_code == 200
+        nursery.cancel_scope.cancel()
