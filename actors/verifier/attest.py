@@ -141,7 +141,14 @@ def quote_mask(target: AgentTarget) -> str:
 # --- one round -----------------------------------------------------------------------------------
 
 
-async def fetch_quote(client: httpx.AsyncClient, target: AgentTarget, state: AttestState, nonce: str) -> dict:
+async def fetch_quote(
+    client: httpx.AsyncClient,
+    target: AgentTarget,
+    state: AttestState,
+    nonce: str,
+    *,
+    max_response_bytes: int = MAX_QUOTE_RESPONSE_BYTES,
+) -> dict:
     """GET quotes/integrity; partial=0 until we hold the agent's NK (we need its pubkey)."""
     partial = "1" if state.nk_pem is not None else "0"
     params = {
@@ -155,7 +162,7 @@ async def fetch_quote(client: httpx.AsyncClient, target: AgentTarget, state: Att
         "GET",
         target.base_url + "/quotes/integrity",
         params=params,
-        max_response_bytes=MAX_QUOTE_RESPONSE_BYTES,
+        max_response_bytes=max_response_bytes,
     )
     return reply.results
 
@@ -279,10 +286,16 @@ def evaluate(target: AgentTarget, state: AttestState, reply: object, nonce: str)
     return fails
 
 
-async def attest_once(client: httpx.AsyncClient, target: AgentTarget, state: AttestState) -> list[Failure]:
+async def attest_once(
+    client: httpx.AsyncClient,
+    target: AgentTarget,
+    state: AttestState,
+    *,
+    max_response_bytes: int = MAX_QUOTE_RESPONSE_BYTES,
+) -> list[Failure]:
     """One poll: fresh nonce, fetch, evaluate. Communication errors propagate to the monitor."""
     nonce = new_nonce()
-    reply = await fetch_quote(client, target, state, nonce)
+    reply = await fetch_quote(client, target, state, nonce, max_response_bytes=max_response_bytes)
     return evaluate(target, state, reply, nonce)
 
 

@@ -8,6 +8,7 @@ DELETE simply finds its row gone.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Any
 
 import sqlalchemy as sa
@@ -108,6 +109,24 @@ async def set_state(store: Store, agent_id: str, state: int, **values: Any) -> b
     return await update(store, agent_id, operational_state=state, **values)
 
 
+def _guard(agent_id: str, only_in_states: Collection[int] | None) -> Any:
+    # A monitor's write must not undo a concurrent tenant action (stop -> 10, delete): its
+    # writes apply only while the row is still in a state the monitor owns.
+    cond = _where(agent_id)
+    if only_in_states is not None:
+        cond = sa.and_(cond, agents.c.operational_state.in_(list(only_in_states)))
+    return cond
+
+
+async def update_if_state(store: Store, agent_id: str, only_in_states: Collection[int], **values: Any) -> bool:
+    """Like :func:`update`, but only while the agent's state is one of ``only_in_states``."""
+
+    def txn(conn: Connection) -> int:
+        return conn.execute(sa.update(agents).where(_guard(agent_id, only_in_states)).values(**values)).rowcount
+
+    return bool(await store.write(txn))
+
+
 async def record_success(
     store: Store,
     agent_id: str,
@@ -121,8 +140,12 @@ async def record_success(
     boottime: int | None = None,
     clock_info: dict[str, Any] | None = None,
     state: int | None = None,
+    only_in_states: Collection[int] | None = None,
 ) -> bool:
-    """A quote verified: count it and keep the monitor's progress (None = leave unchanged)."""
+    """A quote verified: count it and keep the monitor's progress (None = leave unchanged).
+
+    ``only_in_states``: write nothing (return False) unless the row is in one of these states.
+    """
     values: dict[str, Any] = {
         "attestation_count": agents.c.attestation_count + 1,
         "last_received_quote": int(now),
@@ -139,7 +162,11 @@ async def record_success(
         "operational_state": state,
     }
     values.update({k: v for k, v in optional.items() if v is not None})
-    return await update(store, agent_id, **values)
+
+    def txn(conn: Connection) -> int:
+        return conn.execute(sa.update(agents).where(_guard(agent_id, only_in_states)).values(**values)).rowcount
+
+    return bool(await store.write(txn))
 
 
 async def record_failure(
@@ -150,6 +177,7 @@ async def record_failure(
     event_id: str,
     severity_level: int,
     received_at: float | None = None,
+    only_in_states: Collection[int] | None = None,
 ) -> bool:
     """An attestation failed (policy or communication): new state and the worst event so far.
 
@@ -158,7 +186,7 @@ async def record_failure(
 
     def txn(conn: Connection) -> int:
         row = _one(conn, agent_id)
-        if row is None:
+        if row is None or (only_in_states is not None and row["operational_state"] not in only_in_states):
             return 0
         values: dict[str, Any] = {"operational_state": state}
         # severity_level/last_event_id reflect the worst event seen (upstream keeps the highest)

@@ -1,0 +1,368 @@
+"""The verifier's attestation monitors: one task per enrolled agent, each in its own cancel scope.
+
+:class:`MonitorSet` (owned by the Verifier actor, living in its nursery) starts and stops them;
+the REST hooks call it after the store committed (enrol -> start, stop/delete -> stop at once,
+reactivate -> reset progress + start).
+
+One monitor (PROTOCOL.md "Polling"):
+
+    loop: attest.attest_once (partial=0 until the NK is known, then partial=1)
+          -> good: records.record_success; first good quote with V not yet delivered:
+                   PROVIDE_V (5) -> POST keys/vkey -> GET_QUOTE (3); then sleep quote_interval
+          -> failures: record the worst, INVALID_QUOTE (9), notice, end
+          -> CommunicationError / HTTP 408/500/599: GET_QUOTE_RETRY (4) (PROVIDE_V_RETRY (6) while
+             delivering V), sleep retry_delay(n), after max_retries: FAILED (7) + notice, end;
+             a good answer in a retry state returns to GET_QUOTE
+          -> any other HTTP status or a malformed/oversized reply: FAILED (7) at once + notice
+
+Event ids of verifier-side failures (the quote checks name their own, protocol/quote_check.py):
+
+* ``comm_error`` - the agent stayed unreachable through max_retries (context: kind, attempts);
+* ``comm_error.http_status`` - a non-retryable HTTP status (context: status);
+* ``comm_error.malformed_response`` - not an envelope / not JSON / over max_response_size;
+* ``verifier.internal_error`` - an unexpected exception inside a monitor (a verifier bug or a
+  corrupt record). Fail closed: the agent goes FAILED and the notice goes out, the other
+  monitors carry on.
+
+V delivery is at-least-once: ``v_delivered`` is set in the same write that returns the agent to
+GET_QUOTE after the agent acknowledged V; a verifier stopping between the two re-sends V after a
+restart, which the agent treats as the same half again (K = U xor V is unchanged). A reactivate
+clears ``v_delivered`` (a restarted agent lost its K; upstream also re-provides V then).
+
+Resuming: the TPM clock info, the next IMA entry, boottime and the algorithms come from the
+stored row, so a verifier restart continues the clock checks and the IMA tail (partial=0 once,
+for the NK, but with ``ima_ml_entry`` = the stored progress: no full re-read of the IMA log).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import trio
+
+from actors.common.client import (
+    CommunicationError,
+    HttpError,
+    MalformedResponse,
+    is_retryable,
+    make_client,
+    retry_delay,
+)
+from actors.common.store import Store
+from actors.verifier import attest, records
+from actors.verifier.attest import AgentTarget, AttestState, ImaCheck
+from actors.verifier.notify import Notifier, build_notice
+from protocol import tpm2
+from protocol.errors import ProtocolError
+from protocol.failures import Failure, Severity, worst
+from protocol.quote import ClockInfo
+
+log = logging.getLogger("keytrio.verifier")
+
+#: states in which an agent is polled (a monitor only writes while its agent is in one of them)
+ACTIVE_STATES = frozenset(
+    {records.START, records.GET_QUOTE, records.GET_QUOTE_RETRY, records.PROVIDE_V, records.PROVIDE_V_RETRY}
+)
+
+COMM_ERROR = "comm_error"
+COMM_HTTP_STATUS = "comm_error.http_status"
+COMM_MALFORMED = "comm_error.malformed_response"
+INTERNAL_ERROR = "verifier.internal_error"
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    quote_interval: float = 2.0
+    retry_interval: float = 2.0
+    max_retries: int = 10
+    exponential_backoff: bool = True
+    request_timeout: float = 60.0
+    max_response_size: int = 64 << 20
+    keepalive_expiry: float = 4.0
+
+
+#: agent row -> client SSL context (CA + pinned mtls_cert + our client cert)
+ContextFactory = Callable[[dict[str, Any]], ssl.SSLContext]
+#: agent row -> the IMA hook for it (None: PCR 10 not checked); filled by the IMA issue
+ImaCheckFactory = Callable[[dict[str, Any]], ImaCheck | None]
+
+
+class _Ended(Exception):
+    """The monitor's agent reached a final state (or vanished); stop quietly."""
+
+
+def target_from_row(row: dict[str, Any], ima_check: ImaCheck | None = None) -> AgentTarget:
+    """Parse a stored enrolment once (ValueError/ProtocolError on a corrupt row)."""
+    return AgentTarget(
+        agent_id=row["agent_id"],
+        ip=row["ip"],
+        port=int(row["port"]),
+        mtls_cert=row["mtls_cert"] or "",
+        ak=tpm2.ak_key(base64.b64decode(row["ak_tpm"], validate=True)),
+        tpm_policy=json.loads(row["tpm_policy"]),
+        accept_tpm_hash_algs=json.loads(row["accept_tpm_hash_algs"]),
+        accept_tpm_signing_algs=json.loads(row["accept_tpm_signing_algs"]),
+        accept_tpm_encryption_algs=json.loads(row["accept_tpm_encryption_algs"]),
+        supported_version=row["supported_version"],
+        ima_check=ima_check,
+    )
+
+
+def state_from_row(row: dict[str, Any]) -> AttestState:
+    """The progress a previous monitor (maybe of a previous verifier process) left behind."""
+    clock: ClockInfo | None = None
+    if row.get("tpm_clock_info"):
+        try:
+            clock = ClockInfo.from_json(json.loads(row["tpm_clock_info"]))
+        except (ValueError, ProtocolError):
+            log.warning("agent=%s event=bad_stored_clock_info ignored", row["agent_id"])
+    return AttestState(
+        clock=clock,
+        ima_ml_entry=int(row.get("next_ima_ml_entry") or 0),
+        boottime=row.get("boottime"),
+        hash_alg=row.get("hash_alg") or None,
+        enc_alg=row.get("enc_alg") or None,
+        sign_alg=row.get("sign_alg") or None,
+        attestation_count=int(row.get("attestation_count") or 0),
+    )
+
+
+class MonitorSet:
+    """The monitors of one verifier: ``start(agent_id)``, ``stop(agent_id)``, ``running``."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        nursery: trio.Nursery,
+        settings: MonitorSettings,
+        context_for: ContextFactory,
+        notifier: Notifier,
+        max_concurrent_requests: int = 64,
+        clock: Callable[[], float] = time.time,
+        ima_check_for: ImaCheckFactory | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self._nursery = nursery
+        self._context_for = context_for
+        self._notifier = notifier
+        self._limiter = trio.CapacityLimiter(max_concurrent_requests)
+        self._clock = clock
+        self._ima_check_for = ima_check_for
+        self._scopes: dict[str, trio.CancelScope] = {}
+
+    @property
+    def running(self) -> set[str]:
+        return set(self._scopes)
+
+    def start(self, agent_id: str) -> None:
+        """(Re)start the monitor of ``agent_id``; an existing one is cancelled first."""
+        self.stop(agent_id)
+        scope = trio.CancelScope()
+        self._scopes[agent_id] = scope
+        self._nursery.start_soon(self._guarded, agent_id, scope)
+
+    def stop(self, agent_id: str) -> None:
+        """Cancel the monitor at once: it sends no further request to the agent."""
+        scope = self._scopes.pop(agent_id, None)
+        if scope is not None:
+            scope.cancel()
+
+    def stop_all(self) -> None:
+        for aid in list(self._scopes):
+            self.stop(aid)
+
+    async def reactivate(self, agent_id: str) -> None:
+        """PUT reactivate: fresh start (NK, IMA from entry 0, clock, V re-delivered), then start."""
+        self.stop(agent_id)
+        await records.update(
+            self.store, agent_id, v_delivered=False, next_ima_ml_entry=0, ima_pcr10="{}", tpm_clock_info=None
+        )
+        self.start(agent_id)
+
+    async def _guarded(self, agent_id: str, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                try:
+                    await Monitor(self, agent_id).run()
+                except _Ended:
+                    pass
+                except Exception as exc:  # nothing one agent causes may reach the nursery
+                    log.exception("agent=%s event=%s", agent_id, INTERNAL_ERROR)
+                    await self._internal_failure(agent_id, exc)
+        finally:
+            if self._scopes.get(agent_id) is scope:
+                del self._scopes[agent_id]
+
+    async def _internal_failure(self, agent_id: str, exc: Exception) -> None:
+        failure = Failure(INTERNAL_ERROR, {"message": "monitor error", "error": type(exc).__name__},
+                          Severity.CRITICAL)
+        try:
+            await fail(self, agent_id, records.FAILED, failure)
+        except Exception:  # the store itself is broken: logged, the verifier carries on
+            log.exception("agent=%s event=record_failure_failed", agent_id)
+
+    # used by Monitor
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        return self._limiter
+
+    def context_for(self, row: dict[str, Any]) -> ssl.SSLContext:
+        return self._context_for(row)
+
+    def ima_check_for(self, row: dict[str, Any]) -> ImaCheck | None:
+        return self._ima_check_for(row) if self._ima_check_for is not None else None
+
+    def now(self) -> float:
+        return self._clock()
+
+    @property
+    def notifier(self) -> Notifier:
+        return self._notifier
+
+
+async def fail(ms: MonitorSet, agent_id: str, state: int, failure: Failure, *, received: bool = False) -> None:
+    """Record ``failure`` (state + worst event) and publish a notice, unless a tenant action won."""
+    now = ms.now()
+    written = await records.record_failure(
+        ms.store,
+        agent_id,
+        state=state,
+        event_id=failure.event_id,
+        severity_level=int(failure.severity),
+        received_at=now if received else None,
+        only_in_states=ACTIVE_STATES,
+    )
+    if not written:  # stopped or deleted meanwhile: the tenant's action stands, no notice
+        return
+    log.warning("agent=%s event=%s state=%d severity=%s", agent_id, failure.event_id, state, failure.severity.label)
+    row = await records.get(ms.store, agent_id)
+    if row is not None:
+        await ms.notifier.publish(build_notice(row, failure))
+
+
+class Monitor:
+    """The polling loop of one agent (runs inside its MonitorSet's cancel scope)."""
+
+    def __init__(self, ms: MonitorSet, agent_id: str) -> None:
+        self.ms = ms
+        self.agent_id = agent_id
+        self.s = ms.settings
+        self.db_state: int | None = None  # last operational_state this monitor wrote/read
+
+    async def run(self) -> None:
+        row = await records.get(self.ms.store, self.agent_id)
+        if row is None or row["operational_state"] not in ACTIVE_STATES:
+            return
+        self.db_state = row["operational_state"]
+        target = target_from_row(row, self.ms.ima_check_for(row))
+        state = state_from_row(row)
+        v_delivered = bool(row["v_delivered"])
+        v = base64.b64decode(row["v"]) if row["v"] else None
+        limits = httpx.Limits(max_connections=2, max_keepalive_connections=1, keepalive_expiry=self.s.keepalive_expiry)
+        client = make_client(self.ms.context_for(row), timeout=self.s.request_timeout, limits=limits)
+        log.info("agent=%s event=monitor_started state=%d count=%d", self.agent_id, self.db_state,
+                 state.attestation_count)
+        try:
+            while True:
+                failures = await self._poll(client, target, state)
+                now = self.ms.now()
+                if failures:
+                    bad = worst(failures)
+                    assert bad is not None
+                    log.warning("agent=%s event=quote_failed failures=%s", self.agent_id,
+                                ",".join(f.event_id for f in failures))
+                    await fail(self.ms, self.agent_id, records.INVALID_QUOTE, bad, received=True)
+                    return
+                need_v = not v_delivered and v is not None
+                next_state = records.PROVIDE_V if need_v else records.GET_QUOTE
+                await self._write(records.record_success(
+                    self.ms.store,
+                    self.agent_id,
+                    now=now,
+                    hash_alg=state.hash_alg,
+                    enc_alg=state.enc_alg,
+                    sign_alg=state.sign_alg,
+                    next_ima_ml_entry=state.ima_ml_entry,
+                    boottime=state.boottime,
+                    clock_info=state.clock.to_json() if state.clock is not None else None,
+                    state=next_state if next_state != self.db_state else None,
+                    only_in_states=ACTIVE_STATES,
+                ))
+                self.db_state = next_state
+                if need_v:
+                    assert v is not None and state.nk_pem is not None
+                    await self._deliver_v(client, target, v, state.nk_pem)
+                    v_delivered = True
+                await trio.sleep(self.s.quote_interval)
+        finally:
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await client.aclose()
+
+    async def _write(self, pending: Any) -> None:
+        if not await pending:
+            raise _Ended  # deleted, stopped or reactivated meanwhile: this monitor is stale
+
+    async def _set_state(self, new: int, **values: Any) -> None:
+        if new == self.db_state and not values:
+            return
+        await self._write(records.update_if_state(
+            self.ms.store, self.agent_id, ACTIVE_STATES, operational_state=new, **values))
+        self.db_state = new
+
+    async def _poll(self, client: httpx.AsyncClient, target: AgentTarget, state: AttestState) -> list[Failure]:
+        async def once() -> list[Failure]:
+            async with self.ms.limiter:
+                return await attest.attest_once(client, target, state, max_response_bytes=self.s.max_response_size)
+
+        return await self._with_retries(once, records.GET_QUOTE_RETRY)
+
+    async def _deliver_v(self, client: httpx.AsyncClient, target: AgentTarget, v: bytes, nk_pem: str) -> None:
+        async def once() -> None:
+            async with self.ms.limiter:
+                await attest.deliver_v(client, target, v, nk_pem)
+
+        await self._with_retries(once, records.PROVIDE_V_RETRY)
+        await self._set_state(records.GET_QUOTE, v_delivered=True)
+        log.info("agent=%s event=v_delivered", self.agent_id)
+
+    async def _with_retries(self, fn: Callable[[], Any], retry_state: int) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except (CommunicationError, HttpError) as exc:
+                if not is_retryable(exc):
+                    await self._fail_now(COMM_HTTP_STATUS, exc, status=getattr(exc, "status_code", None))
+                if attempt >= self.s.max_retries:
+                    await self._fail_now(COMM_ERROR, exc, attempts=attempt + 1,
+                                         kind=getattr(exc, "kind", None), status=getattr(exc, "status_code", None))
+                attempt += 1
+                delay = retry_delay(attempt, self.s.retry_interval, self.s.exponential_backoff)
+                if not math.isfinite(delay):
+                    delay = self.s.retry_interval
+                log.info("agent=%s event=retry attempt=%d delay=%.3g error=%s", self.agent_id, attempt, delay, exc)
+                await self._set_state(retry_state)
+            except MalformedResponse as exc:
+                await self._fail_now(COMM_MALFORMED, exc, status=exc.status_code)
+            except (binascii.Error, ValueError, ProtocolError) as exc:
+                # e.g. V or the NK that deliver_v encrypts to is unusable: fail closed
+                await self._fail_now(COMM_MALFORMED, exc)
+            await trio.sleep(delay)
+
+    async def _fail_now(self, event_id: str, exc: Exception, **context: Any) -> None:
+        ctx = {"message": str(exc)[:500], **{k: v for k, v in context.items() if v is not None}}
+        await fail(self.ms, self.agent_id, records.FAILED, Failure(event_id, ctx, Severity.CRITICAL))
+        raise _Ended
