@@ -1,0 +1,352 @@
+"""The add flow (upstream tenant ``-c add``), step by step:
+
+1. the agent's registrar record over mTLS (after ``/version`` negotiation);
+2. optionally its EK certificate against the tenant's EK trust store;
+3. the agent's ``/version`` (its registered ``mtls_cert`` pinned);
+4. an identity quote with a fresh nonce, checked with the registrar's AK, and PCR 16 bound to
+   the NK the agent returned: a quote that does not verify stops here, nothing is enrolled;
+5. K = U xor V; U (RSA-OAEP to the NK), the auth tag and the payload (AES-GCM under K) to the agent;
+6. the enrolment POST to the verifier (V and everything upstream's tenant sends);
+7. wait until the verifier reports ``wait_for_state`` (GET_QUOTE);
+8. ``keys/verify``: the agent proves it derived K (HMAC-SHA384(K, challenge)).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import os
+import secrets
+import string
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from actors.tenant import ekcheck, states
+from actors.tenant.client import Peer
+from actors.tenant.errors import Refused, UsageError, VerificationFailed
+from actors.tenant.payload import REVOCATION_CERT, add_files, make_payload
+from protocol import payload as pl
+from protocol import validation
+from protocol.errors import ProtocolError
+from protocol.quote_check import PCR_16, check_pcr16, check_quote
+
+if TYPE_CHECKING:
+    from actors.tenant.tenant import Tenant
+
+DEFAULT_HASH_ALGS = ("sha256", "sha384", "sha512")
+DEFAULT_ENCRYPTION_ALGS = ("rsa", "ecc")
+DEFAULT_SIGNING_ALGS = ("rsassa", "ecdsa")
+_ALNUM = string.ascii_letters + string.digits
+
+
+@dataclass
+class AddResult:
+    agent_id: str
+    registrar_version: str
+    verifier_version: str
+    agent_version: str
+    agent_url: str
+    hash_alg: str
+    enc_alg: str
+    sign_alg: str
+    nk_pem: str
+    operational_state: int | None  # last state seen (None when not waited for)
+    verified: bool  # keys/verify answered the right HMAC
+    k: bytes = field(repr=False)  # the bootstrap key: secret, never logged
+
+    @property
+    def operational_state_name(self) -> str | None:
+        return None if self.operational_state is None else states.name(self.operational_state)
+
+
+def new_challenge(length: int = 20) -> str:
+    """A nonce/challenge as upstream makes them: 20 characters [A-Za-z0-9]."""
+    return "".join(secrets.choice(_ALNUM) for _ in range(length))
+
+
+async def add_agent(
+    t: Tenant,
+    agent_id: str,
+    *,
+    tpm_policy: Mapping[str, Any] | str | None = None,
+    runtime_policy: bytes | str | None = None,
+    runtime_policy_name: str | None = None,
+    runtime_policy_key: str | None = None,
+    mb_policy: str | None = None,
+    mb_policy_name: str | None = None,
+    ima_sign_verification_keys: str | None = None,
+    payload: bytes | None = None,
+    revocation_key_pem: str | None = None,
+    revocation_cert_pem: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    accept_tpm_hash_algs: Iterable[str] = DEFAULT_HASH_ALGS,
+    accept_tpm_encryption_algs: Iterable[str] = DEFAULT_ENCRYPTION_ALGS,
+    accept_tpm_signing_algs: Iterable[str] = DEFAULT_SIGNING_ALGS,
+    ek_trust_store: Iterable[str | os.PathLike[str]] | None = None,
+    verify: bool = True,
+    wait_for_state: int | None = states.GET_QUOTE,
+    timeout: float = 30.0,
+) -> AddResult:
+    """Run the add flow (module docstring). ``tpm_policy``: PCR -> [accepted hex] plus ``"mask"``
+    (default ``{"mask": "0x0"}``: PCR 16 only, which the verifier always checks).
+    ``runtime_policy``: the policy JSON (sent base64; None/empty = none). ``payload``: a zip
+    (see :func:`actors.tenant.payload.make_payload`); ``revocation_cert_pem`` is added to it as
+    ``RevocationNotifier-cert.crt``. ``ek_trust_store``: CA files/dirs; None skips the EK check.
+    ``timeout`` bounds steps 7 and 8 (each)."""
+    hash_algs, enc_algs, sign_algs = list(accept_tpm_hash_algs), list(accept_tpm_encryption_algs), list(
+        accept_tpm_signing_algs
+    )
+    policy_text = _tpm_policy_text(tpm_policy)
+    runtime_b64 = _runtime_policy_b64(runtime_policy)
+    store = ekcheck.load_trust_store(ek_trust_store) if ek_trust_store is not None else None
+    if revocation_cert_pem is not None:
+        _check_pem(revocation_cert_pem, "revocation_cert_pem")
+        payload = add_files(payload, {REVOCATION_CERT: revocation_cert_pem}) if payload else make_payload(
+            extra={REVOCATION_CERT: revocation_cert_pem}
+        )
+    if revocation_key_pem is not None:
+        _check_pem(revocation_key_pem, "revocation_key_pem")
+
+    # 1. registrar record
+    registrar = await t.ready(t.registrar)
+    record = (await registrar.call("GET", f"/agents/{agent_id}")).results
+    aik_tpm, ek_tpm, mtls_cert, ip, port = _record_fields(record)
+
+    # 2. EK certificate
+    if store is not None:
+        ekcheck.check_ek(record.get("ekcert"), ek_tpm, store)
+
+    verifier = await t.ready(t.verifier)
+    async with t.agent(ip, port, mtls_cert) as agent:
+        assert agent.version is not None
+        # 4. identity quote
+        nonce = new_challenge()
+        reply = (await agent.call("GET", "/quotes/identity", params={"nonce": nonce})).results
+        quote, hash_alg, enc_alg, sign_alg, nk_pem = _identity_fields(reply)
+        _check_identity(quote, aik_tpm, nonce, hash_alg, enc_alg, nk_pem, hash_algs, enc_algs, sign_algs)
+
+        # 5. K/U/V; U to the agent
+        halves = pl.new_key_halves(os.urandom(64))
+        try:
+            ukey: dict[str, Any] = {
+                "encrypted_key": pl.encrypt_key_half(nk_pem, halves.u),
+                "auth_tag": pl.auth_tag(halves.k, agent_id),
+            }
+        except pl.PayloadError as exc:  # e.g. an EC NK: upstream tenants refuse those too
+            raise VerificationFailed("agent NK", str(exc)) from exc
+        if payload:
+            ukey["payload"] = base64.b64encode(pl.encrypt_payload(halves.k, payload, os.urandom(16))).decode()
+        await agent.call("POST", "/keys/ukey", ukey)
+
+        # 6. enrolment
+        body = {
+            "v": base64.b64encode(halves.v).decode("ascii"),
+            "cloudagent_ip": ip,
+            "cloudagent_port": port,
+            "tpm_policy": policy_text,
+            "runtime_policy": runtime_b64,
+            "runtime_policy_name": runtime_policy_name,
+            "runtime_policy_key": runtime_policy_key or "",
+            "mb_policy": mb_policy,
+            "mb_policy_name": mb_policy_name,
+            "ima_sign_verification_keys": ima_sign_verification_keys or "",
+            "metadata": json.dumps(dict(metadata or {})),
+            "revocation_key": revocation_key_pem or "",
+            "accept_tpm_hash_algs": hash_algs,
+            "accept_tpm_encryption_algs": enc_algs,
+            "accept_tpm_signing_algs": sign_algs,
+            "ak_tpm": aik_tpm,
+            "mtls_cert": mtls_cert,
+            "supported_version": agent.version,
+        }
+        await verifier.call("POST", f"/agents/{agent_id}", body)
+
+        # 7. wait for the verifier
+        state = None
+        if wait_for_state is not None:
+            state = await wait_for(t, agent_id, wait_for_state, timeout=timeout)
+
+        # 8. keys/verify
+        verified = False
+        if verify:
+            await verify_key(t, agent, halves.k, timeout=timeout)
+            verified = True
+
+    assert registrar.version is not None and verifier.version is not None
+    return AddResult(
+        agent_id=agent_id,
+        registrar_version=registrar.version,
+        verifier_version=verifier.version,
+        agent_version=agent.version,
+        agent_url=agent.base_url,
+        hash_alg=hash_alg,
+        enc_alg=enc_alg,
+        sign_alg=sign_alg,
+        nk_pem=nk_pem,
+        operational_state=state,
+        verified=verified,
+        k=halves.k,
+    )
+
+
+async def wait_for(t: Tenant, agent_id: str, wanted: int, *, timeout: float) -> int:
+    """Poll the verifier's record until ``operational_state == wanted``. VerificationFailed when
+    it reaches a final state instead, or on timeout (naming the states seen)."""
+    seen: list[int] = []
+    with trio.move_on_after(timeout):
+        while True:
+            res = (await t.verifier.call("GET", f"/agents/{agent_id}")).results
+            state = res.get("operational_state")
+            if isinstance(state, int) and (not seen or seen[-1] != state):
+                seen.append(state)
+            if state == wanted:
+                return state
+            if state in states.FINAL:
+                raise VerificationFailed(
+                    "verifier state",
+                    f"agent reached {states.name(state)} instead of {states.name(wanted)}"
+                    f" (last event {res.get('last_event_id')!r})",
+                    seen=seen,
+                )
+            await trio.sleep(t.poll_interval)
+    seen_text = ", ".join(states.name(s) for s in seen) or "nothing"
+    raise VerificationFailed(
+        "verifier state", f"not {states.name(wanted)} after {timeout:g} s (seen: {seen_text})", seen=seen
+    )
+
+
+async def verify_key(t: Tenant, agent: Peer, k: bytes, *, timeout: float) -> None:
+    """``GET keys/verify`` until the agent proves K: HMAC-SHA384(K, challenge).
+
+    Before the verifier delivered V the agent answers 400 (no K yet), or, on a re-enrolment, the
+    HMAC of its previous K; both are retried until ``timeout``, then VerificationFailed."""
+    last = "no answer"
+    with trio.move_on_after(timeout):
+        while True:
+            challenge = new_challenge()
+            reply = await agent.call("GET", "/keys/verify", params={"challenge": challenge}, expect=(200, 400))
+            if reply.status_code == 200:
+                got = reply.results.get("hmac")
+                want = pl.verify_hmac(k, challenge)
+                if isinstance(got, str) and hmac.compare_digest(got.lower().encode(), want.encode()):
+                    return
+                last = "an HMAC that does not match K"
+            else:
+                last = f"HTTP 400 {reply.status}"
+            await trio.sleep(t.poll_interval)
+    raise VerificationFailed("keys/verify", f"the agent did not prove K within {timeout:g} s (last answer: {last})")
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def _tpm_policy_text(policy: Mapping[str, Any] | str | None) -> str:
+    if policy is None:
+        policy = {"mask": "0x0"}
+    if isinstance(policy, str):
+        try:
+            policy = json.loads(policy)
+        except ValueError as exc:
+            raise UsageError(f"tpm_policy is not JSON: {exc}") from exc
+    if not isinstance(policy, Mapping):
+        raise UsageError("tpm_policy must be an object: PCR -> [hex values], plus 'mask'")
+    doc = {str(k): v for k, v in policy.items()}
+    # The mask must name every PCR the policy lists; add them rather than silently check nothing.
+    pcrs = set()
+    for key, values in doc.items():
+        if key == "mask":
+            continue
+        if not (key.isdigit() and 0 <= int(key) <= validation.MAX_PCR):
+            raise UsageError(f"tpm_policy: {key!r} is not a PCR number")
+        vals = [values] if isinstance(values, str) else values
+        if not isinstance(vals, list) or not all(isinstance(v, str) for v in vals):
+            raise UsageError(f"tpm_policy: PCR {key} needs a list of hex digests")
+        doc[key] = [v.lower().removeprefix("0x") for v in vals]
+        pcrs.add(int(key))
+    try:
+        mask = validation.pcr_mask(doc.get("mask", "0x0"), "tpm_policy.mask")
+    except ProtocolError as exc:
+        raise UsageError(str(exc)) from exc
+    for p in pcrs:
+        mask |= 1 << p
+    doc["mask"] = hex(mask)
+    return json.dumps(doc)
+
+
+def _runtime_policy_b64(policy: bytes | str | None) -> str:
+    if not policy:
+        return ""
+    raw = policy.encode("utf-8") if isinstance(policy, str) else bytes(policy)
+    try:
+        json.loads(raw)
+    except ValueError as exc:
+        raise UsageError(f"runtime_policy is not JSON: {exc}") from exc
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _check_pem(text: object, name: str) -> None:
+    if not isinstance(text, str) or "-----BEGIN" not in text:
+        raise UsageError(f"{name} must be PEM text")
+
+
+def _record_fields(record: dict[str, Any]) -> tuple[str, str, str, str, int]:
+    aik, ek, cert, ip, port = (record.get(k) for k in ("aik_tpm", "ek_tpm", "mtls_cert", "ip", "port"))
+    if not isinstance(aik, str) or not isinstance(ek, str):
+        raise Refused("registrar", 200, "record without aik_tpm/ek_tpm")
+    if not isinstance(cert, str) or "-----BEGIN CERTIFICATE-----" not in cert:
+        raise VerificationFailed("registrar record", "no mtls_cert: the agent cannot be authenticated")
+    if not isinstance(ip, str) or not ip or not isinstance(port, int) or isinstance(port, bool):
+        raise Refused("registrar", 200, "record without a contact ip/port")
+    return aik, ek, cert, ip, port
+
+
+def _identity_fields(reply: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    values = [reply.get(k) for k in ("quote", "hash_alg", "enc_alg", "sign_alg", "pubkey")]
+    if not all(isinstance(v, str) and v for v in values):
+        raise VerificationFailed("identity quote", "reply lacks quote/hash_alg/enc_alg/sign_alg/pubkey")
+    return tuple(values)  # type: ignore[return-value]
+
+
+def _check_identity(
+    quote: str,
+    aik_tpm: str,
+    nonce: str,
+    hash_alg: str,
+    enc_alg: str,
+    nk_pem: str,
+    hash_algs: list[str],
+    enc_algs: list[str],
+    sign_algs: list[str],
+) -> None:
+    try:
+        ak = base64.b64decode(aik_tpm, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise VerificationFailed("identity quote", "the registrar's aik_tpm is not base64") from exc
+    # No clock check: the tenant has no earlier quote, and the verifier checks the clock anyway.
+    check = check_quote(
+        quote,
+        ak_public=ak,
+        nonce=nonce,
+        hash_alg=hash_alg,
+        accepted_hash_algs=hash_algs,
+        accepted_sign_algs=sign_algs,
+        check_clock_info=False,
+        required_pcrs=[PCR_16],
+    )
+    if not check.valid:
+        raise VerificationFailed(
+            "identity quote",
+            "does not verify with the registered AK (" + ", ".join(map(str, check.checks_failed())) + ")",
+            failures=[f.event_id for f in check.failures],
+        )
+    if enc_alg not in enc_algs:
+        raise VerificationFailed("identity quote", f"encryption algorithm {enc_alg} is not accepted")
+    assert check.bank is not None
+    failure = check_pcr16(check.bank, check.pcrs, nk_pem)
+    if failure is not None:
+        raise VerificationFailed("identity quote", "PCR 16 does not bind the agent's NK", failures=[failure.event_id])
