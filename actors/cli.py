@@ -10,9 +10,11 @@ import argparse
 
 from actors.agent import cli as agent_cli
 from actors.registrar import cli as registrar_cli
+from actors.verifier import cli as verifier_cli
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the actor verbs to the top-level parser."""
     registrar_cli.register(subparsers)
+    verifier_cli.register(subparsers)
     agent_cli.register(subparsers)
