@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from actors.agent import cli as agent_cli
+from actors.ca import cli as ca_cli
 from actors.registrar import cli as registrar_cli
 from actors.verifier import cli as verifier_cli
 
@@ -18,3 +19,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     registrar_cli.register(subparsers)
     verifier_cli.register(subparsers)
     agent_cli.register(subparsers)
+    ca_cli.register(subparsers)

@@ -36,6 +36,7 @@ def server_context(
     *,
     client_ca_files: Iterable[StrPath] = (),
     mode: ClientCertMode,
+    crl_files: Iterable[StrPath] = (),
 ) -> ssl.SSLContext:
     """A server context: our cert chain, TLS 1.2+, ALPN http/1.1, client certs per ``mode``.
 
@@ -60,6 +61,12 @@ def server_context(
     if mode != "none":
         for path in ca_files:
             ctx.load_verify_locations(cafile=path)
+        crls = [os.fspath(p) for p in crl_files]
+        if crls:
+            # A client cert whose serial is on the CA's CRL fails the handshake (`keytrio ca revoke`).
+            for path in crls:
+                ctx.load_verify_locations(cafile=path)
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
 
 

@@ -1,0 +1,196 @@
+"""The server-components certificate authority (`keytrio ca`), in upstream Keylime's cv_ca layout.
+
+A CA directory holds the CA (``cacert.crt``, ``ca-private.pem``), the certificates it issued
+(``<name>-cert.crt`` / ``<name>-private.pem``; the default layout uses upstream's names
+``server-*``, ``client-*`` and ``RevocationNotifier-*``), an index of what was issued
+(``index.json``) and the certificate revocation list (``cacrl.pem``) that servers load to refuse
+revoked client certificates. Private keys are written 0600, the directory 0700.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_CERT, CA_KEY, CRL, INDEX = "cacert.crt", "ca-private.pem", "cacrl.pem", "index.json"
+Kind = Literal["server", "client", "revocation"]
+
+
+class CaError(Exception):
+    """A CA operation cannot be done (no CA, a name in use, an unknown certificate, ...)."""
+
+
+@dataclass(frozen=True)
+class Issued:
+    name: str
+    kind: str
+    serial: int
+    not_after: str
+    revoked: bool
+    cert: Path
+    key: Path
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _write_key(path: Path, key: Any) -> None:
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    path.chmod(0o600)
+
+
+class Authority:
+    """One CA directory. ``Authority.init(dir)`` creates it; ``Authority(dir)`` opens it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        if not (self.dir / CA_CERT).is_file() or not (self.dir / CA_KEY).is_file():
+            raise CaError(f"{self.dir}: no CA here (run `keytrio ca init --dir {self.dir}`)")
+        self.cert = x509.load_pem_x509_certificate((self.dir / CA_CERT).read_bytes())
+        self._key = serialization.load_pem_private_key((self.dir / CA_KEY).read_bytes(), password=None)
+
+    @classmethod
+    def init(cls, directory: Path, *, common_name: str = "keytrio CA", days: int = 3650,
+             default_layout: bool = True, server_ips: tuple[str, ...] = ("127.0.0.1",),
+             server_dns: tuple[str, ...] = ("localhost",)) -> Authority:
+        """Create a CA; with ``default_layout`` also upstream's server, client and notifier pairs."""
+        d = Path(directory)
+        if (d / CA_CERT).exists():
+            raise CaError(f"{d}: a CA already exists")
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o700)
+        key = ec.generate_private_key(ec.SECP384R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keytrio")])
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - datetime.timedelta(minutes=5))
+            .not_valid_after(_now() + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA384())
+        )
+        _write_key(d / CA_KEY, key)
+        (d / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (d / INDEX).write_text("[]\n")
+        ca = cls(d)
+        ca.write_crl()
+        if default_layout:
+            ca.issue("server", "server", ips=server_ips, dns=server_dns)
+            ca.issue("client", "client")
+            ca.issue("RevocationNotifier", "revocation")
+        return ca
+
+    # -- index ----------------------------------------------------------------------------------
+
+    def _index(self) -> list[dict[str, Any]]:
+        return json.loads((self.dir / INDEX).read_text())
+
+    def _save_index(self, entries: list[dict[str, Any]]) -> None:
+        tmp = self.dir / (INDEX + ".tmp")
+        tmp.write_text(json.dumps(entries, indent=1) + "\n")
+        tmp.replace(self.dir / INDEX)
+
+    def list(self) -> list[Issued]:
+        return [Issued(e["name"], e["kind"], e["serial"], e["not_after"], e["revoked"],
+                       self.dir / f"{e['name']}-cert.crt", self.dir / f"{e['name']}-private.pem")
+                for e in self._index()]
+
+    # -- issuing --------------------------------------------------------------------------------
+
+    def issue(self, name: str, kind: Kind, *, ips: tuple[str, ...] = (), dns: tuple[str, ...] = (),
+              days: int = 825) -> Issued:
+        """Issue ``<name>-cert.crt`` + ``<name>-private.pem`` for a server, a client or the notifier."""
+        if not name or "/" in name or name.startswith("."):
+            raise CaError(f"bad certificate name {name!r}")
+        if any(e["name"] == name and not e["revoked"] for e in self._index()):
+            raise CaError(f"a certificate named {name!r} exists (revoke it first)")
+        if kind == "server" and not (ips or dns):
+            raise CaError("a server certificate needs at least one --ip or --dns")
+        parsed_ips = []
+        for ip in ips:
+            try:
+                parsed_ips.append(ipaddress.ip_address(ip))
+            except ValueError:
+                raise CaError(f"not an IP address: {ip!r}") from None
+        # Revocation notices are RSA-PSS signed (PROTOCOL.md), so the notifier key is RSA.
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048) if kind == "revocation" \
+            else ec.generate_private_key(ec.SECP256R1())
+        serial = x509.random_serial_number()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(serial)
+            .not_valid_before(_now() - datetime.timedelta(minutes=5))
+            .not_valid_after(_now() + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()),
+                           critical=False)  # type: ignore[arg-type]
+        )
+        if kind == "server":
+            sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
+            sans += [x509.IPAddress(ip) for ip in parsed_ips]
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        elif kind == "client":
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        cert = builder.sign(self._key, hashes.SHA384())  # type: ignore[arg-type]
+        cert_path, key_path = self.dir / f"{name}-cert.crt", self.dir / f"{name}-private.pem"
+        _write_key(key_path, key)
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        entries = [e for e in self._index() if e["name"] != name]
+        entries.append({"name": name, "kind": kind, "serial": serial,
+                        "not_after": cert.not_valid_after_utc.isoformat(), "revoked": False})
+        self._save_index(entries)
+        return self.list()[-1]
+
+    # -- revocation -----------------------------------------------------------------------------
+
+    def revoke(self, name_or_serial: str) -> Issued:
+        entries = self._index()
+        for e in entries:
+            if e["name"] == name_or_serial or str(e["serial"]) == name_or_serial:
+                if e["revoked"]:
+                    raise CaError(f"{e['name']} is already revoked")
+                e["revoked"] = True
+                e["revoked_at"] = _now().isoformat()
+                self._save_index(entries)
+                self.write_crl()
+                return next(i for i in self.list() if i.serial == e["serial"])
+        raise CaError(f"no certificate {name_or_serial!r} in {self.dir}")
+
+    def write_crl(self) -> Path:
+        now = _now()
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+                   .last_update(now - datetime.timedelta(minutes=5))
+                   .next_update(now + datetime.timedelta(days=30)))
+        for e in self._index():
+            if e["revoked"]:
+                when = datetime.datetime.fromisoformat(e.get("revoked_at", now.isoformat()))
+                builder = builder.add_revoked_certificate(
+                    x509.RevokedCertificateBuilder().serial_number(e["serial"]).revocation_date(when).build())
+        crl = builder.sign(self._key, hashes.SHA384())  # type: ignore[arg-type]
+        path = self.dir / CRL
+        path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        return path

@@ -1,0 +1,89 @@
+"""`keytrio ca`: init in the cv_ca layout, issue, list, revoke; a server loading the CRL refuses a
+revoked client certificate at the handshake (real TLS sockets)."""
+
+import stat
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from cryptography import x509
+
+from actors.ca.authority import Authority, CaError
+from actors.common import tls
+from actors.common.app import make_app, ok
+from actors.common.serve import serve
+from protocol import versions
+from scenarios.cli import main
+
+LAYOUT = ["RevocationNotifier-cert.crt", "RevocationNotifier-private.pem", "ca-private.pem", "cacert.crt",
+          "cacrl.pem", "client-cert.crt", "client-private.pem", "index.json", "server-cert.crt",
+          "server-private.pem"]
+
+
+def test_cli_init_issue_list_revoke(tmp_path: Path, capsys):
+    d = tmp_path / "cv_ca"
+    assert main(["ca", "init", "--dir", str(d), "--ip", "127.0.0.1", "--dns", "verifier.example"]) == 0
+    assert sorted(p.name for p in d.iterdir()) == LAYOUT
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    for key in d.glob("*-private.pem"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    server = x509.load_pem_x509_certificate((d / "server-cert.crt").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "verifier.example" in sans.get_values_for_type(x509.DNSName)
+    notifier = x509.load_pem_x509_certificate((d / "RevocationNotifier-cert.crt").read_bytes())
+    assert notifier.public_key().key_size == 2048  # RSA: notices are RSA-PSS signed
+    ca = x509.load_pem_x509_certificate((d / "cacert.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+
+    assert main(["ca", "init", "--dir", str(d)]) == 2  # never overwrite a CA
+    assert main(["ca", "issue", "--dir", str(d), "--client", "ops"]) == 0
+    assert main(["ca", "issue", "--dir", str(d), "--client", "ops"]) == 2  # name in use
+    assert main(["ca", "issue", "--dir", str(d), "--server", "reg"]) == 2  # no SAN
+    assert main(["ca", "revoke", "--dir", str(d), "ops"]) == 0
+    assert main(["ca", "revoke", "--dir", str(d), "ops"]) == 2
+    capsys.readouterr()
+    assert main(["ca", "list", "--dir", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "ops" in out and "revoked" in out and out.count("valid") >= 3
+    crl = x509.load_pem_x509_crl((d / "cacrl.pem").read_bytes())
+    ops = next(i for i in Authority(d).list() if i.name == "ops")
+    assert crl.get_revoked_certificate_by_serial_number(ops.serial) is not None
+    assert main(["ca", "list", "--dir", str(tmp_path / "nothing")]) == 2
+    with pytest.raises(CaError):
+        Authority(d).issue("../evil", "client")
+
+
+async def test_server_with_crl_refuses_revoked_client(tmp_path: Path):
+    ca = Authority.init(tmp_path / "cv_ca")
+    good = ca.issue("tenant-a", "client")
+    bad = ca.issue("tenant-b", "client")
+    ca.revoke("tenant-b")
+    app = make_app("crl-test", versions=versions.SERVER_VERSIONS, require_client_cert=True,
+                   trusted_client_ca=[str(ca.dir / "cacert.crt")])
+
+    @app.api.route("/agents/")
+    async def agents():
+        return ok({"uuids": []})
+
+    ctx = tls.server_context(ca.dir / "server-cert.crt", ca.dir / "server-private.pem",
+                             client_ca_files=[ca.dir / "cacert.crt"], mode="optional",
+                             crl_files=[ca.dir / "cacrl.pem"])
+    async with trio.open_nursery() as n:
+        host, port = await n.start(lambda task_status: serve(app, port=0, ssl_context=ctx, task_status=task_status))
+        url = f"https://{host}:{port}/v2.1/agents/"
+
+        def client(files):
+            return httpx.AsyncClient(verify=tls.client_context([ca.dir / "cacert.crt"], files.cert, files.key),
+                                     timeout=5)
+
+        async with client(good) as c:
+            r = await c.get(url)
+            assert r.status_code == 200, r.text
+        async with client(bad) as c:
+            with pytest.raises(httpx.TransportError):
+                await c.get(url)
+        async with httpx.AsyncClient(verify=tls.client_context([ca.dir / "cacert.crt"]), timeout=5) as c:
+            r = await c.get(f"https://{host}:{port}/version")  # public, no cert: CRL check does not apply
+            assert r.status_code in (200, 404)
+        n.cancel_scope.cancel()
