@@ -28,8 +28,10 @@ from actors.common.tls import server_context
 from actors.verifier import records
 from actors.verifier.app import build_app
 from actors.verifier.config import Settings, resolve
+from actors.verifier.ima import ImaHooks
 from actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory, MonitorSet, MonitorSettings
 from actors.verifier.notify import HttpNotifier, agent_context_factory
+from actors.verifier.policies import PolicyStore
 from actors.verifier.schema import metadata
 
 log = logging.getLogger("keytrio.verifier")
@@ -53,6 +55,8 @@ class Verifier:
         self.monitors: MonitorSet | None = None
         self.notifier: HttpNotifier | None = None
         self.store: Store | None = None
+        self.policies: PolicyStore | None = None
+        self.ima: ImaHooks | None = None  # the IMA hooks (per-agent debug counters: ima.hooks[id].parsed)
 
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         s, cfg = self.settings, self.config
@@ -63,6 +67,13 @@ class Verifier:
         store = await Store.open(s.database_url, metadata)
         self.store = store
         try:
+            policies = PolicyStore(store, require_signatures=cfg.require_allow_list_signatures, clock=self.clock)
+            await policies.load()  # every stored policy parsed once, before any monitor starts
+            self.policies = policies
+            ima_check_for = self.ima_check_for
+            if ima_check_for is None:
+                self.ima = ImaHooks(policies, ignore_tomtou_errors=cfg.ignore_tomtou_errors)
+                ima_check_for = self.ima
             async with trio.open_nursery() as nursery:
                 notifier = HttpNotifier(
                     store,
@@ -90,7 +101,7 @@ class Verifier:
                     notifier=notifier,
                     max_concurrent_requests=cfg.max_concurrent_requests,
                     clock=self.clock,
-                    ima_check_for=self.ima_check_for,
+                    ima_check_for=ima_check_for,
                 )
                 self.notifier, self.monitors = notifier, monitors
                 app = build_app(
@@ -106,6 +117,8 @@ class Verifier:
                     on_deleted=monitors.stop,
                     on_stop=monitors.stop,
                     on_reactivate=monitors.reactivate,
+                    policies=policies,
+                    ignore_tomtou_errors=cfg.ignore_tomtou_errors,
                 )
                 bound = await nursery.start(
                     partial(serve, app, host=cfg.ip, port=cfg.port, ssl_context=tls,

@@ -1,7 +1,13 @@
 """The verifier's REST API (HTTPS; client cert from ``trusted_client_ca`` except on public routes).
 
 ``POST|GET|DELETE /v2.x/agents/{uuid}``, ``GET /v2.x/agents/?verifier=ID[&bulk]``,
-``PUT /v2.x/agents/{uuid}/stop`` and ``…/reactivate``. The monitor is not started here: the
+``PUT /v2.x/agents/{uuid}/stop`` and ``…/reactivate``; runtime policies ``GET /v2.x/allowlists/``
+(``{"runtimepolicy names": [...]}``) and ``POST|PUT|GET|DELETE /v2.x/allowlists/{name}`` (body
+``runtime_policy`` b64, ``runtime_policy_key``, ``tpm_policy``; a bad policy -> 400 whose status
+names the JSON path, also in ``results.field``; 409 on POST of an existing name and on DELETE of a
+name an agent uses; 404); public ``POST /v2.x/verify/evidence`` and ``GET /v2.x/verify/identity``
+(evidence.py). Enrolment takes ``runtime_policy_name`` (a stored policy, ``runtime_policy`` empty)
+or an inline ``runtime_policy`` (stored by checksum, and under ``runtime_policy_name`` when given). The monitor is not started here: the
 actor injects hooks (``on_enrolled`` …) that run after the store has committed the change.
 A hook may be a plain function or a coroutine function taking the agent id.
 """
@@ -16,15 +22,25 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 from typing import Any
 
+import trio
 from cryptography import x509
 from quart import Response, g, request
 
 from actors.common.app import ApiError, KeytrioApp, json_body, make_app, ok
 from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
 from actors.common.store import Store
-from actors.verifier import records
+from actors.verifier import evidence, records
+from actors.verifier.policies import (
+    NameExists,
+    NameInUse,
+    NameUnknown,
+    PolicyRefused,
+    PolicyStore,
+    decode_policy_b64,
+)
 from protocol import tpm2, validation
 from protocol.errors import ProtocolError, ValidationError
 from protocol.versions import SERVER_VERSIONS, server_version_payload
@@ -58,6 +74,7 @@ _VERSION = re.compile(r"^\d{1,3}\.\d{1,3}$")
 _ALG_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _HEX = re.compile(r"^[0-9a-fA-F]{2,256}$")
 _MAX_TEXT = 256 * 1024  # any single text field; the body limit bounds the total anyway
+_POLICY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,254}$")  # MAX_NAME
 _FAILED_STATES = {records.FAILED, records.INVALID_QUOTE, records.TENANT_FAILED, records.TERMINATED}
 
 
@@ -244,7 +261,8 @@ def agent_view(
         "tpm_policy": row["tpm_policy"],
         "meta_data": row["meta_data"],
         "has_mb_refstate": 0 if mb in (None, "", "null") else 1,
-        "has_runtime_policy": 1 if row["runtime_policy"] else 0,
+        "has_runtime_policy": 1 if (row["runtime_policy"] or row.get("runtime_policy_checksum")
+                                    or row.get("runtime_policy_name")) else 0,
         "accept_tpm_hash_algs": json.loads(row["accept_tpm_hash_algs"]),
         "accept_tpm_encryption_algs": json.loads(row["accept_tpm_encryption_algs"]),
         "accept_tpm_signing_algs": json.loads(row["accept_tpm_signing_algs"]),
@@ -299,6 +317,8 @@ def build_app(
     on_deleted: Hook | None = None,
     on_stop: Hook | None = None,
     on_reactivate: Hook | None = None,
+    policies: PolicyStore | None = None,
+    ignore_tomtou_errors: bool = False,
 ) -> KeytrioApp:
     """The verifier's HTTPS app over ``store`` (verifier_ip/port are reported in GET records)."""
     app = make_app(
@@ -311,6 +331,8 @@ def build_app(
         version_payload=server_version_payload(),
     )
 
+    pstore = policies if policies is not None else PolicyStore(store, clock=clock)
+
     def view(row: dict[str, Any]) -> dict[str, Any]:
         return agent_view(
             row, version=g.api_version, verifier_ip=ip, verifier_port=port, quote_interval=quote_interval
@@ -320,6 +342,7 @@ def build_app(
     async def add_agent(agent_id: str) -> Response:
         aid = parse_agent_id(agent_id)
         values = parse_enrolment(aid, await json_body())
+        await _enrol_policy(pstore, values)
         values.update(
             operational_state=initial_state,
             verifier_id=verifier_id,
@@ -331,6 +354,8 @@ def build_app(
         try:
             await records.add(store, values)
         except records.DuplicateAgent:
+            if not values.get("runtime_policy_name"):
+                await pstore.agent_deleted(values.get("runtime_policy_checksum"))
             raise ApiError(409, f"Agent of uuid {aid} already exists") from None
         await _call(on_enrolled, aid)
         return ok()
@@ -354,9 +379,12 @@ def build_app(
     @app.api.route("/agents/<agent_id>", methods=("DELETE",))
     async def delete_agent(agent_id: str) -> Response:
         aid = parse_agent_id(agent_id)
-        if not await records.delete(store, aid):
+        row = await records.get(store, aid)
+        if row is None or not await records.delete(store, aid):
             raise ApiError(404, f"Agent {aid} not found")
         await _call(on_deleted, aid)
+        if not row.get("runtime_policy_name"):
+            await pstore.agent_deleted(row.get("runtime_policy_checksum"))
         return ok()
 
     @app.api.route("/agents/<agent_id>/stop", methods=("PUT",))
@@ -375,4 +403,167 @@ def build_app(
         await _call(on_reactivate, aid)
         return ok()
 
+    # --- runtime policies ------------------------------------------------------------------------
+
+    @app.api.route("/allowlists/", methods=("GET",))
+    async def list_policies() -> Response:
+        return ok({"runtimepolicy names": pstore.names()})
+
+    async def save(name: str, create: bool) -> Response:
+        name = _policy_name(name)
+        doc = await json_body()
+        raw, key, tpm_policy = _policy_body(doc)
+        try:
+            policy = await pstore.accept(raw, key)
+            await pstore.save_named(name, raw, policy, key, tpm_policy, create=create)
+        except PolicyRefused as exc:
+            raise _policy_refused(exc) from None
+        except NameExists:
+            raise ApiError(409, f"Runtime policy {name} already exists") from None
+        except NameUnknown:
+            raise ApiError(404, f"Runtime policy {name} not found") from None
+        return ok()
+
+    @app.api.route("/allowlists/<name>", methods=("POST",))
+    async def add_policy(name: str) -> Response:
+        return await save(name, True)
+
+    @app.api.route("/allowlists/<name>", methods=("PUT",))
+    async def update_policy(name: str) -> Response:
+        return await save(name, False)
+
+    @app.api.route("/allowlists/<name>", methods=("GET",))
+    async def get_policy(name: str) -> Response:
+        name = _policy_name(name)
+        found = await pstore.get_named(name)
+        if found is None:
+            raise ApiError(404, f"Runtime policy {name} not found")
+        named, text = found
+        return ok({
+            "name": named.name,
+            "tpm_policy": named.tpm_policy,
+            "runtime_policy": base64.b64encode(text.encode("utf-8")).decode("ascii"),
+            "runtime_policy_key": named.runtime_policy_key,
+            "runtime_policy_sha256": named.checksum,
+        })
+
+    async def delete_policy(name: str) -> Response:
+        name = _policy_name(name)
+        try:
+            await pstore.delete_named(name)
+        except NameUnknown:
+            raise ApiError(404, f"Runtime policy {name} not found") from None
+        except NameInUse as exc:
+            raise ApiError(409, f"Runtime policy {name} is in use by {len(exc.agent_ids)} agent(s)",
+                           {"agents": exc.agent_ids[:100]}) from None
+        return ok()
+
+    @app.api.route("/allowlists/<name>", methods=("DELETE",))
+    async def delete_policy_route(name: str) -> Response:
+        return await delete_policy(name)
+
+    @app.api.route("/allowlist/<name>", methods=("DELETE",))
+    async def delete_policy_alias(name: str) -> Response:  # the path upstream's v2.5 doc spells
+        return await delete_policy(name)
+
+    # --- /verify/* (public) ----------------------------------------------------------------------
+
+    @app.api.route("/verify/evidence", methods=("POST",), public=True)
+    async def verify_evidence() -> Response:
+        doc = await json_body()
+        kind = doc.get("type")
+        if kind is None or kind == "":
+            raise ApiError(400, "Bad request: missing parameter type",
+                           {"valid": evidence.valid_value(False, g.api_version),
+                            "failures": [evidence.missing_param("type")]})
+        if kind != "tpm":
+            raise ApiError(400, f"Bad request: unsupported evidence type {str(kind)[:32]!r}",
+                           {"valid": evidence.valid_value(False, g.api_version),
+                            "failures": [evidence.invalid_param("type", "only 'tpm' evidence is supported")]})
+        data = doc.get("data")
+        try:
+            fails = await trio.to_thread.run_sync(
+                partial(evidence.check_tpm_evidence, data, ignore_tomtou_errors=ignore_tomtou_errors))
+        except evidence.EvidenceRejected as exc:
+            raise ApiError(400, f"Bad request: {exc}", {"valid": evidence.valid_value(False, g.api_version),
+                                                        "failures": exc.failures}) from None
+        return ok({
+            "valid": evidence.valid_value(not fails, g.api_version),
+            "failures": [evidence.failure_json(f) for f in fails],
+            "claims": data,
+        })
+
+    @app.api.route("/verify/identity", methods=("GET",), public=True)
+    async def verify_identity() -> Response:
+        args = {n: request.args.get(n) for n in evidence.IDENTITY_PARAMS}
+        missing = [evidence.missing_param(n) for n, v in args.items() if not v]
+        if missing:
+            raise ApiError(400, "Bad request: missing parameters", {"failures": missing})
+        aid = parse_agent_id(args["agent_uuid"])
+        row = await records.get(store, aid)
+        if row is None:
+            raise ApiError(404, f"Agent {aid} not found")
+        fails = evidence.check_identity(row, args["quote"], args["nonce"], args["hash_alg"])
+        return ok({"valid": 0 if fails else 1, "failures": [evidence.failure_json(f) for f in fails]})
+
     return app
+
+
+def _policy_name(raw: str) -> str:
+    if not _POLICY_NAME.fullmatch(raw):
+        raise ApiError(400, "Bad request: runtime policy name must be 1-255 of [A-Za-z0-9._:@+-]")
+    return raw
+
+
+def _policy_refused(exc: PolicyRefused) -> ApiError:
+    return ApiError(400, f"Bad request: {exc.field}: {exc.reason}", {"field": exc.field, "reason": exc.reason})
+
+
+def _policy_body(doc: dict[str, Any]) -> tuple[bytes, str | None, str | None]:
+    """(policy bytes, runtime_policy_key, tpm_policy text) of an allowlists POST/PUT body."""
+    try:
+        if doc.get("runtime_policy_sig"):
+            raise ValidationError("runtime_policy_sig",
+                                  "detached signatures are not supported: upload a DSSE envelope")
+        key = doc.get("runtime_policy_key")
+        if key is not None and not isinstance(key, str):
+            raise ValidationError("runtime_policy_key", "must be a string")
+        tpm_policy = doc.get("tpm_policy")
+        tpm_text = _tpm_policy(tpm_policy) if tpm_policy not in (None, "") else None
+    except ProtocolError as exc:
+        raise _bad(exc) from None
+    try:
+        raw = decode_policy_b64(doc.get("runtime_policy"))
+    except PolicyRefused as exc:
+        raise _policy_refused(exc) from None
+    if not raw:
+        raise ApiError(400, "Bad request: runtime_policy: a policy is required",
+                       {"field": "runtime_policy", "reason": "a policy is required"})
+    return raw, key or None, tpm_text
+
+
+async def _enrol_policy(pstore: PolicyStore, values: dict[str, Any]) -> None:
+    """Resolve/store the enrolment's runtime policy; sets runtime_policy_checksum (or none)."""
+    name = values.get("runtime_policy_name") or None
+    key = values.get("runtime_policy_key") or None
+    if name is not None:
+        name = _policy_name(name)
+    try:
+        raw = decode_policy_b64(values.get("runtime_policy"))
+        values["runtime_policy"] = ""  # one stored copy: the policy table, not the agent row
+        if raw:
+            policy = await pstore.accept(raw, key)
+            if policy.is_empty:  # "{}": no runtime policy (PCR 10 not checked)
+                values["runtime_policy_name"] = None
+                return
+            await pstore.store_inline(raw, policy, key, name)
+            values["runtime_policy_checksum"] = policy.checksum
+        elif name is not None:
+            policy = pstore.by_name(name)
+            if policy is None:
+                raise ApiError(404, f"Runtime policy {name} not found")
+            values["runtime_policy_checksum"] = policy.checksum
+    except PolicyRefused as exc:
+        raise _policy_refused(exc) from None
+    except NameExists:
+        raise ApiError(409, f"Runtime policy {name} already exists with different content") from None

@@ -28,8 +28,8 @@ from actors.common.client import DEFAULT_MAX_RESPONSE_BYTES, request_json
 from protocol import payload, tpm2
 from protocol.errors import ProtocolError
 from protocol.failures import Failure, Severity
-from protocol.quote import ClockInfo
-from protocol.quote_check import PCR_16, QUOTE_VALIDATION, check_pcr16, check_quote
+from protocol.quote import ClockInfo, parse_quote
+from protocol.quote_check import PCR_16, QUOTE_VALIDATION, QuoteCheck, check_pcr16, check_quote
 
 PCR_IMA = 10
 NONCE_LEN = 20  # what upstream's verifier sends
@@ -207,9 +207,10 @@ def _typed_fields(reply: object, need_pubkey: bool) -> tuple[dict[str, Any], lis
     return out, fails
 
 
-def _check_policy_pcrs(target: AgentTarget, pcrs: dict[int, bytes]) -> list[Failure]:
+def check_policy_pcrs(tpm_policy: dict[str, Any], pcrs: dict[int, bytes]) -> list[Failure]:
+    """``tpm_policy`` PCR values against the quoted PCRs (PCR 16 excluded: it is the NK binding)."""
     fails: list[Failure] = []
-    wanted = policy_pcrs(target.tpm_policy)
+    wanted = policy_pcrs(tpm_policy)
     missing = sorted(p for p in wanted if p not in pcrs and p != PCR_16)
     if missing:
         fails.append(Failure("pcr_validation.missing_pcrs",
@@ -225,6 +226,99 @@ def _check_policy_pcrs(target: AgentTarget, pcrs: dict[int, bytes]) -> list[Fail
     return fails
 
 
+@dataclass
+class QuoteVerdict:
+    """What :func:`verify_quote_evidence` found; ``failures`` empty = every check passed."""
+
+    failures: list[Failure]
+    check: QuoteCheck | None = None
+    pcr10: str = PCR10_NOT_QUOTED
+    next_entry: int = 0
+
+
+def verify_quote_evidence(
+    quote: str,
+    *,
+    ak: tpm2.AkKey | bytes,
+    nonce: str,
+    hash_alg: str,
+    tpm_policy: dict[str, Any],
+    ima_check: ImaCheck | None,
+    ima_list: str | None,
+    ima_entry: int,
+    next_entry: int = 0,
+    accepted_hash_algs: Iterable[str] | None = None,
+    accepted_sign_algs: Iterable[str] | None = None,
+    previous_clock: ClockInfo | None = None,
+    check_clock: bool = True,
+    nk_pem: str | None = None,
+) -> QuoteVerdict:
+    """The checks shared by the monitor and ``POST /verify/evidence`` (pure; no I/O).
+
+    Quote (signature, nonce, PCR select/digest, algorithms, clock unless ``check_clock`` is
+    False), PCR 16 binding (only when ``nk_pem`` is given), ``tpm_policy`` PCRs, then the IMA hook
+    - the hook only runs when the quote itself verified: PCR values from a quote that does not
+    verify are not evidence of anything, and the result is invalid anyway.
+    """
+    try:
+        check = check_quote(
+            quote,
+            ak_public=ak,
+            nonce=nonce,
+            hash_alg=hash_alg,
+            accepted_hash_algs=accepted_hash_algs,
+            accepted_sign_algs=accepted_sign_algs,
+            previous_clock=previous_clock,
+            check_clock_info=check_clock,
+        )
+    except (ProtocolError, ValueError, TypeError, OverflowError) as exc:
+        # check_quote reports bad quotes as failures; this is the belt for what it might miss
+        return QuoteVerdict([_response_failure("quote could not be checked", error=type(exc).__name__)])
+    fails = list(check.failures)
+    verdict = QuoteVerdict(fails, check, PCR10_NOT_QUOTED, next_entry)
+    if check.quote is None or check.bank is None:
+        return verdict  # undecodable: nothing more to look at
+    pcrs = check.pcrs
+    if nk_pem is not None:
+        pcr16 = check_pcr16(check.bank, pcrs, nk_pem)
+        if pcr16 is not None:
+            fails.append(pcr16)
+    fails.extend(check_policy_pcrs(tpm_policy, pcrs))
+    if PCR_IMA not in pcrs:
+        verdict.pcr10 = PCR10_NOT_QUOTED
+    elif ima_check is None:
+        verdict.pcr10 = PCR10_NOT_CHECKED  # no runtime policy: PCR 10 is unverified, never "passed"
+    elif check.failures:
+        verdict.pcr10 = PCR10_NOT_CHECKED
+    else:
+        ima_fails, verdict.next_entry = ima_check(ima_list, ima_entry, pcrs, check.bank)
+        fails.extend(ima_fails)
+        verdict.pcr10 = PCR10_CHECKED
+    return verdict
+
+
+def _quote_reset_count(quote: object) -> int | None:
+    """resetCount of an (unverified) quote, only to notice a new boot early; None if unreadable."""
+    if not isinstance(quote, str):
+        return None
+    try:
+        return parse_quote(quote).info.clock.reset_count
+    except (ProtocolError, ValueError):
+        return None
+
+
+def new_boot(state: AttestState, reply: object) -> bool:
+    """True when the reply is from another boot than the state's (boottime or resetCount changed)."""
+    if not isinstance(reply, dict):
+        return False
+    boottime = reply.get("boottime")
+    if isinstance(boottime, int) and not isinstance(boottime, bool) and state.boottime is not None \
+            and boottime != state.boottime:
+        return True
+    reset = _quote_reset_count(reply.get("quote"))
+    return reset is not None and state.clock is not None and reset != state.clock.reset_count
+
+
 def evaluate(target: AgentTarget, state: AttestState, reply: object, nonce: str) -> list[Failure]:
     """Check one integrity-quote reply; update ``state`` only when nothing failed. Pure, no I/O."""
     need_pubkey = state.nk_pem is None
@@ -238,50 +332,38 @@ def evaluate(target: AgentTarget, state: AttestState, reply: object, nonce: str)
         fails.append(Failure(QUOTE_VALIDATION, {
             "message": f"encryption algorithm {fields['enc_alg']} is not accepted", "check": "algorithm"},
             Severity.EMERGENCY))
-    try:
-        check = check_quote(
-            fields["quote"],
-            ak_public=target.ak,
-            nonce=nonce,
-            hash_alg=fields["hash_alg"],
-            accepted_hash_algs=target.accept_tpm_hash_algs,
-            accepted_sign_algs=target.accept_tpm_signing_algs,
-            previous_clock=state.clock,
-        )
-    except (ProtocolError, ValueError, TypeError, OverflowError) as exc:
-        # check_quote reports bad quotes as failures; this is the belt for what it might miss
-        fails.append(_response_failure("quote could not be checked", error=type(exc).__name__))
+    on_boot = getattr(target.ima_check, "for_boot", None)
+    if on_boot is not None:
+        # the IMA progress belongs to one boot: a new boottime/resetCount starts again at line 0
+        on_boot(fields.get("boottime"), _quote_reset_count(fields["quote"]))
+    verdict = verify_quote_evidence(
+        fields["quote"],
+        ak=target.ak,
+        nonce=nonce,
+        hash_alg=fields["hash_alg"],
+        tpm_policy=target.tpm_policy,
+        ima_check=target.ima_check,
+        ima_list=fields["ima_measurement_list"],
+        ima_entry=fields["ima_measurement_list_entry"],
+        next_entry=state.ima_ml_entry,
+        accepted_hash_algs=target.accept_tpm_hash_algs,
+        accepted_sign_algs=target.accept_tpm_signing_algs,
+        previous_clock=state.clock,
+        nk_pem=nk_pem,
+    )
+    fails.extend(verdict.failures)
+    if verdict.check is None or verdict.check.quote is None:
         return fails
-    fails.extend(check.failures)
-    if check.quote is None or check.bank is None:
-        return fails  # undecodable: nothing more to look at
-
-    pcrs = check.pcrs
-    pcr16 = check_pcr16(check.bank, pcrs, nk_pem)
-    if pcr16 is not None:
-        fails.append(pcr16)
-    fails.extend(_check_policy_pcrs(target, pcrs))
-
-    next_entry = state.ima_ml_entry
-    if PCR_IMA not in pcrs:
-        pcr10 = PCR10_NOT_QUOTED
-    elif target.ima_check is None:
-        pcr10 = PCR10_NOT_CHECKED  # no runtime policy: PCR 10 is unverified, never "passed"
-    else:
-        ima_fails, next_entry = target.ima_check(
-            fields["ima_measurement_list"], fields["ima_measurement_list_entry"], pcrs, check.bank)
-        fails.extend(ima_fails)
-        pcr10 = PCR10_CHECKED
 
     state.quotes_received += 1
     if fails:
         return fails
-    state.clock = check.clock
+    state.clock = verdict.check.clock
     state.nk_pem = nk_pem
     state.boottime = fields.get("boottime", state.boottime)
     state.hash_alg, state.enc_alg, state.sign_alg = fields["hash_alg"], fields["enc_alg"], fields["sign_alg"]
-    state.ima_ml_entry = next_entry
-    state.pcr10 = pcr10
+    state.ima_ml_entry = verdict.next_entry
+    state.pcr10 = verdict.pcr10
     state.attestation_count += 1
     return fails
 
@@ -296,6 +378,13 @@ async def attest_once(
     """One poll: fresh nonce, fetch, evaluate. Communication errors propagate to the monitor."""
     nonce = new_nonce()
     reply = await fetch_quote(client, target, state, nonce, max_response_bytes=max_response_bytes)
+    if (state.nk_pem is not None or state.ima_ml_entry) and new_boot(state, reply):
+        # The agent rebooted (or its TPM was reset): ask again from scratch in this same poll,
+        # partial=0 (its NK may be new) and ima_ml_entry=0 (a new log). Only once per poll.
+        state.nk_pem = None
+        state.ima_ml_entry = 0
+        nonce = new_nonce()
+        reply = await fetch_quote(client, target, state, nonce, max_response_bytes=max_response_bytes)
     return evaluate(target, state, reply, nonce)
 
 

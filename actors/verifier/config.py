@@ -97,6 +97,19 @@ OPTIONS: tuple[Option, ...] = (
         "Agent requests in flight at once across all agents.",
         minimum=1,
     ),
+    Option(
+        "require_allow_list_signatures",
+        "bool",
+        False,
+        "Refuse runtime policies that are not DSSE-signed with a valid signature by their\n"
+        "runtime_policy_key (uploads to /allowlists and inline policies at enrolment).",
+    ),
+    Option(
+        "ignore_tomtou_errors",
+        "bool",
+        False,
+        "Treat IMA ToMToU / open-writers violation entries as logged warnings instead of failures.",
+    ),
     Option("webhook_url", "str", "", "If set, revocation notices are also POSTed to this URL."),
     Option(
         "graceful_timeout", "float", 3.0, "Seconds in-flight requests get to finish at shutdown.", minimum=0.0

@@ -29,6 +29,10 @@ GET_QUOTE after the agent acknowledged V; a verifier stopping between the two re
 restart, which the agent treats as the same half again (K = U xor V is unchanged). A reactivate
 clears ``v_delivered`` (a restarted agent lost its K; upstream also re-provides V then).
 
+IMA: with a runtime policy the hook is an :class:`actors.verifier.ima.AgentIma`; its progress
+(running PCR 10, line count, boot identity, learned keys) is written in the same transaction as
+the poll's success record (``ima_progress``) and restored from it on (re)start.
+
 Resuming: the TPM clock info, the next IMA entry, boottime and the algorithms come from the
 stored row, so a verifier restart continues the clock checks and the IMA tail (partial=0 once,
 for the NK, but with ``ima_ml_entry`` = the stored progress: no full re-read of the IMA log).
@@ -61,6 +65,7 @@ from actors.common.client import (
 from actors.common.store import Store
 from actors.verifier import attest, records
 from actors.verifier.attest import AgentTarget, AttestState, ImaCheck
+from actors.verifier.ima import AgentIma
 from actors.verifier.notify import Notifier, build_notice
 from protocol import tpm2
 from protocol.errors import ProtocolError
@@ -187,7 +192,8 @@ class MonitorSet:
         """PUT reactivate: fresh start (NK, IMA from entry 0, clock, V re-delivered), then start."""
         self.stop(agent_id)
         await records.update(
-            self.store, agent_id, v_delivered=False, next_ima_ml_entry=0, ima_pcr10="{}", tpm_clock_info=None
+            self.store, agent_id, v_delivered=False, next_ima_ml_entry=0, ima_pcr10="{}", tpm_clock_info=None,
+            ima_progress=None,
         )
         self.start(agent_id)
 
@@ -268,6 +274,9 @@ class Monitor:
         self.db_state = row["operational_state"]
         target = target_from_row(row, self.ms.ima_check_for(row))
         state = state_from_row(row)
+        ima_hook = target.ima_check if isinstance(target.ima_check, AgentIma) else None
+        if ima_hook is not None:
+            state.ima_ml_entry = ima_hook.progress.count  # the restored progress decides the tail
         v_delivered = bool(row["v_delivered"])
         v = base64.b64decode(row["v"]) if row["v"] else None
         limits = httpx.Limits(max_connections=2, max_keepalive_connections=1, keepalive_expiry=self.s.keepalive_expiry)
@@ -295,6 +304,8 @@ class Monitor:
                     enc_alg=state.enc_alg,
                     sign_alg=state.sign_alg,
                     next_ima_ml_entry=state.ima_ml_entry,
+                    ima_pcr10=dict(ima_hook.progress.pcrs) if ima_hook is not None else None,
+                    ima_progress=ima_hook.progress_json() if ima_hook is not None else None,
                     boottime=state.boottime,
                     clock_info=state.clock.to_json() if state.clock is not None else None,
                     state=next_state if next_state != self.db_state else None,

@@ -21,7 +21,10 @@ agents = sa.Table(
     sa.Column("port", sa.Integer, nullable=False),
     sa.Column("tpm_policy", sa.Text, nullable=False),  # JSON text: {"<pcr>": [hex, ...], "mask": "0x…"}
     sa.Column("runtime_policy", sa.Text, nullable=False, default=""),  # base64, may be empty
-    sa.Column("runtime_policy_name", sa.String(255), nullable=True),
+    sa.Column("runtime_policy_name", sa.String(255), nullable=True),  # a named policy (allowlists)
+    # the policy the agent uses when enrolled inline without a name (runtime_policies.checksum);
+    # with a name it records the checksum at enrolment only: the name is what is resolved per poll
+    sa.Column("runtime_policy_checksum", sa.String(64), nullable=True),
     sa.Column("runtime_policy_key", sa.Text, nullable=True),
     sa.Column("mb_policy", sa.Text, nullable=True),
     sa.Column("mb_policy_name", sa.String(255), nullable=True),
@@ -52,7 +55,33 @@ agents = sa.Table(
     sa.Column("next_ima_ml_entry", sa.Integer, nullable=False, default=0),
     sa.Column("ima_pcr10", sa.Text, nullable=False, default="{}"),
     sa.Column("boottime", sa.Integer, nullable=True),
+    # protocol.ima_eval.ImaProgress.to_json() as JSON text (running PCR 10, count, boot identity,
+    # learned keys); written with the poll's success record, None = start at line 0
+    sa.Column("ima_progress", sa.Text, nullable=True),
     # the last good quote's TPMS_CLOCK_INFO: {"clock", "resetCount", "restartCount", "safe"}
     sa.Column("tpm_clock_info", sa.Text, nullable=True),
     sa.Index("ix_verifier_agents_verifier_id", "verifier_id"),
+)
+
+# One stored copy per distinct runtime policy: the bytes as uploaded (JSON or a DSSE envelope, as
+# UTF-8 text), keyed by protocol.runtime_policy checksum (hex SHA-256 of those bytes).
+runtime_policies = sa.Table(
+    "verifier_runtime_policies",
+    metadata,
+    sa.Column("checksum", sa.String(64), primary_key=True),
+    sa.Column("policy", sa.Text, nullable=False),
+    sa.Column("runtime_policy_key", sa.Text, nullable=True),  # the key it was verified with
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# Named runtime policies (``/v2.x/allowlists/{name}``): name -> checksum (+ what upstream keeps).
+allowlists = sa.Table(
+    "verifier_allowlists",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("checksum", sa.String(64), nullable=False),
+    sa.Column("runtime_policy_key", sa.Text, nullable=True),
+    sa.Column("tpm_policy", sa.Text, nullable=True),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Index("ix_verifier_allowlists_checksum", "checksum"),
 )

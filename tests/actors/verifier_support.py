@@ -11,6 +11,7 @@ import base64
 import datetime
 import json
 import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,3 +400,62 @@ class Webhook:
             self.bodies.append(json.loads(body))
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         await stream.aclose()
+
+
+# --- a TLS-terminating proxy that records the requests sent to an agent ------------------------------
+
+
+@dataclass
+class RecordingProxy:
+    """Terminates the verifier's TLS with ``pki.agent``'s cert (enrol with ``mtls_cert=pki.agent.pem``),
+    records every request target, and forwards the bytes to the real agent over mTLS (pinned)."""
+
+    pki: Any
+    target: tuple[str, int]
+    agent_cert_pem: str
+    paths: list[str] = field(default_factory=list)
+    port: int = 0
+
+    def integrity_params(self) -> list[dict[str, str]]:
+        """The query of every ``quotes/integrity`` request, in order."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        return [dict(parse_qsl(urlsplit(p).query)) for p in self.paths if "/quotes/integrity" in p]
+
+    async def run(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        ctx = tls.server_context(self.pki.agent.cert, self.pki.agent.key, mode="none")
+        listeners = await trio.open_ssl_over_tcp_listeners(0, ctx, host="127.0.0.1")
+        self.port = listeners[0].transport_listener.socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, down: trio.SSLStream) -> None:
+        cctx = tls.client_context([self.pki.ca], self.pki.client.cert, self.pki.client.key,
+                                  pinned_server_cert_pem=self.agent_cert_pem)
+        try:
+            up = await trio.open_ssl_over_tcp_stream(*self.target, ssl_context=cctx, https_compatible=True)
+        except (OSError, trio.BrokenResourceError):
+            await down.aclose()
+            return
+        async with up, down, trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, down, up, True, nursery.cancel_scope)
+            nursery.start_soon(self._pump, up, down, False, nursery.cancel_scope)
+
+    async def _pump(self, src: trio.SSLStream, dst: trio.SSLStream, record: bool, scope: trio.CancelScope) -> None:
+        import re
+
+        tail = b""
+        try:
+            while data := await src.receive_some(65536):
+                if record:
+                    buf = tail + data
+                    for m in re.finditer(rb"(?:GET|POST|PUT|DELETE) (\S+) HTTP/1\.1\r\n", buf):
+                        self.paths.append(m.group(1).decode("latin-1"))
+                    # keep an incomplete request line for the next chunk
+                    cut = buf.rfind(b"\r\n")
+                    tail = buf[cut + 2:][-4096:] if cut >= 0 else buf[-4096:]
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+            pass
+        finally:
+            scope.cancel()

@@ -1,0 +1,167 @@
+"""``POST /v2.x/verify/evidence`` and ``GET /v2.x/verify/identity`` (public routes).
+
+Evidence is checked with the monitor's own code (attest.verify_quote_evidence + an AgentIma hook
+starting from progress zero), minus the clock and PCR 16 checks, which need per-agent history and
+an NK. Evidence whose quote signature, nonce or PCR digest does not verify is never valid: the
+quote failures are in the list, and the IMA hook does not even run then.
+
+Missing inputs -> :class:`EvidenceRejected` (HTTP 400) with failures ``{"type":
+"<field>.missing_param", "context": {"message": ...}}``; unusable inputs (a tpm_ak that does not
+decode, a runtime_policy that does not validate, ...) the same with ``<field>.invalid_param``.
+Measured boot (``mb_policy``) is not evaluated by keytrio: a non-empty one is refused as invalid
+input rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from actors.verifier.attest import verify_quote_evidence
+from actors.verifier.ima import AgentIma, FixedPolicy
+from actors.verifier.policies import PolicyRefused, parse
+from protocol import tpm2
+from protocol.errors import ProtocolError
+from protocol.failures import Failure
+
+EVIDENCE_FIELDS = (
+    "nonce", "quote", "hash_alg", "tpm_ak", "tpm_ek", "tpm_policy", "runtime_policy", "mb_policy",
+    "ima_measurement_list", "mb_log",
+)  # fmt: skip
+REQUIRED = ("nonce", "quote", "hash_alg", "tpm_ak")
+IDENTITY_PARAMS = ("agent_uuid", "quote", "nonce", "hash_alg")
+
+
+class EvidenceRejected(Exception):
+    """The request cannot be evaluated (400); ``failures`` in the response's shape."""
+
+    def __init__(self, failures: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(f["type"] for f in failures))
+        self.failures = failures
+
+
+def missing_param(name: str) -> dict[str, Any]:
+    return {"type": f"{name}.missing_param", "context": {"message": f"missing parameter: {name}"}}
+
+
+def invalid_param(name: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": f"{name}.invalid_param", "context": {"message": message, **extra}}
+
+
+def failure_json(f: Failure) -> dict[str, Any]:
+    return {"type": f.event_id, "context": f.context}
+
+
+def _given(data: dict[str, Any], name: str) -> bool:
+    value = data.get(name)
+    return value is not None and value != "" and value != {}
+
+
+def _runtime_policy_bytes(value: object) -> bytes:
+    """The policy as sent: JSON text (upstream's doc), a JSON object, or base64 of JSON."""
+    if isinstance(value, dict):
+        return json.dumps(value).encode()
+    if not isinstance(value, str):
+        raise EvidenceRejected([invalid_param("runtime_policy", "must be JSON text or base64 of it")])
+    if value.lstrip().startswith("{"):
+        return value.encode("utf-8", "surrogatepass")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise EvidenceRejected([invalid_param("runtime_policy", "must be JSON text or base64 of it")]) from None
+
+
+def _tpm_policy(value: object) -> dict[str, Any]:
+    if value is None or value == "":
+        return {}
+    doc = value
+    if isinstance(value, str):
+        try:
+            doc = json.loads(value)
+        except ValueError:
+            raise EvidenceRejected([invalid_param("tpm_policy", "is not valid JSON")]) from None
+    if not isinstance(doc, dict):
+        raise EvidenceRejected([invalid_param("tpm_policy", "must be a JSON object")])
+    return doc
+
+
+def _ak(value: object, field: str = "tpm_ak") -> tpm2.AkKey:
+    try:
+        if not isinstance(value, str):
+            raise ValueError("not a string")
+        return tpm2.ak_key(base64.b64decode(value, validate=True))
+    except (binascii.Error, ValueError, ProtocolError) as exc:
+        raise EvidenceRejected([invalid_param(field, f"not a usable AK (base64 TPM2B_PUBLIC): {exc}")]) from None
+
+
+def check_tpm_evidence(data: object, *, ignore_tomtou_errors: bool = False) -> list[Failure]:
+    """Failures of TPM evidence (empty = valid); EvidenceRejected for missing/unusable inputs."""
+    if not isinstance(data, dict):
+        raise EvidenceRejected([missing_param("data")])
+    problems = [missing_param(n) for n in REQUIRED if not _given(data, n)]
+    for n in REQUIRED:
+        if _given(data, n) and not isinstance(data[n], str):
+            problems.append(invalid_param(n, "must be a string"))
+    has_runtime = _given(data, "runtime_policy")
+    if has_runtime and not _given(data, "ima_measurement_list"):
+        problems.append(missing_param("ima_measurement_list"))
+    if _given(data, "ima_measurement_list") and not isinstance(data["ima_measurement_list"], str):
+        problems.append(invalid_param("ima_measurement_list", "must be a string"))
+    if _given(data, "mb_policy"):
+        if not _given(data, "mb_log"):
+            problems.append(missing_param("mb_log"))
+        problems.append(invalid_param("mb_policy", "measured-boot policies are not evaluated by this verifier"))
+    if problems:
+        raise EvidenceRejected(problems)
+
+    ak = _ak(data["tpm_ak"])
+    tpm_policy = _tpm_policy(data.get("tpm_policy"))
+    hook = None
+    if has_runtime:
+        try:
+            policy = parse(_runtime_policy_bytes(data["runtime_policy"]), None, require_signature=False)
+        except PolicyRefused as exc:
+            raise EvidenceRejected([invalid_param("runtime_policy", exc.reason, field=exc.field)]) from None
+        hook = AgentIma("evidence", FixedPolicy(policy), None, policy.checksum,
+                        ignore_tomtou_errors=ignore_tomtou_errors)
+    verdict = verify_quote_evidence(
+        data["quote"],
+        ak=ak,
+        nonce=data["nonce"],
+        hash_alg=data["hash_alg"],
+        tpm_policy=tpm_policy,
+        ima_check=hook,
+        ima_list=data.get("ima_measurement_list") or "",
+        ima_entry=0,
+        check_clock=False,
+        nk_pem=None,  # PCR 16 binding is skipped on /verify/*
+    )
+    return verdict.failures
+
+
+def valid_value(valid: bool, api_version: str) -> bool | int:
+    """``valid`` is a bool from API 2.5 on, 1/0 before (upstream's change log)."""
+    if tuple(int(p) for p in api_version.split(".")) >= (2, 5):
+        return valid
+    return 1 if valid else 0
+
+
+def check_identity(row: dict[str, Any], quote: str, nonce: str, hash_alg: str) -> list[Failure]:
+    """``/verify/identity``: the quote verifies with the enrolled agent's AK (no clock/PCR 16)."""
+    ak = _ak(row["ak_tpm"], "agent_uuid")
+    verdict = verify_quote_evidence(
+        quote,
+        ak=ak,
+        nonce=nonce,
+        hash_alg=hash_alg,
+        tpm_policy={},
+        ima_check=None,
+        ima_list=None,
+        ima_entry=0,
+        accepted_hash_algs=json.loads(row["accept_tpm_hash_algs"]),
+        accepted_sign_algs=json.loads(row["accept_tpm_signing_algs"]),
+        check_clock=False,
+    )
+    return verdict.failures

@@ -1,0 +1,180 @@
+"""The monitor's IMA hook: per agent, protocol.ima_eval over only the new lines of each poll.
+
+:class:`AgentIma` is the ``ImaCheck`` of one agent (attest.py calls it with the list tail, its first
+entry number, the quoted PCRs and the bank). It resolves the agent's runtime policy in the shared
+:class:`~actors.verifier.policies.PolicyStore` at every call (so a PUT of a named policy applies at
+the next poll), keeps the :class:`~protocol.ima_eval.ImaProgress` (running PCR 10, line count,
+boot identity, learned keys), logs ToMToU warnings (they are not failures then), and records the
+lines parsed per poll in ``parsed`` (the debug counter tests read).
+
+attest.py calls :meth:`AgentIma.for_boot` with the reply's boottime and the quote's resetCount
+before each evaluation; the monitor stores :meth:`AgentIma.progress_json` with the poll's success
+record, and :class:`ImaHooks` restores it from the row on (re)start.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from actors.verifier.policies import PolicyStore
+from protocol.errors import ProtocolError
+from protocol.failures import Failure, Severity
+from protocol.ima_eval import PCR_MISMATCH, ImaProgress, evaluate_ima
+from protocol.runtime_policy import ImaKey, KeyTypeError, RuntimePolicy, parse_ima_key
+
+log = logging.getLogger("keytrio.verifier")
+
+IMA_PCR = 10
+POLICY_MISSING = "ima.policy_missing"  # the agent's runtime policy is not in the store (fail closed)
+
+
+def parse_verification_keys(text: str | None) -> list[ImaKey]:
+    """``ima_sign_verification_keys`` as enrolled: JSON list of PEM texts or base64 of PEM/DER.
+
+    Raises ValueError naming the bad entry.
+    """
+    if not text:
+        return []
+    doc = json.loads(text) if isinstance(text, str) else text
+    if isinstance(doc, str):
+        doc = json.loads(doc) if doc.strip().startswith("[") else [doc]
+    if not isinstance(doc, list):
+        raise ValueError("ima_sign_verification_keys must be a JSON list of keys")
+    out: list[ImaKey] = []
+    for i, item in enumerate(doc):
+        if not isinstance(item, str):
+            raise ValueError(f"ima_sign_verification_keys[{i}]: must be a string")
+        data = item.encode("ascii", "replace")
+        if not item.lstrip().startswith("-----BEGIN"):
+            try:
+                data = base64.b64decode(item, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"ima_sign_verification_keys[{i}]: not PEM nor base64") from None
+        try:
+            key = parse_ima_key(data)
+        except KeyTypeError as exc:
+            raise ValueError(f"ima_sign_verification_keys[{i}]: {exc}") from None
+        if key is None:
+            raise ValueError(f"ima_sign_verification_keys[{i}]: not a certificate or public key")
+        out.append(key)
+    return out
+
+
+class PolicySource(Protocol):
+    def resolve(self, name: str | None, checksum: str | None) -> RuntimePolicy | None: ...
+
+
+class FixedPolicy:
+    """A PolicySource of exactly one policy (``/verify/evidence``: the policy comes with the request)."""
+
+    def __init__(self, policy: RuntimePolicy) -> None:
+        self.policy = policy
+
+    def resolve(self, name: str | None, checksum: str | None) -> RuntimePolicy | None:
+        return self.policy
+
+
+class AgentIma:
+    """The IMA hook of one agent (see module docstring)."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        policies: PolicySource,
+        name: str | None,
+        checksum: str | None,
+        *,
+        progress: ImaProgress | None = None,
+        ignore_tomtou_errors: bool = False,
+        extra_keys: Iterable[ImaKey] = (),
+    ) -> None:
+        self.agent_id = agent_id
+        self.policies = policies
+        self.name = name
+        self.checksum = checksum
+        self.progress = progress or ImaProgress()
+        self.ignore_tomtou_errors = ignore_tomtou_errors
+        self.extra_keys = list(extra_keys)
+        self.parsed: deque[int] = deque(maxlen=10_000)  # lines parsed per evaluated poll
+        self.requested: deque[int] = deque(maxlen=10_000)  # first entry of each evaluated list
+        self.warnings: list[Failure] = []  # of the last poll
+
+    def policy(self) -> RuntimePolicy | None:
+        return self.policies.resolve(self.name, self.checksum)
+
+    def for_boot(self, boottime: int | None, reset_count: int | None) -> None:
+        before = self.progress.count
+        self.progress = self.progress.for_boot(boottime, reset_count)
+        if before and not self.progress.count:
+            log.info("agent=%s event=ima_new_boot boottime=%s reset_count=%s", self.agent_id, boottime,
+                     reset_count)
+
+    def progress_json(self) -> str:
+        return json.dumps(self.progress.to_json(), sort_keys=True)
+
+    def __call__(
+        self, list_text: str | None, first_entry: int, pcrs: dict[int, bytes], bank: str
+    ) -> tuple[list[Failure], int]:
+        policy = self.policy()
+        if policy is None:
+            f = Failure(POLICY_MISSING, {"message": "runtime policy not found", "name": self.name,
+                                         "checksum": self.checksum}, Severity.EMERGENCY)
+            return [f], self.progress.count
+        pcr10 = pcrs.get(IMA_PCR)
+        if pcr10 is None:
+            return [Failure(PCR_MISMATCH, {"message": "PCR 10 is not in the quote"}, Severity.EMERGENCY)], \
+                self.progress.count
+        res = evaluate_ima(
+            list_text, first_entry, pcr10, bank, policy, self.progress,
+            ignore_tomtou_errors=self.ignore_tomtou_errors,
+            extra_verification_keys=self.extra_keys,
+            quoted_pcrs=pcrs,
+        )  # fmt: skip
+        self.parsed.append(res.lines_parsed)
+        self.requested.append(first_entry)
+        self.warnings = list(res.warnings)
+        for w in res.warnings:
+            log.warning("agent=%s event=%s severity=%s path=%s line=%s", self.agent_id, w.event_id,
+                        w.severity.label, w.context.get("path"), w.context.get("line"))
+        self.progress = res.progress
+        return list(res.failures), res.progress.count
+
+
+class ImaHooks:
+    """``ima_check_for(row)`` of the MonitorSet: an AgentIma for agents with a runtime policy.
+
+    ``hooks[agent_id]`` is the live hook of each monitored agent (tests read ``parsed`` there).
+    """
+
+    def __init__(self, policies: PolicyStore, *, ignore_tomtou_errors: bool = False) -> None:
+        self.policies = policies
+        self.ignore_tomtou_errors = ignore_tomtou_errors
+        self.hooks: dict[str, AgentIma] = {}
+
+    def __call__(self, row: dict[str, Any]) -> AgentIma | None:
+        name = row.get("runtime_policy_name") or None
+        checksum = row.get("runtime_policy_checksum") or None
+        if not name and not checksum:
+            self.hooks.pop(row["agent_id"], None)
+            return None
+        progress = None
+        if row.get("ima_progress"):
+            try:
+                progress = ImaProgress.from_json(json.loads(row["ima_progress"]))
+            except (ValueError, ProtocolError):
+                log.warning("agent=%s event=bad_stored_ima_progress restarting at line 0", row["agent_id"])
+        if progress is not None and progress.count != int(row.get("next_ima_ml_entry") or 0):
+            progress = None  # inconsistent row (e.g. reactivated): start again at line 0
+        hook = AgentIma(
+            row["agent_id"], self.policies, name, checksum, progress=progress,
+            ignore_tomtou_errors=self.ignore_tomtou_errors,
+            extra_keys=parse_verification_keys(row.get("ima_sign_verification_keys")),
+        )  # fmt: skip
+        self.hooks[row["agent_id"]] = hook
+        return hook
