@@ -10,7 +10,9 @@ import argparse
 
 from actors.agent import cli as agent_cli
 from actors.ca import cli as ca_cli
+from actors.policy import cli as policy_cli
 from actors.registrar import cli as registrar_cli
+from actors.tenant import cli as tenant_cli
 from actors.verifier import cli as verifier_cli
 
 
@@ -20,3 +22,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verifier_cli.register(subparsers)
     agent_cli.register(subparsers)
     ca_cli.register(subparsers)
+    tenant_cli.register(subparsers)
+    policy_cli.register(subparsers)

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from actors.tenant import add as add_flow
-from actors.tenant import ops
+from actors.tenant import ops, policies
 from actors.tenant.client import (
     TENANT_AGENT_VERSIONS,
     TENANT_SERVER_VERSIONS,
@@ -127,9 +127,29 @@ class Tenant:
     async def reglist(self) -> list[str]:
         return await ops.list_registrar(self)
 
+    # -- runtime policies (``/allowlists/``, see actors.tenant.policies) -----------------------------
+
+    async def policy_add(self, name: str, policy: bytes, *, key: str | None = None,
+                         tpm_policy: str | None = None) -> None:
+        await policies.add(self, name, policy, key=key, tpm_policy=tpm_policy)
+
+    async def policy_update(self, name: str, policy: bytes, *, key: str | None = None,
+                            tpm_policy: str | None = None) -> None:
+        await policies.add(self, name, policy, key=key, tpm_policy=tpm_policy, update=True)
+
+    async def policy_show(self, name: str) -> dict[str, Any]:
+        return await policies.show(self, name)
+
+    async def policy_list(self) -> list[str]:
+        return await policies.list_names(self)
+
+    async def policy_delete(self, name: str) -> None:
+        await policies.delete(self, name)
+
 
 def check_agent_id(agent_id: object) -> str:
     try:
         return validation.agent_id(agent_id)
     except ValidationError as exc:
         raise UsageError(f"agent id {agent_id!r}: {exc.reason}") from exc
+

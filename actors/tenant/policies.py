@@ -1,0 +1,73 @@
+"""The verifier's named runtime policies (``/v2.x/allowlists/``): add, update, show, list, delete.
+
+A policy is checked here first with the verifier's own loader (plain JSON or a DSSE envelope,
+verified against ``runtime_policy_key`` when one is given), so a bad file is refused before it
+is sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import TYPE_CHECKING, Any
+
+from actors.tenant.errors import Refused, UsageError, VerificationFailed
+from protocol import dsse
+from protocol.errors import ProtocolError
+from protocol.runtime_policy import RuntimePolicy, load_policy
+
+if TYPE_CHECKING:
+    from actors.tenant.tenant import Tenant
+
+
+def check_policy(policy: bytes, key: str | None = None) -> RuntimePolicy:
+    """The parsed policy; VerificationFailed for a bad signature, UsageError for a bad policy."""
+    try:
+        return load_policy(policy, signing_key=key)
+    except dsse.DsseError as exc:
+        raise VerificationFailed("runtime policy signature", str(exc)) from exc
+    except ProtocolError as exc:
+        raise UsageError(f"runtime policy: {exc}") from exc
+
+
+def _body(policy: bytes, key: str | None, tpm_policy: str | None) -> dict[str, Any]:
+    check_policy(policy, key)
+    return {
+        "runtime_policy": base64.b64encode(policy).decode("ascii"),
+        "runtime_policy_key": key or "",
+        "tpm_policy": tpm_policy or "",
+    }
+
+
+async def add(t: Tenant, name: str, policy: bytes, *, key: str | None = None, tpm_policy: str | None = None,
+              update: bool = False) -> None:
+    """POST (new name; 409 if it exists) or PUT (``update``: replace an existing one; 404 if not)."""
+    verifier = await t.ready(t.verifier)
+    await verifier.call("PUT" if update else "POST", f"/allowlists/{name}", _body(policy, key, tpm_policy))
+
+
+async def show(t: Tenant, name: str) -> dict[str, Any]:
+    """The stored record; ``runtime_policy`` decoded to text (the policy as uploaded)."""
+    verifier = await t.ready(t.verifier)
+    res = dict((await verifier.call("GET", f"/allowlists/{name}")).results)
+    raw = res.get("runtime_policy")
+    if isinstance(raw, str):
+        try:
+            res["runtime_policy"] = base64.b64decode(raw, validate=True).decode("utf-8")
+        except (binascii.Error, ValueError) as exc:
+            raise Refused("verifier", 200, f"runtime policy {name} is not base64 UTF-8 text") from exc
+    return res
+
+
+async def list_names(t: Tenant) -> list[str]:
+    verifier = await t.ready(t.verifier)
+    res = (await verifier.call("GET", "/allowlists/")).results
+    names = res.get("runtimepolicy names", res.get("names"))
+    if not isinstance(names, list):
+        raise Refused("verifier", 200, "policy list without 'runtimepolicy names'")
+    return [n for n in names if isinstance(n, str)]
+
+
+async def delete(t: Tenant, name: str) -> None:
+    verifier = await t.ready(t.verifier)
+    await verifier.call("DELETE", f"/allowlists/{name}")
