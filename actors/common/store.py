@@ -4,6 +4,14 @@ SQLAlchemy blocks, so every database call runs in a worker thread through
 ``trio.to_thread.run_sync``; a limiter bounds how many run at once (one writer for SQLite,
 the pool size for PostgreSQL). ``Store.write`` commits before it returns, so a handler that
 awaits it and then answers never acknowledges what a crash could lose.
+
+Schema: actors pass their :class:`~actors.common.migrations.Migrations`; the database is then
+upgraded at open (``auto_migrate``) or checked to be current (SchemaOutOfDate otherwise).
+Without migrations ``metadata.create_all`` makes the tables: kept for scratch stores of tests and
+tools that have no revision history (no actor uses it).
+
+PostgreSQL: the pool holds ``pool_size`` connections plus at most ``max_overflow`` more, and the
+thread limiter equals that bound, so no thread ever waits on the pool inside a worker thread.
 """
 
 from __future__ import annotations
@@ -16,14 +24,30 @@ import sqlalchemy as sa
 import trio
 from sqlalchemy.engine import Connection, Engine
 
+from actors.common.migrations import Migrations, check_current, current, upgrade
+
 T = TypeVar("T")
+
+
+def parse_pool(value: str) -> tuple[int, int]:
+    """``"<pool size>,<max overflow>"`` (upstream's ``database_pool_sz_ovfl``) -> (size, overflow)."""
+    parts = [p.strip() for p in str(value).split(",")]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        size, overflow = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError('must be "<pool size>,<max overflow>", e.g. "5,10"') from None
+    if not (1 <= size <= 1000 and 0 <= overflow <= 1000):
+        raise ValueError("pool size must be 1-1000 and max overflow 0-1000")
+    return size, overflow
 
 
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-def _make_engine(url: str, pool_size: int) -> Engine:
+def _make_engine(url: str, pool_size: int, max_overflow: int = 0) -> Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -38,7 +62,9 @@ def _make_engine(url: str, pool_size: int) -> Engine:
             cur.close()
 
         return engine
-    return sa.create_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, pool_timeout=30)
+    return sa.create_engine(
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True, pool_timeout=30
+    )
 
 
 class Store:
@@ -49,12 +75,32 @@ class Store:
         self._limiter = limiter
 
     @classmethod
-    async def open(cls, url: str, metadata: sa.MetaData, *, pool_size: int = 5) -> Store:
-        engine = await trio.to_thread.run_sync(_make_engine, url, pool_size)
+    async def open(
+        cls,
+        url: str,
+        metadata: sa.MetaData | None = None,
+        *,
+        pool_size: int = 5,
+        max_overflow: int = 0,
+        migrations: Migrations | None = None,
+        auto_migrate: bool = True,
+    ) -> Store:
+        engine = await trio.to_thread.run_sync(_make_engine, url, pool_size, max_overflow)
         # SQLite serialises writers anyway; more threads would only wait on its lock.
-        limiter = trio.CapacityLimiter(1 if url.startswith("sqlite") else pool_size)
+        limiter = trio.CapacityLimiter(1 if url.startswith("sqlite") else pool_size + max_overflow)
         store = cls(engine, limiter)
-        await store._run(lambda: metadata.create_all(engine))
+        try:
+            if migrations is not None:
+                if auto_migrate:
+                    await store._run(lambda: upgrade(engine, migrations))
+                else:
+                    await store._run(lambda: check_current(engine, migrations))
+            elif metadata is not None:
+                await store._run(lambda: metadata.create_all(engine))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await store.close()
+            raise
         return store
 
     @property
@@ -84,3 +130,19 @@ class Store:
 
     async def close(self) -> None:
         await trio.to_thread.run_sync(self.engine.dispose)
+
+
+def db_command(action: str, url: str, migrations: Migrations, *, data_dir: Path | None = None) -> str:
+    """``keytrio <actor> db upgrade|current`` (blocking); returns the line to print."""
+    if url.startswith("sqlite") and data_dir is not None:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+    engine = _make_engine(url, 1, 0)
+    try:
+        if action == "upgrade":
+            before, after = upgrade(engine, migrations)
+            return f"{migrations.actor} database: {before or 'empty'} -> {after}"
+        with engine.connect() as conn:
+            rev = current(conn, migrations)
+        return f"{migrations.actor} database: at {rev or 'none'}, newest {migrations.head()}"
+    finally:
+        engine.dispose()

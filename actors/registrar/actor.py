@@ -19,12 +19,12 @@ import trio
 
 from actors.common.config import Config
 from actors.common.serve import serve
-from actors.common.store import Store
+from actors.common.store import Store, parse_pool
 from actors.common.tls import server_context
 from actors.registrar.app import build_admin_app, build_agent_app
 from actors.registrar.config import Settings, resolve
 from actors.registrar.ekcert import load_cert_store
-from actors.registrar.schema import metadata
+from actors.registrar.migrations import MIGRATIONS
 from actors.registrar.service import RegistrarService
 
 log = logging.getLogger("keytrio.registrar")
@@ -63,7 +63,10 @@ class Registrar:
         )
         if s.database_url.startswith("sqlite") and not cfg.database_url:
             await trio.to_thread.run_sync(partial(s.data_dir.mkdir, parents=True, exist_ok=True))
-        store = await Store.open(s.database_url, metadata)
+        pool_size, max_overflow = parse_pool(cfg.database_pool_sz_ovfl)
+        # migrated to the current schema at start (auto_migrate_db), else checked to be current
+        store = await Store.open(s.database_url, pool_size=pool_size, max_overflow=max_overflow,
+                                 migrations=MIGRATIONS, auto_migrate=cfg.auto_migrate_db)
         try:
             service = RegistrarService(
                 store,

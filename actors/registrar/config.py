@@ -13,7 +13,7 @@ from typing import Any
 
 from actors.common.config import Config, ConfigError, Option, default_config_text, load
 from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
-from actors.common.store import sqlite_url
+from actors.common.store import parse_pool, sqlite_url
 
 ACTOR = "registrar"
 
@@ -21,6 +21,14 @@ ACTOR = "registrar"
 def _database_url(value: str) -> str | None:
     if value and "://" not in value:
         return "must be empty (SQLite in data_dir) or a URL like sqlite:///path or postgresql://…"
+    return None
+
+
+def _pool(value: str) -> str | None:
+    try:
+        parse_pool(value)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -55,6 +63,21 @@ OPTIONS: tuple[Option, ...] = (
         "SQLAlchemy URL of the database; empty = sqlite:///<data_dir>/registrar.sqlite.\n"
         "PostgreSQL: postgresql+psycopg://user:password@host/db",
         check=_database_url,
+    ),
+    Option(
+        "database_pool_sz_ovfl",
+        "str",
+        "5,10",
+        "PostgreSQL connection pool: \"<pool size>,<max overflow>\" (at most their sum connections;\n"
+        "SQLite uses one writer connection at a time).",
+        check=_pool,
+    ),
+    Option(
+        "auto_migrate_db",
+        "bool",
+        True,
+        f"Upgrade the database schema at start (else `keytrio {ACTOR} db upgrade --config FILE`\n"
+        "must have been run; the actor refuses to start on an older schema).",
     ),
     Option("tls_dir", "path", None, "Directory of the TLS files below; empty = <data_dir>/cv_ca."),
     Option("server_cert", "path", "server-cert.crt", "Server certificate (PEM) of the HTTPS listener."),

@@ -4,7 +4,11 @@
     host, port = await nursery.start(verifier.run)
 
 Everything lives in the actor's own nursery (no global state: two verifiers in one process work).
-On start it resumes monitoring every stored agent of its ``verifier_id`` in an active state.
+At start the database is migrated to the current schema (``auto_migrate_db``), then the actor
+resumes monitoring every stored agent of its ``verifier_id`` in an active state (each from its
+stored progress: counters, TPM clock, IMA line) and resumes the revocation outbox's pending
+deliveries. Several verifiers may share one PostgreSQL database: each only monitors, and only
+delivers the notices of, its own ``verifier_id``.
 Cancelling ``run`` is a clean shutdown: monitors are cancelled, the listener stops (in-flight
 requests get ``graceful_timeout``), then the database is closed.
 
@@ -23,16 +27,16 @@ import trio
 
 from actors.common.config import Config
 from actors.common.serve import serve
-from actors.common.store import Store
+from actors.common.store import Store, parse_pool
 from actors.common.tls import server_context
 from actors.verifier import records
 from actors.verifier.app import build_app
 from actors.verifier.config import Settings, resolve
 from actors.verifier.ima import ImaHooks
+from actors.verifier.migrations import MIGRATIONS
 from actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory, MonitorSet, MonitorSettings
-from actors.verifier.notify import HttpNotifier, agent_context_factory
+from actors.verifier.notify import Outbox, agent_context_factory
 from actors.verifier.policies import PolicyStore
-from actors.verifier.schema import metadata
 
 log = logging.getLogger("keytrio.verifier")
 
@@ -53,7 +57,7 @@ class Verifier:
         self.ima_check_for = ima_check_for
         self.address: tuple[str, int] | None = None
         self.monitors: MonitorSet | None = None
-        self.notifier: HttpNotifier | None = None
+        self.notifier: Outbox | None = None
         self.store: Store | None = None
         self.policies: PolicyStore | None = None
         self.ima: ImaHooks | None = None  # the IMA hooks (per-agent debug counters: ima.hooks[id].parsed)
@@ -64,7 +68,9 @@ class Verifier:
         contexts = agent_context_factory(s.trusted_server_ca, s.client_cert, s.client_key)
         if s.database_url.startswith("sqlite") and not cfg.database_url:
             await trio.to_thread.run_sync(partial(s.data_dir.mkdir, parents=True, exist_ok=True))
-        store = await Store.open(s.database_url, metadata)
+        pool_size, max_overflow = parse_pool(cfg.database_pool_sz_ovfl)
+        store = await Store.open(s.database_url, pool_size=pool_size, max_overflow=max_overflow,
+                                 migrations=MIGRATIONS, auto_migrate=cfg.auto_migrate_db)
         self.store = store
         try:
             policies = PolicyStore(store, require_signatures=cfg.require_allow_list_signatures, clock=self.clock)
@@ -75,16 +81,18 @@ class Verifier:
                 self.ima = ImaHooks(policies, ignore_tomtou_errors=cfg.ignore_tomtou_errors)
                 ima_check_for = self.ima
             async with trio.open_nursery() as nursery:
-                notifier = HttpNotifier(
+                notifier = Outbox(
                     store,
                     verifier_id=cfg.verifier_id,
-                    nursery=nursery,
                     context_for=contexts,
                     webhook_url=cfg.webhook_url,
                     webhook_ca_files=s.trusted_server_ca,
                     retry_interval=max(cfg.retry_interval, 0.05),
+                    max_retry_interval=cfg.revocation_max_retry_interval,
                     exponential=cfg.exponential_backoff,
                     timeout=cfg.request_timeout,
+                    ttl=cfg.revocation_notice_ttl,
+                    clock=self.clock,
                 )
                 monitors = MonitorSet(
                     store,
@@ -124,6 +132,7 @@ class Verifier:
                     partial(serve, app, host=cfg.ip, port=cfg.port, ssl_context=tls,
                             graceful_timeout=cfg.graceful_timeout)
                 )
+                await nursery.start(notifier.run)  # pending deliveries of a previous run resume
                 resumed = 0
                 for row in await records.list_all(store, cfg.verifier_id):
                     if row["operational_state"] in ACTIVE_STATES:

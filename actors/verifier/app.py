@@ -277,6 +277,8 @@ def agent_view(
         "attestation_count": row["attestation_count"],
         "last_received_quote": row["last_received_quote"],
         "last_successful_attestation": row["last_successful_attestation"],
+        # keytrio: revocation notices still to be delivered TO this agent (notify.Outbox)
+        "pending_notices": row.get("pending_notices", 0),
     }
     if tuple(int(p) for p in version.split(".")) >= (2, 5):
         view["enc_alg"] = _enc_alg_v25(row["enc_alg"])
@@ -366,6 +368,7 @@ def build_app(
         row = await records.get(store, aid)
         if row is None:
             raise ApiError(404, f"Agent {aid} not found")
+        row["pending_notices"] = (await records.pending_notices(store, [aid])).get(aid, 0)
         return ok(view(row))
 
     @app.api.route("/agents/", methods=("GET",))
@@ -373,6 +376,9 @@ def build_app(
         wanted = request.args.get("verifier")
         if "bulk" in request.args:
             rows = await records.list_all(store, wanted)
+            pending = await records.pending_notices(store, [r["agent_id"] for r in rows])
+            for row in rows:
+                row["pending_notices"] = pending.get(row["agent_id"], 0)
             return ok({row["agent_id"]: view(row) for row in rows})
         return ok({"uuids": [[aid] for aid in await records.list_ids(store, wanted)]})
 
@@ -398,7 +404,7 @@ def build_app(
     @app.api.route("/agents/<agent_id>/reactivate", methods=("PUT",))
     async def reactivate_agent(agent_id: str) -> Response:
         aid = parse_agent_id(agent_id)
-        if not await records.set_state(store, aid, records.GET_QUOTE):
+        if not await records.reactivate(store, aid):  # state + progress reset: one transaction
             raise ApiError(404, f"Agent {aid} not found")
         await _call(on_reactivate, aid)
         return ok()

@@ -13,7 +13,7 @@ from typing import Any
 
 from actors.common.config import Config, ConfigError, Option, default_config_text, load
 from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
-from actors.common.store import sqlite_url
+from actors.common.store import parse_pool, sqlite_url
 
 ACTOR = "verifier"
 
@@ -27,6 +27,14 @@ def _database_url(value: str) -> str | None:
 def _verifier_id(value: str) -> str | None:
     if not value or len(value) > 255:
         return "must be 1-255 characters"
+    return None
+
+
+def _pool(value: str) -> str | None:
+    try:
+        parse_pool(value)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -46,6 +54,21 @@ OPTIONS: tuple[Option, ...] = (
         "SQLAlchemy URL of the database; empty = sqlite:///<data_dir>/verifier.sqlite.\n"
         "PostgreSQL: postgresql+psycopg://user:password@host/db",
         check=_database_url,
+    ),
+    Option(
+        "database_pool_sz_ovfl",
+        "str",
+        "5,10",
+        "PostgreSQL connection pool: \"<pool size>,<max overflow>\" (at most their sum connections;\n"
+        "SQLite uses one writer connection at a time).",
+        check=_pool,
+    ),
+    Option(
+        "auto_migrate_db",
+        "bool",
+        True,
+        f"Upgrade the database schema at start (else `keytrio {ACTOR} db upgrade --config FILE`\n"
+        "must have been run; the actor refuses to start on an older schema).",
     ),
     Option("tls_dir", "path", None, "Directory of the TLS files below; empty = <data_dir>/cv_ca."),
     Option("server_cert", "path", "server-cert.crt", "Server certificate (PEM) of the HTTPS listener."),
@@ -111,6 +134,22 @@ OPTIONS: tuple[Option, ...] = (
         "Treat IMA ToMToU / open-writers violation entries as logged warnings instead of failures.",
     ),
     Option("webhook_url", "str", "", "If set, revocation notices are also POSTed to this URL."),
+    Option(
+        "revocation_notice_ttl",
+        "float",
+        86400.0,
+        "Seconds a revocation notice is retried for a recipient that does not acknowledge it\n"
+        "(stored notices survive restarts; after this the delivery is given up as expired).",
+        minimum=0.0,
+    ),
+    Option(
+        "revocation_max_retry_interval",
+        "float",
+        60.0,
+        "Longest wait between two delivery attempts of one notice to one recipient (the wait\n"
+        "starts at retry_interval and doubles with exponential_backoff).",
+        minimum=0.01,
+    ),
     Option(
         "graceful_timeout", "float", 3.0, "Seconds in-flight requests get to finish at shutdown.", minimum=0.0
     ),

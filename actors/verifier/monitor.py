@@ -191,10 +191,9 @@ class MonitorSet:
     async def reactivate(self, agent_id: str) -> None:
         """PUT reactivate: fresh start (NK, IMA from entry 0, clock, V re-delivered), then start."""
         self.stop(agent_id)
-        await records.update(
-            self.store, agent_id, v_delivered=False, next_ima_ml_entry=0, ima_pcr10="{}", tpm_clock_info=None,
-            ima_progress=None,
-        )
+        # the REST route already reset the row (records.reactivate, one transaction); again here
+        # in case the cancelled monitor wrote its old progress in between
+        await records.update(self.store, agent_id, **records.RESET_PROGRESS)
         self.start(agent_id)
 
     async def _guarded(self, agent_id: str, scope: trio.CancelScope) -> None:
@@ -239,8 +238,18 @@ class MonitorSet:
 
 
 async def fail(ms: MonitorSet, agent_id: str, state: int, failure: Failure, *, received: bool = False) -> None:
-    """Record ``failure`` (state + worst event) and publish a notice, unless a tenant action won."""
+    """Record ``failure`` (state + worst event) and its notice, unless a tenant action won.
+
+    With a notifier that can ``stage`` (the Outbox) the failure and the notice (with its
+    deliveries) are committed in ONE transaction before any delivery is attempted.
+    """
     now = ms.now()
+    row = await records.get(ms.store, agent_id)
+    if row is None or row["operational_state"] not in ACTIVE_STATES:
+        return  # stopped or deleted meanwhile: the tenant's action stands, no notice
+    notice = build_notice(row, failure)
+    notifier = ms.notifier
+    stage = getattr(notifier, "stage", None)
     written = await records.record_failure(
         ms.store,
         agent_id,
@@ -249,13 +258,16 @@ async def fail(ms: MonitorSet, agent_id: str, state: int, failure: Failure, *, r
         severity_level=int(failure.severity),
         received_at=now if received else None,
         only_in_states=ACTIVE_STATES,
+        also=(lambda conn: stage(conn, notice, now)) if stage is not None else None,
     )
     if not written:  # stopped or deleted meanwhile: the tenant's action stands, no notice
         return
-    log.warning("agent=%s event=%s state=%d severity=%s", agent_id, failure.event_id, state, failure.severity.label)
-    row = await records.get(ms.store, agent_id)
-    if row is not None:
-        await ms.notifier.publish(build_notice(row, failure))
+    log.warning("agent=%s event=%s state=%d severity=%s notice=%s", agent_id, failure.event_id, state,
+                failure.severity.label, notice.notice_id)
+    if stage is not None:
+        notifier.committed(notice)  # type: ignore[attr-defined]
+    else:
+        await notifier.publish(notice)
 
 
 class Monitor:

@@ -8,14 +8,14 @@ DELETE simply finds its row gone.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from actors.common.store import Store
-from actors.verifier.schema import agents
+from actors.verifier.schema import agents, deliveries
 
 # Operational states (upstream keylime/common/states.py)
 REGISTERED = 0
@@ -109,6 +109,29 @@ async def set_state(store: Store, agent_id: str, state: int, **values: Any) -> b
     return await update(store, agent_id, operational_state=state, **values)
 
 
+#: what a reactivate resets: a fresh start (NK, IMA from entry 0, clock, V re-delivered)
+RESET_PROGRESS: dict[str, Any] = {
+    "v_delivered": False, "next_ima_ml_entry": 0, "ima_pcr10": "{}", "tpm_clock_info": None, "ima_progress": None,
+}
+
+
+async def reactivate(store: Store, agent_id: str) -> bool:
+    """GET_QUOTE with the monitor's progress reset, in one transaction; False if unknown."""
+    return await set_state(store, agent_id, GET_QUOTE, **RESET_PROGRESS)
+
+
+async def pending_notices(store: Store, agent_ids: Collection[str]) -> dict[str, int]:
+    """Revocation deliveries still pending per recipient agent (absent = 0)."""
+
+    def q(conn: Connection) -> dict[str, int]:
+        stmt = (sa.select(deliveries.c.recipient, sa.func.count())
+                .where(deliveries.c.state == "pending", deliveries.c.recipient.in_(list(agent_ids)))
+                .group_by(deliveries.c.recipient))
+        return {r: int(n) for r, n in conn.execute(stmt)}
+
+    return await store.read(q) if agent_ids else {}
+
+
 def _guard(agent_id: str, only_in_states: Collection[int] | None) -> Any:
     # A monitor's write must not undo a concurrent tenant action (stop -> 10, delete): its
     # writes apply only while the row is still in a state the monitor owns.
@@ -180,10 +203,13 @@ async def record_failure(
     severity_level: int,
     received_at: float | None = None,
     only_in_states: Collection[int] | None = None,
+    also: Callable[[Connection], Any] | None = None,
 ) -> bool:
     """An attestation failed (policy or communication): new state and the worst event so far.
 
     ``received_at`` is given when a quote did arrive (it counts as last_received_quote).
+    ``also(conn)`` runs in the same transaction once the row was updated (the monitor stores the
+    revocation notice there: the failure and its notice commit together or not at all).
     """
 
     def txn(conn: Connection) -> int:
@@ -196,6 +222,9 @@ async def record_failure(
             values.update(severity_level=severity_level, last_event_id=event_id)
         if received_at is not None:
             values["last_received_quote"] = int(received_at)
-        return conn.execute(sa.update(agents).where(_where(agent_id)).values(**values)).rowcount
+        count = conn.execute(sa.update(agents).where(_where(agent_id)).values(**values)).rowcount
+        if count and also is not None:
+            also(conn)
+        return count
 
     return bool(await store.write(txn))

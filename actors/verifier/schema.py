@@ -85,3 +85,36 @@ allowlists = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Index("ix_verifier_allowlists_checksum", "checksum"),
 )
+
+# --- the revocation outbox (notify.Outbox) -------------------------------------------------------
+# A notice is stored, with one delivery row per recipient, in the transaction that records the
+# failure; deliveries are retried until delivered or the notice expires (revocation_notice_ttl).
+notices = sa.Table(
+    "verifier_notices",
+    metadata,
+    sa.Column("notice_id", sa.String(64), primary_key=True),
+    sa.Column("verifier_id", sa.String(255), nullable=False),
+    sa.Column("agent_id", sa.String(255), nullable=False),  # the failing agent
+    sa.Column("event_id", sa.String(255), nullable=False),
+    sa.Column("msg", sa.Text, nullable=False),  # the exact signed JSON text
+    sa.Column("signature", sa.Text, nullable=False),  # base64, "" when unsigned
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+# state: pending -> delivered (2xx) | expired (ttl over) | abandoned (recipient no longer enrolled)
+deliveries = sa.Table(
+    "verifier_deliveries",
+    metadata,
+    sa.Column("notice_id", sa.String(64), sa.ForeignKey("verifier_notices.notice_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("recipient", sa.String(255), primary_key=True),  # an agent id or "webhook"
+    sa.Column("verifier_id", sa.String(255), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),  # wall-clock epoch seconds
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("done_at", sa.Float, nullable=True),
+    sa.Index("ix_verifier_deliveries_due", "verifier_id", "state", "next_attempt_at"),
+    sa.Index("ix_verifier_deliveries_recipient", "recipient", "state"),
+)
