@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,20 +12,53 @@ import trio
 
 from actors import cli as actors_cli
 
+DEFAULT_SEED = 20261128  # scenarios.runner.DEFAULT_SEED (not imported: keeps `keytrio` start cheap)
+
+
+def _scenario_list(args: argparse.Namespace) -> int:
+    from scenarios import runner
+
+    for name, sc in sorted(runner.discover().items()):
+        print(f"{name:<28} {sc.summary}")
+    return 0
+
 
 def _scenario_run(args: argparse.Namespace) -> int:
     from scenarios import runner
 
     if args.list:
-        for name, sc in sorted(runner.discover().items()):
-            print(f"{name:<28} {sc.summary}")
-        return 0
+        return _scenario_list(args)
     try:
-        ok = trio.run(lambda: runner.run_scenarios(args.names, base_dir=args.dir, keep=args.keep))
+        ok = trio.run(lambda: runner.run_scenarios(
+            args.names, base_dir=args.dir, keep=args.keep, seed=args.seed, json_path=args.json,
+            report_dir=args.report))
     except KeyError as exc:
         print(f"keytrio scenario run: {exc.args[0]}", file=sys.stderr)
         return 2
     return 0 if ok else 1
+
+
+def _testbed_up(args: argparse.Namespace) -> int:
+    import json
+
+    from testbed.world import Testbed
+
+    async def up() -> None:
+        tb = Testbed(args.dir, machines=args.agents, seed=args.seed)
+        # SIGINT (Ctrl-C) and SIGTERM both tear the testbed down through cancellation, so agents
+        # stop, every swtpm gets TPM2_Shutdown(CLEAR) and databases close.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(tb.run)
+                print(json.dumps(tb.describe(), indent=2), flush=True)
+                print("testbed running; Ctrl-C tears it down", file=sys.stderr, flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+        print("testbed stopped", file=sys.stderr, flush=True)
+
+    trio.run(up)
+    return 0
 
 
 def _tpm_start(args: argparse.Namespace) -> int:
@@ -59,10 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--list", action="store_true", help="list the scenarios and exit")
     run.add_argument("--dir", type=Path, help="keep the run's files (TPM state, logs) in this directory")
     run.add_argument("--keep", action="store_true", help="keep the temporary directory even on success")
+    run.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the run (default %(default)s)")
+    run.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON to FILE")
+    run.add_argument("--report", type=Path, metavar="DIR", help="write report.json + report.html into DIR")
     run.set_defaults(func=_scenario_run)
+    lst = sc_verbs.add_parser("list", help="list the scenarios")
+    lst.set_defaults(func=_scenario_list)
 
     tb = verbs.add_parser("testbed", help="software TPMs and simulated machines for exploration")
     tb_verbs = tb.add_subparsers(dest="testbed_verb", metavar="PART", required=True)
+    up = tb_verbs.add_parser("up", help="start a CA, registrar, verifier and N agents; Ctrl-C stops them")
+    up.add_argument("--agents", type=int, default=1, help="number of machines (default %(default)s)")
+    up.add_argument("--dir", type=Path, required=True, help="the testbed's directory (kept)")
+    up.add_argument("--seed", type=int, default=0, help="seed of machine contents and agent ids")
+    up.set_defaults(func=_testbed_up)
     tpm = tb_verbs.add_parser("tpm", help="a standalone swtpm instance")
     tpm_verbs = tpm.add_subparsers(dest="tpm_verb", metavar="ACTION", required=True)
     start = tpm_verbs.add_parser(

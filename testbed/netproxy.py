@@ -22,7 +22,7 @@ class NetProxy:
         self.port = port
         self.mode: Mode = "pass"
         self.connections = 0  # accepted connections, for tests and reports
-        self._cut = trio.CancelScope()  # cancelled to cut every live connection
+        self._live: set[trio.CancelScope] = set()  # one per forwarded connection, cancelled to cut it
         self._nursery: trio.Nursery | None = None
 
     def set_mode(self, mode: Mode) -> None:
@@ -30,8 +30,8 @@ class NetProxy:
             raise ValueError(f"unknown proxy mode {mode!r}")
         self.mode = mode
         if mode != "pass":
-            self._cut.cancel()
-            self._cut = trio.CancelScope()
+            for scope in self._live:
+                scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
@@ -48,21 +48,35 @@ class NetProxy:
                 _reset(client)
                 return
             if self.mode == "blackhole":
-                await _swallow(client)
+                # cut too by a later set_mode("refuse"/"blackhole"): clients then see a reset
+                hole = trio.CancelScope()
+                self._live.add(hole)
+                try:
+                    with hole:
+                        await _swallow(client)
+                    if hole.cancelled_caught:
+                        _reset(client)
+                finally:
+                    self._live.discard(hole)
                 return
             try:
                 upstream = await trio.open_tcp_stream(*self.target)
             except OSError:
                 _reset(client)
                 return
-            scope = self._cut
-            async with upstream:
-                with scope:
-                    async with trio.open_nursery() as n:
-                        n.start_soon(_pump, client, upstream, n.cancel_scope)
-                        n.start_soon(_pump, upstream, client, n.cancel_scope)
-                if scope.cancelled_caught:
-                    _reset(client)
+            # A CancelScope can be entered only once: each connection gets its own.
+            scope = trio.CancelScope()
+            self._live.add(scope)
+            try:
+                async with upstream:
+                    with scope:
+                        async with trio.open_nursery() as n:
+                            n.start_soon(_pump, client, upstream, n.cancel_scope)
+                            n.start_soon(_pump, upstream, client, n.cancel_scope)
+                    if scope.cancelled_caught:
+                        _reset(client)
+            finally:
+                self._live.discard(scope)
 
 
 def _reset(stream: trio.SocketStream) -> None:
