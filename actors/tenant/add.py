@@ -101,7 +101,7 @@ async def add_agent(
     hash_algs, enc_algs, sign_algs = list(accept_tpm_hash_algs), list(accept_tpm_encryption_algs), list(
         accept_tpm_signing_algs
     )
-    policy_text = _tpm_policy_text(tpm_policy)
+    policy_text = _tpm_policy_text(tpm_policy, ima=bool(runtime_policy or runtime_policy_name))
     runtime_b64 = _runtime_policy_b64(runtime_policy)
     store = ekcheck.load_trust_store(ek_trust_store) if ek_trust_store is not None else None
     if revocation_cert_pem is not None:
@@ -245,7 +245,7 @@ async def verify_key(t: Tenant, agent: Peer, k: bytes, *, timeout: float) -> Non
 # --- helpers ----------------------------------------------------------------------------------------
 
 
-def _tpm_policy_text(policy: Mapping[str, Any] | str | None) -> str:
+def _tpm_policy_text(policy: Mapping[str, Any] | str | None, *, ima: bool = False) -> str:
     if policy is None:
         policy = {"mask": "0x0"}
     if isinstance(policy, str):
@@ -274,6 +274,10 @@ def _tpm_policy_text(policy: Mapping[str, Any] | str | None) -> str:
         raise UsageError(str(exc)) from exc
     for p in pcrs:
         mask |= 1 << p
+    if ima:
+        # A runtime policy is enforced on PCR 10: upstream's verifier asks only for the PCRs of the
+        # mask, so without this bit it would never check the IMA log (upstream's tenant sets it too).
+        mask |= 1 << 10
     doc["mask"] = hex(mask)
     return json.dumps(doc)
 

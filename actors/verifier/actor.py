@@ -116,7 +116,7 @@ class Verifier:
                     store,
                     verifier_id=cfg.verifier_id,
                     ip=cfg.ip,
-                    port=cfg.port,
+                    port=lambda: self.address[1] if self.address else cfg.port,
                     trusted_client_ca=s.trusted_client_ca,
                     max_upload_size=cfg.max_upload_size,
                     quote_interval=cfg.quote_interval,

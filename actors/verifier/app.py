@@ -309,7 +309,7 @@ def build_app(
     *,
     verifier_id: str,
     ip: str,
-    port: int,
+    port: int | Callable[[], int],
     trusted_client_ca: Iterable[str | os.PathLike[str]],
     max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE,
     quote_interval: float = 2.0,
@@ -322,7 +322,10 @@ def build_app(
     policies: PolicyStore | None = None,
     ignore_tomtou_errors: bool = False,
 ) -> KeytrioApp:
-    """The verifier's HTTPS app over ``store`` (verifier_ip/port are reported in GET records)."""
+    """The verifier's HTTPS app over ``store`` (verifier_ip/port are reported in GET records).
+
+    ``port`` may be a callable: with ``port = 0`` the actor binds first and then knows its port.
+    """
     app = make_app(
         "keytrio-verifier",
         versions=SERVER_VERSIONS,
@@ -337,7 +340,8 @@ def build_app(
 
     def view(row: dict[str, Any]) -> dict[str, Any]:
         return agent_view(
-            row, version=g.api_version, verifier_ip=ip, verifier_port=port, quote_interval=quote_interval
+            row, version=g.api_version, verifier_ip=ip, verifier_port=port() if callable(port) else port,
+            quote_interval=quote_interval,
         )
 
     @app.api.route("/agents/<agent_id>", methods=("POST",))
@@ -373,7 +377,8 @@ def build_app(
 
     @app.api.route("/agents/", methods=("GET",))
     async def list_agents() -> Response:
-        wanted = request.args.get("verifier")
+        # upstream's tenant always sends ?verifier=, empty meaning "no filter"
+        wanted = request.args.get("verifier") or None
         if "bulk" in request.args:
             rows = await records.list_all(store, wanted)
             pending = await records.pending_notices(store, [r["agent_id"] for r in rows])
@@ -554,6 +559,8 @@ async def _enrol_policy(pstore: PolicyStore, values: dict[str, Any]) -> None:
     key = values.get("runtime_policy_key") or None
     if name is not None:
         name = _policy_name(name)
+    # upstream's tenant sends "" for "no name": store NULL, or the policy's reference count misses it
+    values["runtime_policy_name"] = name
     try:
         raw = decode_policy_b64(values.get("runtime_policy"))
         values["runtime_policy"] = ""  # one stored copy: the policy table, not the agent row
