@@ -1,0 +1,206 @@
+"""Benchmark 3: ``POST /v2.5/verify/evidence`` on both verifiers, same evidence, same client.
+
+keytrio's verifier (bench.keytrio_server) and upstream's (a running up.sh DIR) are pinned to the
+same CPU; this client (httpx over trio, keep-alive, ``--concurrency`` requests in flight) runs on
+the other CPUs. Rounds alternate keytrio / upstream for ``--http-seconds`` in total per side.
+Before timing, each side must say ``valid: true`` for the evidence and ``valid: false`` for the
+same evidence with a wrong nonce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from actors.common import tls
+from bench import stats
+
+EVIDENCE_LINES = 1000  # the IMA list size of the evidence (largest case <= this)
+
+
+def _env_sh(up_dir: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in (up_dir / "env.sh").read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = line.removeprefix("export ").partition("=")
+            (word,) = shlex.split(value)
+            env[name] = word
+    return env
+
+
+def pin_group(pgid: int, cpu: int) -> list[int]:
+    """Pin every process of process group ``pgid`` (up.sh starts each server with setsid)."""
+    pinned = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            pid = int(entry.name)
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(tid), {cpu})
+                pinned.append(pid)
+            except OSError:
+                continue
+    return pinned
+
+
+def evidence_body(inputs_dir: Path, inputs: dict[str, Any], *, nonce: str | None = None) -> dict[str, Any]:
+    cases = [c for c in inputs["cases"] if c["lines"] <= EVIDENCE_LINES]
+    case = max(cases, key=lambda c: c["lines"])
+    n = case["lines"]
+    lines = (inputs_dir / "ima.txt").read_text().splitlines(keepends=True)[:n]
+    policy = json.loads((inputs_dir / "policy.json").read_text())
+    # a policy listing exactly the files of this list (the policy file lists them in log order)
+    policy["digests"] = dict(list(policy["digests"].items())[:n])
+    data = {
+        "nonce": nonce or case["nonce"], "quote": case["quote"], "hash_alg": inputs["bank"],
+        "tpm_ak": inputs["ak_b64"], "tpm_ek": inputs["ek_b64"], "tpm_policy": json.dumps(inputs["tpm_policy"]),
+        "runtime_policy": json.dumps(policy), "mb_policy": "", "ima_measurement_list": "".join(lines), "mb_log": "",
+    }  # fmt: skip
+    return {"type": "tpm", "data": data, "_lines": n}
+
+
+async def _valid(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Any:
+    r = await client.post(url, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        return r.status_code, r.json().get("results", {}).get("valid")
+    except ValueError:
+        return r.status_code, None
+
+
+async def _load(client: httpx.AsyncClient, url: str, payload: bytes, concurrency: int, seconds: float
+                ) -> tuple[list[float], int, float]:
+    latencies: list[float] = []
+    errors = 0
+    deadline = trio.current_time() + seconds
+    headers = {"Content-Type": "application/json"}
+
+    async def one() -> None:
+        nonlocal errors
+        while trio.current_time() < deadline:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url, content=payload, headers=headers)
+                ok = r.status_code == 200 and r.json()["results"]["valid"] in (True, 1)
+            except (httpx.HTTPError, ValueError, KeyError):
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(one)
+    return latencies, errors, time.perf_counter() - t0
+
+
+async def _bench(urls: dict[str, str], ca: Path, body: dict[str, Any], bad: dict[str, Any], concurrency: int,
+                 seconds: float) -> dict[str, Any]:
+    ctx = tls.client_context([ca / "cacert.crt"], ca / "client-cert.crt", ca / "client-private.pem")
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    out: dict[str, Any] = {}
+    async with httpx.AsyncClient(verify=ctx, timeout=60.0, limits=limits) as client:
+        for name, url in urls.items():
+            good, wrong = await _valid(client, url, body), await _valid(client, url, bad)
+            if good[0] != 200 or good[1] not in (True, 1):
+                raise RuntimeError(f"{name}: evidence not valid: {good}")
+            if wrong[1] not in (False, 0):
+                raise RuntimeError(f"{name}: evidence with a wrong nonce not invalid: {wrong}")
+            out[name] = {"latencies": [], "requests": 0, "errors": 0, "seconds": 0.0,
+                         "control_wrong_nonce": {"status": wrong[0], "valid": wrong[1]}}
+        payload = json.dumps(body).encode()
+        rounds = 4
+        names = list(urls)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else reversed(names):
+                lat, errors, took = await _load(client, urls[name], payload, concurrency, seconds / rounds)
+                o = out[name]
+                o["latencies"] += lat
+                o["requests"] += len(lat)
+                o["errors"] += errors
+                o["seconds"] += took
+    return out
+
+
+def run(args: argparse.Namespace, inputs_dir: Path, inputs: dict[str, Any], cpu: int) -> dict[str, Any]:
+    up_dir: Path = args.upstream_dir
+    env = _env_sh(up_dir)
+    ca = Path(env["KL_CA_DIR"])
+    up_pgid = int((up_dir / "run" / "verifier.pid").read_text().strip())
+    pinned = pin_group(up_pgid, cpu)
+    others = set(os.sched_getaffinity(0)) - {cpu}
+    if others:
+        os.sched_setaffinity(0, others)  # the client never shares the servers' CPU
+    with tempfile.TemporaryDirectory(prefix="keytrio-bench-verifier-") as data_dir, \
+            open(Path(args.out) / "keytrio-verifier.log", "w") as srv_log:
+        srv = subprocess.Popen(
+            [sys.executable, "-m", "bench.keytrio_server", str(ca), data_dir], stdout=subprocess.PIPE,
+            stderr=srv_log, text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+        )  # fmt: skip
+        try:
+            assert srv.stdout is not None
+            line = srv.stdout.readline()
+            if not line.startswith("PORT "):
+                raise RuntimeError(f"keytrio verifier did not start: {line!r}; see {args.out}/keytrio-verifier.log")
+            port = int(line.split()[1])
+            urls = {"keytrio": f"https://127.0.0.1:{port}/v2.5/verify/evidence",
+                    "upstream": f"{env['KL_VERIFIER_URL']}/v2.5/verify/evidence"}
+            body = evidence_body(inputs_dir, inputs)
+            lines = body.pop("_lines")
+            bad = evidence_body(inputs_dir, inputs, nonce="X" * 20)
+            bad.pop("_lines")
+            res = trio.run(_bench, urls, ca, body, bad, args.concurrency, args.http_seconds)
+        finally:
+            srv.terminate()
+            srv.wait(timeout=10)
+            if others:
+                os.sched_setaffinity(0, others | {cpu})
+    k, u = res["keytrio"], res["upstream"]
+    rps = {name: o["requests"] / o["seconds"] if o["seconds"] else 0.0 for name, o in res.items()}
+    return {
+        "ima_lines": lines, "body_bytes": len(json.dumps(body)), "concurrency": args.concurrency,
+        "seconds_per_side": args.http_seconds, "upstream_pids_pinned": pinned,
+        "rps": rps, "rps_speedup": rps["keytrio"] / rps["upstream"] if rps["upstream"] else float("nan"),
+        "latency": stats.compare(k["latencies"], u["latencies"]) if k["latencies"] and u["latencies"] else None,
+        "errors": {name: o["errors"] for name, o in res.items()},
+        "controls": {name: o["control_wrong_nonce"] for name, o in res.items()},
+        "samples": {name: o["latencies"] for name, o in res.items()},
+    }  # fmt: skip
+
+
+def tables(http: dict[str, Any]) -> str:
+    lat = http["latency"]
+    rows = [
+        "| | keytrio | upstream | keytrio/upstream |",
+        "|---|---|---|---|",
+        f"| requests/s | {http['rps']['keytrio']:.1f} | {http['rps']['upstream']:.1f} | "
+        f"{http['rps_speedup']:.2f} (throughput ratio) |",
+    ]
+    if lat:
+        for q in ("median", "p10", "p90"):
+            rows.append(f"| latency {q} | {stats.fmt_time(lat['keytrio'][q])} | {stats.fmt_time(lat['upstream'][q])} | "
+                        f"{lat['keytrio'][q] / lat['upstream'][q]:.3f} |")
+    rows.append(f"| errors | {http['errors']['keytrio']} | {http['errors']['upstream']} | |")
+    return (f"### 3. Evidence endpoint (POST /v2.5/verify/evidence, {http['ima_lines']:,}-line IMA list, "
+            f"{http['body_bytes'] / 1024:.0f} KiB body, {http['concurrency']} concurrent, keep-alive, "
+            f"{http['seconds_per_side']:.0f} s per side)\n\n" + "\n".join(rows))

@@ -1,0 +1,41 @@
+"""keytrio's verifier for the HTTP benchmarks, with upstream's (up.sh) certificates.
+
+    python -m bench.keytrio_server CV_CA_DIR DATA_DIR
+
+Prints ``PORT <n>`` on stdout once listening on 127.0.0.1; runs until killed. Both verifiers then
+present certificates of the same CA, so one client (one TLS configuration) talks to both.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from actors.verifier.actor import Verifier
+from actors.verifier.config import load_config
+
+
+async def serve(ca_dir: Path, data_dir: Path) -> None:
+    opts = {
+        "ip": "127.0.0.1", "port": 0, "data_dir": str(data_dir),
+        "server_cert": str(ca_dir / "server-cert.crt"), "server_key": str(ca_dir / "server-private.pem"),
+        "client_cert": str(ca_dir / "client-cert.crt"), "client_key": str(ca_dir / "client-private.pem"),
+        "trusted_client_ca": [str(ca_dir / "cacert.crt")], "trusted_server_ca": [str(ca_dir / "cacert.crt")],
+        "max_upload_size": 100 << 20,
+    }  # fmt: skip
+    verifier = Verifier(load_config(env={}, overrides=opts))
+    async with trio.open_nursery() as nursery:
+        _host, port = await nursery.start(verifier.run)
+        print(f"PORT {port}", flush=True)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    trio.run(serve, Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+if __name__ == "__main__":
+    main()
