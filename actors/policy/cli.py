@@ -1,4 +1,7 @@
-"""``keytrio policy create runtime|sign|verify``: runtime-policy tools.
+"""``keytrio policy create runtime|measured-boot``, ``sign``, ``verify``: policy tools.
+
+``create measured-boot --event-log FILE [-i] [-o OUT]`` writes the reference state upstream's
+``keylime-policy create measured-boot`` writes for the same log (protocol.mb_policy).
 
 Exit codes: 0 ok, 2 usage (bad arguments, unreadable input, an invalid policy), 4 a signature that
 does not verify (``verify``). Every failure is one line on stderr.
@@ -7,12 +10,14 @@ does not verify (``verify``). Every failure is one line on stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import TextIO
 
 from actors.policy import create, sign
 from actors.policy.create import PolicyToolError
+from protocol import eventlog, mb_policy
 from protocol.errors import ProtocolError
 
 EXIT_USAGE = 2
@@ -40,6 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rt.add_argument("--no-ima-buf", action="store_true", help="do not add ima-buf entries of the IMA log")
     rt.add_argument("-o", "--output", type=Path, help="write the policy here (default stdout)")
     rt.set_defaults(func=main)
+
+    mbp_ = kinds.add_parser("measured-boot", help="a measured-boot reference state from a known-good UEFI event log")
+    mbp_.add_argument("-e", "--event-log", "--eventlog-file", dest="event_log", type=Path, required=True,
+                      metavar="FILE", help="binary UEFI event log (/sys/kernel/security/tpm0/binary_bios_measurements)")
+    mbp_.add_argument("-i", "--without-secureboot", action="store_true",
+                      help="allow a log with Secure Boot disabled (measured boot only)")
+    mbp_.add_argument("-o", "--output", type=Path, help="write the reference state here (default stdout)")
+    mbp_.set_defaults(func=main)
 
     sg = verbs.add_parser("sign", help="sign a policy into a DSSE envelope (ECDSA)")
     sg.add_argument("policy", type=Path, metavar="POLICY")
@@ -96,7 +109,27 @@ def _write(data: str, path: Path | None, out: TextIO) -> None:
         raise PolicyToolError(f"-o {path}: cannot write ({exc.strerror or exc})") from exc
 
 
+def _create_measured_boot(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    raw = _read(args.event_log, "--event-log")
+    try:
+        log = eventlog.parse(raw)
+        ref = mb_policy.refstate_from_log(log, allow_no_secureboot=args.without_secureboot)
+        mb_policy.parse_refstate(ref)  # refuse to write what the verifier would refuse
+    except eventlog.EventLogError as exc:
+        raise PolicyToolError(f"--event-log {args.event_log}: not a UEFI event log ({exc})") from None
+    except mb_policy.MbPolicyError as exc:
+        raise PolicyToolError(f"--event-log {args.event_log}: {exc.reason}") from None
+    except mb_policy.RefStateCreateError as exc:
+        raise PolicyToolError(f"--event-log {args.event_log}: {exc.reason}") from None
+    _write(json.dumps(ref), args.output, out)
+    print(f"measured-boot policy: secure boot {'on' if ref['has_secureboot'] else 'off'}, "
+          f"{len(log.events)} events" + (f" -> {args.output}" if args.output else ""), file=err)
+    return 0
+
+
 def _create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.policy_kind == "measured-boot":
+        return _create_measured_boot(args, out, err)
     if not (args.root or args.ima_log or args.allowlist or args.base):
         raise PolicyToolError("give at least one of --root, --ima-log, --allowlist, --base")
     if args.base:

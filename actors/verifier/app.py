@@ -6,7 +6,9 @@
 ``runtime_policy`` b64, ``runtime_policy_key``, ``tpm_policy``; a bad policy -> 400 whose status
 names the JSON path, also in ``results.field``; 409 on POST of an existing name and on DELETE of a
 name an agent uses; 404); public ``POST /v2.x/verify/evidence`` and ``GET /v2.x/verify/identity``
-(evidence.py). Enrolment takes ``runtime_policy_name`` (a stored policy, ``runtime_policy`` empty)
+(evidence.py); measured-boot policies ``GET /v2.x/mbpolicies/`` and ``POST|PUT|GET|DELETE
+/v2.x/mbpolicies/{name}`` (mbpolicies.py). Enrolment takes ``mb_policy`` (inline JSON text) and/or
+``mb_policy_name``, and ``runtime_policy_name`` (a stored policy, ``runtime_policy`` empty)
 or an inline ``runtime_policy`` (stored by checksum, and under ``runtime_policy_name`` when given). The monitor is not started here: the
 actor injects hooks (``on_enrolled`` …) that run after the store has committed the change.
 A hook may be a plain function or a coroutine function taking the agent id.
@@ -29,10 +31,12 @@ import trio
 from cryptography import x509
 from quart import Response, g, request
 
-from actors.common.app import ApiError, KeytrioApp, json_body, make_app, ok
+from actors.common.app import ApiError, KeytrioApp, json_body, json_response, make_app, ok
 from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
 from actors.common.store import Store
 from actors.verifier import evidence, records
+from actors.verifier.mbpolicies import MbPolicyStore, resolve_enrolment
+from actors.verifier.mbpolicies import canonical as canonical_mb
 from actors.verifier.policies import (
     NameExists,
     NameInUse,
@@ -321,6 +325,7 @@ def build_app(
     on_reactivate: Hook | None = None,
     policies: PolicyStore | None = None,
     ignore_tomtou_errors: bool = False,
+    mbpolicies: MbPolicyStore | None = None,
 ) -> KeytrioApp:
     """The verifier's HTTPS app over ``store`` (verifier_ip/port are reported in GET records).
 
@@ -337,6 +342,7 @@ def build_app(
     )
 
     pstore = policies if policies is not None else PolicyStore(store, clock=clock)
+    mstore = mbpolicies if mbpolicies is not None else MbPolicyStore(store, clock=clock)
 
     def view(row: dict[str, Any]) -> dict[str, Any]:
         return agent_view(
@@ -348,6 +354,7 @@ def build_app(
     async def add_agent(agent_id: str) -> Response:
         aid = parse_agent_id(agent_id)
         values = parse_enrolment(aid, await json_body())
+        await _enrol_mb_policy(mstore, values)
         await _enrol_policy(pstore, values)
         values.update(
             operational_state=initial_state,
@@ -477,6 +484,58 @@ def build_app(
     async def delete_policy_alias(name: str) -> Response:  # the path upstream's v2.5 doc spells
         return await delete_policy(name)
 
+    # --- measured-boot policies (upstream's wire shapes: mbpolicies.py) ---------------------------
+
+    @app.api.route("/mbpolicies/", methods=("GET",))
+    async def list_mb_policies() -> Response:
+        return ok({"mbpolicy names": await mstore.names()})
+
+    async def save_mb(name: str, create: bool) -> Response:
+        name = _policy_name(name, "measured boot")
+        doc = await json_body()
+        try:
+            text = canonical_mb(doc.get("mb_policy"))
+        except PolicyRefused as exc:
+            raise _policy_refused(exc) from None
+        if text is None:
+            raise ApiError(400, "Bad request: mb_policy: a policy is required",
+                           {"field": "mb_policy", "reason": "a policy is required"})
+        try:
+            await mstore.save(name, text, create=create)
+        except NameExists:
+            raise ApiError(409, f"Measured boot policy with name {name} already exists") from None
+        except NameUnknown:
+            raise ApiError(409, f"Measured boot policy with name {name} does not already exist") from None
+        return json_response(201)
+
+    @app.api.route("/mbpolicies/<name>", methods=("POST",))
+    async def add_mb_policy(name: str) -> Response:
+        return await save_mb(name, True)
+
+    @app.api.route("/mbpolicies/<name>", methods=("PUT",))
+    async def update_mb_policy(name: str) -> Response:
+        return await save_mb(name, False)
+
+    @app.api.route("/mbpolicies/<name>", methods=("GET",))
+    async def get_mb_policy(name: str) -> Response:
+        name = _policy_name(name, "measured boot")
+        text = await mstore.get(name)
+        if text is None:
+            raise ApiError(404, f"Measured boot policy {name} not found")
+        return ok({"name": name, "mb_policy": text})
+
+    @app.api.route("/mbpolicies/<name>", methods=("DELETE",))
+    async def delete_mb_policy(name: str) -> Response:
+        name = _policy_name(name, "measured boot")
+        try:
+            await mstore.delete(name)
+        except NameUnknown:
+            raise ApiError(404, f"Measured boot policy {name} not found") from None
+        except NameInUse as exc:
+            raise ApiError(409, f"Can't delete mb_policy as it's currently in use by {len(exc.agent_ids)} agent(s)",
+                           {"agents": exc.agent_ids[:100]}) from None
+        return Response(b"", status=204, mimetype="application/json")  # upstream: 204, no body
+
     # --- /verify/* (public) ----------------------------------------------------------------------
 
     @app.api.route("/verify/evidence", methods=("POST",), public=True)
@@ -520,10 +579,25 @@ def build_app(
     return app
 
 
-def _policy_name(raw: str) -> str:
+def _policy_name(raw: str, kind: str = "runtime") -> str:
     if not _POLICY_NAME.fullmatch(raw):
-        raise ApiError(400, "Bad request: runtime policy name must be 1-255 of [A-Za-z0-9._:@+-]")
+        raise ApiError(400, f"Bad request: {kind} policy name must be 1-255 of [A-Za-z0-9._:@+-]")
     return raw
+
+
+async def _enrol_mb_policy(mstore: MbPolicyStore, values: dict[str, Any]) -> None:
+    """Resolve the enrolment's measured-boot policy (inline ``mb_policy`` and/or ``mb_policy_name``)."""
+    name = values.get("mb_policy_name") or None
+    if name is not None:
+        _policy_name(name, "measured boot")
+    try:
+        await resolve_enrolment(mstore, values)
+    except PolicyRefused as exc:
+        raise _policy_refused(exc) from None
+    except NameExists:
+        raise ApiError(409, f"Measured boot policy {name} already exists with different content") from None
+    except NameUnknown:
+        raise ApiError(404, f"Measured boot policy {name} not found") from None
 
 
 def _policy_refused(exc: PolicyRefused) -> ApiError:

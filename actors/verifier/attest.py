@@ -13,6 +13,8 @@ states. Everything the agent *says* is hostile input: a wrong type or an undecod
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import secrets
 import ssl
@@ -25,6 +27,7 @@ import httpx
 
 from actors.common import tls
 from actors.common.client import DEFAULT_MAX_RESPONSE_BYTES, request_json
+from protocol import mb_policy as mbp
 from protocol import payload, tpm2
 from protocol.errors import ProtocolError
 from protocol.failures import Failure, Severity
@@ -62,6 +65,19 @@ class AgentTarget:
     accept_tpm_encryption_algs: list[str] = field(default_factory=lambda: ["ecc", "rsa"])
     supported_version: str = "2.1"
     ima_check: ImaCheck | None = None  # None: no runtime policy -> PCR 10 "not checked"
+    # measured boot: the reference state as JSON text (None/"{}": no measured-boot checks) and
+    # when to evaluate it ("once": first good quote of each boot; "always": every quote). The
+    # UEFI log is replayed against the quoted PCRs on every quote either way.
+    mb_policy: str | None = None
+    mb_evaluate: str = "once"
+    _mb_ref: mbp.RefState | None = field(default=None, init=False, repr=False)
+
+    @property
+    def mb_refstate(self) -> mbp.RefState | None:
+        """The parsed reference state (validated at enrolment; parsed once here)."""
+        if self._mb_ref is None and self.mb_policy and not mbp.is_empty(self.mb_policy):
+            self._mb_ref = mbp.parse_refstate(self.mb_policy)
+        return self._mb_ref
 
     @property
     def base_url(self) -> str:
@@ -83,6 +99,7 @@ class AttestState:
     pcr10: str = PCR10_NOT_QUOTED
     quotes_received: int = 0
     attestation_count: int = 0
+    mb_boot: tuple[Any, ...] | None = None  # the boot whose UEFI log passed the mb policy
 
 
 def agent_ssl_context(
@@ -133,6 +150,9 @@ def quote_mask(target: AgentTarget) -> str:
     for pcr in policy_pcrs(target.tpm_policy):
         mask |= 1 << pcr
     mask |= 1 << PCR_16
+    if target.mb_refstate is not None:
+        for pcr in mbp.MEASUREDBOOT_PCRS:  # as upstream: PCRs 0-9 and 11-15 with an mb policy
+            mask |= 1 << pcr
     if target.ima_check is not None:
         mask |= 1 << PCR_IMA
     return hex(mask)
@@ -204,7 +224,21 @@ def _typed_fields(reply: object, need_pubkey: bool) -> tuple[dict[str, Any], lis
         entry = 0
     out["ima_measurement_list"] = ml if isinstance(ml, str) else None
     out["ima_measurement_list_entry"] = entry
+    mb = reply.get("mb_measurement_list")
+    if mb is not None and not isinstance(mb, str):
+        fails.append(_response_failure("mb_measurement_list must be a string", field="mb_measurement_list"))
+    out["mb_measurement_list"] = mb if isinstance(mb, str) else None
     return out, fails
+
+
+def decode_mb_log(value: str | None) -> bytes:
+    """The UEFI event log from its base64 text (b"" when absent or not base64: a failure later)."""
+    if not value:
+        return b""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return b"\x00"  # not base64: the parser reports it as an unparseable log
 
 
 def check_policy_pcrs(tpm_policy: dict[str, Any], pcrs: dict[int, bytes]) -> list[Failure]:
@@ -252,8 +286,14 @@ def verify_quote_evidence(
     previous_clock: ClockInfo | None = None,
     check_clock: bool = True,
     nk_pem: str | None = None,
+    mb_refstate: mbp.RefState | None = None,
+    mb_log: bytes | None = None,
+    mb_evaluate_policy: bool = True,
 ) -> QuoteVerdict:
     """The checks shared by the monitor and ``POST /verify/evidence`` (pure; no I/O).
+
+    With ``mb_refstate`` the UEFI log ``mb_log`` is replayed against the quoted PCRs and (when
+    ``mb_evaluate_policy``) evaluated against the reference state (``measured_boot.*`` failures).
 
     Quote (signature, nonce, PCR select/digest, algorithms, clock unless ``check_clock`` is
     False), PCR 16 binding (only when ``nk_pem`` is given), ``tpm_policy`` PCRs, then the IMA hook
@@ -284,6 +324,11 @@ def verify_quote_evidence(
         if pcr16 is not None:
             fails.append(pcr16)
     fails.extend(check_policy_pcrs(tpm_policy, pcrs))
+    if mb_refstate is not None and not check.failures:
+        # the UEFI log replayed against the quoted PCRs, then the reference state
+        # (protocol.mb_policy.check_boot never raises on hostile logs)
+        fails.extend(mbp.check_boot(mb_refstate, mb_log or b"", pcrs, check.bank,
+                                    evaluate_policy=mb_evaluate_policy))
     if PCR_IMA not in pcrs:
         verdict.pcr10 = PCR10_NOT_QUOTED
     elif ima_check is None:
@@ -336,6 +381,9 @@ def evaluate(target: AgentTarget, state: AttestState, reply: object, nonce: str)
     if on_boot is not None:
         # the IMA progress belongs to one boot: a new boottime/resetCount starts again at line 0
         on_boot(fields.get("boottime"), _quote_reset_count(fields["quote"]))
+    boot = (fields.get("boottime"), _quote_reset_count(fields["quote"]))
+    mb_ref = target.mb_refstate
+    evaluate_mb = target.mb_evaluate == "always" or state.mb_boot != boot
     verdict = verify_quote_evidence(
         fields["quote"],
         ak=target.ak,
@@ -350,6 +398,9 @@ def evaluate(target: AgentTarget, state: AttestState, reply: object, nonce: str)
         accepted_sign_algs=target.accept_tpm_signing_algs,
         previous_clock=state.clock,
         nk_pem=nk_pem,
+        mb_refstate=mb_ref,
+        mb_log=decode_mb_log(fields.get("mb_measurement_list")) if mb_ref is not None else None,
+        mb_evaluate_policy=evaluate_mb,
     )
     fails.extend(verdict.failures)
     if verdict.check is None or verdict.check.quote is None:
@@ -364,6 +415,8 @@ def evaluate(target: AgentTarget, state: AttestState, reply: object, nonce: str)
     state.hash_alg, state.enc_alg, state.sign_alg = fields["hash_alg"], fields["enc_alg"], fields["sign_alg"]
     state.ima_ml_entry = verdict.next_entry
     state.pcr10 = verdict.pcr10
+    if mb_ref is not None:
+        state.mb_boot = boot  # "once": this boot's log passed; later quotes only replay it
     state.attestation_count += 1
     return fails
 

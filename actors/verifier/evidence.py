@@ -8,8 +8,9 @@ quote failures are in the list, and the IMA hook does not even run then.
 Missing inputs -> :class:`EvidenceRejected` (HTTP 400) with failures ``{"type":
 "<field>.missing_param", "context": {"message": ...}}``; unusable inputs (a tpm_ak that does not
 decode, a runtime_policy that does not validate, ...) the same with ``<field>.invalid_param``.
-Measured boot (``mb_policy``) is not evaluated by keytrio: a non-empty one is refused as invalid
-input rather than silently ignored.
+Measured boot: a non-empty ``mb_policy`` (reference state as JSON text or object) needs ``mb_log``
+(base64 of the binary UEFI event log); the log is replayed against the quoted PCRs and evaluated
+(``measured_boot.*`` failures). An ``mb_policy`` that does not validate -> ``mb_policy.invalid_param``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 
 from actors.verifier.attest import verify_quote_evidence
 from actors.verifier.ima import AgentIma, FixedPolicy
+from actors.verifier.mbpolicies import canonical as canonical_mb
 from actors.verifier.policies import PolicyRefused, parse
-from protocol import tpm2
+from protocol import mb_policy, tpm2
 from protocol.errors import ProtocolError
 from protocol.failures import Failure
 
@@ -109,10 +111,23 @@ def check_tpm_evidence(data: object, *, ignore_tomtou_errors: bool = False) -> l
         problems.append(missing_param("ima_measurement_list"))
     if _given(data, "ima_measurement_list") and not isinstance(data["ima_measurement_list"], str):
         problems.append(invalid_param("ima_measurement_list", "must be a string"))
+    mb_ref = None
+    mb_log = b""
     if _given(data, "mb_policy"):
-        if not _given(data, "mb_log"):
+        try:
+            text = canonical_mb(data["mb_policy"])
+            mb_ref = mb_policy.parse_refstate(text) if text is not None else None
+        except PolicyRefused as exc:
+            problems.append(invalid_param("mb_policy", exc.reason, field=exc.field))
+        if mb_ref is not None and not _given(data, "mb_log"):
             problems.append(missing_param("mb_log"))
-        problems.append(invalid_param("mb_policy", "measured-boot policies are not evaluated by this verifier"))
+        elif mb_ref is not None:
+            try:
+                if not isinstance(data["mb_log"], str):
+                    raise ValueError("not a string")
+                mb_log = base64.b64decode(data["mb_log"], validate=True)
+            except (binascii.Error, ValueError):
+                problems.append(invalid_param("mb_log", "must be base64 of the binary UEFI event log"))
     if problems:
         raise EvidenceRejected(problems)
 
@@ -137,6 +152,8 @@ def check_tpm_evidence(data: object, *, ignore_tomtou_errors: bool = False) -> l
         ima_entry=0,
         check_clock=False,
         nk_pem=None,  # PCR 16 binding is skipped on /verify/*
+        mb_refstate=mb_ref,
+        mb_log=mb_log,
     )
     return verdict.failures
 

@@ -118,3 +118,13 @@ deliveries = sa.Table(
     sa.Index("ix_verifier_deliveries_due", "verifier_id", "state", "next_attempt_at"),
     sa.Index("ix_verifier_deliveries_recipient", "recipient", "state"),
 )
+
+# Named measured-boot policies (``/v2.x/mbpolicies/{name}``): the reference state as JSON text.
+# An agent enrolled with ``mb_policy_name`` keeps that name and a copy of the text (agents.mb_policy).
+mbpolicies = sa.Table(
+    "verifier_mbpolicies",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("mb_policy", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)

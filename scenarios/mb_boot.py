@@ -1,0 +1,85 @@
+"""Measured boot: the verifier replays each quote's UEFI event log against PCRs 0-9 and 11-15 and
+evaluates the agent's measured-boot policy (the reference state of a known-good boot).
+
+Story (every scenario): the machine boots a synthetic OVMF + shim + grub + Linux boot with
+Secure Boot on (testbed/boot_log.py: S-CRTM, firmware blob, SecureBoot/PK/KEK/db/dbx, boot
+variables, shim -> grub -> kernel as EV_EFI_BOOT_SERVICES_APPLICATION, MokList, grub's commands
+and kernel command line in PCR 8, grub.cfg/vmlinuz/initrd in PCR 9). The tenant enrols it with the
+reference state `keytrio policy create measured-boot` makes from that log (the same document
+upstream's `keylime-policy create measured-boot` writes) and three quotes pass.
+- ``mb-good-boot``: the machine reboots into the same good boot; attestation continues.
+- ``mb-secure-boot-off`` / ``mb-unknown-kernel`` / ``mb-dbx-missing-entry`` /
+  ``mb-extra-application``: the machine reboots into a boot with that one tamper knob turned. The
+  log still replays to the quoted PCRs (the boot really happened that way); the policy refuses it.
+Expected verdict: good boot - Get Quote throughout, no event; each tamper - Invalid Quote with
+``measured_boot.secure_boot_disabled`` (the SecureBoot variable event), ``…boot_application_not_allowed``
+(the kernel's / the extra application's EV_EFI_BOOT_SERVICES_APPLICATION event),
+``…dbx_missing_entries`` (the dbx variable event), and a signed notice about the machine.
+"""
+
+from __future__ import annotations
+
+from scenarios.mb_support import GOOD_BOOT, boot_into, failing, good_policy
+from scenarios.runner import Expect, Run, scenario
+from testbed.machine import Machine
+from testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed
+
+SECURE_BOOT_DISABLED = "measured_boot.secure_boot_disabled"
+APPLICATION_NOT_ALLOWED = "measured_boot.boot_application_not_allowed"
+DBX_MISSING = "measured_boot.dbx_missing_entries"
+OPTIONS = {"retry_interval": 0.5, "max_retries": 10}
+
+
+async def _attested(run: Run, tb: Testbed, m: Machine) -> int:
+    async with run.step("boot the good UEFI boot; enrol with its measured-boot reference state"):
+        await boot_into(m, GOOD_BOOT)
+        await tb.enrol(m, mb_policy=good_policy(m))
+        rec = await tb.wait_count(m, 3)
+        run.check(rec["has_mb_refstate"] == 1, "the verifier holds no measured-boot policy")
+        run.note("three good quotes with PCRs 0-9, 11-15 replayed and the policy evaluated")
+        return int(rec["attestation_count"])
+
+
+async def _tampered(run: Run, knob: str, event: str, event_type: str) -> None:
+    async with run.testbed(machines=1, **OPTIONS) as tb:
+        m = tb.machines[0]
+        await _attested(run, tb, m)
+        async with run.step(f"reboot into a boot with {knob.replace('_', ' ')}: Invalid Quote"):
+            await boot_into(m, GOOD_BOOT.tampered(knob))
+            rec = await tb.wait_state(m, INVALID_QUOTE)
+            run.check(rec["last_event_id"] == event, f"event {rec['last_event_id']}, expected {event}")
+            run.note(f"event {rec['last_event_id']} (on the {event_type} event)")
+            await tb.wait_notices(m, 1)
+
+
+@scenario("mb-good-boot", expect={"m0": Expect(events=(), notices=(), states=(GET_QUOTE,), final=GET_QUOTE)})
+async def mb_good_boot(run: Run) -> None:
+    async with run.testbed(machines=1, **OPTIONS) as tb:
+        m = tb.machines[0]
+        count = await _attested(run, tb, m)
+        async with run.step("reboot into the same good boot: attestation continues"):
+            await boot_into(m, GOOD_BOOT)
+            rec = await tb.wait_count(m, count + 3)
+            run.check(rec["last_event_id"] in (None, ""), f"event {rec['last_event_id']}")
+            run.note(f"attestation_count {count} -> {rec['attestation_count']}")
+
+
+@scenario("mb-secure-boot-off", expect=failing(SECURE_BOOT_DISABLED))
+async def mb_secure_boot_off(run: Run) -> None:
+    await _tampered(run, "secure_boot_off", SECURE_BOOT_DISABLED, "SecureBoot EV_EFI_VARIABLE_DRIVER_CONFIG")
+
+
+@scenario("mb-unknown-kernel", expect=failing(APPLICATION_NOT_ALLOWED))
+async def mb_unknown_kernel(run: Run) -> None:
+    await _tampered(run, "unknown_kernel", APPLICATION_NOT_ALLOWED, "kernel EV_EFI_BOOT_SERVICES_APPLICATION")
+
+
+@scenario("mb-dbx-missing-entry", expect=failing(DBX_MISSING))
+async def mb_dbx_missing_entry(run: Run) -> None:
+    await _tampered(run, "dbx_missing_entry", DBX_MISSING, "dbx EV_EFI_VARIABLE_DRIVER_CONFIG")
+
+
+@scenario("mb-extra-application", expect=failing(APPLICATION_NOT_ALLOWED))
+async def mb_extra_application(run: Run) -> None:
+    await _tampered(run, "extra_application", APPLICATION_NOT_ALLOWED,
+                    "extra EV_EFI_BOOT_SERVICES_APPLICATION")
