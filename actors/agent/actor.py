@@ -18,6 +18,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 from cryptography import x509
@@ -26,7 +27,7 @@ from actors.agent import config as agent_config
 from actors.agent import datadir, identity
 from actors.agent.app import build_app
 from actors.agent.keys import Keys
-from actors.agent.quotes import QuoteSource
+from actors.agent.quotes import AgentMetrics, QuoteSource
 from actors.agent.registration import Registration, RegistrationError
 from actors.agent.revocation import Revocations
 from actors.agent.runner import Runner
@@ -34,6 +35,7 @@ from actors.agent.secure import SecureDir
 from actors.agent.tpm import Tpm
 from actors.common import tls
 from actors.common.config import Config
+from actors.common.metrics import serve_metrics
 from actors.common.serve import serve
 
 log = logging.getLogger("keytrio.agent")
@@ -61,11 +63,15 @@ class Agent:
     def __init__(self, config: Config) -> None:
         if not config.trusted_client_ca:
             raise AgentConfigError("trusted_client_ca: at least one CA file is required")
+        if config.crl and not Path(config.crl).is_file():
+            raise AgentConfigError(f"crl: no such file {config.crl}")
         self.config = config
         self.info: AgentInfo | None = None
         self.runner: Runner | None = None
         self.keys: Keys | None = None
         self.tpm: Tpm | None = None  # the opened TPM while running (the testbed extends PCRs through it)
+        self.metrics = AgentMetrics()  # per instance: its own Prometheus registry
+        self.metrics_address: tuple[str, int] | None = None  # /metrics + /health while serving
 
     @classmethod
     def from_options(cls, **overrides: object) -> Agent:
@@ -128,7 +134,7 @@ class Agent:
                     secure_dir=secure,
                     runner=runner,
                     enable_autorun=cfg.enable_autorun,
-                    on_payload=revocations.use_payload,
+                    on_payload=self._counting(revocations.use_payload),
                 )
                 quotes = QuoteSource(
                     tpm=tpm,
@@ -140,6 +146,7 @@ class Agent:
                     boottime_source=Path(cfg.boottime_source),
                     ima_ml_path=Path(cfg.ima_ml_path),
                     measuredboot_ml_path=Path(cfg.measuredboot_ml_path),
+                    metrics=self.metrics,
                 )
                 app = build_app(
                     trusted_client_ca=list(cfg.trusted_client_ca),
@@ -148,6 +155,7 @@ class Agent:
                     quotes=quotes,
                     keys=keys,
                     revocations=revocations,
+                    metrics=self.metrics,
                 )
                 ssl_ctx = await trio.to_thread.run_sync(self._server_context, data_dir)
                 failure: RegistrationError | None = None
@@ -158,6 +166,13 @@ class Agent:
                         functools.partial(serve, app, host=cfg.ip, port=cfg.port, ssl_context=ssl_ctx)
                     )
                     contact_port = cfg.contact_port or bound[1]
+                    if cfg.metrics_port >= 0:
+                        # before registering: /health answers while registration is retried
+                        mhost, mport = await nursery.start(functools.partial(
+                            serve_metrics, self.metrics.metrics, host=cfg.metrics_ip, port=cfg.metrics_port,
+                            health=self.health))
+                        self.metrics_address = (mhost, mport)
+                        log.info("agent=%s event=metrics_serving address=%s:%d", agent_id, mhost, mport)
                     if cfg.registrar_ip:
                         try:
                             await self._register(tpm, ident, contact_ip, contact_port, cert_pem)
@@ -171,6 +186,7 @@ class Agent:
                     raise failure
             finally:
                 self.tpm = None
+                self.metrics_address = None
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(secure.release)
 
@@ -179,6 +195,7 @@ class Agent:
     ) -> None:
         cfg = self.config
         await Registration(
+            tpm_timer=self.metrics.tpm_seconds.labels("activate_credential"),
             registrar_ip=cfg.registrar_ip,
             registrar_port=cfg.registrar_port,
             contact_ip=contact_ip,
@@ -212,9 +229,28 @@ class Agent:
         task_status.started(bound)
 
     def _server_context(self, data_dir: Path):  # -> ssl.SSLContext
+        crl = self.config.crl
         return tls.server_context(
             data_dir / datadir.NK_CERT,
             data_dir / datadir.NK_KEY,
             client_ca_files=list(self.config.trusted_client_ca),
             mode="required",
+            # a client cert revoked with `keytrio ca revoke` fails the handshake (read at start)
+            crl_files=[crl] if crl else [],
         )
+
+    def _counting(self, use_payload: Any) -> Any:
+        """``on_payload`` that also counts unpacked payloads (called in a worker thread)."""
+
+        def on_payload(unzipped: Path | None) -> None:
+            if unzipped is not None:
+                self.metrics.payloads.inc()
+            use_payload(unzipped)
+
+        return on_payload
+
+    async def health(self) -> dict[str, Any]:
+        """/health: the TPM context is open (the agent holds it for its whole run)."""
+        tpm_open = self.tpm is not None
+        return {"ok": tpm_open, "tpm": "open" if tpm_open else "closed",
+                "agent_id": self.info.agent_id if self.info is not None else None}

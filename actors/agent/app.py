@@ -11,7 +11,7 @@ from typing import Any
 from quart import Response, request
 
 from actors.agent.keys import KeyError400, Keys
-from actors.agent.quotes import QuoteSource
+from actors.agent.quotes import AgentMetrics, QuoteSource
 from actors.agent.revocation import NoticeRefused, Revocations
 from actors.agent.tpm import TpmError
 from actors.common.app import ApiError, KeytrioApp, json_body, json_response, make_app, ok
@@ -41,7 +41,9 @@ def build_app(
     quotes: QuoteSource,
     keys: Keys,
     revocations: Revocations,
+    metrics: AgentMetrics | None = None,
 ) -> KeytrioApp:
+    m = metrics or AgentMetrics()
     app = make_app(
         "keytrio-agent",
         versions=AGENT_VERSIONS,
@@ -65,7 +67,9 @@ def build_app(
         try:
             results = await quotes.identity(nonce)
         except TpmError as exc:
+            m.quotes.labels("identity", "error").inc()
             raise ApiError(500, "TPM quote failed") from exc
+        m.quotes.labels("identity", "ok").inc()
         return ok(results)
 
     @app.api.route("/quotes/integrity")
@@ -84,19 +88,21 @@ def build_app(
         try:
             results = await quotes.integrity(nonce, pcrs, partial, entry)
         except TpmError as exc:
+            m.quotes.labels("integrity", "error").inc()
             raise ApiError(500, "TPM quote failed") from exc
+        m.quotes.labels("integrity", "ok").inc()
         return ok(results)
 
     @app.api.route("/keys/ukey", methods=("POST",))
     async def ukey() -> Response:
         body = await json_body()
-        status = await _keys_call(keys.post_ukey(body))
+        status = await _keys_call(keys.post_ukey(body), m, "u")
         return ok({}, status)
 
     @app.api.route("/keys/vkey", methods=("POST",))
     async def vkey() -> Response:
         body = await json_body()
-        status = await _keys_call(keys.post_vkey(body))
+        status = await _keys_call(keys.post_vkey(body), m, "v")
         return ok({}, status)
 
     @app.api.route("/keys/verify")
@@ -114,18 +120,28 @@ def build_app(
         try:
             status = await revocations.handle(body)
         except NoticeRefused as exc:
+            m.notices.labels("refused").inc()
             raise ApiError(403, str(exc)) from exc
+        except ValidationError:
+            m.notices.labels("invalid").inc()
+            raise
+        m.notices.labels("duplicate" if "already" in status else "handled").inc()
         return ok({}, status)
 
     return app
 
 
-async def _keys_call(coro: Any) -> str:
+async def _keys_call(coro: Any, m: AgentMetrics, half: str) -> str:
     try:
-        return await coro
+        status = await coro
     except KeyError400 as exc:
+        m.keys.labels(half, "refused").inc()
         raise ApiError(400, str(exc)) from exc
     except ValidationError:
+        m.keys.labels(half, "refused").inc()
         raise
     except ProtocolError as exc:  # e.g. a half of the wrong size
+        m.keys.labels(half, "refused").inc()
         raise ApiError(400, "Invalid key material") from exc
+    m.keys.labels(half, "derived" if "derived" in status else "stored").inc()
+    return status

@@ -96,6 +96,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("run_as", "str", None, "user:group to run payload scripts and actions as (when root)."),
     Option("max_upload_size", "int", 1 << 20, "Request body limit in bytes.", minimum=1024),
     Option("action_timeout", "float", 60.0, "Seconds a payload script or revocation action may run.", minimum=1),
+    Option("crl", "path", None,
+           "CRL (PEM, e.g. the CA's cacrl.pem) checked for client certificates (tenant, verifier);\n"
+           "empty = none. Read at start: restart the agent after a revocation."),
+    Option("metrics_ip", "str", "127.0.0.1", "Address of the plain-HTTP /metrics + /health listener."),
+    Option("metrics_port", "int", 0,
+           "Port of the /metrics + /health listener; 0 = any free port (logged at start),\n"
+           "a negative value disables the listener.", maximum=65535),
 )
 
 

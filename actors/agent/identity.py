@@ -80,9 +80,9 @@ async def _load_or_create_ak(
     ek_b64 = base64.b64encode(ek.public).decode("ascii")
     if isinstance(saved, dict):
         if saved.get("ek") != ek_b64:
-            log.warning("saved AK belongs to another EK (a different TPM): creating a new AK")
+            log.warning("event=ak_recreated reason=saved AK belongs to another EK (a different TPM)")
         elif saved.get("alg") != alg or saved.get("hash_alg") != hash_alg:
-            log.warning("saved AK is %s/%s, configured %s/%s: creating a new AK",
+            log.warning("event=ak_recreated reason=saved AK is %s/%s, configured %s/%s",
                         saved.get("alg"), saved.get("hash_alg"), alg, hash_alg)
         else:
             try:
@@ -90,7 +90,7 @@ async def _load_or_create_ak(
                     ek, base64.b64decode(saved["public"]), base64.b64decode(saved["private"])
                 )
             except (TpmError, KeyError, ValueError) as exc:
-                log.warning("saved AK does not load (%s): creating a new AK", exc)
+                log.warning("event=ak_recreated reason=saved AK does not load (%s)", exc)
     ak = await tpm.create_ak(ek, alg=alg, hash_alg=hash_alg)  # type: ignore[arg-type]
     record = {
         "ek": ek_b64,

@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from actors.agent.tpm import AttestationKey, Tpm
+from actors.common.metrics import Metrics
 from protocol.quote import build_quote, encode_pcr_blob
 
 log = logging.getLogger("keytrio.agent")
@@ -23,6 +24,22 @@ log = logging.getLogger("keytrio.agent")
 PCR_NK = 16
 PCR_IMA = 10
 PCR_BOOT = 0
+
+
+class AgentMetrics:
+    """The agent's Prometheus metrics; one per Agent (own registry: agents in one process count apart)."""
+
+    def __init__(self) -> None:
+        m = self.metrics = Metrics("agent")
+        self.quotes = m.counter("quotes_total", "Quotes served by kind (identity, integrity) and result (ok, error).",
+                                ("kind", "result"))
+        self.tpm_seconds = m.histogram("tpm_seconds", "Latency of TPM operations the agent makes, by operation "
+                                       "(quote = PCR read + quote, activate_credential).", ("op",))
+        self.keys = m.counter("keys_total", "U/V key halves received, by half (u, v) and result "
+                              "(stored, derived = K complete, refused).", ("half", "result"))
+        self.payloads = m.counter("payloads_total", "Payloads decrypted and unpacked into secure_dir.")
+        self.notices = m.counter("notices_total", "Revocation notices received, by result "
+                                 "(handled, duplicate, refused, invalid).", ("result",))
 
 
 def read_boottime(source: Path) -> int:
@@ -66,10 +83,16 @@ class QuoteSource:
     boottime_source: Path
     ima_ml_path: Path
     measuredboot_ml_path: Path
+    metrics: AgentMetrics | None = None
 
     async def _quote(self, nonce: str, pcrs: set[int]) -> str:
         pcrs = set(pcrs) | {PCR_NK}
-        q = await self.tpm.quote(self.ak, nonce=nonce.encode("ascii"), pcrs=pcrs, bank=self.hash_alg)
+        start = trio.current_time()
+        try:
+            q = await self.tpm.quote(self.ak, nonce=nonce.encode("ascii"), pcrs=pcrs, bank=self.hash_alg)
+        finally:
+            if self.metrics is not None:
+                self.metrics.tpm_seconds.labels("quote").observe(trio.current_time() - start)
         return build_quote(q.attest, q.signature, encode_pcr_blob(q.bank, q.pcrs))
 
     async def _boottime(self) -> int:

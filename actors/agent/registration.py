@@ -13,6 +13,9 @@ from __future__ import annotations
 import base64
 import logging
 from dataclasses import dataclass
+from typing import Any
+
+import trio
 
 from actors.agent.identity import Identity
 from actors.agent.tpm import Tpm, TpmError
@@ -40,6 +43,8 @@ class Registration:
     interval: float
     exponential: bool
     timeout: float = 30.0
+    #: observes ActivateCredential's latency (AgentMetrics.tpm_seconds.labels("activate_credential"))
+    tpm_timer: Any = None
 
     def _url(self, agent_id: str, suffix: str = "") -> str:
         host = self.registrar_ip
@@ -75,7 +80,12 @@ class Registration:
             try:
                 blob = await http.retry(register, retries=self.retries, interval=self.interval,
                                         exponential=self.exponential, on_retry=on_retry)
-                cred = await tpm.activate_credential(ident.ak, ident.ek, blob)
+                start = trio.current_time()
+                try:
+                    cred = await tpm.activate_credential(ident.ak, ident.ek, blob)
+                finally:
+                    if self.tpm_timer is not None:
+                        self.tpm_timer.observe(trio.current_time() - start)
                 tag = credential.activation_auth_tag(cred, ident.agent_id)
                 await http.retry(lambda: activate(tag), retries=self.retries, interval=self.interval,
                                  exponential=self.exponential, on_retry=on_retry)

@@ -19,7 +19,6 @@ import trio
 
 log = logging.getLogger("keytrio.agent")
 
-_MAX_LOGGED_OUTPUT = 8192
 
 
 @dataclass(frozen=True)
@@ -87,8 +86,9 @@ class Runner:
                     **kwargs,
                 )
                 rc = proc.returncode
-                output = proc.stdout[-_MAX_LOGGED_OUTPUT:].decode("utf-8", "replace").rstrip()
-                log.info("agent=%s event=script_done job=%s rc=%s output=%r", self.agent_id, job.label, rc, output)
+                # only the size of the output: payload scripts may print what they were given
+                log.info("agent=%s event=script_done job=%s rc=%s output_bytes=%d", self.agent_id, job.label, rc,
+                         len(proc.stdout or b""))
             if scope.cancelled_caught:
                 log.warning("agent=%s event=script_timeout job=%s after %.0fs", self.agent_id, job.label, self.timeout)
         except OSError as exc:

@@ -59,7 +59,8 @@ class SecureDir:
         reason = proc.stderr.decode("utf-8", "replace").strip()
         if self.mount_mode == "always":
             raise OSError(f"cannot mount a tmpfs on {self.path}: {reason}")
-        log.warning("secure dir %s: tmpfs mount failed (%s); using a 0700 directory", self.path, reason)
+        log.warning("event=secure_dir_unmounted path=%s reason=%s (tmpfs mount failed; a 0700 directory is used)",
+                    self.path, reason)
 
     def release(self) -> None:
         """Unmount the tmpfs if we mounted it. Blocking: call in a thread."""

@@ -18,6 +18,7 @@ from functools import partial
 import trio
 
 from actors.common.config import Config
+from actors.common.metrics import serve_metrics
 from actors.common.serve import serve
 from actors.common.store import Store, parse_pool
 from actors.common.tls import server_context
@@ -25,7 +26,7 @@ from actors.registrar.app import build_admin_app, build_agent_app
 from actors.registrar.config import Settings, resolve
 from actors.registrar.ekcert import load_cert_store
 from actors.registrar.migrations import MIGRATIONS
-from actors.registrar.service import RegistrarService
+from actors.registrar.service import RegistrarMetrics, RegistrarService
 
 log = logging.getLogger("keytrio.registrar")
 
@@ -34,6 +35,7 @@ log = logging.getLogger("keytrio.registrar")
 class RegistrarAddresses:
     http: tuple[str, int]  # agents: register, activate
     https: tuple[str, int]  # tenant / verifier (mTLS)
+    metrics: tuple[str, int] | None = None  # /metrics + /health (plain HTTP); None when disabled
 
 
 def sweep_interval(activation_timeout: float) -> float:
@@ -50,6 +52,9 @@ class Registrar:
         self.clock = clock
         self.addresses: RegistrarAddresses | None = None
         self.service: RegistrarService | None = None
+        self.metrics = RegistrarMetrics()  # per instance: its own Prometheus registry
+        #: seconds between two recounts of the ``agents`` gauge
+        self.gauge_interval = 1.0
 
     async def run(
         self, *, task_status: trio.TaskStatus[RegistrarAddresses] = trio.TASK_STATUS_IGNORED
@@ -59,7 +64,8 @@ class Registrar:
         if s.tpm_cert_store is not None:
             cert_store = await trio.to_thread.run_sync(load_cert_store, s.tpm_cert_store)
         tls = server_context(
-            s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional"
+            s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional",
+            crl_files=[s.crl] if s.crl is not None else [],
         )
         if s.database_url.startswith("sqlite") and not cfg.database_url:
             await trio.to_thread.run_sync(partial(s.data_dir.mkdir, parents=True, exist_ok=True))
@@ -74,6 +80,7 @@ class Registrar:
                 require_ek_cert=cfg.require_ek_cert,
                 cert_store=cert_store,
                 clock=self.clock,
+                metrics=self.metrics,
             )
             self.service = service
             agent_app = build_agent_app(service, max_upload_size=cfg.max_upload_size)
@@ -97,13 +104,30 @@ class Registrar:
                     )
                 )
                 nursery.start_soon(self._sweeper, service)
-                self.addresses = RegistrarAddresses(tuple(http), tuple(https))
-                log.info("event=registrar.started http=%s:%d https=%s:%d", *http, *https)
+                metrics_at = None
+                if cfg.metrics_port >= 0:
+                    await service.refresh_gauges()
+                    nursery.start_soon(self._gauges, service)
+                    metrics_at = await nursery.start(partial(
+                        serve_metrics, self.metrics.metrics, host=cfg.metrics_ip, port=cfg.metrics_port,
+                        health=service.health))
+                    metrics_at = (metrics_at[0], metrics_at[1])
+                self.addresses = RegistrarAddresses(tuple(http), tuple(https), metrics_at)
+                log.info("event=registrar.started http=%s:%d https=%s:%d metrics=%s crl=%s", *http, *https,
+                         f"{metrics_at[0]}:{metrics_at[1]}" if metrics_at else "disabled", s.crl or "none")
                 task_status.started(self.addresses)
         finally:
             with trio.CancelScope(shield=True):
                 await store.close()
             log.info("event=registrar.stopped")
+
+    async def _gauges(self, service: RegistrarService) -> None:
+        while True:
+            await trio.sleep(self.gauge_interval)
+            try:
+                await service.refresh_gauges()
+            except Exception:  # a database hiccup: the gauge keeps its last value, /health reports it
+                log.debug("event=registrar.gauge_refresh_failed", exc_info=True)
 
     async def _sweeper(self, service: RegistrarService) -> None:
         interval = sweep_interval(self.config.activation_timeout)

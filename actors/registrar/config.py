@@ -118,6 +118,13 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "graceful_timeout", "float", 3.0, "Seconds in-flight requests get to finish at shutdown.", minimum=0.0
     ),
+    Option("metrics_ip", "str", "127.0.0.1", "Address of the plain-HTTP /metrics + /health listener."),
+    Option("metrics_port", "int", 0,
+           "Port of the /metrics + /health listener; 0 = any free port (logged at start),\n"
+           "a negative value disables the listener.", maximum=65535),
+    Option("crl", "path", None,
+           "CRL (PEM, `keytrio ca revoke` writes cacrl.pem) checked for client certificates of the\n"
+           "HTTPS API; empty = none. Read at start: restart the registrar after a revocation."),
 )
 
 
@@ -132,6 +139,7 @@ class Settings:
     server_key: Path
     trusted_client_ca: tuple[Path, ...]
     tpm_cert_store: Path | None
+    crl: Path | None = None
 
 
 def load_config(
@@ -170,6 +178,9 @@ def resolve(config: Config) -> Settings:
     for p in cas:
         if not p.is_file():
             problems.append(f"trusted_client_ca: no such file {p}")
+    crl = in_tls_dir(config.crl) if config.crl else None
+    if crl is not None and not crl.is_file():
+        problems.append(f"crl: no such file {crl}")
     store = Path(config.tpm_cert_store) if config.tpm_cert_store is not None else None
     if store is not None and not store.is_dir():
         problems.append(f"tpm_cert_store: no such directory {store}")
@@ -178,4 +189,4 @@ def resolve(config: Config) -> Settings:
     if problems:
         raise ConfigError(problems)
     url = config.database_url or sqlite_url(data_dir / "registrar.sqlite")
-    return Settings(config, url, data_dir, server_cert, server_key, cas, store)
+    return Settings(config, url, data_dir, server_cert, server_key, cas, store, crl)

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+import trio
 from cryptography import x509
 from sqlalchemy.engine import Connection
 from tpm2_pytss.constants import TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC
 
 from actors.common.app import ApiError
+from actors.common.metrics import Metrics
 from actors.common.store import Store
 from actors.registrar import ekcert as ekcerts
 from actors.registrar.schema import agents
@@ -52,6 +54,28 @@ class Registration:
     mtls_cert: str | None
     ip: str | None
     port: int | None
+
+
+class RegistrarMetrics:
+    """The registrar's Prometheus metrics (own registry: two registrars in one process count apart)."""
+
+    def __init__(self) -> None:
+        m = self.metrics = Metrics("registrar")
+        self.registrations = m.counter(
+            "registrations_total", "Registrations (POST /agents/{id}) by result: new, again (a known "
+            "agent re-registered), invalid, forbidden, conflict.", ("result",))
+        self.activations = m.counter(
+            "activations_total", "Activations by result: activated, repeat, unknown, invalid, "
+            "wrong_removed, wrong_rolled_back, wrong_active.", ("result",))
+        self.agents = m.gauge("agents", "Agent records by state: active, pending (awaiting activation).",
+                              ("state",))
+
+
+_REFUSALS = {400: "invalid", 403: "forbidden", 404: "unknown", 409: "conflict"}
+
+
+def _refusal(exc: ApiError) -> str:
+    return _REFUSALS.get(getattr(exc, "code", 0), "error")
 
 
 def bad_request(exc: ProtocolError) -> ApiError:
@@ -217,7 +241,9 @@ class RegistrarService:
         cert_store: list[x509.Certificate] | None = None,
         clock: Callable[[], float] = time.time,
         rng: Callable[[int], bytes] = os.urandom,
+        metrics: RegistrarMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or RegistrarMetrics()
         self.store = store
         self.activation_timeout = activation_timeout
         self.require_ek_cert = require_ek_cert
@@ -229,6 +255,15 @@ class RegistrarService:
 
     async def register(self, raw_id: str, doc: dict[str, Any]) -> str:
         """Validate and store a (re-)registration; returns the base64 MakeCredential blob."""
+        try:
+            blob, kind = await self._register(raw_id, doc)
+        except ApiError as exc:
+            self.metrics.registrations.labels(_refusal(exc)).inc()
+            raise
+        self.metrics.registrations.labels(kind).inc()
+        return blob
+
+    async def _register(self, raw_id: str, doc: dict[str, Any]) -> tuple[str, str]:
         reg = parse_registration(
             raw_id, doc, require_ek_cert=self.require_ek_cert, cert_store=self.cert_store
         )
@@ -282,11 +317,15 @@ class RegistrarService:
             log.warning("event=registration.identity_mismatch agent_id=%s", reg.agent_id)
             raise
         log.info("event=registration.%s agent_id=%s", kind, reg.agent_id)
-        return base64.b64encode(blob).decode("ascii")
+        return base64.b64encode(blob).decode("ascii"), kind
 
     async def activate(self, raw_id: str, doc: dict[str, Any]) -> None:
-        agent_id = parse_agent_id(raw_id)
-        tag = parse_auth_tag(doc)
+        try:
+            agent_id = parse_agent_id(raw_id)
+            tag = parse_auth_tag(doc)
+        except ApiError:
+            self.metrics.activations.labels("invalid").inc()
+            raise
         now = self.clock()
 
         def txn(conn: Connection) -> str:
@@ -315,6 +354,7 @@ class RegistrarService:
             return "activated"
 
         outcome = await self.store.write(txn)
+        self.metrics.activations.labels(outcome).inc()
         log.info("event=activation.%s agent_id=%s", outcome, agent_id)
         if outcome == "unknown":
             raise ApiError(404, "Agent not found or its registration expired")
@@ -372,6 +412,21 @@ class RegistrarService:
 
     # -- housekeeping -----------------------------------------------------------------------------
 
+    async def refresh_gauges(self) -> None:
+        """Recount the agent records for the ``agents`` gauge (one GROUP BY)."""
+
+        def q(conn: Connection) -> dict[bool, int]:
+            rows = conn.execute(sa.select(agents.c.active, sa.func.count()).group_by(agents.c.active))
+            return {bool(active): int(n) for active, n in rows}
+
+        counts = await self.store.read(q)
+        self.metrics.agents.labels("active").set(counts.get(True, 0))
+        self.metrics.agents.labels("pending").set(counts.get(False, 0))
+
+    async def health(self) -> dict[str, Any]:
+        """/health: the store answers a trivial SELECT within 5 s."""
+        return await store_health(self.store)
+
     async def sweep(self) -> int:
         """Apply the activation timeout to every expired pending registration; returns how many."""
         now = self.clock()
@@ -391,3 +446,14 @@ class RegistrarService:
             return len(rows)
 
         return await self.store.write(txn)
+
+
+async def store_health(store: Store, timeout: float = 5.0) -> dict[str, Any]:
+    """``{"ok": bool, "store": "ok"|reason}`` from a ``SELECT 1`` through ``store``."""
+    with trio.move_on_after(timeout):
+        try:
+            await store.read(lambda conn: conn.execute(sa.text("SELECT 1")).scalar())
+        except Exception as exc:  # any database failure means unhealthy, never a 500
+            return {"ok": False, "store": f"unreachable ({type(exc).__name__})"}
+        return {"ok": True, "store": "ok"}
+    return {"ok": False, "store": "timeout"}

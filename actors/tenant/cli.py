@@ -22,7 +22,7 @@ import trio
 
 from actors.common.config import ConfigError
 from actors.tenant import config as tconfig
-from actors.tenant import policies, states
+from actors.tenant import mbpolicies, policies, states
 from actors.tenant.errors import ConnectionProblem, Refused, TenantError, UsageError, VerificationFailed
 from actors.tenant.payload import make_payload
 from actors.tenant.progress import Progress
@@ -62,6 +62,10 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     rp.add_argument("--runtime-policy", type=Path, metavar="FILE", help="runtime (IMA) policy, plain or DSSE-signed")
     rp.add_argument("--runtime-policy-name", metavar="NAME", help="a runtime policy stored at the verifier")
     pol.add_argument("--runtime-policy-key", type=Path, metavar="FILE", help="public key/cert that signed the policy")
+    pol.add_argument("--mb-policy", type=Path, metavar="FILE",
+                     help="measured-boot reference state (keytrio policy create measured-boot)")
+    pol.add_argument("--mb-policy-name", metavar="NAME",
+                     help="a measured-boot policy stored at the verifier (with --mb-policy: store it under NAME)")
     alg = p.add_argument_group("algorithms (comma-separated; default from the configuration)")
     alg.add_argument("--accept-hash", metavar="LIST", help="e.g. sha256,sha384")
     alg.add_argument("--accept-sign", metavar="LIST", help="e.g. rsassa,ecschnorr")
@@ -116,6 +120,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl.add_argument("--json", action="store_true")
     pd = pverbs.add_parser("delete", parents=[common], help="delete a stored runtime policy")
     pd.add_argument("name", metavar="NAME")
+
+    mbp = verbs.add_parser("mbpolicy", help="the verifier's named measured-boot policies")
+    mverbs = mbp.add_subparsers(dest="mbpolicy_verb", metavar="ACTION", required=True)
+    for name, text in (("add", "upload a new measured-boot policy"), ("update", "replace a stored one")):
+        sp = mverbs.add_parser(name, parents=[common], help=text)
+        sp.add_argument("name", metavar="NAME")
+        sp.add_argument("--file", "-f", type=Path, required=True, metavar="FILE", help="the reference state (JSON)")
+    sh = mverbs.add_parser("show", parents=[common], help="print a stored measured-boot policy")
+    sh.add_argument("name", metavar="NAME")
+    sh.add_argument("--json", action="store_true", help="the whole record, not only the policy")
+    ml = mverbs.add_parser("list", parents=[common], help="names of the stored measured-boot policies")
+    ml.add_argument("--json", action="store_true")
+    md = mverbs.add_parser("delete", parents=[common], help="delete a stored measured-boot policy")
+    md.add_argument("name", metavar="NAME")
 
 
 # --- entry points ------------------------------------------------------------------------------------
@@ -319,6 +337,10 @@ def _add_kwargs(args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFiles) -> di
         kw["runtime_policy"] = raw
     kw["runtime_policy_name"] = args.runtime_policy_name
     kw["runtime_policy_key"] = key
+    if getattr(args, "mb_policy", None) is not None:
+        kw["mb_policy"] = mbpolicies.check_mb_policy(_read_bytes(args.mb_policy, "--mb-policy"))
+    if getattr(args, "mb_policy_name", None):
+        kw["mb_policy_name"] = args.mb_policy_name
     kw["accept_tpm_hash_algs"] = _algs(args.accept_hash, cfg.accept_tpm_hash_algs)
     kw["accept_tpm_signing_algs"] = _algs(args.accept_sign, cfg.accept_tpm_signing_algs)
     kw["accept_tpm_encryption_algs"] = _algs(args.accept_enc, cfg.accept_tpm_encryption_algs)
@@ -442,7 +464,10 @@ def format_status(st: dict[str, Any]) -> str:
                  f" last success {_when(ver.get('last_successful_attestation'))}")
     if "attestation_status" in ver:
         lines.append(f"attestation  {ver.get('attestation_status')}")
-    pending = {k: v for k, v in ver.items() if "notice" in k or "notification" in k}
+    if "pending_notices" in ver:
+        # revocation notices about this agent's failures (or to it) the verifier still delivers
+        lines.append(f"notices      {ver.get('pending_notices') or 0} pending revocation notice deliveries")
+    pending = {k: v for k, v in ver.items() if ("notice" in k or "notification" in k) and k != "pending_notices"}
     for k, v in pending.items():
         lines.append(f"{k:<12} {v}")
     lines.append(f"verifier id  {ver.get('verifier_id')} ({ver.get('verifier_ip')}:{ver.get('verifier_port')});"
@@ -507,6 +532,24 @@ async def _policy(t: Tenant, args: argparse.Namespace, cfg: Any, tls: tconfig.Tl
     return EXIT_OK
 
 
+async def _mbpolicy(t: Tenant, args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFiles, progress: Progress,
+                    out: TextIO) -> int:
+    mverb = args.mbpolicy_verb
+    if mverb in ("add", "update"):
+        await mbpolicies.add(t, args.name, _read_bytes(args.file, "--file"), update=mverb == "update")
+        print(f"measured-boot policy {args.name} {'stored' if mverb == 'add' else 'updated'} at the verifier", file=out)
+    elif mverb == "show":
+        rec = await mbpolicies.show(t, args.name)
+        print(json.dumps(rec, indent=2, sort_keys=True) if args.json else rec.get("mb_policy") or "", file=out)
+    elif mverb == "list":
+        names = await mbpolicies.list_names(t)
+        print(json.dumps(names) if args.json else "\n".join(names), file=out)
+    else:
+        await mbpolicies.delete(t, args.name)
+        print(f"measured-boot policy {args.name} deleted", file=out)
+    return EXIT_OK
+
+
 _VERBS = {
     "add": _add,
     "update": _update,
@@ -517,4 +560,5 @@ _VERBS = {
     "reactivate": _simple,
     "regdelete": _simple,
     "policy": _policy,
+    "mbpolicy": _mbpolicy,
 }

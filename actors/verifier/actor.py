@@ -22,10 +22,13 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
+import sqlalchemy as sa
 import trio
 
 from actors.common.config import Config
+from actors.common.metrics import serve_metrics
 from actors.common.serve import serve
 from actors.common.store import Store, parse_pool
 from actors.common.tls import server_context
@@ -34,9 +37,16 @@ from actors.verifier.app import build_app
 from actors.verifier.config import Settings, resolve
 from actors.verifier.ima import ImaHooks
 from actors.verifier.migrations import MIGRATIONS
-from actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory, MonitorSet, MonitorSettings
+from actors.verifier.monitor import (
+    ACTIVE_STATES,
+    ImaCheckFactory,
+    MonitorSet,
+    MonitorSettings,
+    VerifierMetrics,
+)
 from actors.verifier.notify import Outbox, agent_context_factory
 from actors.verifier.policies import PolicyStore
+from actors.verifier.schema import agents as agents_table
 
 log = logging.getLogger("keytrio.verifier")
 
@@ -61,10 +71,15 @@ class Verifier:
         self.store: Store | None = None
         self.policies: PolicyStore | None = None
         self.ima: ImaHooks | None = None  # the IMA hooks (per-agent debug counters: ima.hooks[id].parsed)
+        self.metrics = VerifierMetrics()  # per instance: its own Prometheus registry
+        self.metrics_address: tuple[str, int] | None = None  # None while not serving / disabled
+        #: seconds between two recounts of the gauges (agents per state, pending notices)
+        self.gauge_interval = 1.0
 
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         s, cfg = self.settings, self.config
-        tls = server_context(s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional")
+        tls = server_context(s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional",
+                             crl_files=[s.crl] if s.crl is not None else [])
         contexts = agent_context_factory(s.trusted_server_ca, s.client_cert, s.client_key)
         if s.database_url.startswith("sqlite") and not cfg.database_url:
             await trio.to_thread.run_sync(partial(s.data_dir.mkdir, parents=True, exist_ok=True))
@@ -93,6 +108,7 @@ class Verifier:
                     timeout=cfg.request_timeout,
                     ttl=cfg.revocation_notice_ttl,
                     clock=self.clock,
+                    metrics=self.metrics,
                 )
                 monitors = MonitorSet(
                     store,
@@ -104,12 +120,14 @@ class Verifier:
                         exponential_backoff=cfg.exponential_backoff,
                         request_timeout=cfg.request_timeout,
                         max_response_size=cfg.max_response_size,
+                        measured_boot_evaluate=cfg.measured_boot_evaluate,
                     ),
                     context_for=contexts,
                     notifier=notifier,
                     max_concurrent_requests=cfg.max_concurrent_requests,
                     clock=self.clock,
                     ima_check_for=ima_check_for,
+                    metrics=self.metrics,
                 )
                 self.notifier, self.monitors = notifier, monitors
                 app = build_app(
@@ -139,12 +157,61 @@ class Verifier:
                         monitors.start(row["agent_id"])
                         resumed += 1
                 self.address = (bound[0], bound[1])
-                log.info("event=verifier.started verifier_id=%s https=%s:%d resumed=%d",
-                         cfg.verifier_id, *bound, resumed)
+                metrics_at = "disabled"
+                if cfg.metrics_port >= 0:
+                    await self.refresh_gauges()
+                    nursery.start_soon(self._gauges)
+                    mhost, mport = await nursery.start(partial(
+                        serve_metrics, self.metrics.metrics, host=cfg.metrics_ip, port=cfg.metrics_port,
+                        health=self.health))
+                    self.metrics_address = (mhost, mport)
+                    metrics_at = f"{mhost}:{mport}"
+                log.info("event=verifier.started verifier_id=%s https=%s:%d metrics=%s crl=%s resumed=%d",
+                         cfg.verifier_id, *bound, metrics_at, s.crl or "none", resumed)
                 task_status.started(self.address)
         finally:
+            self.metrics_address = None
             if self.monitors is not None:
                 self.monitors.stop_all()
             with trio.CancelScope(shield=True):
                 await store.close()
             log.info("event=verifier.stopped")
+
+    async def refresh_gauges(self) -> None:
+        """Recount this verifier's agents per operational state and its pending notice deliveries."""
+        store, verifier_id = self.store, self.config.verifier_id
+        assert store is not None
+
+        def q(conn: sa.Connection) -> dict[int, int]:
+            rows = conn.execute(
+                sa.select(agents_table.c.operational_state, sa.func.count())
+                .where(agents_table.c.verifier_id == verifier_id)
+                .group_by(agents_table.c.operational_state))
+            return {int(state): int(n) for state, n in rows}
+
+        self.metrics.set_agents(await store.read(q))
+        if self.notifier is not None:
+            self.metrics.pending.set(sum((await self.notifier.pending_counts()).values()))
+
+    async def _gauges(self) -> None:
+        while True:
+            await trio.sleep(self.gauge_interval)
+            try:
+                await self.refresh_gauges()
+            except Exception:  # a database hiccup: the gauges keep their values, /health reports it
+                log.debug("event=verifier.gauge_refresh_failed", exc_info=True)
+
+    async def health(self) -> dict[str, Any]:
+        """/health: the store answers a trivial SELECT (within 5 s); the monitor count for context."""
+        store = self.store
+        if store is None:
+            return {"ok": False, "store": "not open"}
+        details: dict[str, Any] = {"ok": False, "store": "timeout"}
+        with trio.move_on_after(5.0):
+            try:
+                await store.read(lambda conn: conn.execute(sa.text("SELECT 1")).scalar())
+                details = {"ok": True, "store": "ok"}
+            except Exception as exc:  # any database failure means unhealthy, never a 500
+                details = {"ok": False, "store": f"unreachable ({type(exc).__name__})"}
+        details["monitors"] = len(self.monitors.running) if self.monitors is not None else 0
+        return details

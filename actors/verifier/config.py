@@ -133,6 +133,10 @@ OPTIONS: tuple[Option, ...] = (
         False,
         "Treat IMA ToMToU / open-writers violation entries as logged warnings instead of failures.",
     ),
+    Option("measured_boot_evaluate", "choice", "once",
+           "When to evaluate an agent's measured-boot policy: once (first good quote of each boot) "
+           "or always (every quote); the UEFI log is replayed against the PCRs every time.",
+           choices=("once", "always")),
     Option("webhook_url", "str", "", "If set, revocation notices are also POSTed to this URL."),
     Option(
         "revocation_notice_ttl",
@@ -153,6 +157,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "graceful_timeout", "float", 3.0, "Seconds in-flight requests get to finish at shutdown.", minimum=0.0
     ),
+    # observability + CRL (issue 7): kept together at the end of the table
+    Option("metrics_ip", "str", "127.0.0.1", "Address of the plain-HTTP /metrics + /health listener."),
+    Option("metrics_port", "int", 0,
+           "Port of the /metrics + /health listener; 0 = any free port (logged at start),\n"
+           "a negative value disables the listener.", maximum=65535),
+    Option("crl", "path", None,
+           "CRL (PEM, `keytrio ca revoke` writes cacrl.pem) checked for client certificates of the\n"
+           "HTTPS API; empty = none. Read at start: restart the verifier after a revocation."),
 )
 
 
@@ -169,6 +181,7 @@ class Settings:
     trusted_server_ca: tuple[Path, ...]
     client_cert: Path
     client_key: Path
+    crl: Path | None = None
 
 
 def load_config(
@@ -210,6 +223,9 @@ def resolve(config: Config) -> Settings:
         for p in cas[name]:
             if not p.is_file():
                 problems.append(f"{name}: no such file {p}")
+    crl = in_tls_dir(config.crl) if config.crl else None
+    if crl is not None and not crl.is_file():
+        problems.append(f"crl: no such file {crl}")
     if config.webhook_url and not str(config.webhook_url).startswith(("http://", "https://")):
         problems.append("webhook_url: must be an http:// or https:// URL (or empty)")
     if problems:
@@ -225,4 +241,5 @@ def resolve(config: Config) -> Settings:
         cas["trusted_server_ca"],
         files["client_cert"],
         files["client_key"],
+        crl=crl,
     )

@@ -62,6 +62,7 @@ from actors.common.client import (
     make_client,
     retry_delay,
 )
+from actors.common.metrics import Metrics
 from actors.common.store import Store
 from actors.verifier import attest, records
 from actors.verifier.attest import AgentTarget, AttestState, ImaCheck
@@ -85,6 +86,44 @@ COMM_MALFORMED = "comm_error.malformed_response"
 INTERNAL_ERROR = "verifier.internal_error"
 
 
+#: operational state -> the label of the ``agents`` gauge
+STATE_NAMES = {
+    records.REGISTERED: "registered", records.START: "start", records.SAVED: "saved",
+    records.GET_QUOTE: "get_quote", records.GET_QUOTE_RETRY: "get_quote_retry",
+    records.PROVIDE_V: "provide_v", records.PROVIDE_V_RETRY: "provide_v_retry", records.FAILED: "failed",
+    records.TERMINATED: "terminated", records.INVALID_QUOTE: "invalid_quote",
+    records.TENANT_FAILED: "tenant_failed",
+}
+
+
+class VerifierMetrics:
+    """The verifier's Prometheus metrics; one per Verifier (own registry, so verifiers count apart).
+
+    ``polls_total{result}``: ok (quote good), failed (quote checks failed), comm_error (unreachable or
+    a retryable/non-retryable HTTP status), malformed, error (anything else). ``failures_total``
+    counts recorded failure events by ``event_id``.
+    """
+
+    def __init__(self) -> None:
+        m = self.metrics = Metrics("verifier")
+        self.agents = m.gauge("agents", "Agents of this verifier_id per operational state.", ("state",))
+        self.polls = m.counter("polls_total", "Quote polls (requests to agents) by result.", ("result",))
+        self.failures = m.counter("failures_total", "Recorded attestation failures by event id.", ("event_id",))
+        self.poll_seconds = m.histogram("poll_seconds", "Latency of one quote poll (request + checks).")
+        self.ima_lines = m.counter("ima_lines_total", "IMA measurement list lines received and evaluated.")
+        self.notices = m.counter("notices_total", "Revocation notices created (one per failure).")
+        self.deliveries = m.counter(
+            "notice_deliveries_total", "Final outcomes of notice deliveries by outcome: delivered, "
+            "expired, abandoned.", ("outcome",))
+        self.pending = m.gauge("notices_pending", "Notice deliveries still pending (to agents and webhook).")
+        for state in STATE_NAMES.values():  # every state shows, with 0, from the first scrape
+            self.agents.labels(state).set(0)
+
+    def set_agents(self, counts: dict[int, int]) -> None:
+        for state, name in STATE_NAMES.items():
+            self.agents.labels(name).set(counts.get(state, 0))
+
+
 @dataclass(frozen=True)
 class MonitorSettings:
     quote_interval: float = 2.0
@@ -94,6 +133,7 @@ class MonitorSettings:
     request_timeout: float = 60.0
     max_response_size: int = 64 << 20
     keepalive_expiry: float = 4.0
+    measured_boot_evaluate: str = "once"  # once (per boot) | always
 
 
 #: agent row -> client SSL context (CA + pinned mtls_cert + our client cert)
@@ -106,7 +146,9 @@ class _Ended(Exception):
     """The monitor's agent reached a final state (or vanished); stop quietly."""
 
 
-def target_from_row(row: dict[str, Any], ima_check: ImaCheck | None = None) -> AgentTarget:
+def target_from_row(
+    row: dict[str, Any], ima_check: ImaCheck | None = None, *, mb_evaluate: str = "once"
+) -> AgentTarget:
     """Parse a stored enrolment once (ValueError/ProtocolError on a corrupt row)."""
     return AgentTarget(
         agent_id=row["agent_id"],
@@ -120,6 +162,8 @@ def target_from_row(row: dict[str, Any], ima_check: ImaCheck | None = None) -> A
         accept_tpm_encryption_algs=json.loads(row["accept_tpm_encryption_algs"]),
         supported_version=row["supported_version"],
         ima_check=ima_check,
+        mb_policy=row.get("mb_policy") or None,
+        mb_evaluate=mb_evaluate,
     )
 
 
@@ -156,9 +200,11 @@ class MonitorSet:
         max_concurrent_requests: int = 64,
         clock: Callable[[], float] = time.time,
         ima_check_for: ImaCheckFactory | None = None,
+        metrics: VerifierMetrics | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
+        self.metrics = metrics or VerifierMetrics()
         self._nursery = nursery
         self._context_for = context_for
         self._notifier = notifier
@@ -262,6 +308,7 @@ async def fail(ms: MonitorSet, agent_id: str, state: int, failure: Failure, *, r
     )
     if not written:  # stopped or deleted meanwhile: the tenant's action stands, no notice
         return
+    ms.metrics.failures.labels(failure.event_id).inc()
     log.warning("agent=%s event=%s state=%d severity=%s notice=%s", agent_id, failure.event_id, state,
                 failure.severity.label, notice.notice_id)
     if stage is not None:
@@ -284,7 +331,9 @@ class Monitor:
         if row is None or row["operational_state"] not in ACTIVE_STATES:
             return
         self.db_state = row["operational_state"]
-        target = target_from_row(row, self.ms.ima_check_for(row))
+        target = target_from_row(
+            row, self.ms.ima_check_for(row), mb_evaluate=self.ms.settings.measured_boot_evaluate
+        )
         state = state_from_row(row)
         ima_hook = target.ima_check if isinstance(target.ima_check, AgentIma) else None
         if ima_hook is not None:
@@ -346,9 +395,33 @@ class Monitor:
         self.db_state = new
 
     async def _poll(self, client: httpx.AsyncClient, target: AgentTarget, state: AttestState) -> list[Failure]:
+        m = self.ms.metrics
+
         async def once() -> list[Failure]:
             async with self.ms.limiter:
-                return await attest.attest_once(client, target, state, max_response_bytes=self.s.max_response_size)
+                start, entry = trio.current_time(), state.ima_ml_entry
+                result: str | None = "error"
+                try:
+                    failures = await attest.attest_once(
+                        client, target, state, max_response_bytes=self.s.max_response_size)
+                    result = "failed" if failures else "ok"
+                    # lines evaluated this poll; a smaller entry means the log restarted (reboot)
+                    m.ima_lines.inc(max(state.ima_ml_entry - entry if state.ima_ml_entry >= entry
+                                        else state.ima_ml_entry, 0))
+                    return failures
+                except (CommunicationError, HttpError):
+                    result = "comm_error"
+                    raise
+                except MalformedResponse:
+                    result = "malformed"
+                    raise
+                except trio.Cancelled:
+                    result = None  # shutdown or tenant stop: not a poll outcome
+                    raise
+                finally:
+                    if result is not None:
+                        m.polls.labels(result).inc()
+                        m.poll_seconds.observe(trio.current_time() - start)
 
         return await self._with_retries(once, records.GET_QUOTE_RETRY)
 

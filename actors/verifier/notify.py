@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import sqlalchemy as sa
@@ -46,6 +46,9 @@ from actors.verifier import records
 from actors.verifier.schema import agents, deliveries, notices
 from protocol import revocation
 from protocol.failures import Failure
+
+if TYPE_CHECKING:  # monitor.py imports this module
+    from actors.verifier.monitor import VerifierMetrics
 
 log = logging.getLogger("keytrio.verifier")
 
@@ -154,7 +157,9 @@ class Outbox:
         ttl: float = NOTICE_TTL,
         concurrency: int = NOTICE_CONCURRENCY,
         clock: Callable[[], float] = time.time,
+        metrics: VerifierMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._verifier_id = verifier_id
         self._context_for = context_for
@@ -198,6 +203,8 @@ class Outbox:
         log.info("agent=%s event=revocation_notice notice=%s event_id=%s",
                  notice.agent_id, notice.notice_id, notice.event_id)
         self.published.append(notice)
+        if self._metrics is not None:
+            self._metrics.notices.inc()
         self.kick()
 
     async def publish(self, notice: SignedNotice) -> None:
@@ -212,11 +219,12 @@ class Outbox:
     # --- status ------------------------------------------------------------------------------
 
     async def pending_counts(self, recipients: list[str] | None = None) -> dict[str, int]:
-        """Pending deliveries per recipient (all recipients, or only these)."""
+        """Pending deliveries of this verifier per recipient (all recipients, or only these)."""
 
         def q(conn: Connection) -> dict[str, int]:
             stmt = (sa.select(deliveries.c.recipient, sa.func.count())
-                    .where(deliveries.c.state == PENDING).group_by(deliveries.c.recipient))
+                    .where(deliveries.c.state == PENDING, deliveries.c.verifier_id == self._verifier_id)
+                    .group_by(deliveries.c.recipient))
             if recipients is not None:
                 stmt = stmt.where(deliveries.c.recipient.in_(recipients))
             return {r: int(n) for r, n in conn.execute(stmt)}
@@ -317,6 +325,8 @@ class Outbox:
         await self._store.write(txn)
         ok = state == DELIVERED
         self.deliveries.append((d.notice_id, d.recipient, ok))
+        if self._metrics is not None:
+            self._metrics.deliveries.labels(state).inc()
         level = logging.INFO if ok else logging.WARNING
         log.log(level, "event=revocation_%s notice=%s to=%s attempts=%d%s", state, d.notice_id, d.recipient,
                 d.attempts + 1, f" error={error}" if error else "")
