@@ -13,15 +13,11 @@ from typing import Any
 
 from actors.common.config import Config, ConfigError, Option, default_config_text, load
 from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
-from actors.common.store import parse_pool, sqlite_url
+from actors.common.server_options import storage_options, tls_server_options
+from actors.common.store import sqlite_url
 
 ACTOR = "verifier"
 
-
-def _database_url(value: str) -> str | None:
-    if value and "://" not in value:
-        return "must be empty (SQLite in data_dir) or a URL like sqlite:///path or postgresql://…"
-    return None
 
 
 def _verifier_id(value: str) -> str | None:
@@ -30,55 +26,12 @@ def _verifier_id(value: str) -> str | None:
     return None
 
 
-def _pool(value: str) -> str | None:
-    try:
-        parse_pool(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
 
 OPTIONS: tuple[Option, ...] = (
     Option("ip", "str", "127.0.0.1", "Address the HTTPS listener binds to."),
     Option("port", "int", 8881, "HTTPS port (mTLS); 0 = any free port.", minimum=0, maximum=65535),
-    Option(
-        "data_dir",
-        "path",
-        "/var/lib/keytrio/verifier",
-        "Directory of the default SQLite database (verifier.sqlite) and of the default tls_dir.",
-    ),
-    Option(
-        "database_url",
-        "str",
-        "",
-        "SQLAlchemy URL of the database; empty = sqlite:///<data_dir>/verifier.sqlite.\n"
-        "PostgreSQL: postgresql+psycopg://user:password@host/db",
-        check=_database_url,
-    ),
-    Option(
-        "database_pool_sz_ovfl",
-        "str",
-        "5,10",
-        "PostgreSQL connection pool: \"<pool size>,<max overflow>\" (at most their sum connections;\n"
-        "SQLite uses one writer connection at a time).",
-        check=_pool,
-    ),
-    Option(
-        "auto_migrate_db",
-        "bool",
-        True,
-        f"Upgrade the database schema at start (else `keytrio {ACTOR} db upgrade --config FILE`\n"
-        "must have been run; the actor refuses to start on an older schema).",
-    ),
-    Option("tls_dir", "path", None, "Directory of the TLS files below; empty = <data_dir>/cv_ca."),
-    Option("server_cert", "path", "server-cert.crt", "Server certificate (PEM) of the HTTPS listener."),
-    Option("server_key", "path", "server-private.pem", "Private key (PEM, unencrypted) of server_cert."),
-    Option(
-        "trusted_client_ca",
-        "list",
-        ["cacert.crt"],
-        "CA certificates (PEM files) whose client certificates may use the HTTPS API.",
-    ),
+    *storage_options(ACTOR),
+    *tls_server_options(),
     Option(
         "trusted_server_ca",
         "list",

@@ -1,0 +1,70 @@
+"""Configuration options that the server actors (registrar, verifier) share: storage and TLS."""
+
+from __future__ import annotations
+
+from actors.common.config import Option
+from actors.common.store import parse_pool
+
+
+def _database_url(value: str) -> str | None:
+    if value and "://" not in value:
+        return "must be empty (SQLite in data_dir) or a URL like sqlite:///path or postgresql://…"
+    return None
+
+
+def _pool(value: str) -> str | None:
+    try:
+        parse_pool(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def storage_options(actor: str) -> tuple[Option, ...]:
+    """data_dir, database_url, database_pool_sz_ovfl, auto_migrate_db."""
+    return (
+        Option(
+            "data_dir",
+            "path",
+            f"/var/lib/keytrio/{actor}",
+            f"Directory of the default SQLite database ({actor}.sqlite) and of the default tls_dir.",
+        ),
+        Option(
+            "database_url",
+            "str",
+            "",
+            f"SQLAlchemy URL of the database; empty = sqlite:///<data_dir>/{actor}.sqlite.\n"
+            "PostgreSQL: postgresql+psycopg://user:password@host/db",
+            check=_database_url,
+        ),
+        Option(
+            "database_pool_sz_ovfl",
+            "str",
+            "5,10",
+            "PostgreSQL connection pool: \"<pool size>,<max overflow>\" (at most their sum connections;\n"
+            "SQLite uses one writer connection at a time).",
+            check=_pool,
+        ),
+        Option(
+            "auto_migrate_db",
+            "bool",
+            True,
+            f"Upgrade the database schema at start (else `keytrio {actor} db upgrade --config FILE`\n"
+            "must have been run; the actor refuses to start on an older schema).",
+        ),
+    )
+
+
+def tls_server_options() -> tuple[Option, ...]:
+    """tls_dir, server_cert, server_key, trusted_client_ca (file names relative to tls_dir)."""
+    return (
+        Option("tls_dir", "path", None, "Directory of the TLS files below; empty = <data_dir>/cv_ca."),
+        Option("server_cert", "path", "server-cert.crt", "Server certificate (PEM) of the HTTPS listener."),
+        Option("server_key", "path", "server-private.pem", "Private key (PEM, unencrypted) of server_cert."),
+        Option(
+            "trusted_client_ca",
+            "list",
+            ["cacert.crt"],
+            "CA certificates (PEM files) whose client certificates may use the HTTPS API.",
+        ),
+    )
