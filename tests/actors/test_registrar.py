@@ -24,8 +24,8 @@ from actors.common.config import ConfigError
 from actors.registrar import cli
 from actors.registrar.actor import Registrar
 from actors.registrar.config import default_config, load_config
-from actors.registrar.ekcert import _trim_der
 from protocol import credential
+from protocol.ekcert import trim_der as _trim_der
 from protocol.versions import SERVER_VERSIONS
 from tests.actors.test_registrar_support import (
     AK_ATTRS,
