@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from actors.tenant import ekcheck, states
+from actors.tenant import ekcheck
 from actors.tenant.client import Peer
 from actors.tenant.errors import Refused, UsageError, VerificationFailed
 from actors.tenant.payload import REVOCATION_CERT, add_files, make_payload
 from protocol import payload as pl
-from protocol import validation
+from protocol import states, validation
 from protocol.errors import ProtocolError
 from protocol.quote_check import PCR_16, check_pcr16, check_quote
 

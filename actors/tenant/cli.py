@@ -22,11 +22,12 @@ import trio
 
 from actors.common.config import ConfigError
 from actors.tenant import config as tconfig
-from actors.tenant import mbpolicies, policies, states
+from actors.tenant import mbpolicies, policies
 from actors.tenant.errors import ConnectionProblem, Refused, TenantError, UsageError, VerificationFailed
 from actors.tenant.payload import make_payload
 from actors.tenant.progress import Progress
 from actors.tenant.tenant import Tenant
+from protocol import states
 
 EXIT_OK, EXIT_USAGE = 0, 2
 

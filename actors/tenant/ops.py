@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from actors.tenant import states
 from actors.tenant.errors import Refused, VerificationFailed
+from protocol import states
 
 if TYPE_CHECKING:
     from actors.tenant.tenant import Tenant

@@ -16,19 +16,19 @@ from sqlalchemy.engine import Connection
 
 from actors.common.store import Store
 from actors.verifier.schema import agents, deliveries
-
-# Operational states (upstream keylime/common/states.py)
-REGISTERED = 0
-START = 1
-SAVED = 2
-GET_QUOTE = 3
-GET_QUOTE_RETRY = 4
-PROVIDE_V = 5
-PROVIDE_V_RETRY = 6
-FAILED = 7
-TERMINATED = 8
-INVALID_QUOTE = 9
-TENANT_FAILED = 10
+from protocol.states import (  # noqa: F401 -- re-exported: the verifier reads records.GET_QUOTE etc.
+    FAILED,
+    GET_QUOTE,
+    GET_QUOTE_RETRY,
+    INVALID_QUOTE,
+    PROVIDE_V,
+    PROVIDE_V_RETRY,
+    REGISTERED,
+    SAVED,
+    START,
+    TENANT_FAILED,
+    TERMINATED,
+)
 
 
 class DuplicateAgent(Exception):

@@ -22,7 +22,6 @@ from actors.tenant import (
     UsageError,
     VerificationFailed,
     make_payload,
-    states,
 )
 from actors.tenant.add import verify_key, wait_for
 from actors.tenant.ekcheck import check_ek, load_trust_store
@@ -30,6 +29,7 @@ from actors.tenant.payload import REVOCATION_CERT, add_files
 from actors.verifier.actor import Verifier
 from actors.verifier.config import load_config as verifier_config
 from protocol import payload as pl
+from protocol import states
 from testbed.swtpm import ek_ca_certs
 from tests.actors.test_agent import Running as RunningAgent
 from tests.actors.test_agent import results, start_agent

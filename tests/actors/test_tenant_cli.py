@@ -22,10 +22,10 @@ from actors.ca.authority import Authority
 from actors.common import tls
 from actors.common.app import make_app, ok
 from actors.common.serve import serve
-from actors.tenant import Refused, states
+from actors.tenant import Refused
 from actors.tenant import cli as tenant_cli
 from actors.tenant.payload import REVOCATION_CERT
-from protocol import versions
+from protocol import states, versions
 from testbed.ima_log import ImaLog
 from testbed.swtpm import ek_ca_certs
 from tests.actors.test_policy_tools import policy

@@ -1,4 +1,4 @@
-"""The verifier's operational states (upstream keylime/common/states.py), by number and name."""
+"""Operational states of an agent at the verifier (upstream keylime/common/states.py), by number and name."""
 
 from __future__ import annotations
 
