@@ -5,9 +5,13 @@ starting from progress zero), minus the clock and PCR 16 checks, which need per-
 an NK. Evidence whose quote signature, nonce or PCR digest does not verify is never valid: the
 quote failures are in the list, and the IMA hook does not even run then.
 
-Missing inputs -> :class:`EvidenceRejected` (HTTP 400) with failures ``{"type":
-"<field>.missing_param", "context": {"message": ...}}``; unusable inputs (a tpm_ak that does not
-decode, a runtime_policy that does not validate, ...) the same with ``<field>.invalid_param``.
+Missing inputs -> :class:`EvidenceRejected` (HTTP 400), in upstream's shape: one failure
+``{"type": "default.missing_param", "context": {"message": ..., "params": [names]}}`` for the
+required inputs (nonce, quote, hash_alg, tpm_ak, and tpm_ek, which upstream requires though no
+check uses it), ``default.missing_policy`` when no policy at all is given; unusable inputs (a tpm_ak
+that does not decode, a runtime_policy that does not validate, ...) get ``<field>.invalid_param``.
+A runtime policy with an empty IMA list is evaluated (as upstream does): the replay of nothing
+must then match PCR 10.
 Measured boot: a non-empty ``mb_policy`` (reference state as JSON text or object) needs ``mb_log``
 (base64 of the binary UEFI event log); the log is replayed against the quoted PCRs and evaluated
 (``measured_boot.*`` failures). An ``mb_policy`` that does not validate -> ``mb_policy.invalid_param``.
@@ -33,6 +37,9 @@ EVIDENCE_FIELDS = (
     "ima_measurement_list", "mb_log",
 )  # fmt: skip
 REQUIRED = ("nonce", "quote", "hash_alg", "tpm_ak")
+#: upstream refuses evidence without tpm_ek (the key must be there; no check reads it)
+PRESENT = ("tpm_ek",)
+POLICIES = ("tpm_policy", "runtime_policy", "mb_policy")
 IDENTITY_PARAMS = ("agent_uuid", "quote", "nonce", "hash_alg")
 
 
@@ -46,6 +53,12 @@ class EvidenceRejected(Exception):
 
 def missing_param(name: str) -> dict[str, Any]:
     return {"type": f"{name}.missing_param", "context": {"message": f"missing parameter: {name}"}}
+
+
+def missing_params(names: list[str]) -> dict[str, Any]:
+    """Upstream names every missing required input ``default.missing_param``; the context lists them."""
+    return {"type": "default.missing_param",
+            "context": {"message": f"missing parameter(s): {', '.join(names)}", "params": names}}
 
 
 def invalid_param(name: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -102,13 +115,15 @@ def check_tpm_evidence(data: object, *, ignore_tomtou_errors: bool = False) -> l
     """Failures of TPM evidence (empty = valid); EvidenceRejected for missing/unusable inputs."""
     if not isinstance(data, dict):
         raise EvidenceRejected([missing_param("data")])
-    problems = [missing_param(n) for n in REQUIRED if not _given(data, n)]
+    missing = [n for n in REQUIRED if not _given(data, n)] + [n for n in PRESENT if n not in data]
+    problems = [missing_params(missing)] if missing else []
+    if not missing and not any(_given(data, n) for n in POLICIES):
+        problems.append({"type": "default.missing_policy",
+                         "context": {"message": "give at least one of tpm_policy, runtime_policy, mb_policy"}})
     for n in REQUIRED:
         if _given(data, n) and not isinstance(data[n], str):
             problems.append(invalid_param(n, "must be a string"))
     has_runtime = _given(data, "runtime_policy")
-    if has_runtime and not _given(data, "ima_measurement_list"):
-        problems.append(missing_param("ima_measurement_list"))
     if _given(data, "ima_measurement_list") and not isinstance(data["ima_measurement_list"], str):
         problems.append(invalid_param("ima_measurement_list", "must be a string"))
     mb_ref = None
@@ -132,6 +147,10 @@ def check_tpm_evidence(data: object, *, ignore_tomtou_errors: bool = False) -> l
         raise EvidenceRejected(problems)
 
     ak = _ak(data["tpm_ak"])
+    if data["hash_alg"] not in tpm2.HASH_ALGS:
+        # upstream's id for it; the quote is never valid without a known hash
+        return [Failure("qoute_validation.invalid_hash_alg",
+                        {"message": "unsupported hash_alg", "hash_alg": str(data["hash_alg"])[:32]})]
     tpm_policy = _tpm_policy(data.get("tpm_policy"))
     hook = None
     if has_runtime:

@@ -92,18 +92,30 @@ async def test_evidence_matches_monitor_and_forgeries_never_valid(
         "pcr_digest": {**good, "quote": f"r{attest}:{sig}:{base64.b64encode(forged_blob).decode()}"},
     }
     for name, forged in forgeries.items():
-        for variant in (forged, {**forged, "runtime_policy": "", "tpm_policy": "", "ima_measurement_list": ""}):
+        bare = {**forged, "runtime_policy": "", "tpm_policy": json.dumps({"mask": "0x0"}), "ima_measurement_list": ""}
+        for variant in (forged, bare):
             res = await verify(variant)
             assert res["valid"] is False, name
             assert QUOTE_VALIDATION in [x["type"] for x in res["failures"]], name
 
-    # missing inputs: 400 with <field>.missing_param
+    # missing inputs, as upstream answers them: 400 default.missing_param naming the inputs
     r = await public.post(f"{root}/v2.5/verify/evidence", json={"type": "tpm", "data": {"nonce": NONCE}})
     assert r.status_code == 400
-    types = sorted(x["type"] for x in r.json()["results"]["failures"])
-    assert types == ["hash_alg.missing_param", "quote.missing_param", "tpm_ak.missing_param"]
-    res = await verify({**good, "ima_measurement_list": ""}, code=400)
-    assert [x["type"] for x in res["failures"]] == ["ima_measurement_list.missing_param"]
+    [f] = r.json()["results"]["failures"]
+    assert f["type"] == "default.missing_param"
+    assert f["context"]["params"] == ["quote", "hash_alg", "tpm_ak", "tpm_ek"]
+    no_ek = {k: v for k, v in good.items() if k != "tpm_ek"}
+    assert [x["type"] for x in (await verify(no_ek, code=400))["failures"]] == ["default.missing_param"]
+    # no policy at all: nothing to judge the evidence against (upstream: default.missing_policy)
+    none = {**good, "tpm_policy": "", "runtime_policy": "", "mb_policy": ""}
+    res = await verify(none, code=400)
+    assert res["valid"] is False and [x["type"] for x in res["failures"]] == ["default.missing_policy"]
+    # a runtime policy with an empty list is evaluated: nothing replays to the quoted PCR 10
+    res = await verify({**good, "ima_measurement_list": ""})
+    assert res["valid"] is False and [x["type"] for x in res["failures"]] == [PCR_MISMATCH]
+    # an unknown hash algorithm (upstream's id); never valid
+    res = await verify({**good, "hash_alg": "md5"})
+    assert res["valid"] is False and [x["type"] for x in res["failures"]] == ["qoute_validation.invalid_hash_alg"]
     res = await verify({**good, "runtime_policy": '{"meta": {"version": 2}}'}, code=400)
     assert res["failures"][0]["type"] == "runtime_policy.invalid_param"
     assert res["failures"][0]["context"]["field"] == "runtime_policy.meta.version"
