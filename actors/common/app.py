@@ -32,7 +32,9 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import BaseConverter
 
 from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE, BodyLimit
+from protocol import validation
 from protocol.envelope import envelope
+from protocol.errors import ProtocolError
 from protocol.versions import UNSUPPORTED_VERSION_STATUS
 
 log = logging.getLogger("keytrio.app")
@@ -48,6 +50,19 @@ class ApiError(Exception):
         self.code = code
         self.status = status
         self.results = results or {}
+
+
+def bad_request(exc: ProtocolError) -> ApiError:
+    """A 400 for invalid input; protocol errors name the field and never carry secrets."""
+    return ApiError(400, f"Bad request: {exc}")
+
+
+def parse_agent_id(raw: str) -> str:
+    """The agent id of a URL path, normalised; a 400 when it is not one."""
+    try:
+        return validation.agent_id(raw, "agent_id")
+    except ProtocolError as exc:
+        raise bad_request(exc) from None
 
 
 def json_response(

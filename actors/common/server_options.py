@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from actors.common.config import Option
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from actors.common.config import Config, Option
 from actors.common.store import parse_pool
 
 
@@ -68,3 +72,14 @@ def tls_server_options() -> tuple[Option, ...]:
             "CA certificates (PEM files) whose client certificates may use the HTTPS API.",
         ),
     )
+
+
+def tls_path_resolver(config: Config) -> Callable[[Any], Path]:
+    """Resolves TLS file names against ``tls_dir`` (default ``<data_dir>/cv_ca``); absolute paths stay."""
+    tls_dir = Path(config.tls_dir) if config.tls_dir is not None else Path(config.data_dir) / "cv_ca"
+
+    def in_tls_dir(p: Any) -> Path:
+        p = Path(p)
+        return p if p.is_absolute() else tls_dir / p
+
+    return in_tls_dir

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 
 from quart import Response
 
-from actors.common.app import KeytrioApp, json_body, make_app, ok
+from actors.common.app import KeytrioApp, json_body, make_app, ok, parse_agent_id
 from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
-from actors.registrar.service import RegistrarService, parse_agent_id
+from actors.registrar.service import RegistrarService
 from protocol.versions import SERVER_VERSIONS, server_version_payload
 
 

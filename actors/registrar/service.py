@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 from tpm2_pytss.constants import TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from actors.common.app import ApiError
+from actors.common.app import ApiError, bad_request, parse_agent_id
 from actors.common.metrics import Metrics
 from actors.common.store import Store
 from actors.registrar import ekcert as ekcerts
@@ -76,17 +76,6 @@ _REFUSALS = {400: "invalid", 403: "forbidden", 404: "unknown", 409: "conflict"}
 
 def _refusal(exc: ApiError) -> str:
     return _REFUSALS.get(getattr(exc, "code", 0), "error")
-
-
-def bad_request(exc: ProtocolError) -> ApiError:
-    return ApiError(400, f"Bad request: {exc}")
-
-
-def parse_agent_id(raw: str) -> str:
-    try:
-        return validation.agent_id(raw, "agent_id")
-    except ValidationError as exc:
-        raise bad_request(exc) from None
 
 
 def _public(doc: dict[str, Any], field: str) -> tuple[TPM2B_PUBLIC, str]:

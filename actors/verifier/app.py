@@ -31,7 +31,16 @@ import trio
 from cryptography import x509
 from quart import Response, g, request
 
-from actors.common.app import ApiError, KeytrioApp, json_body, json_response, make_app, ok
+from actors.common.app import (
+    ApiError,
+    KeytrioApp,
+    bad_request,
+    json_body,
+    json_response,
+    make_app,
+    ok,
+    parse_agent_id,
+)
 from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
 from actors.common.store import Store
 from actors.verifier import evidence, records
@@ -80,17 +89,6 @@ _HEX = re.compile(r"^[0-9a-fA-F]{2,256}$")
 _MAX_TEXT = 256 * 1024  # any single text field; the body limit bounds the total anyway
 _POLICY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,254}$")  # MAX_NAME
 _FAILED_STATES = {records.FAILED, records.INVALID_QUOTE, records.TENANT_FAILED, records.TERMINATED}
-
-
-def _bad(exc: ProtocolError) -> ApiError:
-    return ApiError(400, f"Bad request: {exc}")
-
-
-def parse_agent_id(raw: str) -> str:
-    try:
-        return validation.agent_id(raw, "agent_id")
-    except ValidationError as exc:
-        raise _bad(exc) from None
 
 
 # --- field validators (raise ValidationError) ------------------------------------------------------
@@ -241,7 +239,7 @@ def parse_enrolment(agent_id: str, doc: dict[str, Any]) -> dict[str, Any]:
             "sign_alg": sign_alg,
         }
     except ProtocolError as exc:
-        raise _bad(exc) from None
+        raise bad_request(exc) from None
 
 
 # --- GET view ----------------------------------------------------------------------------------------
@@ -616,7 +614,7 @@ def _policy_body(doc: dict[str, Any]) -> tuple[bytes, str | None, str | None]:
         tpm_policy = doc.get("tpm_policy")
         tpm_text = _tpm_policy(tpm_policy) if tpm_policy not in (None, "") else None
     except ProtocolError as exc:
-        raise _bad(exc) from None
+        raise bad_request(exc) from None
     try:
         raw = decode_policy_b64(doc.get("runtime_policy"))
     except PolicyRefused as exc:

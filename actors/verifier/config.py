@@ -13,7 +13,7 @@ from typing import Any
 
 from actors.common.config import Config, ConfigError, Option, default_config_text, load
 from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
-from actors.common.server_options import storage_options, tls_server_options
+from actors.common.server_options import storage_options, tls_path_resolver, tls_server_options
 from actors.common.store import sqlite_url
 
 ACTOR = "verifier"
@@ -155,11 +155,7 @@ def default_config() -> str:
 def resolve(config: Config) -> Settings:
     """Resolve paths and cross-check options; raises ConfigError listing every problem."""
     data_dir = Path(config.data_dir)
-    tls_dir = Path(config.tls_dir) if config.tls_dir is not None else data_dir / "cv_ca"
-
-    def in_tls_dir(p: Any) -> Path:
-        p = Path(p)
-        return p if p.is_absolute() else tls_dir / p
+    in_tls_dir = tls_path_resolver(config)
 
     problems: list[str] = []
     files = {
