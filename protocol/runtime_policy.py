@@ -9,8 +9,13 @@ Format (upstream Keylime 7.14.3, ``keylime-policy create runtime``)::
 
 Decisions (differences from upstream's JSON schema are all on the lenient side and documented):
 
-- Every section but ``meta.version`` may be missing and defaults as in upstream's empty policy;
-  unknown top-level keys are ignored (upstream's schema allows them too).
+- Every section upstream's JSON schema requires must be present (``meta.version``,
+  ``meta.generator``, ``release``, ``digests``, ``excludes``, ``keyrings``, ``ima`` with
+  ``ignored_keyrings``/``log_hash_alg``/``dm_policy``, ``ima-buf``, ``verification-keys``): upstream's
+  tenant and ``keylime-policy`` refuse a policy without them, and upstream's verifier, which does
+  not check, fails every quote with a KeyError on it. keytrio refuses it when it is uploaded,
+  enrolled or sent as evidence, naming every missing section. Unknown top-level keys are ignored
+  (upstream's schema allows them too).
 - ``b""``, whitespace or ``{}`` give the *empty policy* (``is_empty``): upstream stores "{}" as no
   policy and then evaluates with its EMPTY_RUNTIME_POLICY, i.e. every measured file is outside
   the policy. Whether to check IMA at all for such an agent is the verifier's decision.
@@ -307,6 +312,41 @@ def _load_json(text: str) -> Any:
         raise PolicyError("$", f"not JSON ({exc})") from exc
 
 
+REQUIRED_SECTIONS = ("meta", "release", "digests", "excludes", "keyrings", "ima", "ima-buf", "verification-keys")
+REQUIRED_META = ("version", "generator")
+REQUIRED_IMA = ("ignored_keyrings", "log_hash_alg", "dm_policy")
+
+
+def policy_document(**sections: Any) -> dict[str, Any]:
+    """A complete policy document (upstream's empty policy, generator 1) with ``sections`` put in.
+
+    Section names with a dash are passed as ``**{"ima-buf": ...}``; an ``ima`` dict is merged
+    into the default ``ima`` section, so ``ima={"log_hash_alg": "sha256"}`` is enough.
+    """
+    doc: dict[str, Any] = {
+        "meta": {"version": POLICY_VERSION, "generator": 1},
+        "release": 0,
+        "digests": {},
+        "excludes": [],
+        "keyrings": {},
+        "ima": {"ignored_keyrings": [], "log_hash_alg": "sha1", "dm_policy": None},
+        "ima-buf": {},
+        "verification-keys": "",
+    }
+    for name, value in sections.items():
+        if name == "ima" and isinstance(value, dict):
+            doc["ima"] = {**doc["ima"], **value}
+        else:
+            doc[name] = value
+    return doc
+
+
+def _require(obj: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise PolicyError(where, "missing required " + ", ".join(repr(k) for k in missing))
+
+
 def parse_policy(raw: bytes | str) -> RuntimePolicy:
     """Validate a plain (unsigned) runtime policy and index it. Raises PolicyError."""
     source, text = _decode(raw)
@@ -328,6 +368,9 @@ def _build(doc: object, checksum: str) -> RuntimePolicy:
     version = meta.get("version")
     if version != POLICY_VERSION or isinstance(version, bool):
         raise PolicyError("meta.version", f"unsupported version {version!r} (expected {POLICY_VERSION})")
+    # after the version: a policy of another format version is reported as that, not as gaps
+    _require(doc, REQUIRED_SECTIONS, "$")
+    _require(meta, REQUIRED_META, "meta")
     generator = _int(meta.get("generator"), "meta.generator", None)
     if "timestamp" in meta and not isinstance(meta["timestamp"], str):
         raise PolicyError("meta.timestamp", "must be a string")
@@ -337,10 +380,9 @@ def _build(doc: object, checksum: str) -> RuntimePolicy:
     keyrings = _digest_map(doc.get("keyrings"), "keyrings")
     ima_buf = _digest_map(doc.get("ima-buf"), "ima-buf")
     ima = doc.get("ima")
-    if ima is None:
-        ima = {}
     if not isinstance(ima, dict):
         raise PolicyError("ima", "must be an object")
+    _require(ima, REQUIRED_IMA, "ima")
     ignored = ima.get("ignored_keyrings")
     if ignored is None:
         ignored = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from protocol import ima
+from protocol.runtime_policy import policy_document
 from scenarios.runner import Expect, Run
 from testbed.machine import Machine
 from testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed
@@ -21,16 +22,8 @@ def policy_from_log(m: Machine) -> bytes:
     digests: dict[str, list[str]] = {}
     for entry in ima.parse_list(m.ima_path.read_text()):
         digests.setdefault(entry.path, []).append(entry.digest.hex())
-    doc = {
-        "meta": {"version": 1},
-        "release": 0,
-        "digests": digests,
-        "excludes": ["^/tmp/"],
-        "keyrings": {},
-        "ima": {"ignored_keyrings": [], "log_hash_alg": "sha1", "dm_policy": None},
-        "ima-buf": {},
-        "verification-keys": "",
-    }
+    # generator 3, as keylime-policy writes (upstream reports has_runtime_policy only above 1)
+    doc = policy_document(meta={"version": 1, "generator": 3}, digests=digests, excludes=["^/tmp/"])
     return json.dumps(doc, sort_keys=True).encode()
 
 

@@ -72,8 +72,11 @@ async def test_crud_and_bad_input_table(nursery: trio.Nursery, tmp_path: Path, p
         "digest_size": (body({**GOOD, "digests": {"/x": ["ab" * 7]}}), 'runtime_policy.digests["/x"][0]'),
         "regex": (body({**GOOD, "excludes": ["("]}), "runtime_policy.excludes[0]"),
         "version": (body({**GOOD, "meta": {"version": 2}}), "runtime_policy.meta.version"),
-        "dm_policy": (body({**GOOD, "ima": {"dm_policy": {}}}), "runtime_policy.ima.dm_policy"),
-        "log_hash_alg": (body({**GOOD, "ima": {"log_hash_alg": "md5"}}), "runtime_policy.ima.log_hash_alg"),
+        "dm_policy": (body({**GOOD, "ima": {**GOOD["ima"], "dm_policy": {}}}), "runtime_policy.ima.dm_policy"),
+        "log_hash_alg": (body({**GOOD, "ima": {**GOOD["ima"], "log_hash_alg": "md5"}}),
+                         "runtime_policy.ima.log_hash_alg"),
+        "no_ima_section": (body({k: v for k, v in GOOD.items() if k != "ima"}), "runtime_policy"),
+        "ima_section_partial": (body({**GOOD, "ima": {"dm_policy": None}}), "runtime_policy.ima"),
         "key_not_pem": (body(runtime_policy_key="%%%"), "runtime_policy_key"),
     }
     for name, (doc, field) in table.items():

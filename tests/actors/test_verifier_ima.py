@@ -24,6 +24,7 @@ from actors.verifier import records
 from actors.verifier.ima import AgentIma
 from protocol import ima
 from protocol.ima_eval import IMA_HASH, NOT_IN_ALLOWLIST, PCR_MISMATCH, RUNTIME_POLICY_HASH, TOMTOU
+from protocol.runtime_policy import policy_document
 from testbed.ima_log import ImaLog
 from tests.actors.verifier_support import (
     RecordingProxy,
@@ -44,16 +45,8 @@ OTHER_ID = "d432fbb3-d2f1-4a97-9ef7-75bd81c0cccc"
 
 
 def policy_doc(files: dict[str, bytes], excludes: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {
-        "meta": {"version": 1, "generator": 3},
-        "release": 0,
-        "digests": {p: [hashlib.sha256(c).hexdigest()] for p, c in files.items()},
-        "excludes": list(excludes),
-        "keyrings": {},
-        "ima": {"ignored_keyrings": [], "log_hash_alg": "sha1", "dm_policy": None},
-        "ima-buf": {},
-        "verification-keys": "",
-    }
+    return policy_document(meta={"version": 1, "generator": 3}, excludes=list(excludes),
+                           digests={p: [hashlib.sha256(c).hexdigest()] for p, c in files.items()})
 
 
 def b64(doc: dict[str, Any]) -> str:

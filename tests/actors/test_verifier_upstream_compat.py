@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from protocol.runtime_policy import policy_document
 from tests.actors.verifier_support import enrol, enrol_body, start_test_agent, start_verifier
 
 pytestmark = pytest.mark.swtpm
 
-POLICY = {"meta": {"version": 1, "generator": 3}, "release": 0, "digests": {"/usr/bin/x": ["ab" * 32]},
-          "excludes": [], "keyrings": {}, "ima": {"ignored_keyrings": [], "log_hash_alg": "sha1",
-                                                  "dm_policy": None}, "ima-buf": {}, "verification-keys": ""}
+POLICY = policy_document(meta={"version": 1, "generator": 3}, digests={"/usr/bin/x": ["ab" * 32]})
 
 
 async def test_port_listing_and_unnamed_inline_policy(nursery: trio.Nursery, tmp_path: Path, pki, swtpm):

@@ -45,7 +45,7 @@ from protocol.runtime_policy import keyidv2
 from testbed.ima_log import ImaLog
 
 NONCE = "k3ytr10EvidenceN0nce"  # 20 alphanumerics, as upstream's verifier makes them
-BANKS = ("sha1", "sha256")
+BANKS = ("sha1", "sha256", "sha384")  # every active bank of the testbed swtpm
 BANK = "sha256"
 FILES = {f"/usr/bin/tool{i}": f"tool {i} contents".encode() for i in range(3)}
 SIGNED = "/usr/lib/signed-ok"  # ima-sig, signature by the policy's key, digest also listed
@@ -138,6 +138,12 @@ class Material:
     entries_b: list[ima.Entry]  # ... and quote B
     ima_key_der: bytes  # SPKI of the IMA signing key (in the .ima ima-buf entry)
     forged_sig_quote: str = ""  # quote A with one signature bit flipped
+    ecc_ak: bytes = b""  # a P-256 ECDSA AK of the same TPM
+    ecc_quote_a: str = ""  # quote A's PCRs and nonce, signed by the ECC AK
+    ecc_forged_quote: str = ""  # the ECC quote with one bit of its signature's S flipped
+    ak_384: bytes = b""  # an RSA AK signing with SHA-384
+    quote_a_384: str = ""  # quote A's PCRs and nonce from the sha384 bank, signed by ak_384
+    pcr15_384: str = ""  # hex of PCR 15 (sha384)
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -179,24 +185,40 @@ async def build_material(tcti: str, ima_path: Any) -> Material:
         await log.buf(KEYRING, der)
         nonce = NONCE.encode()
         qa = await tpm.quote(ak, nonce=nonce, pcrs=[10, 15], bank=BANK)
+        # hash_alg names the bank AND the AK's signing hash (upstream: "Quote was expected to use
+        # sha384 but used sha256"): a sha384 bank quote needs an RSA AK signing with SHA-384
+        ak384 = await tpm.create_ak(ek, hash_alg="sha384")
+        qa384 = await tpm.quote(ak384, nonce=nonce, pcrs=[10, 15], bank="sha384")
+        await tpm.flush(ak384)
+        ecc = await tpm.create_ak(ek, alg="ecc")
+        qe = await tpm.quote(ecc, nonce=nonce, pcrs=[10, 15], bank=BANK)
+        await tpm.flush(ecc)
         qo = await tpm.quote(ak, nonce=b"0therN0nce0therN0nce", pcrs=[10, 15], bank=BANK)
         entries_a = list(log.entries)
         await log.tomtou(TOMTOU)
         qb = await tpm.quote(ak, nonce=nonce, pcrs=[10, 15], bank=BANK)
         qc = await tpm.quote(ak, nonce=nonce, pcrs=[15], bank=BANK)
         pcr15 = (await tpm.read_pcrs(BANK, [15]))[15].hex()
+        pcr15_384 = (await tpm.read_pcrs("sha384", [15]))[15].hex()
         entries_b = list(log.entries)
         await tpm.shutdown_clear()
-    attest, sig, blob = _quote_text(qa)[1:].split(":")
-    flipped = bytearray(base64.b64decode(sig))
-    flipped[-1] ^= 1
     return Material(
         ak=ak.public, other_ak=other.public, ek=ek.public,
         quote_a=_quote_text(qa), quote_b=_quote_text(qb), quote_c=_quote_text(qc),
         other_nonce_quote=_quote_text(qo), pcr15=pcr15, entries_a=entries_a, entries_b=entries_b,
         ima_key_der=der,
-        forged_sig_quote=f"r{attest}:{base64.b64encode(bytes(flipped)).decode()}:{blob}",
+        forged_sig_quote=_flip_signature_bit(_quote_text(qa)),
+        ecc_ak=ecc.public, ecc_quote_a=_quote_text(qe), ecc_forged_quote=_flip_signature_bit(_quote_text(qe)),
+        ak_384=ak384.public, quote_a_384=_quote_text(qa384), pcr15_384=pcr15_384,
     )
+
+
+def _flip_signature_bit(quote: str) -> str:
+    """The quote with the last byte of its TPMT_SIGNATURE changed (RSA: the signature; ECDSA: S)."""
+    attest, sig, blob = quote[1:].split(":")
+    flipped = bytearray(base64.b64decode(sig))
+    flipped[-1] ^= 1
+    return f"r{attest}:{base64.b64encode(bytes(flipped)).decode()}:{blob}"
 
 
 def b64(data: bytes) -> str:
@@ -271,6 +293,9 @@ def build_cases(m: Material) -> list[Case]:
     extra = ima.build_entry("ima-ng", "/usr/bin/tool0", "sha256", hashlib.sha256(FILES["/usr/bin/tool0"]).digest())
     stranger = ima.build_entry("ima-ng", "/tmp/unquoted", "sha256", hashlib.sha256(b"x").digest())
     no_ima_section = policy(m)
+    ecc = data(m, quote=m.ecc_quote_a, tpm_ak=b64(m.ecc_ak))
+    b384 = data(m, quote=m.quote_a_384, hash_alg="sha384", tpm_ak=b64(m.ak_384),
+                tpm_policy=json.dumps({"15": [m.pcr15_384], "mask": hex(1 << 10 | 1 << 15)}))
     del no_ima_section["ima"]
     cases = [
         Case("good-runtime-and-tpm-policy", tpm(good), ok()),
@@ -371,9 +396,32 @@ def build_cases(m: Material) -> list[Case]:
              note="upstream answers 500 to a runtime_policy that is not JSON"),
         Case("runtime-policy-without-ima-section", tpm(data(m, runtime_policy=json.dumps(no_ima_section))),
              bad_request("runtime_policy.invalid_param"), upstream=invalid("qoute_validation.invalid_quote"),
-             kind="keytrio-gap", ours=ok(),
-             note="upstream's policy schema requires the ima section (its evaluation fails with KeyError "
-                  "'ima'); keytrio's policy parser fills in defaults and evaluates the policy"),
+             kind="upstream-defect",
+             note="upstream's policy schema requires the ima section, but its verifier does not validate "
+                  "the schema: the evaluation fails with KeyError 'ima' and the crash is reported as an "
+                  "invalid quote; keytrio refuses the malformed policy as a 400 naming the missing section "
+                  "(as upstream's tenant and keylime-policy do)"),
+        # ECC AK (P-256, ECDSA/SHA-256) instead of RSA
+        Case("ecc-ak-good", tpm(ecc), ok()),
+        Case("ecc-ak-wrong-nonce", tpm({**ecc, "nonce": "wr0ngN0nce0123456789"}), invalid(QUOTE_FAIL)),
+        Case("ecc-ak-forged-signature", tpm({**ecc, "quote": m.ecc_forged_quote}), invalid(QUOTE_FAIL),
+             upstream=invalid("pcr_validation.missing_pcrs"), kind="upstream-defect", note=SIG_NOTE),
+        Case("ecc-quote-with-rsa-ak", tpm({**ecc, "tpm_ak": b64(m.ak)}), invalid(QUOTE_FAIL)),
+        Case("ecc-ak-file-not-in-policy",
+             tpm({**ecc, "runtime_policy": json.dumps(policy(m, drop=("/usr/bin/tool1",)))}),
+             invalid(NOT_IN_ALLOWLIST)),
+        # the sha384 PCR bank (PCR 10 replayed with sha384 template hashes)
+        Case("sha384-bank-good", tpm(b384), ok()),
+        Case("sha384-bank-pcr15-mismatch", tpm({**b384, "tpm_policy": json.dumps(
+            {"15": [m.pcr15], "mask": hex(1 << 10 | 1 << 15)})}), invalid("pcr_validation.invalid_pcr_15")),
+        Case("sha384-bank-file-not-in-policy",
+             tpm({**b384, "runtime_policy": json.dumps(policy(m, drop=("/usr/bin/tool1",)))}),
+             invalid(NOT_IN_ALLOWLIST)),
+        Case("sha384-bank-log-behind", tpm({**b384, "ima_measurement_list": list_text(m.entries_a[:-1])}),
+             invalid(PCR_MISMATCH)),
+        Case("sha384-quote-declared-sha256", tpm({**b384, "hash_alg": "sha256"}), invalid(QUOTE_FAIL)),
+        Case("sha384-quote-with-sha256-ak", tpm({**b384, "tpm_ak": b64(m.ak)}), invalid(QUOTE_FAIL),
+             upstream=invalid("pcr_validation.missing_pcrs"), kind="upstream-defect", note=SIG_NOTE),
         Case("quote-garbage", tpm(data(m, quote="rAAAA:BBBB:CCCC")), invalid(QUOTE_FAIL)),
         Case("hash-alg-unknown", tpm(data(m, hash_alg="md5")), invalid("qoute_validation.invalid_hash_alg"),
              kind="keytrio-gap", ours=invalid(QUOTE_FAIL),

@@ -20,7 +20,7 @@ from protocol import ima
 from protocol import ima_eval as ev
 from protocol.ima import Entry
 from protocol.ima_eval import ImaChecker, ImaProgress, evaluate_ima
-from protocol.runtime_policy import ImaKey, RuntimePolicy, parse_policy
+from protocol.runtime_policy import ImaKey, RuntimePolicy, parse_policy, policy_document
 
 DATA = Path(__file__).parent / "data" / "keylime"
 BANK = "sha256"
@@ -44,9 +44,7 @@ def _policy(entries: list[Entry], **over: Any) -> RuntimePolicy:
     for e in entries:
         if e.template in ("ima-ng", "ima-sig", "ima") and not e.is_violation:
             digests.setdefault(e.path, []).append(e.digest.hex())
-    doc: dict[str, Any] = {"meta": {"version": 1}, "digests": digests}
-    doc.update(over)
-    return parse_policy(json.dumps(doc))
+    return parse_policy(json.dumps(policy_document(digests=digests, **over)))
 
 
 def _log(n: int = 5) -> list[Entry]:

@@ -24,6 +24,7 @@ from protocol.runtime_policy import (
     load_policy,
     parse_ima_key,
     parse_policy,
+    policy_document,
 )
 
 DATA = Path(__file__).parent / "data" / "keylime"
@@ -43,6 +44,10 @@ def _policy(**over: Any) -> dict[str, Any]:
     }
     doc.update(over)
     return doc
+
+
+def _ima(**over: Any) -> dict[str, Any]:
+    return {"ignored_keyrings": [], "log_hash_alg": "sha1", "dm_policy": None, **over}
 
 
 # --- upstream-generated policies ---------------------------------------------------------------
@@ -128,10 +133,37 @@ def test_empty_policy(raw: bytes | str) -> None:
     assert p.is_empty and not p.digests and p.log_hash_alg == "sha1" and not p.excluded("/x")
 
 
-def test_missing_sections_default() -> None:
-    p = parse_policy('{"meta": {"version": 1}}')
-    assert not p.is_empty and not p.digests and p.ignored_keyrings == frozenset()
-    assert p.release == 0 and p.generator is None
+@pytest.mark.parametrize(
+    ("drop", "path", "missing"),
+    [
+        ("ima", "$", "'ima'"),
+        ("verification-keys", "$", "'verification-keys'"),
+        ("meta.generator", "meta", "'generator'"),
+        ("ima.dm_policy", "ima", "'dm_policy'"),
+    ],
+)
+def test_sections_upstream_requires_are_required(drop: str, path: str, missing: str) -> None:
+    doc = _policy()
+    *parents, key = drop.split(".")
+    target = doc
+    for p in parents:
+        target = target[p]
+    del target[key]
+    with pytest.raises(PolicyError) as info:
+        parse_policy(json.dumps(doc))
+    assert info.value.field == path and missing in info.value.reason
+
+
+def test_every_missing_section_is_named() -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policy('{"meta": {"version": 1, "generator": 1}, "digests": {}}')
+    for name in ("release", "excludes", "keyrings", "ima", "ima-buf", "verification-keys"):
+        assert repr(name) in info.value.reason
+
+
+def test_policy_document_is_complete() -> None:
+    p = parse_policy(json.dumps(policy_document(ima={"log_hash_alg": "sha256"})))
+    assert not p.is_empty and not p.digests and p.log_hash_alg == "sha256" and p.generator == 1
 
 
 @pytest.mark.parametrize(
@@ -147,14 +179,15 @@ def test_missing_sections_default() -> None:
         (_policy(excludes=["ok.*", "bad("]), "excludes[1]", "bad regex 'bad('"),
         (_policy(excludes="x"), "excludes", "list"),
         (_policy(excludes=[3]), "excludes[0]", "string"),
-        (_policy(meta={"version": 2}), "meta.version", "unsupported version 2"),
-        (_policy(meta={"version": True}), "meta.version", "unsupported"),
-        (_policy(meta={}), "meta.version", "unsupported version None"),
+        (_policy(meta={"version": 2, "generator": 0}), "meta.version", "unsupported version 2"),
+        (_policy(meta={"version": True, "generator": 0}), "meta.version", "unsupported"),
+        (_policy(meta={"version": None, "generator": 0}), "meta.version", "unsupported version None"),
+        (_policy(meta={"version": 1}), "meta", "missing required 'generator'"),
         (_policy(meta=1), "meta", "object"),
         (_policy(release=-1), "release", "integer"),
-        (_policy(ima={"log_hash_alg": "md5"}), "ima.log_hash_alg", "one of"),
-        (_policy(ima={"dm_policy": {}}), "ima.dm_policy", "not supported"),
-        (_policy(ima={"ignored_keyrings": [1]}), "ima.ignored_keyrings[0]", "string"),
+        (_policy(ima=_ima(log_hash_alg="md5")), "ima.log_hash_alg", "one of"),
+        (_policy(ima=_ima(dm_policy={})), "ima.dm_policy", "not supported"),
+        (_policy(ima=_ima(ignored_keyrings=[1])), "ima.ignored_keyrings[0]", "string"),
         (_policy(**{"verification-keys": 5}), "verification-keys", "string"),
         (_policy(**{"verification-keys": "{"}), "verification-keys", "not JSON"),
         (_policy(**{"verification-keys": '{"pubkeys": ["%%"]}'}), "verification-keys.pubkeys[0]", "base64"),
