@@ -19,7 +19,7 @@ Expected verdict: good boot - Get Quote throughout, no event; each tamper - Inva
 
 from __future__ import annotations
 
-from scenarios.mb_support import GOOD_BOOT, boot_into, failing, good_policy
+from scenarios.mb_support import BOOT_GOOD, GOOD_BOOT, failing, good_policy
 from scenarios.runner import Expect, Run, scenario
 from testbed.machine import Machine
 from testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed
@@ -27,12 +27,11 @@ from testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed
 SECURE_BOOT_DISABLED = "measured_boot.secure_boot_disabled"
 APPLICATION_NOT_ALLOWED = "measured_boot.boot_application_not_allowed"
 DBX_MISSING = "measured_boot.dbx_missing_entries"
-OPTIONS = {"retry_interval": 0.5, "max_retries": 10}
+OPTIONS = {"retry_interval": 0.5, "max_retries": 10, "machine_options": BOOT_GOOD}
 
 
 async def _attested(run: Run, tb: Testbed, m: Machine) -> int:
-    async with run.step("boot the good UEFI boot; enrol with its measured-boot reference state"):
-        await boot_into(m, GOOD_BOOT)
+    async with run.step("the machine booted the good UEFI boot; enrol with its measured-boot reference state"):
         await tb.enrol(m, mb_policy=good_policy(m))
         rec = await tb.wait_count(m, 3)
         run.check(rec["has_mb_refstate"] == 1, "the verifier holds no measured-boot policy")
@@ -45,7 +44,7 @@ async def _tampered(run: Run, knob: str, event: str, event_type: str) -> None:
         m = tb.machines[0]
         await _attested(run, tb, m)
         async with run.step(f"reboot into a boot with {knob.replace('_', ' ')}: Invalid Quote"):
-            await boot_into(m, GOOD_BOOT.tampered(knob))
+            await m.reboot(boot=GOOD_BOOT.tampered(knob))
             rec = await tb.wait_state(m, INVALID_QUOTE)
             run.check(rec["last_event_id"] == event, f"event {rec['last_event_id']}, expected {event}")
             run.note(f"event {rec['last_event_id']} (on the {event_type} event)")
@@ -58,7 +57,7 @@ async def mb_good_boot(run: Run) -> None:
         m = tb.machines[0]
         count = await _attested(run, tb, m)
         async with run.step("reboot into the same good boot: attestation continues"):
-            await boot_into(m, GOOD_BOOT)
+            await m.reboot(boot=GOOD_BOOT)
             rec = await tb.wait_count(m, count + 3)
             run.check(rec["last_event_id"] in (None, ""), f"event {rec['last_event_id']}")
             run.note(f"attestation_count {count} -> {rec['attestation_count']}")

@@ -5,6 +5,11 @@ boots (boot event log + boot_aggregate), starts the agent and returns once it se
 ``run`` stops the agent and the TPM cleanly. Operations while it runs: :meth:`measure`,
 :meth:`extend`, :meth:`stop_agent` / :meth:`start_agent`, :meth:`reboot`.
 
+Boot: ``Machine(..., boot=None)`` boots the minimal UEFI log (one separator per PCR 0-7);
+``boot=BootConfig()`` (testbed/boot_log.py) boots the rich OVMF + shim + grub + Linux log from
+the first boot on, a tampered config (``BootConfig().tampered(knob)``) a boot a measured-boot
+policy must refuse. ``reboot(boot=...)`` switches the configuration for that and later boots.
+
 swtpm serves one client connection at a time, so while the agent runs every extend goes
 through the agent's own TPM handle; while it is stopped the machine opens the TPM itself.
 """
@@ -15,6 +20,7 @@ import hashlib
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import trio
@@ -43,6 +49,7 @@ class Machine:
         seed: int = 0,
         swtpm_ca_dir: Path | None = None,
         proxy: bool = False,
+        boot: boot_log.BootConfig | None = None,
         **agent_options: Any,
     ) -> None:
         self.name = name
@@ -53,6 +60,7 @@ class Machine:
         self.rng = random.Random(f"{seed}:{name}")
         self.swtpm_ca_dir = swtpm_ca_dir
         self.agent_options = agent_options
+        self.boot = boot  # the UEFI boot every (re)boot replays; None: the minimal log
         # With a proxy, peers learn the proxy's port as the agent's contact port, so the
         # testbed can cut the machine's network (refuse / blackhole) and restore it.
         self.proxy: NetProxy | None = NetProxy() if proxy else None
@@ -121,10 +129,10 @@ class Machine:
         """Extend PCRs 0-7 from the boot log, start a fresh IMA log, set a new boot time."""
         self.boots += 1
         self.boottime_path.write_text(f"{BASE_BOOTTIME + 1000 * self.boots + self.rng.randrange(100)}\n")
-        self.boot_log_path.write_bytes(boot_log.build(self.banks))
+        self.boot_log_path.write_bytes(boot_log.build(self.banks, self.boot))
         assert self.swtpm is not None
         async with await Tpm.open(self.swtpm.tcti) as tpm:
-            for pcr, digests in boot_log.events(self.banks):
+            for pcr, digests in boot_log.events(self.banks, self.boot):
                 await tpm.extend(pcr, digests)
             boot_pcrs = {b: await tpm.read_pcrs(b, range(10)) for b in self.banks}
             self.ima = ImaLog(self.ima_path, self.extend, self.banks)
@@ -215,8 +223,12 @@ class Machine:
     def agent_running(self) -> bool:
         return self._agent_scope is not None
 
-    async def reboot(self) -> None:
-        """Agent down, TPM2_Shutdown + restart (PCRs reset, resetCount + 1), boot again, agent up."""
+    async def reboot(self, boot: boot_log.BootConfig | EllipsisType | None = ...) -> None:
+        """Agent down, TPM2_Shutdown + restart (PCRs reset, resetCount + 1), boot again, agent up.
+
+        ``boot``: the UEFI boot to replay from now on (None: the minimal log); omitted: the same."""
+        if not isinstance(boot, EllipsisType):
+            self.boot = boot
         await self.stop_agent()
         assert self.swtpm is not None
         await self.swtpm.restart()

@@ -22,8 +22,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import warnings
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,3 +305,23 @@ def report_known(known: Sequence[str]) -> None:
         for item in known:
             warnings.warn(KnownIncompatibility(item), stacklevel=2)
         pytest.xfail("; ".join(known))
+
+
+@contextlib.contextmanager
+def upstream_instance(extra_env: Mapping[str, str] | None = None, *,
+                      prefix: str = "keytrio-keylime-") -> Iterator[Upstream]:
+    """One more upstream instance (its own up.sh DIR, ports and database) for a module whose
+    upstream needs another configuration than the session's, e.g. ``KEYLIME_VERIFIER_*`` options;
+    down.sh and the directory's removal when the block ends. Fails (never skips) like the
+    session fixture when up.sh cannot run."""
+    require_tools()
+    # not under pytest's basetemp (see conftest.upstream)
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    up: Upstream | None = None
+    try:
+        up = bring_up(directory, extra_env)
+        yield up
+    finally:
+        if up is not None:
+            bring_down(up.dir, up.groups)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -95,3 +95,36 @@ async def test_machine_behind_proxy_registers_proxy_port(tmp_path: Path, swtpm_c
             m.restore_network()
             assert (await client.get(url)).status_code == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_machine_boots_rich_uefi_log_and_reboots_into_another(tmp_path: Path, swtpm_ca_dir: Path):
+    ca = make_cv_ca(tmp_path / "cv_ca")
+    registrar = _registrar(tmp_path, ca)
+    good = boot_log.BootConfig()
+    evil = good.tampered("unknown_kernel")
+    touched = sorted(boot_log.expected_pcrs("sha256", good))
+
+    async def check(m: Machine, cfg: boot_log.BootConfig | None) -> None:
+        pcrs = await m.read_pcrs("sha256", [*touched, 10])
+        want = boot_log.expected_pcrs("sha256", cfg)
+        assert {p: pcrs[p] for p in want} == want
+        assert m.boot_log_path.read_bytes() == boot_log.build(m.banks, cfg)
+        entries = ima.parse_list(m.ima_path.read_text())
+        assert [e.path for e in entries] == ["boot_aggregate"] and ima.replay(entries, "sha256") == pcrs[10]
+
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(registrar.run)
+        m = Machine("m1", tmp_path, ca, registrar=addrs.http, swtpm_ca_dir=swtpm_ca_dir, boot=good)
+        await nursery.start(m.run)
+        assert set(touched) >= {0, 1, 4, 5, 7, 8, 9, 14}
+        await check(m, good)  # the rich log from the first boot on
+
+        await m.reboot(boot=evil)
+        await check(m, evil)
+        assert (await m.read_pcrs("sha256", [4]))[4] != boot_log.expected_pcrs("sha256", good)[4]
+        await m.reboot()  # the same boot again
+        assert m.boot == evil
+        await check(m, evil)
+        await m.reboot(boot=None)  # back to the minimal log
+        await check(m, None)
+        nursery.cancel_scope.cancel()
