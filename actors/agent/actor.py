@@ -228,14 +228,14 @@ class Agent:
         log.info("agent=%s event=serving address=%s:%d", agent_id, *bound)
         task_status.started(bound)
 
-    def _server_context(self, data_dir: Path):  # -> ssl.SSLContext
+    def _server_context(self, data_dir: Path) -> tls.ReloadingServerContext:
         crl = self.config.crl
-        return tls.server_context(
+        return tls.reloading_server_context(
             data_dir / datadir.NK_CERT,
             data_dir / datadir.NK_KEY,
             client_ca_files=list(self.config.trusted_client_ca),
             mode="required",
-            # a client cert revoked with `keytrio ca revoke` fails the handshake (read at start)
+            # a client cert revoked with `keytrio ca revoke` fails the next handshake (no restart)
             crl_files=[crl] if crl else [],
         )
 

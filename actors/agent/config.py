@@ -98,7 +98,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("action_timeout", "float", 60.0, "Seconds a payload script or revocation action may run.", minimum=1),
     Option("crl", "path", None,
            "CRL (PEM, e.g. the CA's cacrl.pem) checked for client certificates (tenant, verifier);\n"
-           "empty = none. Read at start: restart the agent after a revocation."),
+           "empty = none. Re-read when the file\n"
+           "changes (checked at most once a second, on a new connection): no restart needed."),
     Option("metrics_ip", "str", "127.0.0.1", "Address of the plain-HTTP /metrics + /health listener."),
     Option("metrics_port", "int", 0,
            "Port of the /metrics + /health listener; 0 = any free port (logged at start),\n"

@@ -62,6 +62,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr
 
+from actors.common.tls import ReloadingServerContext
 from protocol.envelope import error as error_envelope
 
 log = logging.getLogger("keytrio.serve")
@@ -89,7 +90,7 @@ async def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    ssl_context: ssl.SSLContext | None = None,
+    ssl_context: ssl.SSLContext | ReloadingServerContext | None = None,
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
     graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
@@ -98,7 +99,8 @@ async def serve(
     """Serve ``app`` on ``host:port`` (port 0: any free port) until cancelled.
 
     ``task_status.started((host, port))`` reports the bound address once connections are accepted.
-    With ``ssl_context`` (see actors/common/tls.py) the port speaks HTTPS, else plain HTTP.
+    With ``ssl_context`` (see actors/common/tls.py) the port speaks HTTPS, else plain HTTP; a
+    ReloadingServerContext gives each new connection the context of the files as they are now.
     """
     server = _Server(
         app,
@@ -130,7 +132,7 @@ class _Server:
         self,
         app: ASGIApp,
         *,
-        ssl_context: ssl.SSLContext | None,
+        ssl_context: ssl.SSLContext | ReloadingServerContext | None,
         keep_alive_timeout: float,
         graceful_timeout: float,
         handshake_timeout: float,
@@ -206,9 +208,10 @@ class _Server:
                 stream: trio.abc.Stream = sock_stream
                 tls: dict[str, Any] | None = None
                 if self.ssl_context is not None:
-                    ssl_stream = trio.SSLStream(
-                        sock_stream, self.ssl_context, server_side=True, https_compatible=True
-                    )
+                    context = self.ssl_context
+                    if isinstance(context, ReloadingServerContext):
+                        context = context.current()
+                    ssl_stream = trio.SSLStream(sock_stream, context, server_side=True, https_compatible=True)
                     if not await self._handshake(ssl_stream, peer):
                         return
                     stream, tls = ssl_stream, _tls_extension(ssl_stream)

@@ -14,10 +14,15 @@ used anywhere in keytrio.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import ssl
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Literal
+
+log = logging.getLogger("keytrio.tls")
 
 ClientCertMode = Literal["required", "optional", "none"]
 
@@ -68,6 +73,83 @@ def server_context(
                 ctx.load_verify_locations(cafile=path)
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
+
+
+_FileStamp = tuple[int, int, int] | None
+
+
+def _stamp(path: str) -> _FileStamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class ReloadingServerContext:
+    """A server context that is rebuilt when one of its files changes: a CRL rewritten by
+    ``keytrio ca revoke``, a renewed server certificate or a new client CA take effect for the next
+    connection, without a restart.
+
+    The files are looked at on a new connection, at most every ``check_interval`` seconds (a few
+    ``stat`` calls). A rebuild that fails (a file half written, a key that does not match) keeps
+    the previous context: one bad file never takes the service down, and it is logged once.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[], ssl.SSLContext],
+        files: Iterable[StrPath],
+        *,
+        check_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._build = build
+        self._files = [os.fspath(f) for f in files]
+        self._interval = check_interval
+        self._clock = clock
+        self._stamps = [_stamp(f) for f in self._files]
+        self._context = build()  # the first build must work: a bad configuration fails at start
+        self._checked = clock()
+        self._failed: list[_FileStamp] | None = None
+        self.reloads = 0
+
+    def current(self) -> ssl.SSLContext:
+        now = self._clock()
+        if now - self._checked >= self._interval:
+            self._checked = now
+            stamps = [_stamp(f) for f in self._files]
+            if stamps != self._stamps and stamps != self._failed:
+                self._reload(stamps)
+        return self._context
+
+    def _reload(self, stamps: list[_FileStamp]) -> None:
+        try:
+            context = self._build()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._failed = stamps
+            log.warning("event=tls_reload_failed files=%s error=%s (still serving the previous context)",
+                        ",".join(self._files), exc)
+            return
+        self._context, self._stamps, self._failed = context, stamps, None
+        self.reloads += 1
+        log.info("event=tls_reloaded files=%s", ",".join(self._files))
+
+
+def reloading_server_context(
+    cert_file: StrPath,
+    key_file: StrPath,
+    *,
+    client_ca_files: Iterable[StrPath] = (),
+    mode: ClientCertMode,
+    crl_files: Iterable[StrPath] = (),
+    check_interval: float = 1.0,
+) -> ReloadingServerContext:
+    """:func:`server_context` that follows changes of its files (see ReloadingServerContext)."""
+    ca_files, crls = list(client_ca_files), list(crl_files)
+    build = functools.partial(server_context, cert_file, key_file, client_ca_files=ca_files, mode=mode,
+                              crl_files=crls)
+    return ReloadingServerContext(build, [cert_file, key_file, *ca_files, *crls], check_interval=check_interval)
 
 
 def client_context(

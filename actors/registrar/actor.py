@@ -21,7 +21,7 @@ from actors.common.config import Config
 from actors.common.metrics import serve_metrics
 from actors.common.serve import serve
 from actors.common.store import Store, parse_pool
-from actors.common.tls import server_context
+from actors.common.tls import reloading_server_context
 from actors.registrar.app import build_admin_app, build_agent_app
 from actors.registrar.config import Settings, resolve
 from actors.registrar.ekcert import load_cert_store
@@ -63,7 +63,7 @@ class Registrar:
         cert_store = []
         if s.tpm_cert_store is not None:
             cert_store = await trio.to_thread.run_sync(load_cert_store, s.tpm_cert_store)
-        tls = server_context(
+        tls = reloading_server_context(
             s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional",
             crl_files=[s.crl] if s.crl is not None else [],
         )

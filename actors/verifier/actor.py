@@ -31,7 +31,7 @@ from actors.common.config import Config
 from actors.common.metrics import serve_metrics
 from actors.common.serve import serve
 from actors.common.store import Store, parse_pool
-from actors.common.tls import server_context
+from actors.common.tls import reloading_server_context
 from actors.verifier import records
 from actors.verifier.app import build_app
 from actors.verifier.config import Settings, resolve
@@ -78,7 +78,7 @@ class Verifier:
 
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         s, cfg = self.settings, self.config
-        tls = server_context(s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional",
+        tls = reloading_server_context(s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional",
                              crl_files=[s.crl] if s.crl is not None else [])
         contexts = agent_context_factory(s.trusted_server_ca, s.client_cert, s.client_key)
         if s.database_url.startswith("sqlite") and not cfg.database_url:

@@ -117,7 +117,8 @@ OPTIONS: tuple[Option, ...] = (
            "a negative value disables the listener.", maximum=65535),
     Option("crl", "path", None,
            "CRL (PEM, `keytrio ca revoke` writes cacrl.pem) checked for client certificates of the\n"
-           "HTTPS API; empty = none. Read at start: restart the verifier after a revocation."),
+           "HTTPS API; empty = none. Re-read when the file\n"
+           "changes (checked at most once a second, on a new connection): no restart needed."),
 )
 
 

@@ -5,6 +5,7 @@ the CA of ``keytrio ca`` refused at the handshake by all three servers."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -178,12 +179,13 @@ async def test_metrics_listener_disabled_by_negative_port(nursery: trio.Nursery,
 
 @pytest.mark.swtpm
 async def test_revoked_client_cert_refused_by_every_actor(
-    nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm: Any
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     ca = Authority.init(tmp_path / "cv_ca")
     good = ca.issue("tenant-good", "client")
-    bad = ca.issue("tenant-bad", "client")
-    ca.revoke("tenant-bad")  # before the servers start: they read the CRL at start
+    early = ca.issue("tenant-early", "client")
+    late = ca.issue("tenant-late", "client")
+    ca.revoke("tenant-early")  # before the servers start
     cacert, crl = ca.dir / "cacert.crt", ca.dir / "cacrl.pem"
     tls_opts = {"tls_dir": str(ca.dir), "crl": "cacrl.pem"}  # relative: resolved against tls_dir
 
@@ -200,16 +202,39 @@ async def test_revoked_client_cert_refused_by_every_actor(
         "verifier": (rv.url + "/agents/", None),
         "agent": (agent.base + "/keys/pubkey", agent.info.mtls_cert),
     }
-    for name, (url, pinned) in urls.items():
-        for files, accepted in ((good, True), (bad, False)):
-            ctx = tls.client_context([cacert], files.cert, files.key, pinned_server_cert_pem=pinned)
-            async with httpx.AsyncClient(verify=ctx, timeout=10) as c:
-                if accepted:
-                    r = await c.get(url)
-                    assert r.status_code == 200, (name, r.text)
-                else:
-                    with pytest.raises(httpx.TransportError):
-                        await c.get(url)
+
+    async def accepted(name: str, files: Any) -> bool:
+        url, pinned = urls[name]
+        ctx = tls.client_context([cacert], files.cert, files.key, pinned_server_cert_pem=pinned)
+        async with httpx.AsyncClient(verify=ctx, timeout=10) as c:  # a new connection each time
+            try:
+                r = await c.get(url)
+            except httpx.TransportError:
+                return False
+        assert r.status_code == 200, (name, r.text)
+        return True
+
+    for name in urls:
+        assert await accepted(name, good), name
+        assert not await accepted(name, early), name
+        assert await accepted(name, late), name  # not revoked yet
+
+    ca.revoke("tenant-late")  # while every server runs: no restart
+    for name in urls:
+        with trio.fail_after(GUARD):  # the files are looked at once a second, on a new connection
+            while await accepted(name, late):
+                await trio.sleep(0.2)
+        assert await accepted(name, good), name
+        assert not await accepted(name, early), name
+
+    caplog.set_level(logging.WARNING, logger="keytrio.tls")
+    crl.write_text("not a CRL\n")  # a broken file: logged, the previous context stays in use
+    await trio.sleep(1.2)
+    for name in urls:
+        assert await accepted(name, good), name
+        assert not await accepted(name, late), name
+    failed = [r for r in caplog.records if "event=tls_reload_failed" in r.getMessage()]
+    assert len(failed) == 3, [r.getMessage() for r in failed]  # once per server, not per connection
     await rv.stop()
     await agent.stop()
     nursery.cancel_scope.cancel()
