@@ -7,7 +7,8 @@ Both workers are pinned to the same CPU (``--cpu``, default the last one) with
 the next round upstream first, and so on. Every timed call must come back valid; the tampered
 controls (a forged IMA line, a wrong nonce) must come back invalid on both sides - otherwise the
 run fails. ``DIR/bench.json`` holds the raw samples of both sides; ``DIR/tables.md`` the tables.
-With ``--upstream-dir`` (a running up.sh instance) the HTTP benchmarks run too (bench.http_load).
+With ``--upstream-dir`` (a running up.sh instance) the HTTP benchmarks run too: the evidence
+endpoint (bench.http_load), registration (bench.registration) and the fleet (bench.fleet).
 """
 
 from __future__ import annotations
@@ -188,6 +189,14 @@ def tables(report: dict[str, Any]) -> str:
         from bench import http_load
 
         parts.append(http_load.tables(http))
+    if report.get("fleet"):
+        from bench import fleet
+
+        parts.append(fleet.tables(report["fleet"]))
+    if report.get("registration"):
+        from bench import registration
+
+        parts.append(registration.tables(report["registration"]))
     return "\n\n".join(parts) + "\n"
 
 
@@ -227,6 +236,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         report["http"] = http_load.run(args, inputs_dir, inputs, cpu)
         print("[bench] http done", file=sys.stderr)
+    if args.upstream_dir and "registration" in args.only:
+        from bench import registration
+
+        report["registration"] = registration.run(args, cpu)
+        print("[bench] registration done", file=sys.stderr)
+    if args.upstream_dir and "fleet" in args.only:
+        from bench import fleet
+
+        report["fleet"] = fleet.run(args, cpu)
+        print("[bench] fleet done", file=sys.stderr)
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["elapsed_s"] = round(time.monotonic() - t0, 1)
     (out / "bench.json").write_text(json.dumps(report, indent=1))
@@ -246,7 +265,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--upstream-dir", type=Path, default=None, help="a running up.sh DIR (HTTP benchmarks)")
     ap.add_argument("--http-seconds", type=float, default=None)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--only", default="evidence,poll,http", help="comma-separated subset of evidence,poll,http")
+    ap.add_argument("--fleet-sizes", default=None, help="fleet N values (default 20 quick, 50,200,500 full)")
+    ap.add_argument("--fleet-seconds", type=float, default=None, help="fleet measuring window per side and N")
+    ap.add_argument("--fleet-policy-files", type=int, default=10_000, help="files in the shared runtime policy")
+    ap.add_argument("--reg-rounds", type=int, default=None, help="registration rounds per side (A B B A ...)")
+    ap.add_argument("--reg-per-round", type=int, default=None, help="new agent ids per registration round")
+    ap.add_argument("--reg-concurrency", type=int, default=8)
+    ap.add_argument("--only", default="evidence,poll,http,registration,fleet",
+                    help="comma-separated subset of evidence,poll,http,registration,fleet")
     return ap
 
 
@@ -258,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         args.polls = 40 if args.quick else 200
     if args.http_seconds is None:
         args.http_seconds = 5.0 if args.quick else 15.0
+    if args.fleet_sizes is None:
+        args.fleet_sizes = "20" if args.quick else "50,200,500"
+    if args.fleet_seconds is None:
+        args.fleet_seconds = 10.0 if args.quick else 30.0
+    if args.reg_rounds is None:
+        args.reg_rounds = 2 if args.quick else 4
+    if args.reg_per_round is None:
+        args.reg_per_round = 50 if args.quick else 100
     args.only = set(args.only.split(","))
     try:
         report = run(args)

@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark driver on tiny inputs: both interpreters, both verifiers.
+"""Smoke test of the benchmark driver on tiny inputs: both interpreters, both verifiers, both
+registrars, a fleet of two agents.
 
 Asserts only that the run completes and the JSON report has the right shape (valid verdicts are
 enforced by the driver itself: it fails the run if a timed call is invalid or a tampered control
@@ -41,7 +42,8 @@ def test_quick_driver_on_tiny_inputs(tmp_path: Path, upstream: Upstream) -> None
     rc = driver.main([
         "--out", str(out), "--quick", "--sizes", "0,20,60", "--polls", "4", "--lines-per-poll", "2",
         "--kl-venv", str(KL_VENV), "--upstream-dir", str(upstream.dir), "--http-seconds", "1",
-        "--concurrency", "2",
+        "--concurrency", "2", "--reg-rounds", "2", "--reg-per-round", "4", "--reg-concurrency", "2",
+        "--fleet-sizes", "2", "--fleet-seconds", "3", "--fleet-policy-files", "200",
     ])  # fmt: skip
     assert rc == 0, (out / "worker-upstream.log").read_text()[-3000:] if (out / "worker-upstream.log").exists() else ""
     report = json.loads((out / "bench.json").read_text())
@@ -69,6 +71,28 @@ def test_quick_driver_on_tiny_inputs(tmp_path: Path, upstream: Upstream) -> None
     _summary_ok(http["latency"]["keytrio"])
     _summary_ok(http["latency"]["upstream"])
 
+    reg = report["registration"]
+    for phase in ("reg", "act"):
+        assert reg[phase]["ok"] == {"keytrio": 8, "upstream": 8}  # every registration/activation answered 200
+        assert reg[phase]["rate"]["keytrio"] > 0 and reg[phase]["rate"]["upstream"] > 0
+        _summary_ok(reg[phase]["latency"]["keytrio"])
+        _summary_ok(reg[phase]["latency"]["upstream"])
+    assert reg["errors"] == {"keytrio": {}, "upstream": {}}
+    for side in ("keytrio", "upstream"):  # same id with another AK refused; a wrong auth tag never activates
+        assert reg["controls"][side]["other_ak_same_id"] == 403
+        assert reg["controls"][side]["wrong_auth_tag"] != 200
+
+    fleet = report["fleet"]
+    assert fleet["stopped"] == {}
+    (row,) = fleet["rows"]
+    assert row["n"] == 2
+    for side in ("keytrio", "upstream"):
+        r = row[side]
+        assert r["n"] == 2 and r["attested_at_start"] == 2
+        assert r["polls"] > 0 and r["achieved_rate"] > 0 and r["cpu_per_poll"] > 0
+        assert r["rss_mb"] > 0 and math.isfinite(r["rss_per_agent_kb"])
+
     tables = (out / "tables.md").read_text()
-    for heading in ("### 1. Evidence check", "### 2. Steady-state poll", "### 3. Evidence endpoint"):
+    for heading in ("### 1. Evidence check", "### 2. Steady-state poll", "### 3. Evidence endpoint",
+                    "### 4. Fleet", "### 5. Registration"):
         assert heading in tables

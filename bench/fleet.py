@@ -1,0 +1,470 @@
+"""Benchmark 4: one verifier monitoring N agents, keytrio's vs upstream's (up.sh instance).
+
+Agents: ``python -m bench.fleet agents DIR CV_CA_DIR`` is one process running many testbed
+machines (testbed.machine.Machine: own swtpm on a unix socket, boot log extended into PCRs 0-7,
+an IMA log, keytrio's agent with an ECC P-384 EK and its own ECC P-256 AK, PCR 16 bound to its
+own NK). Only one swtpm is provisioned (swtpm_setup); every machine gets a copy of that state dir,
+so each swtpm is its own TPM with its own PCRs (identical EKs: fine for a verifier benchmark). Each
+machine measures ``FILES_PER_AGENT`` files of the shared runtime policy (bench.gen.entry_for), so
+its IMA log is covered by the policy. The agents trust upstream's ``cacert.crt``, whose
+``client-cert.crt`` both verifiers present (bench.keytrio_server uses upstream's cv_ca).
+
+Verifiers, pinned to ``cpu`` (the agents process and this controller run on the other CPUs):
+- keytrio: a fresh ``bench.keytrio_server`` process (SQLite) per N;
+- upstream: the up.sh verifier (all processes of its process group are measured together).
+Both get the same named runtime policy (``policy_files`` files, uploaded once per verifier) and
+the same enrolment JSON (the fields upstream's tenant POSTs; V random, no payload).
+
+Per side and N: enrol N agents, wait until each has one attestation (+ one quote interval), then
+a window of ``seconds``: process CPU time (utime+stime of /proc/PID/stat), VmRSS, and per-agent
+``attestation_count`` from ``GET /v2.1/agents/?bulk`` at both ends. Achieved polls/s = sum over
+agents of count delta / that agent's window; CPU per poll = CPU seconds per second / polls per
+second. RSS per agent = (RSS with N agents - RSS with 0 agents and the policy loaded) / N. Then the
+agents are deleted (upstream) or the verifier stopped (keytrio). Sides alternate per N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+POLICY_NAME = "bench-fleet"
+FILES_PER_AGENT = 5
+TPM_POLICY = json.dumps({"mask": hex(1 << 10)})  # PCR 10 (IMA); PCR 16 is always checked
+RSS_LIMIT_MB = 8192  # stop a side before it takes the shared machine down
+API = "2.1"
+
+
+# --- the agents process ---------------------------------------------------------------------------------
+
+
+class Fleet:
+    """N testbed machines in one trio process; grown on request."""
+
+    def __init__(self, root: Path, ca_dir: Path, policy_files: int) -> None:
+        from testbed.pki import CaFiles
+
+        self.root = root
+        self.ca = CaFiles(ca_dir)
+        self.policy_files = policy_files
+        self.machines: list[Any] = []
+        self.template = root / "template"
+
+    async def grow(self, nursery: trio.Nursery, n: int) -> list[dict[str, Any]]:
+        from testbed.machine import Machine
+        from testbed.swtpm import copy_state, provision
+
+        if not self.machines:
+            await trio.to_thread.run_sync(lambda: provision(self.template, banks=("sha1", "sha256")))
+        limiter = trio.CapacityLimiter(4)  # starts at once: TPM + key generation are CPU work
+        new = []
+        for i in range(len(self.machines), n):
+            name = f"a{i}"
+            await trio.to_thread.run_sync(copy_state, self.template, self.root / "machines" / name / "tpm")
+            agent_id = str(uuidlib.UUID(int=random.Random(f"fleet:{i}").getrandbits(128), version=4))
+            new.append(Machine(name, self.root / "machines", self.ca, uuid=agent_id, tpm_encryption_alg="ecc",
+                               tpm_signing_alg="ecdsa", metrics_port=-1, secure_mount="never"))
+
+        async def start(index: int, m: Any) -> None:
+            from bench import gen
+
+            async with limiter:
+                await nursery.start(m.run)
+                for j in range(FILES_PER_AGENT):
+                    e = gen.entry_for((index * FILES_PER_AGENT + j) % self.policy_files)
+                    await m.measure(e.path, f"file {(index * FILES_PER_AGENT + j) % self.policy_files}".encode())
+
+        async with trio.open_nursery() as starting:
+            for k, m in enumerate(new):
+                starting.start_soon(start, len(self.machines) + k, m)
+        self.machines += new
+        return [self.describe(m) for m in self.machines]
+
+    @staticmethod
+    def describe(m: Any) -> dict[str, Any]:
+        info = m.info
+        return {"id": info.agent_id, "ip": info.address[0], "port": info.address[1],
+                "ak_tpm": base64.b64encode(info.ak_public).decode(), "mtls_cert": info.mtls_cert,
+                "boot_aggregate": m.ima.entries[0].digest.hex()}  # fmt: skip
+
+
+async def agents_main(root: Path, ca_dir: Path, policy_files: int) -> None:
+    fleet = Fleet(root, ca_dir, policy_files)
+    async with trio.open_nursery() as nursery:
+        print(json.dumps({"ready": True}), flush=True)
+        while True:
+            line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            if not line:
+                break
+            cmd = json.loads(line)
+            if cmd["op"] == "quit":
+                break
+            if cmd["op"] == "grow":
+                t0 = time.monotonic()
+                agents = await fleet.grow(nursery, int(cmd["n"]))
+                print(json.dumps({"agents": agents, "seconds": time.monotonic() - t0}), flush=True)
+        nursery.cancel_scope.cancel()
+
+
+class Agents:
+    """The controller's handle on the agents process (JSON lines over stdin/stdout)."""
+
+    def __init__(self, root: Path, ca_dir: Path, policy_files: int, cpus: set[int], log: Path) -> None:
+        self._log = open(log, "w")
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.fleet", "agents", str(root), str(ca_dir), str(policy_files)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TSS2_LOG": "all+NONE"},
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        )  # fmt: skip
+        self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"fleet agents process exited; see {self.log}:\n{self.log.read_text()[-3000:]}")
+        return json.loads(line)
+
+    def grow(self, n: int) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": "grow", "n": n}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+# --- process accounting ----------------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[int, int]:
+    """(pgid, utime+stime in clock ticks) of ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[2]), int(fields[11]) + int(fields[12])
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def group_pids(pgid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if _stat(int(entry.name))[0] == pgid:
+                    out.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def usage(pids: list[int]) -> tuple[float, float]:
+    """(CPU seconds, RSS MB) summed over ``pids`` (upstream's verifier is several processes)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = rss = 0
+    for pid in pids:
+        try:
+            cpu += _stat(pid)[1]
+            rss += _rss_kb(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return cpu / tick, rss / 1024
+
+
+# --- talking to a verifier --------------------------------------------------------------------------------
+
+
+def policy_body(policy_files: int, boot_aggregates: set[str]) -> dict[str, Any]:
+    from bench import gen
+
+    doc = gen.policy_doc([gen.entry_for(i) for i in range(policy_files)])
+    doc["digests"]["boot_aggregate"] = sorted(boot_aggregates)
+    raw = json.dumps(doc).encode()
+    return {"runtime_policy": base64.b64encode(raw).decode(), "runtime_policy_key": "", "tpm_policy": TPM_POLICY}
+
+
+def enrolment(agent: dict[str, Any]) -> dict[str, Any]:
+    """What upstream's tenant POSTs to /v2.x/agents/{id} (actors/tenant/add.py builds the same)."""
+    return {
+        "v": base64.b64encode(os.urandom(32)).decode(), "cloudagent_ip": agent["ip"],
+        "cloudagent_port": agent["port"], "tpm_policy": TPM_POLICY, "runtime_policy": "",
+        "runtime_policy_name": POLICY_NAME, "runtime_policy_key": "", "mb_policy": None, "mb_policy_name": None,
+        "ima_sign_verification_keys": "", "metadata": "{}", "revocation_key": "",
+        "accept_tpm_hash_algs": ["sha256", "sha384", "sha512"], "accept_tpm_encryption_algs": ["ecc", "rsa"],
+        "accept_tpm_signing_algs": ["ecdsa", "rsassa"], "ak_tpm": agent["ak_tpm"], "mtls_cert": agent["mtls_cert"],
+        "supported_version": API,
+    }  # fmt: skip
+
+
+async def _each(jobs: list[Any], fn: Any, concurrency: int = 8) -> list[Any]:
+    out: list[Any] = [None] * len(jobs)
+    it = iter(enumerate(jobs))
+
+    async def worker() -> None:
+        for i, job in it:
+            out[i] = await fn(job)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return out
+
+
+async def _bulk(client: httpx.AsyncClient, url: str) -> tuple[float, dict[str, Any]]:
+    r = await client.get(f"{url}/v{API}/agents/", params={"verifier": "", "bulk": "1"})
+    r.raise_for_status()
+    return time.monotonic(), r.json()["results"]
+
+
+async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, Any]], pids: Any, interval: float,
+                  seconds: float, rss0: float) -> dict[str, Any]:
+    """Enrol ``agents``, warm up, measure one window; -> the row of the table for one side."""
+    ids = [a["id"] for a in agents]
+    n = len(ids)
+
+    async def enrol(a: dict[str, Any]) -> int:
+        r = await client.post(f"{url}/v{API}/agents/{a['id']}", json=enrolment(a))
+        return r.status_code
+
+    t0 = time.monotonic()
+    statuses = await _each(agents, enrol)
+    refused = [s for s in statuses if s != 200]
+    if refused:
+        raise RuntimeError(f"{url}: {len(refused)} of {n} enrolments refused (statuses {sorted(set(refused))})")
+    enrol_s = time.monotonic() - t0
+    # warm-up: every agent attested once (first poll: the whole IMA log + V), then one more interval
+    deadline = time.monotonic() + 30 + 0.2 * n
+    attested = 0
+    while time.monotonic() < deadline:
+        _t, recs = await _bulk(client, url)
+        attested = sum(1 for i in ids if recs.get(i, {}).get("attestation_count", 0) >= 1)
+        if attested == n:
+            break
+        await trio.sleep(1.0)
+    warm_s = time.monotonic() - t0
+    await trio.sleep(interval)
+    t_a, before = await _bulk(client, url)
+    cpu_a, _rss = usage(pids())
+    w0 = time.monotonic()
+    rss_peak = 0.0
+    while time.monotonic() - w0 < seconds:
+        await trio.sleep(min(2.0, seconds))
+        rss_peak = max(rss_peak, usage(pids())[1])
+    cpu_b, rss = usage(pids())
+    wall = time.monotonic() - w0
+    t_b, after = await _bulk(client, url)
+    polls = 0
+    rate = 0.0
+    states: dict[str, int] = {}
+    for i in ids:
+        a, b = before.get(i, {}), after.get(i, {})
+        d = b.get("attestation_count", 0) - a.get("attestation_count", 0)
+        polls += d
+        rate += d / (t_b - t_a)
+        st = str(b.get("operational_state"))
+        states[st] = states.get(st, 0) + 1
+    cpu_rate = (cpu_b - cpu_a) / wall
+    return {
+        "n": n, "target_rate": n / interval, "achieved_rate": rate, "polls": polls, "window_s": wall,
+        "cpu_s": cpu_b - cpu_a, "cpu_per_s": cpu_rate, "cpu_per_poll": cpu_rate / rate if rate else None,
+        "rss_mb": rss, "rss_peak_mb": max(rss_peak, rss), "rss0_mb": rss0,
+        "rss_per_agent_kb": (rss - rss0) * 1024 / n, "attested_at_start": attested, "states": states,
+        "enrol_s": enrol_s, "warmup_s": warm_s,
+    }  # fmt: skip
+
+
+async def _delete_all(client: httpx.AsyncClient, url: str, ids: list[str], timeout: float) -> bool:
+    async def delete(i: str) -> int:
+        return (await client.delete(f"{url}/v{API}/agents/{i}")).status_code
+
+    await _each(ids, delete)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _t, recs = await _bulk(client, url)
+        if not any(i in recs for i in ids):
+            return True
+        await trio.sleep(1.0)
+    return False
+
+
+async def _upload(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
+    r = await client.post(f"{url}/v{API}/allowlists/{POLICY_NAME}", json=body)
+    if r.status_code == 409:  # already there (an earlier run against the same instance)
+        r = await client.put(f"{url}/v{API}/allowlists/{POLICY_NAME}", json=body)
+    if r.status_code not in (200, 201):
+        raise RuntimeError(f"{url}: runtime policy upload answered {r.status_code}: {r.text[:300]}")
+
+
+def _start_keytrio(ca: Path, data_dir: Path, cpu: int, log: Any) -> tuple[subprocess.Popen[str], str]:
+    srv = subprocess.Popen(
+        [sys.executable, "-m", "bench.keytrio_server", str(ca), str(data_dir)], stdout=subprocess.PIPE,
+        stderr=log, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+    )  # fmt: skip
+    assert srv.stdout is not None
+    line = srv.stdout.readline()
+    if not line.startswith("PORT "):
+        srv.kill()
+        raise RuntimeError(f"keytrio verifier did not start: {line!r}")
+    return srv, f"https://127.0.0.1:{int(line.split()[1])}"
+
+
+def _upstream_interval(up_dir: Path) -> float:
+    for line in (up_dir / "conf" / "verifier.conf").read_text().splitlines():
+        if line.startswith("quote_interval"):
+            return float(line.split("=", 1)[1])
+    return 2.0
+
+
+def run(args: argparse.Namespace, cpu: int) -> dict[str, Any]:
+    from actors.common import tls
+    from bench.http_load import _env_sh, pin_group
+
+    up_dir: Path = args.upstream_dir
+    env = _env_sh(up_dir)
+    ca = Path(env["KL_CA_DIR"])
+    up_pgid = int((up_dir / "run" / "verifier.pid").read_text().strip())
+    pin_group(up_pgid, cpu)
+    others = set(os.sched_getaffinity(0)) - {cpu} or {cpu}
+    os.sched_setaffinity(0, others)
+    sizes = [int(s) for s in str(args.fleet_sizes).split(",") if s]
+    intervals = {"keytrio": 2.0, "upstream": _upstream_interval(up_dir)}  # keytrio_server: quote_interval 2
+    report: dict[str, Any] = {"sizes": sizes, "seconds": args.fleet_seconds, "policy_files": args.fleet_policy_files,
+                              "files_per_agent": FILES_PER_AGENT, "quote_interval": intervals, "verifier_cpu": cpu,
+                              "agents_cpus": sorted(others), "rows": [], "stopped": {}}  # fmt: skip
+    ctx = tls.client_context([ca / "cacert.crt"], ca / "client-cert.crt", ca / "client-private.pem")
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    with tempfile.TemporaryDirectory(prefix="keytrio-bench-fleet-") as tmp, \
+            open(Path(args.out) / "fleet-keytrio-verifier.log", "w") as klog:
+        agents = Agents(Path(tmp) / "agents", ca, args.fleet_policy_files, others, Path(args.out) / "fleet-agents.log")
+        try:
+            up_base: dict[str, float] = {}
+
+            async def side(name: str, fleet: list[dict[str, Any]], body: dict[str, Any], k: int) -> dict[str, Any]:
+                async with httpx.AsyncClient(verify=ctx, timeout=60.0, limits=limits) as client:
+                    if name == "keytrio":
+                        srv, url = _start_keytrio(ca, Path(tmp) / f"verifier-{k}", cpu, klog)
+                        try:
+                            await _upload(client, url, body)
+                            await trio.sleep(0.5)
+                            rss0 = usage([srv.pid])[1]
+                            return await _window(client, url, fleet, lambda: [srv.pid], intervals[name],
+                                                 args.fleet_seconds, rss0)
+                        finally:
+                            srv.terminate()
+                            srv.wait(timeout=30)
+                    url = env["KL_VERIFIER_URL"]
+                    if not up_base:
+                        await _upload(client, url, body)
+                        await trio.sleep(0.5)
+                        up_base["rss0"] = usage(group_pids(up_pgid))[1]
+                    try:
+                        return await _window(client, url, fleet, lambda: group_pids(up_pgid), intervals[name],
+                                             args.fleet_seconds, up_base["rss0"])
+                    finally:
+                        gone = await _delete_all(client, url, [a["id"] for a in fleet], timeout=60 + 0.2 * len(fleet))
+                        if not gone:
+                            report["stopped"]["upstream"] = f"agents of N={len(fleet)} not deleted within the timeout"
+
+            for k, n in enumerate(sizes):
+                t0 = time.monotonic()
+                try:
+                    grown = agents.grow(n)
+                except RuntimeError as exc:
+                    report["stopped"]["agents"] = f"could not start {n} agents: {exc}"
+                    break
+                fleet = grown["agents"][:n]
+                print(f"[bench] fleet: {n} agents up in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+                body = policy_body(args.fleet_policy_files, {a["boot_aggregate"] for a in fleet})
+                row: dict[str, Any] = {"n": n, "agents_start_s": grown["seconds"], "loadavg": os.getloadavg()}
+                for name in (["keytrio", "upstream"] if k % 2 == 0 else ["upstream", "keytrio"]):
+                    if name in report["stopped"]:
+                        continue
+                    try:
+                        row[name] = trio.run(side, name, fleet, body, k)
+                    except (RuntimeError, httpx.HTTPError) as exc:
+                        report["stopped"][name] = f"N={n}: {exc}"
+                        continue
+                    r = row[name]
+                    print(f"[bench] fleet {name} N={n}: {r['achieved_rate']:.1f}/{r['target_rate']:.1f} polls/s, "
+                          f"{(r['cpu_per_poll'] or 0) * 1e3:.2f} ms CPU/poll, {r['rss_mb']:.0f} MB", file=sys.stderr)
+                    if r["rss_peak_mb"] > RSS_LIMIT_MB:
+                        report["stopped"][name] = f"N={n}: RSS {r['rss_peak_mb']:.0f} MB > {RSS_LIMIT_MB} MB"
+                report["rows"].append(row)
+        finally:
+            agents.close()
+            os.sched_setaffinity(0, others | {cpu})
+    return report
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def tables(fleet: dict[str, Any]) -> str:
+    rows = ["| N | side | target polls/s | achieved polls/s | verifier CPU per poll | verifier RSS MB | "
+            "RSS per agent KB | states at end |", "|---|---|---|---|---|---|---|---|"]
+    for row in fleet["rows"]:
+        for name in ("keytrio", "upstream"):
+            r = row.get(name)
+            if r is None:
+                rows.append(f"| {row['n']} | {name} | — | not measured | | | | |")
+                continue
+            cpp = r["cpu_per_poll"]
+            rows.append(f"| {r['n']} | {name} | {r['target_rate']:.1f} | {r['achieved_rate']:.1f} | "
+                        f"{_fmt(cpp and cpp * 1e3, '.2f')} ms | {r['rss_mb']:.0f} | {r['rss_per_agent_kb']:.0f} | "
+                        f"{', '.join(f'{s}:{c}' for s, c in sorted(r['states'].items()))} |")
+        k, u = row.get("keytrio"), row.get("upstream")
+        if k and u and k["cpu_per_poll"] and u["cpu_per_poll"]:
+            rows.append(f"| {row['n']} | keytrio/upstream | | {k['achieved_rate'] / u['achieved_rate']:.2f} | "
+                        f"{k['cpu_per_poll'] / u['cpu_per_poll']:.3f} | {k['rss_mb'] / u['rss_mb']:.3f} | "
+                        f"{k['rss_per_agent_kb'] / u['rss_per_agent_kb'] if u['rss_per_agent_kb'] else float('nan'):.3f}"
+                        " | |")
+    stopped = "".join(f"\n- stopped: {name}: {why}" for name, why in fleet["stopped"].items())
+    qi = fleet["quote_interval"]
+    return (f"### 4. Fleet (one verifier, N agents each with its own swtpm, ECC P-256 AKs, quote_interval "
+            f"{qi['keytrio']:g} s keytrio / {qi['upstream']:g} s upstream, shared {fleet['policy_files']:,}-file "
+            f"runtime policy, {fleet['files_per_agent']} files + boot_aggregate per IMA log, "
+            f"{fleet['seconds']:g} s window; verifier pinned to CPU {fleet['verifier_cpu']})\n\n"
+            + "\n".join(rows) + stopped)
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "agents":
+        logging.basicConfig(level=logging.WARNING)
+        trio.run(agents_main, Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+        return
+    raise SystemExit("usage: python -m bench.fleet agents DIR CV_CA_DIR POLICY_FILES")
+
+
+if __name__ == "__main__":
+    main()
