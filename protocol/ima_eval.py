@@ -18,6 +18,9 @@ cloud_verifier_common.py, agentstates.py):
   ``ima.quote_progress`` a quote that lagged the log did not catch up with that lag;
 - ``qoute_validation.invalid_ima_entry_nb`` (sic) the list starts neither at 0 nor where asked.
 
+Speed: plain passing ima-ng lines go through :mod:`protocol.ima_fast`, which only ever accepts
+lines; every other line (and so every failure) goes through the general per-line code here.
+
 Differences on purpose: a ToMToU entry fails unless ``ignore_tomtou_errors`` (then a warning),
 the documented meaning (upstream 7.14.3 does the reverse); lines after the matching one are not
 checked in this poll (upstream checks them and fails on them too). After any failure the progress
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +45,7 @@ from protocol import ima
 from protocol.errors import ValidationError
 from protocol.failures import Failure, Severity
 from protocol.ima import Entry, ImaParseError
+from protocol.ima_fast import FastNg
 from protocol.runtime_policy import ImaKey, KeyTypeError, RuntimePolicy, parse_ima_key
 
 # --- failure ids (upstream's) ------------------------------------------------------------------
@@ -403,6 +407,63 @@ def _keys(extra: Iterable[ImaKey | bytes]) -> list[ImaKey]:
     return out
 
 
+def _general_line(
+    ctx: _Ctx,
+    line: str,
+    line_no: int,
+    value: bytes,
+    bank_hash: Callable[[bytes], Any],
+    log_hash: Callable[[bytes], Any],
+    same_alg: bool,
+    ff: bytes,
+) -> tuple[bytes, bool]:
+    """Check one line of any kind and fold it in: (new PCR value, False if it did not parse)."""
+    try:
+        e = ima.parse_line(line, line_no)
+    except ImaParseError as exc:
+        ctx.failures.append(
+            _fail(
+                PARSER_ENTRY,
+                message=f"Line was not parsable into a valid IMA entry: {exc.reason}",
+                line=line_no,
+            )
+        )
+        return value, False
+    if e.pcr != ima.IMA_PCR:
+        ctx.failures.append(
+            _fail(
+                IMA_PCR,
+                message="IMA PCR is not the configured one",
+                expected=str(ima.IMA_PCR),
+                got=str(e.pcr),
+                path=e.path,
+                line=line_no,
+            )
+        )
+    if e.is_violation:
+        value = bank_hash(value + ff).digest()
+        ctx.tomtou(e)
+        return value, True
+    data = ima.template_data(e)
+    ext = bank_hash(data).digest()
+    value = bank_hash(value + ext).digest()
+    th = ext if same_alg else log_hash(data).digest()
+    if th != e.template_hash:
+        ctx.failures.append(
+            _fail(
+                IMA_HASH,
+                message="IMA template hash does not match the calculated hash.",
+                expected=th.hex(),
+                got=e.template_hash.hex(),
+                path=e.path,
+                line=line_no,
+            )
+        )
+    else:
+        ctx.check(e)
+    return value, True
+
+
 def evaluate_ima(
     list_text: str | None,
     first_entry: int,
@@ -414,6 +475,7 @@ def evaluate_ima(
     ignore_tomtou_errors: bool = False,
     extra_verification_keys: Iterable[ImaKey | bytes] = (),
     quoted_pcrs: Mapping[int, bytes] | None = None,
+    fast_path: bool = True,
 ) -> ImaResult:
     """Check the list lines from ``first_entry`` on (see module docstring).
 
@@ -422,6 +484,8 @@ def evaluate_ima(
     reset), as upstream does. ``quoted_pcrs`` (PCRs 0-9 of ``bank``, when the quote has them)
     lets the boot_aggregate line be checked. ``extra_verification_keys`` are certificates or
     public keys (DER/PEM) or ImaKey values, e.g. the agent's ``ima_sign_verification_keys``.
+    ``fast_path=False`` sends every line through the general per-line code (the fast path,
+    :mod:`protocol.ima_fast`, only accepts lines that code would accept; tests compare the two).
     Raises ValidationError only for bad arguments (bank, key material); evidence problems are
     failures.
     """
@@ -465,55 +529,29 @@ def evaluate_ima(
     matched: int | None = 0 if value == target else None
     parsed = 0
     if matched is None:
-        for i, line in enumerate(lines):
-            line_no = first_entry + i
-            parsed += 1
-            try:
-                e = ima.parse_line(line, line_no)
-            except ImaParseError as exc:
-                ctx.failures.append(
-                    _fail(
-                        PARSER_ENTRY,
-                        message=f"Line was not parsable into a valid IMA entry: {exc.reason}",
-                        line=line_no,
-                    )
-                )
+        digests = policy.digests if policy is not None else None
+        # a NUL anywhere: leave every line to the general parser (it rejects names with NUL)
+        fast = FastNg(bank, log_hash_alg, digests) if fast_path and "\0" not in (list_text or "") else None
+        i = 0
+        while i < len(lines):
+            if fast is not None:
+                # plain passing ima-ng lines; lines[i] (if any) is then for the general path
+                value, i, hit = fast.run(lines, i, value, target)
+                if hit:
+                    matched = i
+                    break
+                if i == len(lines):
+                    break
+            value, readable = _general_line(
+                ctx, lines[i], first_entry + i, value, bank_hash, log_hash, same_alg, ff
+            )
+            i += 1
+            if not readable:
                 break  # the replay cannot go past a line it cannot read
-            if e.pcr != ima.IMA_PCR:
-                ctx.failures.append(
-                    _fail(
-                        IMA_PCR,
-                        message="IMA PCR is not the configured one",
-                        expected=str(ima.IMA_PCR),
-                        got=str(e.pcr),
-                        path=e.path,
-                        line=line_no,
-                    )
-                )
-            if e.is_violation:
-                value = bank_hash(value + ff).digest()
-                ctx.tomtou(e)
-            else:
-                data = ima.template_data(e)
-                ext = bank_hash(data).digest()
-                value = bank_hash(value + ext).digest()
-                th = ext if same_alg else log_hash(data).digest()
-                if th != e.template_hash:
-                    ctx.failures.append(
-                        _fail(
-                            IMA_HASH,
-                            message="IMA template hash does not match the calculated hash.",
-                            expected=th.hex(),
-                            got=e.template_hash.hex(),
-                            path=e.path,
-                            line=line_no,
-                        )
-                    )
-                else:
-                    ctx.check(e)
             if value == target:
-                matched = i + 1
+                matched = i
                 break
+        parsed = i  # lines looked at, the unreadable one included
 
     if matched is None:
         ctx.failures.append(
