@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -168,6 +169,19 @@ def _stat(pid: int) -> tuple[int, int]:
     return int(fields[2]), int(fields[11]) + int(fields[12])
 
 
+def _user_sys(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds summed over ``pids``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            user, system = user + int(fields[11]), system + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return user / tick, system / tick
+
+
 def _rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -246,8 +260,10 @@ async def _bulk(client: httpx.AsyncClient, url: str) -> tuple[float, dict[str, A
 
 
 async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, Any]], pids: Any, interval: float,
-                  seconds: float, rss0: float) -> dict[str, Any]:
-    """Enrol ``agents``, warm up, measure one window; -> the row of the table for one side."""
+                  seconds: float, rss0: float, on_window: Any = None) -> dict[str, Any]:
+    """Enrol ``agents``, warm up, measure one window; -> the row of the table for one side.
+
+    ``on_window()`` (optional) is called as the window opens (bench.fleet keytrio --py-spy)."""
     ids = [a["id"] for a in agents]
     n = len(ids)
 
@@ -273,13 +289,17 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
     warm_s = time.monotonic() - t0
     await trio.sleep(interval)
     t_a, before = await _bulk(client, url)
+    if on_window is not None:
+        on_window()
     cpu_a, _rss = usage(pids())
+    us_a = _user_sys(pids())
     w0 = time.monotonic()
     rss_peak = 0.0
     while time.monotonic() - w0 < seconds:
         await trio.sleep(min(2.0, seconds))
         rss_peak = max(rss_peak, usage(pids())[1])
     cpu_b, rss = usage(pids())
+    us_b = _user_sys(pids())
     wall = time.monotonic() - w0
     t_b, after = await _bulk(client, url)
     polls = 0
@@ -295,7 +315,7 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
     cpu_rate = (cpu_b - cpu_a) / wall
     return {
         "n": n, "target_rate": n / interval, "achieved_rate": rate, "polls": polls, "window_s": wall,
-        "cpu_s": cpu_b - cpu_a, "cpu_per_s": cpu_rate, "cpu_per_poll": cpu_rate / rate if rate else None,
+        "cpu_s": cpu_b - cpu_a, "cpu_user_s": us_b[0] - us_a[0], "cpu_sys_s": us_b[1] - us_a[1], "cpu_per_s": cpu_rate, "cpu_per_poll": cpu_rate / rate if rate else None,
         "rss_mb": rss, "rss_peak_mb": max(rss_peak, rss), "rss0_mb": rss0,
         "rss_per_agent_kb": (rss - rss0) * 1024 / n, "attested_at_start": attested, "states": states,
         "enrol_s": enrol_s, "warmup_s": warm_s,
@@ -324,9 +344,11 @@ async def _upload(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> 
         raise RuntimeError(f"{url}: runtime policy upload answered {r.status_code}: {r.text[:300]}")
 
 
-def _start_keytrio(ca: Path, data_dir: Path, cpu: int, log: Any) -> tuple[subprocess.Popen[str], str]:
+def _start_keytrio(ca: Path, data_dir: Path, cpu: int, log: Any,
+                   cprofile: str | None = None) -> tuple[subprocess.Popen[str], str]:
+    prof = ["-m", "cProfile", "-o", cprofile] if cprofile else []  # written at exit (stop it with SIGINT)
     srv = subprocess.Popen(
-        [sys.executable, "-m", "bench.keytrio_server", str(ca), str(data_dir)], stdout=subprocess.PIPE,
+        [sys.executable, *prof, "-m", "bench.keytrio_server", str(ca), str(data_dir)], stdout=subprocess.PIPE,
         stderr=log, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
     )  # fmt: skip
@@ -452,10 +474,90 @@ def tables(fleet: dict[str, Any]) -> str:
     stopped = "".join(f"\n- stopped: {name}: {why}" for name, why in fleet["stopped"].items())
     qi = fleet["quote_interval"]
     return (f"### 4. Fleet (one verifier, N agents each with its own swtpm, ECC P-256 AKs, quote_interval "
-            f"{qi['keytrio']:g} s keytrio / {qi['upstream']:g} s upstream, shared {fleet['policy_files']:,}-file "
+            f"{qi['keytrio']:g} s keytrio / {qi.get('upstream', 0):g} s upstream, shared {fleet['policy_files']:,}-file "
             f"runtime policy, {fleet['files_per_agent']} files + boot_aggregate per IMA log, "
             f"{fleet['seconds']:g} s window; verifier pinned to CPU {fleet['verifier_cpu']})\n\n"
             + "\n".join(rows) + stopped)
+
+
+# --- keytrio only (profiling) -----------------------------------------------------------------------------
+
+
+def run_keytrio_only(args: argparse.Namespace) -> dict[str, Any]:
+    """keytrio's side alone (no up.sh instance): a fresh testbed CA, the agents, one verifier per N.
+
+    With ``--py-spy FILE`` the verifier is also sampled by py-spy (``record --format raw``) during
+    the window; the CPU figures of such a run include py-spy's interruptions, so measure without.
+    """
+    from actors.common import tls
+    from testbed.pki import make_cv_ca
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
+    others = set(os.sched_getaffinity(0)) - {cpu} or {cpu}
+    os.sched_setaffinity(0, others)
+    sizes = [int(s) for s in str(args.sizes).split(",") if s]
+    report: dict[str, Any] = {"sizes": sizes, "seconds": args.seconds, "policy_files": args.policy_files,
+                              "files_per_agent": FILES_PER_AGENT, "quote_interval": {"keytrio": 2.0},
+                              "verifier_cpu": cpu, "agents_cpus": sorted(others), "rows": [], "stopped": {}}
+    with tempfile.TemporaryDirectory(prefix="keytrio-bench-fleet-") as tmp, \
+            open(out / "fleet-keytrio-verifier.log", "w") as klog:
+        ca = make_cv_ca(Path(tmp) / "cv_ca").dir
+        ctx = tls.client_context([ca / "cacert.crt"], ca / "client-cert.crt", ca / "client-private.pem")
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+        agents = Agents(Path(tmp) / "agents", ca, args.policy_files, others, out / "fleet-agents.log")
+        try:
+            for k, n in enumerate(sizes):
+                fleet = agents.grow(n)["agents"][:n]
+                print(f"[bench] fleet: {n} agents up", file=sys.stderr)
+                body = policy_body(args.policy_files, {a["boot_aggregate"] for a in fleet})
+
+                async def side(fleet: list[dict[str, Any]] = fleet, body: dict[str, Any] = body,
+                               k: int = k) -> dict[str, Any]:
+                    async with httpx.AsyncClient(verify=ctx, timeout=60.0, limits=limits) as client:
+                        srv, url = _start_keytrio(ca, Path(tmp) / f"verifier-{k}", cpu, klog, args.cprofile)
+                        spy: list[subprocess.Popen[bytes]] = []
+
+                        def start_spy() -> None:
+                            if args.py_spy:
+                                spy.append(subprocess.Popen(
+                                    [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(srv.pid),
+                                     "--format", "raw", "--rate", "200", "-d", str(int(args.seconds)),
+                                     "-o", args.py_spy, *args.py_spy_args.split(),
+                                     # --native needs to pause the process per sample
+                                     *([] if "--native" in args.py_spy_args else ["--nonblocking"])],
+                                    stdout=klog, stderr=klog))
+
+                        try:
+                            await _upload(client, url, body)
+                            await trio.sleep(0.5)
+                            rss0 = usage([srv.pid])[1]
+                            return await _window(client, url, fleet, lambda: [srv.pid], 2.0, args.seconds, rss0,
+                                                 on_window=start_spy)
+                        finally:
+                            for p in spy:
+                                p.wait()
+                            if args.cprofile:
+                                srv.send_signal(signal.SIGINT)  # KeyboardInterrupt: cProfile writes its file
+                                try:
+                                    srv.wait(timeout=30)
+                                except subprocess.TimeoutExpired:
+                                    pass
+                            srv.terminate()
+                            srv.wait(timeout=30)
+
+                r = trio.run(side)
+                report["rows"].append({"n": n, "keytrio": r, "loadavg": os.getloadavg()})
+                print(f"[bench] fleet keytrio N={n}: {r['achieved_rate']:.1f}/{r['target_rate']:.1f} polls/s, "
+                      f"{(r['cpu_per_poll'] or 0) * 1e3:.3f} ms CPU/poll ({r['cpu_s']:.2f} CPU s in "
+                      f"{r['window_s']:.1f} s; user {r['cpu_user_s']:.2f} s, sys {r['cpu_sys_s']:.2f} s), {r['rss_mb']:.0f} MB",
+                      file=sys.stderr)
+        finally:
+            agents.close()
+            os.sched_setaffinity(0, others | {cpu})
+    (out / "fleet.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 def main() -> None:
@@ -463,7 +565,23 @@ def main() -> None:
         logging.basicConfig(level=logging.WARNING)
         trio.run(agents_main, Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
         return
-    raise SystemExit("usage: python -m bench.fleet agents DIR CV_CA_DIR POLICY_FILES")
+    if len(sys.argv) >= 2 and sys.argv[1] == "keytrio":
+        ap = argparse.ArgumentParser(prog="python -m bench.fleet keytrio",
+                                     description="benchmark 4, keytrio's verifier only (no upstream needed)")
+        ap.add_argument("--out", type=Path, required=True)
+        ap.add_argument("--sizes", default="100", help="comma-separated N values")
+        ap.add_argument("--seconds", type=float, default=30.0, help="measuring window per N")
+        ap.add_argument("--policy-files", type=int, default=10_000)
+        ap.add_argument("--cpu", type=int, default=None, help="CPU the verifier is pinned to (default: the last)")
+        ap.add_argument("--py-spy", default=None, help="also sample the verifier during the window into this file")
+        ap.add_argument("--cprofile", default=None,
+                        help="run the verifier under cProfile (whole run, incl. warm-up) into this file")
+        ap.add_argument("--py-spy-args", default="", help="more py-spy record options, e.g. --gil or --native")
+        report = run_keytrio_only(ap.parse_args(sys.argv[2:]))
+        print(tables(report))
+        return
+    raise SystemExit("usage: python -m bench.fleet agents DIR CV_CA_DIR POLICY_FILES\n"
+                     "       python -m bench.fleet keytrio --out DIR [--sizes N,..] [--seconds S] [--py-spy FILE]")
 
 
 if __name__ == "__main__":

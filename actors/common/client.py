@@ -16,7 +16,9 @@ import json as jsonlib
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Literal, NamedTuple, TypeVar
+from urllib.parse import urlencode, urlsplit
 
+import h11
 import httpx
 import trio
 
@@ -104,7 +106,7 @@ def make_client(
 
 
 async def request_json(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient | KeepAliveClient,
     method: str,
     url: str,
     json: Any = None,
@@ -120,6 +122,10 @@ async def request_json(
     envelope's status text and results when the body is one). ``expect=None`` returns every
     status that carries an envelope.
     """
+    if isinstance(client, KeepAliveClient):
+        status_code, reason, body = await _request_keepalive(client, method, url, json, params,
+                                                             max_response_bytes, timeout)
+        return _parse_reply(status_code, reason, body, expect)
     kwargs: dict[str, Any] = {}
     if json is not None:
         kwargs["json"] = json
@@ -135,18 +141,208 @@ async def request_json(
         raise MalformedResponse(-1, f"undecodable body: {exc}") from exc
     except httpx.TransportError as exc:
         raise _communication_error(exc, url) from exc
+    return _parse_reply(status_code, response.reason_phrase, body, expect)
 
+
+def _parse_reply(status_code: int, reason: str, body: bytes, expect: Collection[int] | None) -> Reply:
     try:
         code, status, results = parse_envelope(jsonlib.loads(body))
     except (ValueError, DecodeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         if expect is not None and status_code not in expect:
-            raise HttpError(status_code, response.reason_phrase or "Error") from exc
+            raise HttpError(status_code, reason or "Error") from exc
         raise MalformedResponse(status_code, str(exc)) from exc
     # Upstream answers code == HTTP status; trust the HTTP status if they ever disagree.
     del code
     if expect is not None and status_code not in expect:
         raise HttpError(status_code, status, results)
     return Reply(status_code, status, results)
+
+
+class KeepAliveClient:
+    """One keep-alive HTTP/1.1 connection to one peer (the verifier's monitor: one per agent).
+
+    What httpx gives the monitor, at a fraction of its per-request CPU (its pool, auth, cookie
+    and redirect layers cost ~1 ms a request; this is h11 over a trio SSL stream): requests go
+    one at a time over a single connection, reused while its idle time is under
+    ``keepalive_expiry`` and the peer did not close it; a request on a reused connection that
+    fails before any response byte is retried once on a fresh one (the peer may have closed
+    it just then). The connection is closed after a failed or cancelled request. TLS is exactly
+    ``ssl_context`` (server_hostname = the URL's host, as httpx does). ``timeout`` bounds a whole
+    request (connect + send + response). No compression is asked for; a compressed reply is
+    malformed. Errors are the same as :func:`request_json` raises with an httpx client.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext | None, *, timeout: float = DEFAULT_TIMEOUT,
+                 keepalive_expiry: float = 4.0) -> None:
+        self._ctx = ssl_context
+        self._timeout = timeout
+        self._expiry = keepalive_expiry
+        self._stream: trio.abc.Stream | None = None
+        self._conn: h11.Connection | None = None
+        self._peer: tuple[str, str, int] | None = None
+        self._idle_since = 0.0
+
+    async def aclose(self) -> None:
+        await self._drop()
+
+    async def __aenter__(self) -> KeepAliveClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _drop(self) -> None:
+        stream, self._stream, self._conn = self._stream, None, None
+        if stream is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+
+    def _reusable(self, peer: tuple[str, str, int]) -> bool:
+        if self._stream is None or self._peer != peer:
+            return False
+        if trio.current_time() - self._idle_since > self._expiry:
+            return False
+        stream = self._stream
+        sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+        # readable while idle: the peer closed (EOF) or sent garbage; either way not reusable
+        return sock is not None and not sock.is_readable()
+
+    async def _connect(self, peer: tuple[str, str, int]) -> None:
+        await self._drop()
+        scheme, host, port = peer
+        if scheme == "https":
+            ctx = self._ctx if self._ctx is not None else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            tcp = await trio.open_tcp_stream(host, port)
+            stream: trio.abc.Stream = trio.SSLStream(tcp, ctx, server_hostname=host, https_compatible=True)
+            try:
+                await stream.do_handshake()  # type: ignore[attr-defined]
+            except BaseException:
+                await tcp.aclose()
+                raise
+        else:
+            stream = await trio.open_tcp_stream(host, port)
+        self._stream, self._peer = stream, peer
+        self._conn = h11.Connection(h11.CLIENT)
+
+    async def request(self, method: str, url: str, *, body: bytes | None, max_response_bytes: int,
+                      timeout: float | None = None) -> tuple[int, str, bytes]:
+        """(status, reason, body) of one request; CommunicationError/ResponseTooLarge/MalformedResponse."""
+        split = urlsplit(url)
+        host = split.hostname or ""
+        port = split.port or (443 if split.scheme == "https" else 80)
+        peer = (split.scheme, host, port)
+        target = (split.path or "/") + (f"?{split.query}" if split.query else "")
+        hostport = split.netloc.rsplit("@", 1)[-1]
+        headers = [("Host", hostport), ("Accept", "*/*"), ("User-Agent", "keytrio")]
+        if body is not None:
+            headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        try:
+            with trio.fail_after(self._timeout if timeout is None else timeout):
+                reused = self._reusable(peer)
+                if not reused:
+                    await self._connect(peer)
+                try:
+                    return await self._exchange(method, target, headers, body, max_response_bytes)
+                except _NothingReceived:
+                    if not reused:
+                        raise
+                    await self._connect(peer)  # the idle connection died just now: once more
+                    return await self._exchange(method, target, headers, body, max_response_bytes)
+        except BaseException as exc:
+            await self._drop()
+            if isinstance(exc, _NothingReceived):
+                exc = exc.cause
+            if isinstance(exc, trio.TooSlowError):
+                raise CommunicationError("timeout", url, "request timed out") from exc
+            if isinstance(exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
+                                ssl.SSLError)):
+                raise _classify(exc, url) from exc
+            raise
+
+    async def _exchange(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes | None,
+                        limit: int) -> tuple[int, str, bytes]:
+        conn, stream = self._conn, self._stream
+        assert conn is not None and stream is not None
+        out = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
+        if body:
+            out += conn.send(h11.Data(data=body)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+        got_any = False
+        try:
+            await stream.send_all(out)
+            status, reason, chunks, size = 0, "", [], 0
+            eof = False
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError:
+                    if eof:  # h11's own message names its internal states
+                        raise h11.RemoteProtocolError("connection closed before the response ended") from None
+                    raise
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    got_any, eof = got_any or bool(data), not data
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.InformationalResponse):
+                    continue
+                if isinstance(event, h11.Response):
+                    status, reason = event.status_code, event.reason.decode("latin-1")
+                    for name, value in event.headers:
+                        if name == b"content-length" and value.isdigit() and int(value) > limit:
+                            raise ResponseTooLarge(status, f"Content-Length {value.decode()} > {limit} bytes")
+                        if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                            raise MalformedResponse(status, f"unexpected Content-Encoding {value.decode()!r}")
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > limit:
+                        raise ResponseTooLarge(status, f"more than {limit} bytes")
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise h11.RemoteProtocolError("connection closed before the response ended")
+        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+            if not got_any:
+                raise _NothingReceived(exc) from exc
+            raise
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            self._idle_since = trio.current_time()
+        else:
+            await self._drop()
+        return status, reason, b"".join(chunks)
+
+
+class _NothingReceived(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _classify(exc: BaseException, url: str) -> CommunicationError:
+    kind: CommunicationKind
+    if _in_chain(exc, ssl.SSLError):
+        kind = "tls"
+    elif _in_chain(exc, ConnectionRefusedError):
+        kind = "refused"
+    else:
+        kind = "network"
+    if isinstance(exc, h11.ProtocolError):  # its context chain holds h11 internals (KeyError ...)
+        return CommunicationError(kind, url, f"{type(exc).__name__}: {exc}")
+    return CommunicationError(kind, url, _innermost_text(exc))
+
+
+async def _request_keepalive(client: KeepAliveClient, method: str, url: str, json: Any,
+                             params: Mapping[str, str] | None, max_response_bytes: int,
+                             timeout: float | None) -> tuple[int, str, bytes]:
+    if params:
+        url = f"{url}{'&' if '?' in url else '?'}{urlencode(params)}"
+    body = jsonlib.dumps(json).encode() if json is not None else None
+    return await client.request(method, url, body=body, max_response_bytes=max_response_bytes, timeout=timeout)
 
 
 async def _read_capped(response: httpx.Response, limit: int) -> bytes:

@@ -51,15 +51,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import trio
 
 from actors.common.client import (
     CommunicationError,
     HttpError,
+    KeepAliveClient,
     MalformedResponse,
     is_retryable,
-    make_client,
     retry_delay,
 )
 from actors.common.metrics import Metrics
@@ -116,6 +115,8 @@ class VerifierMetrics:
             "notice_deliveries_total", "Final outcomes of notice deliveries by outcome: delivered, "
             "expired, abandoned.", ("outcome",))
         self.pending = m.gauge("notices_pending", "Notice deliveries still pending (to agents and webhook).")
+        # the per-poll children, looked up once (labels() costs a lock and a dict lookup per call)
+        self.poll_results = {r: self.polls.labels(r) for r in ("ok", "failed", "comm_error", "malformed", "error")}
         for state in STATE_NAMES.values():  # every state shows, with 0, from the first scrape
             self.agents.labels(state).set(0)
 
@@ -340,8 +341,10 @@ class Monitor:
             state.ima_ml_entry = ima_hook.progress.count  # the restored progress decides the tail
         v_delivered = bool(row["v_delivered"])
         v = base64.b64decode(row["v"]) if row["v"] else None
-        limits = httpx.Limits(max_connections=2, max_keepalive_connections=1, keepalive_expiry=self.s.keepalive_expiry)
-        client = make_client(self.ms.context_for(row), timeout=self.s.request_timeout, limits=limits)
+        # one keep-alive connection per agent (requests to it go one at a time), reused across
+        # polls while idle < keepalive_expiry (> quote_interval by default: no handshake per poll)
+        client = KeepAliveClient(self.ms.context_for(row), timeout=self.s.request_timeout,
+                                 keepalive_expiry=self.s.keepalive_expiry)
         log.info("agent=%s event=monitor_started state=%d count=%d", self.agent_id, self.db_state,
                  state.attestation_count)
         try:
@@ -394,7 +397,7 @@ class Monitor:
             self.ms.store, self.agent_id, ACTIVE_STATES, operational_state=new, **values))
         self.db_state = new
 
-    async def _poll(self, client: httpx.AsyncClient, target: AgentTarget, state: AttestState) -> list[Failure]:
+    async def _poll(self, client: KeepAliveClient, target: AgentTarget, state: AttestState) -> list[Failure]:
         m = self.ms.metrics
 
         async def once() -> list[Failure]:
@@ -420,12 +423,12 @@ class Monitor:
                     raise
                 finally:
                     if result is not None:
-                        m.polls.labels(result).inc()
+                        m.poll_results[result].inc()
                         m.poll_seconds.observe(trio.current_time() - start)
 
         return await self._with_retries(once, records.GET_QUOTE_RETRY)
 
-    async def _deliver_v(self, client: httpx.AsyncClient, target: AgentTarget, v: bytes, nk_pem: str) -> None:
+    async def _deliver_v(self, client: KeepAliveClient, target: AgentTarget, v: bytes, nk_pem: str) -> None:
         async def once() -> None:
             async with self.ms.limiter:
                 await attest.deliver_v(client, target, v, nk_pem)

@@ -13,6 +13,7 @@ from actors.common.app import make_app, ok
 from actors.common.client import (
     CommunicationError,
     HttpError,
+    KeepAliveClient,
     MalformedResponse,
     Reply,
     ResponseTooLarge,
@@ -232,3 +233,93 @@ async def test_retry_gives_up_and_skips_non_retryable(autojump_clock):
     with pytest.raises(HttpError):
         await retry(not_found, retries=5, interval=1.0)
     assert attempts == 1 and trio.current_time() == start
+
+
+# --- KeepAliveClient: the verifier's one connection per agent ------------------------------------
+
+
+def build_peer_app(pki):
+    """An app that says which client port each request came over (to see connection reuse)."""
+    app = build_app(pki)
+
+    @app.api.route("/peer")
+    async def peer():
+        from quart import request
+
+        return ok({"port": request.scope["client"][1]})
+
+    return app
+
+
+async def start_peer(nursery, pki, *, keep_alive_timeout=5.0):
+    ctx = server_context(pki.server.cert, pki.server.key, client_ca_files=[pki.ca], mode="required")
+    return await nursery.start(partial(serve, build_peer_app(pki), host="127.0.0.1", port=0, ssl_context=ctx,
+                                       keep_alive_timeout=keep_alive_timeout))
+
+
+def agent_like_context(pki):
+    return client_context([pki.ca], pki.client.cert, pki.client.key)
+
+
+async def test_keepalive_client_reuses_one_connection(nursery, pki):
+    host, port = await start_peer(nursery, pki)
+    base = f"https://{host}:{port}/v2.1"
+    async with KeepAliveClient(agent_like_context(pki), timeout=5, keepalive_expiry=4.0) as client:
+        ports = {(await request_json(client, "GET", f"{base}/peer")).results["port"] for _ in range(5)}
+        assert len(ports) == 1  # five requests, one TLS connection
+        reply = await request_json(client, "POST", f"{base}/echo", {"a": [1, 2]})
+        assert reply.results == {"doc": {"a": [1, 2]}}
+        with pytest.raises(HttpError) as info:
+            await request_json(client, "GET", f"{base}/nowhere")
+        assert info.value.status_code == 404
+        # an error reply keeps the connection usable
+        assert (await request_json(client, "GET", f"{base}/peer")).results["port"] in ports
+
+
+async def test_keepalive_client_survives_the_server_closing_idle_connections(nursery, pki, autojump_clock):
+    del autojump_clock  # real sockets: the clock only decides when the server drops idle ones
+    host, port = await start_peer(nursery, pki, keep_alive_timeout=0.5)
+    base = f"https://{host}:{port}/v2.1"
+    async with KeepAliveClient(agent_like_context(pki), timeout=5, keepalive_expiry=60.0) as client:
+        first = (await request_json(client, "GET", f"{base}/peer")).results["port"]
+        await trio.sleep(2)  # the server closed the idle connection; the client still holds it
+        second = (await request_json(client, "GET", f"{base}/peer")).results["port"]
+        assert second != first  # a new connection, and no error for the caller
+
+
+async def test_keepalive_client_caps_and_errors(nursery, pki):
+    host, port = await start_peer(nursery, pki)
+    base = f"https://{host}:{port}/v2.1"
+    async with KeepAliveClient(agent_like_context(pki), timeout=5) as client:
+        with pytest.raises(ResponseTooLarge):
+            await request_json(client, "GET", f"{base}/big", max_response_bytes=10_000)
+        with pytest.raises(ResponseTooLarge):
+            await request_json(client, "GET", f"{base}/big-stream", max_response_bytes=10_000)
+        with pytest.raises(MalformedResponse):
+            await request_json(client, "GET", f"{base}/not-json")
+        with pytest.raises(HttpError) as info:
+            await request_json(client, "GET", f"{base}/fail500")
+        assert info.value.status_code == 500
+        assert len((await request_json(client, "GET", f"{base}/big")).results["blob"]) == 100_000
+    async with KeepAliveClient(client_context([pki.ca]), timeout=5) as client:  # no client cert
+        with pytest.raises(CommunicationError) as info:
+            await request_json(client, "GET", f"{base}/peer")
+        assert info.value.kind == "tls"
+    async with KeepAliveClient(None, timeout=5) as client:
+        with pytest.raises(CommunicationError) as info:
+            await request_json(client, "GET", f"http://127.0.0.1:{free_port()}/version")
+        assert info.value.kind == "refused" and is_retryable(info.value)
+
+
+async def test_keepalive_client_timeout(nursery):
+    async def silent(stream):
+        async with stream:
+            while await stream.receive_some(4096):
+                pass
+
+    listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    async with KeepAliveClient(None, timeout=5) as client:
+        with pytest.raises(CommunicationError) as info:
+            await request_json(client, "GET", f"http://127.0.0.1:{port}/version", timeout=0.3)
+    assert info.value.kind == "timeout"

@@ -84,3 +84,55 @@ async def test_sqlite_store_commits_and_survives_reopen(tmp_path):
     mode = await store.read(lambda c: c.exec_driver_sql("PRAGMA journal_mode").scalar())
     assert mode == "wal"
     await store.close()
+
+
+async def test_grouped_writes_commit_each_caller_and_isolate_a_failure(tmp_path):
+    url = sqlite_url(tmp_path / "db.sqlite")
+    store = await Store.open(url, META)
+    await store.write(lambda c: c.execute(ITEMS.insert().values(id=1000, v="there")))
+    results: dict[int, object] = {}
+
+    async def put(i: int) -> None:
+        def txn(c):
+            if i == 17:  # a duplicate key: only this caller may see the error
+                c.execute(ITEMS.insert().values(id=1000, v="dup"))
+            c.execute(ITEMS.insert().values(id=i, v=str(i)))
+            return i * 2
+
+        try:
+            results[i] = await store.write_grouped(txn)
+        except sa.exc.IntegrityError as exc:
+            results[i] = exc
+
+    async with trio.open_nursery() as n:
+        for i in range(50):
+            n.start_soon(put, i)
+    assert isinstance(results.pop(17), sa.exc.IntegrityError)
+    assert results == {i: i * 2 for i in range(50) if i != 17}
+    await store.close()
+    store = await Store.open(url, META)  # committed: visible after a reopen
+    rows = await store.read(lambda c: c.execute(sa.select(ITEMS.c.id).order_by(ITEMS.c.id)).scalars().all())
+    assert rows == [i for i in range(50) if i != 17] + [1000]
+    await store.close()
+
+
+async def test_grouped_writes_cancelled_callers(tmp_path):
+    # callers cancelled while waiting for a group write nothing; those that returned are committed
+    store = await Store.open(sqlite_url(tmp_path / "db.sqlite"), META)
+    returned: set[int] = set()
+
+    async def put(i: int) -> None:
+        await store.write_grouped(lambda c: c.execute(ITEMS.insert().values(id=i, v=str(i))))
+        returned.add(i)
+
+    async with trio.open_nursery() as n:
+        for i in range(40):
+            n.start_soon(put, i)
+        await trio.sleep(0)  # the first group has started; the rest queue behind it
+        n.cancel_scope.cancel()
+    rows = set(await store.read(lambda c: c.execute(sa.select(ITEMS.c.id)).scalars().all()))
+    assert returned <= rows  # nothing acknowledged is lost
+    assert rows and len(rows) < 40  # some were written, the queued ones were not
+    await store.write_grouped(lambda c: c.execute(ITEMS.insert().values(id=99, v="after")))  # still usable
+    assert 99 in set(await store.read(lambda c: c.execute(sa.select(ITEMS.c.id)).scalars().all()))
+    await store.close()
