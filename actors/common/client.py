@@ -323,14 +323,16 @@ class _NothingReceived(Exception):
         self.cause = cause
 
 
-def _classify(exc: BaseException, url: str) -> CommunicationError:
-    kind: CommunicationKind
+def _transport_kind(exc: BaseException) -> CommunicationKind:
     if _in_chain(exc, ssl.SSLError):
-        kind = "tls"
-    elif _in_chain(exc, ConnectionRefusedError):
-        kind = "refused"
-    else:
-        kind = "network"
+        return "tls"
+    if _in_chain(exc, ConnectionRefusedError):
+        return "refused"
+    return "network"
+
+
+def _classify(exc: BaseException, url: str) -> CommunicationError:
+    kind = _transport_kind(exc)
     if isinstance(exc, h11.ProtocolError):  # its context chain holds h11 internals (KeyError ...)
         return CommunicationError(kind, url, f"{type(exc).__name__}: {exc}")
     return CommunicationError(kind, url, _innermost_text(exc))
@@ -358,15 +360,7 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes:
 
 
 def _communication_error(exc: httpx.TransportError, url: str) -> CommunicationError:
-    kind: CommunicationKind
-    if isinstance(exc, httpx.TimeoutException):
-        kind = "timeout"
-    elif _in_chain(exc, ssl.SSLError):
-        kind = "tls"
-    elif _in_chain(exc, ConnectionRefusedError):
-        kind = "refused"
-    else:
-        kind = "network"
+    kind: CommunicationKind = "timeout" if isinstance(exc, httpx.TimeoutException) else _transport_kind(exc)
     return CommunicationError(kind, url, _innermost_text(exc))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from protocol import ima
 from protocol.errors import ProtocolError
-from protocol.runtime_policy import RuntimePolicy, parse_ima_key, parse_policy
+from protocol.runtime_policy import RuntimePolicy, parse_ima_key, parse_policy, policy_document
 
 HASH_ALGS = ("sha256", "sha384", "sha512")
 GENERATOR = 3  # upstream's "generator" value for keylime-policy made policies
@@ -34,16 +34,7 @@ class PolicyToolError(Exception):
 def empty_policy(*, timestamp: str | None = None) -> dict[str, Any]:
     """Upstream's empty policy skeleton (every section present)."""
     ts = timestamp or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    return {
-        "meta": {"version": 1, "generator": GENERATOR, "timestamp": ts},
-        "release": 0,
-        "digests": {},
-        "excludes": [],
-        "keyrings": {},
-        "ima": {"ignored_keyrings": [], "log_hash_alg": "sha1", "dm_policy": None},
-        "ima-buf": {},
-        "verification-keys": "",
-    }
+    return policy_document(meta={"version": 1, "generator": GENERATOR, "timestamp": ts})
 
 
 def _add(table: dict[str, list[str]], name: str, digest_hex: str) -> None:

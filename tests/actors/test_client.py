@@ -130,14 +130,20 @@ async def test_refused_is_a_communication_error():
     assert is_retryable(info.value)
 
 
-async def test_timeout_is_a_communication_error(nursery):
-    async def silent(stream):  # accepts, reads, never answers
+async def silent_port(nursery) -> int:
+    """A TCP server that accepts and reads but never answers."""
+
+    async def silent(stream):
         async with stream:
             while await stream.receive_some(4096):
                 pass
 
     listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
-    port = listeners[0].socket.getsockname()[1]
+    return listeners[0].socket.getsockname()[1]
+
+
+async def test_timeout_is_a_communication_error(nursery):
+    port = await silent_port(nursery)
     async with make_client(None, timeout=5) as client:
         with pytest.raises(CommunicationError) as info:
             await request_json(client, "GET", f"http://127.0.0.1:{port}/version", timeout=0.3)
@@ -312,13 +318,7 @@ async def test_keepalive_client_caps_and_errors(nursery, pki):
 
 
 async def test_keepalive_client_timeout(nursery):
-    async def silent(stream):
-        async with stream:
-            while await stream.receive_some(4096):
-                pass
-
-    listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
-    port = listeners[0].socket.getsockname()[1]
+    port = await silent_port(nursery)
     async with KeepAliveClient(None, timeout=5) as client:
         with pytest.raises(CommunicationError) as info:
             await request_json(client, "GET", f"http://127.0.0.1:{port}/version", timeout=0.3)

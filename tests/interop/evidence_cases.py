@@ -8,7 +8,9 @@ real quotes at chosen points of the log:
   signed by the policy's verification key, one by another key; both digests listed) and an
   ima-buf entry carrying the IMA signing key (keyring ``.ima``);
 - quote B (PCRs 10 + 15) covers all of that plus one ToMToU violation entry;
-- quote C (PCR 15 only) is for the tpm_policy-only cases.
+- quote C (PCR 15 only) is for the tpm_policy-only cases;
+- quote A's PCRs again, signed by a P-256 ECDSA AK, and from the sha384 bank signed by an RSA
+  AK hashing with SHA-384 (upstream's ``hash_alg`` is both the bank and the signing hash).
 
 :func:`build_cases` turns that into named :class:`Case` values: a JSON request body, the verdict
 the security intent asks for (``expect``), and, where upstream Keylime 7.14.3 answers otherwise,
@@ -88,6 +90,18 @@ class Verdict:
     def show(self) -> str:
         valid = "-" if self.valid is None else str(self.valid).lower()
         return f"{self.status_class}xx valid={valid} {{{', '.join(sorted(self.types))}}}"
+
+
+@dataclass
+class Answer:
+    """One verifier's HTTP answer to one case."""
+
+    status_code: int
+    body: Any
+    verdict: Verdict
+
+    def describe(self, limit: int = 600) -> str:
+        return f"{self.verdict.show()} (HTTP {self.status_code}) {str(self.body)[:limit]}"
 
 
 MISSING_NOTE = "upstream names every missing input default.missing_param (the first one only)"
@@ -303,9 +317,9 @@ def build_cases(m: Material) -> list[Case]:
         Case("good-tpm-policy-only", tpm(pcr15_only), ok()),
         Case("good-no-policy", tpm(data(m, quote=m.quote_c, tpm_policy="", runtime_policy="",
                                         ima_measurement_list="")),
-             bad_request(MISSING_POLICY), kind="keytrio-gap", ours=ok(),
-             note="upstream refuses evidence without any policy (tpm_policy, runtime_policy or mb_policy) "
-                  "as a 400 default.missing_policy; keytrio evaluates the quote alone"),
+             bad_request(MISSING_POLICY),
+             note="was a keytrio gap (fixed): without any policy (tpm_policy, runtime_policy or mb_policy) "
+                  "upstream answers 400 default.missing_policy"),
         Case("wrong-nonce", tpm(data(m, nonce="wr0ngN0nce0123456789")), invalid(QUOTE_FAIL)),
         Case("replayed-quote-other-nonce", tpm(data(m, quote=m.other_nonce_quote)), invalid(QUOTE_FAIL)),
         Case("other-ak", tpm(data(m, tpm_ak=b64(m.other_ak))), invalid(QUOTE_FAIL),
@@ -359,19 +373,15 @@ def build_cases(m: Material) -> list[Case]:
              invalid(NOT_IN_ALLOWLIST)),
         Case("ima-buf-keyring-ignored", tpm(data(m, runtime_policy=json.dumps(
             _ignored_keyring(policy(m, keyring=False))))), ok()),
-        Case("missing-quote", tpm(without(good, "quote")), bad_request(MISSING), kind="keytrio-gap",
-             ours=bad_request("quote.missing_param"),
-             note=MISSING_NOTE),
-        Case("missing-nonce", tpm(data(m, nonce="")), bad_request(MISSING), kind="keytrio-gap",
-             ours=bad_request("nonce.missing_param"), note=MISSING_NOTE),
-        Case("missing-tpm-ak", tpm(without(good, "tpm_ak")), bad_request(MISSING), kind="keytrio-gap",
-             ours=bad_request("tpm_ak.missing_param"), note=MISSING_NOTE),
-        Case("missing-tpm-ek", tpm(without(good, "tpm_ek")), bad_request(MISSING), kind="keytrio-gap",
-             ours=ok(), note="upstream requires tpm_ek (and does not use it); keytrio ignores it"),
+        Case("missing-quote", tpm(without(good, "quote")), bad_request(MISSING), note=MISSING_NOTE),
+        Case("missing-nonce", tpm(data(m, nonce="")), bad_request(MISSING), note=MISSING_NOTE),
+        Case("missing-tpm-ak", tpm(without(good, "tpm_ak")), bad_request(MISSING), note=MISSING_NOTE),
+        Case("missing-tpm-ek", tpm(without(good, "tpm_ek")), bad_request(MISSING),
+             note="was a keytrio gap (fixed): upstream requires tpm_ek (and does not use it)"),
         Case("missing-ima-list-with-runtime-policy", tpm(data(m, ima_measurement_list="")),
-             invalid(PCR_MISMATCH), kind="keytrio-gap", ours=bad_request("ima_measurement_list.missing_param"),
-             note="upstream evaluates an empty list (valid only while PCR 10 is still zero); keytrio refuses "
-                  "the request as missing input"),
+             invalid(PCR_MISMATCH),
+             note="was a keytrio gap (fixed): upstream evaluates an empty list (valid only while PCR 10 is "
+                  "still zero)"),
         Case("missing-type", {"data": good}, bad_request("type.missing_param"), upstream=UPSTREAM_400,
              kind="deliberate", note="keytrio's 400s always carry valid=false and a failure naming the field; "
                                      "upstream's carry results {}"),
@@ -424,8 +434,7 @@ def build_cases(m: Material) -> list[Case]:
              upstream=invalid("pcr_validation.missing_pcrs"), kind="upstream-defect", note=SIG_NOTE),
         Case("quote-garbage", tpm(data(m, quote="rAAAA:BBBB:CCCC")), invalid(QUOTE_FAIL)),
         Case("hash-alg-unknown", tpm(data(m, hash_alg="md5")), invalid("qoute_validation.invalid_hash_alg"),
-             kind="keytrio-gap", ours=invalid(QUOTE_FAIL),
-             note="upstream reports an unrecognised hash_alg as qoute_validation.invalid_hash_alg"),
+             note="was a keytrio gap (fixed): upstream reports an unrecognised hash_alg as qoute_validation.invalid_hash_alg"),
         Case("hash-alg-other-bank", tpm(data(m, hash_alg="sha1")), invalid(QUOTE_FAIL)),
     ]
     return cases

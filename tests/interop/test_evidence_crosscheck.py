@@ -20,7 +20,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -32,6 +31,7 @@ from actors.verifier import config as verifier_config
 from actors.verifier.actor import Verifier
 from testbed import swtpm as swtpm_mod
 from tests.interop.evidence_cases import (
+    Answer,
     Case,
     Material,
     Verdict,
@@ -42,16 +42,6 @@ from tests.interop.evidence_cases import (
 from tests.interop.support import Upstream, report_known
 
 pytestmark = [pytest.mark.interop, pytest.mark.swtpm]
-
-@dataclass
-class Answer:
-    status_code: int
-    body: Any
-    verdict: Verdict
-
-    def describe(self) -> str:
-        return f"{self.verdict.show()} (HTTP {self.status_code}) {str(self.body)[:600]}"
-
 
 @dataclass
 class CrossCheck:

@@ -56,7 +56,7 @@ from protocol.quote import build_quote, encode_pcr_blob
 from testbed import boot_log
 from testbed import swtpm as swtpm_mod
 from testbed.boot_log import TAMPER_KNOBS, BootConfig
-from tests.interop.evidence_cases import Verdict
+from tests.interop.evidence_cases import Answer, Verdict
 from tests.interop.support import (
     GET_QUOTE,
     INVALID_QUOTE,
@@ -149,16 +149,6 @@ class Evidence:
     quote: str
     ak: bytes
     ek: bytes
-
-
-@dataclass
-class Answer:
-    status_code: int
-    body: Any
-    verdict: Verdict
-
-    def describe(self) -> str:
-        return f"{self.verdict.show()} (HTTP {self.status_code}) {str(self.body)[:900]}"
 
 
 @dataclass
@@ -279,9 +269,9 @@ def test_mb_refstate_upstream_tool_equals_ours(mb_crosscheck: MbCrossCheck) -> N
 def test_mb_evidence(mb_crosscheck: MbCrossCheck, name: str) -> None:
     case = next(c for c in CASES if c.name == name)
     up, ours = mb_crosscheck.upstream[name], mb_crosscheck.ours[name]
-    print(f"[{name}] upstream {up.describe()}\n[{name}] keytrio  {ours.describe()}")  # shown on failure
-    assert up.verdict == case.upstream, f"upstream: expected {case.upstream.show()}, got {up.describe()}"
-    assert ours.verdict == case.ours, f"keytrio: expected {case.ours.show()}, got {ours.describe()}"
+    print(f"[{name}] upstream {up.describe(900)}\n[{name}] keytrio  {ours.describe(900)}")  # shown on failure
+    assert up.verdict == case.upstream, f"upstream: expected {case.upstream.show()}, got {up.describe(900)}"
+    assert ours.verdict == case.ours, f"keytrio: expected {case.ours.show()}, got {ours.describe(900)}"
     if not case.note:
         assert (ours.verdict.status_class, ours.verdict.valid) == (up.verdict.status_class, up.verdict.valid)
         assert upstream_types(ours.verdict.types) == up.verdict.types
@@ -359,6 +349,6 @@ def test_mb_evidence_upstream_evaluate_once_skips_policy(mb_crosscheck: MbCrossC
                            mb_crosscheck.refstate)
     for case in tampered:
         up = answers[case.name]
-        print(f"[{case.name}] upstream (once) {up.describe()}")
-        assert up.verdict == Verdict(2, True), f"upstream (once) changed: {up.describe()}"
+        print(f"[{case.name}] upstream (once) {up.describe(900)}")
+        assert up.verdict == Verdict(2, True), f"upstream (once) changed: {up.describe(900)}"
         assert mb_crosscheck.ours[case.name].verdict.valid is False
