@@ -156,6 +156,8 @@ class Verifier:
                     if row["operational_state"] in ACTIVE_STATES:
                         monitors.start(row["agent_id"])
                         resumed += 1
+                if cfg.policy_refresh_interval > 0:
+                    nursery.start_soon(self._refresh_policies, policies, cfg.policy_refresh_interval)
                 self.address = (bound[0], bound[1])
                 metrics_at = "disabled"
                 if cfg.metrics_port >= 0:
@@ -200,6 +202,15 @@ class Verifier:
                 await self.refresh_gauges()
             except Exception:  # a database hiccup: the gauges keep their values, /health reports it
                 log.debug("event=verifier.gauge_refresh_failed", exc_info=True)
+
+    async def _refresh_policies(self, policies: PolicyStore, interval: float) -> None:
+        # other verifiers on the same database may change named policies (PostgreSQL scale-out)
+        while True:
+            await trio.sleep(interval)
+            try:
+                await policies.refresh()
+            except Exception:  # a database hiccup: the policies in memory stay in use
+                log.warning("event=verifier.policy_refresh_failed", exc_info=True)
 
     async def health(self) -> dict[str, Any]:
         """/health: the store answers a trivial SELECT (within 5 s); the monitor count for context."""

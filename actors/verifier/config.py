@@ -81,6 +81,14 @@ OPTIONS: tuple[Option, ...] = (
         "runtime_policy_key (uploads to /allowlists and inline policies at enrolment).",
     ),
     Option(
+        "policy_refresh_interval",
+        "float",
+        5.0,
+        "Seconds between two reads of the named runtime policies, so that a POST/PUT/DELETE made\n"
+        "through another verifier on the same database applies here too; 0 = never (one verifier).",
+        minimum=0.0,
+    ),
+    Option(
         "ignore_tomtou_errors",
         "bool",
         False,

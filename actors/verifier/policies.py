@@ -8,7 +8,9 @@ it at their next poll; an agent enrolled inline without a name references its ch
 In memory: ``checksum -> RuntimePolicy`` (the parsed index, built once per distinct policy, in a
 worker thread) and ``name -> checksum``. Both are loaded at start (:meth:`PolicyStore.load`) and
 updated after each committed write by this process. Several verifier processes sharing one
-database see another process's PUT only after their own restart (documented limitation).
+database (PostgreSQL) pick up each other's writes with :meth:`PolicyStore.refresh`, which the
+verifier runs every ``policy_refresh_interval`` seconds (two small SELECTs; a policy new to this
+process is parsed once).
 
 Unreferenced policy rows (no name, no agent) are deleted when the last reference goes.
 """
@@ -120,6 +122,7 @@ class PolicyStore:
         self._clock = clock
         self._parsed: dict[str, RuntimePolicy] = {}
         self._names: dict[str, str] = {}
+        self._writes = 0  # local writes so far: a refresh that raced one is not applied
         self.parse_count = 0  # how many times a policy was parsed (tests: once per distinct policy)
 
     # --- in-memory lookups (sync: used inside the pure evaluation of a poll) -------------------
@@ -165,6 +168,46 @@ class PolicyStore:
             except PolicyRefused as exc:  # corrupt row: agents using it fail closed (no policy found)
                 log.error("event=stored_policy_unusable checksum=%s error=%s", row["checksum"], exc)
         self._names = {n["name"]: n["checksum"] for n in names}
+
+    async def refresh(self) -> bool:
+        """Follow writes of other verifier processes on the same database: names added, moved
+        to another policy or deleted, and policy rows garbage-collected. True if anything changed.
+
+        A snapshot read while this process committed a write of its own is dropped (the next
+        refresh reads again), so a refresh never undoes a local PUT/POST/DELETE.
+        """
+        writes = self._writes
+        known = set(self._parsed)
+
+        def q(conn: Connection) -> tuple[dict[str, str], set[str], list[Any]]:
+            names = {r.name: r.checksum for r in conn.execute(sa.select(allowlists.c.name, allowlists.c.checksum))}
+            stored = set(conn.execute(sa.select(runtime_policies.c.checksum)).scalars())
+            wanted = set(names.values()) - known
+            rows = []
+            if wanted:
+                rows = [dict(r) for r in conn.execute(
+                    sa.select(runtime_policies).where(runtime_policies.c.checksum.in_(sorted(wanted)))).mappings()]
+            return names, stored, rows
+
+        names, stored, rows = await self.store.read(q)
+        parsed: dict[str, RuntimePolicy] = {}
+        for row in rows:
+            try:
+                key = decode_key(row["runtime_policy_key"])
+                parsed[row["checksum"]] = await self._parse(row["policy"].encode("utf-8"), key, verify=False)
+            except PolicyRefused as exc:  # agents using it fail closed, as after load()
+                log.error("event=stored_policy_unusable checksum=%s error=%s", row["checksum"], exc)
+        if writes != self._writes:
+            return False  # raced a local write: its result stands, read again next time
+        gone = [c for c in self._parsed if c not in stored]
+        changed = bool(parsed) or bool(gone) or names != self._names
+        for c in gone:
+            del self._parsed[c]
+        self._parsed.update(parsed)
+        if names != self._names:
+            log.info("event=runtime_policies_refreshed names=%d", len(names))
+        self._names = names
+        return changed
 
     async def accept(self, raw: bytes, key_text: str | None) -> RuntimePolicy:
         """Validate an uploaded policy (signature rules apply); reuses the parsed index if known."""
@@ -221,6 +264,7 @@ class PolicyStore:
             return [old] if old != policy.checksum and self._gc(conn, old) else []
 
         dropped = await self.store.write(txn)
+        self._writes += 1
         self._parsed.setdefault(policy.checksum, policy)
         self._names[name] = policy.checksum
         self._forget_unused(dropped)
@@ -244,6 +288,7 @@ class PolicyStore:
                     updated_at=self._clock()))
 
         await self.store.write(txn)
+        self._writes += 1
         self._parsed.setdefault(policy.checksum, policy)
         if name:
             self._names[name] = policy.checksum
@@ -278,6 +323,7 @@ class PolicyStore:
             return [row["checksum"]] if self._gc(conn, row["checksum"]) else []
 
         dropped = await self.store.write(txn)
+        self._writes += 1
         self._names.pop(name, None)
         self._forget_unused(dropped)
 
@@ -286,4 +332,5 @@ class PolicyStore:
         if not checksum:
             return
         dropped = await self.store.write(lambda conn: [checksum] if self._gc(conn, checksum) else [])
+        self._writes += 1
         self._forget_unused(dropped)
