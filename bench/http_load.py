@@ -10,6 +10,7 @@ same evidence with a wrong nonce.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,35 @@ def _env_sh(up_dir: Path) -> dict[str, str]:
             (word,) = shlex.split(value)
             env[name] = word
     return env
+
+
+@contextlib.contextmanager
+def server_process(module_args: list[str], log_path: Path, cpu: int, ready: str) -> Iterator[list[str]]:
+    """``python -m <module_args>`` (keytrio's side of a benchmark) pinned to ``cpu``, while this
+    process stays off that CPU; yields the words after ``ready`` on the server's first stdout
+    line (its ports). Stopped (SIGTERM) on exit."""
+    others = set(os.sched_getaffinity(0)) - {cpu}
+    if others:
+        os.sched_setaffinity(0, others)  # the client never shares the servers' CPU
+    try:
+        with open(log_path, "w") as srv_log:
+            srv = subprocess.Popen(
+                [sys.executable, "-m", *module_args], stdout=subprocess.PIPE, stderr=srv_log, text=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+            )  # fmt: skip
+            try:
+                assert srv.stdout is not None
+                line = srv.stdout.readline()
+                if not line.startswith(ready + " "):
+                    raise RuntimeError(f"{module_args[0]} did not start: {line!r}; see {log_path}")
+                yield line.split()[1:]
+            finally:
+                srv.terminate()
+                srv.wait(timeout=10)
+    finally:
+        if others:
+            os.sched_setaffinity(0, others | {cpu})
 
 
 def pin_group(pgid: int, cpu: int) -> list[int]:
@@ -146,35 +177,16 @@ def run(args: argparse.Namespace, inputs_dir: Path, inputs: dict[str, Any], cpu:
     ca = Path(env["KL_CA_DIR"])
     up_pgid = int((up_dir / "run" / "verifier.pid").read_text().strip())
     pinned = pin_group(up_pgid, cpu)
-    others = set(os.sched_getaffinity(0)) - {cpu}
-    if others:
-        os.sched_setaffinity(0, others)  # the client never shares the servers' CPU
     with tempfile.TemporaryDirectory(prefix="keytrio-bench-verifier-") as data_dir, \
-            open(Path(args.out) / "keytrio-verifier.log", "w") as srv_log:
-        srv = subprocess.Popen(
-            [sys.executable, "-m", "bench.keytrio_server", str(ca), data_dir], stdout=subprocess.PIPE,
-            stderr=srv_log, text=True,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
-        )  # fmt: skip
-        try:
-            assert srv.stdout is not None
-            line = srv.stdout.readline()
-            if not line.startswith("PORT "):
-                raise RuntimeError(f"keytrio verifier did not start: {line!r}; see {args.out}/keytrio-verifier.log")
-            port = int(line.split()[1])
-            urls = {"keytrio": f"https://127.0.0.1:{port}/v2.5/verify/evidence",
-                    "upstream": f"{env['KL_VERIFIER_URL']}/v2.5/verify/evidence"}
-            body = evidence_body(inputs_dir, inputs)
-            lines = body.pop("_lines")
-            bad = evidence_body(inputs_dir, inputs, nonce="X" * 20)
-            bad.pop("_lines")
-            res = trio.run(_bench, urls, ca, body, bad, args.concurrency, args.http_seconds)
-        finally:
-            srv.terminate()
-            srv.wait(timeout=10)
-            if others:
-                os.sched_setaffinity(0, others | {cpu})
+            server_process(["bench.keytrio_server", str(ca), data_dir], Path(args.out) / "keytrio-verifier.log",
+                           cpu, "PORT") as ports:
+        urls = {"keytrio": f"https://127.0.0.1:{int(ports[0])}/v2.5/verify/evidence",
+                "upstream": f"{env['KL_VERIFIER_URL']}/v2.5/verify/evidence"}
+        body = evidence_body(inputs_dir, inputs)
+        lines = body.pop("_lines")
+        bad = evidence_body(inputs_dir, inputs, nonce="X" * 20)
+        bad.pop("_lines")
+        res = trio.run(_bench, urls, ca, body, bad, args.concurrency, args.http_seconds)
     k, u = res["keytrio"], res["upstream"]
     rps = {name: o["requests"] / o["seconds"] if o["seconds"] else 0.0 for name, o in res.items()}
     return {

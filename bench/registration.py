@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -207,37 +205,18 @@ async def _bench(urls: dict[str, str], tmp: Path, rounds: int, per_round: int, c
 def run(args: argparse.Namespace, cpu: int) -> dict[str, Any]:
     """Benchmark 5 against the up.sh instance ``args.upstream_dir``; keytrio's registrar is started
     here with upstream's certificates (its HTTPS side is not used by this benchmark)."""
-    from bench.http_load import _env_sh, pin_group
+    from bench.http_load import _env_sh, pin_group, server_process
 
     up_dir: Path = args.upstream_dir
     env = _env_sh(up_dir)
     ca = Path(env["KL_CA_DIR"])
     pinned = pin_group(int((up_dir / "run" / "registrar.pid").read_text().strip()), cpu)
-    others = set(os.sched_getaffinity(0)) - {cpu}
-    if others:
-        os.sched_setaffinity(0, others)
     rounds, per_round = args.reg_rounds, args.reg_per_round
     with tempfile.TemporaryDirectory(prefix="keytrio-bench-reg-") as tmp, \
-            open(Path(args.out) / "keytrio-registrar.log", "w") as srv_log:
-        srv = subprocess.Popen(
-            [sys.executable, "-m", "bench.registration", "serve", str(ca), str(Path(tmp) / "registrar")],
-            stdout=subprocess.PIPE, stderr=srv_log, text=True,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
-        )  # fmt: skip
-        try:
-            assert srv.stdout is not None
-            line = srv.stdout.readline()
-            if not line.startswith("PORTS "):
-                raise RuntimeError(f"keytrio registrar did not start: {line!r}; see {args.out}/keytrio-registrar.log")
-            http_port = int(line.split()[1])
-            urls = {"keytrio": f"http://127.0.0.1:{http_port}", "upstream": env["KL_REGISTRAR_URL"]}
-            res = trio.run(_bench, urls, Path(tmp), rounds, per_round, args.reg_concurrency)
-        finally:
-            srv.terminate()
-            srv.wait(timeout=10)
-            if others:
-                os.sched_setaffinity(0, others | {cpu})
+            server_process(["bench.registration", "serve", str(ca), str(Path(tmp) / "registrar")],
+                           Path(args.out) / "keytrio-registrar.log", cpu, "PORTS") as ports:
+        urls = {"keytrio": f"http://127.0.0.1:{int(ports[0])}", "upstream": env["KL_REGISTRAR_URL"]}
+        res = trio.run(_bench, urls, Path(tmp), rounds, per_round, args.reg_concurrency)
     report: dict[str, Any] = {"rounds": rounds, "per_round": per_round, "concurrency": args.reg_concurrency,
                               "upstream_pids_pinned": pinned, "api": API}  # fmt: skip
     for phase in ("reg", "act"):
