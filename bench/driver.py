@@ -276,22 +276,23 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: option -> (--quick value, full-run value)
+SIZE_DEFAULTS: dict[str, tuple[Any, Any]] = {
+    "sizes": ("0,1000,10000", "0,1000,10000,100000"),
+    "polls": (40, 200),
+    "http_seconds": (5.0, 15.0),
+    "fleet_sizes": ("20", "50,200,500"),
+    "fleet_seconds": (10.0, 30.0),
+    "reg_rounds": (2, 4),
+    "reg_per_round": (50, 100),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.sizes is None:
-        args.sizes = "0,1000,10000" if args.quick else "0,1000,10000,100000"
-    if args.polls is None:
-        args.polls = 40 if args.quick else 200
-    if args.http_seconds is None:
-        args.http_seconds = 5.0 if args.quick else 15.0
-    if args.fleet_sizes is None:
-        args.fleet_sizes = "20" if args.quick else "50,200,500"
-    if args.fleet_seconds is None:
-        args.fleet_seconds = 10.0 if args.quick else 30.0
-    if args.reg_rounds is None:
-        args.reg_rounds = 2 if args.quick else 4
-    if args.reg_per_round is None:
-        args.reg_per_round = 50 if args.quick else 100
+    for name, (quick, full) in SIZE_DEFAULTS.items():  # options left unset follow --quick
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     args.only = set(args.only.split(","))
     try:
         report = run(args)
