@@ -1,4 +1,4 @@
-"""Configuration options that the server actors (registrar, verifier) share: storage and TLS."""
+"""Configuration options that the server actors (registrar, verifier) share: storage, TLS, service."""
 
 from __future__ import annotations
 
@@ -83,3 +83,20 @@ def tls_path_resolver(config: Config) -> Callable[[Any], Path]:
         return p if p.is_absolute() else tls_dir / p
 
     return in_tls_dir
+
+
+def service_options() -> tuple[Option, ...]:
+    """graceful_timeout, the /metrics + /health listener and the CRL: the end of both tables."""
+    return (
+        Option(
+            "graceful_timeout", "float", 3.0, "Seconds in-flight requests get to finish at shutdown.", minimum=0.0
+        ),
+        Option("metrics_ip", "str", "127.0.0.1", "Address of the plain-HTTP /metrics + /health listener."),
+        Option("metrics_port", "int", 0,
+               "Port of the /metrics + /health listener; 0 = any free port (logged at start),\n"
+               "a negative value disables the listener.", maximum=65535),
+        Option("crl", "path", None,
+               "CRL (PEM, `keytrio ca revoke` writes cacrl.pem) checked for client certificates of the\n"
+               "HTTPS API; empty = none. Re-read when the file\n"
+               "changes (checked at most once a second, on a new connection): no restart needed."),
+    )

@@ -13,7 +13,12 @@ from typing import Any
 
 from actors.common.config import Config, ConfigError, Option, default_config_text, load
 from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
-from actors.common.server_options import storage_options, tls_path_resolver, tls_server_options
+from actors.common.server_options import (
+    service_options,
+    storage_options,
+    tls_path_resolver,
+    tls_server_options,
+)
 from actors.common.store import sqlite_url
 
 ACTOR = "registrar"
@@ -68,17 +73,7 @@ OPTIONS: tuple[Option, ...] = (
         "already active agent is rolled back instead).",
         minimum=0.05,
     ),
-    Option(
-        "graceful_timeout", "float", 3.0, "Seconds in-flight requests get to finish at shutdown.", minimum=0.0
-    ),
-    Option("metrics_ip", "str", "127.0.0.1", "Address of the plain-HTTP /metrics + /health listener."),
-    Option("metrics_port", "int", 0,
-           "Port of the /metrics + /health listener; 0 = any free port (logged at start),\n"
-           "a negative value disables the listener.", maximum=65535),
-    Option("crl", "path", None,
-           "CRL (PEM, `keytrio ca revoke` writes cacrl.pem) checked for client certificates of the\n"
-           "HTTPS API; empty = none. Re-read when the file\n"
-           "changes (checked at most once a second, on a new connection): no restart needed."),
+    *service_options(),
 )
 
 
