@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
 import uuid as _uuid
 
@@ -18,6 +19,8 @@ _PEM_BLOCK = re.compile(
 
 #: Agent ids: upstream accepts any UUID and, for ``uuid = hash_ek``, a 64-hex SHA-256 of the EK.
 _AGENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
 
 MAX_PCR = 23
 
@@ -135,3 +138,16 @@ def integer(value: object, field: str, *, lo: int | None = None, hi: int | None 
 
 def port(value: object, field: str = "port") -> int:
     return integer(value, field, lo=1, hi=65535)
+
+
+def host(value: object, field: str = "ip") -> str:
+    """An IP address (normalised) or a DNS host name, as agents register their contact address."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field, "must be an IP address or host name")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(value):
+        raise ValidationError(field, "must be an IP address or host name")
+    return value

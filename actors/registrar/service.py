@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import ipaddress
 import logging
 import os
 import re
@@ -36,7 +35,6 @@ from protocol.errors import ProtocolError, ValidationError
 
 log = logging.getLogger("keytrio.registrar")
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
 _TAG = re.compile(r"^[0-9a-fA-F]{96}$")  # hex of HMAC-SHA384
 
 
@@ -102,17 +100,7 @@ def _check_ek(ek: TPM2B_PUBLIC) -> None:
 
 
 def _ip(value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ValidationError("ip", "must be an IP address or host name")
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        pass
-    if not _HOSTNAME.fullmatch(value):
-        raise ValidationError("ip", "must be an IP address or host name")
-    return value
+    return None if value is None else validation.host(value, "ip")
 
 
 def _mtls_cert(value: object) -> str | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import inspect
-import ipaddress
 import json
 import os
 import re
@@ -82,7 +81,6 @@ REQUIRED_FIELDS = (
     "supported_version",
 )
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
 _VERSION = re.compile(r"^\d{1,3}\.\d{1,3}$")
 _ALG_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _HEX = re.compile(r"^[0-9a-fA-F]{2,256}$")
@@ -116,15 +114,7 @@ def _json_text(value: object, field: str) -> Any:
 
 
 def _ip(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValidationError("cloudagent_ip", "must be an IP address or host name")
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        pass
-    if not _HOSTNAME.fullmatch(value):
-        raise ValidationError("cloudagent_ip", "must be an IP address or host name")
-    return value
+    return validation.host(value, "cloudagent_ip")
 
 
 def _v(value: object) -> str:

@@ -102,7 +102,7 @@ def test_b64_and_pem():
 
 @given(st.text(max_size=80))
 def test_validators_only_raise_validation_error(s):
-    for fn in (validation.nonce, validation.pcr_mask, validation.agent_id, validation.port):
+    for fn in (validation.nonce, validation.pcr_mask, validation.agent_id, validation.port, validation.host):
         try:
             fn(s)
         except ValidationError:
@@ -120,6 +120,16 @@ def test_integers():
     for bad in (0, 70000, True, "8x", 1.5, None):
         with pytest.raises(ValidationError):
             validation.port(bad)
+
+
+def test_host():
+    assert validation.host("127.0.0.1") == "127.0.0.1"
+    assert validation.host("::0001") == "::1"  # normalised
+    assert validation.host("agent-7.example.org") == "agent-7.example.org"
+    for bad in ("", "-lead", "a b", "x" * 300, "1.2.3.4/8", None, 5):
+        with pytest.raises(ValidationError) as info:
+            validation.host(bad, "cloudagent_ip")
+        assert info.value.field == "cloudagent_ip"
 
 
 def test_worst_failure():
