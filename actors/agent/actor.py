@@ -163,7 +163,8 @@ class Agent:
                     runner.attach(nursery)
                     self.runner, self.keys = runner, keys
                     bound = await nursery.start(
-                        functools.partial(serve, app, host=cfg.ip, port=cfg.port, ssl_context=ssl_ctx)
+                        functools.partial(serve, app, host=cfg.ip, port=cfg.port, ssl_context=ssl_ctx,
+                                          keep_alive_timeout=cfg.keep_alive_timeout)
                     )
                     contact_port = cfg.contact_port or bound[1]
                     if cfg.metrics_port >= 0:

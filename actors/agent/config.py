@@ -96,6 +96,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("run_as", "str", None, "user:group to run payload scripts and actions as (when root)."),
     Option("max_upload_size", "int", 1 << 20, "Request body limit in bytes.", minimum=1024),
     Option("action_timeout", "float", 60.0, "Seconds a payload script or revocation action may run.", minimum=1),
+    Option("keep_alive_timeout", "float", 30.0,
+           "Seconds an idle HTTPS connection stays open. A verifier keeps one connection per agent\n"
+           "across polls: above its quote_interval, a quote costs no TLS handshake on either side.",
+           minimum=1.0),
     Option("crl", "path", None,
            "CRL (PEM, e.g. the CA's cacrl.pem) checked for client certificates (tenant, verifier);\n"
            "empty = none. Re-read when the file\n"

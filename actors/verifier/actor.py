@@ -120,6 +120,9 @@ class Verifier:
                         exponential_backoff=cfg.exponential_backoff,
                         request_timeout=cfg.request_timeout,
                         max_response_size=cfg.max_response_size,
+                        # reuse an agent's connection from one quote to the next (a closed one is
+                        # seen before use, and a request that gets no reply byte is sent again once)
+                        keepalive_expiry=max(4.0, cfg.quote_interval + 10.0),
                         measured_boot_evaluate=cfg.measured_boot_evaluate,
                     ),
                     context_for=contexts,

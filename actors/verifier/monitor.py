@@ -342,7 +342,8 @@ class Monitor:
         v_delivered = bool(row["v_delivered"])
         v = base64.b64decode(row["v"]) if row["v"] else None
         # one keep-alive connection per agent (requests to it go one at a time), reused across
-        # polls while idle < keepalive_expiry (> quote_interval by default: no handshake per poll)
+        # polls while idle < keepalive_expiry (the verifier sets quote_interval + 10 s: no handshake
+        # per poll unless the agent closed the connection meanwhile)
         client = KeepAliveClient(self.ms.context_for(row), timeout=self.s.request_timeout,
                                  keepalive_expiry=self.s.keepalive_expiry)
         log.info("agent=%s event=monitor_started state=%d count=%d", self.agent_id, self.db_state,
