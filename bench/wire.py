@@ -26,6 +26,26 @@ def timed(fn: Callable[[], bool]) -> tuple[float, float, bool]:
     return time.thread_time() - c0, time.perf_counter() - t0, bool(ok)
 
 
+def list_text(lines: list[str], n: int, tamper: dict[str, Any] | None = None) -> str:
+    """The first ``n`` IMA lines as one text; ``tamper`` = {"line": i, "text": ...} replaces one."""
+    head = lines[:n]
+    if tamper is not None:
+        head[tamper["line"]] = tamper["text"] + "\n"
+    return "".join(head)
+
+
+def evidence_case(inp: dict[str, Any], lines: list[str], cmd: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
+    """(case, IMA list text, nonce) of an ``evidence`` command: the same on both sides."""
+    if cmd.get("tamper"):
+        t = inp["tampered"]
+        case = {"lines": t["lines"], "nonce": t["nonce"], "quote": t["quote"]}
+        text = list_text(lines, t["lines"], t)
+    else:
+        case = inp["cases"][cmd["case"]]
+        text = list_text(lines, case["lines"])
+    return case, text, cmd.get("nonce", case["nonce"])  # a wrong nonce is the quote-level control
+
+
 class Samples:
     """Accumulates ``timed`` results into the reply shape: samples (CPU), wall, valid."""
 

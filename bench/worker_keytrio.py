@@ -40,24 +40,10 @@ def _load(cmd: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True}
 
 
-def _list_text(n: int, tamper: dict[str, Any] | None = None) -> str:
-    lines = S["lines"][:n]
-    if tamper is not None:
-        lines = list(lines)
-        lines[tamper["line"]] = tamper["text"] + "\n"
-    return "".join(lines)
-
 
 def _evidence(cmd: dict[str, Any]) -> dict[str, Any]:
     inp = S["inp"]
-    if cmd.get("tamper"):
-        t = inp["tampered"]
-        case = {"lines": t["lines"], "nonce": t["nonce"], "quote": t["quote"]}
-        text = _list_text(t["lines"], t)
-    else:
-        case = inp["cases"][cmd["case"]]
-        text = _list_text(case["lines"])
-    nonce = cmd.get("nonce", case["nonce"])  # a wrong nonce is the quote-level tampered control
+    case, text, nonce = wire.evidence_case(inp, S["lines"], cmd)
 
     def call() -> bool:
         verdict = verify_quote_evidence(
@@ -83,7 +69,7 @@ def _poll_setup(cmd: dict[str, Any]) -> dict[str, Any]:
     state = AttestState()
     first = {
         "quote": st["quote"], "hash_alg": inp["bank"], "enc_alg": "rsa", "sign_alg": "rsassa",
-        "pubkey": inp["nk_pem"], "ima_measurement_list": _list_text(st["lines"]),
+        "pubkey": inp["nk_pem"], "ima_measurement_list": wire.list_text(S["lines"], st["lines"]),
         "ima_measurement_list_entry": 0, "mb_measurement_list": None, "boottime": inp["boottime"],
     }  # fmt: skip
     fails = evaluate(target, state, first, st["nonce"])

@@ -54,13 +54,6 @@ def _dist_version() -> str | None:
         return None
 
 
-def _list_text(n: int, tamper: dict[str, Any] | None = None) -> str:
-    lines = S["lines"][:n]
-    if tamper is not None:
-        lines = list(lines)
-        lines[tamper["line"]] = tamper["text"] + "\n"
-    return "".join(lines)
-
 
 def _evidence(cmd: dict[str, Any]) -> dict[str, Any]:
     from keylime.agentstates import AgentAttestState
@@ -68,14 +61,7 @@ def _evidence(cmd: dict[str, Any]) -> dict[str, Any]:
     from keylime.ima.file_signatures import ImaKeyring
 
     inp = S["inp"]
-    if cmd.get("tamper"):
-        t = inp["tampered"]
-        case = {"lines": t["lines"], "nonce": t["nonce"], "quote": t["quote"]}
-        text = _list_text(t["lines"], t)
-    else:
-        case = inp["cases"][cmd["case"]]
-        text = _list_text(case["lines"])
-    nonce = cmd.get("nonce", case["nonce"])
+    case, text, nonce = wire.evidence_case(inp, S["lines"], cmd)
     tpm_policy = json.dumps(inp["tpm_policy"])
     policy = S["policy"]
 
@@ -118,7 +104,7 @@ def _poll_setup(cmd: dict[str, Any]) -> dict[str, Any]:
     state = AgentAttestState("bench-agent")
     results = {
         "quote": st["quote"], "hash_alg": inp["bank"], "enc_alg": "rsa", "sign_alg": "rsassa",
-        "pubkey": inp["nk_pem"], "ima_measurement_list": _list_text(st["lines"]),
+        "pubkey": inp["nk_pem"], "ima_measurement_list": wire.list_text(S["lines"], st["lines"]),
         "ima_measurement_list_entry": 0, "mb_measurement_list": None, "boottime": inp["boottime"],
     }  # fmt: skip
     failure = cloud_verifier_common.process_quote_response(
