@@ -1,19 +1,27 @@
-"""Actor verbs of the `keytrio` command (registrar, verifier, agent, tenant, ca, policy).
+"""The `keytrio` command.
 
-`scenarios/cli.py` owns the top-level parser and hands these verbs here. A verb is added to
-`register` only once it works; each actor's own cli module defines its options.
+Production verbs (registrar, verifier, agent, tenant, ca, policy, completion) are defined here and
+in each actor's own cli module. Further verbs plug in through the `keytrio.verbs` entry-point
+group: a callable taking the top-level subparsers. The testbed and scenario verbs come that way
+(keytrio.scenarios.cli:register), so a service verb never imports the testbed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from importlib import metadata
 
-from actors.agent import cli as agent_cli
-from actors.ca import cli as ca_cli
-from actors.policy import cli as policy_cli
-from actors.registrar import cli as registrar_cli
-from actors.tenant import cli as tenant_cli
-from actors.verifier import cli as verifier_cli
+from keytrio import __version__
+from keytrio.actors.agent import cli as agent_cli
+from keytrio.actors.ca import cli as ca_cli
+from keytrio.actors.policy import cli as policy_cli
+from keytrio.actors.registrar import cli as registrar_cli
+from keytrio.actors.tenant import cli as tenant_cli
+from keytrio.actors.verifier import cli as verifier_cli
+
+PLUGIN_GROUP = "keytrio.verbs"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,3 +32,78 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ca_cli.register(subparsers)
     tenant_cli.register(subparsers)
     policy_cli.register(subparsers)
+
+
+def _plugins() -> list[metadata.EntryPoint]:
+    return sorted(metadata.entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name)
+
+
+def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keytrio",
+        description="Keylime-compatible remote attestation on Trio, with a software-TPM testbed.",
+    )
+    parser.add_argument("--version", action="version", version=f"keytrio {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    register(verbs)
+    comp = verbs.add_parser("completion", help="print a shell completion script (bash)")
+    comp.add_argument("shell", choices=["bash"], help="the shell")
+    comp.set_defaults(func=_completion)
+    if plugins:
+        for ep in _plugins():
+            ep.load()(verbs)
+    return parser
+
+
+def _words(parser: argparse.ArgumentParser, path: tuple[str, ...], out: dict[str, list[str]]) -> None:
+    """Collect, for each verb path, the words that may follow it (sub-verbs and options)."""
+    words: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                words.append(name)
+                _words(sub, (*path, name), out)
+        else:
+            words += [s for s in action.option_strings if s.startswith("--")]
+    out[" ".join(path)] = sorted(words)
+
+
+def completion_script(parser: argparse.ArgumentParser) -> str:
+    table: dict[str, list[str]] = {}
+    _words(parser, (), table)
+    cases = "\n".join(f'    "{path}") words="{" ".join(ws)}" ;;' for path, ws in sorted(table.items()))
+    return f"""# bash completion for keytrio: eval "$(keytrio completion bash)"
+_keytrio() {{
+  local cur path="" i w words
+  cur="${{COMP_WORDS[COMP_CWORD]}}"
+  for ((i = 1; i < COMP_CWORD; i++)); do
+    w="${{COMP_WORDS[i]}}"
+    [[ $w == -* ]] && continue
+    case "${{path:+$path }}$w" in
+{chr(10).join(f'      "{p}") path="{p}" ;;' for p in sorted(table) if p)}
+    esac
+  done
+  case "$path" in
+{cases}
+  esac
+  COMPREPLY=($(compgen -W "$words" -- "$cur"))  # none: -o default completes file names
+}}
+complete -o default -F _keytrio keytrio
+"""
+
+
+def _completion(args: argparse.Namespace) -> int:
+    print(completion_script(build_parser()), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The TSS logs expected TPM errors (probing, refused activations) to stderr; keytrio reports
+    # its own errors. An operator can still ask for the TSS log by setting TSS2_LOG.
+    os.environ.setdefault("TSS2_LOG", "all+NONE")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -57,7 +57,7 @@ class Fleet:
     """N testbed machines in one trio process; grown on request."""
 
     def __init__(self, root: Path, ca_dir: Path, policy_files: int) -> None:
-        from testbed.pki import CaFiles
+        from keytrio.testbed.pki import CaFiles
 
         self.root = root
         self.ca = CaFiles(ca_dir)
@@ -66,8 +66,8 @@ class Fleet:
         self.template = root / "template"
 
     async def grow(self, nursery: trio.Nursery, n: int) -> list[dict[str, Any]]:
-        from testbed.machine import Machine
-        from testbed.swtpm import copy_state, provision
+        from keytrio.testbed.machine import Machine
+        from keytrio.testbed.swtpm import copy_state, provision
 
         if not self.machines:
             await trio.to_thread.run_sync(lambda: provision(self.template, banks=("sha1", "sha256")))
@@ -368,8 +368,8 @@ def _upstream_interval(up_dir: Path) -> float:
 
 
 def run(args: argparse.Namespace, cpu: int) -> dict[str, Any]:
-    from actors.common import tls
     from bench.http_load import _env_sh, pin_group
+    from keytrio.actors.common import tls
 
     up_dir: Path = args.upstream_dir
     env = _env_sh(up_dir)
@@ -489,8 +489,8 @@ def run_keytrio_only(args: argparse.Namespace) -> dict[str, Any]:
     With ``--py-spy FILE`` the verifier is also sampled by py-spy (``record --format raw``) during
     the window; the CPU figures of such a run include py-spy's interruptions, so measure without.
     """
-    from actors.common import tls
-    from testbed.pki import make_cv_ca
+    from keytrio.actors.common import tls
+    from keytrio.testbed.pki import make_cv_ca
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,10 +26,10 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from actors.agent.tpm import AttestationKey, Tpm
-from protocol import ima, tpm2
-from protocol.quote import build_quote, encode_pcr_blob
-from testbed.swtpm import swtpm_running
+from keytrio.actors.agent.tpm import AttestationKey, Tpm
+from keytrio.protocol import ima, tpm2
+from keytrio.protocol.quote import build_quote, encode_pcr_blob
+from keytrio.testbed.swtpm import swtpm_running
 
 BANK = "sha256"
 QUOTED_PCRS = [0, 1, 2, 3, 4, 5, 6, 7, 10, 16]

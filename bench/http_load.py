@@ -25,8 +25,8 @@ from typing import Any
 import httpx
 import trio
 
-from actors.common import tls
 from bench import stats
+from keytrio.actors.common import tls
 
 EVIDENCE_LINES = 1000  # the IMA list size of the evidence (largest case <= this)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import trio
 
-from actors.verifier.actor import Verifier
-from actors.verifier.config import load_config
+from keytrio.actors.verifier.actor import Verifier
+from keytrio.actors.verifier.config import load_config
 
 
 async def serve(ca_dir: Path, data_dir: Path) -> None:

@@ -43,8 +43,8 @@ API = "2.1"  # what the agents of both projects speak to the registrar
 
 
 async def serve(ca_dir: Path, data_dir: Path) -> None:
-    from actors.registrar.actor import Registrar
-    from actors.registrar.config import load_config
+    from keytrio.actors.registrar.actor import Registrar
+    from keytrio.actors.registrar.config import load_config
 
     opts = {
         "ip": "127.0.0.1", "port": 0, "tls_port": 0, "data_dir": str(data_dir),
@@ -72,7 +72,7 @@ class Material:
 
 
 async def _material(tpm: Any, tmp: Path) -> Material:
-    from actors.agent import datadir
+    from keytrio.actors.agent import datadir
 
     ek = await tpm.endorsement_key(alg="rsa2048")
     ak = await tpm.create_ak(ek, alg="rsa", hash_alg="sha256")
@@ -129,7 +129,7 @@ def _new_ids(n: int) -> list[str]:
 
 
 async def _tags(m: Material, blobs: dict[str, bytes]) -> dict[str, str]:
-    from protocol import credential
+    from keytrio.protocol import credential
 
     out = {}
     for agent_id, blob in blobs.items():
@@ -176,8 +176,8 @@ async def _controls(client: httpx.AsyncClient, base: str, m: Material) -> dict[s
 
 
 async def _bench(urls: dict[str, str], tmp: Path, rounds: int, per_round: int, concurrency: int) -> dict[str, Any]:
-    from actors.agent.tpm import Tpm
-    from testbed.swtpm import swtpm_running
+    from keytrio.actors.agent.tpm import Tpm
+    from keytrio.testbed.swtpm import swtpm_running
 
     out: dict[str, Any] = {name: {"reg": [], "act": [], "reg_wall": 0.0, "act_wall": 0.0, "reg_ok": 0, "act_ok": 0,
                                   "errors": {}} for name in urls}  # fmt: skip

@@ -20,12 +20,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from actors.verifier.attest import AgentTarget, AttestState, evaluate, verify_quote_evidence
-from actors.verifier.ima import AgentIma, FixedPolicy
 from bench import wire
-from protocol import tpm2
-from protocol.ima_eval import ImaChecker
-from protocol.runtime_policy import load_policy
+from keytrio.actors.verifier.attest import AgentTarget, AttestState, evaluate, verify_quote_evidence
+from keytrio.actors.verifier.ima import AgentIma, FixedPolicy
+from keytrio.protocol import tpm2
+from keytrio.protocol.ima_eval import ImaChecker
+from keytrio.protocol.runtime_policy import load_policy
 
 S: dict[str, Any] = {}
 

@@ -28,8 +28,8 @@ from tpm2_pytss.constants import TPM2_ALG
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT, TPM2B_PUBLIC
 
-from protocol import tpm2
-from protocol.errors import DecodeError, ValidationError
+from keytrio.protocol import tpm2
+from keytrio.protocol.errors import DecodeError, ValidationError
 
 try:  # cryptography >= 47 moved CFB to "decrepit"; the TPM's credential protection needs it
     from cryptography.hazmat.decrepit.ciphers.modes import CFB

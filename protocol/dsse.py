@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol.errors import ProtocolError
+from keytrio.protocol.errors import ProtocolError
 
 KEYLIME_PAYLOAD_TYPE = "application/vnd.keylime+json"
 

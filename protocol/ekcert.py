@@ -18,8 +18,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from protocol import tpm2
-from protocol.errors import DecodeError, ProtocolError
+from keytrio.protocol import tpm2
+from keytrio.protocol.errors import DecodeError, ProtocolError
 
 
 def trim_der(raw: bytes) -> bytes:

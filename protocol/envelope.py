@@ -29,7 +29,7 @@ def error(code: int, status: str | None = None, results: dict[str, Any] | None =
 
 def parse(doc: Any) -> tuple[int, str, dict[str, Any]]:
     """Split a received envelope into (code, status, results); raise DecodeError if it is not one."""
-    from protocol.errors import DecodeError
+    from keytrio.protocol.errors import DecodeError
 
     if not isinstance(doc, dict):
         raise DecodeError("response is not a JSON object")

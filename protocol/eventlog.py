@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.errors import DecodeError
+from keytrio.protocol.errors import DecodeError
 
 # --- event types (names as tpm2_eventlog prints them) --------------------------------------------
 

@@ -32,7 +32,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from protocol.errors import DecodeError, ValidationError
+from keytrio.protocol.errors import DecodeError, ValidationError
 
 IMA_PCR = 10
 TEMPLATES = ("ima", "ima-ng", "ima-sig", "ima-buf")

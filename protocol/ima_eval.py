@@ -41,12 +41,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from protocol import ima
-from protocol.errors import ValidationError
-from protocol.failures import Failure, Severity
-from protocol.ima import Entry, ImaParseError
-from protocol.ima_fast import FastNg
-from protocol.runtime_policy import ImaKey, KeyTypeError, RuntimePolicy, parse_ima_key
+from keytrio.protocol import ima
+from keytrio.protocol.errors import ValidationError
+from keytrio.protocol.failures import Failure, Severity
+from keytrio.protocol.ima import Entry, ImaParseError
+from keytrio.protocol.ima_fast import FastNg
+from keytrio.protocol.runtime_policy import ImaKey, KeyTypeError, RuntimePolicy, parse_ima_key
 
 # --- failure ids (upstream's) ------------------------------------------------------------------
 NOT_IN_ALLOWLIST = "ima.validation.ima-ng.not_in_allowlist"

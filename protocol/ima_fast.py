@@ -40,7 +40,7 @@ from itertools import repeat
 from operator import contains, itemgetter
 from typing import Any
 
-from protocol.ima import BANKS, DIGEST_SIZES
+from keytrio.protocol.ima import BANKS, DIGEST_SIZES
 
 _U32 = struct.Struct("<I").pack
 _NUL = b"\0"

@@ -30,9 +30,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import eventlog as el
-from protocol.errors import ValidationError
-from protocol.failures import Failure, Severity
+from keytrio.protocol import eventlog as el
+from keytrio.protocol.errors import ValidationError
+from keytrio.protocol.failures import Failure, Severity
 
 POLICY_NAME = "example"  # upstream's policy of this meaning
 RELEVANT_PCRS = frozenset([*range(10), 14])  # what the policy looks at

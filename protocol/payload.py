@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from protocol import validation
-from protocol.errors import ProtocolError
+from keytrio.protocol import validation
+from keytrio.protocol.errors import ProtocolError
 
 KEY_LEN = 32  # AES-256
 IV_LEN = 16  # upstream uses a 16-byte GCM nonce (its AES block size constant), not the usual 12

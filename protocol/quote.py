@@ -21,8 +21,8 @@ from typing import Any
 
 from tpm2_pytss.types import TPMS_ATTEST, TPMT_SIGNATURE
 
-from protocol.errors import DecodeError, ValidationError
-from protocol.tpm2 import DIGEST_SIZES, HASH_ALGS, HASH_NAMES, unmarshal_exact
+from keytrio.protocol.errors import DecodeError, ValidationError
+from keytrio.protocol.tpm2 import DIGEST_SIZES, HASH_ALGS, HASH_NAMES, unmarshal_exact
 
 TPM_GENERATED_VALUE = 0xFF544347
 TPM_ST_ATTEST_QUOTE = 0x8018

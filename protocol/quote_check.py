@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from protocol import tpm2
-from protocol.errors import ProtocolError
-from protocol.failures import Failure, Severity
-from protocol.quote import (
+from keytrio.protocol import tpm2
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.failures import Failure, Severity
+from keytrio.protocol.quote import (
     ALG_ECDSA,
     ALG_RSAPSS,
     ALG_RSASSA,

@@ -51,8 +51,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from protocol import dsse
-from protocol.errors import ProtocolError, ValidationError
+from keytrio.protocol import dsse
+from keytrio.protocol.errors import ProtocolError, ValidationError
 
 POLICY_VERSION = 1
 LOG_HASH_ALGS = ("sha1", "sha256", "sha384", "sha512")

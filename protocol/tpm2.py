@@ -19,7 +19,7 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_PUBLIC
 
-from protocol.errors import DecodeError, ValidationError
+from keytrio.protocol.errors import DecodeError, ValidationError
 
 # --- algorithm names as Keylime spells them ------------------------------------------------------
 

@@ -8,7 +8,7 @@ import ipaddress
 import re
 import uuid as _uuid
 
-from protocol.errors import ValidationError
+from keytrio.protocol.errors import ValidationError
 
 _NONCE = re.compile(r"^[A-Za-z0-9]{1,64}$")
 _MASK = re.compile(r"^0x[0-9a-fA-F]{1,6}$")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from protocol.errors import ValidationError
+from keytrio.protocol.errors import ValidationError
 
 #: Versions the verifier and registrar serve (PROTOCOL.md); the newest is "current".
 SERVER_VERSIONS: tuple[str, ...] = ("2.0", "2.1", "2.2", "2.3", "2.4", "2.5")

@@ -15,11 +15,11 @@ import base64
 import json
 import os
 
-from actors.common import tls
-from actors.common.client import make_client
-from scenarios.runner import Expect, Run, scenario
-from testbed.observe import GONE
-from testbed.world import INVALID_QUOTE
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.observe import GONE
+from keytrio.testbed.world import INVALID_QUOTE
 
 EVENT = "qoute_validation.quote_validation"
 EXPECT = {

@@ -1,22 +1,23 @@
-"""The `keytrio` command: scenario and testbed verbs here, every other verb from actors/cli.py."""
+"""The `scenario` and `testbed` verbs of the `keytrio` command.
+
+They plug into actors/cli.py through the `keytrio.verbs` entry-point group, so a service verb
+(`keytrio verifier ...`) never imports the testbed.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from pathlib import Path
 
 import trio
 
-from actors import cli as actors_cli
-
 DEFAULT_SEED = 20261128  # scenarios.runner.DEFAULT_SEED (not imported: keeps `keytrio` start cheap)
 
 
 def _scenario_list(args: argparse.Namespace) -> int:
-    from scenarios import runner
+    from keytrio.scenarios import runner
 
     for name, sc in sorted(runner.discover().items()):
         print(f"{name:<28} {sc.summary}")
@@ -24,7 +25,7 @@ def _scenario_list(args: argparse.Namespace) -> int:
 
 
 def _scenario_run(args: argparse.Namespace) -> int:
-    from scenarios import runner
+    from keytrio.scenarios import runner
 
     if args.list:
         return _scenario_list(args)
@@ -41,7 +42,7 @@ def _scenario_run(args: argparse.Namespace) -> int:
 def _testbed_up(args: argparse.Namespace) -> int:
     import json
 
-    from testbed.world import Testbed
+    from keytrio.testbed.world import Testbed
 
     async def up() -> None:
         tb = Testbed(args.dir, machines=args.agents, seed=args.seed)
@@ -62,7 +63,7 @@ def _testbed_up(args: argparse.Namespace) -> int:
 
 
 def _tpm_start(args: argparse.Namespace) -> int:
-    from testbed import swtpm
+    from keytrio.testbed import swtpm
 
     tcti = trio.run(lambda: swtpm.start_detached(args.dir, banks=tuple(args.banks.split(","))))
     print(tcti)
@@ -70,7 +71,7 @@ def _tpm_start(args: argparse.Namespace) -> int:
 
 
 def _tpm_stop(args: argparse.Namespace) -> int:
-    from testbed import swtpm
+    from keytrio.testbed import swtpm
 
     stopped = trio.run(lambda: swtpm.stop_detached(args.dir))
     if not stopped:
@@ -79,13 +80,8 @@ def _tpm_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="keytrio",
-        description="Keylime-compatible remote attestation on Trio, with a software-TPM testbed.",
-    )
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-
+def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the scenario and testbed verbs to the `keytrio` parser (entry point `keytrio.verbs`)."""
     sc = verbs.add_parser("scenario", help="run attestation scenarios on software TPMs")
     sc_verbs = sc.add_subparsers(dest="scenario_verb", metavar="ACTION", required=True)
     run = sc_verbs.add_parser("run", help="run scenarios (all of them when none is named)")
@@ -122,16 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--dir", type=Path, required=True, help="the TPM's state directory")
     stop.set_defaults(func=_tpm_stop)
 
-    actors_cli.register(verbs)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The TSS logs expected TPM errors (probing, refused activations) to stderr; keytrio reports
-    # its own errors. An operator can still ask for the TSS log by setting TSS2_LOG.
-    os.environ.setdefault("TSS2_LOG", "all+NONE")
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    """Kept for `python -m keytrio.scenarios.cli`; the command itself is keytrio.actors.cli."""
+    from keytrio.actors.cli import main as keytrio_main
+
+    return keytrio_main(argv)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import time
 
 import trio
 
-from scenarios.runner import Expect, Run, scenario
-from testbed.machine import Machine
-from testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.machine import Machine
+from keytrio.testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed
 
 SIZE, VICTIM = 20, "m7"
 EVENT = "pcr_validation.invalid_pcr_15"

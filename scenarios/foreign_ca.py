@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import httpx
 
-from actors.common import tls
-from actors.common.client import make_client
-from scenarios.runner import Expect, Run, scenario
-from testbed.pki import make_cv_ca
-from testbed.world import GET_QUOTE
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.pki import make_cv_ca
+from keytrio.testbed.world import GET_QUOTE
 
 EXPECT = {"m0": Expect(events=(), notices=(), final=GET_QUOTE)}
 

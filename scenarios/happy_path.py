@@ -11,9 +11,9 @@ the autorun marker file exists with the payload's config file beside it.
 
 from __future__ import annotations
 
-from actors.tenant import make_payload
-from scenarios.runner import Expect, Run, scenario
-from testbed.world import GET_QUOTE
+from keytrio.actors.tenant import make_payload
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.world import GET_QUOTE
 
 EXPECT = {"m0": Expect(events=(), notices=(), states=(GET_QUOTE,), final=GET_QUOTE)}
 

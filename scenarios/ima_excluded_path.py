@@ -9,9 +9,9 @@ the excluded line), no event, no notice.
 
 from __future__ import annotations
 
-from scenarios.ima_support import enrolled
-from scenarios.runner import Expect, Run, scenario
-from testbed.world import GET_QUOTE
+from keytrio.scenarios.ima_support import enrolled
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.world import GET_QUOTE
 
 
 @scenario("ima-excluded-path", expect={"m0": Expect(events=(), notices=(), final=GET_QUOTE)})

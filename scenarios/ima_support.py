@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 
-from protocol import ima
-from protocol.runtime_policy import policy_document
-from scenarios.runner import Expect, Run
-from testbed.machine import Machine
-from testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed
+from keytrio.protocol import ima
+from keytrio.protocol.runtime_policy import policy_document
+from keytrio.scenarios.runner import Expect, Run
+from keytrio.testbed.machine import Machine
+from keytrio.testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed
 
 NOT_IN_ALLOWLIST = "ima.validation.ima-ng.not_in_allowlist"
 WRONG_DIGEST = "ima.validation.ima-ng.runtime_policy_hash"

@@ -8,9 +8,9 @@ and a signed notice about the machine on the machine.
 
 from __future__ import annotations
 
-from scenarios.ima_support import WRONG_DIGEST, enrolled, failing
-from scenarios.runner import Run, scenario
-from testbed.world import INVALID_QUOTE
+from keytrio.scenarios.ima_support import WRONG_DIGEST, enrolled, failing
+from keytrio.scenarios.runner import Run, scenario
+from keytrio.testbed.world import INVALID_QUOTE
 
 
 @scenario("ima-wrong-digest", expect=failing(WRONG_DIGEST))

@@ -19,10 +19,10 @@ Expected verdict: good boot - Get Quote throughout, no event; each tamper - Inva
 
 from __future__ import annotations
 
-from scenarios.mb_support import BOOT_GOOD, GOOD_BOOT, failing, good_policy
-from scenarios.runner import Expect, Run, scenario
-from testbed.machine import Machine
-from testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed
+from keytrio.scenarios.mb_support import BOOT_GOOD, GOOD_BOOT, failing, good_policy
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.machine import Machine
+from keytrio.testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed
 
 SECURE_BOOT_DISABLED = "measured_boot.secure_boot_disabled"
 APPLICATION_NOT_ALLOWED = "measured_boot.boot_application_not_allowed"

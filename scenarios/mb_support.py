@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from protocol import eventlog, mb_policy
-from scenarios.runner import Expect
-from testbed import boot_log
-from testbed.machine import Machine
-from testbed.world import GET_QUOTE, INVALID_QUOTE
+from keytrio.protocol import eventlog, mb_policy
+from keytrio.scenarios.runner import Expect
+from keytrio.testbed import boot_log
+from keytrio.testbed.machine import Machine
+from keytrio.testbed.world import GET_QUOTE, INVALID_QUOTE
 
 GOOD_BOOT = boot_log.BootConfig()
 #: ``run.testbed(..., machine_options=BOOT_GOOD)``: every machine boots the good boot first

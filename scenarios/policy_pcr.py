@@ -9,8 +9,8 @@ the machine's agent receives and verifies the signed revocation notice about its
 
 from __future__ import annotations
 
-from scenarios.runner import Expect, Run, scenario
-from testbed.world import GET_QUOTE, INVALID_QUOTE
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.world import GET_QUOTE, INVALID_QUOTE
 
 EVENT = "pcr_validation.invalid_pcr_15"
 EXPECT = {"m0": Expect(events=(EVENT,), notices=(("m0", EVENT),), states=(GET_QUOTE, INVALID_QUOTE),

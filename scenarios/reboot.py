@@ -18,10 +18,10 @@ reboot, no event, no notice.
 
 from __future__ import annotations
 
-from actors.verifier import records
-from scenarios.ima_support import policy_from_log
-from scenarios.runner import Expect, Run, scenario
-from testbed.world import GET_QUOTE
+from keytrio.actors.verifier import records
+from keytrio.scenarios.ima_support import policy_from_log
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.world import GET_QUOTE
 
 RETRY = 4
 EXPECT = {"m0": Expect(events=(), notices=(), states=(GET_QUOTE, RETRY, GET_QUOTE), final=GET_QUOTE)}

@@ -15,9 +15,9 @@ import uuid
 
 import httpx
 
-from actors.common import tls
-from actors.common.client import make_client
-from scenarios.runner import Expect, Run, scenario
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.scenarios.runner import Expect, Run, scenario
 
 EXPECT: dict[str, Expect] = {}
 

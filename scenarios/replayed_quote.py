@@ -18,12 +18,12 @@ from typing import Literal
 
 import trio
 
-from actors.common import tls
-from actors.common.client import make_client
-from scenarios.runner import Expect, Run, scenario
-from testbed.machine import Machine
-from testbed.pki import CaFiles
-from testbed.world import GET_QUOTE, INVALID_QUOTE
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.machine import Machine
+from keytrio.testbed.pki import CaFiles
+from keytrio.testbed.world import GET_QUOTE, INVALID_QUOTE
 
 EVENT = "qoute_validation.quote_validation"
 EXPECT = {"m0": Expect(events=(EVENT,), notices=(("m0", EVENT),), states=(GET_QUOTE, INVALID_QUOTE),

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from testbed.observe import state_name
+from keytrio.testbed.observe import state_name
 
 COLORS = {
     -1: "#d0d0d0", 0: "#c6dbef", 1: "#9ecae1", 2: "#9ecae1", 3: "#74c476", 4: "#fdd049", 5: "#6baed6",

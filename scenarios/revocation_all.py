@@ -11,8 +11,8 @@ their actions once for a notice about m1 with that event id; m0 and m2 stay in G
 
 from __future__ import annotations
 
-from scenarios.runner import Expect, Run, scenario
-from testbed.world import GET_QUOTE, INVALID_QUOTE
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.world import GET_QUOTE, INVALID_QUOTE
 
 EVENT = "pcr_validation.invalid_pcr_15"
 NOTICE = (("m1", EVENT),)

@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 import trio
 
-from testbed.observe import Observer, state_name
+from keytrio.testbed.observe import Observer, state_name
 
 ScenarioFn = Callable[["Run"], Awaitable[None]]
 DEFAULT_SEED = 20261128
@@ -97,11 +97,11 @@ def scenario(
 
 def discover() -> dict[str, Scenario]:
     """Import every module of the scenarios package so that their scenarios register."""
-    import scenarios
+    import keytrio.scenarios as scenarios
 
     for info in pkgutil.iter_modules(scenarios.__path__):
         if info.name not in ("cli", "runner", "report", "support"):
-            importlib.import_module(f"scenarios.{info.name}")
+            importlib.import_module(f"{scenarios.__name__}.{info.name}")
     return dict(_REGISTRY)
 
 
@@ -181,7 +181,7 @@ class Run:
 
     def testbed(self, machines: int = 1, **options: Any) -> Any:
         """A :class:`testbed.world.Testbed` in this run's directory, with this run's seed/observer."""
-        from testbed.world import Testbed
+        from keytrio.testbed.world import Testbed
 
         return Testbed(self.dir / "world", machines=machines, seed=self.seed, observer=self.observer, **options)
 
@@ -361,7 +361,7 @@ async def run_suite(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(suite_json(results, seed, total), indent=2))
     if report_dir is not None:
-        from scenarios import report
+        from keytrio.scenarios import report
 
         written = report.write(report_dir, suite_json(results, seed, total))
         print(f"report: {written}", file=out, flush=True)

@@ -24,11 +24,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from actors.agent.tpm import Tpm
-from protocol import credential, ima, quote, quote_check, tpm2
-from scenarios.runner import Run, scenario
-from testbed import swtpm
-from testbed.ima_log import FILE_NAME, ImaLog
+from keytrio.actors.agent.tpm import Tpm
+from keytrio.protocol import credential, ima, quote, quote_check, tpm2
+from keytrio.scenarios.runner import Run, scenario
+from keytrio.testbed import swtpm
+from keytrio.testbed.ima_log import FILE_NAME, ImaLog
 
 BANKS = ("sha1", "sha256")
 BANK = "sha256"

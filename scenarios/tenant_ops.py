@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import trio
 
-from scenarios.runner import Expect, Run, scenario
-from testbed.observe import GONE
-from testbed.world import GET_QUOTE, TENANT_FAILED
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.observe import GONE
+from keytrio.testbed.world import GET_QUOTE, TENANT_FAILED
 
 EXPECT = {"m0": Expect(events=(), notices=(), states=(GET_QUOTE, TENANT_FAILED, GET_QUOTE, GONE, GET_QUOTE),
                        final=GET_QUOTE)}

@@ -15,8 +15,8 @@ once its network was back).
 
 from __future__ import annotations
 
-from scenarios.runner import Expect, Run, scenario
-from testbed.world import FAILED, GET_QUOTE
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.world import FAILED, GET_QUOTE
 
 RETRY = 4
 EXPECT = {"m0": Expect(

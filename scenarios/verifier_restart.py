@@ -10,8 +10,8 @@ value before the restart; no event, no notice.
 
 from __future__ import annotations
 
-from scenarios.runner import Expect, Run, scenario
-from testbed.world import GET_QUOTE
+from keytrio.scenarios.runner import Expect, Run, scenario
+from keytrio.testbed.world import GET_QUOTE
 
 EXPECT = {f"m{i}": Expect(events=(), notices=(), states=(GET_QUOTE,), final=GET_QUOTE) for i in range(3)}
 

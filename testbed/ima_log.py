@@ -15,8 +15,8 @@ from pathlib import Path
 
 import trio
 
-from protocol import ima
-from protocol.ima import Entry
+from keytrio.protocol import ima
+from keytrio.protocol.ima import Entry
 
 #: ``extend(pcr, {bank: digest})``, e.g. actors.agent.tpm.Tpm.extend.
 ExtendFn = Callable[[int, dict[str, bytes]], Awaitable[None]]

@@ -25,13 +25,13 @@ from typing import Any
 
 import trio
 
-from actors.agent.actor import Agent, AgentInfo
-from actors.agent.tpm import Tpm
-from testbed import boot_log
-from testbed.ima_log import FILE_NAME, ImaLog
-from testbed.netproxy import Mode, NetProxy
-from testbed.pki import CaFiles
-from testbed.swtpm import Swtpm, swtpm_running
+from keytrio.actors.agent.actor import Agent, AgentInfo
+from keytrio.actors.agent.tpm import Tpm
+from keytrio.testbed import boot_log
+from keytrio.testbed.ima_log import FILE_NAME, ImaLog
+from keytrio.testbed.netproxy import Mode, NetProxy
+from keytrio.testbed.pki import CaFiles
+from keytrio.testbed.swtpm import Swtpm, swtpm_running
 
 #: First boot time of every machine (epoch seconds); each reboot adds a deterministic amount.
 BASE_BOOTTIME = 1_767_225_600

@@ -29,16 +29,16 @@ from typing import Any
 
 import trio
 
-from actors.registrar.actor import Registrar, RegistrarAddresses
-from actors.registrar.config import load_config as registrar_config
-from actors.tenant import Tenant
-from actors.tenant.add import AddResult
-from actors.verifier.actor import Verifier
-from actors.verifier.config import load_config as verifier_config
-from testbed.machine import Machine
-from testbed.observe import Observer, state_name
-from testbed.pki import CaFiles, make_cv_ca
-from testbed.swtpm import init_local_ca
+from keytrio.actors.registrar.actor import Registrar, RegistrarAddresses
+from keytrio.actors.registrar.config import load_config as registrar_config
+from keytrio.actors.tenant import Tenant
+from keytrio.actors.tenant.add import AddResult
+from keytrio.actors.verifier.actor import Verifier
+from keytrio.actors.verifier.config import load_config as verifier_config
+from keytrio.testbed.machine import Machine
+from keytrio.testbed.observe import Observer, state_name
+from keytrio.testbed.pki import CaFiles, make_cv_ca
+from keytrio.testbed.swtpm import init_local_ca
 
 GET_QUOTE, FAILED, INVALID_QUOTE, TENANT_FAILED = 3, 7, 9, 10
 POLL = 0.05  # seconds between two verifier GETs of a wait

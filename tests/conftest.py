@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import swtpm as swtpm_mod
+from keytrio.testbed import swtpm as swtpm_mod
 
 
 def _require_swtpm() -> None:
@@ -84,7 +84,7 @@ async def swtpm_factory(
 
 @pytest.fixture
 async def tpm(swtpm: swtpm_mod.Swtpm):  # -> actors.agent.tpm.Tpm
-    from actors.agent.tpm import Tpm
+    from keytrio.actors.agent.tpm import Tpm
 
     async with await Tpm.open(swtpm.tcti) as t:
         yield t

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from actors.common.store import sqlite_url
+from keytrio.actors.common.store import sqlite_url
 
 DEFAULT_URL = "postgresql+psycopg://keytrio:keytrio@127.0.0.1:5432/postgres"
 ROLE_SQL = (

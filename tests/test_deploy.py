@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.agent import config as agent_config
-from actors.registrar import config as registrar_config
-from actors.tenant import config as tenant_config
-from actors.verifier import config as verifier_config
+from keytrio.actors.agent import config as agent_config
+from keytrio.actors.registrar import config as registrar_config
+from keytrio.actors.tenant import config as tenant_config
+from keytrio.actors.verifier import config as verifier_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -189,7 +189,7 @@ def test_three_machines_guide_runs(tmp_path: Path) -> None:
     tcti = subprocess.run([str(KEYTRIO), "testbed", "tpm", "start", "--dir", str(tpm_dir)], check=True,
                           capture_output=True, text=True, timeout=60).stdout.strip()
     w.env["KEYTRIO_AGENT_TCTI"] = tcti
-    from testbed import swtpm
+    from keytrio.testbed import swtpm
 
     vendor = w.machine("verifier") / "tpm-vendor-ca"
     vendor.mkdir()

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from scenarios import runner
+from keytrio.scenarios import runner
 
 
 @pytest.mark.swtpm
 def test_keytrio_scenario_run_smoke(tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(
-        [sys.executable, "-m", "scenarios.cli", "scenario", "run", "smoke", "--dir", str(tmp_path)],
+        [sys.executable, "-m", "keytrio", "scenario", "run", "smoke", "--dir", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -29,7 +29,7 @@ def test_keytrio_scenario_run_smoke(tmp_path: Path):
 
 
 def test_unknown_scenario_is_a_usage_error():
-    from scenarios.cli import main
+    from keytrio.scenarios.cli import main
 
     assert main(["scenario", "run", "no-such-scenario"]) == 2
 
@@ -61,7 +61,7 @@ async def test_a_failing_step_fails_the_run(tmp_path: Path):
 
 @pytest.mark.swtpm
 def test_keytrio_testbed_tpm_start_stop(tmp_path: Path, capsys):
-    from scenarios.cli import main
+    from keytrio.scenarios.cli import main
 
     d = tmp_path / "tpm"
     assert main(["testbed", "tpm", "start", "--dir", str(d), "--banks", "sha256"]) == 0
@@ -111,7 +111,7 @@ def test_live_display_redraws_one_line(tmp_path: Path):
 @pytest.mark.swtpm
 def test_a_wrong_expectation_fails_the_run(tmp_path: Path, capsys):
     """The policy-pcr-changed scenario, judged against an expectation that it stays trusted."""
-    from scenarios.cli import main
+    from keytrio.scenarios.cli import main
 
     registry = runner.discover()
     real = registry["policy-pcr-changed"]

@@ -23,20 +23,20 @@ from typing import Any
 import trio
 from cryptography import x509
 
-from actors.agent import config as agent_config
-from actors.agent import datadir, identity
-from actors.agent.app import build_app
-from actors.agent.keys import Keys
-from actors.agent.quotes import AgentMetrics, QuoteSource
-from actors.agent.registration import Registration, RegistrationError
-from actors.agent.revocation import Revocations
-from actors.agent.runner import Runner
-from actors.agent.secure import SecureDir
-from actors.agent.tpm import Tpm
-from actors.common import tls
-from actors.common.config import Config
-from actors.common.metrics import serve_metrics
-from actors.common.serve import serve
+from keytrio.actors.agent import config as agent_config
+from keytrio.actors.agent import datadir, identity
+from keytrio.actors.agent.app import build_app
+from keytrio.actors.agent.keys import Keys
+from keytrio.actors.agent.quotes import AgentMetrics, QuoteSource
+from keytrio.actors.agent.registration import Registration, RegistrationError
+from keytrio.actors.agent.revocation import Revocations
+from keytrio.actors.agent.runner import Runner
+from keytrio.actors.agent.secure import SecureDir
+from keytrio.actors.agent.tpm import Tpm
+from keytrio.actors.common import tls
+from keytrio.actors.common.config import Config
+from keytrio.actors.common.metrics import serve_metrics
+from keytrio.actors.common.serve import serve
 
 log = logging.getLogger("keytrio.agent")
 

@@ -10,14 +10,14 @@ from typing import Any
 
 from quart import Response, request
 
-from actors.agent.keys import KeyError400, Keys
-from actors.agent.quotes import AgentMetrics, QuoteSource
-from actors.agent.revocation import NoticeRefused, Revocations
-from actors.agent.tpm import TpmError
-from actors.common.app import ApiError, KeytrioApp, json_body, json_response, make_app, ok
-from protocol import validation
-from protocol.errors import ProtocolError, ValidationError
-from protocol.versions import AGENT_VERSIONS, agent_version_payload
+from keytrio.actors.agent.keys import KeyError400, Keys
+from keytrio.actors.agent.quotes import AgentMetrics, QuoteSource
+from keytrio.actors.agent.revocation import NoticeRefused, Revocations
+from keytrio.actors.agent.tpm import TpmError
+from keytrio.actors.common.app import ApiError, KeytrioApp, json_body, json_response, make_app, ok
+from keytrio.protocol import validation
+from keytrio.protocol.errors import ProtocolError, ValidationError
+from keytrio.protocol.versions import AGENT_VERSIONS, agent_version_payload
 
 MAX_IMA_ENTRY = 1 << 40
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import trio
 
-from actors.agent import config as agent_config
-from actors.agent.actor import Agent, AgentConfigError
-from actors.agent.registration import RegistrationError
-from actors.common.config import ConfigError
+from keytrio.actors.agent import config as agent_config
+from keytrio.actors.agent.actor import Agent, AgentConfigError
+from keytrio.actors.agent.registration import RegistrationError
+from keytrio.actors.common.config import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from actors.common import config as cfg
-from actors.common.config import Config, Option
-from protocol import validation
-from protocol.errors import ValidationError
+from keytrio.actors.common import config as cfg
+from keytrio.actors.common.config import Config, Option
+from keytrio.protocol import validation
+from keytrio.protocol.errors import ValidationError
 
 ACTOR = "agent"
 

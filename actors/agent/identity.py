@@ -17,9 +17,9 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from actors.agent import datadir
-from actors.agent.tpm import AttestationKey, EndorsementKey, Tpm, TpmError, public_key
-from protocol import tpm2
+from keytrio.actors.agent import datadir
+from keytrio.actors.agent.tpm import AttestationKey, EndorsementKey, Tpm, TpmError, public_key
+from keytrio.protocol import tpm2
 
 log = logging.getLogger("keytrio.agent")
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from actors.agent.runner import Job, Runner
-from actors.agent.secure import SecureDir, UnsafeArchive
-from protocol import payload as pl
-from protocol import validation
-from protocol.errors import ValidationError
+from keytrio.actors.agent.runner import Job, Runner
+from keytrio.actors.agent.secure import SecureDir, UnsafeArchive
+from keytrio.protocol import payload as pl
+from keytrio.protocol import validation
+from keytrio.protocol.errors import ValidationError
 
 log = logging.getLogger("keytrio.agent")
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import trio
 
-from actors.agent.tpm import AttestationKey, Tpm
-from actors.common.metrics import Metrics
-from protocol.quote import build_quote, encode_pcr_blob
+from keytrio.actors.agent.tpm import AttestationKey, Tpm
+from keytrio.actors.common.metrics import Metrics
+from keytrio.protocol.quote import build_quote, encode_pcr_blob
 
 log = logging.getLogger("keytrio.agent")
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import trio
 
-from actors.agent.identity import Identity
-from actors.agent.tpm import Tpm, TpmError
-from actors.common import client as http
-from protocol import credential, validation
-from protocol.errors import ValidationError
+from keytrio.actors.agent.identity import Identity
+from keytrio.actors.agent.tpm import Tpm, TpmError
+from keytrio.actors.common import client as http
+from keytrio.protocol import credential, validation
+from keytrio.protocol.errors import ValidationError
 
 log = logging.getLogger("keytrio.agent")
 

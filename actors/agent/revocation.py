@@ -30,10 +30,10 @@ from typing import Any
 import trio
 from cryptography import x509
 
-from actors.agent import datadir
-from actors.agent.runner import Job, Runner
-from protocol import revocation
-from protocol.errors import ValidationError
+from keytrio.actors.agent import datadir
+from keytrio.actors.agent.runner import Job, Runner
+from keytrio.protocol import revocation
+from keytrio.protocol.errors import ValidationError
 
 log = logging.getLogger("keytrio.agent")
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from actors.ca.authority import Authority, CaError
+from keytrio.actors.ca.authority import Authority, CaError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -31,11 +31,11 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import BaseConverter
 
-from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE, BodyLimit
-from protocol import validation
-from protocol.envelope import envelope
-from protocol.errors import ProtocolError
-from protocol.versions import UNSUPPORTED_VERSION_STATUS
+from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE, BodyLimit
+from keytrio.protocol import validation
+from keytrio.protocol.envelope import envelope
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.versions import UNSUPPORTED_VERSION_STATUS
 
 log = logging.getLogger("keytrio.app")
 

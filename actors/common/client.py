@@ -22,8 +22,8 @@ import h11
 import httpx
 import trio
 
-from protocol.envelope import parse as parse_envelope
-from protocol.errors import DecodeError
+from keytrio.protocol.envelope import parse as parse_envelope
+from keytrio.protocol.errors import DecodeError
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_RESPONSE_BYTES = 16 << 20

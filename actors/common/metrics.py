@@ -18,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response
 from quart_trio import QuartTrio
 
-from actors.common.serve import serve
+from keytrio.actors.common.serve import serve
 
 HealthFn = Callable[[], Awaitable[dict[str, Any]]]
 

@@ -62,8 +62,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr
 
-from actors.common.tls import ReloadingServerContext
-from protocol.envelope import error as error_envelope
+from keytrio.actors.common.tls import ReloadingServerContext
+from keytrio.protocol.envelope import error as error_envelope
 
 log = logging.getLogger("keytrio.serve")
 

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from actors.common.config import Config, Option
-from actors.common.store import parse_pool
+from keytrio.actors.common.config import Config, Option
+from keytrio.actors.common.store import parse_pool
 
 
 def _database_url(value: str) -> str | None:

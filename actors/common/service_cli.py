@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from actors.common.config import ConfigError
+from keytrio.actors.common.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,8 @@ def _logging() -> None:
 
 
 def _db_main(spec: ServiceSpec, args: argparse.Namespace) -> int:
-    from actors.common.migrations import SchemaOutOfDate
-    from actors.common.store import db_command
+    from keytrio.actors.common.migrations import SchemaOutOfDate
+    from keytrio.actors.common.store import db_command
 
     parts = spec.load()
     try:

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 import trio
 from sqlalchemy.engine import Connection, Engine
 
-from actors.common.migrations import Migrations, check_current, current, upgrade
+from keytrio.actors.common.migrations import Migrations, check_current, current, upgrade
 
 T = TypeVar("T")
 

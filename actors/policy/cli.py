@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from actors.policy import create, sign
-from actors.policy.create import PolicyToolError
-from protocol import eventlog, mb_policy
-from protocol.errors import ProtocolError
+from keytrio.actors.policy import create, sign
+from keytrio.actors.policy.create import PolicyToolError
+from keytrio.protocol import eventlog, mb_policy
+from keytrio.protocol.errors import ProtocolError
 
 EXIT_USAGE = 2
 EXIT_INVALID = 4

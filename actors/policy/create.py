@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from protocol import ima
-from protocol.errors import ProtocolError
-from protocol.runtime_policy import RuntimePolicy, parse_ima_key, parse_policy, policy_document
+from keytrio.protocol import ima
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.runtime_policy import RuntimePolicy, parse_ima_key, parse_policy, policy_document
 
 HASH_ALGS = ("sha256", "sha384", "sha512")
 GENERATOR = 3  # upstream's "generator" value for keylime-policy made policies

@@ -11,10 +11,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from actors.policy.create import PolicyToolError
-from protocol import dsse
-from protocol.errors import ProtocolError
-from protocol.runtime_policy import RuntimePolicy, load_policy
+from keytrio.actors.policy.create import PolicyToolError
+from keytrio.protocol import dsse
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.runtime_policy import RuntimePolicy, load_policy
 
 
 def load_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:

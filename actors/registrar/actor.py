@@ -17,16 +17,16 @@ from functools import partial
 
 import trio
 
-from actors.common.config import Config
-from actors.common.metrics import serve_metrics
-from actors.common.serve import serve
-from actors.common.store import Store, parse_pool
-from actors.common.tls import reloading_server_context
-from actors.registrar.app import build_admin_app, build_agent_app
-from actors.registrar.config import Settings, resolve
-from actors.registrar.ekcert import load_cert_store
-from actors.registrar.migrations import MIGRATIONS
-from actors.registrar.service import RegistrarMetrics, RegistrarService
+from keytrio.actors.common.config import Config
+from keytrio.actors.common.metrics import serve_metrics
+from keytrio.actors.common.serve import serve
+from keytrio.actors.common.store import Store, parse_pool
+from keytrio.actors.common.tls import reloading_server_context
+from keytrio.actors.registrar.app import build_admin_app, build_agent_app
+from keytrio.actors.registrar.config import Settings, resolve
+from keytrio.actors.registrar.ekcert import load_cert_store
+from keytrio.actors.registrar.migrations import MIGRATIONS
+from keytrio.actors.registrar.service import RegistrarMetrics, RegistrarService
 
 log = logging.getLogger("keytrio.registrar")
 

@@ -15,10 +15,10 @@ from collections.abc import Iterable
 
 from quart import Response
 
-from actors.common.app import KeytrioApp, json_body, make_app, ok, parse_agent_id
-from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
-from actors.registrar.service import RegistrarService
-from protocol.versions import SERVER_VERSIONS, server_version_payload
+from keytrio.actors.common.app import KeytrioApp, json_body, make_app, ok, parse_agent_id
+from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
+from keytrio.actors.registrar.service import RegistrarService
+from keytrio.protocol.versions import SERVER_VERSIONS, server_version_payload
 
 
 def build_agent_app(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from actors.common.service_cli import ServiceParts, ServiceSpec, register_service
+from keytrio.actors.common.service_cli import ServiceParts, ServiceSpec, register_service
 
 
 def _load() -> ServiceParts:
-    from actors.registrar.actor import Registrar
-    from actors.registrar.config import default_config, load_config, resolve
-    from actors.registrar.migrations import MIGRATIONS
+    from keytrio.actors.registrar.actor import Registrar
+    from keytrio.actors.registrar.config import default_config, load_config, resolve
+    from keytrio.actors.registrar.migrations import MIGRATIONS
 
     return ServiceParts(load_config, default_config, resolve, Registrar, MIGRATIONS)
 

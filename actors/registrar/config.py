@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.common.config import Config, ConfigError, Option, default_config_text, load
-from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
-from actors.common.server_options import (
+from keytrio.actors.common.config import Config, ConfigError, Option, default_config_text, load
+from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
+from keytrio.actors.common.server_options import (
     service_options,
     storage_options,
     tls_path_resolver,
     tls_server_options,
 )
-from actors.common.store import sqlite_url
+from keytrio.actors.common.store import sqlite_url
 
 ACTOR = "registrar"
 

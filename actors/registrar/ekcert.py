@@ -10,8 +10,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from protocol import ekcert, validation
-from protocol.errors import DecodeError, ValidationError
+from keytrio.protocol import ekcert, validation
+from keytrio.protocol.errors import DecodeError, ValidationError
 
 log = logging.getLogger("keytrio.registrar")
 

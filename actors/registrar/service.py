@@ -25,13 +25,13 @@ from sqlalchemy.engine import Connection
 from tpm2_pytss.constants import TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from actors.common.app import ApiError, bad_request, parse_agent_id
-from actors.common.metrics import Metrics
-from actors.common.store import Store
-from actors.registrar import ekcert as ekcerts
-from actors.registrar.schema import agents
-from protocol import credential, tpm2, validation
-from protocol.errors import ProtocolError, ValidationError
+from keytrio.actors.common.app import ApiError, bad_request, parse_agent_id
+from keytrio.actors.common.metrics import Metrics
+from keytrio.actors.common.store import Store
+from keytrio.actors.registrar import ekcert as ekcerts
+from keytrio.actors.registrar.schema import agents
+from keytrio.protocol import credential, tpm2, validation
+from keytrio.protocol.errors import ProtocolError, ValidationError
 
 log = logging.getLogger("keytrio.registrar")
 

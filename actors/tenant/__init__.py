@@ -1,9 +1,15 @@
 """The tenant library: enrol agents with a verifier, and manage them (no CLI yet)."""
 
-from actors.tenant.add import AddResult
-from actors.tenant.errors import ConnectionProblem, Refused, TenantError, UsageError, VerificationFailed
-from actors.tenant.payload import make_payload
-from actors.tenant.tenant import Tenant
+from keytrio.actors.tenant.add import AddResult
+from keytrio.actors.tenant.errors import (
+    ConnectionProblem,
+    Refused,
+    TenantError,
+    UsageError,
+    VerificationFailed,
+)
+from keytrio.actors.tenant.payload import make_payload
+from keytrio.actors.tenant.tenant import Tenant
 
 __all__ = [
     "AddResult",

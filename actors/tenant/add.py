@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from actors.tenant import ekcheck
-from actors.tenant.client import Peer
-from actors.tenant.errors import Refused, UsageError, VerificationFailed
-from actors.tenant.payload import REVOCATION_CERT, add_files, make_payload
-from protocol import payload as pl
-from protocol import states, validation
-from protocol.errors import ProtocolError
-from protocol.quote_check import PCR_16, check_pcr16, check_quote
+from keytrio.actors.tenant import ekcheck
+from keytrio.actors.tenant.client import Peer
+from keytrio.actors.tenant.errors import Refused, UsageError, VerificationFailed
+from keytrio.actors.tenant.payload import REVOCATION_CERT, add_files, make_payload
+from keytrio.protocol import payload as pl
+from keytrio.protocol import states, validation
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.quote_check import PCR_16, check_pcr16, check_quote
 
 if TYPE_CHECKING:
-    from actors.tenant.tenant import Tenant
+    from keytrio.actors.tenant.tenant import Tenant
 
 DEFAULT_HASH_ALGS = ("sha256", "sha384", "sha512")
 DEFAULT_ENCRYPTION_ALGS = ("rsa", "ecc")

@@ -20,14 +20,20 @@ from typing import Any, TextIO
 
 import trio
 
-from actors.common.config import ConfigError
-from actors.tenant import config as tconfig
-from actors.tenant import mbpolicies, policies
-from actors.tenant.errors import ConnectionProblem, Refused, TenantError, UsageError, VerificationFailed
-from actors.tenant.payload import make_payload
-from actors.tenant.progress import Progress
-from actors.tenant.tenant import Tenant
-from protocol import states
+from keytrio.actors.common.config import ConfigError
+from keytrio.actors.tenant import config as tconfig
+from keytrio.actors.tenant import mbpolicies, policies
+from keytrio.actors.tenant.errors import (
+    ConnectionProblem,
+    Refused,
+    TenantError,
+    UsageError,
+    VerificationFailed,
+)
+from keytrio.actors.tenant.payload import make_payload
+from keytrio.actors.tenant.progress import Progress
+from keytrio.actors.tenant.tenant import Tenant
+from keytrio.protocol import states
 
 EXIT_OK, EXIT_USAGE = 0, 2
 

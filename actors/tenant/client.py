@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from actors.common import tls
-from actors.common.client import (
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import (
     ClientError,
     CommunicationError,
     HttpError,
@@ -24,8 +24,8 @@ from actors.common.client import (
     make_client,
     request_json,
 )
-from actors.tenant.errors import ConnectionProblem, Refused
-from protocol import versions
+from keytrio.actors.tenant.errors import ConnectionProblem, Refused
+from keytrio.protocol import versions
 
 StrPath = str | os.PathLike[str]
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.common import config as cfg
-from actors.common.config import Config, Option
+from keytrio.actors.common import config as cfg
+from keytrio.actors.common.config import Config, Option
 
 DEFAULT_TLS_DIR = "/var/lib/keytrio/cv_ca"
 

@@ -13,9 +13,9 @@ from collections.abc import Iterable
 
 from cryptography import x509
 
-from actors.tenant.errors import UsageError, VerificationFailed
-from protocol import ekcert, tpm2
-from protocol.errors import DecodeError, ProtocolError
+from keytrio.actors.tenant.errors import UsageError, VerificationFailed
+from keytrio.protocol import ekcert, tpm2
+from keytrio.protocol.errors import DecodeError, ProtocolError
 
 StrPath = str | os.PathLike[str]
 _WHAT = "EK certificate"

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from actors.tenant.errors import ConnectionProblem, Refused, UsageError
-from protocol import mb_policy
+from keytrio.actors.tenant.errors import ConnectionProblem, Refused, UsageError
+from keytrio.protocol import mb_policy
 
 if TYPE_CHECKING:
-    from actors.tenant.tenant import Tenant
+    from keytrio.actors.tenant.tenant import Tenant
 
 
 def _error_body(body: bytes, default: str) -> tuple[str, dict[str, Any] | None]:

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from actors.tenant.errors import Refused, VerificationFailed
-from protocol import states
+from keytrio.actors.tenant.errors import Refused, VerificationFailed
+from keytrio.protocol import states
 
 if TYPE_CHECKING:
-    from actors.tenant.tenant import Tenant
+    from keytrio.actors.tenant.tenant import Tenant
 
 
 async def _get_or_none(t: Tenant, peer_name: str, agent_id: str) -> dict[str, Any] | None:

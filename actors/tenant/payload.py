@@ -12,7 +12,7 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from actors.tenant.errors import UsageError
+from keytrio.actors.tenant.errors import UsageError
 
 AUTORUN = "autorun.sh"
 REVOCATION_CERT = "RevocationNotifier-cert.crt"

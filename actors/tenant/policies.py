@@ -11,13 +11,13 @@ import base64
 import binascii
 from typing import TYPE_CHECKING, Any
 
-from actors.tenant.errors import Refused, UsageError, VerificationFailed
-from protocol import dsse
-from protocol.errors import ProtocolError
-from protocol.runtime_policy import RuntimePolicy, load_policy
+from keytrio.actors.tenant.errors import Refused, UsageError, VerificationFailed
+from keytrio.protocol import dsse
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.runtime_policy import RuntimePolicy, load_policy
 
 if TYPE_CHECKING:
-    from actors.tenant.tenant import Tenant
+    from keytrio.actors.tenant.tenant import Tenant
 
 
 def check_policy(policy: bytes, key: str | None = None) -> RuntimePolicy:

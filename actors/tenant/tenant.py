@@ -19,9 +19,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from actors.tenant import add as add_flow
-from actors.tenant import ops, policies
-from actors.tenant.client import (
+from keytrio.actors.tenant import add as add_flow
+from keytrio.actors.tenant import ops, policies
+from keytrio.actors.tenant.client import (
     TENANT_AGENT_VERSIONS,
     TENANT_SERVER_VERSIONS,
     Peer,
@@ -29,9 +29,9 @@ from actors.tenant.client import (
     host_url,
     server_peer,
 )
-from actors.tenant.errors import UsageError, VerificationFailed
-from protocol import validation
-from protocol.errors import ValidationError
+from keytrio.actors.tenant.errors import UsageError, VerificationFailed
+from keytrio.protocol import validation
+from keytrio.protocol.errors import ValidationError
 
 StrPath = str | os.PathLike[str]
 

@@ -27,26 +27,26 @@ from typing import Any
 import sqlalchemy as sa
 import trio
 
-from actors.common.config import Config
-from actors.common.metrics import serve_metrics
-from actors.common.serve import serve
-from actors.common.store import Store, parse_pool
-from actors.common.tls import reloading_server_context
-from actors.verifier import records
-from actors.verifier.app import build_app
-from actors.verifier.config import Settings, resolve
-from actors.verifier.ima import ImaHooks
-from actors.verifier.migrations import MIGRATIONS
-from actors.verifier.monitor import (
+from keytrio.actors.common.config import Config
+from keytrio.actors.common.metrics import serve_metrics
+from keytrio.actors.common.serve import serve
+from keytrio.actors.common.store import Store, parse_pool
+from keytrio.actors.common.tls import reloading_server_context
+from keytrio.actors.verifier import records
+from keytrio.actors.verifier.app import build_app
+from keytrio.actors.verifier.config import Settings, resolve
+from keytrio.actors.verifier.ima import ImaHooks
+from keytrio.actors.verifier.migrations import MIGRATIONS
+from keytrio.actors.verifier.monitor import (
     ACTIVE_STATES,
     ImaCheckFactory,
     MonitorSet,
     MonitorSettings,
     VerifierMetrics,
 )
-from actors.verifier.notify import Outbox, agent_context_factory
-from actors.verifier.policies import PolicyStore
-from actors.verifier.schema import agents as agents_table
+from keytrio.actors.verifier.notify import Outbox, agent_context_factory
+from keytrio.actors.verifier.policies import PolicyStore
+from keytrio.actors.verifier.schema import agents as agents_table
 
 log = logging.getLogger("keytrio.verifier")
 

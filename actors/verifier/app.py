@@ -30,7 +30,7 @@ import trio
 from cryptography import x509
 from quart import Response, g, request
 
-from actors.common.app import (
+from keytrio.actors.common.app import (
     ApiError,
     KeytrioApp,
     bad_request,
@@ -40,12 +40,12 @@ from actors.common.app import (
     ok,
     parse_agent_id,
 )
-from actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
-from actors.common.store import Store
-from actors.verifier import evidence, records
-from actors.verifier.mbpolicies import MbPolicyStore, resolve_enrolment
-from actors.verifier.mbpolicies import canonical as canonical_mb
-from actors.verifier.policies import (
+from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
+from keytrio.actors.common.store import Store
+from keytrio.actors.verifier import evidence, records
+from keytrio.actors.verifier.mbpolicies import MbPolicyStore, resolve_enrolment
+from keytrio.actors.verifier.mbpolicies import canonical as canonical_mb
+from keytrio.actors.verifier.policies import (
     NameExists,
     NameInUse,
     NameUnknown,
@@ -53,9 +53,9 @@ from actors.verifier.policies import (
     PolicyStore,
     decode_policy_b64,
 )
-from protocol import tpm2, validation
-from protocol.errors import ProtocolError, ValidationError
-from protocol.versions import SERVER_VERSIONS, server_version_payload
+from keytrio.protocol import tpm2, validation
+from keytrio.protocol.errors import ProtocolError, ValidationError
+from keytrio.protocol.versions import SERVER_VERSIONS, server_version_payload
 
 Hook = Callable[[str], Awaitable[None] | None]
 

@@ -26,14 +26,14 @@ from typing import Any
 
 import httpx
 
-from actors.common import tls
-from actors.common.client import DEFAULT_MAX_RESPONSE_BYTES, KeepAliveClient, request_json
-from protocol import mb_policy as mbp
-from protocol import payload, tpm2
-from protocol.errors import ProtocolError
-from protocol.failures import Failure, Severity
-from protocol.quote import ClockInfo, parse_quote
-from protocol.quote_check import PCR_16, QUOTE_VALIDATION, QuoteCheck, check_pcr16, check_quote
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import DEFAULT_MAX_RESPONSE_BYTES, KeepAliveClient, request_json
+from keytrio.protocol import mb_policy as mbp
+from keytrio.protocol import payload, tpm2
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.failures import Failure, Severity
+from keytrio.protocol.quote import ClockInfo, parse_quote
+from keytrio.protocol.quote_check import PCR_16, QUOTE_VALIDATION, QuoteCheck, check_pcr16, check_quote
 
 PCR_IMA = 10
 NONCE_LEN = 20  # what upstream's verifier sends

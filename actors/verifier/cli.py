@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from actors.common.service_cli import ServiceParts, ServiceSpec, register_service
+from keytrio.actors.common.service_cli import ServiceParts, ServiceSpec, register_service
 
 
 def _load() -> ServiceParts:
-    from actors.verifier.actor import Verifier
-    from actors.verifier.config import default_config, load_config, resolve
-    from actors.verifier.migrations import MIGRATIONS
+    from keytrio.actors.verifier.actor import Verifier
+    from keytrio.actors.verifier.config import default_config, load_config, resolve
+    from keytrio.actors.verifier.migrations import MIGRATIONS
 
     return ServiceParts(load_config, default_config, resolve, Verifier, MIGRATIONS)
 

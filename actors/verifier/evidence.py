@@ -24,13 +24,13 @@ import binascii
 import json
 from typing import Any
 
-from actors.verifier.attest import verify_quote_evidence
-from actors.verifier.ima import AgentIma, FixedPolicy
-from actors.verifier.mbpolicies import canonical as canonical_mb
-from actors.verifier.policies import PolicyRefused, parse
-from protocol import mb_policy, tpm2
-from protocol.errors import ProtocolError
-from protocol.failures import Failure
+from keytrio.actors.verifier.attest import verify_quote_evidence
+from keytrio.actors.verifier.ima import AgentIma, FixedPolicy
+from keytrio.actors.verifier.mbpolicies import canonical as canonical_mb
+from keytrio.actors.verifier.policies import PolicyRefused, parse
+from keytrio.protocol import mb_policy, tpm2
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.failures import Failure
 
 EVIDENCE_FIELDS = (
     "nonce", "quote", "hash_alg", "tpm_ak", "tpm_ek", "tpm_policy", "runtime_policy", "mb_policy",

@@ -22,11 +22,11 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from actors.verifier.policies import PolicyStore
-from protocol.errors import ProtocolError
-from protocol.failures import Failure, Severity
-from protocol.ima_eval import PCR_MISMATCH, ImaProgress, evaluate_ima
-from protocol.runtime_policy import ImaKey, KeyTypeError, RuntimePolicy, parse_ima_key
+from keytrio.actors.verifier.policies import PolicyStore
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.failures import Failure, Severity
+from keytrio.protocol.ima_eval import PCR_MISMATCH, ImaProgress, evaluate_ima
+from keytrio.protocol.runtime_policy import ImaKey, KeyTypeError, RuntimePolicy, parse_ima_key
 
 log = logging.getLogger("keytrio.verifier")
 

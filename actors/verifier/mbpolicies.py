@@ -20,10 +20,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from actors.common.store import Store
-from actors.verifier.policies import NameExists, NameInUse, NameUnknown, PolicyRefused
-from actors.verifier.schema import agents, mbpolicies
-from protocol import mb_policy
+from keytrio.actors.common.store import Store
+from keytrio.actors.verifier.policies import NameExists, NameInUse, NameUnknown, PolicyRefused
+from keytrio.actors.verifier.schema import agents, mbpolicies
+from keytrio.protocol import mb_policy
 
 
 def canonical(value: object, field: str = "mb_policy") -> str | None:

@@ -53,7 +53,7 @@ from typing import Any
 
 import trio
 
-from actors.common.client import (
+from keytrio.actors.common.client import (
     CommunicationError,
     HttpError,
     KeepAliveClient,
@@ -61,16 +61,16 @@ from actors.common.client import (
     is_retryable,
     retry_delay,
 )
-from actors.common.metrics import Metrics
-from actors.common.store import Store
-from actors.verifier import attest, records
-from actors.verifier.attest import AgentTarget, AttestState, ImaCheck
-from actors.verifier.ima import AgentIma
-from actors.verifier.notify import Notifier, build_notice
-from protocol import tpm2
-from protocol.errors import ProtocolError
-from protocol.failures import Failure, Severity, worst
-from protocol.quote import ClockInfo
+from keytrio.actors.common.metrics import Metrics
+from keytrio.actors.common.store import Store
+from keytrio.actors.verifier import attest, records
+from keytrio.actors.verifier.attest import AgentTarget, AttestState, ImaCheck
+from keytrio.actors.verifier.ima import AgentIma
+from keytrio.actors.verifier.notify import Notifier, build_notice
+from keytrio.protocol import tpm2
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.failures import Failure, Severity, worst
+from keytrio.protocol.quote import ClockInfo
 
 log = logging.getLogger("keytrio.verifier")
 

@@ -39,16 +39,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy.engine import Connection
 
-from actors.common import tls
-from actors.common.client import ClientError, HttpError, make_client, request_json
-from actors.common.store import Store
-from actors.verifier import records
-from actors.verifier.schema import agents, deliveries, notices
-from protocol import revocation
-from protocol.failures import Failure
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import ClientError, HttpError, make_client, request_json
+from keytrio.actors.common.store import Store
+from keytrio.actors.verifier import records
+from keytrio.actors.verifier.schema import agents, deliveries, notices
+from keytrio.protocol import revocation
+from keytrio.protocol.failures import Failure
 
 if TYPE_CHECKING:  # monitor.py imports this module
-    from actors.verifier.monitor import VerifierMetrics
+    from keytrio.actors.verifier.monitor import VerifierMetrics
 
 log = logging.getLogger("keytrio.verifier")
 

@@ -30,10 +30,10 @@ import sqlalchemy as sa
 import trio
 from sqlalchemy.engine import Connection
 
-from actors.common.store import Store
-from actors.verifier.schema import agents, allowlists, runtime_policies
-from protocol.dsse import DsseError
-from protocol.runtime_policy import PolicyError, RuntimePolicy, load_policy
+from keytrio.actors.common.store import Store
+from keytrio.actors.verifier.schema import agents, allowlists, runtime_policies
+from keytrio.protocol.dsse import DsseError
+from keytrio.protocol.runtime_policy import PolicyError, RuntimePolicy, load_policy
 
 log = logging.getLogger("keytrio.verifier")
 

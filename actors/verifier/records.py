@@ -14,9 +14,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from actors.common.store import Store
-from actors.verifier.schema import agents, deliveries
-from protocol.states import (  # noqa: F401 -- re-exported: the verifier reads records.GET_QUOTE etc.
+from keytrio.actors.common.store import Store
+from keytrio.actors.verifier.schema import agents, deliveries
+from keytrio.protocol.states import (  # noqa: F401 -- re-exported: the verifier reads records.GET_QUOTE etc.
     FAILED,
     GET_QUOTE,
     GET_QUOTE_RETRY,

@@ -18,13 +18,13 @@ import httpx
 import pytest
 import trio
 
-from actors.agent.actor import Agent, AgentInfo
-from actors.common import tls
-from actors.common.client import make_client
-from protocol import ima
-from protocol.quote import parse_quote
-from protocol.quote_check import check_pcr16, check_quote
-from testbed.ima_log import ImaLog
+from keytrio.actors.agent.actor import Agent, AgentInfo
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.protocol import ima
+from keytrio.protocol.quote import parse_quote
+from keytrio.protocol.quote_check import check_pcr16, check_quote
+from keytrio.testbed.ima_log import ImaLog
 
 pytestmark = pytest.mark.swtpm
 
@@ -251,7 +251,7 @@ async def test_uuid_settings(nursery: trio.Nursery, tmp_path: Path, pki: Any, sw
 
     from cryptography.hazmat.primitives import serialization
 
-    from actors.agent.tpm import public_key
+    from keytrio.actors.agent.tpm import public_key
 
     r = await start_agent(nursery, tmp_path, pki, swtpm.tcti, uuid="hash_ek")
     pem = public_key(r.info.ek_public).public_bytes(
@@ -326,10 +326,10 @@ async def test_ecc_ak_and_sha384_bank(nursery: trio.Nursery, tmp_path: Path, pki
 def test_config_problems_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from actors.agent import cli
-    from actors.agent import config as agent_config
-    from actors.agent.actor import AgentConfigError
-    from actors.common.config import ConfigError
+    from keytrio.actors.agent import cli
+    from keytrio.actors.agent import config as agent_config
+    from keytrio.actors.agent.actor import AgentConfigError
+    from keytrio.actors.common.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
         agent_config.load(None, env={}, overrides={"uuid": "not a uuid!", "ek_handle": "0x1234",
@@ -361,7 +361,7 @@ def test_config_problems_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 async def test_persistent_ek_handle(nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm: Any) -> None:
-    from actors.agent.tpm import Tpm
+    from keytrio.actors.agent.tpm import Tpm
 
     # swtpm_setup leaves the RSA EK persisted at 0x81010001 (TCG's EK handle)
     async with await Tpm.open(swtpm.tcti) as tpm:

@@ -14,7 +14,7 @@ import trio
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from protocol import payload as pl
+from keytrio.protocol import payload as pl
 from tests.actors.test_agent import NONCE, Running, results, start_agent
 
 pytestmark = pytest.mark.swtpm

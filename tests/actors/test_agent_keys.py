@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from protocol import payload as pl
-from protocol import revocation
+from keytrio.protocol import payload as pl
+from keytrio.protocol import revocation
 from tests.actors.test_agent import Running, results, start_agent
 
 pytestmark = pytest.mark.swtpm

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import trio
 
-from actors.agent.registration import RegistrationError
-from actors.common import tls
-from actors.common.client import make_client
-from actors.registrar.actor import Registrar
-from actors.registrar.config import load_config as registrar_load_config
+from keytrio.actors.agent.registration import RegistrationError
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.actors.registrar.actor import Registrar
+from keytrio.actors.registrar.config import load_config as registrar_load_config
 from tests.actors.test_agent import results, start_agent
 
 pytestmark = pytest.mark.swtpm

@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from actors.verifier.ima import AgentIma, FixedPolicy
-from protocol import dsse, ima
-from protocol.ima_eval import NOT_IN_ALLOWLIST, ima_signature
-from protocol.runtime_policy import keyidv2, parse_policy
+from keytrio.actors.verifier.ima import AgentIma, FixedPolicy
+from keytrio.protocol import dsse, ima
+from keytrio.protocol.ima_eval import NOT_IN_ALLOWLIST, ima_signature
+from keytrio.protocol.runtime_policy import keyidv2, parse_policy
 from tests.actors.test_registrar_support import SoftTpm
 from tests.actors.test_verifier_api import enrol_body
 from tests.actors.test_verifier_ima import b64, policy_doc
@@ -185,7 +185,7 @@ def test_ima_sig_and_ima_buf_keyrings() -> None:
     assert _run_hook([buf], denied)[0].startswith("ima.validation.ima-ng.runtime_policy_hash:.ima")
     assert _run_hook([buf], policy_doc({})) == [f"{NOT_IN_ALLOWLIST}:.ima"]
     # the agent's ima_sign_verification_keys also verify signatures
-    from actors.verifier.ima import parse_verification_keys
+    from keytrio.actors.verifier.ima import parse_verification_keys
 
     keys = parse_verification_keys(json.dumps([base64.b64encode(der).decode()]))
     assert _run_hook([sig_entry(_sig(key, d))], policy_doc({}), keys) == ["ok:1"]

@@ -9,12 +9,12 @@ import pytest
 import trio
 from cryptography import x509
 
-from actors.ca.authority import Authority, CaError
-from actors.common import tls
-from actors.common.app import make_app, ok
-from actors.common.serve import serve
-from protocol import versions
-from scenarios.cli import main
+from keytrio.actors.ca.authority import Authority, CaError
+from keytrio.actors.common import tls
+from keytrio.actors.common.app import make_app, ok
+from keytrio.actors.common.serve import serve
+from keytrio.protocol import versions
+from keytrio.scenarios.cli import main
 
 LAYOUT = ["RevocationNotifier-cert.crt", "RevocationNotifier-private.pem", "ca-private.pem", "cacert.crt",
           "cacrl.pem", "client-cert.crt", "client-private.pem", "index.json", "server-cert.crt",

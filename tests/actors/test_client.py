@@ -9,8 +9,8 @@ import pytest
 import trio
 from quart import Response
 
-from actors.common.app import make_app, ok
-from actors.common.client import (
+from keytrio.actors.common.app import make_app, ok
+from keytrio.actors.common.client import (
     CommunicationError,
     HttpError,
     KeepAliveClient,
@@ -23,8 +23,8 @@ from actors.common.client import (
     retry,
     retry_delay,
 )
-from actors.common.serve import serve
-from actors.common.tls import client_context, server_context
+from keytrio.actors.common.serve import serve
+from keytrio.actors.common.tls import client_context, server_context
 
 
 def build_app(pki):
@@ -38,7 +38,7 @@ def build_app(pki):
 
     @app.api.route("/echo", methods=["POST"])
     async def echo():
-        from actors.common.app import json_body
+        from keytrio.actors.common.app import json_body
 
         return ok({"doc": await json_body()})
 

@@ -6,8 +6,8 @@ import pytest
 import sqlalchemy as sa
 import trio
 
-from actors.common import config
-from actors.common.store import Store, sqlite_url
+from keytrio.actors.common import config
+from keytrio.actors.common.store import Store, sqlite_url
 
 OPTIONS = [
     config.Option("quote_interval", "float", 2.0, "seconds between quotes", minimum=0.01),

@@ -30,11 +30,11 @@ import pytest
 import sqlalchemy as sa
 import trio
 
-from actors.common import tls
-from actors.common.client import make_client
-from actors.verifier import records
-from actors.verifier.schema import agents, deliveries, notices
-from testbed.ima_log import ImaLog
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.actors.verifier import records
+from keytrio.actors.verifier.schema import agents, deliveries, notices
+from keytrio.testbed.ima_log import ImaLog
 from tests.actors.test_verifier_ima import BANKS, BASE, b64, policy_doc
 from tests.actors.verifier_support import (
     GUARD,

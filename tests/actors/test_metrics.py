@@ -3,7 +3,7 @@
 import httpx
 import trio
 
-from actors.common.metrics import Metrics, serve_metrics, timed
+from keytrio.actors.common.metrics import Metrics, serve_metrics, timed
 
 
 async def test_metrics_and_health_endpoints():

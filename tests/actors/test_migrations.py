@@ -23,12 +23,12 @@ import trio
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from actors.common.migrations import Migrations, SchemaOutOfDate, current, upgrade
-from actors.registrar.migrations import MIGRATIONS as REGISTRAR
-from actors.registrar.schema import metadata as registrar_metadata
-from actors.verifier import records
-from actors.verifier.migrations import MIGRATIONS as VERIFIER
-from actors.verifier.schema import metadata as verifier_metadata
+from keytrio.actors.common.migrations import Migrations, SchemaOutOfDate, current, upgrade
+from keytrio.actors.registrar.migrations import MIGRATIONS as REGISTRAR
+from keytrio.actors.registrar.schema import metadata as registrar_metadata
+from keytrio.actors.verifier import records
+from keytrio.actors.verifier.migrations import MIGRATIONS as VERIFIER
+from keytrio.actors.verifier.schema import metadata as verifier_metadata
 from tests.actors.test_registrar_support import SoftTpm, registrar_config, running_registrar
 from tests.actors.verifier_support import start_verifier, verifier_options
 from tests.pg import db_url, pg_admin_url, pg_url  # noqa: F401

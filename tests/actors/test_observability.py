@@ -15,14 +15,14 @@ import sqlalchemy as sa
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.ca.authority import Authority
-from actors.common import tls
-from actors.common.metrics import Metrics, serve_metrics
-from actors.common.store import Store
-from actors.registrar.actor import Registrar
-from actors.registrar.config import load_config as registrar_config
-from actors.registrar.service import store_health
-from actors.verifier import records
+from keytrio.actors.ca.authority import Authority
+from keytrio.actors.common import tls
+from keytrio.actors.common.metrics import Metrics, serve_metrics
+from keytrio.actors.common.store import Store
+from keytrio.actors.registrar.actor import Registrar
+from keytrio.actors.registrar.config import load_config as registrar_config
+from keytrio.actors.registrar.service import store_health
+from keytrio.actors.verifier import records
 from tests.actors.test_agent import start_agent
 from tests.actors.verifier_support import (
     GUARD,

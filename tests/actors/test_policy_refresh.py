@@ -11,10 +11,10 @@ from pathlib import Path
 
 import trio
 
-from actors.common.store import Store, sqlite_url
-from actors.verifier.migrations import MIGRATIONS
-from actors.verifier.policies import PolicyStore
-from protocol.runtime_policy import policy_document
+from keytrio.actors.common.store import Store, sqlite_url
+from keytrio.actors.verifier.migrations import MIGRATIONS
+from keytrio.actors.verifier.policies import PolicyStore
+from keytrio.protocol.runtime_policy import policy_document
 
 
 def raw_policy(*digests: str) -> bytes:

@@ -14,11 +14,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from actors.policy import cli as policy_cli
-from protocol import dsse
-from protocol.ima_eval import NOT_IN_ALLOWLIST, RUNTIME_POLICY_HASH, TOMTOU, ImaProgress, evaluate_ima
-from protocol.runtime_policy import load_policy, parse_policy
-from testbed.ima_log import ImaLog
+from keytrio.actors.policy import cli as policy_cli
+from keytrio.protocol import dsse
+from keytrio.protocol.ima_eval import NOT_IN_ALLOWLIST, RUNTIME_POLICY_HASH, TOMTOU, ImaProgress, evaluate_ima
+from keytrio.protocol.runtime_policy import load_policy, parse_policy
+from keytrio.testbed.ima_log import ImaLog
 
 UPSTREAM = Path(__file__).resolve().parents[1] / "protocol" / "data" / "keylime"
 TREE = {"usr/bin/hello": b"hello\n", "usr/bin/world": b"world\n", "etc/app.conf": b"conf\n",

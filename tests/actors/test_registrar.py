@@ -20,13 +20,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from tpm2_pytss.constants import TPMA_OBJECT
 
-from actors.common.config import ConfigError
-from actors.registrar import cli
-from actors.registrar.actor import Registrar
-from actors.registrar.config import default_config, load_config
-from protocol import credential
-from protocol.ekcert import trim_der as _trim_der
-from protocol.versions import SERVER_VERSIONS
+from keytrio.actors.common.config import ConfigError
+from keytrio.actors.registrar import cli
+from keytrio.actors.registrar.actor import Registrar
+from keytrio.actors.registrar.config import default_config, load_config
+from keytrio.protocol import credential
+from keytrio.protocol.ekcert import trim_der as _trim_der
+from keytrio.protocol.versions import SERVER_VERSIONS
 from tests.actors.test_registrar_support import (
     AK_ATTRS,
     EkCa,
@@ -66,7 +66,7 @@ def envelope(r: httpx.Response, code: int) -> dict:
 @pytest.mark.swtpm
 @pytest.mark.parametrize("ek_alg", ["rsa2048", "ecc384"])
 async def test_register_activate_with_swtpm(tpm, swtpm, pki, tmp_path, ek_alg):
-    from testbed.swtpm import ek_ca_certs
+    from keytrio.testbed.swtpm import ek_ca_certs
 
     store_dir = tmp_path / "tpm_cert_store"
     store_dir.mkdir()
@@ -305,7 +305,7 @@ async def test_admin_api_over_mtls(config, pki, softs):
 
         # a client cert from another CA fails the TLS handshake (CERT_OPTIONAL still verifies a
         # presented cert); the server keeps serving
-        from actors.common.tls import client_context
+        from keytrio.actors.common.tls import client_context
 
         foreign = client_context([pki.ca], pki.other_client.cert, pki.other_client.key)
         async with httpx.AsyncClient(base_url=reg.https_url, verify=foreign, timeout=5) as c:

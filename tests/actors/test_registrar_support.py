@@ -34,11 +34,11 @@ from tpm2_pytss.types import (
     TPMU_SYM_MODE,
 )
 
-from actors.common.tls import client_context
-from actors.registrar.actor import Registrar, RegistrarAddresses
-from actors.registrar.config import load_config
-from actors.registrar.schema import agents
-from protocol import credential, tpm2
+from keytrio.actors.common.tls import client_context
+from keytrio.actors.registrar.actor import Registrar, RegistrarAddresses
+from keytrio.actors.registrar.config import load_config
+from keytrio.actors.registrar.schema import agents
+from keytrio.protocol import credential, tpm2
 
 EK_ATTRS = (
     TPMA_OBJECT.FIXEDTPM

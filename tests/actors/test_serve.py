@@ -17,10 +17,10 @@ import pytest
 import trio
 from quart import Response, g, request
 
-from actors.common.app import ApiError, client_cert_der, json_body, make_app, ok
-from actors.common.serve import serve
-from actors.common.tls import client_context, server_context
-from protocol.versions import SERVER_VERSIONS, server_version_payload
+from keytrio.actors.common.app import ApiError, client_cert_der, json_body, make_app, ok
+from keytrio.actors.common.serve import serve
+from keytrio.actors.common.tls import client_context, server_context
+from keytrio.protocol.versions import SERVER_VERSIONS, server_version_payload
 
 SECRET = "s3cr3t-K-value"
 

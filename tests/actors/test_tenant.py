@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy as sa
 import trio
 
-from actors.registrar.schema import agents as registrar_agents
-from actors.tenant import (
+from keytrio.actors.registrar.schema import agents as registrar_agents
+from keytrio.actors.tenant import (
     ConnectionProblem,
     Refused,
     Tenant,
@@ -23,14 +23,14 @@ from actors.tenant import (
     VerificationFailed,
     make_payload,
 )
-from actors.tenant.add import verify_key, wait_for
-from actors.tenant.ekcheck import check_ek, load_trust_store
-from actors.tenant.payload import REVOCATION_CERT, add_files
-from actors.verifier.actor import Verifier
-from actors.verifier.config import load_config as verifier_config
-from protocol import payload as pl
-from protocol import states
-from testbed.swtpm import ek_ca_certs
+from keytrio.actors.tenant.add import verify_key, wait_for
+from keytrio.actors.tenant.ekcheck import check_ek, load_trust_store
+from keytrio.actors.tenant.payload import REVOCATION_CERT, add_files
+from keytrio.actors.verifier.actor import Verifier
+from keytrio.actors.verifier.config import load_config as verifier_config
+from keytrio.protocol import payload as pl
+from keytrio.protocol import states
+from keytrio.testbed.swtpm import ek_ca_certs
 from tests.actors.test_agent import Running as RunningAgent
 from tests.actors.test_agent import results, start_agent
 from tests.actors.test_registrar_support import (

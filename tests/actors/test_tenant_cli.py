@@ -18,16 +18,16 @@ import pytest
 import trio
 from quart import Response
 
-from actors.ca.authority import Authority
-from actors.common import tls
-from actors.common.app import make_app, ok
-from actors.common.serve import serve
-from actors.tenant import Refused
-from actors.tenant import cli as tenant_cli
-from actors.tenant.payload import REVOCATION_CERT
-from protocol import states, versions
-from testbed.ima_log import ImaLog
-from testbed.swtpm import ek_ca_certs
+from keytrio.actors.ca.authority import Authority
+from keytrio.actors.common import tls
+from keytrio.actors.common.app import make_app, ok
+from keytrio.actors.common.serve import serve
+from keytrio.actors.tenant import Refused
+from keytrio.actors.tenant import cli as tenant_cli
+from keytrio.actors.tenant.payload import REVOCATION_CERT
+from keytrio.protocol import states, versions
+from keytrio.testbed.ima_log import ImaLog
+from keytrio.testbed.swtpm import ek_ca_certs
 from tests.actors.test_policy_tools import policy
 from tests.actors.test_registrar_support import EkCa, SoftTpm
 from tests.actors.test_tenant import AGENT_ID, OTHER_ID, World, _free_port, world_running
@@ -328,7 +328,7 @@ async def test_revoked_client_cert(nursery: trio.Nursery, tmp_path: Path) -> Non
 
 
 async def test_progress_spinner_on_a_tty() -> None:
-    from actors.tenant.progress import Progress
+    from keytrio.actors.tenant.progress import Progress
 
     buf = io.StringIO()
     p = Progress(buf, tty=True, interval=0.01)

@@ -15,8 +15,8 @@ from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_GENERATED, TPM2_ST
 from tpm2_pytss.types import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_SIGNATURE
 from tpm2_pytss.utils import credential_to_tools, make_credential
 
-from actors.agent.tpm import EK_CERT_INDEX, AttestationKey, Quote, Tpm, TpmError, public_key
-from testbed import swtpm as S
+from keytrio.actors.agent.tpm import EK_CERT_INDEX, AttestationKey, Quote, Tpm, TpmError, public_key
+from keytrio.testbed import swtpm as S
 
 pytestmark = pytest.mark.swtpm
 

@@ -13,12 +13,12 @@ import pytest
 import sqlalchemy as sa
 import trio
 
-from actors.common.serve import serve
-from actors.common.store import Store, sqlite_url
-from actors.common.tls import client_context, server_context
-from actors.verifier import records
-from actors.verifier.app import REQUIRED_FIELDS, build_app
-from actors.verifier.schema import agents, metadata
+from keytrio.actors.common.serve import serve
+from keytrio.actors.common.store import Store, sqlite_url
+from keytrio.actors.common.tls import client_context, server_context
+from keytrio.actors.verifier import records
+from keytrio.actors.verifier.app import REQUIRED_FIELDS, build_app
+from keytrio.actors.verifier.schema import agents, metadata
 from tests.actors.test_registrar_support import AK_ATTRS, SoftTpm, ak_public, b64
 
 A = "d432fbb3-d2f1-4a97-9ef7-75bd81c00000"

@@ -16,12 +16,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tpm2_pytss.constants import TPM2_ALG
 from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_ASYM_SCHEME
 
-from actors.common.client import make_client, request_json
-from actors.verifier import attest
-from actors.verifier.attest import AgentTarget, AttestState
-from protocol import payload, tpm2
-from protocol.quote import parse_quote
-from protocol.quote_check import QUOTE_VALIDATION
+from keytrio.actors.common.client import make_client, request_json
+from keytrio.actors.verifier import attest
+from keytrio.actors.verifier.attest import AgentTarget, AttestState
+from keytrio.protocol import payload, tpm2
+from keytrio.protocol.quote import parse_quote
+from keytrio.protocol.quote_check import QUOTE_VALIDATION
 from tests.actors.test_agent import Running, start_agent
 from tests.actors.test_registrar_support import AK_ATTRS, SoftTpm, _spki_pem
 

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import trio
 
-from actors.common import tls
-from actors.common.client import make_client
-from actors.verifier import records
-from protocol.ima_eval import NOT_IN_ALLOWLIST, PCR_MISMATCH
-from protocol.quote import decode_pcr_blob, encode_pcr_blob
-from protocol.quote_check import QUOTE_VALIDATION
-from testbed.ima_log import ImaLog
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.actors.verifier import records
+from keytrio.protocol.ima_eval import NOT_IN_ALLOWLIST, PCR_MISMATCH
+from keytrio.protocol.quote import decode_pcr_blob, encode_pcr_blob
+from keytrio.protocol.quote_check import QUOTE_VALIDATION
+from keytrio.testbed.ima_log import ImaLog
 from tests.actors.test_verifier_ima import BANKS, BASE, b64, policy_doc
 from tests.actors.verifier_support import enrol, enrol_body, new_halves, start_test_agent, start_verifier
 

@@ -20,12 +20,12 @@ import trio
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
 from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
 
-from actors.verifier import records
-from actors.verifier.ima import AgentIma
-from protocol import ima
-from protocol.ima_eval import IMA_HASH, NOT_IN_ALLOWLIST, PCR_MISMATCH, RUNTIME_POLICY_HASH, TOMTOU
-from protocol.runtime_policy import policy_document
-from testbed.ima_log import ImaLog
+from keytrio.actors.verifier import records
+from keytrio.actors.verifier.ima import AgentIma
+from keytrio.protocol import ima
+from keytrio.protocol.ima_eval import IMA_HASH, NOT_IN_ALLOWLIST, PCR_MISMATCH, RUNTIME_POLICY_HASH, TOMTOU
+from keytrio.protocol.runtime_policy import policy_document
+from keytrio.testbed.ima_log import ImaLog
 from tests.actors.verifier_support import (
     RecordingProxy,
     RunningVerifier,

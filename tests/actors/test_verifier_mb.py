@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import trio
 
-from actors.common import tls
-from actors.common.client import make_client
-from actors.verifier import attest
-from actors.verifier.monitor import target_from_row
-from protocol import mb_policy as mbp
-from testbed import boot_log
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.actors.verifier import attest
+from keytrio.actors.verifier.monitor import target_from_row
+from keytrio.protocol import mb_policy as mbp
+from keytrio.testbed import boot_log
 from tests.actors.test_tenant_cli import make_cli, world  # noqa: F401  (fixture)
 from tests.actors.verifier_support import enrol, enrol_body, new_halves, start_test_agent, start_verifier
 
@@ -179,7 +179,7 @@ def test_policy_create_measured_boot(tmp_path: Path) -> None:
     import argparse
     import io
 
-    from actors.policy import cli as policy_cli
+    from keytrio.actors.policy import cli as policy_cli
 
     p = argparse.ArgumentParser(prog="keytrio")
     policy_cli.register(p.add_subparsers(dest="verb", required=True))

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import trio
 
-from actors.verifier import records
-from actors.verifier.monitor import COMM_ERROR, COMM_MALFORMED
-from protocol import revocation
-from protocol.quote_check import QUOTE_VALIDATION
-from testbed.ima_log import ImaLog
+from keytrio.actors.verifier import records
+from keytrio.actors.verifier.monitor import COMM_ERROR, COMM_MALFORMED
+from keytrio.protocol import revocation
+from keytrio.protocol.quote_check import QUOTE_VALIDATION
+from keytrio.testbed.ima_log import ImaLog
 from tests.actors.verifier_support import (
     HostileAgent,
     Relay,

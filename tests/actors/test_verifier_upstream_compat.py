@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from protocol.runtime_policy import policy_document
+from keytrio.protocol.runtime_policy import policy_document
 from tests.actors.verifier_support import enrol, enrol_body, start_test_agent, start_verifier
 
 pytestmark = pytest.mark.swtpm
@@ -45,7 +45,7 @@ async def test_port_listing_and_unnamed_inline_policy(nursery: trio.Nursery, tmp
 
 
 def test_tenant_puts_pcr10_in_the_mask_with_a_runtime_policy():
-    from actors.tenant.add import _tpm_policy_text
+    from keytrio.actors.tenant.add import _tpm_policy_text
 
     assert json.loads(_tpm_policy_text(None))["mask"] == "0x0"
     assert json.loads(_tpm_policy_text(None, ima=True))["mask"] == "0x400"

@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from actors.common import tls
-from actors.common.client import make_client
-from actors.verifier.actor import Verifier
-from actors.verifier.config import load_config
-from protocol import payload as pl
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.actors.verifier.actor import Verifier
+from keytrio.actors.verifier.config import load_config
+from keytrio.protocol import payload as pl
 from tests.actors.test_agent import Running, start_agent
 
 GUARD = 30.0  # seconds: a hang guard only, never what a test asserts

@@ -39,12 +39,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from actors.agent.tpm import Quote, Tpm
-from protocol import ima
-from protocol.ima_eval import ima_signature
-from protocol.quote import build_quote, encode_pcr_blob
-from protocol.runtime_policy import keyidv2
-from testbed.ima_log import ImaLog
+from keytrio.actors.agent.tpm import Quote, Tpm
+from keytrio.protocol import ima
+from keytrio.protocol.ima_eval import ima_signature
+from keytrio.protocol.quote import build_quote, encode_pcr_blob
+from keytrio.protocol.runtime_policy import keyidv2
+from keytrio.testbed.ima_log import ImaLog
 
 NONCE = "k3ytr10EvidenceN0nce"  # 20 alphanumerics, as upstream's verifier makes them
 BANKS = ("sha1", "sha256", "sha384")  # every active bank of the testbed swtpm

@@ -33,10 +33,10 @@ from typing import Any
 import pytest
 import trio
 
-from actors.common import client as http
-from actors.common import tls
-from testbed.machine import Machine
-from testbed.pki import CaFiles
+from keytrio.actors.common import client as http
+from keytrio.actors.common import tls
+from keytrio.testbed.machine import Machine
+from keytrio.testbed.pki import CaFiles
 
 INTEROP_DIR = Path(
     os.environ.get("KEYTRIO_KEYLIME_INTEROP_DIR", Path(__file__).resolve().parents[3] / "shared/interop/keylime")

@@ -25,11 +25,11 @@ import httpx
 import pytest
 import trio
 
-from actors.ca.authority import Authority
-from actors.common import tls
-from actors.verifier import config as verifier_config
-from actors.verifier.actor import Verifier
-from testbed import swtpm as swtpm_mod
+from keytrio.actors.ca.authority import Authority
+from keytrio.actors.common import tls
+from keytrio.actors.verifier import config as verifier_config
+from keytrio.actors.verifier.actor import Verifier
+from keytrio.testbed import swtpm as swtpm_mod
 from tests.interop.evidence_cases import (
     Answer,
     Case,

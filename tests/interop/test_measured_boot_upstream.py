@@ -46,16 +46,16 @@ import httpx
 import pytest
 import trio
 
-from actors.agent.tpm import Tpm
-from actors.common import tls
-from actors.tenant.tenant import Tenant
-from actors.verifier import config as verifier_config
-from actors.verifier.actor import Verifier
-from protocol import eventlog, mb_policy
-from protocol.quote import build_quote, encode_pcr_blob
-from testbed import boot_log
-from testbed import swtpm as swtpm_mod
-from testbed.boot_log import TAMPER_KNOBS, BootConfig
+from keytrio.actors.agent.tpm import Tpm
+from keytrio.actors.common import tls
+from keytrio.actors.tenant.tenant import Tenant
+from keytrio.actors.verifier import config as verifier_config
+from keytrio.actors.verifier.actor import Verifier
+from keytrio.protocol import eventlog, mb_policy
+from keytrio.protocol.quote import build_quote, encode_pcr_blob
+from keytrio.testbed import boot_log
+from keytrio.testbed import swtpm as swtpm_mod
+from keytrio.testbed.boot_log import TAMPER_KNOBS, BootConfig
 from tests.interop.evidence_cases import Answer, Verdict
 from tests.interop.support import (
     GET_QUOTE,

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import trio
 
-from actors.tenant.payload import make_payload
-from actors.tenant.tenant import Tenant
+from keytrio.actors.tenant.payload import make_payload
+from keytrio.actors.tenant.tenant import Tenant
 from tests.interop.support import (
     GET_QUOTE,
     INVALID_QUOTE,

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from actors.ca.authority import Authority
-from actors.registrar import config as registrar_config
-from actors.registrar.actor import Registrar, RegistrarAddresses
-from actors.verifier import config as verifier_config
-from actors.verifier.actor import Verifier
-from testbed.pki import CaFiles
+from keytrio.actors.ca.authority import Authority
+from keytrio.actors.registrar import config as registrar_config
+from keytrio.actors.registrar.actor import Registrar, RegistrarAddresses
+from keytrio.actors.verifier import config as verifier_config
+from keytrio.actors.verifier.actor import Verifier
+from keytrio.testbed.pki import CaFiles
 from tests.interop.support import (
     GET_QUOTE,
     INVALID_QUOTE,

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol import envelope, validation, versions
-from protocol.errors import DecodeError, ValidationError
-from protocol.failures import Failure, Severity, worst
+from keytrio.protocol import envelope, validation, versions
+from keytrio.protocol.errors import DecodeError, ValidationError
+from keytrio.protocol.failures import Failure, Severity, worst
 
 
 def test_envelope_shapes():

@@ -21,8 +21,8 @@ from tpm2_pytss.internal.crypto import _kdfa, kdfe
 from tpm2_pytss.types import TPM2B_DIGEST
 from tpm2_pytss.utils import tools_to_credential
 
-from protocol import credential, tpm2
-from protocol.errors import DecodeError, ValidationError
+from keytrio.protocol import credential, tpm2
+from keytrio.protocol.errors import DecodeError, ValidationError
 from tests.protocol.test_tpm2 import ak_public, ek_public, private_key
 
 

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import dsse
-from protocol.dsse import DsseError
-from protocol.errors import ProtocolError
+from keytrio.protocol import dsse
+from keytrio.protocol.dsse import DsseError
+from keytrio.protocol.errors import ProtocolError
 
 DATA = Path(__file__).parent / "data" / "keylime"
 KEY = ec.derive_private_key(0xC0FFEE, ec.SECP256R1())

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from protocol import ekcert
-from protocol.errors import DecodeError
+from keytrio.protocol import ekcert
+from keytrio.protocol.errors import DecodeError
 
 
 def _issue(ca_cert, ca_key, key, *, name="ek"):

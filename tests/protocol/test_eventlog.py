@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import eventlog as el
-from protocol.errors import DecodeError
-from testbed import boot_log
+from keytrio.protocol import eventlog as el
+from keytrio.protocol.errors import DecodeError
+from keytrio.testbed import boot_log
 
 BANKS = ("sha1", "sha256", "sha384")
 GOOD = boot_log.BootConfig()

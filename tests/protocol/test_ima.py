@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import ima
-from protocol.errors import DecodeError, ValidationError
-from protocol.ima import Entry, ImaParseError
+from keytrio.protocol import ima
+from keytrio.protocol.errors import DecodeError, ValidationError
+from keytrio.protocol.ima import Entry, ImaParseError
 
 # Lines recorded from real kernels (test data of upstream Keylime's IMA parser), each with the
 # template hash the kernel computed: they pin the exact template-data layout of every template.

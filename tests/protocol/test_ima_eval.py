@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import ima
-from protocol import ima_eval as ev
-from protocol.ima import Entry
-from protocol.ima_eval import ImaChecker, ImaProgress, evaluate_ima
-from protocol.runtime_policy import ImaKey, RuntimePolicy, parse_policy, policy_document
+from keytrio.protocol import ima
+from keytrio.protocol import ima_eval as ev
+from keytrio.protocol.ima import Entry
+from keytrio.protocol.ima_eval import ImaChecker, ImaProgress, evaluate_ima
+from keytrio.protocol.runtime_policy import ImaKey, RuntimePolicy, parse_policy, policy_document
 
 DATA = Path(__file__).parent / "data" / "keylime"
 BANK = "sha256"

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import ima
-from protocol.ima import Entry
-from protocol.ima_eval import ImaProgress, ImaResult, evaluate_ima
-from protocol.ima_fast import FastNg
-from protocol.runtime_policy import RuntimePolicy, parse_policy, policy_document
+from keytrio.protocol import ima
+from keytrio.protocol.ima import Entry
+from keytrio.protocol.ima_eval import ImaProgress, ImaResult, evaluate_ima
+from keytrio.protocol.ima_fast import FastNg
+from keytrio.protocol.runtime_policy import RuntimePolicy, parse_policy, policy_document
 
 PCRS = {i: bytes([i]) * 32 for i in range(10)}
 

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import eventlog as el
-from protocol import mb_policy as mb
-from testbed import boot_log
+from keytrio.protocol import eventlog as el
+from keytrio.protocol import mb_policy as mb
+from keytrio.testbed import boot_log
 
 DATA = Path(__file__).parent / "data"
 GOOD = json.loads((DATA / "mb_refstate_upstream_good.json").read_text())

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import payload
-from protocol.errors import ProtocolError, ValidationError
-from protocol.payload import PayloadError
+from keytrio.protocol import payload
+from keytrio.protocol.errors import ProtocolError, ValidationError
+from keytrio.protocol.payload import PayloadError
 
 
 @pytest.fixture(scope="module")

@@ -31,8 +31,8 @@ from tpm2_pytss.types import (
     TPMU_SIGNATURE,
 )
 
-from protocol import quote, tpm2
-from protocol.errors import DecodeError, ProtocolError, ValidationError
+from keytrio.protocol import quote, tpm2
+from keytrio.protocol.errors import DecodeError, ProtocolError, ValidationError
 from tests.protocol.test_tpm2 import private_key
 
 # --- builders shared with test_quote_check (not tests) --------------------------------------------

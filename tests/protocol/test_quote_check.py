@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import quote, quote_check, tpm2
-from protocol.failures import Severity
-from protocol.quote_check import QUOTE_VALIDATION, check_pcr16, check_quote
+from keytrio.protocol import quote, quote_check, tpm2
+from keytrio.protocol.failures import Severity
+from keytrio.protocol.quote_check import QUOTE_VALIDATION, check_pcr16, check_quote
 from tests.protocol.test_quote import make_attest, make_quote, pcr_values, sign_attest
 from tests.protocol.test_tpm2 import _pem, ak_public, private_key
 

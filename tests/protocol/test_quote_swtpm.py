@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from protocol import credential, quote, tpm2
-from protocol.quote_check import check_pcr16, check_quote
+from keytrio.protocol import credential, quote, tpm2
+from keytrio.protocol.quote_check import check_pcr16, check_quote
 
 pytestmark = pytest.mark.swtpm
 

@@ -14,9 +14,9 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import revocation
-from protocol.errors import ProtocolError, ValidationError
-from protocol.revocation import RevocationError
+from keytrio.protocol import revocation
+from keytrio.protocol.errors import ProtocolError, ValidationError
+from keytrio.protocol.revocation import RevocationError
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import dsse
-from protocol.dsse import DsseError
-from protocol.errors import ValidationError
-from protocol.runtime_policy import (
+from keytrio.protocol import dsse
+from keytrio.protocol.dsse import DsseError
+from keytrio.protocol.errors import ValidationError
+from keytrio.protocol.runtime_policy import (
     KeyTypeError,
     PolicyError,
     keyidv2,

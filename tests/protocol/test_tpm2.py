@@ -22,8 +22,8 @@ from tpm2_pytss.types import (
     TPMU_SYM_MODE,
 )
 
-from protocol import tpm2
-from protocol.errors import DecodeError, ProtocolError, ValidationError
+from keytrio.protocol import tpm2
+from keytrio.protocol.errors import DecodeError, ProtocolError, ValidationError
 
 AK_ATTRS = (
     TPMA_OBJECT.FIXEDTPM

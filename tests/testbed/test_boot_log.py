@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol import eventlog as el
-from testbed import boot_log
+from keytrio.protocol import eventlog as el
+from keytrio.testbed import boot_log
 
 CONFIGS = {"good": boot_log.BootConfig()} | {k: boot_log.BootConfig().tampered(k) for k in boot_log.TAMPER_KNOBS}
 BANK_SETS = (("sha256",), ("sha1", "sha256"), ("sha1", "sha256", "sha384", "sha512"))

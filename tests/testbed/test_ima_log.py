@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from protocol import ima
-from testbed.ima_log import FILE_NAME, ImaLog
+from keytrio.protocol import ima
+from keytrio.testbed.ima_log import FILE_NAME, ImaLog
 
 BANKS = ["sha1", "sha256", "sha384"]
 

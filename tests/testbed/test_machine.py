@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from actors.registrar.actor import Registrar
-from actors.registrar.config import load_config
-from protocol import ima, tpm2
-from testbed import boot_log
-from testbed.machine import Machine
-from testbed.pki import make_cv_ca
+from keytrio.actors.registrar.actor import Registrar
+from keytrio.actors.registrar.config import load_config
+from keytrio.protocol import ima, tpm2
+from keytrio.testbed import boot_log
+from keytrio.testbed.machine import Machine
+from keytrio.testbed.pki import make_cv_ca
 
 pytestmark = pytest.mark.swtpm
 
@@ -75,7 +75,7 @@ async def test_machine_boot_register_measure_reboot(tmp_path: Path, swtpm_ca_dir
 async def test_machine_behind_proxy_registers_proxy_port(tmp_path: Path, swtpm_ca_dir: Path):
     import httpx
 
-    from actors.common import tls
+    from keytrio.actors.common import tls
 
     ca = make_cv_ca(tmp_path / "cv_ca")
     registrar = _registrar(tmp_path, ca)

@@ -2,7 +2,7 @@
 
 import trio
 
-from testbed.netproxy import NetProxy
+from keytrio.testbed.netproxy import NetProxy
 
 
 async def _echo_server(task_status=trio.TASK_STATUS_IGNORED):

@@ -10,8 +10,8 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from actors.agent.tpm import Tpm
-from testbed import swtpm as S
+from keytrio.actors.agent.tpm import Tpm
+from keytrio.testbed import swtpm as S
 
 pytestmark = pytest.mark.swtpm
 

@@ -11,11 +11,11 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from actors.common import tls
-from actors.common.client import make_client
-from protocol import revocation
-from testbed.observe import GONE, Observer
-from testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed, WaitTimeout, machine_uuid
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.protocol import revocation
+from keytrio.testbed.observe import GONE, Observer
+from keytrio.testbed.world import GET_QUOTE, INVALID_QUOTE, Testbed, WaitTimeout, machine_uuid
 
 pytestmark = pytest.mark.swtpm
 

@@ -6,6 +6,6 @@ schema.py here.
 
 from pathlib import Path
 
-from actors.common.migrations import Migrations
+from keytrio.actors.common.migrations import Migrations
 
 MIGRATIONS = Migrations("registrar", Path(__file__).parent, "r0001", "registrar_agents")

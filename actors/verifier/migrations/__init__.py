@@ -8,6 +8,6 @@ frozen copies: never import schema.py here, the current tables may differ from a
 
 from pathlib import Path
 
-from actors.common.migrations import Migrations
+from keytrio.actors.common.migrations import Migrations
 
 MIGRATIONS = Migrations("verifier", Path(__file__).parent, "v0001", "verifier_agents")

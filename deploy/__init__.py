@@ -1,0 +1,1 @@
+"""Data only: systemd units and sample configurations (read with importlib.resources)."""
