@@ -22,6 +22,7 @@ from keytrio.actors.tenant import cli as tenant_cli
 from keytrio.actors.verifier import cli as verifier_cli
 
 PLUGIN_GROUP = "keytrio.verbs"
+BUILTIN_VERBS = frozenset({"registrar", "verifier", "agent", "ca", "tenant", "policy", "completion"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -101,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     # The TSS logs expected TPM errors (probing, refused activations) to stderr; keytrio reports
     # its own errors. An operator can still ask for the TSS log by setting TSS2_LOG.
     os.environ.setdefault("TSS2_LOG", "all+NONE")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # A production verb needs no plugin: its process never even imports the plugins' modules.
+    builtin = bool(argv) and argv[0] in BUILTIN_VERBS
+    args = build_parser(plugins=not builtin).parse_args(argv)
     return int(args.func(args))
 
 
