@@ -6,6 +6,7 @@ a zip; the command is run as a real process.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,9 +20,13 @@ KEYTRIO = Path(sys.executable).parent / "keytrio"
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    # a copy without build/ and *.egg-info: setuptools reuses what a former build left there
+    src = tmp_path_factory.mktemp("src") / "keytrio"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
         check=True, capture_output=True, cwd=out,
     )
     (whl,) = out.glob("keytrio-*.whl")
