@@ -19,7 +19,7 @@ KEYTRIO = Path(sys.executable).parent / "keytrio"
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+def wheel_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # a copy without build/ and *.egg-info: setuptools reuses what a former build left there
     src = tmp_path_factory.mktemp("src") / "keytrio"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
@@ -30,7 +30,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
         check=True, capture_output=True, cwd=out,
     )
     (whl,) = out.glob("keytrio-*.whl")
-    return zipfile.ZipFile(whl)
+    return whl
+
+
+@pytest.fixture(scope="module")
+def wheel(wheel_path: Path) -> zipfile.ZipFile:
+    return zipfile.ZipFile(wheel_path)
 
 
 def test_the_wheel_occupies_only_the_keytrio_name(wheel: zipfile.ZipFile):
@@ -122,3 +127,25 @@ def test_plugged_in_verbs_work_from_any_directory():
     assert "smoke" in proc.stdout
     proc = _run("no-such-verb")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+@pytest.mark.swtpm
+def test_a_plain_install_runs_a_scenario_from_elsewhere(wheel_path: Path, tmp_path: Path):
+    """`pip install` of the wheel (not editable) into a fresh venv: no test-only dependency is
+    needed at run time, and the smoke scenario runs on a real swtpm from an unrelated directory."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", str(wheel_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = subprocess.run([str(venv / "bin/keytrio"), "scenario", "run", "smoke", "--dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300, cwd=elsewhere)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 passed, 0 failed" in run.stdout
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    ours = {p.name for p in site.iterdir() if p.name.startswith("keytrio")}
+    assert {n for n in ours if not n.endswith(".dist-info")} == {"keytrio"}, ours
+    for generic in ("actors", "protocol", "testbed", "scenarios", "deploy"):
+        assert not (site / generic).exists(), generic
