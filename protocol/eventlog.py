@@ -1,16 +1,50 @@
-"""TCG PC Client crypto-agile UEFI event log: parse, decode event data, replay per bank.
+"""TCG PC Client UEFI event logs: parse, decode event data, check data against digests, replay.
 
-The log starts with one TCG_PCR_EVENT in the SHA-1 format (the Spec ID event, EV_NO_ACTION,
-naming the banks and digest sizes); every later event is a TCG_PCR_EVENT2 with one digest per
-bank. :func:`parse` gives an :class:`EventLog`; structural damage (truncation, an unknown
-algorithm, a digest count that disagrees with the header, absurd sizes) raises
-:class:`EventLogError` (a :class:`~protocol.errors.DecodeError`). Event *data* is decoded where
+Two layouts exist, and real TPM 2.0 machines write both:
+
+* **crypto-agile**: a first TCG_PCR_EVENT (SHA-1 layout) that is the EV_NO_ACTION "Spec ID Event03"
+  naming the banks and their digest sizes, then TCG_PCR_EVENT2 records (a digest list each);
+* **SHA-1** ("TCG 1.2 style", TCG_PCR_EVENT only: PCR, type, one SHA-1 digest, data): what the
+  firmware of many TPM 2.0 machines still writes (and every TPM 1.2 machine). Any log whose first
+  event is not a Spec ID Event03 is read in this layout, like go-attestation and tpm2-tools do.
+
+:func:`parse` gives an :class:`EventLog`; structural damage (truncation, an algorithm the Spec ID
+event does not name, absurd sizes, trailing bytes that are no event) raises :class:`EventLogError`
+(a :class:`~protocol.errors.DecodeError`) naming the byte offset. Event *data* is decoded where
 measured-boot policies need it (UEFI variables with GUIDs and signature lists, boot variables,
 image-load device paths, EV_IPL strings, ...); data that does not decode is kept raw with
 ``decode_error`` set, because real firmware writes odd data and the digests still replay.
 
+**Events with fewer digests than the Spec ID event names.** The PC Client Platform Firmware Profile
+wants one digest per active bank in every event, but real and test logs carry fewer
+(tpm2-tools' event-uefivar/uefiaction fixtures). tpm2-tools and go-attestation read such events
+(each digest's size comes from the Spec ID event); so does :func:`parse`. What the missing digest
+would have been is unknowable, so a PCR that such an event extends has no value in that bank:
+:func:`replay` raises :class:`EventLogError` naming the event when asked for it (go-attestation's
+replay fails the same way; tpm2-tools prints a value no TPM holds), and :func:`incomplete_pcrs`
+says which PCRs are affected. Two digests of one algorithm, or one the Spec ID event does not name,
+are structural errors. Algorithms the Spec ID event names but keytrio cannot hash (an unknown id)
+still parse; replaying that bank raises :class:`EventLogError`. sm3_256 replays (hashlib or
+``cryptography``'s SM3).
+
+**Event data bound to its digest.** The digest of some event types is defined over the event data
+itself (:func:`data_mismatch`): then data that does not hash to the digests was edited after the
+measurement and must not be believed (the replay cannot notice: it only uses the digests). Other
+digests are over something else (a PE image's Authenticode hash, a file grub read, a firmware
+volume, the MokList variable content) and such events are judged by digest only; their data is a
+hint. Quirks of real firmware are accepted where they are documented: EV_EFI_VARIABLE_BOOT digests
+either the whole UEFI_VARIABLE_DATA or only its VariableData (EDK2 hashes VariableData only, which
+is what the PC Client spec says for this type; others hash all of it, both occur in real logs),
+and the TPM 1.2-era firmware of SHA-1-format logs hashed only VariableData for
+EV_EFI_VARIABLE_DRIVER_CONFIG too (go-attestation's linux_tpm12 log; there the variable's name
+and GUID are not covered, only its value);
+EV_EFI_VARIABLE_AUTHORITY from shims without rhboot/shim commit 8a27a48 carries one byte more
+than they hashed (go-attestation issue 157); grub's EV_IPL "grub_cmd: X" / "kernel_cmdline: X"
+strings on PCR 8 digest X (without the prefix and the NUL).
+
 :func:`replay` folds the events into PCR values for one bank (EV_NO_ACTION never extends; the
-StartupLocality EV_NO_ACTION event sets PCR 0's initial value, as the PC Client spec says).
+StartupLocality EV_NO_ACTION event sets PCR 0's initial value, as the PC Client spec says; PCRs
+17-22 start as all ones, as after every TPM2_Startup without a D-RTM launch).
 """
 
 from __future__ import annotations
@@ -74,9 +108,37 @@ def event_type_name(event_type: int) -> str:
 
 # --- algorithms ----------------------------------------------------------------------------------
 
-ALG_IDS = {0x0004: "sha1", 0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512", 0x0012: "sm3_256"}
+ALG_IDS = {0x0004: "sha1", 0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512", 0x0012: "sm3_256",
+           0x0027: "sha3_256", 0x0028: "sha3_384", 0x0029: "sha3_512"}  # fmt: skip
 ALG_BY_NAME = {v: k for k, v in ALG_IDS.items()}
-DIGEST_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3_256": 32}
+DIGEST_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3_256": 32,
+                "sha3_256": 32, "sha3_384": 48, "sha3_512": 64}  # fmt: skip
+_MAX_DIGEST = 128  # an unknown algorithm's digest size from the Spec ID event is believed up to this
+
+
+def alg_name(alg_id: int) -> str:
+    return ALG_IDS.get(alg_id, f"alg_0x{alg_id:04x}")
+
+
+def _sm3(data: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes  # only logs with an sm3_256 bank need it
+
+    h = hashes.Hash(hashes.SM3())
+    h.update(data)
+    return h.finalize()
+
+
+def hash_data(bank: str, data: bytes) -> bytes:
+    """``data`` hashed with the algorithm of ``bank``; EventLogError when keytrio has no such hash."""
+    if bank == "sm3_256":
+        try:
+            return hashlib.new("sm3", data).digest()
+        except ValueError:
+            return _sm3(data)
+    if bank not in DIGEST_SIZES:
+        raise EventLogError(f"no implementation of the {bank} hash algorithm", 0)
+    return hashlib.new(bank, data).digest()
+
 
 # --- well-known GUIDs (text form as tpm2-tools >= 5.2 prints them) ------------------------------
 
@@ -90,10 +152,13 @@ MAX_EVENT_SIZE = 16 * 1024 * 1024  # a single event's data; anything larger is a
 MAX_EVENTS = 1_000_000
 _SPEC_ID_SIGNATURE = b"Spec ID Event03\x00"
 _STARTUP_LOCALITY = b"StartupLocality\x00"
+FORMAT_CRYPTO_AGILE = "crypto-agile"
+FORMAT_SHA1 = "sha1"
+_DRTM_PCRS = range(17, 23)  # reset to all ones at TPM2_Startup (PC Client PCR usage)
 
 
 class EventLogError(DecodeError):
-    """The bytes are not a crypto-agile TCG event log; ``offset`` says where parsing stopped."""
+    """The bytes are not a TCG event log; ``offset`` says where parsing stopped."""
 
     def __init__(self, message: str, offset: int = 0) -> None:
         super().__init__(f"{message} (at byte {offset})")
@@ -102,7 +167,8 @@ class EventLogError(DecodeError):
 
 @dataclass
 class Event:
-    """One event: ``digests`` bank -> digest bytes; ``decoded`` per event type (None if raw only)."""
+    """One event: ``digests`` bank -> digest bytes; ``decoded`` per event type (None if raw only);
+    ``offset`` is where its header starts in the log."""
 
     number: int
     pcr: int
@@ -111,10 +177,14 @@ class Event:
     data: bytes
     decoded: Any = None
     decode_error: str | None = None
+    offset: int = 0
 
     @property
     def type_name(self) -> str:
         return event_type_name(self.event_type)
+
+    def where(self) -> str:
+        return f"event {self.number} (PCR {self.pcr}, {self.type_name}, byte {self.offset})"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -138,12 +208,24 @@ class SpecId:
 
 @dataclass
 class EventLog:
-    spec_id: SpecId
-    events: list[Event] = field(default_factory=list)  # events[0] is the Spec ID event
+    """``spec_id`` is None for a SHA-1-format log; ``events[0]`` is then a real (usually extended)
+    event, in a crypto-agile log the Spec ID event."""
+
+    spec_id: SpecId | None
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def format(self) -> str:
+        return FORMAT_SHA1 if self.spec_id is None else FORMAT_CRYPTO_AGILE
+
+    @property
+    def algorithms(self) -> dict[str, int]:
+        """bank -> digest size (a SHA-1-format log has the one bank sha1)."""
+        return {"sha1": 20} if self.spec_id is None else self.spec_id.algorithms
 
     @property
     def banks(self) -> list[str]:
-        return list(self.spec_id.algorithms)
+        return list(self.algorithms)
 
 
 # --- little readers ------------------------------------------------------------------------------
@@ -185,76 +267,112 @@ class _Reader:
 # --- parsing -------------------------------------------------------------------------------------
 
 
-def _parse_spec_id(body: bytes) -> SpecId:
-    r = _Reader(body)
-    if r.take(16, "Spec ID signature") != _SPEC_ID_SIGNATURE:
-        raise EventLogError("first event is not a 'Spec ID Event03' (not a crypto-agile log)", 0)
-    platform_class = r.u32("platformClass")
-    minor, major, errata, uintn = r.take(4, "spec version")
-    count = r.u32("numberOfAlgorithms")
+def _parse_spec_id(data: bytes, start: int, end: int) -> SpecId:
+    """TCG_EfiSpecIDEventStruct at data[start:end] (offsets in errors are the log's)."""
+    r = _Reader(data, start, end)
+
+    def err(message: str, at: int | None = None) -> EventLogError:
+        return EventLogError(f"Spec ID event: {message}", r.pos if at is None else at)
+
+    r.take(16, "Spec ID signature")
+    platform_class = r.u32("Spec ID platformClass")
+    minor, major, errata, uintn = r.take(4, "Spec ID version")
+    count = r.u32("Spec ID numberOfAlgorithms")
     if not 1 <= count <= 16:
-        raise EventLogError(f"Spec ID names {count} algorithms", 0)
+        raise err(f"names {count} algorithms", r.pos - 4)
     algs: dict[str, int] = {}
     for _ in range(count):
-        alg_id, size = r.u16("algorithmId"), r.u16("digestSize")
-        name = ALG_IDS.get(alg_id)
-        if name is None:
-            raise EventLogError(f"unknown algorithm 0x{alg_id:04x} in Spec ID event", r.pos)
-        if size != DIGEST_SIZES[name]:
-            raise EventLogError(f"{name} digest size {size} in Spec ID event", r.pos)
+        at = r.pos
+        alg_id, size = r.u16("Spec ID algorithmId"), r.u16("Spec ID digestSize")
+        name = alg_name(alg_id)
+        if (name in DIGEST_SIZES and size != DIGEST_SIZES[name]) or not 1 <= size <= _MAX_DIGEST:
+            raise err(f"{name} digest size {size}", at)
+        if name in algs:
+            raise err(f"names {name} twice", at)
         algs[name] = size
-    vendor = r.take(r.u8("vendorInfoSize"), "vendorInfo")
+    vendor_size = r.u8("Spec ID vendorInfoSize")
+    if vendor_size != r.remaining:
+        # go-attestation refuses this too; tpm2-tools reads the vendor info past the event's end
+        raise err(f"vendorInfoSize {vendor_size} but {r.remaining} bytes are left in the event", r.pos - 1)
+    vendor = r.take(vendor_size, "Spec ID vendorInfo")
     return SpecId(platform_class, (major, minor, errata), uintn, algs, vendor)
 
 
+def _sha1_event(r: _Reader, number: int) -> Event:
+    """One TCG_PCR_EVENT (PCR, type, SHA-1 digest, data)."""
+    start = r.pos
+    pcr = r.u32("pcrIndex")
+    ev_type = r.u32("eventType")
+    digest = r.take(20, "SHA-1 digest")
+    size = r.u32("eventSize")
+    if size > MAX_EVENT_SIZE:
+        raise EventLogError(f"event {number}: event data of {size} bytes", r.pos - 4)
+    if pcr == ev_type == size == 0:
+        # the Linux kernel stops a TPM 1.2 log at such an event: it is padding, not a measurement
+        raise EventLogError(f"event {number} is an empty EV_PREBOOT_CERT (end-of-log padding)", start)
+    data = r.take(size, f"event {number} data ({size} bytes)")
+    return Event(number, pcr, ev_type, {"sha1": digest}, data, offset=start)
+
+
+def _agile_event(r: _Reader, number: int, algs: dict[str, int]) -> Event:
+    """One TCG_PCR_EVENT2 (PCR, type, digest list, data)."""
+    start = r.pos
+    pcr = r.u32("pcrIndex")
+    ev_type = r.u32("eventType")
+    count = r.u32("digest count")
+    if count > len(algs):
+        raise EventLogError(f"event {number} has {count} digests, the Spec ID event names {len(algs)}", start + 8)
+    digests: dict[str, bytes] = {}
+    for _ in range(count):
+        at = r.pos
+        name = alg_name(r.u16("algorithmId"))
+        if name not in algs:
+            raise EventLogError(f"event {number}: digest of algorithm {name} not named by the Spec ID event", at)
+        if name in digests:
+            raise EventLogError(f"event {number}: two {name} digests", at)
+        digests[name] = r.take(algs[name], f"{name} digest")
+    size = r.u32("eventSize")
+    if size > MAX_EVENT_SIZE:
+        raise EventLogError(f"event {number}: event data of {size} bytes", r.pos - 4)
+    data = r.take(size, f"event {number} data ({size} bytes)")
+    return Event(number, pcr, ev_type, digests, data, offset=start)
+
+
 def parse(data: bytes, *, decode: bool = True) -> EventLog:
-    """Parse a binary crypto-agile event log (``binary_bios_measurements``)."""
+    """Parse a binary event log (``binary_bios_measurements``), crypto-agile or SHA-1 format."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise EventLogError("event log must be bytes", 0)
     data = bytes(data)
+    if not data:
+        raise EventLogError("empty event log", 0)
     r = _Reader(data)
-    pcr = r.u32("pcrIndex")
-    ev_type = r.u32("eventType")
-    r.take(20, "SHA-1 digest")
-    size = r.u32("eventSize")
-    if ev_type != EV_NO_ACTION or pcr != 0:
-        raise EventLogError("first event is not the EV_NO_ACTION Spec ID event", 0)
-    if size > 4096:
-        raise EventLogError("Spec ID event too large", r.pos)
-    body = r.take(size, "Spec ID event")
-    spec = _parse_spec_id(body)
-    first = Event(0, 0, EV_NO_ACTION, {"sha1": bytes(20)}, body)
-    first.decoded = {"SpecID": {"algorithms": dict(spec.algorithms), "uintnSize": spec.uintn_size,
-                                "platformClass": spec.platform_class}}
+    first = _sha1_event(r, 0)
+    spec: SpecId | None = None
+    if first.event_type == EV_NO_ACTION and first.data.startswith(_SPEC_ID_SIGNATURE):
+        spec = _parse_spec_id(data, first.offset + 32, first.offset + 32 + len(first.data))
+        first.decoded = {"SpecID": {"algorithms": dict(spec.algorithms), "uintnSize": spec.uintn_size,
+                                    "platformClass": spec.platform_class,
+                                    "vendorInfo": spec.vendor_info.hex()}}  # fmt: skip
     log = EventLog(spec, [first])
+    if spec is None and decode:
+        _decode_into(first)
+    _check_pcr(first)
     while r.remaining:
-        start = r.pos
-        pcr = r.u32("pcrIndex")
-        ev_type = r.u32("eventType")
-        count = r.u32("digest count")
-        if count != len(spec.algorithms):
-            raise EventLogError(f"event has {count} digests, the Spec ID event names {len(spec.algorithms)}", start)
-        digests: dict[str, bytes] = {}
-        for _ in range(count):
-            alg_id = r.u16("algorithmId")
-            name = ALG_IDS.get(alg_id)
-            if name is None or name not in spec.algorithms:
-                raise EventLogError(f"digest of algorithm 0x{alg_id:04x} not named by the Spec ID event", r.pos)
-            if name in digests:
-                raise EventLogError(f"two {name} digests in one event", r.pos)
-            digests[name] = r.take(spec.algorithms[name], f"{name} digest")
-        size = r.u32("eventSize")
-        if size > MAX_EVENT_SIZE:
-            raise EventLogError(f"event data of {size} bytes", r.pos)
-        if pcr > 31:
-            raise EventLogError(f"PCR index {pcr}", start)
-        ev = Event(len(log.events), pcr, ev_type, digests, r.take(size, "event data"))
+        number = len(log.events)
+        ev = _sha1_event(r, number) if spec is None else _agile_event(r, number, spec.algorithms)
+        _check_pcr(ev)
         if decode:
-            _decode_into(ev, spec)
+            _decode_into(ev)
         log.events.append(ev)
         if len(log.events) > MAX_EVENTS:
             raise EventLogError("too many events", r.pos)
     return log
+
+
+def _check_pcr(ev: Event) -> None:
+    # EV_NO_ACTION is never extended, and Windows writes some with PCR index 0xffffffff
+    if ev.pcr > 31 and ev.event_type != EV_NO_ACTION:
+        raise EventLogError(f"event {ev.number}: PCR index {ev.pcr}", ev.offset)
 
 
 # --- replay --------------------------------------------------------------------------------------
@@ -262,33 +380,63 @@ def parse(data: bytes, *, decode: bool = True) -> EventLog:
 
 def startup_locality(log: EventLog) -> int:
     """The H-CRTM/StartupLocality value from an EV_NO_ACTION event on PCR 0 (0 when absent)."""
-    for ev in log.events[1:]:
+    for ev in log.events:
         if ev.event_type == EV_NO_ACTION and ev.pcr == 0 and ev.data.startswith(_STARTUP_LOCALITY):
             if len(ev.data) >= len(_STARTUP_LOCALITY) + 1:
                 return ev.data[len(_STARTUP_LOCALITY)]
     return 0
 
 
+def initial_value(pcr: int, size: int, locality: int = 0) -> bytes:
+    """A PCR's value before the first extend."""
+    if pcr in _DRTM_PCRS:
+        return b"\xff" * size
+    if pcr == 0 and locality:
+        return bytes(size - 1) + bytes([locality])
+    return bytes(size)
+
+
+def incomplete_pcrs(log: EventLog, bank: str) -> dict[int, Event]:
+    """PCR -> the first event extending it without a ``bank`` digest (its value in ``bank`` is unknown)."""
+    out: dict[int, Event] = {}
+    for ev in log.events:
+        if ev.event_type != EV_NO_ACTION and bank not in ev.digests and ev.pcr not in out:
+            out[ev.pcr] = ev
+    return out
+
+
 def replay(log: EventLog, bank: str, pcrs: Iterable[int] | None = None) -> dict[int, bytes]:
-    """PCR values the log's events produce in ``bank`` (only PCRs with events, or those asked for)."""
-    if bank not in log.spec_id.algorithms:
+    """PCR values the log's events produce in ``bank`` (only PCRs with events, or those asked for).
+
+    EventLogError when the log has no such bank, keytrio cannot hash it, or an event extending one
+    of the PCRs carries no digest of this bank (see the module text)."""
+    if bank not in log.algorithms:
         raise EventLogError(f"bank {bank} is not in the event log", 0)
-    size = log.spec_id.algorithms[bank]
+    size = log.algorithms[bank]
+    wanted = None if pcrs is None else set(pcrs)
+    for pcr, ev in sorted(incomplete_pcrs(log, bank).items()):
+        if wanted is None or pcr in wanted:
+            raise EventLogError(f"PCR {pcr} has no {bank} value: {ev.where()} carries no {bank} digest", ev.offset)
+    extend = _extender(bank)
     out: dict[int, bytes] = {}
     locality = startup_locality(log)
-    for ev in log.events[1:]:
-        if ev.event_type == EV_NO_ACTION:
-            continue  # never extended (TCG PC Client spec)
+    for ev in log.events:
+        if ev.event_type == EV_NO_ACTION or (wanted is not None and ev.pcr not in wanted):
+            continue  # EV_NO_ACTION is never extended (TCG PC Client spec)
         cur = out.get(ev.pcr)
         if cur is None:
-            cur = bytes(size - 1) + bytes([locality]) if ev.pcr == 0 else bytes(size)
-        out[ev.pcr] = hashlib.new(bank, cur + ev.digests[bank]).digest()
-    if pcrs is not None:
-        wanted = set(pcrs)
-        out = {p: v for p, v in out.items() if p in wanted}
+            cur = initial_value(ev.pcr, size, locality)
+        out[ev.pcr] = extend(cur + ev.digests[bank])
+    if wanted is not None:
         for p in wanted - set(out):
-            out[p] = bytes(size - 1) + bytes([locality]) if p == 0 and locality else bytes(size)
+            out[p] = initial_value(p, size, locality)
     return out
+
+
+def _extender(bank: str) -> Callable[[bytes], bytes]:
+    if bank in DIGEST_SIZES and bank != "sm3_256":
+        return lambda b: hashlib.new(bank, b).digest()
+    return lambda b: hash_data(bank, b)
 
 
 def mismatched_pcrs(log: EventLog, bank: str, quoted: dict[int, bytes], pcrs: Iterable[int]) -> list[int]:
@@ -533,7 +681,7 @@ _DECODERS: dict[int, Callable[[Event], Any]] = {
 }
 
 
-def _decode_into(ev: Event, spec: SpecId) -> None:
+def _decode_into(ev: Event) -> None:
     decoder = _DECODERS.get(ev.event_type)
     if decoder is None:
         return
@@ -541,3 +689,70 @@ def _decode_into(ev: Event, spec: SpecId) -> None:
         ev.decoded = decoder(ev)
     except (EventLogError, UnicodeDecodeError, struct.error, ValueError) as exc:
         ev.decode_error = str(exc)
+
+
+# --- event data bound to its digest --------------------------------------------------------------
+
+#: types whose digest the PC Client Platform Firmware Profile defines over the event data itself
+_DATA_DIGEST_TYPES = frozenset([
+    EV_SEPARATOR, EV_ACTION, EV_EFI_ACTION, EV_S_CRTM_VERSION, EV_PLATFORM_CONFIG_FLAGS,
+    EV_TABLE_OF_DEVICES, EV_NONHOST_INFO, EV_OMIT_BOOT_DEVICE_EVENTS,
+    EV_EFI_VARIABLE_DRIVER_CONFIG, EV_EFI_VARIABLE_BOOT, EV_EFI_VARIABLE_BOOT2,
+    EV_EFI_VARIABLE_AUTHORITY, EV_EFI_GPT_EVENT,
+])  # fmt: skip
+_GRUB_PREFIXES = (b"grub_cmd: ", b"kernel_cmdline: ", b"module_cmdline: ")
+BOUND, NOT_BOUND, MISMATCH = "bound", "digest-only", "mismatch"
+
+
+def measured_bytes(ev: Event, log_format: str = FORMAT_CRYPTO_AGILE) -> list[bytes] | None:
+    """What the digests of ``ev`` may be over, per the spec and the documented firmware quirks
+    (see the module text); None when the digest is not over the event's data."""
+    t, data = ev.event_type, ev.data
+    if t == EV_IPL and ev.pcr == 8 and data.startswith(_GRUB_PREFIXES):
+        return [data.split(b": ", 1)[1].rstrip(b"\x00")]  # grub hashes the text after the prefix
+    if t not in _DATA_DIGEST_TYPES:
+        return None
+    out = [data]
+    if t == EV_EFI_VARIABLE_BOOT or (t == EV_EFI_VARIABLE_DRIVER_CONFIG and log_format == FORMAT_SHA1):
+        try:
+            out.append(variable_data(data)["VariableData"])
+        except (EventLogError, UnicodeDecodeError):
+            pass
+    elif t == EV_EFI_VARIABLE_AUTHORITY and data:
+        out.append(data[:-1])
+    return out
+
+
+def data_mismatch(ev: Event, log_format: str = FORMAT_CRYPTO_AGILE) -> str | None:
+    """Why the data of ``ev`` is not what its digests measured (None: it is, or they measured
+    something else). Every digest keytrio can compute must match; a log whose only digests are
+    of unknown algorithms cannot vouch for its data."""
+    candidates = measured_bytes(ev, log_format)
+    if candidates is None:
+        return None
+    checked = False
+    for bank, digest in ev.digests.items():
+        if bank not in DIGEST_SIZES:
+            continue
+        checked = True
+        if not any(hash_data(bank, c) == digest for c in candidates):
+            return f"{ev.where()}: its data does not hash to its {bank} digest"
+    return None if checked else f"{ev.where()}: no digest keytrio can compute vouches for its data"
+
+
+def data_binding(ev: Event, log_format: str = FORMAT_CRYPTO_AGILE) -> str:
+    """BOUND (data hashes to the digests), NOT_BOUND (digest is over something else), MISMATCH."""
+    if ev.event_type == EV_NO_ACTION or measured_bytes(ev, log_format) is None:
+        return NOT_BOUND
+    return MISMATCH if data_mismatch(ev, log_format) else BOUND
+
+
+def unbound_events(log: EventLog) -> list[tuple[Event, str]]:
+    """Events whose data was edited after the measurement, with the reason (empty: none)."""
+    out = []
+    for ev in log.events:
+        if ev.event_type != EV_NO_ACTION:
+            reason = data_mismatch(ev, log.format)
+            if reason is not None:
+                out.append((ev, reason))
+    return out
