@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,23 +61,29 @@ class MbPolicyError(ValidationError):
 
 @dataclass(frozen=True)
 class Kernel:
-    shim: str
-    grub: str
+    """One allowed boot. Upstream's keys fill shim/grub/kernel/vmlinuz/initrd/cmdline (sha256 hex);
+    keytrio's extension (module text) fills ``apps`` instead of shim/grub/kernel, and None for
+    initrd/cmdline/vmlinuz means "not measured in this boot"."""
+
+    shim: str | None
+    grub: str | None
     kernel: str | None  # Authenticode sha256 (Secure Boot)
-    vmlinuz: str | None  # plain sha256 (no Secure Boot)
-    initrd: str
-    cmdline: re.Pattern[str]
+    vmlinuz: dict[str, str] | None  # plain digest (no Secure Boot)
+    initrd: dict[str, str] | None
+    cmdline: re.Pattern[str] | None
+    apps: list[dict[str, str]] | None = None  # the exact PCR 4 chain (keytrio extension)
 
 
 @dataclass
 class RefState:
     has_secureboot: bool
-    scrtm_and_bios: list[tuple[dict[str, str], list[dict[str, str]]]]
+    scrtm_and_bios: list[tuple[dict[str, str] | None, list[dict[str, str]]]]  # None: no S-CRTM event
     keys: dict[str, set[tuple[str, str]]]  # pk/kek/db/dbx/vendor_db -> {(owner, data hex)}
     mokdig: list[dict[str, str]]
     mokxdig: list[dict[str, str]]
     kernels: list[Kernel]
     raw: dict[str, Any] = field(default_factory=dict)
+    pinned: list[tuple[int, int, dict[str, str]]] = field(default_factory=list)  # (pcr, type, digest)
 
 
 # --- reference state -----------------------------------------------------------------------------
@@ -144,34 +150,80 @@ def parse_refstate(policy: str | bytes | dict[str, Any]) -> RefState:
     for i, entry in enumerate(_list(doc, "scrtm_and_bios")):
         if not isinstance(entry, dict) or not isinstance(entry.get("platform_firmware"), list):
             raise MbPolicyError(f"scrtm_and_bios[{i}]", "must be {scrtm, platform_firmware: [...]}")
-        bios.append((_digest(entry.get("scrtm"), f"scrtm_and_bios[{i}].scrtm"),
+        scrtm = entry.get("scrtm")
+        bios.append((None if scrtm is None else _digest(scrtm, f"scrtm_and_bios[{i}].scrtm"),
                      [_digest(d, f"scrtm_and_bios[{i}].platform_firmware[{j}]")
                       for j, d in enumerate(entry["platform_firmware"])]))  # fmt: skip
     keys = {k: _sigs(doc, k) for k in ("pk", "kek", "db", "dbx")}
     keys["vendor_db"] = _sigs(doc, "vendor_db") if "vendor_db" in doc else set()
     mok = [_digest(d, f"mokdig[{i}]") for i, d in enumerate(_list(doc, "mokdig"))]
     mokx = [_digest(d, f"mokxdig[{i}]") for i, d in enumerate(_list(doc, "mokxdig"))]
-    kernels = []
-    for i, k in enumerate(_list(doc, "kernels")):
-        where = f"kernels[{i}]"
-        if not isinstance(k, dict):
-            raise MbPolicyError(where, "must be an object")
-        cmdline = k.get("kernel_cmdline")
+    kernels = [_kernel(k, f"kernels[{i}]", sb) for i, k in enumerate(_list(doc, "kernels"))]
+    pinned_doc = doc.get("pinned_events", [])
+    if not isinstance(pinned_doc, list):
+        raise MbPolicyError("pinned_events", "must be a list")
+    pinned = [_pinned(e, f"pinned_events[{i}]") for i, e in enumerate(pinned_doc)]
+    return RefState(sb, bios, keys, mok, mokx, kernels, doc, pinned)
+
+
+def _plain(k: dict[str, Any], upstream_key: str, own_key: str, where: str) -> dict[str, str] | None:
+    """A plain digest: upstream's ``<x>_plain_sha256`` hex, or keytrio's ``<x>`` {alg: hex}; None if neither."""
+    if upstream_key in k and own_key in k:
+        raise MbPolicyError(f"{where}.{own_key}", f"cannot be combined with {upstream_key}")
+    if upstream_key in k:
+        return {"sha256": _hex(k[upstream_key], f"{where}.{upstream_key}")}
+    if own_key in k:
+        return _digest(k[own_key], f"{where}.{own_key}")
+    return None
+
+
+def _kernel(k: object, where: str, sb: bool) -> Kernel:
+    if not isinstance(k, dict):
+        raise MbPolicyError(where, "must be an object")
+    pattern = None
+    if "kernel_cmdline" in k:
+        cmdline = k["kernel_cmdline"]
         if not isinstance(cmdline, str):
             raise MbPolicyError(f"{where}.kernel_cmdline", "must be a string (regular expression)")
         try:
             pattern = re.compile("kernel_cmdline: " + cmdline)
-        except re.error:
-            raise MbPolicyError(f"{where}.kernel_cmdline", "is not a regular expression") from None
-        kernels.append(Kernel(
-            shim=_hex(k.get("shim_authcode_sha256"), f"{where}.shim_authcode_sha256"),
-            grub=_hex(k.get("grub_authcode_sha256"), f"{where}.grub_authcode_sha256"),
-            kernel=_hex(k.get("kernel_authcode_sha256"), f"{where}.kernel_authcode_sha256") if sb else None,
-            vmlinuz=None if sb else _hex(k.get("vmlinuz_plain_sha256"), f"{where}.vmlinuz_plain_sha256"),
-            initrd=_hex(k.get("initrd_plain_sha256"), f"{where}.initrd_plain_sha256"),
-            cmdline=pattern,
-        ))  # fmt: skip
-    return RefState(sb, bios, keys, mok, mokx, kernels, doc)
+        except re.error as exc:
+            raise MbPolicyError(f"{where}.kernel_cmdline", f"is not a regular expression ({exc})") from None
+    initrd = _plain(k, "initrd_plain_sha256", "initrd", where)
+    vmlinuz = _plain(k, "vmlinuz_plain_sha256", "vmlinuz", where)
+    if "boot_applications" in k:
+        apps = k["boot_applications"]
+        if not isinstance(apps, list):  # [] is a boot that ran no boot application (a partial log)
+            raise MbPolicyError(f"{where}.boot_applications", "must be a list of {algorithm: 0xhex}")
+        for key in ("shim_authcode_sha256", "grub_authcode_sha256", "kernel_authcode_sha256"):
+            if key in k:
+                raise MbPolicyError(f"{where}.{key}", "cannot be combined with boot_applications")
+        return Kernel(None, None, None, vmlinuz, initrd, pattern,
+                      [_digest(d, f"{where}.boot_applications[{j}]") for j, d in enumerate(apps)])
+    return Kernel(
+        shim=_hex(k.get("shim_authcode_sha256"), f"{where}.shim_authcode_sha256"),
+        grub=_hex(k.get("grub_authcode_sha256"), f"{where}.grub_authcode_sha256"),
+        kernel=_hex(k.get("kernel_authcode_sha256"), f"{where}.kernel_authcode_sha256") if sb else None,
+        vmlinuz=None if sb else vmlinuz, initrd=initrd, cmdline=pattern,
+    )
+
+
+_TYPES_BY_NAME = {name: value for value, name in el.EVENT_TYPE_NAMES.items()}
+
+
+def _pinned(e: object, where: str) -> tuple[int, int, dict[str, str]]:
+    if not isinstance(e, dict):
+        raise MbPolicyError(where, "must be {pcr, event_type, digests}")
+    pcr = e.get("pcr")
+    if not isinstance(pcr, int) or isinstance(pcr, bool) or not 0 <= pcr <= 31:
+        raise MbPolicyError(f"{where}.pcr", "must be a PCR index 0-31")
+    name = e.get("event_type")
+    etype = _TYPES_BY_NAME.get(name) if isinstance(name, str) else None
+    if etype is None and isinstance(name, str) and re.fullmatch(r"0x[0-9a-f]{8}", name):
+        etype = int(name, 16)
+    if etype is None:
+        raise MbPolicyError(f"{where}.event_type", "must be an event type name (EV_...) or 0x + 8 hex digits")
+    return pcr, etype, _digest(e.get("digests"), f"{where}.digests")
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -216,6 +268,15 @@ class _Evaluator:
         self.vmlinuz: list[el.Event] = []
         self.cmdlines: list[el.Event] = []
         self.config_flags = 0
+        self.pinned = list(enumerate(ref.pinned))  # not yet matched by an event
+
+    def unexpected(self, reason: str, ev: el.Event) -> None:
+        """An event of a kind the policy has no rule for: allowed only as one of its pinned events."""
+        for i, (_n, (pcr, etype, digest)) in enumerate(self.pinned):
+            if pcr == ev.pcr and etype == ev.event_type and _digest_ok(ev, [digest]):
+                del self.pinned[i]
+                return
+        self.fail("unexpected_event", reason, ev)
 
     def fail(self, kind: str, reason: str, ev: el.Event | None = None, **extra: Any) -> None:
         self.fails.append(_fail(kind, reason, ev, **extra))
@@ -245,7 +306,7 @@ class _Evaluator:
         elif t == el.EV_EFI_ACTION and pcr in (1, 4, 5):
             text = ev.data.decode("ascii", "replace")
             if text not in _EFI_ACTIONS[pcr] or not _data_hash_ok(ev):
-                self.fail("unexpected_event", f"EV_EFI_ACTION {text!r} not expected in PCR {pcr}", ev)
+                self.unexpected(f"EV_EFI_ACTION {text!r} not expected in PCR {pcr}", ev)
         elif pcr == 0 and t == el.EV_S_CRTM_VERSION:
             self.crtm.append(ev)
         elif pcr == 0 and t in (el.EV_EFI_PLATFORM_FIRMWARE_BLOB, el.EV_EFI_PLATFORM_FIRMWARE_BLOB2):
@@ -259,7 +320,7 @@ class _Evaluator:
         elif pcr == 1 and t == el.EV_EFI_VARIABLE_BOOT:
             var = ev.decoded
             if var["VariableName"] != el.EFI_GLOBAL_VARIABLE or not _BOOT_VAR.fullmatch(var["UnicodeName"]):
-                self.fail("unexpected_event", f"boot variable {var['UnicodeName']} not expected", ev)
+                self.unexpected(f"boot variable {var['UnicodeName']} not expected", ev)
         elif pcr == 2 and t == el.EV_EFI_BOOT_SERVICES_DRIVER:
             pass  # option ROM drivers: no reference values (upstream accepts them too)
         elif pcr == 4 and t == el.EV_EFI_BOOT_SERVICES_APPLICATION:
@@ -275,21 +336,20 @@ class _Evaluator:
             if text.startswith("kernel_cmdline: "):
                 self.cmdlines.append(ev)
             elif not text.startswith("grub_cmd: "):
-                self.fail("unexpected_event", "PCR 8 EV_IPL is neither grub_cmd nor kernel_cmdline", ev)
+                self.unexpected("PCR 8 EV_IPL is neither grub_cmd nor kernel_cmdline", ev)
         elif pcr == 9 and t == el.EV_IPL:
             text = ev.decoded["String"]
-            if "/loader/entries" in text or "/grub" in text:
-                pass
-            elif "/vmlinuz" in text:
+            kind = _pcr9_kind(text)
+            if kind == "vmlinuz":
                 self.vmlinuz.append(ev)
-            elif "/initrd" in text or "/initramfs" in text:
+            elif kind == "initrd":
                 self.initrds.append(ev)
-            else:
-                self.fail("unexpected_event", f"PCR 9 file {text!r} is not grub's, a kernel or an initrd", ev)
+            elif kind == "other":
+                self.unexpected(f"PCR 9 file {text!r} is not grub's, a kernel or an initrd", ev)
         elif pcr == 14 and t == el.EV_IPL:
             self.mok(ev)
         else:
-            self.fail("unexpected_event", f"{ev.type_name} in PCR {pcr} is not allowed by the policy", ev)
+            self.unexpected(f"{ev.type_name} in PCR {pcr} is not allowed by the policy", ev)
 
     def driver_config(self, ev: el.Event) -> None:
         var = ev.decoded
@@ -307,7 +367,7 @@ class _Evaluator:
                  (el.EFI_IMAGE_SECURITY_DATABASE, "db"): "db", (el.EFI_IMAGE_SECURITY_DATABASE, "dbx"): "dbx",
                  (el.EFI_IMAGE_SECURITY_DATABASE, "vendor_db"): "vendor_db"}.get(key)  # fmt: skip
         if which is None:
-            self.fail("unexpected_event", f"Secure Boot variable {name} ({guid}) is not known to the policy", ev)
+            self.unexpected(f"Secure Boot variable {name} ({guid}) is not known to the policy", ev)
             return
         if not self.once(("config", *key), ev):
             return
@@ -332,22 +392,24 @@ class _Evaluator:
                     return
 
     def dbx(self, ev: el.Event, data: list[dict[str, Any]], required: set[tuple[str, str]]) -> None:
-        if len(data) != 1 or data[0]["SignatureType"] != el.EFI_CERT_SHA256_GUID:
-            self.fail("dbx_missing_entries", "dbx is not exactly one list of SHA-256 entries", ev)
-            return
-        have = {(k["SignatureOwner"], k["SignatureData"]) for k in data[0]["Keys"]}
+        # real dbx variables hold several lists (SHA-256 hashes and X.509 certificates): what
+        # counts is that every entry the policy requires is in one of them
+        have = {(k["SignatureOwner"], k["SignatureData"]) for lst in data for k in lst["Keys"]}
         missing = sorted(required - have)
         if missing:
             self.fail("dbx_missing_entries", f"dbx lacks {len(missing)} required entries", ev,
                       missing=[d for _, d in missing][:8])
 
     def authority(self, ev: el.Event) -> None:
+        # Firmware and shim measure the certificate that verified each image; real logs repeat one
+        # (older shims, once per image) or hold several db certificates (an option ROM's CA and
+        # the OS loader's). db/MokList contents are checked where the variables are measured.
         var = ev.decoded
         key = (var["VariableName"], var["UnicodeName"])
         if key == (el.EFI_IMAGE_SECURITY_DATABASE, "db"):
-            self.once(("authority", *key), ev)  # the db cert that verified shim (shim's digest is checked itself)
+            pass  # a certificate from db, whose content the policy checks (shim's digest is checked itself)
         elif key == (el.EFI_IMAGE_SECURITY_DATABASE, "vendor_db"):
-            if not self.once(("authority", *key), ev) or (not self.ref.has_secureboot and not self.ref.keys["vendor_db"]):
+            if not self.ref.has_secureboot and not self.ref.keys["vendor_db"]:
                 return
             data = var["VariableData"]
             sigs = data if isinstance(data, list) else []
@@ -355,9 +417,9 @@ class _Evaluator:
                                for s in sigs):  # fmt: skip
                 self.fail("vendor_db_not_allowed", "vendor_db authority is not an allowed key", ev)
         elif key[0] == el.SHIM_LOCK_GUID and key[1] in ("SbatLevel", "Shim", "MokListRT", "MokListTrusted"):
-            self.once(("authority", *key), ev)
+            pass
         else:
-            self.fail("unexpected_event", f"authority {key[1]} ({key[0]}) is not known to the policy", ev)
+            self.unexpected(f"authority {key[1]} ({key[0]}) is not known to the policy", ev)
 
     def mok(self, ev: el.Event) -> None:
         text = ev.decoded["String"]
@@ -370,13 +432,18 @@ class _Evaluator:
         elif text == "MokListTrusted":
             self.once((14, text), ev)
         else:
-            self.fail("unexpected_event", f"PCR 14 EV_IPL {text!r} is not known to the policy", ev)
+            self.unexpected(f"PCR 14 EV_IPL {text!r} is not known to the policy", ev)
 
     # -- after the last event --
 
     def finish(self) -> None:
+        if self.ref.has_secureboot and ("config", el.EFI_GLOBAL_VARIABLE, "SecureBoot") not in self.seen:
+            self.fail("secure_boot_disabled", "the log measures no SecureBoot variable, the policy wants it enabled")
         self.finish_bios()
         self.finish_kernel()
+        for n, (pcr, etype, _digest) in self.pinned:
+            self.fail("pinned_event_missing", f"pinned_events[{n}] ({el.event_type_name(etype)} in PCR {pcr}) "
+                      "matches no event of the log", policy_field=f"pinned_events[{n}]")  # fmt: skip
 
     def finish_bios(self) -> None:
         best: tuple[int, Failure] | None = None
@@ -392,11 +459,15 @@ class _Evaluator:
         elif not self.ref.scrtm_and_bios:
             self.fail("scrtm_bios_not_allowed", "the policy allows no S-CRTM/firmware")
 
-    def _bios_mismatch(self, scrtm: dict[str, str], blobs: list[dict[str, str]]) -> Failure | None:
-        if len(self.crtm) != 1:
+    def _bios_mismatch(self, scrtm: dict[str, str] | None, blobs: list[dict[str, str]]) -> Failure | None:
+        if scrtm is None:
+            if self.crtm:
+                return _fail("scrtm_bios_not_allowed", "an EV_S_CRTM_VERSION event where the policy has none",
+                             self.crtm[0])
+        elif len(self.crtm) != 1:
             return _fail("scrtm_bios_not_allowed", f"{len(self.crtm)} EV_S_CRTM_VERSION events, one expected",
                          self.crtm[1] if len(self.crtm) > 1 else None)
-        if not _digest_ok(self.crtm[0], [scrtm]):
+        elif not _digest_ok(self.crtm[0], [scrtm]):
             return _fail("scrtm_bios_not_allowed", "S-CRTM version digest is not allowed", self.crtm[0])
         for i, ev in enumerate(self.blobs):
             if i >= len(blobs) or not _digest_ok(ev, [blobs[i]]):
@@ -423,32 +494,38 @@ class _Evaluator:
 
     def _kernel_mismatch(self, k: Kernel) -> list[Failure]:
         fails: list[Failure] = []
-        want = [k.shim, k.grub] + ([k.kernel] if self.ref.has_secureboot and k.kernel else [])
-        names = ["shim", "grub", "kernel"]
-        if self.ref.has_secureboot and len(self.apps) == 4 and k.kernel:
-            want.append(k.kernel)  # some grubs measure the kernel twice
-            names.append("kernel")
+        if k.apps is not None:
+            want = [(f"#{i} of the policy's boot_applications", d) for i, d in enumerate(k.apps)]
+        else:
+            want = [("shim", {"sha256": k.shim or ""}), ("grub", {"sha256": k.grub or ""})]
+            if self.ref.has_secureboot and k.kernel:
+                want.append(("kernel", {"sha256": k.kernel}))
+                if len(self.apps) == 4:
+                    want.append(("kernel", {"sha256": k.kernel}))  # some grubs measure the kernel twice
         for i, ev in enumerate(self.apps):
             if i >= len(want):
                 fails.append(_fail("boot_application_not_allowed",
                                    f"boot application #{i} is one more than the policy's chain", ev))
                 break
-            if not _digest_ok(ev, [{"sha256": want[i]}]):
+            if not _digest_ok(ev, [want[i][1]]):
                 fails.append(_fail("boot_application_not_allowed",
-                                   f"boot application #{i} ({names[i]} expected) has no allowed digest", ev))
+                                   f"boot application #{i} ({want[i][0]} expected) has no allowed digest", ev))
                 break
         else:
             if len(self.apps) < len(want):
-                missing = names[len(self.apps)]
                 fails.append(_fail("boot_application_not_allowed",
-                                   f"boot chain ends before the {missing} ({len(self.apps)} of {len(want)})",
-                                   self.apps[-1] if self.apps else None))
-        fails += self._one(self.initrds, {"sha256": k.initrd}, "initrd_not_allowed", "initrd")
-        if not self.ref.has_secureboot and k.vmlinuz is not None:
-            fails += self._one(self.vmlinuz, {"sha256": k.vmlinuz}, "kernel_not_allowed", "vmlinuz")
+                                   f"boot chain ends before the {want[len(self.apps)][0]} "
+                                   f"({len(self.apps)} of {len(want)})", self.apps[-1] if self.apps else None))
+        fails += self._one(self.initrds, k.initrd, "initrd_not_allowed", "initrd")
+        if not self.ref.has_secureboot:
+            fails += self._one(self.vmlinuz, k.vmlinuz, "kernel_not_allowed", "vmlinuz")
         elif len(self.vmlinuz) > 1:
             fails.append(_fail("kernel_not_allowed", "more than one vmlinuz read by grub", self.vmlinuz[1]))
-        if len(self.cmdlines) != 1:
+        if k.cmdline is None:
+            if self.cmdlines:
+                fails.append(_fail("kernel_cmdline_not_allowed", "a kernel_cmdline event where the policy has none",
+                                   self.cmdlines[0]))
+        elif len(self.cmdlines) != 1:
             fails.append(_fail("kernel_cmdline_not_allowed", f"{len(self.cmdlines)} kernel_cmdline events",
                                self.cmdlines[1] if len(self.cmdlines) > 1 else None))
         elif not k.cmdline.fullmatch(self.cmdlines[0].decoded["String"]):
@@ -457,7 +534,9 @@ class _Evaluator:
         return fails
 
     @staticmethod
-    def _one(events: list[el.Event], digest: dict[str, str], kind: str, what: str) -> list[Failure]:
+    def _one(events: list[el.Event], digest: dict[str, str] | None, kind: str, what: str) -> list[Failure]:
+        if digest is None:  # the policy's boot measured none
+            return [_fail(kind, f"a {what} event where the policy has none", events[0])] if events else []
         if len(events) != 1:
             return [_fail(kind, f"{len(events)} {what} events, one expected", events[1] if len(events) > 1 else None)]
         if not _digest_ok(events[0], [digest]):
@@ -465,8 +544,22 @@ class _Evaluator:
         return []
 
 
+def unbound_data(log: el.EventLog) -> list[Failure]:
+    """One ``event_data_mismatch`` failure per event (of the PCRs a policy reads) whose data is not
+    what its digests measured: edited after the measurement, so no rule may read it. Events of
+    other PCRs are not checked: their digests are not compared with the quote either."""
+    return [_fail("event_data_mismatch", reason, ev) for ev, reason in el.unbound_events(log)
+            if ev.pcr in RELEVANT_PCRS]
+
+
 def evaluate(ref: RefState, log: el.EventLog) -> list[Failure]:
-    """Check a parsed event log against a reference state (empty list = the boot is allowed)."""
+    """Check a parsed event log against a reference state (empty list = the boot is allowed).
+
+    Event data is first checked against its digests (:func:`unbound_data`); a log with edited
+    data gets only those failures, since every rule below would read what an attacker wrote."""
+    forged = unbound_data(log)
+    if forged:
+        return forged
     ev_check = _Evaluator(ref)
     for ev in log.events:
         if ev.pcr in RELEVANT_PCRS:
@@ -494,10 +587,13 @@ def check_boot(
     missing = sorted(RELEVANT_PCRS - set(quoted_pcrs))
     if missing:
         return [_fail("missing_pcrs", "PCRs are missing in quote", data=missing)]
-    if bank not in log.spec_id.algorithms:
+    if bank not in log.algorithms:
         return [_fail("parser", f"the event log has no {bank} bank")]
     fails = []
-    replayed = el.replay(log, bank, RELEVANT_PCRS)
+    try:
+        replayed = el.replay(log, bank, RELEVANT_PCRS)
+    except el.EventLogError as exc:  # an event without a digest of this bank, an unknown hash
+        return [_fail("parser", f"the event log cannot be replayed in {bank}: {exc}")]
     for pcr in sorted(RELEVANT_PCRS):
         if replayed[pcr] != quoted_pcrs[pcr]:
             fails.append(Failure(f"{PREFIX}.invalid_pcr_{pcr}", {
@@ -511,19 +607,15 @@ def check_boot(
 
 # --- creating a reference state from a known-good log -------------------------------------------
 
-_FV_APP = re.compile(r"FvVol\([0-9a-fA-F-]{36}\)/FvFile\([0-9a-fA-F-]{36}\)")
+_POLICY_BANKS = ("sha256", "sha384", "sha512", "sha1", "sm3_256")  # the digest the policy pins, best first
 
 
 class RefStateCreateError(ValidationError):
-    """The log cannot give a reference state (e.g. Secure Boot off without allow_no_secureboot)."""
+    """The log cannot give a reference state (e.g. Secure Boot off without allow_no_secureboot);
+    the reason names the event."""
 
     def __init__(self, reason: str) -> None:
         super().__init__("event_log", reason)
-
-
-def _sha256(ev: el.Event) -> dict[str, str]:
-    d = ev.digests.get("sha256")
-    return {"sha256": "0x" + d.hex()} if d is not None else {}
 
 
 def _flat_keys(data: Any) -> list[dict[str, str]]:
@@ -533,58 +625,131 @@ def _flat_keys(data: Any) -> list[dict[str, str]]:
             for lst in data if isinstance(lst, dict) for k in lst.get("Keys", [])]
 
 
+def _policy_bank(log: el.EventLog) -> str:
+    """sha256 when every relevant event has it (upstream's choice), else the best complete bank."""
+    reasons = []
+    for bank in _POLICY_BANKS:
+        if bank not in log.algorithms:
+            continue
+        gaps = {p: ev for p, ev in el.incomplete_pcrs(log, bank).items() if p in RELEVANT_PCRS}
+        if not gaps:
+            return bank
+        reasons.append(f"{gaps[min(gaps)].where()} has no {bank} digest")
+    raise RefStateCreateError("no bank of the log has a digest in every event of PCRs 0-9 and 14"
+                              + (f" ({'; '.join(reasons)})" if reasons else ""))
+
+
+def _pcr9_kind(text: str) -> str:
+    """What grub read, by its path (upstream's rules): grub's own files, a kernel, an initrd, other."""
+    if "/loader/entries" in text or "/grub" in text:
+        return "grub"
+    if "/vmlinuz" in text:
+        return "vmlinuz"
+    if "/initrd" in text or "/initramfs" in text:
+        return "initrd"
+    return "other"
+
+
+class _Collector(_Evaluator):
+    """Runs the rules on the known-good log and keeps the events no rule covers (to pin them)."""
+
+    def __init__(self, ref: RefState) -> None:
+        super().__init__(ref)
+        self.unknown: list[el.Event] = []
+
+    def unexpected(self, reason: str, ev: el.Event) -> None:
+        self.unknown.append(ev)
+
+
 def refstate_from_log(log: el.EventLog, *, allow_no_secureboot: bool = False) -> dict[str, Any]:
-    """A reference state accepting exactly this boot, in the shape (and with the choices)
-    of upstream's ``keylime-policy create measured-boot`` (``-i`` = ``allow_no_secureboot``)."""
-    events = log.events[1:]
-    decoded = [ev for ev in events if ev.decoded is not None]
-    secure_boot = False
-    for ev in decoded:
-        if ev.event_type == el.EV_EFI_VARIABLE_DRIVER_CONFIG and ev.decoded.get("UnicodeName") == "SecureBoot":
-            secure_boot = ev.decoded.get("VariableData") == {"Enabled": "Yes"}
-            break
+    """A reference state accepting exactly this boot, in upstream's format (and with the choices of
+    upstream's ``keylime-policy create measured-boot``; ``-i`` = ``allow_no_secureboot``) where
+    that format can say it, with keytrio's extension (module text) where it cannot: boot chains
+    other than shim -> grub -> kernel, no initrd, no kernel command line, a log without sha256,
+    events of kinds upstream's rules refuse (pinned by digest). The result is checked: it accepts
+    this log, or RefStateCreateError names the event it could not account for."""
+    forged = unbound_data(log)
+    if forged:
+        raise RefStateCreateError(forged[0].context["reason"])
+    bank = _policy_bank(log)
+
+    def dig(ev: el.Event) -> dict[str, str]:
+        return {bank: "0x" + ev.digests[bank].hex()}
+
+    def of(pcr: int, *types: int) -> list[el.Event]:
+        return [ev for ev in log.events if ev.pcr == pcr and ev.event_type in types]
+
+    variables = [ev for ev in of(7, el.EV_EFI_VARIABLE_DRIVER_CONFIG) if isinstance(ev.decoded, dict)]
+    sb_event = next((ev for ev in variables if ev.decoded.get("UnicodeName") == "SecureBoot"), None)
+    secure_boot = sb_event is not None and sb_event.decoded.get("VariableData") == {"Enabled": "Yes"}
     if not secure_boot and not allow_no_secureboot:
-        raise RefStateCreateError("Secure Boot is disabled in this log (allow it explicitly)")
+        where = "no SecureBoot variable is measured" if sb_event is None else f"{sb_event.where()} says so"
+        raise RefStateCreateError(f"Secure Boot is disabled in this log ({where}); allow it explicitly "
+                                  "(-i/--without-secureboot) for a measured-boot-only policy")
     bios: dict[str, Any] = {}
-    crtm = next((ev for ev in events if ev.event_type == el.EV_S_CRTM_VERSION), None)
-    if crtm is not None:
-        bios["scrtm"] = _sha256(crtm)
-    bios["platform_firmware"] = [_sha256(ev) for ev in events if ev.event_type in
-                                 (el.EV_EFI_PLATFORM_FIRMWARE_BLOB, el.EV_EFI_PLATFORM_FIRMWARE_BLOB2)]
+    crtm = of(0, el.EV_S_CRTM_VERSION)
+    if crtm:
+        bios["scrtm"] = dig(crtm[0])
+    bios["platform_firmware"] = [dig(ev) for ev in of(0, el.EV_EFI_PLATFORM_FIRMWARE_BLOB,
+                                                      el.EV_EFI_PLATFORM_FIRMWARE_BLOB2)]
     keys: dict[str, list[dict[str, str]]] = {"pk": [], "kek": [], "db": [], "dbx": []}
-    for ev in decoded:
-        if ev.event_type == el.EV_EFI_VARIABLE_DRIVER_CONFIG and ev.decoded.get("UnicodeName", "").lower() in keys:
+    for ev in variables:
+        if ev.decoded.get("UnicodeName", "").lower() in keys:
             keys[ev.decoded["UnicodeName"].lower()] = _flat_keys(ev.decoded.get("VariableData"))
     vendor_db = [
         {"SignatureOwner": s["SignatureOwner"], "SignatureData": "0x" + s["SignatureData"]}
-        for ev in decoded if ev.event_type == el.EV_EFI_VARIABLE_AUTHORITY
+        for ev in of(7, el.EV_EFI_VARIABLE_AUTHORITY) if isinstance(ev.decoded, dict)
         and ev.decoded.get("UnicodeName", "").lower() == "vendor_db" and isinstance(ev.decoded.get("VariableData"), list)
         for s in ev.decoded["VariableData"]
     ]  # fmt: skip
-    ipl = [ev for ev in decoded if ev.event_type == el.EV_IPL]
-    mok = {"mokdig": [_sha256(ev) for ev in ipl if ev.decoded["String"] == "MokList"],
-           "mokxdig": [_sha256(ev) for ev in ipl if ev.decoded["String"] == "MokListX"]}
-    apps = [ev for ev in decoded if ev.event_type == el.EV_EFI_BOOT_SERVICES_APPLICATION
-            and not _FV_APP.match(ev.decoded.get("DevicePath", ""))]
-    want = (3, 4) if secure_boot else (2,)
-    if len(apps) not in want:
-        raise RefStateCreateError(f"expected {' or '.join(map(str, want))} boot applications "
-                                  f"(shim, grub{', kernel' if secure_boot else ''}), found {len(apps)}")
-    kernel: dict[str, str] = {}
-    if secure_boot:
-        kernel["kernel_authcode_sha256"] = _sha256(apps[2])["sha256"]
-    kernel["shim_authcode_sha256"] = _sha256(apps[0])["sha256"]
-    kernel["grub_authcode_sha256"] = _sha256(apps[1])["sha256"]
+    mok_ipl = [ev for ev in of(14, el.EV_IPL) if isinstance(ev.decoded, dict)]
+    mok = {"mokdig": [dig(ev) for ev in mok_ipl if ev.decoded["String"] == "MokList"],
+           "mokxdig": [dig(ev) for ev in mok_ipl if ev.decoded["String"] == "MokListX"]}
+    ref: dict[str, Any] = {"has_secureboot": secure_boot, "scrtm_and_bios": [bios], **keys, "vendor_db": vendor_db,
+                           **mok, "kernels": [_kernel_entry(log, bank, secure_boot, dig)]}
+    collector = _Collector(parse_refstate(ref))
+    for ev in log.events:
+        if ev.pcr in RELEVANT_PCRS:
+            collector.event(ev)
+    if collector.unknown:
+        ref["pinned_events"] = [{"pcr": ev.pcr, "event_type": ev.type_name, "digests": dig(ev)}
+                                for ev in collector.unknown]
+    fails = evaluate(parse_refstate(ref), log)
+    if fails:
+        ctx = fails[0].context
+        where = f" at event {ctx['event']} (PCR {ctx['pcr']}, {ctx['event_type']})" if "event" in ctx else ""
+        raise RefStateCreateError(f"the measured-boot rules refuse this boot{where}: {ctx['reason']} "
+                                  f"({fails[0].event_id})")
+    return ref
+
+
+def _kernel_entry(log: el.EventLog, bank: str, secure_boot: bool, dig: Callable[[el.Event], dict[str, str]],
+                  ) -> dict[str, Any]:
+    """The boot's kernels[] entry: upstream's keys for a shim -> grub (-> kernel) chain (grub wrote
+    PCR 8 events; sha256 digests), keytrio's ``boot_applications`` (and ``initrd``/``vmlinuz``
+    digests) otherwise; a key is left out when this boot measured no such thing."""
+    apps = [ev for ev in log.events if ev.pcr == 4 and ev.event_type == el.EV_EFI_BOOT_SERVICES_APPLICATION]
+    ipl = [ev for ev in log.events if ev.event_type == el.EV_IPL and isinstance(ev.decoded, dict)]
+    kernel: dict[str, Any] = {}
+    grub = any(ev.pcr == 8 and ev.decoded["String"].startswith(("grub_cmd: ", "kernel_cmdline: ")) for ev in ipl)
+    upstream = bank == "sha256" and grub and (
+        (secure_boot and (len(apps) == 3 or (len(apps) == 4 and apps[3].digests == apps[2].digests)))
+        or (not secure_boot and len(apps) == 2))
+    if upstream:
+        if secure_boot:
+            kernel["kernel_authcode_sha256"] = dig(apps[2])[bank]
+        kernel["shim_authcode_sha256"] = dig(apps[0])[bank]
+        kernel["grub_authcode_sha256"] = dig(apps[1])[bank]
+    else:
+        kernel["boot_applications"] = [dig(ev) for ev in apps]
     pcr9 = [ev for ev in ipl if ev.pcr == 9]
-    initrd = next((ev for ev in pcr9 if "initrd" in ev.decoded["String"] or "initramfs" in ev.decoded["String"]), None)
+    initrd = next((ev for ev in pcr9 if _pcr9_kind(ev.decoded["String"]) == "initrd"), None)
     if initrd is not None:
-        kernel["initrd_plain_sha256"] = _sha256(initrd)["sha256"]
-    if not secure_boot:
-        vmlinuz = next((ev for ev in pcr9 if "vmlinuz" in ev.decoded["String"]), None)
-        if vmlinuz is not None:
-            kernel["vmlinuz_plain_sha256"] = _sha256(vmlinuz)["sha256"]
-    cmdline = next((ev for ev in ipl if ev.pcr == 8 and "kernel_cmdline" in ev.decoded["String"]), None)
+        kernel.update({"initrd_plain_sha256": dig(initrd)[bank]} if bank == "sha256" else {"initrd": dig(initrd)})
+    vmlinuz = next((ev for ev in pcr9 if _pcr9_kind(ev.decoded["String"]) == "vmlinuz"), None)
+    if not secure_boot and vmlinuz is not None:
+        kernel.update({"vmlinuz_plain_sha256": dig(vmlinuz)[bank]} if bank == "sha256" else {"vmlinuz": dig(vmlinuz)})
+    cmdline = next((ev for ev in ipl if ev.pcr == 8 and ev.decoded["String"].startswith("kernel_cmdline: ")), None)
     if cmdline is not None:
         kernel["kernel_cmdline"] = re.escape(cmdline.decoded["String"][len("kernel_cmdline: "):])
-    return {"has_secureboot": secure_boot, "scrtm_and_bios": [bios], **keys, "vendor_db": vendor_db,
-            **mok, "kernels": [kernel]}
+    return kernel

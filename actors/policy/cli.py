@@ -1,7 +1,11 @@
 """``keytrio policy create runtime|measured-boot``, ``sign``, ``verify``: policy tools.
 
 ``create measured-boot --event-log FILE [-i] [-o OUT]`` writes the reference state upstream's
-``keylime-policy create measured-boot`` writes for the same log (protocol.mb_policy).
+``keylime-policy create measured-boot`` writes for the same log (protocol.mb_policy) where
+upstream's format can say the boot, and keytrio's extension of it where it cannot (systemd-boot, a
+unified kernel image or any other boot-application chain, no initrd, no kernel command line,
+SHA-1-format logs, events of kinds upstream's rules refuse, pinned by digest). Errors name the
+policy field or the event (number, PCR, type, byte offset).
 
 Exit codes: 0 ok, 2 usage (bad arguments, unreadable input, an invalid policy), 4 a signature that
 does not verify (``verify``). Every failure is one line on stderr.
@@ -117,10 +121,9 @@ def _create_measured_boot(args: argparse.Namespace, out: TextIO, err: TextIO) ->
         mb_policy.parse_refstate(ref)  # refuse to write what the verifier would refuse
     except eventlog.EventLogError as exc:
         raise PolicyToolError(f"--event-log {args.event_log}: not a UEFI event log ({exc})") from None
-    except mb_policy.MbPolicyError as exc:
-        raise PolicyToolError(f"--event-log {args.event_log}: {exc.reason}") from None
-    except mb_policy.RefStateCreateError as exc:
-        raise PolicyToolError(f"--event-log {args.event_log}: {exc.reason}") from None
+    except (mb_policy.MbPolicyError, mb_policy.RefStateCreateError) as exc:
+        # the field (mb_policy.<path> or event_log) and, for the log, the event are in the text
+        raise PolicyToolError(f"--event-log {args.event_log}: {exc}") from None
     _write(json.dumps(ref), args.output, out)
     print(f"measured-boot policy: secure boot {'on' if ref['has_secureboot'] else 'off'}, "
           f"{len(log.events)} events" + (f" -> {args.output}" if args.output else ""), file=err)
