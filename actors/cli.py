@@ -1,6 +1,6 @@
 """The `keytrio` command.
 
-Production verbs (registrar, verifier, agent, tenant, ca, policy, completion) are defined here and
+Production verbs (registrar, verifier, agent, tenant, ca, policy, eventlog, completion) are defined here and
 in each actor's own cli module. Further verbs plug in through the `keytrio.verbs` entry-point
 group: a callable taking the top-level subparsers. The testbed and scenario verbs come that way
 (keytrio.scenarios.cli:register), so a service verb never imports the testbed.
@@ -16,6 +16,7 @@ from importlib import metadata
 from keytrio import __version__
 from keytrio.actors.agent import cli as agent_cli
 from keytrio.actors.ca import cli as ca_cli
+from keytrio.actors.eventlog import cli as eventlog_cli
 from keytrio.actors.policy import cli as policy_cli
 from keytrio.actors.registrar import cli as registrar_cli
 from keytrio.actors.tenant import cli as tenant_cli
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ca_cli.register(subparsers)
     tenant_cli.register(subparsers)
     policy_cli.register(subparsers)
+    eventlog_cli.register(subparsers)
 
 
 def _plugins() -> list[metadata.EntryPoint]:

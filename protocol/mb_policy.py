@@ -12,13 +12,36 @@ Reference state (JSON object; hex values are ``0x`` + lowercase hex)::
                   "kernel_cmdline" (a regular expression)}]}
 
 The checks follow the meaning of upstream's "example" policy: every event on PCRs 0-9 and 14 must
-be of a kind the policy knows; SecureBoot must be as the policy says; PK/KEK/db (and vendor_db)
-hold only allowed keys; dbx holds at least the listed entries; the PCR 4 boot applications are
-exactly shim, grub, kernel of one allowed kernel entry (the kernel may be measured twice), with
-that entry's initrd (PCR 9) and kernel command line (PCR 8); S-CRTM and firmware blobs (PCR 0)
-match one allowed ``scrtm_and_bios`` entry. Each failure is a :class:`~protocol.failures.Failure`
-``measured_boot.<what>`` whose context names the offending event (number, PCR, type).
-An empty reference state (``{}`` or empty text) means "no measured-boot policy".
+be of a kind the policy knows; SecureBoot must be as the policy says (and, wanted on, measured);
+PK/KEK/db (and vendor_db) hold only allowed keys; dbx holds at least the listed entries (in any of
+its signature lists); the PCR 4 boot applications are exactly shim, grub, kernel of one allowed
+kernel entry (the kernel may be measured twice), with that entry's initrd (PCR 9) and kernel
+command line (PCR 8); S-CRTM and firmware blobs (PCR 0) match one allowed ``scrtm_and_bios``
+entry. Each failure is a :class:`~protocol.failures.Failure` ``measured_boot.<what>`` whose
+context names the offending event (number, PCR, type). An empty reference state (``{}`` or empty
+text) means "no measured-boot policy".
+
+Before any rule reads event data, the data of the PCRs 0-9 and 14 is checked against its digests
+(:func:`protocol.eventlog.data_mismatch`); data edited after the measurement gives only
+``measured_boot.event_data_mismatch`` failures naming the events (upstream reads such data as it
+is, so a flipped SecureBoot byte changes its verdict while the PCRs still replay).
+
+**keytrio's extension, for real boots upstream's format cannot say** (every upstream reference
+state means the same here; what upstream refuses as malformed gets a meaning):
+
+* in a ``kernels`` entry, ``boot_applications: [{alg: 0xhex}, ...]`` is the exact PCR 4 chain
+  (systemd-boot and a kernel or unified kernel image, one Windows boot manager, a chain with
+  firmware UI applications, a SHA-1-format log), instead of the shim/grub/kernel keys;
+  ``initrd``/``vmlinuz`` ({alg: 0xhex}) stand for ``initrd_plain_sha256``/``vmlinuz_plain_sha256``
+  in logs without sha256; a missing ``initrd_plain_sha256``, ``kernel_cmdline`` or (without
+  Secure Boot) ``vmlinuz_plain_sha256`` means the boot measured none, and no such event is allowed;
+* a ``scrtm_and_bios`` entry without ``scrtm``: no EV_S_CRTM_VERSION event is allowed;
+* ``pinned_events: [{"pcr", "event_type", "digests": {alg: 0xhex}}]``: events of kinds upstream's
+  rules refuse (a POST code, a systemd-boot command line, a Windows boot event, a PCR 5 boot
+  variable, ...) are allowed only as listed, each entry once and each one present
+  (``measured_boot.pinned_event_missing`` otherwise).
+
+:func:`refstate_from_log` writes upstream's format wherever it can say the boot.
 """
 
 from __future__ import annotations

@@ -214,3 +214,25 @@ def test_upstream_signed_policies_verify() -> None:
     assert code == 0 and "3 paths" in out
     assert policy("verify", UPSTREAM / "signed_x509.json", "--key", UPSTREAM / "x509_cert.pem")[0] == 0
     assert policy("verify", UPSTREAM / "signed_x509.json", "--key", UPSTREAM / "ecdsa_pub.pem")[0] == 4
+
+
+# --- create measured-boot on real logs ---------------------------------------------------------------
+
+REAL_LOGS = Path(__file__).resolve().parents[1] / "protocol" / "data" / "eventlogs"
+
+
+def test_create_measured_boot_errors_name_the_field_and_the_event(tmp_path: Path) -> None:
+    log = REAL_LOGS / "t2t_event-bootorder.bin"
+    code, out, err = policy("create", "measured-boot", "-e", log)
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert "event_log: Secure Boot is disabled in this log (event 4 (PCR 7, EV_EFI_VARIABLE_DRIVER_CONFIG, " \
+           "byte 319) says so)" in err
+    code, out, err = policy("create", "measured-boot", "-e", REAL_LOGS / "t2t_specid-vendordata.bin")
+    assert code == 2 and "not a UEFI event log (Spec ID event: vendorInfoSize 4" in err and "(at byte 68)" in err
+    code, out, err = policy("create", "measured-boot", "-e", log, "-i", "-o", tmp_path / "ref.json")
+    assert code == 0 and "secure boot off" in err
+    ref = json.loads((tmp_path / "ref.json").read_text())
+    assert set(ref["kernels"][0]) == {"shim_authcode_sha256", "grub_authcode_sha256", "initrd_plain_sha256",
+                                      "vmlinuz_plain_sha256", "kernel_cmdline"}  # upstream's format: it can say it
+    code, out, err = policy("create", "measured-boot", "-e", REAL_LOGS / "t2t_event-sd-boot-fedora37.bin", "-i")
+    assert code == 0 and "boot_applications" in json.loads(out)["kernels"][0]

@@ -1,0 +1,1 @@
+"""``keytrio eventlog``: an operator's dump of a UEFI event log (actors/eventlog/cli.py)."""
