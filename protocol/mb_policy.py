@@ -748,14 +748,14 @@ def refstate_from_log(log: el.EventLog, *, allow_no_secureboot: bool = False) ->
 
 def _kernel_entry(log: el.EventLog, bank: str, secure_boot: bool, dig: Callable[[el.Event], dict[str, str]],
                   ) -> dict[str, Any]:
-    """The boot's kernels[] entry: upstream's keys for a shim -> grub (-> kernel) chain (grub wrote
-    PCR 8 events; sha256 digests), keytrio's ``boot_applications`` (and ``initrd``/``vmlinuz``
-    digests) otherwise; a key is left out when this boot measured no such thing."""
+    """The boot's kernels[] entry: upstream's keys when its tool would write them (sha256 digests,
+    a chain of 3 or 4 applications with Secure Boot, 2 without: shim, grub (, kernel) by position),
+    keytrio's ``boot_applications`` (and ``initrd``/``vmlinuz`` digests) otherwise; a key is left
+    out when this boot measured no such thing."""
     apps = [ev for ev in log.events if ev.pcr == 4 and ev.event_type == el.EV_EFI_BOOT_SERVICES_APPLICATION]
     ipl = [ev for ev in log.events if ev.event_type == el.EV_IPL and isinstance(ev.decoded, dict)]
     kernel: dict[str, Any] = {}
-    grub = any(ev.pcr == 8 and ev.decoded["String"].startswith(("grub_cmd: ", "kernel_cmdline: ")) for ev in ipl)
-    upstream = bank == "sha256" and grub and (
+    upstream = bank == "sha256" and (
         (secure_boot and (len(apps) == 3 or (len(apps) == 4 and apps[3].digests == apps[2].digests)))
         or (not secure_boot and len(apps) == 2))
     if upstream:
