@@ -23,7 +23,7 @@ from keytrio.actors.tenant import cli as tenant_cli
 from keytrio.actors.verifier import cli as verifier_cli
 
 PLUGIN_GROUP = "keytrio.verbs"
-BUILTIN_VERBS = frozenset({"registrar", "verifier", "agent", "ca", "tenant", "policy", "completion"})
+BUILTIN_VERBS = frozenset({"registrar", "verifier", "agent", "ca", "tenant", "policy", "eventlog", "completion"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
