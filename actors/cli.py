@@ -11,44 +11,44 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import metadata
+from importlib import import_module, metadata
 
 from keytrio import __version__
-from keytrio.actors.agent import cli as agent_cli
-from keytrio.actors.ca import cli as ca_cli
-from keytrio.actors.eventlog import cli as eventlog_cli
-from keytrio.actors.policy import cli as policy_cli
-from keytrio.actors.registrar import cli as registrar_cli
-from keytrio.actors.tenant import cli as tenant_cli
-from keytrio.actors.verifier import cli as verifier_cli
 
 PLUGIN_GROUP = "keytrio.verbs"
-BUILTIN_VERBS = frozenset({"registrar", "verifier", "agent", "ca", "tenant", "policy", "eventlog", "completion"})
+# verb -> the module whose register() defines it. A command names one verb, so only that verb's
+# module is imported: `keytrio eventlog` or `keytrio tenant` does not load the servers' code.
+VERB_MODULES = {
+    "registrar": "keytrio.actors.registrar.cli",
+    "verifier": "keytrio.actors.verifier.cli",
+    "agent": "keytrio.actors.agent.cli",
+    "ca": "keytrio.actors.ca.cli",
+    "tenant": "keytrio.actors.tenant.cli",
+    "policy": "keytrio.actors.policy.cli",
+    "eventlog": "keytrio.actors.eventlog.cli",
+}
+BUILTIN_VERBS = frozenset({*VERB_MODULES, "completion"})
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the actor verbs to the top-level parser."""
-    registrar_cli.register(subparsers)
-    verifier_cli.register(subparsers)
-    agent_cli.register(subparsers)
-    ca_cli.register(subparsers)
-    tenant_cli.register(subparsers)
-    policy_cli.register(subparsers)
-    eventlog_cli.register(subparsers)
+def register(subparsers: argparse._SubParsersAction, only: str | None = None) -> None:
+    """Add the actor verbs (or just `only`) to the top-level parser."""
+    for verb, module in VERB_MODULES.items():
+        if only in (None, verb):
+            import_module(module).register(subparsers)
 
 
 def _plugins() -> list[metadata.EntryPoint]:
     return sorted(metadata.entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name)
 
 
-def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
+def build_parser(*, plugins: bool = True, only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keytrio",
         description="Keylime-compatible remote attestation on Trio, with a software-TPM testbed.",
     )
     parser.add_argument("--version", action="version", version=f"keytrio {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    register(verbs)
+    register(verbs, only)
     comp = verbs.add_parser("completion", help="print a shell completion script (bash)")
     comp.add_argument("shell", choices=["bash"], help="the shell")
     comp.set_defaults(func=_completion)
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TSS2_LOG", "all+NONE")
     argv = sys.argv[1:] if argv is None else argv
     # A production verb needs no plugin: its process never even imports the plugins' modules.
-    builtin = bool(argv) and argv[0] in BUILTIN_VERBS
-    args = build_parser(plugins=not builtin).parse_args(argv)
+    verb = argv[0] if argv and argv[0] in BUILTIN_VERBS else None
+    args = build_parser(plugins=verb is None, only=verb).parse_args(argv)
     return int(args.func(args))
 
 
