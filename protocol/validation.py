@@ -17,8 +17,12 @@ _PEM_BLOCK = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n([A-Za-z0-9+/=\r\n]+?)\r?\n?-----END \1-----", re.S
 )
 
-#: Agent ids: upstream accepts any UUID and, for ``uuid = hash_ek``, a 64-hex SHA-256 of the EK.
-_AGENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+#: Agent ids follow upstream's rule (keylime.common.validators.valid_agent_id): one or more word
+#: characters (Unicode letters, digits, "_"), dots and dashes. At most 80 of them: upstream stores
+#: agent_id as String(80), so a longer id works there only on SQLite.
+AGENT_ID_MAX = 80
+_AGENT_ID = re.compile(r"[\w.-]+")
+_CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
 
@@ -26,16 +30,21 @@ MAX_PCR = 23
 
 
 def agent_id(value: object, field: str = "agent_id") -> str:
-    """An agent id: a UUID (any case, normalised to lower) or a hash-style id of safe characters."""
+    """An agent id (upstream's ``[\\w.-]+``, at most :data:`AGENT_ID_MAX` characters).
+
+    A UUID in canonical 8-4-4-4-12 form is lower-cased, so ``tenant status`` finds an agent whatever
+    the case it is typed in; every other id is kept exactly (``Foo`` and ``foo`` are two agents)."""
     if not isinstance(value, str) or not value:
         raise ValidationError(field, "must be a non-empty string")
-    try:
-        return str(_uuid.UUID(value))
-    except ValueError:
-        pass
-    if _AGENT_ID.fullmatch(value) and _HEX.fullmatch(value) and len(value) in (40, 64, 96, 128):
+    if len(value) > AGENT_ID_MAX:
+        raise ValidationError(field, f"longer than {AGENT_ID_MAX} characters")
+    if not _AGENT_ID.fullmatch(value):
+        raise ValidationError(field, "not a valid agent id (letters, digits, '_', '.' and '-' only)")
+    if value in (".", ".."):  # URL dot segments: clients rewrite /agents/.. before sending it
+        raise ValidationError(field, "'.' and '..' cannot be agent ids")
+    if _CANONICAL_UUID.fullmatch(value):
         return value.lower()
-    raise ValidationError(field, "not a valid agent UUID")
+    return value
 
 
 def uuid(value: object, field: str = "uuid") -> str:

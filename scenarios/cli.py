@@ -52,6 +52,9 @@ def _testbed_up(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 await nursery.start(tb.run)
                 print(json.dumps(tb.describe(), indent=2), flush=True)
+                print(f"tenant configuration: {tb.tenant_config}; for example:", file=sys.stderr)
+                for line in tb.tenant_commands():
+                    print(f"  {line}", file=sys.stderr)
                 print("testbed running; Ctrl-C tears it down", file=sys.stderr, flush=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
@@ -98,7 +101,11 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
     tb = verbs.add_parser("testbed", help="software TPMs and simulated machines for exploration")
     tb_verbs = tb.add_subparsers(dest="testbed_verb", metavar="PART", required=True)
-    up = tb_verbs.add_parser("up", help="start a CA, registrar, verifier and N agents; Ctrl-C stops them")
+    up = tb_verbs.add_parser(
+        "up", help="start a CA, registrar, verifier and N agents; Ctrl-C stops them",
+        description="Start a CA, registrar, verifier and N agents (swtpm) and keep them running until "
+                    "Ctrl-C. Writes DIR/tenant.toml (with the EK trust store DIR/ek-trust-store) and "
+                    "prints the tenant commands that use it, e.g. keytrio tenant add -c DIR/tenant.toml ID.")
     up.add_argument("--agents", type=int, default=1, help="number of machines (default %(default)s)")
     up.add_argument("--dir", type=Path, required=True, help="the testbed's directory (kept)")
     up.add_argument("--seed", type=int, default=0, help="seed of machine contents and agent ids")

@@ -179,11 +179,15 @@ def ca_dir_of(state_dir: Path) -> Path:
     return (state_dir / _meta(state_dir)["ca_dir"]).resolve()
 
 
+def local_ca_certs(ca_dir: Path) -> list[Path]:
+    """PEM files of an swtpm-localca's chain that exist: [issuer (intermediate) cert, root CA cert]."""
+    out = [Path(ca_dir) / "issuercert.pem", Path(ca_dir) / "swtpm-localca-rootca-cert.pem"]
+    return [p for p in out if p.is_file()]
+
+
 def ek_ca_certs(state_dir: Path) -> list[Path]:
     """PEM files of the EK certificates' issuer chain: [local CA issuer cert, local root CA cert]."""
-    ca = ca_dir_of(state_dir)
-    out = [ca / "issuercert.pem", ca / "swtpm-localca-rootca-cert.pem"]
-    return [p for p in out if p.is_file()]
+    return local_ca_certs(ca_dir_of(state_dir))
 
 
 def ek_cert_files(state_dir: Path) -> dict[str, Path]:

@@ -7,7 +7,9 @@
         await tb.wait_state(tb.machines[0], INVALID_QUOTE)  # on timeout: raises with what was seen
 
 Layout of ``dir``: ``cv_ca/`` (upstream file names, see testbed/pki.py), ``swtpm-localca/`` (one
-EK-cert CA for every TPM), ``registrar/``, ``verifier/`` (SQLite), ``machines/<name>/``.
+EK-cert CA for every TPM), ``registrar/``, ``verifier/`` (SQLite), ``machines/<name>/``, and for
+the ``keytrio tenant`` command line ``tenant.toml`` (registrar and verifier addresses, ``tls_dir``
+= ``cv_ca/``, EK check on) with ``ek-trust-store/`` (the swtpm EK CA chain: intermediate and root).
 Every machine runs behind a TCP proxy (so its network can be cut), trusts the CA's
 RevocationNotifier cert (only notices signed with that key run its actions) and has a recording
 action that writes each accepted notice to ``machines/<name>/notices/``. What the waits and the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -38,9 +41,10 @@ from keytrio.actors.verifier.config import load_config as verifier_config
 from keytrio.testbed.machine import Machine
 from keytrio.testbed.observe import Observer, state_name
 from keytrio.testbed.pki import CaFiles, make_cv_ca
-from keytrio.testbed.swtpm import init_local_ca
+from keytrio.testbed.swtpm import init_local_ca, local_ca_certs
 
 GET_QUOTE, FAILED, INVALID_QUOTE, TENANT_FAILED = 3, 7, 9, 10
+TENANT_CONFIG, EK_TRUST_STORE = "tenant.toml", "ek-trust-store"
 POLL = 0.05  # seconds between two verifier GETs of a wait
 
 RECORDER = """#!/bin/sh
@@ -226,6 +230,7 @@ class Testbed:
         async with trio.open_nursery() as starting:
             for m in new:
                 starting.start_soon(start, m)
+        await trio.to_thread.run_sync(self.write_tenant_config)  # the EK CA exists after a provisioning
         return new
 
     def _machine(self, name: str, **options: Any) -> Machine:
@@ -360,12 +365,60 @@ class Testbed:
 
     # -- for `keytrio testbed up` -----------------------------------------------------------------
 
+    @property
+    def tenant_config(self) -> Path:
+        return self.dir / TENANT_CONFIG
+
+    def write_tenant_config(self) -> Path:
+        """Write ``tenant.toml`` and ``ek-trust-store/`` (the swtpm EK CA chain); returns the file.
+
+        The swtpm CA's directory itself holds keys, a serial counter and configuration beside the
+        certificates, so the trust store gets copies of the certificates only."""
+        assert self.ca is not None and self.registrar_addresses is not None and self._swtpm_ca is not None
+        store = self.dir / EK_TRUST_STORE
+        store.mkdir(exist_ok=True)
+        for cert in local_ca_certs(self._swtpm_ca):
+            (store / cert.name).write_bytes(cert.read_bytes())
+        reg_host, reg_port = self.registrar_addresses.https
+        ver_host, ver_port = self.verifier_address or ("127.0.0.1", 0)
+
+        def q(value: object) -> str:  # a TOML basic string (JSON's escapes are TOML's)
+            return json.dumps(str(value), ensure_ascii=False)
+
+        text = (
+            "# keytrio tenant configuration of the testbed in this directory (written by keytrio testbed up)\n"
+            "[tenant]\n"
+            f"registrar_ip = {q(reg_host)}\nregistrar_tls_port = {reg_port}\n"
+            f"verifier_ip = {q(ver_host)}\nverifier_port = {ver_port}\n"
+            f"tls_dir = {q(self.ca.dir)}\n"
+            f"client_cert = {q(self.ca.client_cert.name)}\nclient_key = {q(self.ca.client_key.name)}\n"
+            f"trusted_server_ca = [{q(self.ca.ca.name)}]\n"
+            f"revocation_key = {q(self.ca.revocation_key.name)}\nrevocation_cert = {q(self.ca.revocation_cert.name)}\n"
+            "require_ek_cert = true\n"
+            f"tpm_cert_store = {q(store)}\n"
+        )
+        tmp = self.tenant_config.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.tenant_config)
+        return self.tenant_config
+
+    def tenant_commands(self) -> list[str]:
+        """The tenant command lines that work on this testbed (printed by ``keytrio testbed up``)."""
+        config = shlex.quote(str(self.tenant_config))
+        out = []
+        for m in self.machines:
+            aid = shlex.quote(m.agent_id)
+            out += [f"keytrio tenant add -c {config} {aid}", f"keytrio tenant status -c {config} {aid}"]
+        out.append(f"keytrio tenant list -c {config}")
+        return out
+
     def describe(self) -> dict[str, Any]:
         assert self.ca is not None and self.registrar_addresses is not None
         return {
             "registrar": {"http": "{}:{}".format(*self.registrar_addresses.http),
                           "https": self.registrar_url},
             "verifier": self.verifier_url,
+            "tenant_config": str(self.tenant_config),
             "tenant": {"ca": str(self.ca.ca), "client_cert": str(self.ca.client_cert),
                        "client_key": str(self.ca.client_key),
                        "revocation_key": str(self.ca.revocation_key),

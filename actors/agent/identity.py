@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from keytrio.actors.agent import datadir
 from keytrio.actors.agent.tpm import AttestationKey, EndorsementKey, Tpm, TpmError, public_key
-from keytrio.protocol import tpm2
+from keytrio.protocol import tpm2, validation
 
 log = logging.getLogger("keytrio.agent")
 
@@ -67,7 +67,8 @@ async def setup(
     elif uuid_setting == "hash_ek":
         agent_id = hash_ek_id(ek)
     else:
-        agent_id = uuid_setting
+        # the registrar keys its record (and the activation HMAC) by the normalised id
+        agent_id = validation.agent_id(uuid_setting, "uuid")
     enc, sign, halg = tpm2.key_algorithms(ak.public)
     return Identity(ek, ak, agent_id, enc, sign, halg)
 

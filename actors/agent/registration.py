@@ -14,6 +14,7 @@ import base64
 import logging
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import trio
 
@@ -50,7 +51,8 @@ class Registration:
         host = self.registrar_ip
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"  # IPv6 literal
-        return f"http://{host}:{self.registrar_port}/v{REGISTRAR_API}/agents/{agent_id}{suffix}"
+        # ids may hold non-ASCII word characters (upstream's [\w.-]+): percent-encoded as UTF-8
+        return f"http://{host}:{self.registrar_port}/v{REGISTRAR_API}/agents/{quote(agent_id, safe='')}{suffix}"
 
     async def run(self, tpm: Tpm, ident: Identity) -> None:
         body = {

@@ -36,6 +36,8 @@ from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.quote_check import PCR_16, check_pcr16, check_quote
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from keytrio.actors.tenant.tenant import Tenant
 
 DEFAULT_HASH_ALGS = ("sha256", "sha384", "sha512")
@@ -87,7 +89,7 @@ async def add_agent(
     accept_tpm_hash_algs: Iterable[str] = DEFAULT_HASH_ALGS,
     accept_tpm_encryption_algs: Iterable[str] = DEFAULT_ENCRYPTION_ALGS,
     accept_tpm_signing_algs: Iterable[str] = DEFAULT_SIGNING_ALGS,
-    ek_trust_store: Iterable[str | os.PathLike[str]] | None = None,
+    ek_trust_store: Iterable[str | os.PathLike[str] | x509.Certificate] | None = None,
     verify: bool = True,
     wait_for_state: int | None = states.GET_QUOTE,
     timeout: float = 30.0,
@@ -96,7 +98,7 @@ async def add_agent(
     (default ``{"mask": "0x0"}``: PCR 16 only, which the verifier always checks).
     ``runtime_policy``: the policy JSON (sent base64; None/empty = none). ``payload``: a zip
     (see :func:`actors.tenant.payload.make_payload`); ``revocation_cert_pem`` is added to it as
-    ``RevocationNotifier-cert.crt``. ``ek_trust_store``: CA files/dirs; None skips the EK check.
+    ``RevocationNotifier-cert.crt``. ``ek_trust_store``: CA files/dirs (or certificates); None skips the EK check.
     ``timeout`` bounds steps 7 and 8 (each)."""
     hash_algs, enc_algs, sign_algs = list(accept_tpm_hash_algs), list(accept_tpm_encryption_algs), list(
         accept_tpm_signing_algs

@@ -22,7 +22,7 @@ import trio
 
 from keytrio.actors.common.config import ConfigError
 from keytrio.actors.tenant import config as tconfig
-from keytrio.actors.tenant import mbpolicies, policies
+from keytrio.actors.tenant import ekcheck, mbpolicies, policies
 from keytrio.actors.tenant.errors import (
     ConnectionProblem,
     Refused,
@@ -34,6 +34,7 @@ from keytrio.actors.tenant.payload import make_payload
 from keytrio.actors.tenant.progress import Progress
 from keytrio.actors.tenant.tenant import Tenant
 from keytrio.protocol import states
+from keytrio.protocol.failures import Severity
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -322,7 +323,7 @@ def _algs(flag: str | None, default: list[str]) -> list[str]:
     return algs
 
 
-def _add_kwargs(args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFiles) -> dict[str, Any]:
+def _add_kwargs(args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFiles, err: TextIO) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     store = args.ek_trust_store or ([cfg.tpm_cert_store] if cfg.tpm_cert_store else None)
     if args.no_ek_check or not cfg.require_ek_cert:
@@ -330,7 +331,9 @@ def _add_kwargs(args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFiles) -> di
     elif not store:
         raise UsageError("--ek-trust-store DIR|FILE is required (the TPM vendor CA), or --no-ek-check")
     else:
-        kw["ek_trust_store"] = store
+        verb = args.tenant_verb
+        kw["ek_trust_store"] = ekcheck.load_trust_store(
+            store, warn=lambda text: print(f"keytrio tenant {verb}: warning: {text}", file=err, flush=True))
     payload = None
     autorun = _read_bytes(args.include_autorun, "--include-autorun") if args.include_autorun else None
     if args.payload is not None or autorun is not None:
@@ -376,7 +379,7 @@ def _add_kwargs(args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFiles) -> di
 
 async def _add(t: Tenant, args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFiles, progress: Progress,
                out: TextIO, *, update: bool = False) -> int:
-    kw = _add_kwargs(args, cfg, tls)  # all local checks first: a usage error changes nothing
+    kw = _add_kwargs(args, cfg, tls, progress.stream)  # all local checks first: a usage error changes nothing
     if update:
         async with progress.step(f"removing {args.agent_id} from the verifier"):
             st = await t.status(args.agent_id)
@@ -453,6 +456,20 @@ def _when(value: object) -> str:
     return "never"
 
 
+def severity_name(level: object) -> str:
+    """Upstream's severity label of a ``severity_level`` (its index in the verifier's labels)."""
+    if isinstance(level, int) and not isinstance(level, bool):
+        try:
+            return Severity(level).label
+        except ValueError:
+            return f"level {level}"
+    return "none"
+
+
+def _names(algs: object) -> str:
+    return ",".join(map(str, algs)) if isinstance(algs, list) and algs else "-"
+
+
 def format_status(st: dict[str, Any]) -> str:
     """The human-readable status (one fact per line)."""
     reg, ver = st.get("registrar"), st.get("verifier")
@@ -466,7 +483,9 @@ def format_status(st: dict[str, Any]) -> str:
         return "\n".join(lines)
     state = ver.get("operational_state")
     lines.append(f"state        {states.name(state)} ({state})")
-    lines.append(f"last event   {ver.get('last_event_id') or 'none'} (severity {ver.get('severity_level') or 'none'})")
+    event = ver.get("last_event_id")
+    lines.append(f"last event   {event} (severity {severity_name(ver.get('severity_level'))})" if event
+                 else "last event   none")
     lines.append(f"attestations {ver.get('attestation_count', 0)}; last quote {_when(ver.get('last_received_quote'))};"
                  f" last success {_when(ver.get('last_successful_attestation'))}")
     if "attestation_status" in ver:
@@ -477,8 +496,12 @@ def format_status(st: dict[str, Any]) -> str:
     pending = {k: v for k, v in ver.items() if ("notice" in k or "notification" in k) and k != "pending_notices"}
     for k, v in pending.items():
         lines.append(f"{k:<12} {v}")
-    lines.append(f"verifier id  {ver.get('verifier_id')} ({ver.get('verifier_ip')}:{ver.get('verifier_port')});"
-                 f" algorithms {ver.get('hash_alg')}/{ver.get('sign_alg')}/{ver.get('enc_alg')}")
+    lines.append(f"verifier id  {ver.get('verifier_id')} ({ver.get('verifier_ip')}:{ver.get('verifier_port')})")
+    lines.append(f"algorithms   hash {ver.get('hash_alg') or '-'}, encryption {ver.get('enc_alg') or '-'},"
+                 f" signing {ver.get('sign_alg') or '-'}")
+    lines.append(f"accepted     hash {_names(ver.get('accept_tpm_hash_algs'))};"
+                 f" encryption {_names(ver.get('accept_tpm_encryption_algs'))};"
+                 f" signing {_names(ver.get('accept_tpm_signing_algs'))}")
     lines.append(f"policies     tpm {ver.get('tpm_policy')}; runtime policy {'yes' if ver.get('has_runtime_policy') else 'no'};"
                  f" measured boot {'yes' if ver.get('has_mb_refstate') else 'no'}")
     return "\n".join(lines)

@@ -259,7 +259,8 @@ async def test_uuid_settings(nursery: trio.Nursery, tmp_path: Path, pki: Any, sw
     assert r.info.agent_id == hashlib.sha256(pem).hexdigest()
     await r.stop()
     fixed = "d432fbb3-d2f1-4a97-9ef7-75bd81c00000"
-    r = await start_agent(nursery, tmp_path, pki, swtpm.tcti, uuid=fixed)
+    # a UUID is normalised as the registrar does (it keys the activation HMAC by that form)
+    r = await start_agent(nursery, tmp_path, pki, swtpm.tcti, uuid=fixed.upper())
     assert r.info.agent_id == fixed
     await r.stop()
 
@@ -337,6 +338,11 @@ def test_config_problems_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[s
     text = "\n".join(err.value.problems)
     for key in ("uuid", "ek_handle", "tpm_hash_alg", "secure_size"):
         assert key in text
+    for good in ("foo", "a.b-c_1", "wörk-1", "generate", "hash_ek"):  # upstream's [\w.-]+
+        assert agent_config.load(None, env={}, overrides={"uuid": good}).uuid == good
+    for bad in ("a/b", "a b", "x" * 81, ".."):
+        with pytest.raises(ConfigError, match="uuid"):
+            agent_config.load(None, env={}, overrides={"uuid": bad})
     with pytest.raises(AgentConfigError):
         Agent.from_options()  # no trusted_client_ca
     cfg = agent_config.load(None, env={"KEYTRIO_AGENT_EK_HANDLE": "0x81010001"})

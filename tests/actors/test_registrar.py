@@ -439,7 +439,7 @@ async def test_bad_input(config, pki, softs, port, method, path, kind, code):
         envelope(await reg.register(B, s.body()), 200)
         before = await reg.rows()
         client = {"http": reg.agent, "admin": reg.admin, "anon": reg.anonymous}[port]
-        url = path.format(A=A, B=B, U="d432fbb3-d2f1-4a97-9ef7-75bd81c0ffff", X="not-a-uuid")
+        url = path.format(A=A, B=B, U="d432fbb3-d2f1-4a97-9ef7-75bd81c0ffff", X="not an id")
         if kind == "wrong_tag":
             body: object = {"auth_tag": credential.activation_auth_tag(b"w" * 32, A)}
         else:
@@ -456,6 +456,39 @@ async def test_bad_input(config, pki, softs, port, method, path, kind, code):
         assert await reg.rows() == before
         envelope(await reg.agent.get("/version"), 200)  # still serving
         envelope(await reg.admin.get(f"/v2.1/agents/{A}"), 200)
+
+
+# upstream's rule (keylime.common.validators.valid_agent_id): [\w.-]+; keytrio: at most 80 characters
+GOOD_IDS = ["foo", "a.b-c_1", "Foo", "wörk-1", "x" * 80, "0123456789abcdef0123456789abcdef"]
+#: path segments as sent (percent-encoded where a client must): space, ':', ';', '%', '<x>', 81
+#: characters, '..' (encoded, else clients remove the dot segment), no-break space, tab, NUL
+BAD_IDS = ["a%20b", "a:b", "a;b", "a%25b", "%3Cx%3E", "x" * 81, "%2E%2E", "a%C2%A0b", "tab%09there", "a%00"]
+
+
+async def test_agent_ids_follow_upstreams_rule(config, pki, softs):
+    async with running_registrar(config, pki) as reg:
+        for i, aid in enumerate(GOOD_IDS):  # register, activate, read, list, delete under its own id
+            await reg.enroll(aid, softs[i % 2])
+            rec = envelope(await reg.record(aid), 200)["results"]
+            assert rec["aik_tpm"] == softs[i % 2].aik_tpm
+        assert sorted(envelope(await reg.admin.get("/v2.1/agents/"), 200)["results"]["uuids"]) == sorted(GOOD_IDS)
+        envelope(await reg.record("FOO"), 404)  # ids other than UUIDs are case-sensitive, as upstream's
+        envelope(await reg.record(A.upper()), 404)  # a UUID is found whatever its case
+        await reg.enroll(A.upper(), softs[0])
+        assert envelope(await reg.record(A), 200)["results"]["aik_tpm"] == softs[0].aik_tpm
+        before = await reg.rows()
+        for aid in BAD_IDS:
+            for method, path, body in (("POST", f"/v2.1/agents/{aid}", softs[1].body()),
+                                       ("PUT", f"/v2.1/agents/{aid}/activate", {"auth_tag": "ab" * 48})):
+                status = envelope(await reg.agent.request(method, path, json=body), 400)["status"]
+                assert "agent_id" in status, (aid, status)
+            for method in ("GET", "DELETE"):
+                envelope(await reg.admin.request(method, f"/v2.1/agents/{aid}"), 400)
+        # a slash is a path separator, never part of an id: no route, and nothing changes
+        envelope(await reg.agent.post("/v2.1/agents/a/b", json=softs[1].body()), 404)
+        assert await reg.rows() == before
+        for aid in GOOD_IDS:
+            envelope(await reg.admin.delete(f"/v2.1/agents/{aid}"), 200)
 
 
 # --- durability, isolation, configuration ----------------------------------------------------------

@@ -324,3 +324,33 @@ def test_ek_check_and_payload_helpers(tmp_path: Path) -> None:
         assert zf.getinfo("autorun.sh").external_attr >> 16 & 0o777 == 0o755
     with pytest.raises(UsageError):
         make_payload(extra={"../evil": b""})
+
+
+def test_trust_store_directory_reads_certificates_only(tmp_path: Path) -> None:
+    """An swtpm-localca-like directory: certificates beside keys, a serial counter, a config file,
+    a lock file and a subdirectory. The certificates are read; the rest is named in one warning."""
+    from cryptography.hazmat.primitives import serialization
+
+    ca = EkCa.new()
+    soft = SoftTpm.new()
+    d = ca.write(tmp_path / "localca", "rootca-cert.pem").parent
+    (d / "signkey.pem").write_bytes(ca.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (d / "certserial").write_text("3")
+    (d / "swtpm-localca.conf").write_text("statedir = x\n")
+    (d / ".lock.swtpm-localca").write_bytes(b"")
+    (d / "sub").mkdir()
+    (d / "vendor.der").write_bytes(ca.cert.public_bytes(serialization.Encoding.DER))
+    warnings: list[str] = []
+    store = load_trust_store([d], warn=warnings.append)
+    assert store == [ca.cert, ca.cert]  # rootca-cert.pem and vendor.der
+    assert warnings == [f"EK trust store {d}: skipped 4 file(s) holding no certificate: "
+                        ".lock.swtpm-localca, certserial, signkey.pem, swtpm-localca.conf"]
+    check_ek(b64(ca.issue(soft.ek_key.public_key())), soft.ek_tpm, store)
+    # a file named on its own must be a certificate file
+    for bad in ("signkey.pem", "certserial", "nothing-here"):
+        with pytest.raises(UsageError, match=f"EK trust store file .*{bad}"):
+            load_trust_store([d / bad])
+    # a directory of no certificate at all
+    with pytest.raises(UsageError, match="holds no certificate"):
+        load_trust_store([d / "sub"], warn=warnings.append)

@@ -354,7 +354,7 @@ async def test_bad_input(pki, tmp_path, soft, client_name, method, path, kind, c
         envelope(await v.admin.post(f"/v2.1/agents/{A}", json=enrol_body(soft, pki)), 200)
         before, calls = await v.rows(), list(v.calls)
         client = v.admin if client_name == "admin" else v.anonymous
-        url = path.format(A=A, B=B, U=U, X="not-a-uuid")
+        url = path.format(A=A, B=B, U=U, X="not an id")
         body = enrol_body(soft, pki) if kind == "ok" else _bad_body(kind, soft, pki)
         if isinstance(body, bytes):
             r = await client.request(method, url, content=body, headers={"content-type": "application/json"})
@@ -370,6 +370,31 @@ async def test_bad_input(pki, tmp_path, soft, client_name, method, path, kind, c
         assert await v.rows() == before
         assert v.calls == calls
         envelope(await v.admin.get(f"/v2.1/agents/{A}"), 200)  # still serving
+
+
+async def test_agent_ids_follow_upstreams_rule(pki, tmp_path, soft):
+    from tests.actors.test_registrar import BAD_IDS, GOOD_IDS
+
+    async with running(pki, tmp_path / "v.sqlite") as v:
+        for aid in GOOD_IDS:
+            envelope(await v.admin.post(f"/v2.1/agents/{aid}", json=enrol_body(soft, pki)), 200)
+            assert envelope(await v.admin.get(f"/v2.5/agents/{aid}"), 200)["results"]["operational_state"] == 3
+            envelope(await v.admin.put(f"/v2.1/agents/{aid}/stop"), 200)
+            envelope(await v.admin.put(f"/v2.1/agents/{aid}/reactivate"), 200)
+        listed = envelope(await v.admin.get("/v2.1/agents/?verifier=default"), 200)["results"]["uuids"]
+        assert sorted(u for [u] in listed) == sorted(GOOD_IDS)
+        envelope(await v.admin.get("/v2.1/agents/FOO"), 404)  # case-sensitive, as upstream
+        before, calls = await v.rows(), list(v.calls)
+        for aid in BAD_IDS:
+            for method, path in (("POST", f"/v2.1/agents/{aid}"), ("GET", f"/v2.1/agents/{aid}"),
+                                 ("DELETE", f"/v2.1/agents/{aid}"), ("PUT", f"/v2.1/agents/{aid}/stop"),
+                                 ("PUT", f"/v2.1/agents/{aid}/reactivate")):
+                body = enrol_body(soft, pki) if method == "POST" else None
+                status = envelope(await v.admin.request(method, path, json=body), 400)["status"]
+                assert "agent_id" in status, (aid, method, status)
+        assert await v.rows() == before and v.calls == calls
+        for aid in GOOD_IDS:
+            envelope(await v.admin.delete(f"/v2.1/agents/{aid}"), 200)
 
 
 async def test_missing_fields_are_all_named(pki, tmp_path, soft):

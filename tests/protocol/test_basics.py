@@ -46,9 +46,13 @@ def test_versions():
 
 def test_agent_id_and_uuid():
     u = "D432FBB3-D2F1-4A97-9EF7-75BD81C00000"
-    assert validation.agent_id(u) == u.lower()
-    assert validation.agent_id("ab" * 32) == "ab" * 32  # hash_ek style id
-    for bad in ("", "not-a-uuid", "../etc/passwd", "a" * 300, 5, None, "zz" * 32):
+    assert validation.agent_id(u) == u.lower()  # a canonical UUID is found whatever its case
+    # upstream's rule (keylime.common.validators.valid_agent_id): [\w.-]+, kept as given
+    for good in ("ab" * 32, "foo", "Foo", "a.b-c_1", "_", "...", "wörk", "агент-7", "x" * 80,
+                 "0123456789ABCDEF0123456789ABCDEF", "{d432fbb3-d2f1-4a97-9ef7-75bd81c00000}"[1:-1]):
+        assert validation.agent_id(good) == (good.lower() if good.count("-") == 4 else good)
+    for bad in ("", "not a uuid", "../etc/passwd", "a/b", "x" * 81, 5, None, ".", "..", "a b", "a\n",
+                "a:b", "a%2Fb", "a\u00a0b", "tab\t", "a\x00", "{" + u + "}", "urn:uuid:" + u):
         with pytest.raises(ValidationError):
             validation.agent_id(bad)
     with pytest.raises(ValidationError):
