@@ -17,10 +17,18 @@ DEFAULT_SEED = 20261128  # scenarios.runner.DEFAULT_SEED (not imported: keeps `k
 
 
 def _scenario_list(args: argparse.Namespace) -> int:
+    import shutil
+    import textwrap
+
     from keytrio.scenarios import runner
 
-    for name, sc in sorted(runner.discover().items()):
-        print(f"{name:<28} {sc.summary}")
+    found = sorted(runner.discover().items())
+    indent = max(len(name) for name, _ in found) + 2
+    # whole summaries, wrapped under their column (at least 40 columns of text on a narrow terminal)
+    width = max(shutil.get_terminal_size((100, 24)).columns, indent + 40)
+    for name, sc in found:
+        print(textwrap.fill(sc.summary, width, initial_indent=f"{name:<{indent}}",
+                            subsequent_indent=" " * indent, break_on_hyphens=False, break_long_words=False))
     return 0
 
 

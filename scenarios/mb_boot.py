@@ -1,20 +1,14 @@
 """Measured boot: the verifier replays each quote's UEFI event log against PCRs 0-9 and 11-15 and
 evaluates the agent's measured-boot policy (the reference state of a known-good boot).
 
-Story (every scenario): the machine boots a synthetic OVMF + shim + grub + Linux boot with
+Story (every mb-* scenario): the machine boots a synthetic OVMF + shim + grub + Linux boot with
 Secure Boot on (testbed/boot_log.py: S-CRTM, firmware blob, SecureBoot/PK/KEK/db/dbx, boot
 variables, shim -> grub -> kernel as EV_EFI_BOOT_SERVICES_APPLICATION, MokList, grub's commands
 and kernel command line in PCR 8, grub.cfg/vmlinuz/initrd in PCR 9). The tenant enrols it with the
 reference state `keytrio policy create measured-boot` makes from that log (the same document
-upstream's `keylime-policy create measured-boot` writes) and three quotes pass.
-- ``mb-good-boot``: the machine reboots into the same good boot; attestation continues.
-- ``mb-secure-boot-off`` / ``mb-unknown-kernel`` / ``mb-dbx-missing-entry`` /
-  ``mb-extra-application``: the machine reboots into a boot with that one tamper knob turned. The
-  log still replays to the quoted PCRs (the boot really happened that way); the policy refuses it.
-Expected verdict: good boot - Get Quote throughout, no event; each tamper - Invalid Quote with
-``measured_boot.secure_boot_disabled`` (the SecureBoot variable event), ``…boot_application_not_allowed``
-(the kernel's / the extra application's EV_EFI_BOOT_SERVICES_APPLICATION event),
-``…dbx_missing_entries`` (the dbx variable event), and a signed notice about the machine.
+upstream's `keylime-policy create measured-boot` writes) and three quotes pass. Then the machine
+reboots: into the same boot, or into a boot with one tamper knob turned. A tampered log still
+replays to the quoted PCRs (the boot really happened that way); the policy refuses it.
 """
 
 from __future__ import annotations
@@ -53,6 +47,12 @@ async def _tampered(run: Run, knob: str, event: str, event_type: str) -> None:
 
 @scenario("mb-good-boot", expect={"m0": Expect(events=(), notices=(), states=(GET_QUOTE,), final=GET_QUOTE)})
 async def mb_good_boot(run: Run) -> None:
+    """Measured boot, good boot again: the machine reboots into the same good UEFI boot, and
+    attestation continues with the new boot's event log.
+
+    Expected verdict: Get Quote throughout, attestation_count grows past the reboot, no event, no
+    notice.
+    """
     async with run.testbed(machines=1, **OPTIONS) as tb:
         m = tb.machines[0]
         count = await _attested(run, tb, m)
@@ -65,20 +65,46 @@ async def mb_good_boot(run: Run) -> None:
 
 @scenario("mb-secure-boot-off", expect=failing(SECURE_BOOT_DISABLED))
 async def mb_secure_boot_off(run: Run) -> None:
+    """Measured boot, Secure Boot off: the machine reboots with Secure Boot disabled, and the
+    verifier fails it on the SecureBoot variable.
+
+    Expected verdict: Get Quote, then Invalid Quote with ``measured_boot.secure_boot_disabled``
+    (the SecureBoot EV_EFI_VARIABLE_DRIVER_CONFIG event), and a signed notice about the machine.
+    """
     await _tampered(run, "secure_boot_off", SECURE_BOOT_DISABLED, "SecureBoot EV_EFI_VARIABLE_DRIVER_CONFIG")
 
 
 @scenario("mb-unknown-kernel", expect=failing(APPLICATION_NOT_ALLOWED))
 async def mb_unknown_kernel(run: Run) -> None:
+    """Measured boot, unknown kernel: the machine reboots into a kernel image that the reference
+    state does not list, and the verifier fails it on that boot application.
+
+    Expected verdict: Get Quote, then Invalid Quote with
+    ``measured_boot.boot_application_not_allowed`` (the kernel's EV_EFI_BOOT_SERVICES_APPLICATION
+    event), and a signed notice about the machine.
+    """
     await _tampered(run, "unknown_kernel", APPLICATION_NOT_ALLOWED, "kernel EV_EFI_BOOT_SERVICES_APPLICATION")
 
 
 @scenario("mb-dbx-missing-entry", expect=failing(DBX_MISSING))
 async def mb_dbx_missing_entry(run: Run) -> None:
+    """Measured boot, dbx entry removed: the machine reboots with one revoked hash missing from
+    the UEFI forbidden-signature database (dbx), and the verifier fails it.
+
+    Expected verdict: Get Quote, then Invalid Quote with ``measured_boot.dbx_missing_entries``
+    (the dbx EV_EFI_VARIABLE_DRIVER_CONFIG event), and a signed notice about the machine.
+    """
     await _tampered(run, "dbx_missing_entry", DBX_MISSING, "dbx EV_EFI_VARIABLE_DRIVER_CONFIG")
 
 
 @scenario("mb-extra-application", expect=failing(APPLICATION_NOT_ALLOWED))
 async def mb_extra_application(run: Run) -> None:
+    """Measured boot, extra boot application: one more EFI application (``bootkit.efi``) runs
+    before grub, and the verifier fails the machine on it.
+
+    Expected verdict: Get Quote, then Invalid Quote with
+    ``measured_boot.boot_application_not_allowed`` (the extra EV_EFI_BOOT_SERVICES_APPLICATION
+    event), and a signed notice about the machine.
+    """
     await _tampered(run, "extra_application", APPLICATION_NOT_ALLOWED,
                     "extra EV_EFI_BOOT_SERVICES_APPLICATION")

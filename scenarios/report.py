@@ -1,9 +1,12 @@
 """The scenario report: ``report.json`` and a self-contained ``report.html`` (no scripts, no CDN).
 
-Per scenario: verdict, story, steps (with notes and failures), the expectation next to what was
+Per scenario: verdict, story (its light RST rendered: paragraphs, lists, ``literal``, *emphasis*;
+scenarios/markup.py), steps (with notes and failures), the expectation next to what was
 observed, and an SVG timeline with one lane per machine: coloured bands for the operational
 states the verifier reported, red diamonds for failure events, purple dots for revocation notices
-the machine accepted, and numbered dashed lines where each step began.
+the machine accepted, and numbered dashed lines where each step began. The time axis starts at
+the first observation (setting up the world before it is not drawn); step numbers that would
+overlap move to further rows.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from keytrio.scenarios.markup import inline_html, to_html
+from keytrio.scenarios.runner import first_paragraph
 from keytrio.testbed.observe import state_name
 
 COLORS = {
     -1: "#d0d0d0", 0: "#c6dbef", 1: "#9ecae1", 2: "#9ecae1", 3: "#74c476", 4: "#fdd049", 5: "#6baed6",
     6: "#fdae6b", 7: "#e34a33", 8: "#969696", 9: "#b30000", 10: "#bcbddc",
 }
-LANE, LEFT, WIDTH = 22, 70, 900
+LANE, WIDTH = 22, 860
+LABEL_W, ROW = 16, 12  # room one step number takes on the axis; height of a row of step numbers
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
@@ -28,7 +34,9 @@ h1{font-size:1.5em} h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #
 table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
 vertical-align:top} th{background:#f4f4f4} pre{white-space:pre-wrap;background:#f8f8f8;padding:.6em;
 font-size:12px} .legend span{display:inline-block;margin-right:10px} .sw{display:inline-block;width:12px;
-height:12px;margin-right:3px;vertical-align:middle} details{margin:.4em 0} code{font-size:12px}
+height:12px;margin-right:3px;vertical-align:middle} details{margin:.4em 0}
+code{font-size:12px;background:#f3f3f3;padding:0 3px;border-radius:3px} .story{max-width:80ch}
+.story p{margin:.4em 0} .story ul{margin:.3em 0 .3em 1.2em;padding:0} svg{display:block;margin:.6em 0}
 """
 
 
@@ -46,7 +54,7 @@ def render(suite: dict[str, Any]) -> str:
     rows = "".join(
         f"<tr><td class={'pass' if s['passed'] else 'fail'}>{'PASS' if s['passed'] else 'FAIL'}</td>"
         f"<td><a href='#{e(s['name'])}'>{e(s['name'])}</a></td><td>{s['seconds']:.1f} s</td>"
-        f"<td>{e(s['summary'])}</td></tr>"
+        f"<td>{inline_html(first_paragraph(s['story'])) if s.get('story') else e(s['summary'])}</td></tr>"
         for s in suite["scenarios"]
     )
     legend = "".join(f"<span><i class=sw style='background:{c}'></i>{e(state_name(s))}</span>"
@@ -86,49 +94,88 @@ def _scenario(s: dict[str, Any]) -> str:
                     f"<th>expected</th><th>observed</th></tr>{''.join(cells)}</table></details>")
     return (
         f"<h2 id='{e(s['name'])}'>{verdict} {e(s['name'])} <small>({s['seconds']:.1f} s)</small></h2>"
-        f"<pre>{e(s['story'])}</pre>{'<ul>' + why + '</ul>' if why else ''}"
+        f"<div class=story>{to_html(s['story'])}</div>{'<ul>' + why + '</ul>' if why else ''}"
         f"{_timeline(s)}<table><tr><th>#</th><th></th><th>step</th><th>time</th></tr>{steps}</table>{expected}"
     )
 
 
+def _tick_step(span: float) -> float:
+    """A round tick interval giving about 5 to 10 ticks over ``span`` seconds."""
+    for step in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600):
+        if span / step <= 10:
+            return step
+    return 1200.0
+
+
+def _rows(xs: list[float]) -> list[int]:
+    """The row of each label at ``xs`` (ascending): the first row where it does not overlap."""
+    ends: list[float] = []  # per row: where its last label ends
+    rows = []
+    for x in xs:
+        row = next((r for r, end in enumerate(ends) if x >= end), len(ends))
+        if row == len(ends):
+            ends.append(x)
+        ends[row] = x + LABEL_W
+        rows.append(row)
+    return rows
+
+
 def _timeline(s: dict[str, Any]) -> str:
+    e = html.escape
     observed = s["observed"]
     machines = sorted(observed["machines"], key=lambda n: (len(n), n))
-    if not machines:
-        return ""
     timeline = observed["timeline"]
-    end = max([o["t"] for o in timeline] + [s["seconds"], 0.1])
-    scale = WIDTH / end
-    height = 30 + LANE * len(machines)
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{LEFT + WIDTH + 20}' height='{height + 20}' "
-             "font-size='11' font-family='sans-serif'>"]
+    if not machines or not timeline:
+        return ""
+    t0 = min(o["t"] for o in timeline)
+    last = max(o["t"] for o in timeline)
+    end = last + max((last - t0) * 0.03, 0.2)  # the last state shows as a band, not a sliver
+    left = 12 + 7 * max(len(m) for m in machines)
+    scale = WIDTH / (end - t0)
+
+    def x_of(t: float) -> float:
+        return left + (t - t0) * scale
+
     marks = [o for o in timeline if o["kind"] == "mark"]
-    for i, o in enumerate(marks):
-        x = LEFT + o["t"] * scale
-        parts.append(f"<g><title>step {i + 1}: {html.escape(o['value'])}</title>"
-                     f"<line x1='{x:.1f}' y1='12' x2='{x:.1f}' y2='{height}' stroke='#999' stroke-dasharray='3,3'/>"
-                     f"<text x='{x + 2:.1f}' y='10'>{i + 1}</text></g>")
+    rows = _rows([x_of(o["t"]) for o in marks])
+    top = 6 + ROW * (max(rows, default=0) + 1)  # the step numbers' rows, then the lanes
+    bottom = top + LANE * len(machines)
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{left + WIDTH + 40}' height='{bottom + 22}' "
+             "font-size='11' font-family='sans-serif'>"]
+    step = _tick_step(end - t0)
+    k = 0
+    while k * step <= end - t0 + 1e-9:
+        x = x_of(t0 + k * step)
+        parts.append(f"<line x1='{x:.1f}' y1='{bottom}' x2='{x:.1f}' y2='{bottom + 4}' stroke='#666'/>"
+                     f"<text x='{x:.1f}' y='{bottom + 15}' text-anchor='middle' fill='#444'>{k * step:g} s</text>")
+        k += 1
+    for i, (o, row) in enumerate(zip(marks, rows, strict=True)):
+        x = x_of(o["t"])
+        y = 4 + ROW * (row + 1) - 2
+        parts.append(f"<g><title>step {i + 1}: {e(o['value'])} (at {o['t'] - t0:.2f} s)</title>"
+                     f"<line x1='{x:.1f}' y1='{y + 2}' x2='{x:.1f}' y2='{bottom}' stroke='#999' stroke-dasharray='3,3'/>"
+                     f"<text x='{x + 2:.1f}' y='{y}'>{i + 1}</text></g>")
     for lane, machine in enumerate(machines):
-        y = 16 + lane * LANE
-        parts.append(f"<text x='4' y='{y + 13}'>{html.escape(machine)}</text>")
+        y = top + lane * LANE
+        parts.append(f"<text x='4' y='{y + 13}'>{e(machine)}</text>")
         states = [o for o in timeline if o["machine"] == machine and o["kind"] == "state"]
         for i, o in enumerate(states):
             t_end = states[i + 1]["t"] if i + 1 < len(states) else end
-            x, w = LEFT + o["t"] * scale, max((t_end - o["t"]) * scale, 1.5)
+            x, w = x_of(o["t"]), max((t_end - o["t"]) * scale, 1.5)
             color = COLORS.get(o["value"], "#eee")
             parts.append(f"<rect x='{x:.1f}' y='{y}' width='{w:.1f}' height='{LANE - 6}' fill='{color}'>"
-                         f"<title>{html.escape(o['detail'])} from {o['t']:.2f} s</title></rect>")
+                         f"<title>{e(o['detail'])} from {o['t'] - t0:.2f} s</title></rect>")
         for o in timeline:
             if o["machine"] != machine:
                 continue
-            x = LEFT + o["t"] * scale
+            x = x_of(o["t"])
             if o["kind"] == "event":
                 parts.append(f"<path d='M{x:.1f} {y - 1} l5 9 l-5 9 l-5 -9 z' fill='#b30000' stroke='white'>"
-                             f"<title>{html.escape(str(o['value']))} at {o['t']:.2f} s</title></path>")
+                             f"<title>{e(str(o['value']))} at {o['t'] - t0:.2f} s</title></path>")
             elif o["kind"] == "notice":
                 parts.append(f"<circle cx='{x:.1f}' cy='{y + 8}' r='4' fill='#6a3d9a' stroke='white'>"
-                             f"<title>notice {html.escape(str(o['value']))} {html.escape(o['detail'])} at "
-                             f"{o['t']:.2f} s</title></circle>")
-    parts.append(f"<text x='{LEFT}' y='{height + 14}'>0 s</text>"
-                 f"<text x='{LEFT + WIDTH - 30}' y='{height + 14}'>{end:.1f} s</text></svg>")
-    return "".join(parts)
+                             f"<title>notice {e(str(o['value']))} {e(o['detail'])} at "
+                             f"{o['t'] - t0:.2f} s</title></circle>")
+    parts.append("</svg>")
+    return (f"<p><small>Time from the first observation ({t0:.1f} s after the scenario started: "
+            "the world was being set up).</small></p>" if t0 >= 0.05 else "") + "".join(parts)

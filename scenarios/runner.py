@@ -1,6 +1,8 @@
 """Scenario registry and runner: runs named scenarios in order, judges them, reports.
 
-A scenario is an async function taking a :class:`Run`; it records each step with
+A scenario is an async function taking a :class:`Run`; its story is its module's docstring
+(preceded by its own docstring when a module holds several scenarios), whose first paragraph is
+the one-line summary. It records each step with
 ``async with run.step("what happens"):`` and usually builds its world with ``run.testbed(...)``.
 A step that raises fails the scenario (later steps are not run).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 import logging
 import pkgutil
@@ -33,6 +36,7 @@ from typing import Any, TextIO
 
 import trio
 
+from keytrio.scenarios import markup
 from keytrio.testbed.observe import Observer, state_name
 
 ScenarioFn = Callable[["Run"], Awaitable[None]]
@@ -70,12 +74,22 @@ class Scenario:
 
     @property
     def story(self) -> str:
-        doc = sys.modules[self.module].__doc__ or ""
-        return doc.strip()
+        """The scenario function's docstring (when several scenarios share a module), then the
+        module's docstring: what happens and the expected verdict, in light RST markup."""
+        own = inspect.cleandoc(self.fn.__doc__ or "")
+        shared = inspect.cleandoc(sys.modules[self.module].__doc__ or "")
+        return "\n\n".join(part for part in (own, shared) if part)
 
     @property
     def summary(self) -> str:
-        return self.story.splitlines()[0] if self.story else self.name
+        """The story's first paragraph on one line, without markup: whole sentences, never cut."""
+        return markup.plain(first_paragraph(self.story)) or self.name
+
+
+def first_paragraph(text: str) -> str:
+    """The first paragraph of ``text`` (up to a blank line), its lines joined by single spaces."""
+    para = text.strip().split("\n\n", 1)[0]
+    return " ".join(para.split())
 
 
 _REGISTRY: dict[str, Scenario] = {}
@@ -100,7 +114,7 @@ def discover() -> dict[str, Scenario]:
     import keytrio.scenarios as scenarios
 
     for info in pkgutil.iter_modules(scenarios.__path__):
-        if info.name not in ("cli", "runner", "report", "support"):
+        if info.name not in ("cli", "runner", "report", "markup", "support"):
             importlib.import_module(f"{scenarios.__name__}.{info.name}")
     return dict(_REGISTRY)
 

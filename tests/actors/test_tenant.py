@@ -280,8 +280,12 @@ async def test_error_classes(world: World, pki: Any) -> None:
         with pytest.raises(Refused) as rexc:
             await t.reactivate(OTHER_ID)
         assert rexc.value.status_code == 404
-        with pytest.raises(UsageError):
+        for bad in ("not an id", "a/b", "x" * 81, ".."):  # outside upstream's [\w.-]+: no request made
+            with pytest.raises(UsageError, match="agent id"):
+                await t.add(bad)
+        with pytest.raises(Refused) as rexc:  # 'not-an-id' is an id (upstream's rule), unknown here
             await t.add("not-an-id")
+        assert rexc.value.status_code == 404
         with pytest.raises(UsageError):
             await t.add(AGENT_ID, tpm_policy={"mask": "0x0", "25": ["00"]})
         with pytest.raises(UsageError):
