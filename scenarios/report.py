@@ -36,7 +36,7 @@ vertical-align:top} th{background:#f4f4f4} pre{white-space:pre-wrap;background:#
 font-size:12px} .legend span{display:inline-block;margin-right:10px} .sw{display:inline-block;width:12px;
 height:12px;margin-right:3px;vertical-align:middle} details{margin:.4em 0}
 code{font-size:12px;background:#f3f3f3;padding:0 3px;border-radius:3px} .story{max-width:80ch}
-.story p{margin:.4em 0} .story ul{margin:.3em 0 .3em 1.2em;padding:0} svg{display:block;margin:.6em 0}
+.story p{margin:.4em 0} .nw{white-space:nowrap} .story ul{margin:.3em 0 .3em 1.2em;padding:0} svg{display:block;margin:.6em 0}
 """
 
 
@@ -53,7 +53,7 @@ def render(suite: dict[str, Any]) -> str:
     e = html.escape
     rows = "".join(
         f"<tr><td class={'pass' if s['passed'] else 'fail'}>{'PASS' if s['passed'] else 'FAIL'}</td>"
-        f"<td><a href='#{e(s['name'])}'>{e(s['name'])}</a></td><td>{s['seconds']:.1f} s</td>"
+        f"<td class=nw><a href='#{e(s['name'])}'>{e(s['name'])}</a></td><td class=nw>{s['seconds']:.1f} s</td>"
         f"<td>{inline_html(first_paragraph(s['story'])) if s.get('story') else e(s['summary'])}</td></tr>"
         for s in suite["scenarios"]
     )
@@ -78,7 +78,7 @@ def _scenario(s: dict[str, Any]) -> str:
         f"<tr><td>{i + 1}</td><td class={'pass' if st['ok'] else 'fail'}>{'ok' if st['ok'] else 'FAIL'}</td>"
         f"<td>{e(st['title'])}{''.join('<br><small>' + e(n) + '</small>' for n in st['notes'])}"
         f"{'<br><small class=fail>' + e(st['detail']) + '</small>' if st['detail'] else ''}</td>"
-        f"<td>{st['seconds']:.2f} s</td></tr>"
+        f"<td class=nw>{st['seconds']:.2f} s</td></tr>"
         for i, st in enumerate(s["steps"])
     )
     expected = ""

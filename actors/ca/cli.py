@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 from pathlib import Path
 
@@ -76,10 +77,24 @@ def _list(args: argparse.Namespace) -> int:
         items = Authority(args.dir).list()
     except (CaError, OSError) as exc:
         return _fail(exc)
-    print(f"{'NAME':<22} {'KIND':<10} {'SERIAL':<42} {'EXPIRES':<26} STATE")
-    for i in items:
-        print(f"{i.name:<22} {i.kind:<10} {i.serial:<42} {i.not_after:<26} {'revoked' if i.revoked else 'valid'}")
+    print(format_table(
+        ("NAME", "KIND", "SERIAL", "EXPIRES", "STATE"),
+        [(i.name, i.kind, str(i.serial), _when(i.not_after), "revoked" if i.revoked else "valid") for i in items]))
     return 0
+
+
+def _when(iso: str) -> str:
+    try:
+        return datetime.datetime.fromisoformat(iso).astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        return iso
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Columns as wide as their widest cell (names and serials vary in length), two spaces apart."""
+    widths = [max(len(r[c]) for r in (header, *rows)) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+                     for r in (header, *rows))
 
 
 def _revoke(args: argparse.Namespace) -> int:

@@ -254,7 +254,8 @@ def _hint(exc: TenantError, args: argparse.Namespace) -> str:
         return f"see the {exc.peer}'s log"
     if isinstance(exc, VerificationFailed):
         if exc.what == "EK certificate":
-            return "give --ek-trust-store the TPM vendor's CA certificates (or --no-ek-check to skip the check)"
+            return ("give --ek-trust-store the TPM vendor's CA certificates, root and intermediates "
+                    "(or --no-ek-check to skip the check)")
         if exc.what == "identity quote":
             return "the agent's TPM did not prove its identity; nothing was enrolled: check the agent and its registration"
         if exc.what == "runtime policy signature":

@@ -43,9 +43,19 @@ def test_cli_init_issue_list_revoke(tmp_path: Path, capsys):
     assert main(["ca", "revoke", "--dir", str(d), "ops"]) == 0
     assert main(["ca", "revoke", "--dir", str(d), "ops"]) == 2
     capsys.readouterr()
+    long_name = "a-rather-long-client-name-for-the-tenant"
+    assert main(["ca", "issue", "--dir", str(d), "--client", long_name]) == 0
+    capsys.readouterr()
     assert main(["ca", "list", "--dir", str(d)]) == 0
     out = capsys.readouterr().out
     assert "ops" in out and "revoked" in out and out.count("valid") >= 3
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "KIND", "SERIAL", "EXPIRES", "STATE"]
+    # every column starts where its header does, whatever the lengths of names and serials
+    starts = [lines[0].index(h) for h in ("KIND", "SERIAL", "EXPIRES", "STATE")]
+    for line in lines[1:]:
+        assert all(line[s - 1] == " " and line[s] != " " for s in starts), (line, starts)
+    assert any(line.startswith(long_name + "  ") for line in lines)
     crl = x509.load_pem_x509_crl((d / "cacrl.pem").read_bytes())
     ops = next(i for i in Authority(d).list() if i.name == "ops")
     assert crl.get_revoked_certificate_by_serial_number(ops.serial) is not None

@@ -354,3 +354,20 @@ def test_tpm_policy_and_default_config() -> None:
     args = _parser().parse_args(["tenant", "--print-default-config"])
     assert trio.run(partial(tenant_cli.run, args, out=out, env={})) == 0
     assert "[tenant]" in out.getvalue() and "registrar_tls_port = 8891" in out.getvalue()
+
+
+def test_status_text_names_severities_and_the_algorithm_triple() -> None:
+    ver = {"operational_state": states.INVALID_QUOTE, "last_event_id": "pcr_validation.invalid_pcr_15",
+           "severity_level": 4, "attestation_count": 3, "hash_alg": "sha384", "enc_alg": "ecc384",
+           "sign_alg": "ecschnorr", "accept_tpm_hash_algs": ["sha384"], "accept_tpm_encryption_algs": ["ecc"],
+           "accept_tpm_signing_algs": ["ecschnorr", "rsassa"], "verifier_id": "default",
+           "verifier_ip": "127.0.0.1", "verifier_port": 8881, "tpm_policy": "{}"}
+    text = tenant_cli.format_status({"agent_id": "a.b-c_1", "registrar": None, "verifier": ver})
+    assert "last event   pcr_validation.invalid_pcr_15 (severity critical)" in text
+    assert "algorithms   hash sha384, encryption ecc384, signing ecschnorr" in text
+    assert "accepted     hash sha384; encryption ecc; signing ecschnorr,rsassa" in text
+    assert [tenant_cli.severity_name(n) for n in (0, 1, 2, 3, 4, 5, 6, 9, None, True)] == [
+        "info", "notice", "warning", "error", "critical", "alert", "emergency", "level 9", "none", "none"]
+    quiet = tenant_cli.format_status({"agent_id": "x", "registrar": None,
+                                      "verifier": {**ver, "last_event_id": None, "severity_level": None}})
+    assert "last event   none" in quiet
