@@ -9,25 +9,76 @@
   (``testbed.swtpm.ek_ca_certs(sw.state_dir)`` lists the PEM files).
 - ``tpm``: an opened ``actors.agent.tpm.Tpm`` on ``swtpm``. swtpm serves one connection at a time,
   so while ``tpm`` is open, tpm2-tools calls against the same swtpm block: use one or the other.
+
+Under ``CI=true`` a skipped test (or collector) is reported as a failure, and so is an xfail or
+xpass: a skip there hides a regression or a missing tool (``./scripts/setup`` installs every one).
+Only skips whose reason names something this machine cannot have pass (``CI_ALLOWED_SKIPS``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from keytrio.testbed import swtpm as swtpm_mod
 
+#: skip reasons accepted under CI=true (substring of the reason -> why it cannot exist here)
+CI_ALLOWED_SKIPS: dict[str, str] = {
+    "/dev/tpmrm0": "a hardware TPM resource manager: test machines have none (swtpm stands in)",
+}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _ci_verdict(report: pytest.TestReport | pytest.CollectReport) -> str | None:
+    """Why ``report`` must fail under CI, or None."""
+    if getattr(report, "wasxfail", None) is not None:
+        return f"xfail/xpass is not allowed under CI=true ({report.wasxfail})"
+    if not report.skipped:
+        return None
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    if any(allowed in reason for allowed in CI_ALLOWED_SKIPS):
+        return None
+    return f"skipped under CI=true, which allows no skip ({reason}); see tests/conftest.py CI_ALLOWED_SKIPS"
+
+
+def _fail_under_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if not _in_ci():
+        return
+    why = _ci_verdict(report)
+    if why is not None:
+        report.outcome = "failed"
+        report.longrepr = why
+        if hasattr(report, "wasxfail"):
+            del report.wasxfail
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    _fail_under_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, Any, None]:
+    outcome = yield
+    _fail_under_ci(outcome.get_result())
+
 
 def _require_swtpm() -> None:
     for tool in ("swtpm", "swtpm_setup", "swtpm_localca"):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (apt-get install swtpm swtpm-tools)")
+            pytest.fail(f"{tool} not installed: ./scripts/setup installs it (apt-get install swtpm swtpm-tools)")
 
 
 @pytest.fixture(scope="session")

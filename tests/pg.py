@@ -3,8 +3,8 @@
 - ``pg_admin_url`` (session): a SQLAlchemy URL of a role that may create databases. From
   ``KEYTRIO_TEST_PG_URL`` if set, else ``postgresql+psycopg://keytrio:keytrio@127.0.0.1:5432/postgres``;
   when that fails and we are root on a Debian host with a local cluster, the cluster is started
-  (``pg_ctlcluster <ver> main start``) and the ``keytrio`` role created. Tests that need it are
-  skipped, with the reason, when no server can be reached.
+  (``pg_ctlcluster <ver> main start``) and the ``keytrio`` role created. Tests that need it
+  fail, with the reason, when no server can be reached (``./scripts/setup`` installs PostgreSQL).
 - ``pg_url``: a new empty database for one test (dropped afterwards, WITH (FORCE)).
 - ``db_url``: parametrized ``sqlite`` | ``postgresql``: a SQLite file URL or ``pg_url``.
 
@@ -74,7 +74,7 @@ def pg_admin_url() -> str:
         started = _start_local_cluster()
         problem = _try(url) if started is None else started
     if problem is not None:
-        pytest.skip(f"PostgreSQL not available: {problem}")
+        pytest.fail(f"PostgreSQL not available: {problem}")
     return url
 
 

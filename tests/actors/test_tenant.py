@@ -4,6 +4,7 @@ real agents on swtpm, all over mTLS."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from keytrio.actors.verifier.actor import Verifier
 from keytrio.actors.verifier.config import load_config as verifier_config
 from keytrio.protocol import payload as pl
 from keytrio.protocol import states
+from keytrio.protocol.runtime_policy import policy_document
 from keytrio.testbed.swtpm import ek_ca_certs
 from tests.actors.test_agent import Running as RunningAgent
 from tests.actors.test_agent import results, start_agent
@@ -155,7 +157,11 @@ async def test_add_end_to_end_and_operations(
         unzipped = r.data_dir / "secure" / "unzipped"
         assert (unzipped / "conf" / "app.txt").read_text() == "hello"
         assert (unzipped / REVOCATION_CERT).read_text() == pki.agent.pem
-        await trio.sleep(0.5)  # a few more verifier polls: no second run
+        # two more full attestations (each a quote from the agent): still one run
+        seen = (await t.status(AGENT_ID))["verifier"]["attestation_count"]
+        with trio.fail_after(10):
+            while (await t.status(AGENT_ID))["verifier"]["attestation_count"] < seen + 2:
+                await trio.sleep(0.05)
         assert r.agent.runner.completed == 1 and marker.read_text() == "ran\n"
 
         # status: registrar record + verifier record, state named; attestation continues
@@ -206,6 +212,38 @@ async def test_add_end_to_end_and_operations(
             await t.status(AGENT_ID)
         assert exc.value.status_code == 404
     await r.stop()
+
+
+async def test_runtime_policy_enrolment_quotes_pcr10_and_empty_filter_lists_all(
+    world: World, nursery: trio.Nursery, swtpm: Any, swtpm_factory: Any
+) -> None:
+    """What upstream's verifier needs from our tenant, and upstream's tenant from our verifier:
+    an enrolment with a runtime policy (inline or by name) carries PCR 10 in tpm_policy's mask,
+    since upstream's verifier quotes only the mask's PCRs and so would never check the IMA list;
+    ``GET /agents/?verifier=`` (empty, as ``keylime_tenant -c cvlist`` sends it) lists every agent."""
+    w = world
+    other_tpm = await swtpm_factory(fresh=False)
+    agents = {aid: await w.agent(nursery, tcti, aid) for aid, tcti in
+              ((AGENT_ID, swtpm.tcti), (OTHER_ID, other_tpm.tcti))}
+    policy = json.dumps(policy_document(meta={"version": 1, "generator": 3},
+                                        digests={"/usr/bin/x": ["ab" * 32]}))
+    async with w.tenant() as t:
+        await t.policy_add("named", policy.encode())
+        await t.add(AGENT_ID, runtime_policy=policy, tpm_policy={"mask": "0x1"}, verify=False, wait_for_state=None)
+        await t.add(OTHER_ID, runtime_policy_name="named", verify=False, wait_for_state=None)
+        masks = {aid: int(json.loads((await t.status(aid))["verifier"]["tpm_policy"])["mask"], 16)
+                 for aid in agents}
+        assert masks == {AGENT_ID: 1 | 1 << 10, OTHER_ID: 1 << 10}, {a: hex(m) for a, m in masks.items()}
+
+        verifier = await t.ready(t.verifier)
+        listed = (await verifier.call("GET", "/agents/", params={"verifier": ""})).results["uuids"]
+        assert sorted(listed) == sorted([[AGENT_ID], [OTHER_ID]]), listed
+        assert sorted(await t.list("")) == sorted(agents)
+        assert await t.list("elsewhere") == []
+        for aid in agents:
+            await t.delete(aid)
+    for r in agents.values():
+        await r.stop()
 
 
 # --- forged identities ---------------------------------------------------------------------------

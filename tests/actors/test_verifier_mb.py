@@ -95,9 +95,8 @@ async def test_monitor_fails_a_boot_the_policy_refuses(
     nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm: Any
 ) -> None:
     a = await _booted_agent(nursery, tmp_path / "a", pki, swtpm)
-    probe = target_from_row(_row(a) | {"mb_policy": json.dumps(GOOD)})
-    if not probe.mb_policy:
-        pytest.skip("monitor.target_from_row does not pass the row's mb_policy to AgentTarget yet")
+    # the monitor attests from rows: a row's mb_policy must reach the AgentTarget it builds
+    assert target_from_row(_row(a) | {"mb_policy": json.dumps(GOOD)}).mb_policy == json.dumps(GOOD)
     rv = await start_verifier(nursery, pki, tmp_path / "verifier")
     body = enrol_body(a, v=new_halves().v)
     body.update(mb_policy=json.dumps(_other_kernel_policy()), mb_policy_name="other")

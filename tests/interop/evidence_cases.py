@@ -18,9 +18,10 @@ upstream's recorded verdict with the kind of difference:
 
 - ``upstream-defect``: upstream's verdict contradicts the security intent or is a 500 on bad
   input; keytrio's must be ``expect``;
-- ``deliberate``: keytrio differs on purpose (reason in ``note``), both verdicts are asserted;
-- ``keytrio-gap``: keytrio should follow upstream but does not yet (a verifier bug, reported):
-  the test ends as xfail naming it while keytrio still differs.
+- ``deliberate``: keytrio differs on purpose (reason in ``note``), both verdicts are asserted.
+
+Every case asserts both verdicts exactly: a difference keytrio should not have is a failing test
+(fixed in the verifier), never an expected failure.
 
 docs/compatibility.md lists every case whose ``kind`` is set.
 """
@@ -124,11 +125,10 @@ def bad_request(*types: str) -> Verdict:
 class Case:
     name: str
     body: Any  # the JSON request body; bytes are sent as they are
-    expect: Verdict  # the verdict the security intent asks for (keytrio's unless keytrio-gap)
+    expect: Verdict  # the verdict the security intent asks for: keytrio's
     upstream: Verdict | None = None  # upstream 7.14.3's verdict when it differs from ``expect``
-    kind: str = ""  # "", "upstream-defect", "deliberate", "keytrio-gap"
+    kind: str = ""  # "", "upstream-defect", "deliberate"
     note: str = ""
-    ours: Verdict | None = None  # keytrio-gap: what keytrio answers today (documented)
     content_type: str = "application/json"
 
     @property

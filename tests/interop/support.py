@@ -1,15 +1,15 @@
 """Interop support: a real upstream Keylime 7.14.3 (verifier + registrar) for the whole session.
 
-``upstream`` runs ``../shared/interop/keylime/up.sh DIR`` once per session (SQLite, its own CA in
-``DIR/work/cv_ca``, free loopback ports) and ``down.sh DIR`` at the end. The upstream venv is
-shared across runs (``KL_VENV``, default ``~/.cache/keytrio-klvenv``, override with
-``KEYTRIO_KL_VENV``): on a fresh machine up.sh creates it with pip (keylime==7.14.3 and its
-pinned dependencies) and links Debian's ``python3-gpg`` into it; later bring-ups take seconds.
+``upstream`` runs the project's ``tests/interop/upstream/up.sh DIR`` once per session (SQLite, its
+own CA in ``DIR/work/cv_ca``, loopback ports chosen here) and ``down.sh DIR`` at the end. The
+upstream venv is kept across runs (``KEYTRIO_KL_VENV``, default ``~/.cache/keytrio-klvenv``): on a
+fresh machine ``upstream/venv.sh`` creates it with pip (``upstream/requirements.txt``: keylime==7.14.3
+and its pinned dependencies) and links Debian's ``python3-gpg`` into it; later bring-ups take seconds.
 
-Nothing here fakes a peer and nothing is skipped (issue 9): when up.sh cannot run at all (script,
-bash or curl missing) the tests fail with that reason; when it runs and fails, the session fails
-with its output. Set KEYTRIO_SKIP_INTEROP=1 to deselect them knowingly (e.g. on a laptop without
-../shared); CI never sets it.
+Nothing here fakes a peer and nothing is skipped (issue 9): when up.sh cannot run (a tool missing,
+no package index reachable on the first run) or fails, the tests fail with its output. Setting
+KEYTRIO_SKIP_INTEROP=1 skips them knowingly (a machine that cannot reach the package index); under
+CI=true that skip fails the run like any other (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,9 +37,7 @@ from keytrio.actors.common import tls
 from keytrio.testbed.machine import Machine
 from keytrio.testbed.pki import CaFiles
 
-INTEROP_DIR = Path(
-    os.environ.get("KEYTRIO_KEYLIME_INTEROP_DIR", Path(__file__).resolve().parents[3] / "shared/interop/keylime")
-)
+INTEROP_DIR = Path(__file__).resolve().parent / "upstream"  # up.sh, down.sh, venv.sh, instance.py
 KL_VENV = Path(os.environ.get("KEYTRIO_KL_VENV", Path.home() / ".cache/keytrio-klvenv"))
 UP_TIMEOUT = 900.0  # a first run pip-installs upstream into KL_VENV
 # upstream verifier operational states (keylime/common/states.py)
@@ -49,7 +46,7 @@ GET_QUOTE, INVALID_QUOTE = 3, 9
 
 @dataclass
 class Upstream:
-    """One running upstream instance (see up.sh): its dir, tenant environment and URLs."""
+    """One running upstream instance (see upstream/instance.py): its dir, tenant environment and URLs."""
 
     dir: Path
     env: dict[str, str] = field(repr=False)
@@ -74,11 +71,9 @@ class Upstream:
         return host, int(port)
 
     def tool(self, name: str) -> list[str]:
-        """argv prefix of an upstream console script, run by the venv's python: with a shared
-        KL_VENV the scripts' shebangs name the *first* up.sh DIR's venv symlink (pip ran as
-        DIR/venv/bin/python), which is gone once that DIR is deleted."""
-        venv = (self.dir / "venv").resolve()
-        return [str(venv / "bin" / "python"), str(venv / "bin" / name)]
+        """argv prefix of an upstream console script, run by the venv's python (never through the
+        script's shebang, which names whatever path pip was run with when the venv was made)."""
+        return tool_argv((self.dir / "venv").resolve(), name)
 
     def log(self, component: str) -> str:
         try:
@@ -99,23 +94,37 @@ def _read_env_sh(path: Path) -> dict[str, str]:
     return env
 
 
+def tool_argv(venv: Path, name: str) -> list[str]:
+    """argv prefix that runs upstream's console script ``name`` from ``venv`` by its python."""
+    return [str(venv / "bin" / "python"), str(venv / "bin" / name)]
+
+
 def require_tools() -> None:
     if os.environ.get("KEYTRIO_SKIP_INTEROP") == "1":
         pytest.skip("KEYTRIO_SKIP_INTEROP=1")
-    for script in ("up.sh", "down.sh"):
-        if not (INTEROP_DIR / script).is_file():
-            pytest.fail(f"upstream launcher {INTEROP_DIR / script} is missing: cannot run up.sh here")
-    for tool in ("bash", "curl", "setsid", "pgrep"):
+    for tool in ("bash", "flock", "python3", "swtpm", "swtpm_setup"):
         if shutil.which(tool) is None:
-            pytest.fail(f"{tool} not installed: up.sh cannot run here (./scripts/setup installs it)")
-    for tool in ("swtpm", "swtpm_setup"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} not installed (apt-get install swtpm swtpm-tools)")
+            pytest.fail(f"{tool} not installed: the interop tests cannot run here (./scripts/setup installs it)")
+
+
+def ensure_venv() -> Path:
+    """The upstream venv (upstream/venv.sh: made once, pip-installing keylime 7.14.3; then cached)."""
+    require_tools()
+    env = {**os.environ, "KEYTRIO_KL_VENV": str(KL_VENV)}
+    env.pop("VIRTUAL_ENV", None)  # never pip-install into keytrio's own venv
+    try:
+        proc = subprocess.run(["bash", str(INTEROP_DIR / "venv.sh")], env=env, capture_output=True, text=True,
+                              timeout=UP_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"venv.sh timed out after {UP_TIMEOUT}s: {exc.stderr!r}")
+    if proc.returncode != 0:
+        pytest.fail(f"venv.sh failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return Path(proc.stdout.strip())
 
 
 def free_ports(count: int) -> list[int]:
-    """Bindable loopback ports below the kernel's ephemeral range (32768+): up.sh's own choice
-    is an ephemeral port that outgoing connections of parallel test runs can take before the
+    """Bindable loopback ports below the kernel's ephemeral range (32768+): instance.py's own
+    choice (port 0) is an ephemeral port that outgoing connections of parallel test runs can take before the
     upstream server binds it (seen as "Address already in use")."""
     rng = random.SystemRandom()
     ports: list[int] = []
@@ -138,9 +147,8 @@ def bring_up(directory: Path, extra_env: Mapping[str, str] | None = None, *, att
         d = directory / f"try{attempt}"
         vport, rport, rtls = free_ports(3)
         ports = {"VERIFIER_PORT": str(vport), "REGISTRAR_PORT": str(rport), "REGISTRAR_TLS_PORT": str(rtls)}
-        env = {**os.environ, "KL_VENV": str(KL_VENV), **ports, **(extra_env or {})}
-        # up.sh creates the venv with $PYTHON; never let it inherit keytrio's own venv
-        env.pop("VIRTUAL_ENV", None)
+        env = {**os.environ, "KEYTRIO_KL_VENV": str(KL_VENV), **ports, **(extra_env or {})}
+        env.pop("VIRTUAL_ENV", None)  # never let upstream inherit keytrio's own venv
         try:
             proc = subprocess.run(["bash", str(INTEROP_DIR / "up.sh"), str(d)], env=env, capture_output=True,
                                   text=True, timeout=UP_TIMEOUT, check=False)
@@ -159,7 +167,7 @@ def bring_up(directory: Path, extra_env: Mapping[str, str] | None = None, *, att
 
 
 def _launcher_groups(directory: Path) -> list[int]:
-    """Process groups (= launcher pids, up.sh uses setsid) recorded in ``directory/run``."""
+    """Process groups (= launcher pids: each server runs in its own session) recorded in ``directory/run``."""
     groups = []
     for pid_file in sorted((directory / "run").glob("*.pid")):
         text = pid_file.read_text().strip()
@@ -179,7 +187,7 @@ def bring_down(directory: Path, groups: Sequence[int] = ()) -> None:
             cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
         except OSError:
             continue  # gone
-        if b"kl_launch.py" in cmdline:  # still the launcher up.sh started for us, never anything else
+        if b"instance.py\0serve\0" in cmdline:  # still a launcher up.sh started for us, never anything else
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
 
@@ -292,19 +300,6 @@ async def wait_file(path: Path, timeout: float) -> bytes:
             await trio.sleep(0.2)
         return path.read_bytes()
     raise AssertionError(f"{path} did not appear within {timeout}s")
-
-
-class KnownIncompatibility(UserWarning):
-    """A difference between keytrio and upstream found by an interop test (see the report)."""
-
-
-def report_known(known: Sequence[str]) -> None:
-    """End a test that passed every other check as xfail naming ``known`` incompatibilities
-    (also as warnings: pytest-trio loses an imperative xfail's reason in the summary)."""
-    if known:
-        for item in known:
-            warnings.warn(KnownIncompatibility(item), stacklevel=2)
-        pytest.xfail("; ".join(known))
 
 
 @contextlib.contextmanager

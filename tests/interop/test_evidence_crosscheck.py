@@ -7,10 +7,10 @@ with both verdicts of every case: one sync module fixture runs a trio loop that 
 swtpm, starts our Verifier actor (a ``keytrio ca init`` CA in upstream's ``cv_ca`` layout) and
 posts each case to both verifiers. The route is public on both: no client certificate is sent.
 
-One parametrized test per case then compares the recorded answers. Where upstream contradicts
-the security intent (``upstream-defect``) or keytrio differs on purpose (``deliberate``), both
-recorded verdicts are asserted; where keytrio should follow upstream and does not yet
-(``keytrio-gap``), the test ends as xfail naming the difference. docs/compatibility.md lists them.
+One parametrized test per case then compares the recorded answers: both verdicts are asserted
+exactly, upstream's against the recorded one (which differs from keytrio's only where upstream
+contradicts the security intent, ``upstream-defect``, or keytrio differs on purpose,
+``deliberate``; docs/compatibility.md lists them) and keytrio's against the intent.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tests.interop.evidence_cases import (
     build_material,
     placeholder_material,
 )
-from tests.interop.support import Upstream, report_known
+from tests.interop.support import Upstream
 
 pytestmark = [pytest.mark.interop, pytest.mark.swtpm]
 
@@ -119,10 +119,6 @@ def test_evidence_crosscheck(crosscheck: CrossCheck, name: str) -> None:
     # upstream: the verdict the intent asks for, or its recorded (documented) difference
     assert up.verdict == case.upstream_verdict, (
         f"upstream's verdict changed: expected {case.upstream_verdict.show()}, got {up.describe()}")
-    if case.kind == "keytrio-gap" and ours.verdict != case.expect:
-        assert case.ours is None or ours.verdict == case.ours, (
-            f"keytrio's verdict changed: documented {case.ours.show()}, got {ours.describe()}")
-        report_known([f"{name}: keytrio {ours.verdict.show()} but upstream {up.verdict.show()}: {case.note}"])
     assert ours.verdict == case.expect, f"keytrio: expected {case.expect.show()}, got {ours.describe()}"
     if not case.kind:
         assert ours.verdict == up.verdict

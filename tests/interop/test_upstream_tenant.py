@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from keytrio.actors.ca.authority import Authority
+from keytrio.actors.common import client as http
 from keytrio.actors.registrar import config as registrar_config
 from keytrio.actors.registrar.actor import Registrar, RegistrarAddresses
 from keytrio.actors.verifier import config as verifier_config
@@ -35,7 +36,6 @@ from tests.interop.support import (
     agent_record,
     cert_payload_setup,
     free_ports,
-    report_known,
     run_tool,
     run_tools,
     running_machine,
@@ -126,7 +126,6 @@ async def test_upstream_tenant_against_our_registrar_and_verifier(upstream: Upst
             await machine.measure(f"/usr/bin/tool{i}", b"tool %d" % i)
         env = upstream_tenant_env(upstream, servers, tmp_path / "tenant-work")
         tenant = upstream.tool("keylime_tenant")
-        known: list[str] = []  # known incompatibilities of ours: reported as xfail after every other check
 
         policy = tmp_path / "policy.json"
         reglist, _ = await run_tools(
@@ -160,12 +159,14 @@ async def test_upstream_tenant_against_our_registrar_and_verifier(upstream: Upst
         )
         assert "Get Quote" in cvstatus.stdout, cvstatus.describe()
         assert "Get Quote" in status.stdout, status.describe()
-        # upstream's tenant lists with `GET /agents/?verifier=` (empty value), which upstream's
-        # verifier treats as "no filter"
-        if agent_id not in cvlist.stdout:
-            known.append("cvlist: our verifier answers `GET /agents/?verifier=` (empty value) with no agents; "
-                         "upstream treats an empty `verifier` as no filter (cloud_verifier_tornado GET /agents/ "
-                         "checks rest_params['verifier'] != '')")
+        # upstream's tenant lists with `GET /agents/?verifier=` (empty value), which upstream's verifier
+        # treats as "no filter" (test_upstream_servers checks upstream's side): ours lists the agent too
+        assert agent_id in cvlist.stdout, cvlist.describe()
+        listed = await http.request_json(client, "GET", f"{servers.verifier_url}/v2.1/agents/?verifier=")
+        assert listed.results["uuids"] == [[agent_id]], listed.results
+        # upstream's tenant puts PCR 10 into the mask with a runtime policy; our verifier keeps it
+        record = await agent_record(client, servers.verifier_url, agent_id)
+        assert int(json.loads(record["tpm_policy"])["mask"], 16) & 1 << 10, record["tpm_policy"]
         listed, shown = await run_tools(
             ([*tenant, "-c", "listruntimepolicy"], env),
             ([*tenant, "-c", "showruntimepolicy", "--runtime-policy-name", name], env),
@@ -176,16 +177,12 @@ async def test_upstream_tenant_against_our_registrar_and_verifier(upstream: Upst
 
         # deleting the named copy must leave the agent's own (inline) policy in force
         before = await agent_record(client, servers.verifier_url, agent_id)
+        # (upstream's tenant sends runtime_policy_name "" for an inline policy)
         after = await wait_record(
             client, servers.verifier_url, agent_id,
             lambda r: r["operational_state"] != GET_QUOTE or r["attestation_count"] >= before["attestation_count"] + 2,
             timeout=20, what="two attestations after deleteruntimepolicy")
-        if after["operational_state"] != GET_QUOTE:
-            known.append(f"deleteruntimepolicy {name} (same content as the agent's inline policy) left the agent "
-                         f"without a policy: state {after['operational_state']}, last_event_id "
-                         f"{after.get('last_event_id')} (upstream's tenant sends runtime_policy_name \"\" for an "
-                         "inline policy; actors/verifier/policies.py _gc only counts agents whose "
-                         "runtime_policy_name IS NULL)")
+        assert after["operational_state"] == GET_QUOTE and after["has_runtime_policy"] == 1, after
 
         # a file outside the policy: our verifier fails the agent and signs the notice with the
         # revocation key upstream's tenant sent; our agent (holding the payload's cert) verifies it
@@ -214,4 +211,4 @@ async def test_upstream_tenant_against_our_registrar_and_verifier(upstream: Upst
         assert regdelete.returncode == 0, regdelete.describe()
         reglist = await run_tool([*tenant, "-c", "reglist"], env)
         assert agent_id not in reglist.stdout, reglist.describe()
-    report_known(known)
+

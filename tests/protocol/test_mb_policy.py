@@ -5,7 +5,6 @@ keylime 7.14.3 from boot_log.build(["sha1", "sha256"], BOOT) and its secure_boot
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -16,12 +15,12 @@ from hypothesis import strategies as st
 from keytrio.protocol import eventlog as el
 from keytrio.protocol import mb_policy as mb
 from keytrio.testbed import boot_log
+from tests.interop.support import ensure_venv, tool_argv
 
 DATA = Path(__file__).parent / "data"
 GOOD = json.loads((DATA / "mb_refstate_upstream_good.json").read_text())
 NOSB = json.loads((DATA / "mb_refstate_upstream_nosb.json").read_text())
 BOOT = boot_log.BootConfig()
-UPSTREAM = Path("/root/.cache/keytrio-klvenv/bin/keylime-policy")
 
 
 def _log(knob: str | None = None, banks: tuple[str, ...] = ("sha1", "sha256")) -> el.EventLog:
@@ -141,16 +140,17 @@ def test_hostile_logs_give_failures_not_exceptions(data: st.DataObject) -> None:
     assert all(f.event_id.startswith("measured_boot.") for f in fails)
 
 
-@pytest.mark.skipif(not UPSTREAM.exists() or os.environ.get("KEYTRIO_SKIP_UPSTREAM") == "1",
-                    reason="upstream keylime venv not present")
+@pytest.mark.interop
 def test_live_upstream_policy_from_testbed_log(tmp_path: Path) -> None:
+    """Upstream's own ``keylime-policy`` (the interop venv, tests/interop/upstream/venv.sh) makes the
+    reference state from a testbed log: it is the recorded one, and we judge boots by it."""
     log = tmp_path / "log.bin"
     log.write_bytes(boot_log.build(["sha1", "sha256"], BOOT))
     out = tmp_path / "ref.json"
-    proc = subprocess.run([str(UPSTREAM), "create", "measured-boot", "-e", str(log), "-o", str(out)],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    if not out.exists():
-        pytest.skip(f"upstream tool did not run here: {proc.stderr[-300:]}")
+    argv = [*tool_argv(ensure_venv(), "keylime-policy"), "create", "measured-boot", "-e", str(log), "-o", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert proc.returncode == 0 and out.exists(), f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert json.loads(out.read_text()) == GOOD
     ref = mb.parse_refstate(out.read_text())
     assert mb.evaluate(ref, _log()) == []
     assert mb.evaluate(ref, _log("unknown_kernel"))
