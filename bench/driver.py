@@ -7,8 +7,10 @@ Both workers are pinned to the same CPU (``--cpu``, default the last one) with
 the next round upstream first, and so on. Every timed call must come back valid; the tampered
 controls (a forged IMA line, a wrong nonce) must come back invalid on both sides - otherwise the
 run fails. ``DIR/bench.json`` holds the raw samples of both sides; ``DIR/tables.md`` the tables.
-With ``--upstream-dir`` (a running up.sh instance) the HTTP benchmarks run too: the evidence
-endpoint (bench.http_load), registration (bench.registration) and the fleet (bench.fleet).
+With ``--upstream-dir`` (a DIR started by tests/interop/upstream/up.sh) the HTTP benchmarks run
+too: the evidence endpoint (bench.http_load), registration (bench.registration) and the fleet
+(bench.fleet). The upstream worker runs in the ``--kl-venv`` venv, made when missing by
+tests/interop/upstream/venv.sh (pip-installs keylime==7.14.3 once; then cached).
 """
 
 from __future__ import annotations
@@ -27,10 +29,21 @@ from bench import stats
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KL_VENV = Path(os.environ.get("KEYTRIO_KL_VENV", Path.home() / ".cache/keytrio-klvenv"))
+VENV_SH = REPO / "tests" / "interop" / "upstream" / "venv.sh"
 
 
 class BenchError(RuntimeError):
     pass
+
+
+def upstream_python(venv: Path) -> str:
+    """The interpreter of the upstream venv ``venv``, made (or checked: a second or two) by venv.sh."""
+    env = {**os.environ, "KEYTRIO_KL_VENV": str(venv)}
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.run(["bash", str(VENV_SH)], env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"{VENV_SH} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return str(Path(proc.stdout.strip()) / "bin" / "python")
 
 
 class Worker:
@@ -213,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     inputs = trio.run(gen.generate, inputs_dir, sizes, args.polls, args.lines_per_poll)
     print(f"[bench] inputs ready in {time.monotonic() - t0:.1f}s ({inputs_dir})", file=sys.stderr)
     cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
-    kl_python = str(Path(args.kl_venv) / "bin" / "python")
+    kl_python = upstream_python(Path(args.kl_venv))
     report: dict[str, Any] = {"machine": machine(), "cpu_pinned": cpu, "quick": args.quick,
                               "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     workers = [Worker("keytrio", sys.executable, "bench.worker_keytrio", cpu, out / "worker-keytrio.log"),
@@ -262,7 +275,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lines-per-poll", type=int, default=3)
     ap.add_argument("--cpu", type=int, default=None, help="CPU both workers (and the servers) are pinned to")
     ap.add_argument("--kl-venv", default=str(DEFAULT_KL_VENV))
-    ap.add_argument("--upstream-dir", type=Path, default=None, help="a running up.sh DIR (HTTP benchmarks)")
+    ap.add_argument("--upstream-dir", type=Path, default=None, help="a DIR running tests/interop/upstream/up.sh (HTTP benchmarks)")
     ap.add_argument("--http-seconds", type=float, default=None)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--fleet-sizes", default=None, help="fleet N values (default 20 quick, 50,200,500 full)")

@@ -71,7 +71,7 @@ def server_process(module_args: list[str], log_path: Path, cpu: int, ready: str)
 
 
 def pin_group(pgid: int, cpu: int) -> list[int]:
-    """Pin every process of process group ``pgid`` (up.sh starts each server with setsid)."""
+    """Pin every process of process group ``pgid`` (up.sh starts each server in its own session)."""
     pinned = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import math
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -402,9 +403,13 @@ def is_retryable(exc: BaseException) -> bool:
 
 def retry_delay(attempt: int, interval: float, exponential: bool) -> float:
     """Delay before retry number ``attempt`` (1-based): ``interval ** attempt`` when exponential
-    (upstream Keylime's rule, which only applies for interval > 1), else ``interval``."""
+    (upstream Keylime's rule, which only applies for interval > 1), else ``interval``. Past the
+    float range the delay is ``math.inf`` (callers cap it), never an OverflowError."""
     if exponential and interval > 1:
-        return float(interval**attempt)
+        try:
+            return float(interval) ** attempt
+        except OverflowError:
+            return math.inf
     return abs(float(interval))
 
 

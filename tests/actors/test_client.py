@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 from functools import partial
 
@@ -195,6 +196,10 @@ def test_retry_delay_rule():
     assert [retry_delay(n, 2.0, True) for n in (1, 2, 3)] == [2.0, 4.0, 8.0]
     assert [retry_delay(n, 2.0, False) for n in (1, 2, 3)] == [2.0, 2.0, 2.0]
     assert retry_delay(3, 0.5, True) == 0.5  # upstream: exponential needs a base above 1
+    # past the float range: infinity (the monitor then waits retry_interval), never OverflowError
+    assert retry_delay(2000, 2.0, True) == math.inf
+    assert retry_delay(10**6, 3, True) == math.inf
+    assert retry_delay(10**6, 2.0, False) == 2.0
 
 
 async def test_retry_uses_trio_clock(autojump_clock):

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,10 +180,11 @@ def verifier_options(pki: Any, data_dir: Path, **overrides: Any) -> dict[str, An
 
 
 async def start_verifier(
-    nursery: trio.Nursery, pki: Any, data_dir: Path, *, ima_check_for: Any = None, **overrides: Any
+    nursery: trio.Nursery, pki: Any, data_dir: Path, *, ima_check_for: Any = None,
+    clock: Callable[[], float] = time.time, **overrides: Any
 ) -> RunningVerifier:
     config = load_config(env={}, overrides=verifier_options(pki, data_dir, **overrides))
-    verifier = Verifier(config, ima_check_for=ima_check_for)
+    verifier = Verifier(config, ima_check_for=ima_check_for, clock=clock)
     scope, done = trio.CancelScope(), trio.Event()
 
     async def run(task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
