@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +75,28 @@ async def test_register_activate_restart_and_other_tpm(
 async def test_registration_waits_for_an_unreachable_registrar(
     nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm: Any
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # until the registrar runs, its port hangs up on every connection (counted)
+    attempts: list[float] = []
+    arrived = trio.Event()
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        attempts.append(trio.current_time())
+        arrived.set()
+        await stream.aclose()
+
+    door, door_closed = trio.CancelScope(), trio.Event()
+
+    async def closed_registrar(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with door:
+                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                async with trio.open_nursery() as inner:  # serve_listeners closes them when cancelled
+                    await inner.start(trio.serve_listeners, hang_up, listeners)
+                    task_status.started(listeners[0].socket.getsockname()[1])
+        finally:
+            door_closed.set()
+
+    port = await nursery.start(closed_registrar)
     opts = {"registrar_ip": "127.0.0.1", "registrar_port": port, "uuid": AGENT_ID,
             "retry_interval": 0.2, "max_retries": 50}
     started: list[Any] = []
@@ -87,8 +105,13 @@ async def test_registration_waits_for_an_unreachable_registrar(
         started.append(await start_agent(nursery, tmp_path, pki, swtpm.tcti, **opts))
 
     nursery.start_soon(agent_task)
-    await trio.sleep(0.8)
-    assert not started  # still retrying
+    with trio.fail_after(30):  # a hang guard only
+        while len(attempts) < 3:
+            arrived = trio.Event()
+            await arrived.wait()
+    assert not started  # three attempts refused: still retrying, not given up
+    door.cancel()
+    await door_closed.wait()  # the port is free for the registrar
     registrar = _registrar(pki, tmp_path, port=port)
     addrs = await nursery.start(registrar.run)
     with trio.fail_after(10):

