@@ -81,8 +81,9 @@ async def test_mbpolicies_crud_and_enrolment(nursery: trio.Nursery, tmp_path: Pa
     await rv.call("POST", f"/agents/{a.agent_id}", body, code=400)
     body.update(mb_policy_name="good", mb_policy=None)
     await enrol(rv, a.agent_id, body)
-    rec = await rv.wait_count(a.agent_id, 1)
-    assert rec["has_mb_refstate"] == 1 and rec["operational_state"] == 3, rec
+    # the first good quote is counted before V goes out (Provide V, 5): wait for Get Quote
+    rec = await rv.wait(a.agent_id, lambda r: r["attestation_count"] >= 1 and r["operational_state"] == 3)
+    assert rec["has_mb_refstate"] == 1, rec
     resp = await rv.admin.delete(f"{rv.url}/mbpolicies/good")
     assert resp.status_code == 409
     await rv.call("DELETE", f"/agents/{a.agent_id}")
