@@ -1,22 +1,25 @@
 """The testbed's server-components CA, written in upstream Keylime's ``cv_ca`` file layout.
 
-One CA issues the registrar/verifier server certificate, the client certificate that the tenant
-and the verifier present, and the RSA revocation-notifier pair whose private key the tenant
-enrols with the verifier and whose certificate every agent trusts. trustme makes the CA and
-the TLS leaves (ECDSA); the revocation pair is RSA because notices are RSA-PSS signed.
+One CA issues the registrar/verifier server certificate (serverAuth only), the client certificate
+that the tenant and the verifier present (clientAuth only), and the RSA revocation-notifier pair
+(keytrio's revocation-signing purpose only, no TLS use) whose private key the tenant enrols with
+the verifier and whose certificate every agent trusts. trustme makes the CA; the leaves are made
+by `keytrio ca`'s own :func:`make_leaf`, so the testbed's certificates follow the same rules.
+Private keys are 0600 in a 0700 directory whatever the umask.
 """
 
 from __future__ import annotations
 
-import datetime
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+
+from keytrio.actors.ca.authority import make_leaf
+from keytrio.actors.common.private_files import private_dir, write_private
 
 CA_CERT = "cacert.crt"
 SERVER_CERT, SERVER_KEY = "server-cert.crt", "server-private.pem"
@@ -66,40 +69,31 @@ def make_cv_ca(directory: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "local
               files.revocation_cert, files.revocation_key)
     if all(p.is_file() for p in wanted):
         return files
-    files.dir.mkdir(parents=True, exist_ok=True)
-    files.dir.chmod(0o700)
+    private_dir(files.dir)
     ca = trustme.CA(organization_name="keytrio testbed")
     ca.cert_pem.write_to_path(str(files.ca))
-    server = ca.issue_cert(*hosts, common_name="keytrio-server")
-    server.cert_chain_pems[0].write_to_path(str(files.server_cert))
-    server.private_key_pem.write_to_path(str(files.server_key))
-    client = ca.issue_cert("client.keytrio.test", common_name="keytrio-client")
-    client.cert_chain_pems[0].write_to_path(str(files.client_cert))
-    client.private_key_pem.write_to_path(str(files.client_key))
-    _revocation_pair(ca, files)
-    for key in (files.server_key, files.client_key, files.revocation_key):
-        key.chmod(0o600)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    ips = tuple(h for h in hosts if _is_ip(h))
+    dns = tuple(h for h in hosts if not _is_ip(h))
+    # the leaves of `keytrio ca` (one purpose each), not trustme's (serverAuth + clientAuth)
+    leaves = (
+        ("keytrio-server", "server", files.server_cert, files.server_key),
+        ("keytrio-client", "client", files.client_cert, files.client_key),
+        ("RevocationNotifier", "revocation", files.revocation_cert, files.revocation_key),
+    )
+    for name, kind, cert_path, key_path in leaves:
+        cert, key = make_leaf(ca_cert, ca_key, name, kind,  # type: ignore[arg-type]
+                              ips=ips if kind == "server" else (), dns=dns if kind == "server" else ())
+        write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return files
 
 
-def _revocation_pair(ca: trustme.CA, files: CaFiles) -> None:
-    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RevocationNotifier")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    files.revocation_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.revocation_key.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption())
-    )
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

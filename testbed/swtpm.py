@@ -36,6 +36,8 @@ from pathlib import Path
 
 import trio
 
+from keytrio.actors.common.private_files import private_dir
+
 DEFAULT_BANKS: tuple[str, ...] = ("sha1", "sha256", "sha384")
 KNOWN_BANKS = ("sha1", "sha256", "sha384", "sha512")
 
@@ -79,7 +81,7 @@ def init_local_ca(ca_dir: Path) -> Path:
     so several TPMs provisioned against one ``ca_dir`` share one CA.
     """
     ca_dir = Path(ca_dir).resolve()
-    ca_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(ca_dir)  # swtpm_localca writes the EK CA's signing key here
     conf = ca_dir / "swtpm-localca.conf"
     if not conf.exists():
         conf.write_text(

@@ -79,6 +79,7 @@ class Testbed:
         observer: Observer | None = None,
         machine_options: dict[str, Any] | None = None,
         verifier_options: dict[str, Any] | None = None,
+        registrar_options: dict[str, Any] | None = None,
     ) -> None:
         self.dir = Path(dir).resolve()
         self.count = machines
@@ -92,6 +93,7 @@ class Testbed:
             **(verifier_options or {}),
         }
         self.machine_options = dict(machine_options or {})
+        self.registrar_options = dict(registrar_options or {})
         self.ca: CaFiles | None = None
         self.registrar: Registrar | None = None
         self.registrar_addresses: RegistrarAddresses | None = None
@@ -146,7 +148,7 @@ class Testbed:
         self.registrar = Registrar(registrar_config(None, env={}, overrides={
             "ip": "127.0.0.1", "port": 0, "tls_port": 0, "data_dir": str(self.dir / "registrar"),
             "server_cert": str(ca.server_cert), "server_key": str(ca.server_key),
-            "trusted_client_ca": [str(ca.ca)], "graceful_timeout": 0.5,
+            "trusted_client_ca": [str(ca.ca)], "graceful_timeout": 0.5, **self.registrar_options,
         }))
         self.registrar_addresses = await self._nursery.start(self.registrar.run)
         await self.start_verifier()

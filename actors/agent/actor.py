@@ -65,6 +65,8 @@ class Agent:
             raise AgentConfigError("trusted_client_ca: at least one CA file is required")
         if config.crl and not Path(config.crl).is_file():
             raise AgentConfigError(f"crl: no such file {config.crl}")
+        if (exposed := tls.private_key_problem(Path(config.data_dir) / datadir.NK_KEY)) is not None:
+            raise AgentConfigError(exposed)
         self.config = config
         self.info: AgentInfo | None = None
         self.runner: Runner | None = None
@@ -157,6 +159,7 @@ class Agent:
                     revocations=revocations,
                     metrics=self.metrics,
                 )
+                app.require_client_eku = cfg.require_client_eku
                 ssl_ctx = await trio.to_thread.run_sync(self._server_context, data_dir)
                 failure: RegistrationError | None = None
                 async with trio.open_nursery() as nursery:

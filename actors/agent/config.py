@@ -76,6 +76,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("tpm_signing_alg", "choice", "rsassa", "AK signing scheme.", choices=("rsassa", "ecdsa")),
     Option("tpm_encryption_alg", "choice", "rsa", "EK/AK key type.", choices=("rsa", "ecc")),
     Option("trusted_client_ca", "list", [], "PEM files of the CA(s) whose client certs may connect (required)."),
+    Option("require_client_eku", "bool", False,
+           "Refuse client certs without an extended key usage too (those whose EKU lacks clientAuth\n"
+           "are always refused). Upstream's cv_ca issues certs without one: see docs/compatibility.md."),
     Option("data_dir", "path", "/var/lib/keytrio/agent",
            "Persistent agent state: uuid, AK blobs, NK key and mTLS cert, seen revocation ids."),
     Option("ima_ml_path", "path", "/sys/kernel/security/ima/ascii_runtime_measurements",

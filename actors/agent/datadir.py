@@ -1,6 +1,6 @@
 """The agent's persistent state in ``data_dir``: its id, NK + self-signed mTLS cert, AK blobs.
 
-Files (all written atomically; secrets 0600):
+Files (all written atomically; secrets 0600 in a 0700 ``data_dir``, whatever the umask):
 
     uuid                  the generated agent id (only for ``uuid = generate``)
     nk-private.pem        the NK (RSA-2048, PKCS#8), 0600
@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
 import uuid as uuidlib
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from keytrio.actors.common.private_files import private_dir, write_private
+from keytrio.actors.common.tls import check_private_key
 
 NK_KEY = "nk-private.pem"
 NK_CERT = "nk-cert.pem"
@@ -37,22 +39,13 @@ CERT_DAYS = 3650
 
 
 def ensure_dir(path: Path, mode: int = 0o700) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=mode)
-    os.chmod(path, mode)
-    return path
+    return private_dir(path, mode)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write to a temp file, fsync, rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    """Write to a temp file made ``mode`` first, fsync, rename: a crash never leaves a
+    half-written file, and no byte is ever readable with a wider mode."""
+    write_private(path, data, mode)
 
 
 def load_or_create_nk(data_dir: Path, contact_ip: str) -> tuple[rsa.RSAPrivateKey, str, str]:
@@ -64,6 +57,7 @@ def load_or_create_nk(data_dir: Path, contact_ip: str) -> tuple[rsa.RSAPrivateKe
     key_path, cert_path = data_dir / NK_KEY, data_dir / NK_CERT
     key: rsa.RSAPrivateKey | None = None
     if key_path.exists():
+        check_private_key(key_path)  # readable by others: refuse to start, as ssh does
         loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(loaded, rsa.RSAPrivateKey):
             raise ValueError(f"{key_path}: the NK must be an RSA key")

@@ -22,6 +22,8 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from keytrio.actors.common.private_files import private_dir
+
 log = logging.getLogger("keytrio.agent")
 
 UNZIPPED = "unzipped"
@@ -46,8 +48,7 @@ class SecureDir:
 
     def prepare(self) -> None:
         """Create (and maybe mount) the directory. Blocking: call in a thread."""
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.path, 0o700)
+        private_dir(self.path)
         want = self.mount_mode == "always" or (self.mount_mode == "auto" and os.geteuid() == 0)
         if not want or os.path.ismount(self.path):
             return
@@ -84,13 +85,14 @@ class SecureDir:
             staging = self.path / ".unzipped.staging"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(mode=0o700)
+            os.chmod(staging, 0o700)
             try:
                 for info, rel in members:
                     target = staging.joinpath(*rel.parts)
                     if info.is_dir():
-                        target.mkdir(parents=True, exist_ok=True, mode=0o700)
+                        private_dir(target)
                         continue
-                    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    private_dir(target.parent)
                     mode = 0o700 if (info.external_attr >> 16) & 0o111 else 0o600
                     with zf.open(info) as src:
                         data = src.read(self.size + 1)
@@ -117,10 +119,12 @@ def _looks_like_zip(data: bytes) -> bool:
 def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
-        os.write(fd, data)
+        os.fchmod(fd, mode)  # before the first byte: the umask or an older file may be wider
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
     finally:
         os.close(fd)
-    os.chmod(path, mode)
 
 
 def _safe_relative(name: str) -> PurePosixPath | None:

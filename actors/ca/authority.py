@@ -4,7 +4,15 @@ A CA directory holds the CA (``cacert.crt``, ``ca-private.pem``), the certificat
 (``<name>-cert.crt`` / ``<name>-private.pem``; the default layout uses upstream's names
 ``server-*``, ``client-*`` and ``RevocationNotifier-*``), an index of what was issued
 (``index.json``) and the certificate revocation list (``cacrl.pem``) that servers load to refuse
-revoked client certificates. Private keys are written 0600, the directory 0700.
+revoked client certificates. Private keys are written 0600, the directory 0700, whatever the umask.
+
+A key per door (extended key usage): a server certificate is for serverAuth only, a client
+certificate (tenant, verifier) for clientAuth only, and the revocation notifier's certificate
+for :data:`REVOCATION_SIGNING` only, a keytrio purpose that no TLS stack accepts. The notifier's
+private key is handed to the verifier (and stored in its database) to sign revocation notices;
+with no TLS purpose it cannot log in anywhere, while agents, keytrio's and upstream's alike, only
+use its public key to check a notice's signature. Upstream's cv_ca issues every leaf without an
+extended key usage, so its notifier certificate is also a TLS client certificate.
 """
 
 from __future__ import annotations
@@ -12,7 +20,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +29,22 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keytrio.actors.common.private_files import private_dir, write_private
+
 CA_CERT, CA_KEY, CRL, INDEX = "cacert.crt", "ca-private.pem", "cacrl.pem", "index.json"
 Kind = Literal["server", "client", "revocation"]
+
+#: The revocation notifier's purpose: "keytrio revocation-notice signing", an OID in the 2.25
+#: (UUID, ITU-T X.667) arc, so it needs no registration and means nothing to any other software.
+#: A private purpose rather than emailProtection or codeSigning: those are trusted for S/MIME or
+#: code elsewhere, and the notifier key should open no door at all.
+REVOCATION_SIGNING = x509.ObjectIdentifier("2.25.38613450585174001958753112755116779306")
+
+_PURPOSES: dict[str, list[x509.ObjectIdentifier]] = {
+    "server": [ExtendedKeyUsageOID.SERVER_AUTH],
+    "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
+    "revocation": [REVOCATION_SIGNING],
+}
 
 
 class CaError(Exception):
@@ -46,12 +67,53 @@ def _now() -> datetime.datetime:
 
 
 def _write_key(path: Path, key: Any) -> None:
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    path.chmod(0o600)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+
+
+def make_leaf(ca_cert: x509.Certificate, ca_key: Any, name: str, kind: Kind, *,
+              ips: tuple[str, ...] = (), dns: tuple[str, ...] = (), days: int = 825,
+              ) -> tuple[x509.Certificate, Any]:
+    """A leaf certificate + its new private key for ``kind`` (the purposes above), signed by the CA.
+
+    Used by :meth:`Authority.issue` and by the testbed's CA, so both issue the same certificates.
+    """
+    if kind not in _PURPOSES:
+        raise CaError(f"unknown certificate kind {kind!r}")
+    parsed_ips = []
+    for ip in ips:
+        try:
+            parsed_ips.append(ipaddress.ip_address(ip))
+        except ValueError:
+            raise CaError(f"not an IP address: {ip!r}") from None
+    # Revocation notices are RSA-PSS signed (PROTOCOL.md), so the notifier key is RSA.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048) if kind == "revocation" \
+        else ec.generate_private_key(ec.SECP256R1())
+    signing = kind == "revocation"
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(minutes=5))
+        .not_valid_after(_now() + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
+                       critical=False)  # type: ignore[arg-type]
+        # TLS needs digitalSignature (ECDHE), the notifier only signs notices
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(_PURPOSES[kind]), critical=signing)
+    )
+    if kind == "server" or (ips or dns):
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
+        sans += [x509.IPAddress(ip) for ip in parsed_ips]
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    hash_alg = hashes.SHA384() if isinstance(ca_key, ec.EllipticCurvePrivateKey) and ca_key.curve.key_size >= 384 \
+        else hashes.SHA256()
+    return builder.sign(ca_key, hash_alg), key
 
 
 class Authority:
@@ -72,8 +134,7 @@ class Authority:
         d = Path(directory)
         if (d / CA_CERT).exists():
             raise CaError(f"{d}: a CA already exists")
-        d.mkdir(parents=True, exist_ok=True)
-        d.chmod(0o700)
+        private_dir(d)
         key = ec.generate_private_key(ec.SECP384R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
                           x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keytrio")])
@@ -128,34 +189,8 @@ class Authority:
             raise CaError(f"a certificate named {name!r} exists (revoke it first)")
         if kind == "server" and not (ips or dns):
             raise CaError("a server certificate needs at least one --ip or --dns")
-        parsed_ips = []
-        for ip in ips:
-            try:
-                parsed_ips.append(ipaddress.ip_address(ip))
-            except ValueError:
-                raise CaError(f"not an IP address: {ip!r}") from None
-        # Revocation notices are RSA-PSS signed (PROTOCOL.md), so the notifier key is RSA.
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048) if kind == "revocation" \
-            else ec.generate_private_key(ec.SECP256R1())
-        serial = x509.random_serial_number()
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(serial)
-            .not_valid_before(_now() - datetime.timedelta(minutes=5))
-            .not_valid_after(_now() + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()),
-                           critical=False)  # type: ignore[arg-type]
-        )
-        if kind == "server":
-            sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
-            sans += [x509.IPAddress(ip) for ip in parsed_ips]
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        elif kind == "client":
-            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        cert = builder.sign(self._key, hashes.SHA384())  # type: ignore[arg-type]
+        cert, key = make_leaf(self.cert, self._key, name, kind, ips=ips, dns=dns, days=days)
+        serial = cert.serial_number
         cert_path, key_path = self.dir / f"{name}-cert.crt", self.dir / f"{name}-private.pem"
         _write_key(key_path, key)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

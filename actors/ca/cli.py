@@ -1,4 +1,8 @@
-"""``keytrio ca init|issue|list|revoke``: the server-components CA for a deployment."""
+"""``keytrio ca init|issue|list|revoke``: the server-components CA for a deployment.
+
+Each certificate has one purpose (extended key usage): servers serverAuth, clients clientAuth,
+the revocation notifier keytrio's revocation-signing purpose, which no TLS server accepts.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--bare", action="store_true", help="only the CA itself, no default certificates")
     init.set_defaults(func=_init)
 
-    issue = verbs.add_parser("issue", help="issue a server or client certificate")
+    issue = verbs.add_parser("issue", help="issue a server, client or revocation-notifier certificate")
     issue.add_argument("--dir", type=Path, required=True, help="CA directory")
     who = issue.add_mutually_exclusive_group(required=True)
-    who.add_argument("--server", metavar="NAME", help="a server certificate (needs --ip and/or --dns)")
-    who.add_argument("--client", metavar="NAME", help="a client certificate (tenant, verifier)")
+    who.add_argument("--server", metavar="NAME", help="a server certificate, serverAuth only (needs --ip and/or --dns)")
+    who.add_argument("--client", metavar="NAME", help="a client certificate, clientAuth only (tenant, verifier)")
+    who.add_argument("--notifier", metavar="NAME",
+                     help="a revocation-notifier certificate (RSA; signs revocation notices, no TLS use)")
     issue.add_argument("--ip", action="append", default=[], help="IP SAN (repeatable)")
     issue.add_argument("--dns", action="append", default=[], help="DNS SAN (repeatable)")
     issue.add_argument("--days", type=int, default=825, help="validity in days (default %(default)s)")
@@ -64,6 +70,8 @@ def _issue(args: argparse.Namespace) -> int:
         ca = Authority(args.dir)
         if args.server:
             item = ca.issue(args.server, "server", ips=tuple(args.ip), dns=tuple(args.dns), days=args.days)
+        elif args.notifier:
+            item = ca.issue(args.notifier, "revocation", days=args.days)
         else:
             item = ca.issue(args.client, "client", days=args.days)
     except (CaError, OSError) as exc:

@@ -7,8 +7,9 @@
   status ``API version not supported`` (the text upstream's verifier renegotiates on).
 * Client certificates (CERT_OPTIONAL servers): public routes (``/version``, ``/verify/*``) work
   without one; every other path needs a client cert whose verified chain contains one of the
-  configured CAs, else a JSON 403. The cert comes from the scope entry serve.py adds
-  (``scope["extensions"]["tls"]``).
+  configured CAs and that may act as a TLS client (extended key usage with clientAuth; none at
+  all only while ``require_client_eku`` is off), else a JSON 403. The cert comes from the scope
+  entry serve.py adds (``scope["extensions"]["tls"]``).
 * Bodies over ``max_upload_size`` get a 413 envelope (serve.BodyLimit); ``await json_body()``
   returns a dict or answers 400.
 """
@@ -32,6 +33,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import BaseConverter
 
 from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE, BodyLimit
+from keytrio.actors.common.tls import client_cert_purpose
 from keytrio.protocol import validation
 from keytrio.protocol.envelope import envelope
 from keytrio.protocol.errors import ProtocolError
@@ -167,6 +169,7 @@ class KeytrioApp(QuartTrio):
     public_endpoints: set[str]
     public_paths: tuple[str, ...]
     require_client_cert: bool
+    require_client_eku: bool
     trusted_ca_fingerprints: frozenset[bytes]
     trusted_cas: list[x509.Certificate]
 
@@ -180,6 +183,7 @@ def make_app(
     trusted_client_ca: Iterable[str | os.PathLike[str]] = (),
     max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE,
     version_payload: dict[str, Any] | None = None,
+    require_client_eku: bool = False,
 ) -> KeytrioApp:
     """A :class:`KeytrioApp` named ``name``.
 
@@ -189,6 +193,8 @@ def make_app(
     * ``require_client_cert``: non-public routes need a client cert chaining to one of
       ``trusted_client_ca`` (PEM files, usually the server-components CA), else 403.
       False for a plain-HTTP app (the registrar's agent port).
+    * ``require_client_eku``: refuse client certs without an extended key usage too (those whose
+      EKU lacks clientAuth are always refused); may also be set on the app after it is built.
     * ``version_payload``: if given, ``GET /version`` (unversioned, public) answers it.
     """
     if not versions:
@@ -198,6 +204,7 @@ def make_app(
     app.public_endpoints = set()
     app.public_paths = tuple(public_routes)
     app.require_client_cert = require_client_cert
+    app.require_client_eku = require_client_eku
     app.trusted_cas = _load_cas(trusted_client_ca)
     if require_client_cert and not app.trusted_cas:
         raise ValueError("require_client_cert needs trusted_client_ca")
@@ -228,8 +235,12 @@ def make_app(
 async def _before_request() -> None:
     app = _current_app()
     # 1. authorisation first: an unauthenticated client learns nothing about routes or versions
-    if app.require_client_cert and not _is_public(app) and not _has_trusted_client_cert(app):
-        raise ApiError(403, "Forbidden: a client certificate from the trusted CA is required")
+    if app.require_client_cert and not _is_public(app):
+        if not _has_trusted_client_cert(app):
+            raise ApiError(403, "Forbidden: a client certificate from the trusted CA is required")
+        refused = _wrong_purpose(app)
+        if refused is not None:
+            raise ApiError(403, f"Forbidden: {refused}")
     # 2. the API version of a versioned route
     view_args = request.view_args
     if view_args is not None and "api_version" in view_args:
@@ -282,6 +293,19 @@ def _has_trusted_client_cert(app: KeytrioApp) -> bool:
             continue
         return True
     return False
+
+
+def _wrong_purpose(app: KeytrioApp) -> str | None:
+    """Why the (trusted) client cert may not log in, or None. OpenSSL's handshake already
+    refuses an EKU without clientAuth; this repeats it and adds ``require_client_eku``."""
+    leaf = client_cert_der()
+    if leaf is None:
+        return "a client certificate from the trusted CA is required"
+    try:
+        cert = x509.load_der_x509_certificate(leaf)
+    except ValueError:
+        return "the client certificate does not parse"
+    return client_cert_purpose(cert, require_eku=app.require_client_eku)
 
 
 async def _on_api_error(error: ApiError) -> Response:

@@ -60,7 +60,7 @@ def storage_options(actor: str) -> tuple[Option, ...]:
 
 
 def tls_server_options() -> tuple[Option, ...]:
-    """tls_dir, server_cert, server_key, trusted_client_ca (file names relative to tls_dir)."""
+    """tls_dir, server_cert, server_key, trusted_client_ca (file names relative to tls_dir), require_client_eku."""
     return (
         Option("tls_dir", "path", None, "Directory of the TLS files below; empty = <data_dir>/cv_ca."),
         Option("server_cert", "path", "server-cert.crt", "Server certificate (PEM) of the HTTPS listener."),
@@ -70,6 +70,14 @@ def tls_server_options() -> tuple[Option, ...]:
             "list",
             ["cacert.crt"],
             "CA certificates (PEM files) whose client certificates may use the HTTPS API.",
+        ),
+        Option(
+            "require_client_eku",
+            "bool",
+            False,
+            "Refuse client certificates without an extended key usage too (those whose EKU lacks\n"
+            "clientAuth are always refused). Upstream's cv_ca issues certificates without one,\n"
+            "its revocation notifier's too: see docs/compatibility.md before turning this on.",
         ),
     )
 

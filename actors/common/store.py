@@ -10,6 +10,11 @@ upgraded at open (``auto_migrate``) or checked to be current (SchemaOutOfDate ot
 Without migrations ``metadata.create_all`` makes the tables: kept for scratch stores of tests and
 tools that have no revision history (no actor uses it).
 
+SQLite files hold secrets (the verifier's V keys and notifier key, the registrar's auth tags):
+the database file is created 0600 before SQLite opens it, so its -wal and -shm files, which
+SQLite creates with the database file's mode, are 0600 too, whatever the umask; a missing
+directory is created 0700.
+
 PostgreSQL: the pool holds ``pool_size`` connections plus at most ``max_overflow`` more, and the
 thread limiter equals that bound, so no thread ever waits on the pool inside a worker thread.
 """
@@ -27,6 +32,7 @@ import trio
 from sqlalchemy.engine import Connection, Engine
 
 from keytrio.actors.common.migrations import Migrations, check_current, current, upgrade
+from keytrio.actors.common.private_files import private_dir, private_file
 
 T = TypeVar("T")
 
@@ -49,8 +55,35 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for in-memory databases and other engines)."""
+    if not url.startswith("sqlite"):
+        return None
+    parsed = sa.engine.make_url(url)
+    name = parsed.database
+    if not name or name == ":memory:" or parsed.query.get("mode") == "memory":
+        return None
+    return Path(name)
+
+
+def secure_sqlite_files(url: str) -> None:
+    """(blocking) Create the database file 0600 (its directory 0700 when missing) and bring an
+    existing database, -wal and -shm back to 0600."""
+    path = sqlite_file(url)
+    if path is None:
+        return
+    if not path.parent.exists():
+        private_dir(path.parent)
+    private_file(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        extra = path.with_name(path.name + suffix)
+        if extra.exists():
+            private_file(extra)
+
+
 def _make_engine(url: str, pool_size: int, max_overflow: int = 0) -> Engine:
     if url.startswith("sqlite"):
+        secure_sqlite_files(url)
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @sa.event.listens_for(engine, "connect")
@@ -218,7 +251,7 @@ class _Job:
 def db_command(action: str, url: str, migrations: Migrations, *, data_dir: Path | None = None) -> str:
     """``keytrio <actor> db upgrade|current`` (blocking); returns the line to print."""
     if url.startswith("sqlite") and data_dir is not None:
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        private_dir(Path(data_dir))
     engine = _make_engine(url, 1, 0)
     try:
         if action == "upgrade":

@@ -8,6 +8,16 @@ Trust model:
   store is "the CA + that one leaf", and no host name is checked (agents are reached by the
   address they registered, which their cert does not name).
 
+Purpose (extended key usage): the server-components CA issues server certs for serverAuth only,
+client certs for clientAuth only and the revocation notifier's cert for a keytrio-only purpose.
+OpenSSL's standard purpose check, which every server context applies to a presented client cert,
+fails the handshake for a cert whose EKU lacks clientAuth; :func:`client_cert_purpose` is the
+same rule for the app (plus ``require_client_eku``, which also refuses certs without any EKU, as
+upstream's cv_ca issues them).
+
+Private keys: :func:`check_private_key` refuses a key file that group or others may access (as
+ssh does); both context builders call it.
+
 Both sides speak TLS 1.2+ and HTTP/1.1 only (ALPN ``http/1.1``): hypercorn's HTTP/2 path is not
 used anywhere in keytrio.
 """
@@ -18,9 +28,13 @@ import functools
 import logging
 import os
 import ssl
+import stat
 import time
 from collections.abc import Callable, Iterable
 from typing import Literal
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 log = logging.getLogger("keytrio.tls")
 
@@ -33,6 +47,56 @@ _VERIFY_MODES: dict[str, ssl.VerifyMode] = {
 }
 
 StrPath = str | os.PathLike[str]
+
+
+class UnprotectedKeyError(ValueError):
+    """A private key file that group or others may read or write: refused, as ssh does."""
+
+
+def check_private_key(path: StrPath) -> None:
+    """Raise :class:`UnprotectedKeyError` when ``path`` grants any access to group or others.
+
+    A key that other local users can read is already compromised; starting with it would hide
+    that. The message is one line and says how to fix it.
+    """
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        raise UnprotectedKeyError(
+            f"private key {os.fspath(path)} is accessible by group/others (mode {mode:04o}); "
+            f"run: chmod 600 {os.fspath(path)}"
+        )
+
+
+def private_key_problem(path: StrPath) -> str | None:
+    """:func:`check_private_key` as a message (for configuration checks), None when the key is safe
+    or does not exist (that is reported elsewhere)."""
+    try:
+        check_private_key(path)
+    except UnprotectedKeyError as exc:
+        return str(exc)
+    except OSError:
+        return None
+    return None
+
+
+def client_cert_purpose(cert: x509.Certificate, *, require_eku: bool = False) -> str | None:
+    """Why ``cert`` may not act as a TLS client, or None when it may.
+
+    A cert with an extended key usage must list clientAuth or anyExtendedKeyUsage (RFC 5280
+    4.2.1.12; OpenSSL's handshake check is stricter and refuses anyExtendedKeyUsage alone too).
+    A cert without one is accepted unless ``require_eku`` (upstream's cv_ca issues leaves
+    without EKU, its revocation notifier's too).
+    """
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return "the client certificate has no extended key usage (require_client_eku = true)" \
+            if require_eku else None
+    except ValueError:
+        return "the client certificate has a malformed extended key usage"
+    if ExtendedKeyUsageOID.CLIENT_AUTH in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku:
+        return None
+    return "the client certificate's extended key usage does not include clientAuth"
 
 
 def server_context(
@@ -59,8 +123,11 @@ def server_context(
     if mode != "none" and not ca_files:
         raise ValueError(f"client_ca_files is required when mode={mode!r}")
 
+    check_private_key(key_file)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)
+    # OpenSSL verifies a client cert for the "SSL client" purpose: an EKU without clientAuth
+    # fails the handshake ("unsuitable certificate purpose"), whatever ``mode``.
     ctx.load_cert_chain(os.fspath(cert_file), os.fspath(key_file))
     ctx.verify_mode = _VERIFY_MODES[mode]
     if mode != "none":
@@ -192,6 +259,7 @@ def client_context(
         check_hostname = pinned_server_cert_pem is None
     ctx.check_hostname = check_hostname
     if cert_file is not None:
+        check_private_key(key_file if key_file is not None else cert_file)
         ctx.load_cert_chain(os.fspath(cert_file), os.fspath(key_file) if key_file is not None else None)
     elif key_file is not None:
         raise ValueError("key_file given without cert_file")

@@ -19,6 +19,7 @@ import trio
 
 from keytrio.actors.common.config import Config
 from keytrio.actors.common.metrics import serve_metrics
+from keytrio.actors.common.private_files import private_dir
 from keytrio.actors.common.serve import serve
 from keytrio.actors.common.store import Store, parse_pool
 from keytrio.actors.common.tls import reloading_server_context
@@ -68,7 +69,7 @@ class Registrar:
             crl_files=[s.crl] if s.crl is not None else [],
         )
         if s.database_url.startswith("sqlite") and not cfg.database_url:
-            await trio.to_thread.run_sync(partial(s.data_dir.mkdir, parents=True, exist_ok=True))
+            await trio.to_thread.run_sync(private_dir, s.data_dir)  # holds secrets: 0700
         pool_size, max_overflow = parse_pool(cfg.database_pool_sz_ovfl)
         # migrated to the current schema at start (auto_migrate_db), else checked to be current
         store = await Store.open(s.database_url, pool_size=pool_size, max_overflow=max_overflow,
@@ -87,6 +88,7 @@ class Registrar:
             admin_app = build_admin_app(
                 service, trusted_client_ca=s.trusted_client_ca, max_upload_size=cfg.max_upload_size
             )
+            admin_app.require_client_eku = cfg.require_client_eku
             async with trio.open_nursery() as nursery:
                 http = await nursery.start(
                     partial(

@@ -20,6 +20,7 @@ from keytrio.actors.common.server_options import (
     tls_server_options,
 )
 from keytrio.actors.common.store import sqlite_url
+from keytrio.actors.common.tls import private_key_problem
 
 ACTOR = "registrar"
 
@@ -118,6 +119,8 @@ def resolve(config: Config) -> Settings:
     for name, p in (("server_cert", server_cert), ("server_key", server_key)):
         if not p.is_file():
             problems.append(f"{name}: no such file {p}")
+    if (exposed := private_key_problem(server_key)) is not None:
+        problems.append(f"server_key: {exposed}")
     if not cas:
         problems.append("trusted_client_ca: at least one CA is needed for the HTTPS API")
     for p in cas:

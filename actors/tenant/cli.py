@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import trio
 
 from keytrio.actors.common.config import ConfigError
+from keytrio.actors.common.tls import private_key_problem
 from keytrio.actors.tenant import config as tconfig
 from keytrio.actors.tenant import ekcheck, mbpolicies, policies
 from keytrio.actors.tenant.errors import (
@@ -171,6 +172,8 @@ async def run(args: argparse.Namespace, *, out: TextIO | None = None, err: TextI
         for path in (*tls.ca_files, tls.client_cert, tls.client_key):
             if not path.is_file():
                 raise UsageError(f"TLS file {path} does not exist")
+        if (exposed := private_key_problem(tls.client_key)) is not None:
+            raise UsageError(exposed)
         progress = Progress(err, lines=out, quiet=args.quiet)
         async with Tenant(
             f"https://{_host(cfg.registrar_ip)}:{cfg.registrar_tls_port}",

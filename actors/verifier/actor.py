@@ -29,6 +29,7 @@ import trio
 
 from keytrio.actors.common.config import Config
 from keytrio.actors.common.metrics import serve_metrics
+from keytrio.actors.common.private_files import private_dir
 from keytrio.actors.common.serve import serve
 from keytrio.actors.common.store import Store, parse_pool
 from keytrio.actors.common.tls import reloading_server_context
@@ -82,7 +83,7 @@ class Verifier:
                              crl_files=[s.crl] if s.crl is not None else [])
         contexts = agent_context_factory(s.trusted_server_ca, s.client_cert, s.client_key)
         if s.database_url.startswith("sqlite") and not cfg.database_url:
-            await trio.to_thread.run_sync(partial(s.data_dir.mkdir, parents=True, exist_ok=True))
+            await trio.to_thread.run_sync(private_dir, s.data_dir)  # holds secrets: 0700
         pool_size, max_overflow = parse_pool(cfg.database_pool_sz_ovfl)
         store = await Store.open(s.database_url, pool_size=pool_size, max_overflow=max_overflow,
                                  migrations=MIGRATIONS, auto_migrate=cfg.auto_migrate_db)
@@ -149,6 +150,7 @@ class Verifier:
                     policies=policies,
                     ignore_tomtou_errors=cfg.ignore_tomtou_errors,
                 )
+                app.require_client_eku = cfg.require_client_eku
                 bound = await nursery.start(
                     partial(serve, app, host=cfg.ip, port=cfg.port, ssl_context=tls,
                             graceful_timeout=cfg.graceful_timeout)

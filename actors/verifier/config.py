@@ -20,6 +20,7 @@ from keytrio.actors.common.server_options import (
     tls_server_options,
 )
 from keytrio.actors.common.store import sqlite_url
+from keytrio.actors.common.tls import private_key_problem
 
 ACTOR = "verifier"
 
@@ -167,6 +168,8 @@ def resolve(config: Config) -> Settings:
     for name, p in files.items():
         if not p.is_file():
             problems.append(f"{name}: no such file {p}")
+        elif name.endswith("_key") and (exposed := private_key_problem(p)) is not None:
+            problems.append(f"{name}: {exposed}")
     cas: dict[str, tuple[Path, ...]] = {}
     for name in ("trusted_client_ca", "trusted_server_ca"):
         cas[name] = tuple(in_tls_dir(p) for p in config[name])

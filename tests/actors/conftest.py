@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keytrio.actors.common.private_files import write_private
+
 
 @dataclass(frozen=True)
 class CertFiles:
@@ -42,7 +44,7 @@ def _write_leaf(ca: trustme.CA, directory: Path, name: str, *identities: str) ->
     cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
     # cert file holds the leaf (and no chain): clients send just their leaf
     cert.write_bytes(leaf.cert_chain_pems[0].bytes())
-    key.write_bytes(leaf.private_key_pem.bytes())
+    write_private(key, leaf.private_key_pem.bytes())  # actors refuse keys others can read
     return CertFiles(cert, key)
 
 
@@ -82,7 +84,8 @@ def _self_signed(directory: Path, name: str) -> CertFiles:
     )
     cert_path, key_path = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
+    write_private(
+        key_path,
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
