@@ -118,8 +118,8 @@ def provision(
     ca_dir = Path(ca_dir).resolve() if ca_dir is not None else state_dir / "localca"
     tpm_dir = state_dir / "tpm"
     certs_dir = state_dir / "ek-certs"
-    for d in (tpm_dir, certs_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    certs_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(tpm_dir)  # the TPM's seeds and keys
     ca_conf = init_local_ca(ca_dir)
     setup_conf = state_dir / "swtpm_setup.conf"
     setup_conf.write_text(
@@ -146,6 +146,8 @@ def provision(
     if res.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         raise SwtpmError(f"swtpm_setup failed ({res.returncode}): {res.stderr.strip()}\n{tail}")
+    for key in ca_dir.glob("*key*.pem"):  # swtpm_localca makes its CA keys 0640
+        key.chmod(0o600)
     meta = {
         "banks": list(banks),
         # relative when inside the state dir, so a copied state dir stays self-contained

@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from keytrio.actors.common.private_files import write_private
 from keytrio.actors.policy.create import PolicyToolError
 from keytrio.protocol import dsse
 from keytrio.protocol.errors import ProtocolError
@@ -35,9 +36,7 @@ def new_key(path: str | os.PathLike[str], *, curve: ec.EllipticCurve | None = No
     p = Path(path)
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    write_private(p, data)  # 0600 whatever the umask, also over an older, wider file
     pub = p.with_name(p.name + ".pub")
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))

@@ -1,5 +1,7 @@
 """`keytrio ca`: init in the cv_ca layout, issue, list, revoke; a server loading the CRL refuses a
-revoked client certificate at the handshake (real TLS sockets)."""
+revoked client certificate at the handshake (real TLS sockets); one purpose per certificate
+(extended key usage), the same for the testbed's CA (tests/actors/test_key_doors.py walks every
+key against every door)."""
 
 import stat
 from pathlib import Path
@@ -8,13 +10,16 @@ import httpx
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from keytrio.actors.ca.authority import Authority, CaError
+from keytrio.actors.ca.authority import REVOCATION_SIGNING, Authority, CaError
 from keytrio.actors.common import tls
 from keytrio.actors.common.app import make_app, ok
 from keytrio.actors.common.serve import serve
-from keytrio.protocol import versions
+from keytrio.protocol import revocation, versions
 from keytrio.scenarios.cli import main
+from keytrio.testbed.pki import make_cv_ca
 
 LAYOUT = ["RevocationNotifier-cert.crt", "RevocationNotifier-private.pem", "ca-private.pem", "cacert.crt",
           "cacrl.pem", "client-cert.crt", "client-private.pem", "index.json", "server-cert.crt",
@@ -97,3 +102,48 @@ async def test_server_with_crl_refuses_revoked_client(tmp_path: Path):
             r = await c.get(f"https://{host}:{port}/version")  # public, no cert: CRL check does not apply
             assert r.status_code in (200, 404)
         n.cancel_scope.cancel()
+
+
+def _eku(path: Path) -> tuple[list[x509.ObjectIdentifier], bool]:
+    ext = x509.load_pem_x509_certificate(path.read_bytes()).extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    return list(ext.value), ext.critical
+
+
+def test_one_purpose_per_certificate_ca_and_testbed(tmp_path: Path, capsys):
+    """`keytrio ca` and the testbed's CA issue the same leaves: server serverAuth only, client
+    clientAuth only, notifier keytrio's revocation-signing purpose only (critical: no other use),
+    and a notice signed with the notifier key verifies against its certificate."""
+    d = tmp_path / "cv_ca"
+    assert main(["ca", "init", "--dir", str(d)]) == 0
+    assert main(["ca", "issue", "--dir", str(d), "--notifier", "notifier-2"]) == 0
+    testbed = make_cv_ca(tmp_path / "testbed")
+    layouts = [
+        (d / "server-cert.crt", d / "client-cert.crt", d / "RevocationNotifier-cert.crt", d / "RevocationNotifier-private.pem"),
+        (None, None, d / "notifier-2-cert.crt", d / "notifier-2-private.pem"),
+        (testbed.server_cert, testbed.client_cert, testbed.revocation_cert, testbed.revocation_key),
+    ]
+    for server, client, notifier, notifier_key in layouts:
+        if server is not None and client is not None:
+            assert _eku(server) == ([ExtendedKeyUsageOID.SERVER_AUTH], False)
+            assert _eku(client) == ([ExtendedKeyUsageOID.CLIENT_AUTH], False)
+        assert _eku(notifier) == ([REVOCATION_SIGNING], True)
+        cert = x509.load_pem_x509_certificate(notifier.read_bytes())
+        key = serialization.load_pem_private_key(notifier_key.read_bytes(), password=None)
+        msg = revocation.build_message(agent_id="a", ip="127.0.0.1", port=1, tpm_policy="{}", meta_data="{}",
+                                       event_time="now", event_id="e", severity_label="critical", context={})
+        assert revocation.verify_notice(cert, msg, revocation.sign_message(key, msg))["event_id"] == "e"  # type: ignore[arg-type]
+    assert "notifier-2" in (d / "index.json").read_text()
+
+
+@pytest.mark.parametrize("require_eku", [False, True])
+def test_client_cert_purpose_rule(tmp_path: Path, require_eku: bool):
+    ca = Authority.init(tmp_path / "cv_ca")
+
+    def cert(name: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((ca.dir / f"{name}-cert.crt").read_bytes())
+
+    assert tls.client_cert_purpose(cert("client"), require_eku=require_eku) is None
+    assert "clientAuth" in (tls.client_cert_purpose(cert("server"), require_eku=require_eku) or "")
+    assert "clientAuth" in (tls.client_cert_purpose(cert("RevocationNotifier"), require_eku=require_eku) or "")
+    bare = x509.load_pem_x509_certificate((ca.dir / "cacert.crt").read_bytes())  # no EKU at all
+    assert (tls.client_cert_purpose(bare, require_eku=require_eku) is None) is not require_eku
