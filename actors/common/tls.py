@@ -16,7 +16,7 @@ same rule for the app (plus ``require_client_eku``, which also refuses certs wit
 upstream's cv_ca issues them).
 
 Private keys: :func:`check_private_key` refuses a key file that group or others may access (as
-ssh does); both context builders call it.
+ssh does: group access only for a key another user owns); both context builders call it.
 
 Both sides speak TLS 1.2+ and HTTP/1.1 only (ALPN ``http/1.1``): hypercorn's HTTP/2 path is not
 used anywhere in keytrio.
@@ -54,13 +54,17 @@ class UnprotectedKeyError(ValueError):
 
 
 def check_private_key(path: StrPath) -> None:
-    """Raise :class:`UnprotectedKeyError` when ``path`` grants any access to group or others.
+    """Raise :class:`UnprotectedKeyError` when group or others may access the key file ``path``.
 
-    A key that other local users can read is already compromised; starting with it would hide
-    that. The message is one line and says how to fix it.
+    ssh's rule: a key we own must grant nothing to group or others (0600/0400). A key owned by
+    another user (root) may be shared with our group on purpose (0640 root:keytrio, like
+    /etc/ssl/private with the ssl-cert group), but never with others. A key that other local
+    users can read is already compromised; starting with it would hide that. The message is one
+    line and says how to fix it.
     """
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o007 or (mode & 0o070 and st.st_uid == os.geteuid()):
         raise UnprotectedKeyError(
             f"private key {os.fspath(path)} is accessible by group/others (mode {mode:04o}); "
             f"run: chmod 600 {os.fspath(path)}"

@@ -132,6 +132,20 @@ def test_tls_contexts_refuse_keys_open_to_others(pki, tmp_path: Path, mode: int)
         tls.client_context([pki.ca], pki.server.cert, key)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_key_owned_by_root_may_be_shared_with_a_group_never_with_others(pki, tmp_path: Path):
+    """ssh's rule: group access is refused for our own key, allowed for a key another user owns
+    (root:keytrio 0640, the service running as keytrio); others' access is always refused."""
+    key = tmp_path / "key.pem"
+    write_private(key, pki.server.key.read_bytes())
+    os.chown(key, 65534, 65534)  # someone else's key (we are root: we can still read it)
+    os.chmod(key, 0o640)
+    tls.server_context(pki.server.cert, key, client_ca_files=[pki.ca], mode="optional")
+    os.chmod(key, 0o644)
+    with pytest.raises(tls.UnprotectedKeyError):
+        tls.server_context(pki.server.cert, key, client_ca_files=[pki.ca], mode="optional")
+
+
 def _start_fails(argv: list[str], key: Path, expected_code: int) -> str:
     proc = subprocess.run([*KEYTRIO, *argv], capture_output=True, text=True, timeout=60)
     assert proc.returncode == expected_code, proc.stderr
