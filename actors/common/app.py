@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -301,11 +302,17 @@ def _wrong_purpose(app: KeytrioApp) -> str | None:
     leaf = client_cert_der()
     if leaf is None:
         return "a client certificate from the trusted CA is required"
+    return _purpose_of(leaf, app.require_client_eku)
+
+
+@functools.lru_cache(maxsize=256)
+def _purpose_of(leaf: bytes, require_eku: bool) -> str | None:
+    # a few clients present the same certificate on every request: parse each once (bounded)
     try:
         cert = x509.load_der_x509_certificate(leaf)
     except ValueError:
         return "the client certificate does not parse"
-    return client_cert_purpose(cert, require_eku=app.require_client_eku)
+    return client_cert_purpose(cert, require_eku=require_eku)
 
 
 async def _on_api_error(error: ApiError) -> Response:
