@@ -156,10 +156,6 @@ def bring_up(directory: Path, extra_env: Mapping[str, str] | None = None, *, att
             bring_down(d)
             pytest.fail(f"up.sh timed out after {UP_TIMEOUT}s: {exc.stderr!r}")
         if proc.returncode == 0:
-            # upstream's cv_ca writes its keys 0640 (umask 0o037); keytrio's actors refuse a key
-            # of theirs that group may read (ssh's rule), so hand them over as an operator would
-            for key in (d / "work" / "cv_ca").glob("*-private.pem"):
-                key.chmod(0o600)
             return Upstream(d, _read_env_sh(d / "env.sh"), _launcher_groups(d))
         logs = "".join(f"\n--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}"
                        for p in sorted((d / "logs").glob("*.log"))) if (d / "logs").is_dir() else ""

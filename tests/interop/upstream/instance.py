@@ -240,6 +240,10 @@ def up(d: Path) -> int:
                 ("verifier",)):
         down(d)
         return 1
+    # upstream writes its cv_ca keys 0640 (umask 0o037); keytrio's actors and tools refuse a key
+    # of their own user that group may read (ssh's rule), so hand them over as an operator would
+    for key in ca_dir.glob("*-private.pem"):
+        key.chmod(0o600)
     start("registrar")
     if not wait("both servers answered /version",
                 lambda: _probe(tool_env["KL_VERIFIER_URL"], ca_dir)
