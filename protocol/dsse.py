@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from keytrio.protocol import safejson
 from keytrio.protocol.errors import ProtocolError
 
 KEYLIME_PAYLOAD_TYPE = "application/vnd.keylime+json"
@@ -79,8 +80,8 @@ def load_verification_key(key: bytes | str) -> ec.EllipticCurvePublicKey:
 def parse_envelope(envelope_json: str | bytes) -> tuple[str, bytes, list[dict[str, Any]]]:
     """(payloadType, payload, signatures) of a structurally valid envelope (signatures unchecked)."""
     try:
-        env = json.loads(envelope_json)
-    except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        env = safejson.loads(envelope_json)
+    except safejson.JsonError as exc:
         raise DsseError(f"envelope: not JSON ({exc})") from exc
     if not isinstance(env, dict):
         raise DsseError("envelope: must be a JSON object")

@@ -47,13 +47,13 @@ state means the same here; what upstream refuses as malformed gets a meaning):
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from keytrio.protocol import eventlog as el
+from keytrio.protocol import safejson
 from keytrio.protocol.errors import ValidationError
 from keytrio.protocol.failures import Failure, Severity
 
@@ -147,9 +147,9 @@ def load_json(policy: str | bytes | dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(policy, dict):
         return policy
     try:
-        doc = json.loads(policy)
-    except (ValueError, UnicodeDecodeError):
-        raise MbPolicyError("json", "is not JSON") from None
+        doc = safejson.loads(policy)
+    except safejson.JsonError as exc:
+        raise MbPolicyError("json", f"is not JSON ({exc.reason})") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):

@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from keytrio.protocol import safejson
 from keytrio.protocol.errors import ProtocolError, ValidationError
 
 MSG_TYPE = "revocation"
@@ -143,8 +144,8 @@ def verify_notice(cert_or_public_key: object, msg: str, signature_b64: str) -> d
     except InvalidSignature as exc:
         raise RevocationError("signature does not verify") from exc
     try:
-        parsed = json.loads(msg)
-    except (ValueError, RecursionError) as exc:
+        parsed = safejson.loads(msg)
+    except safejson.JsonError as exc:
         raise RevocationError("msg is not JSON") from exc
     if not isinstance(parsed, dict) or parsed.get("type") != MSG_TYPE:
         raise RevocationError("msg is not a revocation message")

@@ -51,7 +51,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from keytrio.protocol import dsse
+from keytrio.protocol import dsse, safejson
 from keytrio.protocol.errors import ProtocolError, ValidationError
 
 POLICY_VERSION = 1
@@ -255,10 +255,10 @@ def _verification_keys(obj: object) -> dict[int, tuple[ImaKey, ...]]:
     if not isinstance(obj, str):
         raise PolicyError("verification-keys", "must be a string (JSON-encoded keyring)")
     try:
-        ring = json.loads(obj)
+        ring = safejson.loads(obj)
         if isinstance(ring, str):  # upstream tolerates a doubly encoded keyring
-            ring = json.loads(ring)
-    except ValueError as exc:
+            ring = safejson.loads(ring)
+    except safejson.JsonError as exc:
         raise PolicyError("verification-keys", f"not JSON ({exc})") from exc
     if not isinstance(ring, dict) or not isinstance(ring.get("pubkeys"), list):
         raise PolicyError("verification-keys", 'must be {"pubkeys": [b64 DER], "keyids": [int]}')
@@ -307,9 +307,9 @@ def _decode(raw: bytes | str) -> tuple[bytes, str]:
 
 def _load_json(text: str) -> Any:
     try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise PolicyError("$", f"not JSON ({exc})") from exc
+        return safejson.loads(text, allow_surrogates=True)  # non-UTF-8 file names
+    except safejson.JsonError as exc:
+        raise PolicyError("$", str(exc)) from exc
 
 
 REQUIRED_SECTIONS = ("meta", "release", "digests", "excludes", "keyrings", "ima", "ima-buf", "verification-keys")

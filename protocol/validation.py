@@ -8,6 +8,7 @@ import ipaddress
 import re
 import uuid as _uuid
 
+from keytrio.protocol import safejson
 from keytrio.protocol.errors import ValidationError
 
 _NONCE = re.compile(r"^[A-Za-z0-9]{1,64}$")
@@ -132,17 +133,15 @@ def pem(value: object, field: str, *, label: str | None = None) -> str:
     return value
 
 
-def integer(value: object, field: str, *, lo: int | None = None, hi: int | None = None) -> int:
-    """An int (not a bool); digit strings are accepted as upstream's tenant sends ports as text."""
-    if isinstance(value, bool):
-        raise ValidationError(field, "must be an integer")
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)
-    if not isinstance(value, int):
-        raise ValidationError(field, "must be an integer")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValidationError(field, f"must be in {lo}..{hi}")
-    return value
+def integer(value: object, field: str, *, lo: int = 0, hi: int | None = None) -> int:
+    """A non-negative int (not a bool) in ``lo..hi``; text of ASCII digits is accepted, as
+    upstream's tenant sends ports as text (safejson.digits: bounded, no Unicode digits)."""
+    return safejson.digits(value, field, lo=lo, hi=hi)
+
+
+def pcr_number(value: object, field: str = "pcr") -> int:
+    """A PCR index 0-23, as an int or as the text of a JSON key (``"10"``)."""
+    return safejson.digits(value, field, lo=0, hi=MAX_PCR, max_len=2)
 
 
 def port(value: object, field: str = "port") -> int:
@@ -160,3 +159,27 @@ def host(value: object, field: str = "ip") -> str:
     if not _HOSTNAME.fullmatch(value):
         raise ValidationError(field, "must be an IP address or host name")
     return value
+
+
+_DIGEST_HEX = re.compile(r"^(?:0x)?[0-9a-fA-F]{2,256}$")
+
+
+def tpm_policy(policy: object, field: str = "tpm_policy", *, require_mask: bool = True) -> dict[str, object]:
+    """A PCR policy object: ``{"mask": "0x…", "<pcr 0-23>": hex digest | [hex digests]}``."""
+    if not isinstance(policy, dict):
+        raise ValidationError(field, "must be a JSON object")
+    if "mask" in policy:
+        pcr_mask(policy["mask"], f"{field}.mask")
+    elif require_mask:
+        raise ValidationError(field, 'needs a "mask"')
+    for key, accepted in policy.items():
+        if key == "mask":
+            continue
+        try:
+            pcr_number(key)
+        except ValidationError:
+            raise ValidationError(field, f"key {key[:16]!r} is not a PCR number 0-23") from None
+        values = [accepted] if isinstance(accepted, str) else accepted
+        if not isinstance(values, list) or not all(isinstance(h, str) and _DIGEST_HEX.fullmatch(h) for h in values):
+            raise ValidationError(field, f"PCR {key}: accepted values must be hex digests")
+    return policy

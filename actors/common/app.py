@@ -10,8 +10,12 @@
   configured CAs and that may act as a TLS client (extended key usage with clientAuth; none at
   all only while ``require_client_eku`` is off), else a JSON 403. The cert comes from the scope
   entry serve.py adds (``scope["extensions"]["tls"]``).
-* Bodies over ``max_upload_size`` get a 413 envelope (serve.BodyLimit); ``await json_body()``
-  returns a dict or answers 400.
+* Body limits per route: ``max_upload_size`` by default, a named larger limit for the routes that
+  carry logs or policies (``make_app(body_limits={"evidence": (size, "max_evidence_size")})`` and
+  ``@app.api.route(..., body_limit="evidence")``). A body over its route's limit gets a 413
+  envelope naming the option that raises it (serve.BodyLimit), before the app reads it.
+* ``await json_body()`` returns a dict or answers 400: the body goes through protocol.safejson,
+  the one guarded decoder (size, depth, digits, duplicate keys, NaN, UTF-8).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from cryptography import x509
@@ -32,10 +36,11 @@ from quart import Response, current_app, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import BaseConverter
+from werkzeug.routing.exceptions import RoutingException
 
 from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE, BodyLimit
 from keytrio.actors.common.tls import client_cert_purpose
-from keytrio.protocol import validation
+from keytrio.protocol import safejson, validation
 from keytrio.protocol.envelope import envelope
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.versions import UNSUPPORTED_VERSION_STATUS
@@ -98,16 +103,21 @@ def client_chain_der() -> list[bytes]:
 _JSON_TYPES = {"", "application/json", "text/plain", "application/x-www-form-urlencoded"}
 
 
-async def json_body() -> dict[str, Any]:
-    """The request body as a JSON object, else an :class:`ApiError` 400."""
+async def json_body(*, allow_surrogates: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object, else an :class:`ApiError` 400.
+
+    ``allow_surrogates``: for bodies that carry IMA lists (file names that are not UTF-8 arrive
+    as surrogate escapes) and are never stored as text.
+    """
     mimetype = (request.mimetype or "").lower()
     if mimetype not in _JSON_TYPES and not mimetype.endswith("+json"):
         raise ApiError(400, f"Unsupported content type {mimetype!r}: expected application/json")
-    raw = await request.get_data(as_text=False)
+    # cache=False: quart drops its buffer, so the body is held once (plus the decoded text)
+    raw = await request.get_data(cache=False, as_text=False)
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ApiError(400, "Malformed JSON body") from exc
+        doc = safejson.loads(raw, allow_surrogates=allow_surrogates)
+    except safejson.JsonError as exc:
+        raise ApiError(400, f"Malformed JSON body: {exc.reason}") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "JSON body must be an object")
     return doc
@@ -133,12 +143,16 @@ class ApiRoutes:
         public: bool = False,
         versions: Iterable[str] | None = None,
         endpoint: str | None = None,
+        body_limit: str | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """``rule`` without the version prefix, e.g. ``"/agents/<agent_id>"``.
 
         ``versions``: a subset of the app's versions (a route added in v2.2); asked with another
         version the app supports it answers 404. ``public``: served without a client cert.
+        ``body_limit``: a key of make_app's ``body_limits`` (default: ``max_upload_size``).
         """
+        if body_limit is not None and body_limit not in self._app.body_limits:
+            raise ValueError(f"unknown body limit {body_limit!r}")
         if not rule.startswith("/"):
             raise ValueError("rule must start with '/'")
         app_versions = self._app.api_versions
@@ -154,6 +168,8 @@ class ApiRoutes:
             self.endpoint_versions[name] = route_versions
             if public:
                 self._app.public_endpoints.add(name)
+            if body_limit is not None:
+                self._app.endpoint_body_limits[name] = self._app.body_limits[body_limit]
             self._app.add_url_rule(
                 "/v<apiversion:api_version>" + rule, endpoint=name, view_func=func, methods=list(methods)
             )
@@ -173,6 +189,19 @@ class KeytrioApp(QuartTrio):
     require_client_eku: bool
     trusted_ca_fingerprints: frozenset[bytes]
     trusted_cas: list[x509.Certificate]
+    #: limit name -> (bytes, option that sets it); endpoint -> its (bytes, option)
+    body_limits: dict[str, tuple[int, str]]
+    endpoint_body_limits: dict[str, tuple[int, str]]
+    default_body_limit: tuple[int, str]
+
+    def body_limit_for(self, scope: Mapping[str, Any]) -> tuple[int, str]:
+        """(largest body, option that raises it) of the route ``scope`` asks for."""
+        try:
+            adapter = self.url_map.bind("localhost", path_info="/")
+            endpoint, _ = adapter.match(scope.get("path") or "/", method=scope.get("method") or "GET")
+        except (HTTPException, RoutingException):
+            return self.default_body_limit  # 404/405 and redirects: answered without the body
+        return self.endpoint_body_limits.get(endpoint, self.default_body_limit)
 
 
 def make_app(
@@ -183,6 +212,7 @@ def make_app(
     require_client_cert: bool,
     trusted_client_ca: Iterable[str | os.PathLike[str]] = (),
     max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE,
+    body_limits: Mapping[str, tuple[int, str]] | None = None,
     version_payload: dict[str, Any] | None = None,
     require_client_eku: bool = False,
 ) -> KeytrioApp:
@@ -196,6 +226,8 @@ def make_app(
       False for a plain-HTTP app (the registrar's agent port).
     * ``require_client_eku``: refuse client certs without an extended key usage too (those whose
       EKU lacks clientAuth are always refused); may also be set on the app after it is built.
+    * ``max_upload_size``: the body limit of every route without a ``body_limit`` of its own;
+      ``body_limits``: name -> (bytes, option name) for routes that need more (or less).
     * ``version_payload``: if given, ``GET /version`` (unversioned, public) answers it.
     """
     if not versions:
@@ -210,12 +242,19 @@ def make_app(
     if require_client_cert and not app.trusted_cas:
         raise ValueError("require_client_cert needs trusted_client_ca")
     app.trusted_ca_fingerprints = frozenset(hashlib.sha256(_der(ca)).digest() for ca in app.trusted_cas)
-    app.config["MAX_CONTENT_LENGTH"] = max_upload_size
+    app.default_body_limit = (max_upload_size, "max_upload_size")
+    app.body_limits = dict(body_limits or {})
+    app.endpoint_body_limits = {}
+    # BodyLimit enforces the per-route limit before quart reads anything; quart's own check is
+    # only a backstop at the largest of them
+    app.config["MAX_CONTENT_LENGTH"] = max([max_upload_size, *(n for n, _ in app.body_limits.values())])
     app.config["PROPAGATE_EXCEPTIONS"] = False
     app.url_map.converters["apiversion"] = _VersionConverter
     app.url_map.strict_slashes = False
     app.api = ApiRoutes(app)
-    app.asgi_app = BodyLimit(app.asgi_app, max_size=max_upload_size)  # type: ignore[method-assign]
+    app.asgi_app = BodyLimit(  # type: ignore[method-assign]
+        app.asgi_app, max_size=max_upload_size, limit_for=app.body_limit_for
+    )
 
     app.before_request(_before_request)
     app.register_error_handler(ApiError, _on_api_error)

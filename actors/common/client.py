@@ -23,6 +23,7 @@ import h11
 import httpx
 import trio
 
+from keytrio.protocol import safejson
 from keytrio.protocol.envelope import parse as parse_envelope
 from keytrio.protocol.errors import DecodeError
 
@@ -147,8 +148,8 @@ async def request_json(
 
 def _parse_reply(status_code: int, reason: str, body: bytes, expect: Collection[int] | None) -> Reply:
     try:
-        code, status, results = parse_envelope(jsonlib.loads(body))
-    except (ValueError, DecodeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        code, status, results = parse_envelope(safejson.loads(body, max_bytes=max(len(body), 1), allow_surrogates=True))
+    except DecodeError as exc:  # safejson.JsonError is one
         if expect is not None and status_code not in expect:
             raise HttpError(status_code, reason or "Error") from exc
         raise MalformedResponse(status_code, str(exc)) from exc

@@ -436,6 +436,8 @@ class BodyLimit:
     because hypercorn closes a connection whose request body is unread and the client would see a
     reset instead of the 413. Beyond ``drain_limit`` we answer at once with ``Connection: close``.
     A body that stalls for ``body_timeout`` seconds gets a 408.
+    ``limit_for(scope)``, when given, returns the (limit, option name) of the route asked for: the
+    413 then names the option that raises it.
 
     The app receives the body in one ``http.request`` message.
     """
@@ -447,9 +449,11 @@ class BodyLimit:
         max_size: int = DEFAULT_MAX_UPLOAD_SIZE,
         drain_limit: int = DEFAULT_DRAIN_LIMIT,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        limit_for: Callable[[Scope], tuple[int, str]] | None = None,
     ) -> None:
         self.app = app
         self.max_size = max_size
+        self.limit_for = limit_for
         self.drain_limit = drain_limit
         self.body_timeout = body_timeout
 
@@ -457,9 +461,10 @@ class BodyLimit:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
+        limit, option = self.limit_for(scope) if self.limit_for is not None else (self.max_size, "")
         declared = _content_length(scope.get("headers", []))
-        if declared is not None and declared > self.max_size:
-            await self._reject(receive, send, more=True, drained=0, declared=declared)
+        if declared is not None and declared > limit:
+            await self._reject(receive, send, more=True, drained=0, declared=declared, limit=limit, option=option)
             return
         chunks: list[bytes] = []
         total = 0
@@ -472,14 +477,18 @@ class BodyLimit:
                 body = message.get("body", b"")
                 total += len(body)
                 more = bool(message.get("more_body", False))
-                if total > self.max_size:
-                    await self._reject(receive, send, more=more, drained=total, declared=None)
+                if total > limit:
+                    await self._reject(receive, send, more=more, drained=total, declared=None, limit=limit,
+                                       option=option)
                     return
                 chunks.append(body)
         if body_scope.cancelled_caught:
             await _send_envelope(send, 408, "Request body not received in time", close=True)
             return
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()  # one copy of the body from here on
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+        del body
 
         async def replay_receive() -> dict[str, Any]:
             if replay:
@@ -489,7 +498,8 @@ class BodyLimit:
         await self.app(scope, replay_receive, send)
 
     async def _reject(
-        self, receive: Receive, send: Send, *, more: bool, drained: int, declared: int | None
+        self, receive: Receive, send: Send, *, more: bool, drained: int, declared: int | None, limit: int,
+        option: str,
     ) -> None:
         close = declared is not None and declared > self.drain_limit
         if not close:
@@ -501,9 +511,8 @@ class BodyLimit:
                     drained += len(message.get("body", b""))
                     more = bool(message.get("more_body", False))
             close = more
-        await _send_envelope(
-            send, 413, f"Request body larger than the limit of {self.max_size} bytes", close=close
-        )
+        hint = f" (raise it with the option {option})" if option else ""
+        await _send_envelope(send, 413, f"Request body larger than the limit of {limit} bytes{hint}", close=close)
 
 
 async def _send_envelope(send: Send, code: int, status: str, *, close: bool) -> None:

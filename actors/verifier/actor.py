@@ -141,6 +141,8 @@ class Verifier:
                     port=lambda: self.address[1] if self.address else cfg.port,
                     trusted_client_ca=s.trusted_client_ca,
                     max_upload_size=cfg.max_upload_size,
+                    max_evidence_size=cfg.max_evidence_size,
+                    max_policy_size=cfg.max_policy_size,
                     quote_interval=cfg.quote_interval,
                     clock=self.clock,
                     on_enrolled=monitors.start,

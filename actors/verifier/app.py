@@ -43,6 +43,7 @@ from keytrio.actors.common.app import (
 from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
 from keytrio.actors.common.store import Store
 from keytrio.actors.verifier import evidence, records
+from keytrio.actors.verifier.config import DEFAULT_MAX_EVIDENCE_SIZE, DEFAULT_MAX_POLICY_SIZE
 from keytrio.actors.verifier.mbpolicies import MbPolicyStore, resolve_enrolment
 from keytrio.actors.verifier.mbpolicies import canonical as canonical_mb
 from keytrio.actors.verifier.policies import (
@@ -53,7 +54,7 @@ from keytrio.actors.verifier.policies import (
     PolicyStore,
     decode_policy_b64,
 )
-from keytrio.protocol import tpm2, validation
+from keytrio.protocol import safejson, tpm2, validation
 from keytrio.protocol.errors import ProtocolError, ValidationError
 from keytrio.protocol.versions import SERVER_VERSIONS, server_version_payload
 
@@ -83,7 +84,6 @@ REQUIRED_FIELDS = (
 
 _VERSION = re.compile(r"^\d{1,3}\.\d{1,3}$")
 _ALG_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-_HEX = re.compile(r"^[0-9a-fA-F]{2,256}$")
 _MAX_TEXT = 256 * 1024  # any single text field; the body limit bounds the total anyway
 _POLICY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,254}$")  # MAX_NAME
 _FAILED_STATES = {records.FAILED, records.INVALID_QUOTE, records.TENANT_FAILED, records.TERMINATED}
@@ -107,9 +107,9 @@ def _json_text(value: object, field: str) -> Any:
     """A JSON value sent as JSON text (what upstream's tenant does) or directly."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
-        except ValueError:
-            raise ValidationError(field, "is not valid JSON") from None
+            return safejson.loads(value)
+        except safejson.JsonError as exc:
+            raise ValidationError(field, f"is not valid JSON: {exc.reason}") from None
     return value
 
 
@@ -125,20 +125,7 @@ def _v(value: object) -> str:
 
 
 def _tpm_policy(value: object) -> str:
-    policy = _json_text(value, "tpm_policy")
-    if not isinstance(policy, dict):
-        raise ValidationError("tpm_policy", "must be a JSON object")
-    if "mask" not in policy:
-        raise ValidationError("tpm_policy", 'needs a "mask"')
-    validation.pcr_mask(policy["mask"], "tpm_policy.mask")
-    for key, accepted in policy.items():
-        if key == "mask":
-            continue
-        if not (key.isascii() and key.isdigit() and 0 <= int(key) <= validation.MAX_PCR):
-            raise ValidationError("tpm_policy", f"key {key[:16]!r} is not a PCR number 0-23")
-        values = [accepted] if isinstance(accepted, str) else accepted
-        if not isinstance(values, list) or not all(isinstance(h, str) and _HEX.fullmatch(h) for h in values):
-            raise ValidationError("tpm_policy", f"PCR {key}: accepted values must be hex digests")
+    policy = validation.tpm_policy(_json_text(value, "tpm_policy"))
     return value if isinstance(value, str) else json.dumps(policy)
 
 
@@ -304,6 +291,8 @@ def build_app(
     port: int | Callable[[], int],
     trusted_client_ca: Iterable[str | os.PathLike[str]],
     max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE,
+    max_evidence_size: int = DEFAULT_MAX_EVIDENCE_SIZE,
+    max_policy_size: int = DEFAULT_MAX_POLICY_SIZE,
     quote_interval: float = 2.0,
     initial_state: int = records.GET_QUOTE,
     clock: Callable[[], float] = time.time,
@@ -326,6 +315,10 @@ def build_app(
         require_client_cert=True,
         trusted_client_ca=trusted_client_ca,
         max_upload_size=max_upload_size,
+        body_limits={
+            "evidence": (max_evidence_size, "max_evidence_size"),
+            "policy": (max_policy_size, "max_policy_size"),
+        },
         version_payload=server_version_payload(),
     )
 
@@ -338,7 +331,7 @@ def build_app(
             quote_interval=quote_interval,
         )
 
-    @app.api.route("/agents/<agent_id>", methods=("POST",))
+    @app.api.route("/agents/<agent_id>", methods=("POST",), body_limit="policy")
     async def add_agent(agent_id: str) -> Response:
         aid = parse_agent_id(agent_id)
         values = parse_enrolment(aid, await json_body())
@@ -430,11 +423,11 @@ def build_app(
             raise ApiError(404, f"Runtime policy {name} not found") from None
         return ok()
 
-    @app.api.route("/allowlists/<name>", methods=("POST",))
+    @app.api.route("/allowlists/<name>", methods=("POST",), body_limit="policy")
     async def add_policy(name: str) -> Response:
         return await save(name, True)
 
-    @app.api.route("/allowlists/<name>", methods=("PUT",))
+    @app.api.route("/allowlists/<name>", methods=("PUT",), body_limit="policy")
     async def update_policy(name: str) -> Response:
         return await save(name, False)
 
@@ -496,11 +489,11 @@ def build_app(
             raise ApiError(409, f"Measured boot policy with name {name} does not already exist") from None
         return json_response(201)
 
-    @app.api.route("/mbpolicies/<name>", methods=("POST",))
+    @app.api.route("/mbpolicies/<name>", methods=("POST",), body_limit="policy")
     async def add_mb_policy(name: str) -> Response:
         return await save_mb(name, True)
 
-    @app.api.route("/mbpolicies/<name>", methods=("PUT",))
+    @app.api.route("/mbpolicies/<name>", methods=("PUT",), body_limit="policy")
     async def update_mb_policy(name: str) -> Response:
         return await save_mb(name, False)
 
@@ -526,9 +519,9 @@ def build_app(
 
     # --- /verify/* (public) ----------------------------------------------------------------------
 
-    @app.api.route("/verify/evidence", methods=("POST",), public=True)
+    @app.api.route("/verify/evidence", methods=("POST",), public=True, body_limit="evidence")
     async def verify_evidence() -> Response:
-        doc = await json_body()
+        doc = await json_body(allow_surrogates=True)
         kind = doc.get("type")
         if kind is None or kind == "":
             raise ApiError(400, "Bad request: missing parameter type",

@@ -29,8 +29,8 @@ import httpx
 from keytrio.actors.common import tls
 from keytrio.actors.common.client import DEFAULT_MAX_RESPONSE_BYTES, KeepAliveClient, request_json
 from keytrio.protocol import mb_policy as mbp
-from keytrio.protocol import payload, tpm2
-from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol import payload, tpm2, validation
+from keytrio.protocol.errors import ProtocolError, ValidationError
 from keytrio.protocol.failures import Failure, Severity
 from keytrio.protocol.quote import ClockInfo, parse_quote
 from keytrio.protocol.quote_check import PCR_16, QUOTE_VALIDATION, QuoteCheck, check_pcr16, check_quote
@@ -137,11 +137,10 @@ def policy_pcrs(tpm_policy: dict[str, Any]) -> dict[int, list[str]]:
     """
     out: dict[int, list[str]] = {}
     for key, values in tpm_policy.items():
-        if not isinstance(key, str) or not key.isdigit():
+        try:
+            pcr = validation.pcr_number(key)
+        except ValidationError:
             continue  # "mask" and any other metadata
-        pcr = int(key)
-        if not 0 <= pcr <= 23:
-            continue
         if isinstance(values, str):
             values = [values]
         if isinstance(values, list):

@@ -24,6 +24,9 @@ from keytrio.actors.common.tls import private_key_problem
 
 ACTOR = "verifier"
 
+#: 100,000 ima-ng lines of ~210 bytes (sha256 digests, 86-byte mean path) plus a runtime policy
+DEFAULT_MAX_EVIDENCE_SIZE = 64 << 20
+DEFAULT_MAX_POLICY_SIZE = 32 << 20
 
 
 def _verifier_id(value: str) -> str | None:
@@ -62,7 +65,22 @@ OPTIONS: tuple[Option, ...] = (
         "max_upload_size",
         "int",
         DEFAULT_MAX_UPLOAD_SIZE,
-        "Largest accepted request body in bytes (larger ones get 413).",
+        "Largest accepted request body in bytes on routes without a limit of their own (413 beyond).",
+        minimum=1024,
+    ),
+    Option(
+        "max_evidence_size",
+        "int",
+        DEFAULT_MAX_EVIDENCE_SIZE,
+        "Largest accepted POST /verify/evidence body in bytes: an IMA list of 100,000 lines is ~21 MB.",
+        minimum=1024,
+    ),
+    Option(
+        "max_policy_size",
+        "int",
+        DEFAULT_MAX_POLICY_SIZE,
+        "Largest accepted body in bytes of the routes that carry a policy (allowlists, mbpolicies, "
+        "agent enrolment with an inline runtime policy).",
         minimum=1024,
     ),
     Option(

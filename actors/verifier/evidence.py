@@ -28,8 +28,8 @@ from keytrio.actors.verifier.attest import verify_quote_evidence
 from keytrio.actors.verifier.ima import AgentIma, FixedPolicy
 from keytrio.actors.verifier.mbpolicies import canonical as canonical_mb
 from keytrio.actors.verifier.policies import PolicyRefused, parse
-from keytrio.protocol import mb_policy, tpm2
-from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol import mb_policy, safejson, tpm2, validation
+from keytrio.protocol.errors import ProtocolError, ValidationError
 from keytrio.protocol.failures import Failure
 
 EVIDENCE_FIELDS = (
@@ -94,12 +94,13 @@ def _tpm_policy(value: object) -> dict[str, Any]:
     doc = value
     if isinstance(value, str):
         try:
-            doc = json.loads(value)
-        except ValueError:
-            raise EvidenceRejected([invalid_param("tpm_policy", "is not valid JSON")]) from None
-    if not isinstance(doc, dict):
-        raise EvidenceRejected([invalid_param("tpm_policy", "must be a JSON object")])
-    return doc
+            doc = safejson.loads(value)
+        except safejson.JsonError as exc:
+            raise EvidenceRejected([invalid_param("tpm_policy", f"is not valid JSON: {exc.reason}")]) from None
+    try:
+        return validation.tpm_policy(doc, require_mask=False)
+    except ValidationError as exc:
+        raise EvidenceRejected([invalid_param("tpm_policy", exc.reason)]) from None
 
 
 def _ak(value: object, field: str = "tpm_ak") -> tpm2.AkKey:

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from keytrio.actors.verifier.policies import PolicyStore
+from keytrio.protocol import safejson
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.failures import Failure, Severity
 from keytrio.protocol.ima_eval import PCR_MISMATCH, ImaProgress, evaluate_ima
@@ -41,9 +42,9 @@ def parse_verification_keys(text: str | None) -> list[ImaKey]:
     """
     if not text:
         return []
-    doc = json.loads(text) if isinstance(text, str) else text
+    doc = safejson.loads(text) if isinstance(text, str) else text
     if isinstance(doc, str):
-        doc = json.loads(doc) if doc.strip().startswith("[") else [doc]
+        doc = safejson.loads(doc) if doc.strip().startswith("[") else [doc]
     if not isinstance(doc, list):
         raise ValueError("ima_sign_verification_keys must be a JSON list of keys")
     out: list[ImaKey] = []

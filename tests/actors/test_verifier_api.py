@@ -83,7 +83,9 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(pki: Any, db: Any, *, max_upload_size: int = 1 << 20) -> AsyncIterator[Running]:
+async def running(
+    pki: Any, db: Any, *, max_upload_size: int = 1 << 20, max_policy_size: int = 1 << 20
+) -> AsyncIterator[Running]:
     store = await Store.open(sqlite_url(db), metadata)
     calls: list[tuple[str, str]] = []
 
@@ -104,6 +106,7 @@ async def running(pki: Any, db: Any, *, max_upload_size: int = 1 << 20) -> Async
                     port=port,
                     trusted_client_ca=[pki.ca],
                     max_upload_size=max_upload_size,
+                    max_policy_size=max_policy_size,
                     on_enrolled=enrolled,
                     on_deleted=sync_hook("deleted"),
                     on_stop=sync_hook("stop"),
@@ -367,6 +370,8 @@ async def test_bad_input(pki, tmp_path, soft, client_name, method, path, kind, c
             assert kind.split(":", 1)[1] in status
         if "{X}" in path:
             assert "agent_id" in status
+        if code == 413:  # enrolment may carry an inline runtime policy: the policy limit
+            assert "max_policy_size" in status
         assert await v.rows() == before
         assert v.calls == calls
         envelope(await v.admin.get(f"/v2.1/agents/{A}"), 200)  # still serving

@@ -1,0 +1,189 @@
+"""The one guarded JSON decoder for everything that arrives from outside.
+
+``loads`` is :func:`json.loads` with bounds, so that no input can make a parser raise anything but
+:class:`JsonError` (a :class:`~keytrio.protocol.errors.DecodeError`, hence a ``ValueError``):
+
+* size: at most ``max_bytes`` bytes (UTF-8) of text;
+* nesting: at most ``max_depth`` open arrays/objects, checked by an iterative scan *before*
+  decoding (the C decoder recurses: ``"[" * 100_000`` would otherwise raise RecursionError);
+* numbers: integers of at most ``max_int_digits`` digits (Python refuses more than 4,300 only with
+  a ValueError from deep inside, and converting long ones is quadratic), float literals of at most
+  ``MAX_FLOAT_CHARS`` characters and finite; ``NaN``/``Infinity`` refused;
+* objects: a key given twice is refused (which value would win is parser-dependent);
+* text: bytes must be UTF-8 (no BOM, no UTF-16/32 guessing); a ``\\ud800`` escape that leaves a
+  lone surrogate is refused, as it cannot be stored or re-encoded, unless ``allow_surrogates``:
+  IMA lists and runtime policies carry file names that are not UTF-8 as surrogate escapes
+  (protocol.ima encodes them with ``surrogateescape``), and their parsers handle them.
+
+:func:`digits` is the one bounded parser of decimal numbers written as text (ports, PCR numbers,
+list positions ...): ASCII digits only, so ``"²"`` or other Unicode digits are refused, never half-accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from keytrio.protocol.errors import DecodeError, ValidationError
+
+#: Default bounds. The size bound is a backstop: HTTP bodies are bounded per route before this.
+MAX_BYTES = 64 << 20
+MAX_DEPTH = 64
+MAX_INT_DIGITS = 64
+MAX_FLOAT_CHARS = 64
+#: Longest digit string :func:`digits` converts (a 64-bit count has 20 digits).
+MAX_DIGITS = 20
+
+
+class JsonError(DecodeError):
+    """The text is not JSON, or not JSON within the bounds; ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# A string literal (escapes included), or a bracket. Possessive quantifiers: one pass, no
+# backtracking, whatever the input (an unterminated string simply does not match).
+_TOKENS = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"|[\[\]{}]', re.S)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_OPEN = frozenset("[{")
+
+
+def loads(
+    data: bytes | bytearray | memoryview | str,
+    *,
+    max_bytes: int = MAX_BYTES,
+    max_depth: int = MAX_DEPTH,
+    max_int_digits: int = MAX_INT_DIGITS,
+    allow_surrogates: bool = False,
+) -> Any:
+    """The JSON value of ``data``; :class:`JsonError` when it is not JSON within the bounds."""
+    text = _text(data, max_bytes)
+    _check_depth(text, max_depth)
+
+    def parse_int(s: str) -> int:
+        if len(s) - (s[0] == "-") > max_int_digits:
+            raise JsonError(f"integer of more than {max_int_digits} digits")
+        return int(s)
+
+    try:
+        doc = json.loads(
+            text,
+            parse_int=parse_int,
+            parse_float=_parse_float,
+            parse_constant=_refuse_constant,
+            object_pairs_hook=_unique_keys,
+        )
+    except JsonError:
+        raise
+    except RecursionError:  # the depth scan makes this unreachable; a last line all the same
+        raise JsonError("nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError: position and reason, no content
+        raise JsonError(f"not JSON ({exc})") from None
+    if not allow_surrogates and _SURROGATE_ESCAPE.search(text):
+        _check_surrogates(doc)
+    return doc
+
+
+def loads_object(data: bytes | bytearray | memoryview | str, **bounds: Any) -> dict[str, Any]:
+    """:func:`loads` for a document that must be a JSON object."""
+    doc = loads(data, **bounds)
+    if not isinstance(doc, dict):
+        raise JsonError("must be a JSON object")
+    return doc
+
+
+def digits(value: object, field: str, *, lo: int = 0, hi: int | None = None, max_len: int = MAX_DIGITS) -> int:
+    """A non-negative decimal number written as ASCII digits (or given as an int), in ``lo..hi``.
+
+    Every numeric input that may arrive as text goes through here: ``str.isdigit`` and ``int``
+    accept Unicode digits and raise past 4,300 digits; this accepts ``[0-9]{1,max_len}`` only.
+    """
+    if isinstance(value, bool):
+        raise ValidationError(field, "must be an integer")
+    if isinstance(value, str):
+        if not 0 < len(value) <= max_len or not value.isascii() or not value.isdigit():
+            raise ValidationError(field, f"must be 1-{max_len} ASCII digits")
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValidationError(field, "must be an integer")
+    if value < lo or (hi is not None and value > hi):
+        raise ValidationError(field, f"must be in {lo}..{hi if hi is not None else ''}")
+    return value
+
+
+def _text(data: bytes | bytearray | memoryview | str, max_bytes: int) -> str:
+    if isinstance(data, str):
+        # str length counts code points; UTF-8 is at most 4 bytes a code point
+        if len(data) > max_bytes or (len(data) * 4 > max_bytes and len(data.encode("utf-8", "surrogatepass")) > max_bytes):
+            raise JsonError(f"larger than {max_bytes} bytes")
+        return data
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise JsonError("not text")
+    if len(data) > max_bytes:
+        raise JsonError(f"larger than {max_bytes} bytes")
+    try:
+        return str(data, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise JsonError(f"not UTF-8 (byte {exc.start})") from None
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    if text.count("[") + text.count("{") <= max_depth:
+        return  # cannot be nested deeper than it has brackets
+    depth = 0
+    for m in _TOKENS.finditer(text):
+        ch = m.group()
+        if len(ch) != 1:
+            continue  # a string literal
+        if ch in _OPEN:
+            depth += 1
+            if depth > max_depth:
+                raise JsonError(f"nested more than {max_depth} levels deep")
+        elif depth:
+            depth -= 1
+
+
+def _parse_float(s: str) -> float:
+    if len(s) > MAX_FLOAT_CHARS:
+        raise JsonError(f"number literal of more than {MAX_FLOAT_CHARS} characters")
+    value = float(s)
+    if not math.isfinite(value):
+        raise JsonError("number out of range")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JsonError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise JsonError(f"duplicate key {key[:32]!r}")
+            seen.add(key)
+    return doc
+
+
+def _check_surrogates(doc: Any) -> None:
+    stack = [doc]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, str):
+            if _SURROGATE.search(cur):
+                raise JsonError("string with an unpaired UTF-16 surrogate")
+        elif isinstance(cur, dict):
+            stack.extend(cur.keys())
+            stack.extend(cur.values())
+        elif isinstance(cur, list):
+            stack.extend(cur)
+
+
+__all__ = ["JsonError", "digits", "loads", "loads_object"]
