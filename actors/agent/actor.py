@@ -34,6 +34,7 @@ from keytrio.actors.agent.runner import Runner
 from keytrio.actors.agent.secure import SecureDir
 from keytrio.actors.agent.tpm import Tpm
 from keytrio.actors.common import tls
+from keytrio.actors.common.app import KeytrioApp
 from keytrio.actors.common.config import Config
 from keytrio.actors.common.metrics import serve_metrics
 from keytrio.actors.common.serve import serve
@@ -72,6 +73,7 @@ class Agent:
         self.runner: Runner | None = None
         self.keys: Keys | None = None
         self.tpm: Tpm | None = None  # the opened TPM while running (the testbed extends PCRs through it)
+        self.app: KeytrioApp | None = None  # the served app while running (its url_map lists the routes)
         self.metrics = AgentMetrics()  # per instance: its own Prometheus registry
         self.metrics_address: tuple[str, int] | None = None  # /metrics + /health while serving
 
@@ -160,6 +162,7 @@ class Agent:
                     metrics=self.metrics,
                 )
                 app.require_client_eku = cfg.require_client_eku
+                self.app = app
                 ssl_ctx = await trio.to_thread.run_sync(self._server_context, data_dir)
                 failure: RegistrationError | None = None
                 async with trio.open_nursery() as nursery:

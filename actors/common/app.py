@@ -251,6 +251,8 @@ def make_app(
     app.config["PROPAGATE_EXCEPTIONS"] = False
     app.url_map.converters["apiversion"] = _VersionConverter
     app.url_map.strict_slashes = False
+    # no redirects: werkzeug answers "/agents//x" with an HTML 308 to "/agents/x" otherwise
+    app.url_map.merge_slashes = False
     app.api = ApiRoutes(app)
     app.asgi_app = BodyLimit(  # type: ignore[method-assign]
         app.asgi_app, max_size=max_upload_size, limit_for=app.body_limit_for

@@ -17,6 +17,7 @@ from functools import partial
 
 import trio
 
+from keytrio.actors.common.app import KeytrioApp
 from keytrio.actors.common.config import Config
 from keytrio.actors.common.metrics import serve_metrics
 from keytrio.actors.common.private_files import private_dir
@@ -53,6 +54,8 @@ class Registrar:
         self.clock = clock
         self.addresses: RegistrarAddresses | None = None
         self.service: RegistrarService | None = None
+        #: the served apps by port kind ("agent", "admin") while running: their url_map lists the routes
+        self.apps: dict[str, KeytrioApp] = {}
         self.metrics = RegistrarMetrics()  # per instance: its own Prometheus registry
         #: seconds between two recounts of the ``agents`` gauge
         self.gauge_interval = 1.0
@@ -89,6 +92,7 @@ class Registrar:
                 service, trusted_client_ca=s.trusted_client_ca, max_upload_size=cfg.max_upload_size
             )
             admin_app.require_client_eku = cfg.require_client_eku
+            self.apps = {"agent": agent_app, "admin": admin_app}
             async with trio.open_nursery() as nursery:
                 http = await nursery.start(
                     partial(

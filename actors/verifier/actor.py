@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 import trio
 
+from keytrio.actors.common.app import KeytrioApp
 from keytrio.actors.common.config import Config
 from keytrio.actors.common.metrics import serve_metrics
 from keytrio.actors.common.private_files import private_dir
@@ -70,6 +71,7 @@ class Verifier:
         self.monitors: MonitorSet | None = None
         self.notifier: Outbox | None = None
         self.store: Store | None = None
+        self.app: KeytrioApp | None = None  # the served app while running (its url_map lists the routes)
         self.policies: PolicyStore | None = None
         self.ima: ImaHooks | None = None  # the IMA hooks (per-agent debug counters: ima.hooks[id].parsed)
         self.metrics = VerifierMetrics()  # per instance: its own Prometheus registry
@@ -153,6 +155,7 @@ class Verifier:
                     ignore_tomtou_errors=cfg.ignore_tomtou_errors,
                 )
                 app.require_client_eku = cfg.require_client_eku
+                self.app = app
                 bound = await nursery.start(
                     partial(serve, app, host=cfg.ip, port=cfg.port, ssl_context=tls,
                             graceful_timeout=cfg.graceful_timeout)

@@ -92,13 +92,13 @@ _FAILED_STATES = {records.FAILED, records.INVALID_QUOTE, records.TENANT_FAILED, 
 # --- field validators (raise ValidationError) ------------------------------------------------------
 
 
-def _text(doc: dict[str, Any], field: str, *, nullable: bool = True) -> str | None:
+def _text(doc: dict[str, Any], field: str, *, nullable: bool = True, max_len: int | None = _MAX_TEXT) -> str | None:
     value = doc[field]
     if value is None and nullable:
         return None
     if not isinstance(value, str):
         raise ValidationError(field, "must be a string" + (" or null" if nullable else ""))
-    if len(value) > _MAX_TEXT:
+    if max_len is not None and len(value) > max_len:
         raise ValidationError(field, "is too long")
     return value
 
@@ -179,7 +179,8 @@ def parse_enrolment(agent_id: str, doc: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise ApiError(400, "Bad request: missing required fields: " + ", ".join(missing))
     try:
-        runtime_policy = _text(doc, "runtime_policy") or ""
+        # an inline policy is as large as the machine's file list: bounded by max_policy_size
+        runtime_policy = _text(doc, "runtime_policy", max_len=None) or ""
         validation.b64(runtime_policy, "runtime_policy", allow_empty=True)
         supported = doc["supported_version"]
         if not isinstance(supported, str) or not _VERSION.fullmatch(supported):
