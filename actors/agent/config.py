@@ -31,7 +31,7 @@ def parse_size(text: str) -> int:
     if t and t[-1] in "kmg":
         factor = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[t[-1]]
         t = t[:-1]
-    if not t.isdigit() or int(t) <= 0:
+    if not t.isascii() or not t.isdigit() or len(t) > 20 or int(t) <= 0:
         raise ValueError(f"bad size {text!r}: expected a positive number with an optional k/m/g suffix")
     return int(t) * factor
 

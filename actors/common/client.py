@@ -294,7 +294,7 @@ class KeepAliveClient:
                 if isinstance(event, h11.Response):
                     status, reason = event.status_code, event.reason.decode("latin-1")
                     for name, value in event.headers:
-                        if name == b"content-length" and value.isdigit() and int(value) > limit:
+                        if name == b"content-length" and _declared(value) > limit:
                             raise ResponseTooLarge(status, f"Content-Length {value.decode()} > {limit} bytes")
                         if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
                             raise MalformedResponse(status, f"unexpected Content-Encoding {value.decode()!r}")
@@ -349,9 +349,14 @@ async def _request_keepalive(client: KeepAliveClient, method: str, url: str, jso
     return await client.request(method, url, body=body, max_response_bytes=max_response_bytes, timeout=timeout)
 
 
+def _declared(value: bytes) -> int:
+    """A Content-Length value; -1 when it is not 1-20 ASCII digits (the body is capped anyway)."""
+    return int(value) if 0 < len(value) <= 20 and value.isdigit() else -1
+
+
 async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     declared = response.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and _declared(declared.encode("latin-1", "replace")) > limit:
         raise ResponseTooLarge(response.status_code, f"Content-Length {declared} > {limit} bytes")
     body = bytearray()
     async for chunk in response.aiter_bytes():  # decoded bytes: a gzip bomb counts in full

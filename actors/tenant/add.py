@@ -263,8 +263,10 @@ def _tpm_policy_text(policy: Mapping[str, Any] | str | None, *, ima: bool = Fals
     for key, values in doc.items():
         if key == "mask":
             continue
-        if not (key.isdigit() and 0 <= int(key) <= validation.MAX_PCR):
-            raise UsageError(f"tpm_policy: {key!r} is not a PCR number")
+        try:
+            validation.pcr_number(key)
+        except ProtocolError:
+            raise UsageError(f"tpm_policy: {key[:16]!r} is not a PCR number") from None
         vals = [values] if isinstance(values, str) else values
         if not isinstance(vals, list) or not all(isinstance(v, str) for v in vals):
             raise UsageError(f"tpm_policy: PCR {key} needs a list of hex digests")

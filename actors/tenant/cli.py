@@ -304,7 +304,7 @@ def tpm_policy_from(pcrs: list[str], path: Path | None) -> dict[str, Any] | None
     for item in pcrs:
         num, sep, value = item.partition("=")
         value = value.strip().lower().removeprefix("0x")
-        if not sep or not num.strip().isdigit() or not value or any(c not in "0123456789abcdef" for c in value):
+        if not sep or not num.strip().isascii() or not num.strip().isdigit() or len(num.strip()) > 2 or not value or any(c not in "0123456789abcdef" for c in value):
             raise UsageError(f"--pcr {item!r}: expected N=HEX, e.g. 7=3d45...")
         key = str(int(num))
         current = doc.get(key, [])

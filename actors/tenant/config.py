@@ -72,6 +72,6 @@ def tls_files(c: Config) -> TlsFiles:
 def split_hostport(text: str, what: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); ValueError with a readable reason."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isascii() or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
         raise ValueError(f"{what} {text!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from keytrio.actors.tenant.errors import ConnectionProblem, Refused, UsageError
-from keytrio.protocol import mb_policy
+from keytrio.protocol import mb_policy, safejson
 
 if TYPE_CHECKING:
     from keytrio.actors.tenant.tenant import Tenant
@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 def _error_body(body: bytes, default: str) -> tuple[str, dict[str, Any] | None]:
     """(status text, results) of an error envelope; the HTTP reason when the body is not one."""
     try:
-        doc = json.loads(body)
-    except ValueError:
+        doc = safejson.loads(body)
+    except safejson.JsonError:
         return default, None
     if not isinstance(doc, dict):
         return default, None

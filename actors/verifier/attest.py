@@ -220,7 +220,8 @@ def _typed_fields(reply: object, need_pubkey: bool) -> tuple[dict[str, Any], lis
             out[name] = value
     boottime = reply.get("boottime")
     if boottime is not None:
-        if isinstance(boottime, bool) or not isinstance(boottime, int):
+        # bounded: stored in 64-bit columns (a 60-digit integer is valid JSON)
+        if not isinstance(boottime, int) or _bounded(boottime, _MAX_STORED_INT) is None:
             fails.append(_response_failure("boottime must be an integer", field="boottime"))
         else:
             out["boottime"] = boottime
@@ -228,7 +229,7 @@ def _typed_fields(reply: object, need_pubkey: bool) -> tuple[dict[str, Any], lis
     if ml is not None and not isinstance(ml, str):
         fails.append(_response_failure("ima_measurement_list must be a string", field="ima_measurement_list"))
     entry = reply.get("ima_measurement_list_entry", 0)
-    if isinstance(entry, bool) or not isinstance(entry, int) or entry < 0:
+    if not isinstance(entry, int) or _bounded(entry, _MAX_STORED_INT) is None:
         fails.append(_response_failure("ima_measurement_list_entry must be an integer >= 0",
                                        field="ima_measurement_list_entry"))
         entry = 0
@@ -239,6 +240,16 @@ def _typed_fields(reply: object, need_pubkey: bool) -> tuple[dict[str, Any], lis
         fails.append(_response_failure("mb_measurement_list must be a string", field="mb_measurement_list"))
     out["mb_measurement_list"] = mb if isinstance(mb, str) else None
     return out, fails
+
+
+_MAX_STORED_INT = (1 << 63) - 1
+
+
+def _bounded(value: int, hi: int) -> int | None:
+    try:
+        return validation.integer(value, "value", lo=0, hi=hi)
+    except ValidationError:
+        return None
 
 
 def decode_mb_log(value: str | None) -> bytes:
