@@ -27,7 +27,7 @@ def parse_version_prefix(segment: str) -> str:
 
 def as_tuple(version: str) -> tuple[int, int]:
     major, _, minor = version.partition(".")
-    if not (major.isdigit() and minor.isdigit()):
+    if not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in (major, minor)):
         raise ValidationError("api_version", "expected <major>.<minor>")
     return int(major), int(minor)
 

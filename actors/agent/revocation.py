@@ -19,7 +19,6 @@ the ``msg`` text; ids are persisted in ``data_dir/revocation-seen.json`` (the ne
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -32,7 +31,7 @@ from cryptography import x509
 
 from keytrio.actors.agent import datadir
 from keytrio.actors.agent.runner import Job, Runner
-from keytrio.protocol import revocation
+from keytrio.protocol import revocation, safejson
 from keytrio.protocol.errors import ValidationError
 
 log = logging.getLogger("keytrio.agent")
@@ -158,8 +157,8 @@ def _inside(base: Path, name: str) -> Path | None:
 
 def _unsigned_message(msg: str) -> dict[str, Any]:
     try:
-        parsed = json.loads(msg)
-    except (ValueError, RecursionError) as exc:
+        parsed = safejson.loads(msg)
+    except safejson.JsonError as exc:
         raise ValidationError("msg", "is not JSON") from exc
     if not isinstance(parsed, dict) or parsed.get("type") != revocation.MSG_TYPE:
         raise ValidationError("msg", "is not a revocation message")

@@ -100,7 +100,7 @@ class Peer:
 
 def _is_version(text: str) -> bool:
     major, _, minor = text.partition(".")
-    return major.isdigit() and minor.isdigit()
+    return all(p.isascii() and p.isdigit() and len(p) <= 3 for p in (major, minor))
 
 
 def server_peer(
