@@ -5,10 +5,13 @@ data, plus the *pending* registration while one waits for activation:
 
 * a first registration is a row with ``regcount == 0`` and ``active == False``; activation makes
   it ``regcount == 1, active == True``; a wrong tag or the timeout deletes it;
-* a re-registration of an agent that was activated before sets ``active = False`` and stores the
-  new contact data in the ``pending_*`` columns; activation applies them (``regcount + 1``); a
-  wrong tag or the timeout rolls the row back to what it was (active, old contact data), so a
-  replay of the (public) EK/AK by someone without the TPM cannot take the agent over.
+* a re-registration of an agent that was activated before only fills the ``pending_*`` columns:
+  the row stays ``active`` with its activated contact data and ``mtls_cert``, which GET keeps
+  answering (tenants and verifiers go on trusting them); activation applies the pending values
+  (``regcount + 1``); a wrong tag or the timeout clears them. So a replay of the (public) EK/AK by
+  someone without the TPM neither takes the agent over nor hides it for ``activation_timeout``.
+  The pending values live in the row, hence in the database: a restart loses none of them.
+  ``active`` is therefore exactly ``regcount > 0`` (migration r0002 fixes older rows).
 
 ``auth_tag`` is the tag the current activation was accepted with (a retried activation with the
 same tag answers 200 again); ``pending_tag`` the tag expected for the pending one. Both are

@@ -65,8 +65,8 @@ class RegistrarMetrics:
         self.activations = m.counter(
             "activations_total", "Activations by result: activated, repeat, unknown, invalid, "
             "wrong_removed, wrong_rolled_back, wrong_active.", ("result",))
-        self.agents = m.gauge("agents", "Agent records by state: active, pending (awaiting activation).",
-                              ("state",))
+        self.agents = m.gauge("agents", "Agent records: active (GET answers them), pending (a registration "
+                              "awaits activation; an active agent re-registering counts in both).", ("state",))
 
 
 _REFUSALS = {400: "invalid", 403: "forbidden", 404: "unknown", 409: "conflict"}
@@ -192,7 +192,7 @@ def _drop_pending(conn: Connection, row: Any) -> str:
     if row["regcount"] == 0:
         conn.execute(sa.delete(agents).where(where))
         return "removed"
-    conn.execute(sa.update(agents).where(where).values(active=True, **_PENDING_CLEARED))
+    conn.execute(sa.update(agents).where(where).values(**_PENDING_CLEARED))
     return "rolled back"
 
 
@@ -259,7 +259,6 @@ class RegistrarService:
             if row is not None:
                 row = _expire(conn, row, now)
             pending = {
-                "active": False,
                 "pending_tag": tag,
                 "pending_deadline": deadline,
                 "pending_mtls_cert": reg.mtls_cert,
@@ -274,6 +273,7 @@ class RegistrarService:
                         ekcert=reg.ekcert,
                         aik_tpm=reg.aik_tpm,
                         regcount=0,
+                        active=False,
                         registered_at=now,
                         **pending,
                     )
@@ -283,6 +283,9 @@ class RegistrarService:
                 raise ApiError(
                     403, "Forbidden: agent id already registered with a different EK, EK cert or AK"
                 )
+            # only the pending_* columns: an activated record stays what GET answers (and what
+            # tenants and verifiers trust) until this registration is activated in its turn, so a
+            # replay of the agent's public EK/AK by anyone who reaches this port changes nothing
             conn.execute(sa.update(agents).where(agents.c.agent_id == reg.agent_id).values(**pending))
             return "again"
 
@@ -392,13 +395,15 @@ class RegistrarService:
     async def refresh_gauges(self) -> None:
         """Recount the agent records for the ``agents`` gauge (one GROUP BY)."""
 
-        def q(conn: Connection) -> dict[bool, int]:
-            rows = conn.execute(sa.select(agents.c.active, sa.func.count()).group_by(agents.c.active))
-            return {bool(active): int(n) for active, n in rows}
+        def q(conn: Connection) -> tuple[int, int]:
+            active = sa.func.count().filter(agents.c.active.is_(True))
+            pending = sa.func.count().filter(agents.c.pending_tag.is_not(None))
+            row = conn.execute(sa.select(active, pending)).one()
+            return int(row[0]), int(row[1])
 
-        counts = await self.store.read(q)
-        self.metrics.agents.labels("active").set(counts.get(True, 0))
-        self.metrics.agents.labels("pending").set(counts.get(False, 0))
+        active, pending = await self.store.read(q)
+        self.metrics.agents.labels("active").set(active)
+        self.metrics.agents.labels("pending").set(pending)
 
     async def health(self) -> dict[str, Any]:
         """/health: the store answers a trivial SELECT within 5 s."""

@@ -29,12 +29,14 @@ from keytrio.actors.registrar.schema import metadata as registrar_metadata
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.migrations import MIGRATIONS as VERIFIER
 from keytrio.actors.verifier.schema import metadata as verifier_metadata
+from keytrio.protocol import credential
 from tests.actors.test_registrar_support import SoftTpm, registrar_config, running_registrar
 from tests.actors.verifier_support import start_verifier, verifier_options
 from tests.pg import db_url, pg_admin_url, pg_url  # noqa: F401
 
 OLD_A = "d432fbb3-d2f1-4a97-9ef7-75bd81c01111"  # stopped by the tenant (state 10): not polled
 OLD_B = "d432fbb3-d2f1-4a97-9ef7-75bd81c02222"  # GET_QUOTE at a dead port: fails after the upgrade
+OLD_C = "d432fbb3-d2f1-4a97-9ef7-75bd81c03333"  # registrar: re-registering under r0001 (active = false)
 
 
 def _engine(url: str) -> sa.Engine:
@@ -56,7 +58,7 @@ def test_newest_revisions_match_the_code_schema(db_url: str) -> None:  # noqa: F
     engine = _engine(db_url)
     try:
         assert upgrade(engine, VERIFIER) == (None, "v0003")
-        assert upgrade(engine, REGISTRAR) == (None, "r0001")  # one database may hold both actors
+        assert upgrade(engine, REGISTRAR) == (None, "r0002")  # one database may hold both actors
         assert upgrade(engine, VERIFIER) == ("v0003", "v0003")  # idempotent
     finally:
         engine.dispose()
@@ -170,6 +172,13 @@ async def test_registrar_first_revision_with_data(tmp_path: Path, pki: Any, db_u
                 ip="127.0.0.1", port=9002, regcount=3, active=True, auth_tag="ab" * 48, pending_tag=None,
                 pending_deadline=None, pending_mtls_cert=None, pending_ip=None, pending_port=None,
                 registered_at=1.0, activated_at=2.0))
+            # r0001-era code deactivated an agent while its re-registration awaited activation
+            conn.execute(old.tables["registrar_agents"].insert().values(
+                agent_id=OLD_C, ek_tpm=soft.ek_tpm, ekcert=None, aik_tpm=soft.aik_tpm, mtls_cert=pki.agent.pem,
+                ip="127.0.0.1", port=9003, regcount=1, active=False, auth_tag="cd" * 48,
+                pending_tag=credential.activation_auth_tag(b"c" * 32, OLD_C), pending_deadline=time.time() + 3600,
+                pending_mtls_cert=pki.agent.pem, pending_ip="127.0.0.1", pending_port=9004,
+                registered_at=1.0, activated_at=2.0))
             conn.execute(sa.text(f"DROP TABLE {REGISTRAR.version_table}"))  # made by create_all
     finally:
         engine.dispose()
@@ -179,6 +188,12 @@ async def test_registrar_first_revision_with_data(tmp_path: Path, pki: Any, db_u
         assert r.status_code == 200, r.text
         rec = r.json()["results"]
         assert (rec["regcount"], rec["port"], rec["aik_tpm"]) == (3, 9002, soft.aik_tpm)
+        # r0002: the re-registering agent answers with its activated record again; still pending
+        rec = (await reg.record(OLD_C)).json()["results"]
+        assert (rec["regcount"], rec["port"]) == (1, 9003)
+        assert (await reg.activate(OLD_C, credential.activation_auth_tag(b"c" * 32, OLD_C))).status_code == 200
+        rec = (await reg.record(OLD_C)).json()["results"]
+        assert (rec["regcount"], rec["port"]) == (2, 9004)
         # and a new registration works next to it (SoftTpm round trip)
         await reg.enroll(OLD_B, SoftTpm.new())
         assert (await reg.record(OLD_B)).status_code == 200

@@ -101,14 +101,25 @@ async def test_register_activate_with_swtpm(tpm, swtpm, pki, tmp_path, ek_alg):
         assert rec["mtls_cert"] == pki.agent.pem
         assert (rec["ip"], rec["port"], rec["regcount"]) == ("127.0.0.1", 9002, 1)
 
-        # the agent restarts: same identity, new port -> one more registration once activated
-        r = await reg.register(agent_id, {**body, "port": 9003})
+        first = rec
+
+        # anyone can replay the agent's public EK/AK/EK cert: the active record stays what GET answers
+        for port in (9003, 9004):
+            envelope(await reg.register(agent_id, {**body, "port": port, "mtls_cert": pki.other_agent.pem}), 200)
+            assert envelope(await reg.record(agent_id), 200)["results"] == first
+        # a wrong tag (whoever replayed cannot decrypt the blob) discards it: still the first record
+        envelope(await reg.activate(agent_id, credential.activation_auth_tag(b"w" * 32, agent_id)), 400)
+        assert envelope(await reg.record(agent_id), 200)["results"] == first
+
+        # the agent restarts: same identity, new port -> visible once activated, not before
+        r = await reg.register(agent_id, {**body, "port": 9003, "mtls_cert": pki.other_agent.pem})
         blob = envelope(r, 200)["results"]["blob"]
-        envelope(await reg.record(agent_id), 404)  # not active until it activates again
+        assert envelope(await reg.record(agent_id), 200)["results"] == first
         cred = await tpm.activate_credential(ak, ek, base64.b64decode(blob))
         envelope(await reg.activate(agent_id, credential.activation_auth_tag(cred, agent_id)), 200)
         rec = envelope(await reg.record(agent_id), 200)["results"]
-        assert (rec["port"], rec["regcount"]) == (9003, 2)
+        assert (rec["port"], rec["regcount"], rec["mtls_cert"]) == (9003, 2, pki.other_agent.pem)
+        assert rec["aik_tpm"] == first["aik_tpm"]
 
         # another AK under the same uuid: refused, nothing changes
         before = await reg.rows()
@@ -206,9 +217,10 @@ async def test_wrong_tag_on_reregistration_rolls_back(config, pki, softs):
     async with running_registrar(config, pki) as reg:
         await reg.enroll(A, soft, port=9001)
         active = await reg.rows()
+        before = envelope(await reg.record(A), 200)["results"]
         r = await reg.register(A, soft.body(port=9555))
         envelope(r, 200)
-        envelope(await reg.record(A), 404)
+        assert envelope(await reg.record(A), 200)["results"] == before  # pending: GET unchanged
         r = await reg.activate(A, credential.activation_auth_tag(b"y" * 32, A))
         assert "discarded" in envelope(r, 400)["status"]
         # back to the activated record: replaying the public EK/AK cannot take an agent over
