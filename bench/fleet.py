@@ -189,6 +189,16 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
+def _status_kb(pid: int, *keys: str) -> dict[str, int]:
+    """Fields of /proc/PID/status in KB (VmRSS = RssAnon + RssFile + RssShmem)."""
+    out = dict.fromkeys(keys, 0)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in out:
+            out[k] = int(v.split()[0])
+    return out
+
+
 def group_pids(pgid: int) -> list[int]:
     out = []
     for entry in Path("/proc").iterdir():
@@ -344,11 +354,12 @@ async def _upload(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> 
         raise RuntimeError(f"{url}: runtime policy upload answered {r.status_code}: {r.text[:300]}")
 
 
-def _start_keytrio(ca: Path, data_dir: Path, cpu: int, log: Any,
-                   cprofile: str | None = None) -> tuple[subprocess.Popen[str], str]:
+def _start_keytrio(ca: Path, data_dir: Path, cpu: int, log: Any, cprofile: str | None = None,
+                   options: dict[str, Any] | None = None) -> tuple[subprocess.Popen[str], str]:
     prof = ["-m", "cProfile", "-o", cprofile] if cprofile else []  # written at exit (stop it with SIGINT)
+    extra = [json.dumps(options)] if options else []
     srv = subprocess.Popen(
-        [sys.executable, *prof, "-m", "bench.keytrio_server", str(ca), str(data_dir)], stdout=subprocess.PIPE,
+        [sys.executable, *prof, "-m", "bench.keytrio_server", str(ca), str(data_dir), *extra], stdout=subprocess.PIPE,
         stderr=log, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
     )  # fmt: skip
@@ -560,6 +571,126 @@ def run_keytrio_only(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+# --- soak: RSS over time -------------------------------------------------------------------------------------
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x (0 with fewer than two distinct x)."""
+    if len(points) < 2:
+        return 0.0
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+
+
+def run_soak(args: argparse.Namespace) -> dict[str, Any]:
+    """keytrio's verifier with N agents for ``minutes``: VmRSS (/proc/PID/status) and the polls done
+    every ``sample`` seconds; the RSS slope over the samples after ``warmup`` minutes (least squares),
+    in KB/min and KB/min per agent. Enrolment and each agent's first (whole-log) poll come first.
+    """
+    from keytrio.actors.common import tls
+    from keytrio.testbed.pki import make_cv_ca
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
+    others = set(os.sched_getaffinity(0)) - {cpu} or {cpu}
+    os.sched_setaffinity(0, others)
+    n = args.agents
+    report: dict[str, Any] = {"agents": n, "minutes": args.minutes, "warmup_minutes": args.warmup,
+                              "sample_s": args.sample, "quote_interval": args.quote_interval,
+                              "policy_files": args.policy_files, "files_per_agent": FILES_PER_AGENT,
+                              "verifier_cpu": cpu, "agents_cpus": sorted(others), "samples": []}
+    with tempfile.TemporaryDirectory(prefix="keytrio-bench-soak-") as tmp, \
+            open(out / "soak-keytrio-verifier.log", "w") as klog:
+        ca = make_cv_ca(Path(tmp) / "cv_ca").dir
+        ctx = tls.client_context([ca / "cacert.crt"], ca / "client-cert.crt", ca / "client-private.pem")
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+        agents = Agents(Path(tmp) / "agents", ca, args.policy_files, others, out / "soak-agents.log")
+        try:
+            fleet = agents.grow(n)["agents"][:n]
+            print(f"[bench] soak: {n} agents up", file=sys.stderr)
+            body = policy_body(args.policy_files, {a["boot_aggregate"] for a in fleet})
+
+            async def soak() -> None:
+                async with httpx.AsyncClient(verify=ctx, timeout=60.0, limits=limits) as client:
+                    srv, url = _start_keytrio(ca, Path(tmp) / "verifier", cpu, klog,
+                                              options={"quote_interval": args.quote_interval})
+                    try:
+                        await _upload(client, url, body)
+                        report["rss_empty_kb"] = _rss_kb(srv.pid)
+                        statuses = await _each(fleet, lambda a: _enrol_one(client, url, a))
+                        if any(st != 200 for st in statuses):
+                            raise RuntimeError(f"enrolments refused: {sorted(set(statuses))}")
+                        t0 = time.monotonic()
+                        cpu0 = usage([srv.pid])[0]
+                        end = t0 + args.minutes * 60
+                        while True:
+                            _t, recs = await _bulk(client, url)
+                            t = time.monotonic() - t0
+                            states: dict[str, int] = {}
+                            for a in fleet:
+                                st = str(recs.get(a["id"], {}).get("operational_state"))
+                                states[st] = states.get(st, 0) + 1
+                            polls = sum(recs.get(a["id"], {}).get("attestation_count", 0) for a in fleet)
+                            mem = _status_kb(srv.pid, "VmRSS", "RssAnon", "RssFile", "RssShmem")
+                            sample = {"t_s": t, "rss_kb": mem["VmRSS"], "anon_kb": mem["RssAnon"],
+                                      "file_kb": mem["RssFile"] + mem["RssShmem"], "polls": polls,
+                                      "states": states, "cpu_s": usage([srv.pid])[0] - cpu0}
+                            report["samples"].append(sample)
+                            print(f"[bench] soak t={t:6.0f}s RSS {sample['rss_kb'] / 1024:7.1f} MB polls {polls}",
+                                  file=sys.stderr)
+                            if time.monotonic() >= end:
+                                break
+                            await trio.sleep(min(args.sample, max(end - time.monotonic(), 0.0)))
+                    finally:
+                        srv.terminate()
+                        srv.wait(timeout=30)
+
+            trio.run(soak)
+        finally:
+            agents.close()
+            os.sched_setaffinity(0, others | {cpu})
+    late = [s for s in report["samples"] if s["t_s"] >= args.warmup * 60]
+    after = [(s["t_s"] / 60, s["rss_kb"]) for s in late]
+    kb_min = slope(after)
+    report["slope_kb_per_min"] = kb_min
+    report["slope_kb_per_min_per_agent"] = kb_min / n
+    report["anon_slope_kb_per_min"] = slope([(s["t_s"] / 60, s["anon_kb"]) for s in late])
+    report["file_slope_kb_per_min"] = slope([(s["t_s"] / 60, s["file_kb"]) for s in late])
+    if len(after) >= 2:
+        polls = [s["polls"] for s in report["samples"] if s["t_s"] >= args.warmup * 60]
+        report["polls_after_warmup"] = polls[-1] - polls[0]
+        report["rss_after_warmup_kb"] = (min(r for _, r in after), max(r for _, r in after))
+    (out / "soak.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+async def _enrol_one(client: httpx.AsyncClient, url: str, agent: dict[str, Any]) -> int:
+    r = await client.post(f"{url}/v{API}/agents/{agent['id']}", json=enrolment(agent))
+    return r.status_code
+
+
+def soak_table(r: dict[str, Any]) -> str:
+    rows = ["| minute | verifier VmRSS MB | anonymous MB | file + shmem MB | polls so far | verifier CPU s | states |",
+            "|---|---|---|---|---|---|---|"]
+    for s in r["samples"]:
+        rows.append(f"| {s['t_s'] / 60:.1f} | {s['rss_kb'] / 1024:.1f} | {s['anon_kb'] / 1024:.1f} | "
+                    f"{s['file_kb'] / 1024:.1f} | {s['polls']:,} | {s['cpu_s']:.1f} | "
+                    f"{', '.join(f'{k}:{v}' for k, v in sorted(s['states'].items()))} |")
+    lo_hi = r.get("rss_after_warmup_kb")
+    spread = f"; RSS after warm-up {lo_hi[0] / 1024:.1f}-{lo_hi[1] / 1024:.1f} MB" if lo_hi else ""
+    return (f"### Soak ({r['agents']} agents, quote_interval {r['quote_interval']:g} s, {r['minutes']:g} min, "
+            f"a sample every {r['sample_s']:g} s; slope over the samples after {r['warmup_minutes']:g} min)\n\n"
+            + "\n".join(rows)
+            + f"\n\nRSS slope after warm-up: {r['slope_kb_per_min']:+.1f} KB/min "
+              f"({r['slope_kb_per_min_per_agent']:+.3f} KB/min per agent; "
+              f"{r.get('polls_after_warmup', 0):,} polls in that time){spread}; anonymous memory "
+              f"{r['anon_slope_kb_per_min']:+.1f} KB/min, file-backed + shared "
+              f"{r['file_slope_kb_per_min']:+.1f} KB/min")
+
+
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "agents":
         logging.basicConfig(level=logging.WARNING)
@@ -580,8 +711,24 @@ def main() -> None:
         report = run_keytrio_only(ap.parse_args(sys.argv[2:]))
         print(tables(report))
         return
+    if len(sys.argv) >= 2 and sys.argv[1] == "soak":
+        ap = argparse.ArgumentParser(prog="python -m bench.fleet soak",
+                                     description="keytrio's verifier with N agents for a while: RSS over time and "
+                                                 "its slope after warm-up")
+        ap.add_argument("--out", type=Path, required=True)
+        ap.add_argument("--agents", type=int, default=50)
+        ap.add_argument("--minutes", type=float, default=6.0, help="how long, from the last enrolment")
+        ap.add_argument("--warmup", type=float, default=1.5, help="minutes left out of the slope")
+        ap.add_argument("--sample", type=float, default=15.0, help="seconds between two RSS samples")
+        ap.add_argument("--quote-interval", type=float, default=2.0)
+        ap.add_argument("--policy-files", type=int, default=10_000)
+        ap.add_argument("--cpu", type=int, default=None, help="CPU the verifier is pinned to (default: the last)")
+        report = run_soak(ap.parse_args(sys.argv[2:]))
+        print(soak_table(report))
+        return
     raise SystemExit("usage: python -m bench.fleet agents DIR CV_CA_DIR POLICY_FILES\n"
-                     "       python -m bench.fleet keytrio --out DIR [--sizes N,..] [--seconds S] [--py-spy FILE]")
+                     "       python -m bench.fleet keytrio --out DIR [--sizes N,..] [--seconds S] [--py-spy FILE]\n"
+                     "       python -m bench.fleet soak --out DIR [--agents N] [--minutes M] [--sample S]")
 
 
 if __name__ == "__main__":

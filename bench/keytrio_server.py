@@ -1,13 +1,14 @@
 """keytrio's verifier for the HTTP benchmarks, with upstream's (up.sh) certificates.
 
-    python -m bench.keytrio_server CV_CA_DIR DATA_DIR
+    python -m bench.keytrio_server CV_CA_DIR DATA_DIR [OVERRIDES_JSON]
 
-Prints ``PORT <n>`` on stdout once listening on 127.0.0.1; runs until killed. Both verifiers then
+OVERRIDES_JSON: more verifier options (e.g. ``{"quote_interval": 1.0}``, bench.fleet soak). Prints ``PORT <n>`` on stdout once listening on 127.0.0.1; runs until killed. Both verifiers then
 present certificates of the same CA, so one client (one TLS configuration) talks to both.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -18,13 +19,13 @@ from keytrio.actors.verifier.actor import Verifier
 from keytrio.actors.verifier.config import load_config
 
 
-async def serve(ca_dir: Path, data_dir: Path) -> None:
+async def serve(ca_dir: Path, data_dir: Path, extra: dict[str, object]) -> None:
     opts = {
         "ip": "127.0.0.1", "port": 0, "data_dir": str(data_dir),
         "server_cert": str(ca_dir / "server-cert.crt"), "server_key": str(ca_dir / "server-private.pem"),
         "client_cert": str(ca_dir / "client-cert.crt"), "client_key": str(ca_dir / "client-private.pem"),
         "trusted_client_ca": [str(ca_dir / "cacert.crt")], "trusted_server_ca": [str(ca_dir / "cacert.crt")],
-        "max_upload_size": 100 << 20,
+        "max_upload_size": 100 << 20, **extra,
     }  # fmt: skip
     verifier = Verifier(load_config(env={}, overrides=opts))
     async with trio.open_nursery() as nursery:
@@ -34,7 +35,8 @@ async def serve(ca_dir: Path, data_dir: Path) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    trio.run(serve, Path(sys.argv[1]), Path(sys.argv[2]))
+    extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    trio.run(serve, Path(sys.argv[1]), Path(sys.argv[2]), extra)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class Verifier:
         self.store: Store | None = None
         self.app: KeytrioApp | None = None  # the served app while running (its url_map lists the routes)
         self.policies: PolicyStore | None = None
-        self.ima: ImaHooks | None = None  # the IMA hooks (per-agent debug counters: ima.hooks[id].parsed)
+        self.ima: ImaHooks | None = None  # the IMA hooks (ima.hooks[id]: the running monitors' hooks)
         self.metrics = VerifierMetrics()  # per instance: its own Prometheus registry
         self.metrics_address: tuple[str, int] | None = None  # None while not serving / disabled
         #: seconds between two recounts of the gauges (agents per state, pending notices)
@@ -91,12 +91,14 @@ class Verifier:
                                  migrations=MIGRATIONS, auto_migrate=cfg.auto_migrate_db)
         self.store = store
         try:
-            policies = PolicyStore(store, require_signatures=cfg.require_allow_list_signatures, clock=self.clock)
+            policies = PolicyStore(store, require_signatures=cfg.require_allow_list_signatures, clock=self.clock,
+                                   parses=self.metrics.policy_parses)
             await policies.load()  # every stored policy parsed once, before any monitor starts
             self.policies = policies
             ima_check_for = self.ima_check_for
             if ima_check_for is None:
-                self.ima = ImaHooks(policies, ignore_tomtou_errors=cfg.ignore_tomtou_errors)
+                self.ima = ImaHooks(policies, ignore_tomtou_errors=cfg.ignore_tomtou_errors,
+                                    lines_per_poll=self.metrics.ima_lines_per_poll)
                 ima_check_for = self.ima
             async with trio.open_nursery() as nursery:
                 notifier = Outbox(

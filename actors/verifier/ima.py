@@ -4,8 +4,9 @@
 entry number, the quoted PCRs and the bank). It resolves the agent's runtime policy in the shared
 :class:`~actors.verifier.policies.PolicyStore` at every call (so a PUT of a named policy applies at
 the next poll), keeps the :class:`~protocol.ima_eval.ImaProgress` (running PCR 10, line count,
-boot identity, learned keys), logs ToMToU warnings (they are not failures then), and records the
-lines parsed per poll in ``parsed`` (the debug counter tests read).
+boot identity, learned keys), logs ToMToU warnings (they are not failures then), and observes the
+lines parsed per poll in the ``ima_lines_per_poll`` histogram (one per verifier, no agent label:
+its memory does not grow with the fleet). A hook holds O(1) state besides the progress itself.
 
 attest.py calls :meth:`AgentIma.for_boot` with the reply's boottime and the quote's resetCount
 before each evaluation; the monitor stores :meth:`AgentIma.progress_json` with the poll's success
@@ -18,11 +19,12 @@ import base64
 import binascii
 import json
 import logging
-from collections import deque
+import weakref
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from keytrio.actors.verifier.policies import PolicyStore
+from prometheus_client import Histogram
+
 from keytrio.protocol import safejson
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.failures import Failure, Severity
@@ -94,6 +96,7 @@ class AgentIma:
         progress: ImaProgress | None = None,
         ignore_tomtou_errors: bool = False,
         extra_keys: Iterable[ImaKey] = (),
+        lines_per_poll: Histogram | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.policies = policies
@@ -102,8 +105,7 @@ class AgentIma:
         self.progress = progress or ImaProgress()
         self.ignore_tomtou_errors = ignore_tomtou_errors
         self.extra_keys = list(extra_keys)
-        self.parsed: deque[int] = deque(maxlen=10_000)  # lines parsed per evaluated poll
-        self.requested: deque[int] = deque(maxlen=10_000)  # first entry of each evaluated list
+        self._lines_per_poll = lines_per_poll
         self.warnings: list[Failure] = []  # of the last poll
 
     def policy(self) -> RuntimePolicy | None:
@@ -137,8 +139,8 @@ class AgentIma:
             extra_verification_keys=self.extra_keys,
             quoted_pcrs=pcrs,
         )  # fmt: skip
-        self.parsed.append(res.lines_parsed)
-        self.requested.append(first_entry)
+        if self._lines_per_poll is not None:
+            self._lines_per_poll.observe(res.lines_parsed)
         self.warnings = list(res.warnings)
         for w in res.warnings:
             log.warning("agent=%s event=%s severity=%s path=%s line=%s", self.agent_id, w.event_id,
@@ -150,13 +152,18 @@ class AgentIma:
 class ImaHooks:
     """``ima_check_for(row)`` of the MonitorSet: an AgentIma for agents with a runtime policy.
 
-    ``hooks[agent_id]`` is the live hook of each monitored agent (tests read ``parsed`` there).
+    ``hooks[agent_id]`` is the hook of a running monitor (its progress, for status and tests). It
+    holds the hooks weakly: an entry goes when its monitor ends (agent failed, stopped, deleted),
+    so the map never outgrows the monitors running.
     """
 
-    def __init__(self, policies: PolicyStore, *, ignore_tomtou_errors: bool = False) -> None:
+    def __init__(
+        self, policies: PolicySource, *, ignore_tomtou_errors: bool = False, lines_per_poll: Histogram | None = None
+    ) -> None:
         self.policies = policies
         self.ignore_tomtou_errors = ignore_tomtou_errors
-        self.hooks: dict[str, AgentIma] = {}
+        self.lines_per_poll = lines_per_poll
+        self.hooks: weakref.WeakValueDictionary[str, AgentIma] = weakref.WeakValueDictionary()
 
     def __call__(self, row: dict[str, Any]) -> AgentIma | None:
         name = row.get("runtime_policy_name") or None
@@ -176,6 +183,7 @@ class ImaHooks:
             row["agent_id"], self.policies, name, checksum, progress=progress,
             ignore_tomtou_errors=self.ignore_tomtou_errors,
             extra_keys=parse_verification_keys(row.get("ima_sign_verification_keys")),
+            lines_per_poll=self.lines_per_poll,
         )  # fmt: skip
         self.hooks[row["agent_id"]] = hook
         return hook

@@ -85,6 +85,9 @@ COMM_MALFORMED = "comm_error.malformed_response"
 INTERNAL_ERROR = "verifier.internal_error"
 
 
+#: lines per poll: 0 (caught up), a few (the steady tail), a whole log (first poll, reboot)
+IMA_LINE_BUCKETS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+
 #: operational state -> the label of the ``agents`` gauge
 STATE_NAMES = {
     records.REGISTERED: "registered", records.START: "start", records.SAVED: "saved",
@@ -110,6 +113,12 @@ class VerifierMetrics:
         self.failures = m.counter("failures_total", "Recorded attestation failures by event id.", ("event_id",))
         self.poll_seconds = m.histogram("poll_seconds", "Latency of one quote poll (request + checks).")
         self.ima_lines = m.counter("ima_lines_total", "IMA measurement list lines received and evaluated.")
+        self.ima_lines_per_poll = m.histogram(
+            "ima_lines_per_poll", "IMA lines parsed by one poll's evaluation (0 once an agent is caught up).",
+            buckets=IMA_LINE_BUCKETS)
+        self.policy_parses = m.counter(
+            "runtime_policy_parses_total", "Runtime policies parsed (once per distinct policy: at start, upload, "
+            "refresh).")
         self.notices = m.counter("notices_total", "Revocation notices created (one per failure).")
         self.deliveries = m.counter(
             "notice_deliveries_total", "Final outcomes of notice deliveries by outcome: delivered, "

@@ -57,7 +57,7 @@ NOTICE_CONCURRENCY = 16  # recipients contacted at once (per notifier)
 NOTICE_TTL = 86400.0  # seconds a notice is retried (revocation_notice_ttl)
 MAX_RETRY_INTERVAL = 60.0  # backoff cap between two attempts to one recipient
 WEBHOOK = "webhook"  # the recipient name of the webhook delivery
-BATCH = 500  # deliveries looked at per loop round
+BATCH = 500  # deliveries looked at per loop round, and the most attempts in flight at once
 
 PENDING, DELIVERED, EXPIRED, ABANDONED = "pending", "delivered", "expired", "abandoned"
 
@@ -158,8 +158,10 @@ class Outbox:
         concurrency: int = NOTICE_CONCURRENCY,
         clock: Callable[[], float] = time.time,
         metrics: VerifierMetrics | None = None,
+        batch: int = BATCH,
     ) -> None:
         self._metrics = metrics
+        self._batch = max(batch, 1)
         self._store = store
         self._verifier_id = verifier_id
         self._context_for = context_for
@@ -173,10 +175,9 @@ class Outbox:
         self._limiter = trio.CapacityLimiter(concurrency)
         self._clock = clock
         self._wake = trio.Event()
+        # the (notice, recipient) attempts running now: never more than ``batch`` (run() waits for
+        # some to finish first), so neither this set nor the nursery grows with a backlog
         self._inflight: set[tuple[str, str]] = set()
-        #: (notice_id, recipient agent id or "webhook", True if delivered) - final outcomes of this run
-        self.deliveries: list[tuple[str, str, bool]] = []
-        self.published: list[SignedNotice] = []  # every notice stored by this run (tests, status)
 
     # --- storing ------------------------------------------------------------------------------
 
@@ -202,7 +203,6 @@ class Outbox:
         """The transaction that staged ``notice`` committed: deliver it now."""
         log.info("agent=%s event=revocation_notice notice=%s event_id=%s",
                  notice.agent_id, notice.notice_id, notice.event_id)
-        self.published.append(notice)
         if self._metrics is not None:
             self._metrics.notices.inc()
         self.kick()
@@ -248,7 +248,7 @@ class Outbox:
                 except Exception:  # a database hiccup: try again shortly
                     log.exception("event=outbox.read_failed")
                     due, next_at = [], self._clock() + 1.0
-                for d in due:
+                for d in due[:max(self._batch - len(self._inflight), 0)]:
                     self._inflight.add(d.key)
                     nursery.start_soon(self._attempt, d)
                 delay = 5.0 if next_at is None else min(max(next_at - self._clock(), 0.0), 5.0)
@@ -262,7 +262,7 @@ class Outbox:
                       deliveries.c.next_attempt_at, notices.c.expires_at, notices.c.msg, notices.c.signature)
             .join(notices, notices.c.notice_id == deliveries.c.notice_id)
             .where(deliveries.c.verifier_id == self._verifier_id, deliveries.c.state == PENDING)
-            .order_by(deliveries.c.next_attempt_at).limit(BATCH)
+            .order_by(deliveries.c.next_attempt_at).limit(self._batch)
         ).all()
         due: list[_Due] = []
         next_at: float | None = None
@@ -273,7 +273,7 @@ class Outbox:
                 due.append(_Due(nid, rcpt, attempts, expires, msg, sig))
             elif next_at is None or at < next_at:
                 next_at = at
-        if len(rows) == BATCH and next_at is None:
+        if len(rows) == self._batch and next_at is None:
             next_at = now + self._interval  # more rows behind the in-flight ones
         return due, next_at
 
@@ -324,7 +324,6 @@ class Outbox:
 
         await self._store.write(txn)
         ok = state == DELIVERED
-        self.deliveries.append((d.notice_id, d.recipient, ok))
         if self._metrics is not None:
             self._metrics.deliveries.labels(state).inc()
         level = logging.INFO if ok else logging.WARNING

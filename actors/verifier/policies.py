@@ -28,6 +28,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import trio
+from prometheus_client import Counter
 from sqlalchemy.engine import Connection
 
 from keytrio.actors.common.store import Store
@@ -116,14 +117,14 @@ class PolicyStore:
     """The verifier's runtime policies (see module docstring)."""
 
     def __init__(self, store: Store, *, require_signatures: bool = False,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, parses: Counter | None = None) -> None:
         self.store = store
         self.require_signatures = require_signatures
         self._clock = clock
         self._parsed: dict[str, RuntimePolicy] = {}
         self._names: dict[str, str] = {}
         self._writes = 0  # local writes so far: a refresh that raced one is not applied
-        self.parse_count = 0  # how many times a policy was parsed (tests: once per distinct policy)
+        self.parses = parses  # runtime_policy_parses_total: once per distinct policy is the goal
 
     # --- in-memory lookups (sync: used inside the pure evaluation of a poll) -------------------
 
@@ -149,7 +150,8 @@ class PolicyStore:
         # requirement is applied on upload (verify=True) only.
         fn = partial(parse, raw, key, require_signature=self.require_signatures and verify)
         policy = await trio.to_thread.run_sync(fn)
-        self.parse_count += 1
+        if self.parses is not None:
+            self.parses.inc()
         return policy
 
     async def load(self) -> None:

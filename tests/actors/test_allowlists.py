@@ -143,7 +143,7 @@ async def test_enrolment_by_name_inline_and_in_use(nursery: trio.Nursery, tmp_pa
     # restart: stored policies are parsed again, names resolve
     rv = await start_verifier(nursery, pki, data, quote_interval=60.0)
     assert rv.verifier.policies is not None and rv.verifier.policies.by_name("fresh") is not None
-    assert rv.verifier.policies.parse_count == 1
+    assert rv.metric("runtime_policy_parses_total") == 1
     await rv.stop()
 
 

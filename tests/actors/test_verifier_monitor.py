@@ -48,14 +48,11 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> RevocationPair:
     return revocation_pair(tmp_path_factory.mktemp("revocation"))
 
 
-def published(rv: RunningVerifier, agent_id: str) -> list[Any]:
-    assert rv.verifier.notifier is not None
-    return [n for n in rv.verifier.notifier.published if n.agent_id == agent_id]
-
-
-def check_received(agents: list[VAgent], rv: RunningVerifier, pair: RevocationPair, failing: str, event_id: str) -> None:
+async def check_received(
+    agents: list[VAgent], rv: RunningVerifier, pair: RevocationPair, failing: str, event_id: str
+) -> None:
     """Every agent recorded the (one) notice about ``failing``, and its signature verifies."""
-    [notice] = published(rv, failing)
+    [notice] = await rv.notices(failing)
     parsed = revocation.verify_notice(pair.cert_pem, notice.msg, notice.signature)
     assert parsed["agent_id"] == failing and parsed["event_id"] == event_id
     assert parsed["notice_id"] == notice.notice_id
@@ -90,7 +87,7 @@ async def test_enrol_v_and_policy_failures_notify_every_agent(
     assert rec["last_event_id"] == QUOTE_VALIDATION and rec["attestation_count"] == 0
     await wait_notices(a, 1)
     await wait_notices(b, 1)
-    check_received([a, b], rv, pair, OTHER_ID, QUOTE_VALIDATION)
+    await check_received([a, b], rv, pair, OTHER_ID, QUOTE_VALIDATION)
     assert len(a.notices()) == 1  # a got it twice (its own row + OTHER_ID's): acted on once
 
     # a changed policy PCR on a
@@ -101,7 +98,7 @@ async def test_enrol_v_and_policy_failures_notify_every_agent(
     assert rec["last_event_id"] == "pcr_validation.invalid_pcr_15"
     await wait_notices(a, 2)
     await wait_notices(b, 2)
-    check_received([a, b], rv, pair, a.agent_id, "pcr_validation.invalid_pcr_15")
+    await check_received([a, b], rv, pair, a.agent_id, "pcr_validation.invalid_pcr_15")
     # b is unaffected and keeps being attested
     await rv.wait(b.agent_id, lambda r: r["attestation_count"] >= count_b + 2
                   and r["operational_state"] == records.GET_QUOTE)
@@ -113,7 +110,7 @@ async def test_enrol_v_and_policy_failures_notify_every_agent(
     assert rec["last_event_id"] == "pcr_validation.invalid_pcr_16"
     await wait_notices(a, 3)
     await wait_notices(b, 3)
-    check_received([a, b], rv, pair, b.agent_id, "pcr_validation.invalid_pcr_16")
+    await check_received([a, b], rv, pair, b.agent_id, "pcr_validation.invalid_pcr_16")
     assert rv.verifier.monitors is not None and rv.verifier.monitors.running == set()
 
     await rv.stop()

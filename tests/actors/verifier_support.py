@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,6 +30,8 @@ from keytrio.actors.common import tls
 from keytrio.actors.common.client import make_client
 from keytrio.actors.verifier.actor import Verifier
 from keytrio.actors.verifier.config import load_config
+from keytrio.actors.verifier.notify import SignedNotice
+from keytrio.actors.verifier.schema import notices as notices_table
 from keytrio.protocol import payload as pl
 from tests.actors.test_agent import Running, start_agent
 
@@ -148,6 +151,24 @@ class RunningVerifier:
 
     async def wait_count(self, agent_id: str, at_least: int) -> dict[str, Any]:
         return await self.wait(agent_id, lambda r: r["attestation_count"] >= at_least)
+
+    async def notices(self, agent_id: str) -> list[SignedNotice]:
+        """The revocation notices about ``agent_id`` as committed in the verifier's outbox table."""
+        store = self.verifier.store
+        assert store is not None
+        t = notices_table
+
+        def q(conn: sa.Connection) -> list[SignedNotice]:
+            rows = conn.execute(sa.select(t.c.agent_id, t.c.notice_id, t.c.event_id, t.c.msg, t.c.signature)
+                                .where(t.c.agent_id == agent_id).order_by(t.c.created_at))
+            return [SignedNotice(*r) for r in rows]
+
+        return await store.read(q)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of the verifier's Prometheus registry (0 when absent): ``keytrio_verifier_<name>``."""
+        v = self.verifier.metrics.metrics.registry.get_sample_value(f"keytrio_verifier_{name}", labels)
+        return 0.0 if v is None else v
 
     async def stop(self) -> None:
         self.scope.cancel()
