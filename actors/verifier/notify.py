@@ -16,7 +16,9 @@
   (``revocation_notice_ttl``). Rows are updated in the store after every attempt, so a restarted
   verifier resumes exactly the pending deliveries. Delivery is at-least-once (a crash between the
   agent's 2xx and our commit re-sends); agents dedupe by ``notice_id``, so actions run once.
-  A recipient agent no longer enrolled at attempt time is ``abandoned``.
+  A recipient agent no longer enrolled at attempt time is ``abandoned``. Once a notice has
+  expired and none of its deliveries is pending, the loop deletes it with its rows (every
+  ``PRUNE_EVERY`` seconds, at most ``ttl``): both tables stay bounded by the failures of one TTL.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ NOTICE_TTL = 86400.0  # seconds a notice is retried (revocation_notice_ttl)
 MAX_RETRY_INTERVAL = 60.0  # backoff cap between two attempts to one recipient
 WEBHOOK = "webhook"  # the recipient name of the webhook delivery
 BATCH = 500  # deliveries looked at per loop round, and the most attempts in flight at once
+PRUNE_EVERY = 3600.0  # seconds between two sweeps of expired, finished notices (at most the TTL)
+PRUNE_FIRST = 60.0  # seconds after start before the first sweep (at most the TTL)
 
 PENDING, DELIVERED, EXPIRED, ABANDONED = "pending", "delivered", "expired", "abandoned"
 
@@ -178,6 +182,7 @@ class Outbox:
         # the (notice, recipient) attempts running now: never more than ``batch`` (run() waits for
         # some to finish first), so neither this set nor the nursery grows with a backlog
         self._inflight: set[tuple[str, str]] = set()
+        self._next_prune = 0.0  # when to look for finished notices past their TTL (clock seconds)
 
     # --- storing ------------------------------------------------------------------------------
 
@@ -240,6 +245,8 @@ class Outbox:
             log.info("event=outbox.resumed verifier_id=%s pending=%d recipients=%d",
                      self._verifier_id, sum(pending.values()), len(pending))
         task_status.started()
+        # not at once: a (re)start has resumed monitors to serve first
+        self._next_prune = self._clock() + min(self._ttl, PRUNE_FIRST)
         async with trio.open_nursery() as nursery:
             while True:
                 self._wake = trio.Event()  # before reading: a kick during the read is not lost
@@ -251,9 +258,42 @@ class Outbox:
                 for d in due[:max(self._batch - len(self._inflight), 0)]:
                     self._inflight.add(d.key)
                     nursery.start_soon(self._attempt, d)
+                if self._clock() >= self._next_prune:
+                    await self._prune()
                 delay = 5.0 if next_at is None else min(max(next_at - self._clock(), 0.0), 5.0)
                 with trio.move_on_after(delay):
                     await self._wake.wait()
+
+    async def _prune(self) -> None:
+        """Delete this verifier's notices that expired with no delivery pending (and their rows).
+
+        The outbox is a queue, not an archive (the log keeps every notice and outcome): without
+        this the two tables would grow by one notice per failure and one row per agent for ever.
+        """
+        now = self._clock()
+        self._next_prune = now + min(self._ttl, PRUNE_EVERY)
+
+        def txn(conn: Connection) -> int:
+            pending = (sa.select(deliveries.c.notice_id)
+                       .where(deliveries.c.notice_id == notices.c.notice_id, deliveries.c.state == PENDING))
+            ids = list(conn.execute(
+                sa.select(notices.c.notice_id)
+                .where(notices.c.verifier_id == self._verifier_id, notices.c.expires_at < now, ~pending.exists())
+                .limit(self._batch)).scalars())
+            if ids:
+                conn.execute(sa.delete(deliveries).where(deliveries.c.notice_id.in_(ids)))
+                conn.execute(sa.delete(notices).where(notices.c.notice_id.in_(ids)))
+            return len(ids)
+
+        try:
+            gone = await self._store.write(txn)
+        except Exception:  # a database hiccup: the rows stay, the next prune takes them
+            log.exception("event=outbox.prune_failed")
+            return
+        if gone:
+            log.info("event=outbox.pruned verifier_id=%s notices=%d", self._verifier_id, gone)
+            if gone == self._batch:
+                self._next_prune = now  # more of them: go on next round
 
     def _due(self, conn: Connection) -> tuple[list[_Due], float | None]:
         now = self._clock()

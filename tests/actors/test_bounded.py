@@ -4,8 +4,8 @@ that grows with polls or notices.
 Each test drives one object far past any bound (thousands of polls, a backlog of notices several
 times the outbox's batch) and inspects every collection attribute of it (:func:`sizes`), so a list
 or dict added later that grows per poll or per notice fails here too. The outbox runs on a real
-SQLite store against a webhook that refuses connections; its retries and TTL run on trio's
-MockClock (autojump), so hours of backoff take no real time.
+SQLite store against a webhook that refuses connections; its retries, TTL and pruning run on trio's
+MockClock (autojump), so hours of backoff take no real time; expired notices leave the database.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 import trio
 
 from keytrio.actors.common.store import Store, sqlite_url
@@ -26,6 +27,8 @@ from keytrio.actors.verifier.ima import AgentIma, FixedPolicy, ImaHooks
 from keytrio.actors.verifier.migrations import MIGRATIONS
 from keytrio.actors.verifier.monitor import VerifierMetrics
 from keytrio.actors.verifier.notify import Outbox, SignedNotice
+from keytrio.actors.verifier.schema import deliveries
+from keytrio.actors.verifier.schema import notices as notices_table
 from keytrio.protocol import ima
 from keytrio.protocol.runtime_policy import load_policy, policy_document
 
@@ -41,6 +44,15 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def count_rows(db: Path, table: sa.Table) -> int:
+    engine = sa.create_engine(sqlite_url(db))
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() or 0)
+    finally:
+        engine.dispose()
 
 
 def policy_for(paths: list[str]) -> Any:
@@ -93,6 +105,7 @@ async def test_outbox_backlog_stays_bounded(tmp_path: Path, autojump_clock: trio
                     webhook_url=f"http://127.0.0.1:{closed_port()}/hook", retry_interval=0.5,
                     max_retry_interval=4.0, ttl=10.0, clock=autojump_clock.current_time, metrics=metrics, batch=batch)
     peak: dict[str, int] = {}
+    t = notices_table
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(outbox.run)
@@ -109,6 +122,9 @@ async def test_outbox_backlog_stays_bounded(tmp_path: Path, autojump_clock: trio
             with trio.fail_after(3600):  # mock seconds: every delivery reaches its TTL well before
                 while await outbox.pending_counts():
                     await trio.sleep(1.0)
+                # and the expired notices leave the database too (one prune per TTL at most)
+                while await store.read(lambda c: c.execute(sa.select(sa.func.count()).select_from(t)).scalar()):
+                    await trio.sleep(1.0)
             nursery.cancel_scope.cancel()
     finally:
         await store.close()
@@ -116,6 +132,7 @@ async def test_outbox_backlog_stays_bounded(tmp_path: Path, autojump_clock: trio
     assert 0 < peak["_inflight"] <= batch, peak
     assert all(n <= batch for n in peak.values()), peak
     assert all(n == 0 for name, n in sizes(outbox).items() if name != "_webhook_ca_files"), sizes(outbox)
+    assert count_rows(tmp_path / "verifier.sqlite", deliveries) == 0
     reg = metrics.metrics.registry
     assert reg.get_sample_value("keytrio_verifier_notices_total") == notices
     assert reg.get_sample_value("keytrio_verifier_notice_deliveries_total", {"outcome": "expired"}) == notices
