@@ -21,7 +21,7 @@ from keytrio.actors.verifier.config import load_config
 
 async def serve(ca_dir: Path, data_dir: Path, extra: dict[str, object]) -> None:
     opts = {
-        "ip": "127.0.0.1", "port": 0, "data_dir": str(data_dir),
+        "ip": "127.0.0.1", "port": 0, "metrics_port": -1, "data_dir": str(data_dir),
         "server_cert": str(ca_dir / "server-cert.crt"), "server_key": str(ca_dir / "server-private.pem"),
         "client_cert": str(ca_dir / "client-cert.crt"), "client_key": str(ca_dir / "client-private.pem"),
         "trusted_client_ca": [str(ca_dir / "cacert.crt")], "trusted_server_ca": [str(ca_dir / "cacert.crt")],

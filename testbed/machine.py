@@ -148,6 +148,7 @@ class Machine:
             "tcti": self.swtpm.tcti if self.swtpm else "",
             "ip": "127.0.0.1",
             "port": self._port,
+            "metrics_port": 0,  # many agents per host: never the fixed default
             "data_dir": str(self.dir / "agent-data"),
             "trusted_client_ca": [str(self.ca.ca)],
             "boottime_source": str(self.boottime_path),

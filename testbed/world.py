@@ -146,7 +146,7 @@ class Testbed:
         self._swtpm_ca = self.dir / "swtpm-localca"
         await trio.to_thread.run_sync(init_local_ca, self._swtpm_ca)
         self.registrar = Registrar(registrar_config(None, env={}, overrides={
-            "ip": "127.0.0.1", "port": 0, "tls_port": 0, "data_dir": str(self.dir / "registrar"),
+            "metrics_port": 0, "ip": "127.0.0.1", "port": 0, "tls_port": 0, "data_dir": str(self.dir / "registrar"),
             "server_cert": str(ca.server_cert), "server_key": str(ca.server_key),
             "trusted_client_ca": [str(ca.ca)], "graceful_timeout": 0.5, **self.registrar_options,
         }))
@@ -183,7 +183,7 @@ class Testbed:
         ca = self.ca
         port = self.verifier_address[1] if self.verifier_address else 0
         config = verifier_config(None, env={}, overrides={
-            "ip": "127.0.0.1", "port": port, "data_dir": str(self.dir / "verifier"),
+            "metrics_port": 0, "ip": "127.0.0.1", "port": port, "data_dir": str(self.dir / "verifier"),
             "server_cert": str(ca.server_cert), "server_key": str(ca.server_key),
             "client_cert": str(ca.client_cert), "client_key": str(ca.client_key),
             "trusted_client_ca": [str(ca.ca)], "trusted_server_ca": [str(ca.ca)],

@@ -1,8 +1,8 @@
 """The agent actor: ``await nursery.start(Agent(config).run)`` -> the bound (host, port).
 
-Start sequence: data dir -> TPM (TCTI) -> EK (+ cert) -> AK (saved blobs reloaded) -> agent id ->
-NK + self-signed mTLS cert -> PCR 16 := H(NK PEM) in every active bank -> secure dir -> bind the
-HTTPS port -> register + activate with the registrar (if ``registrar_ip`` is set; retried with
+Start sequence: data dir (locked) -> bind the HTTPS (+ metrics) port -> TPM (TCTI) -> EK (+ cert)
+-> AK (saved blobs reloaded) -> agent id -> NK + self-signed mTLS cert -> PCR 16 := H(NK PEM) in
+every active bank -> secure dir -> serve on the bound port -> register + activate with the registrar (if ``registrar_ip`` is set; retried with
 backoff while it is unreachable) -> ``task_status.started(bound)``. The port is bound before
 registering so that ``port = 0`` works: the registered port is ``contact_port`` or the bound one.
 
@@ -32,12 +32,13 @@ from keytrio.actors.agent.registration import Registration, RegistrationError
 from keytrio.actors.agent.revocation import Revocations
 from keytrio.actors.agent.runner import Runner
 from keytrio.actors.agent.secure import SecureDir
-from keytrio.actors.agent.tpm import Tpm
-from keytrio.actors.common import tls
+from keytrio.actors.agent.tpm import Tpm, TpmError
+from keytrio.actors.common import startup, tls
 from keytrio.actors.common.app import KeytrioApp
 from keytrio.actors.common.config import Config
 from keytrio.actors.common.metrics import serve_metrics
 from keytrio.actors.common.serve import serve
+from keytrio.actors.common.startup import Exit, StartupError
 
 log = logging.getLogger("keytrio.agent")
 
@@ -85,7 +86,31 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         data_dir: Path = cfg.data_dir
-        await trio.to_thread.run_sync(datadir.ensure_dir, data_dir)
+        # Order (common/startup.py): data dir locked, CA files readable and every port bound before
+        # the TPM is touched, so a port in use or a second agent on this data dir changes nothing.
+        try:
+            await trio.to_thread.run_sync(datadir.ensure_dir, data_dir)
+        except OSError as exc:
+            raise StartupError(Exit.DATADIR, f"data_dir {data_dir}: {exc.strerror or exc}",
+                               "create it writable for the agent's user or set data_dir") from exc
+        lock = await startup.lock_data_dir(data_dir, agent_config.ACTOR)
+        listeners: list[trio.SocketListener] = []
+        metrics_listeners: list[trio.SocketListener] = []
+        try:
+            startup.check_readable([*(("trusted_client_ca", Path(p)) for p in cfg.trusted_client_ca),
+                                    *((("crl", Path(cfg.crl)),) if cfg.crl else ())])
+            listeners = await startup.bind(cfg.ip, cfg.port, option="port")
+            if cfg.metrics_port >= 0:
+                metrics_listeners = await startup.bind(cfg.metrics_ip, cfg.metrics_port, option="metrics_port")
+            await self._run(listeners, metrics_listeners, task_status)
+        finally:
+            await startup.close_all([*listeners, *metrics_listeners])  # any never served
+            lock.release()
+
+    async def _run(self, listeners: list[trio.SocketListener], metrics_listeners: list[trio.SocketListener],
+                   task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+        cfg = self.config
+        data_dir: Path = cfg.data_dir
         contact_ip = cfg.contact_ip or cfg.ip
 
         configured_cert = None
@@ -96,7 +121,14 @@ class Agent:
             except (OSError, ValueError) as exc:
                 raise AgentConfigError(f"revocation_cert {cfg.revocation_cert}: {exc}") from exc
 
-        async with await Tpm.open(cfg.tcti, owner_password=cfg.tpm_ownerpassword or None) as tpm:
+        try:
+            opened = await Tpm.open(cfg.tcti, owner_password=cfg.tpm_ownerpassword or None)
+        except TpmError as exc:
+            reason = str(exc.__cause__ or exc)
+            raise StartupError(Exit.TPM, f"TPM unreachable at tcti {cfg.tcti!r}: {reason}",
+                               "start the TPM (swtpm) or fix tcti; for /dev/tpmrm0 check the device exists "
+                               "and the agent's user may open it (group tss)") from exc
+        async with opened as tpm:
             self.tpm = tpm
             ident = await identity.setup(
                 tpm,
@@ -169,14 +201,14 @@ class Agent:
                     runner.attach(nursery)
                     self.runner, self.keys = runner, keys
                     bound = await nursery.start(
-                        functools.partial(serve, app, host=cfg.ip, port=cfg.port, ssl_context=ssl_ctx,
+                        functools.partial(serve, app, listeners=listeners, ssl_context=ssl_ctx,
                                           keep_alive_timeout=cfg.keep_alive_timeout)
                     )
                     contact_port = cfg.contact_port or bound[1]
                     if cfg.metrics_port >= 0:
                         # before registering: /health answers while registration is retried
                         mhost, mport = await nursery.start(functools.partial(
-                            serve_metrics, self.metrics.metrics, host=cfg.metrics_ip, port=cfg.metrics_port,
+                            serve_metrics, self.metrics.metrics, listeners=metrics_listeners,
                             health=self.health))
                         self.metrics_address = (mhost, mport)
                         log.info("agent=%s event=metrics_serving address=%s:%d", agent_id, mhost, mport)

@@ -12,6 +12,8 @@ from keytrio.protocol import validation
 from keytrio.protocol.errors import ValidationError
 
 ACTOR = "agent"
+#: default port of the /metrics + /health listener (the API port 9002 + 1)
+METRICS_PORT = 9003
 
 DEFAULT_SECURE_SIZE = "1m"
 
@@ -108,9 +110,9 @@ OPTIONS: tuple[Option, ...] = (
            "empty = none. Re-read when the file\n"
            "changes (checked at most once a second, on a new connection): no restart needed."),
     Option("metrics_ip", "str", "127.0.0.1", "Address of the plain-HTTP /metrics + /health listener."),
-    Option("metrics_port", "int", 0,
-           "Port of the /metrics + /health listener; 0 = any free port (logged at start),\n"
-           "a negative value disables the listener.", maximum=65535),
+    Option("metrics_port", "int", METRICS_PORT,
+           f"Port of the plain-HTTP /metrics + /health listener (default {METRICS_PORT});\n"
+           "0 = any free port (logged at start), a negative value disables the listener.", maximum=65535),
 )
 
 

@@ -66,6 +66,19 @@ class Config(Mapping[str, Any]):
         return Config(self._actor, {**self._values, **changes}, self.source)
 
 
+#: where ``keytrio ACTOR`` looks for ``ACTOR.toml`` when --config is not given (upstream: /etc/keylime)
+DEFAULT_CONFIG_DIR = Path("/etc/keytrio")
+CONFIG_DIR_ENV = "KEYTRIO_CONFIG_DIR"
+
+
+def default_path(actor: str, env: Mapping[str, str] | None = None) -> Path | None:
+    """``$KEYTRIO_CONFIG_DIR/<actor>.toml`` (default /etc/keytrio) if that file exists, else None
+    (the defaults and ``KEYTRIO_<ACTOR>_*`` apply)."""
+    env = os.environ if env is None else env
+    path = Path(env.get(CONFIG_DIR_ENV) or DEFAULT_CONFIG_DIR) / f"{actor}.toml"
+    return path if path.exists() else None
+
+
 def env_name(actor: str, key: str) -> str:
     return f"KEYTRIO_{actor.upper()}_{key.upper()}"
 

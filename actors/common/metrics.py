@@ -13,7 +13,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response
 from quart_trio import QuartTrio
@@ -27,11 +35,19 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 
 class Metrics:
-    """A registry plus factory helpers; metric names are prefixed ``keytrio_<actor>_``."""
+    """A registry plus factory helpers; metric names are prefixed ``keytrio_<actor>_``.
+
+    The registry also holds the standard process metrics (``process_cpu_seconds_total``,
+    ``process_resident_memory_bytes``, ``process_open_fds``, ...), ``python_info`` and the
+    garbage collector's ``python_gc_*``, as every Prometheus client exports them.
+    """
 
     def __init__(self, actor: str) -> None:
         self.actor = actor
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     def _name(self, name: str) -> str:
         return f"keytrio_{self.actor}_{name}"
@@ -73,11 +89,14 @@ async def serve_metrics(
     host: str = "127.0.0.1",
     port: int = 0,
     health: HealthFn | None = None,
+    listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve /metrics and /health until cancelled; reports the bound (host, port)."""
+    """Serve /metrics and /health until cancelled; reports the bound (host, port).
+
+    ``listeners``: already bound sockets (see serve()); ``host``/``port`` are then ignored."""
     await serve(metrics_app(metrics, health), host=host, port=port, ssl_context=None,
-                graceful_timeout=0.5, task_status=task_status)
+                graceful_timeout=0.5, listeners=listeners, task_status=task_status)
 
 
 def timed(histogram: Histogram) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:

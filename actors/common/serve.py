@@ -94,6 +94,7 @@ async def serve(
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
     graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` (port 0: any free port) until cancelled.
@@ -101,6 +102,9 @@ async def serve(
     ``task_status.started((host, port))`` reports the bound address once connections are accepted.
     With ``ssl_context`` (see actors/common/tls.py) the port speaks HTTPS, else plain HTTP; a
     ReloadingServerContext gives each new connection the context of the files as they are now.
+    ``listeners``: sockets the caller bound already (startup.bind, so that a port in use fails
+    the start before anything else happened); ``host``/``port`` are then ignored. They are closed
+    when serving ends.
     """
     server = _Server(
         app,
@@ -109,7 +113,8 @@ async def serve(
         graceful_timeout=graceful_timeout,
         handshake_timeout=handshake_timeout,
     )
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
     stop = trio.Event()
     try:
         async with trio.open_nursery() as nursery:

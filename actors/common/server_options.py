@@ -93,18 +93,37 @@ def tls_path_resolver(config: Config) -> Callable[[Any], Path]:
     return in_tls_dir
 
 
-def service_options() -> tuple[Option, ...]:
-    """graceful_timeout, the /metrics + /health listener and the CRL: the end of both tables."""
+def tls_files(config: Config, names: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """(option, resolved path) of every TLS file the options ``names`` configure (unset ones skipped)."""
+    in_tls_dir = tls_path_resolver(config)
+    out: list[tuple[str, Path]] = []
+    for name in names:
+        value = config[name]
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and str(item):
+                out.append((name, in_tls_dir(item)))
+    return out
+
+
+def service_options(metrics_port: int) -> tuple[Option, ...]:
+    """graceful_timeout, the /metrics + /health listener (default port ``metrics_port``) and the CRL:
+    the end of both tables."""
     return (
         Option(
             "graceful_timeout", "float", 3.0, "Seconds in-flight requests get to finish at shutdown.", minimum=0.0
         ),
         Option("metrics_ip", "str", "127.0.0.1", "Address of the plain-HTTP /metrics + /health listener."),
-        Option("metrics_port", "int", 0,
-               "Port of the /metrics + /health listener; 0 = any free port (logged at start),\n"
-               "a negative value disables the listener.", maximum=65535),
+        metrics_port_option(metrics_port),
         Option("crl", "path", None,
                "CRL (PEM, `keytrio ca revoke` writes cacrl.pem) checked for client certificates of the\n"
                "HTTPS API; empty = none. Re-read when the file\n"
                "changes (checked at most once a second, on a new connection): no restart needed."),
     )
+
+
+def metrics_port_option(default: int) -> Option:
+    """``metrics_port``: a fixed documented default per actor (README "Ports")."""
+    return Option("metrics_port", "int", default,
+                  f"Port of the plain-HTTP /metrics + /health listener (default {default});\n"
+                  "0 = any free port (logged at start), a negative value disables the listener.",
+                  maximum=65535)

@@ -1,11 +1,14 @@
 """The command-line shape shared by the server actors (registrar, verifier):
 
-    keytrio ACTOR --config F            run in the foreground until SIGTERM/SIGINT
+    keytrio ACTOR [--config F] [--log-level L] [--log-format text|json]   run until SIGTERM/SIGINT
     keytrio ACTOR --print-default-config
-    keytrio ACTOR db upgrade|current --config F
+    keytrio ACTOR db upgrade|current [--config F]
 
+Without ``--config`` the file ``/etc/keytrio/ACTOR.toml`` is read if it exists (the directory can
+be moved with ``KEYTRIO_CONFIG_DIR``); otherwise the defaults and ``KEYTRIO_ACTOR_*`` apply.
 ``db upgrade`` migrates the actor's database to this version's schema (what the actor also does at
 start unless ``auto_migrate_db = false``); ``db current`` prints its revision and the newest.
+A start-up failure is one line on stderr and an exit code of :class:`~startup.Exit`.
 Each actor supplies a :class:`ServiceSpec` whose ``load`` imports its modules lazily, so that
 ``keytrio --help`` does not import every actor.
 """
@@ -16,6 +19,7 @@ import argparse
 import logging
 import signal
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +27,11 @@ from typing import Any
 
 import trio
 
-from keytrio.actors.common.config import ConfigError
+from keytrio.actors.common import logs, startup
+from keytrio.actors.common.config import CONFIG_DIR_ENV, DEFAULT_CONFIG_DIR, ConfigError, default_path
+from keytrio.actors.common.startup import Exit, StartupError
+
+log = logging.getLogger("keytrio.cli")
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class ServiceParts:
     resolve: Callable[[Any], Any]  # Config -> Settings (database_url, data_dir, config)
     make_actor: Callable[[Any], Any]  # Config -> an object with async run(task_status=...)
     migrations: Any
+    tls_files: Callable[[Any], list[tuple[str, Path]]] = lambda _config: []  # Config -> (option, path)
 
 
 @dataclass(frozen=True)
@@ -42,11 +51,23 @@ class ServiceSpec:
     load: Callable[[], ServiceParts]
 
 
+def config_epilog(actor: str) -> str:
+    """The --help epilog of an actor verb: where its configuration comes from, its exit codes."""
+    return textwrap.dedent(f"""\
+        configuration: --config FILE, else {DEFAULT_CONFIG_DIR}/{actor}.toml if it exists
+        (directory overridden by ${CONFIG_DIR_ENV}); every key also as KEYTRIO_{actor.upper()}_<KEY>.
+
+        """) + startup.exit_codes_epilog()
+
+
 def register_service(subparsers: argparse._SubParsersAction, spec: ServiceSpec) -> None:
-    p = subparsers.add_parser(spec.name, help=spec.help)
-    p.add_argument("--config", type=Path, help="TOML configuration file (see --print-default-config)")
+    p = subparsers.add_parser(spec.name, help=spec.help, epilog=config_epilog(spec.name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path,
+                   help=f"TOML configuration file (default {DEFAULT_CONFIG_DIR}/{spec.name}.toml if present)")
     p.add_argument("--print-default-config", action="store_true",
                    help="print the commented default configuration and exit")
+    logs.add_options(p)
     p.set_defaults(func=lambda args: _main(spec, args))
     sub = p.add_subparsers(dest="command", metavar="db")
     db = sub.add_parser("db", help="database schema: upgrade to this version, or show the revision")
@@ -56,28 +77,47 @@ def register_service(subparsers: argparse._SubParsersAction, spec: ServiceSpec) 
     db.set_defaults(func=lambda args: _db_main(spec, args))
 
 
-def _logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def config_path(actor: str, given: Path | None) -> Path | None:
+    """``--config`` if given, else the default file if it exists."""
+    return given if given is not None else default_path(actor)
+
+
+def fail(prog: str, error: StartupError, fmt: str = "text") -> int:
+    """Print ``error`` as the one line of a failed start; returns its exit code."""
+    logs.emit_failure(error.line(prog), fmt, code=int(error.code))
+    return int(error.code)
+
+
+def config_failure(actor: str, path: Path | None, exc: ConfigError) -> StartupError:
+    where = f" {path}" if path is not None else ""
+    return StartupError(Exit.CONFIG, f"invalid configuration{where}: " + "; ".join(exc.problems),
+                        f"fix the file or KEYTRIO_{actor.upper()}_* (--print-default-config lists every option)")
 
 
 def _db_main(spec: ServiceSpec, args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from keytrio.actors.common.migrations import SchemaOutOfDate
     from keytrio.actors.common.store import db_command
 
+    prog = f"keytrio {spec.name} db"
     parts = spec.load()
+    logs.setup(args.log_level, args.log_format)
+    path = config_path(spec.name, getattr(args, "config", None))
     try:
-        settings = parts.resolve(parts.load_config(getattr(args, "config", None)))
+        settings = parts.resolve(parts.load_config(path))
     except ConfigError as exc:
-        print(f"keytrio {spec.name}: {exc}", file=sys.stderr)
-        return 2
-    _logging()
+        return fail(prog, config_failure(spec.name, path, exc), args.log_format)
     try:
         print(db_command(args.action, settings.database_url, parts.migrations,
                          data_dir=None if settings.config.database_url else settings.data_dir))
     except SchemaOutOfDate as exc:
-        print(f"keytrio {spec.name}: {exc}", file=sys.stderr)
-        return 1
+        what, _, fix = str(exc).partition(": ")
+        return fail(prog, StartupError(Exit.SCHEMA, what, fix), args.log_format)
+    except SQLAlchemyError as exc:
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        return fail(prog, StartupError(Exit.DATABASE, f"database unreachable: {reason}",
+                                       "start the database server or fix database_url"), args.log_format)
     return 0
 
 
@@ -86,16 +126,26 @@ def _main(spec: ServiceSpec, args: argparse.Namespace) -> int:
     if args.print_default_config:
         sys.stdout.write(parts.default_config())
         return 0
+    prog = f"keytrio {spec.name}"
+    logs.setup(args.log_level, args.log_format)
+    path = config_path(spec.name, args.config)
     try:
-        actor = parts.make_actor(parts.load_config(args.config))
+        config = parts.load_config(path)
+        startup.check_readable(parts.tls_files(config))  # a missing TLS file is a TLS failure
+        actor = parts.make_actor(config)
     except ConfigError as exc:
-        print(f"keytrio {spec.name}: {exc}", file=sys.stderr)
-        return 2
-    _logging()
-    trio.run(run_until_signal, actor)
+        return fail(prog, config_failure(spec.name, path, exc), args.log_format)
+    except StartupError as exc:
+        return fail(prog, exc, args.log_format)
+    log.debug("event=config actor=%s path=%s", spec.name, path or "none (defaults)")
+    try:
+        trio.run(run_until_signal, actor)
+    except BaseException as exc:
+        error = startup.find(exc)
+        if error is None:
+            raise  # a bug: the traceback is the report (exit 1)
+        return fail(prog, error, args.log_format)
     return 0
-
-
 async def run_until_signal(actor: Any) -> None:
     """Run ``actor`` until SIGTERM/SIGINT, which cancel it: a clean shutdown (requests finish,
     the database closes)."""

@@ -17,15 +17,17 @@ from functools import partial
 
 import trio
 
+from keytrio.actors.common import startup
 from keytrio.actors.common.app import KeytrioApp
 from keytrio.actors.common.config import Config
 from keytrio.actors.common.metrics import serve_metrics
 from keytrio.actors.common.private_files import private_dir
 from keytrio.actors.common.serve import serve
-from keytrio.actors.common.store import Store, parse_pool
+from keytrio.actors.common.server_options import tls_files
+from keytrio.actors.common.store import parse_pool
 from keytrio.actors.common.tls import reloading_server_context
 from keytrio.actors.registrar.app import build_admin_app, build_agent_app
-from keytrio.actors.registrar.config import Settings, resolve
+from keytrio.actors.registrar.config import ACTOR, TLS_OPTIONS, Settings, resolve
 from keytrio.actors.registrar.ekcert import load_cert_store
 from keytrio.actors.registrar.migrations import MIGRATIONS
 from keytrio.actors.registrar.service import RegistrarMetrics, RegistrarService
@@ -63,20 +65,37 @@ class Registrar:
     async def run(
         self, *, task_status: trio.TaskStatus[RegistrarAddresses] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        # Order (startup.py): lock the data dir, load TLS and the EK CAs, bind every port, and
+        # only then open and migrate the database: a start that fails leaves nothing half done.
         s, cfg = self.settings, self.config
-        cert_store = []
-        if s.tpm_cert_store is not None:
-            cert_store = await trio.to_thread.run_sync(load_cert_store, s.tpm_cert_store)
-        tls = reloading_server_context(
-            s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional",
-            crl_files=[s.crl] if s.crl is not None else [],
-        )
-        if s.database_url.startswith("sqlite") and not cfg.database_url:
-            await trio.to_thread.run_sync(private_dir, s.data_dir)  # holds secrets: 0700
-        pool_size, max_overflow = parse_pool(cfg.database_pool_sz_ovfl)
-        # migrated to the current schema at start (auto_migrate_db), else checked to be current
-        store = await Store.open(s.database_url, pool_size=pool_size, max_overflow=max_overflow,
-                                 migrations=MIGRATIONS, auto_migrate=cfg.auto_migrate_db)
+        sqlite_in_data_dir = s.database_url.startswith("sqlite") and not cfg.database_url
+        lock = None
+        if sqlite_in_data_dir:
+            await startup.data_dir_ready(s.data_dir, private_dir)  # holds secrets: 0700
+            lock = await startup.lock_data_dir(s.data_dir, ACTOR)
+        listeners: list[list[trio.SocketListener]] = []
+        try:
+            cert_store = []
+            if s.tpm_cert_store is not None:
+                cert_store = await trio.to_thread.run_sync(load_cert_store, s.tpm_cert_store)
+            tls = startup.load_tls(lambda: reloading_server_context(
+                s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional",
+                crl_files=[s.crl] if s.crl is not None else [],
+            ), tls_files(cfg, TLS_OPTIONS))
+            for host, port, option in ((cfg.ip, cfg.port, "port"), (cfg.ip, cfg.tls_port, "tls_port"),
+                                       (cfg.metrics_ip, cfg.metrics_port, "metrics_port")):
+                if port >= 0:
+                    listeners.append(await startup.bind(host, port, option=option))
+            pool_size, max_overflow = parse_pool(cfg.database_pool_sz_ovfl)
+            # migrated to the current schema at start (auto_migrate_db), else checked to be current
+            store = await startup.open_store(s.database_url, pool_size=pool_size, max_overflow=max_overflow,
+                                             migrations=MIGRATIONS, auto_migrate=cfg.auto_migrate_db)
+        except BaseException:
+            for bound in listeners:
+                await startup.close_all(bound)
+            if lock is not None:
+                lock.release()
+            raise
         try:
             service = RegistrarService(
                 store,
@@ -95,19 +114,11 @@ class Registrar:
             self.apps = {"agent": agent_app, "admin": admin_app}
             async with trio.open_nursery() as nursery:
                 http = await nursery.start(
-                    partial(
-                        serve, agent_app, host=cfg.ip, port=cfg.port, graceful_timeout=cfg.graceful_timeout
-                    )
+                    partial(serve, agent_app, listeners=listeners[0], graceful_timeout=cfg.graceful_timeout)
                 )
                 https = await nursery.start(
-                    partial(
-                        serve,
-                        admin_app,
-                        host=cfg.ip,
-                        port=cfg.tls_port,
-                        ssl_context=tls,
-                        graceful_timeout=cfg.graceful_timeout,
-                    )
+                    partial(serve, admin_app, listeners=listeners[1], ssl_context=tls,
+                            graceful_timeout=cfg.graceful_timeout)
                 )
                 nursery.start_soon(self._sweeper, service)
                 metrics_at = None
@@ -115,16 +126,19 @@ class Registrar:
                     await service.refresh_gauges()
                     nursery.start_soon(self._gauges, service)
                     metrics_at = await nursery.start(partial(
-                        serve_metrics, self.metrics.metrics, host=cfg.metrics_ip, port=cfg.metrics_port,
-                        health=service.health))
+                        serve_metrics, self.metrics.metrics, listeners=listeners[2], health=service.health))
                     metrics_at = (metrics_at[0], metrics_at[1])
                 self.addresses = RegistrarAddresses(tuple(http), tuple(https), metrics_at)
                 log.info("event=registrar.started http=%s:%d https=%s:%d metrics=%s crl=%s", *http, *https,
                          f"{metrics_at[0]}:{metrics_at[1]}" if metrics_at else "disabled", s.crl or "none")
                 task_status.started(self.addresses)
         finally:
+            for bound in listeners:  # those never served (a failure before their serve started)
+                await startup.close_all(bound)
             with trio.CancelScope(shield=True):
                 await store.close()
+            if lock is not None:
+                lock.release()
             log.info("event=registrar.stopped")
 
     async def _gauges(self, service: RegistrarService) -> None:

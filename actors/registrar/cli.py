@@ -1,4 +1,4 @@
-"""``keytrio registrar --config F`` / ``--print-default-config`` / ``db upgrade|current``."""
+"""``keytrio registrar [--config F]`` / ``--print-default-config`` / ``db upgrade|current`` (see service_cli)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from keytrio.actors.common.service_cli import ServiceParts, ServiceSpec, registe
 
 
 def _load() -> ServiceParts:
+    from keytrio.actors.common.server_options import tls_files
     from keytrio.actors.registrar.actor import Registrar
-    from keytrio.actors.registrar.config import default_config, load_config, resolve
+    from keytrio.actors.registrar.config import TLS_OPTIONS, default_config, load_config, resolve
     from keytrio.actors.registrar.migrations import MIGRATIONS
 
-    return ServiceParts(load_config, default_config, resolve, Registrar, MIGRATIONS)
+    return ServiceParts(load_config, default_config, resolve, Registrar, MIGRATIONS,
+                        tls_files=lambda config: tls_files(config, TLS_OPTIONS))
 
 
 SPEC = ServiceSpec("registrar", "run the registrar (agent registration and activation)", _load)

@@ -23,6 +23,10 @@ from keytrio.actors.common.store import sqlite_url
 from keytrio.actors.common.tls import private_key_problem
 
 ACTOR = "registrar"
+#: default port of the /metrics + /health listener
+METRICS_PORT = 8892
+#: the options naming TLS files (checked readable before anything starts)
+TLS_OPTIONS = ("server_cert", "server_key", "trusted_client_ca", "crl")
 
 
 
@@ -74,7 +78,7 @@ OPTIONS: tuple[Option, ...] = (
         "already active agent is rolled back instead).",
         minimum=0.05,
     ),
-    *service_options(),
+    *service_options(METRICS_PORT),
 )
 
 

@@ -2,7 +2,8 @@
 
 Verbs: ``add``, ``update``, ``delete``, ``status``, ``list``, ``stop``, ``reactivate``,
 ``regdelete`` and ``policy add|update|show|list|delete`` (the verifier's named runtime policies).
-Every verb takes ``-c/--config`` (TOML ``[tenant]``, see ``--print-default-config``),
+Every verb takes ``-c/--config`` (TOML ``[tenant]``, see ``--print-default-config``; default
+``/etc/keytrio/tenant.toml`` if it exists, the directory moved by ``KEYTRIO_CONFIG_DIR``),
 ``--registrar HOST:PORT``, ``--verifier HOST:PORT`` and ``--tls-dir DIR``.
 
 Exit codes: 0 ok, 2 usage (also argparse's own), 3 connection, 4 verification failed, 5 refused
@@ -20,7 +21,7 @@ from typing import Any, TextIO
 
 import trio
 
-from keytrio.actors.common.config import ConfigError
+from keytrio.actors.common.config import ConfigError, default_path
 from keytrio.actors.common.tls import private_key_problem
 from keytrio.actors.tenant import config as tconfig
 from keytrio.actors.tenant import ekcheck, mbpolicies, policies
@@ -46,7 +47,8 @@ EXIT_OK, EXIT_USAGE = 0, 2
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("connection (override the [tenant] configuration)")
-    g.add_argument("-c", "--config", type=Path, help="TOML configuration file ([tenant] table)")
+    g.add_argument("-c", "--config", type=Path,
+                   help="TOML configuration file ([tenant] table; default /etc/keytrio/tenant.toml if present)")
     g.add_argument("--registrar", metavar="HOST:PORT", help="registrar HTTPS address")
     g.add_argument("--verifier", metavar="HOST:PORT", help="verifier HTTPS address")
     g.add_argument("--tls-dir", type=Path, help="CA directory (cv_ca layout: cacert.crt, client-cert.crt, ...)")
@@ -210,7 +212,9 @@ def _load_config(args: argparse.Namespace, env: Mapping[str, str] | None) -> Any
         raise UsageError(str(exc)) from exc
     if args.tls_dir:
         overrides["tls_dir"] = str(args.tls_dir)
-    return tconfig.load(args.config, env=env, overrides=overrides)
+    # without -c: /etc/keytrio/tenant.toml (or $KEYTRIO_CONFIG_DIR/tenant.toml) if it exists
+    path = args.config if args.config is not None else default_path("tenant", env)
+    return tconfig.load(path, env=env, overrides=overrides)
 
 
 # --- hints: what to do about a failure ---------------------------------------------------------------

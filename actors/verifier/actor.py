@@ -27,16 +27,18 @@ from typing import Any
 import sqlalchemy as sa
 import trio
 
+from keytrio.actors.common import startup
 from keytrio.actors.common.app import KeytrioApp
 from keytrio.actors.common.config import Config
 from keytrio.actors.common.metrics import serve_metrics
 from keytrio.actors.common.private_files import private_dir
 from keytrio.actors.common.serve import serve
+from keytrio.actors.common.server_options import tls_files
 from keytrio.actors.common.store import Store, parse_pool
-from keytrio.actors.common.tls import reloading_server_context
+from keytrio.actors.common.tls import client_context, reloading_server_context
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.app import build_app
-from keytrio.actors.verifier.config import Settings, resolve
+from keytrio.actors.verifier.config import ACTOR, TLS_OPTIONS, Settings, resolve
 from keytrio.actors.verifier.ima import ImaHooks
 from keytrio.actors.verifier.migrations import MIGRATIONS
 from keytrio.actors.verifier.monitor import (
@@ -80,15 +82,35 @@ class Verifier:
         self.gauge_interval = 1.0
 
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        # Order (startup.py): lock the data dir, load TLS, bind every port, and only then open and
+        # migrate the database: a start that fails leaves nothing half done.
         s, cfg = self.settings, self.config
-        tls = reloading_server_context(s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional",
-                             crl_files=[s.crl] if s.crl is not None else [])
-        contexts = agent_context_factory(s.trusted_server_ca, s.client_cert, s.client_key)
-        if s.database_url.startswith("sqlite") and not cfg.database_url:
-            await trio.to_thread.run_sync(private_dir, s.data_dir)  # holds secrets: 0700
-        pool_size, max_overflow = parse_pool(cfg.database_pool_sz_ovfl)
-        store = await Store.open(s.database_url, pool_size=pool_size, max_overflow=max_overflow,
-                                 migrations=MIGRATIONS, auto_migrate=cfg.auto_migrate_db)
+        sqlite_in_data_dir = s.database_url.startswith("sqlite") and not cfg.database_url
+        lock = None
+        if sqlite_in_data_dir:
+            await startup.data_dir_ready(s.data_dir, private_dir)  # holds secrets: 0700
+            lock = await startup.lock_data_dir(s.data_dir, ACTOR)
+        api: list[trio.SocketListener] = []
+        metrics_listeners: list[trio.SocketListener] = []
+        try:
+            files = tls_files(cfg, TLS_OPTIONS)
+            tls = startup.load_tls(lambda: reloading_server_context(
+                s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional",
+                crl_files=[s.crl] if s.crl is not None else []), files)
+            # the agent contexts are made per agent; one made now proves the client cert and key load
+            startup.load_tls(lambda: client_context(s.trusted_server_ca, s.client_cert, s.client_key), files)
+            contexts = agent_context_factory(s.trusted_server_ca, s.client_cert, s.client_key)
+            api = await startup.bind(cfg.ip, cfg.port, option="port")
+            if cfg.metrics_port >= 0:
+                metrics_listeners = await startup.bind(cfg.metrics_ip, cfg.metrics_port, option="metrics_port")
+            pool_size, max_overflow = parse_pool(cfg.database_pool_sz_ovfl)
+            store = await startup.open_store(s.database_url, pool_size=pool_size, max_overflow=max_overflow,
+                                             migrations=MIGRATIONS, auto_migrate=cfg.auto_migrate_db)
+        except BaseException:
+            await startup.close_all([*api, *metrics_listeners])
+            if lock is not None:
+                lock.release()
+            raise
         self.store = store
         try:
             policies = PolicyStore(store, require_signatures=cfg.require_allow_list_signatures, clock=self.clock,
@@ -159,8 +181,7 @@ class Verifier:
                 app.require_client_eku = cfg.require_client_eku
                 self.app = app
                 bound = await nursery.start(
-                    partial(serve, app, host=cfg.ip, port=cfg.port, ssl_context=tls,
-                            graceful_timeout=cfg.graceful_timeout)
+                    partial(serve, app, listeners=api, ssl_context=tls, graceful_timeout=cfg.graceful_timeout)
                 )
                 await nursery.start(notifier.run)  # pending deliveries of a previous run resume
                 resumed = 0
@@ -176,8 +197,7 @@ class Verifier:
                     await self.refresh_gauges()
                     nursery.start_soon(self._gauges)
                     mhost, mport = await nursery.start(partial(
-                        serve_metrics, self.metrics.metrics, host=cfg.metrics_ip, port=cfg.metrics_port,
-                        health=self.health))
+                        serve_metrics, self.metrics.metrics, listeners=metrics_listeners, health=self.health))
                     self.metrics_address = (mhost, mport)
                     metrics_at = f"{mhost}:{mport}"
                 log.info("event=verifier.started verifier_id=%s https=%s:%d metrics=%s crl=%s resumed=%d",
@@ -187,8 +207,11 @@ class Verifier:
             self.metrics_address = None
             if self.monitors is not None:
                 self.monitors.stop_all()
+            await startup.close_all([*api, *metrics_listeners])  # any never served
             with trio.CancelScope(shield=True):
                 await store.close()
+            if lock is not None:
+                lock.release()
             log.info("event=verifier.stopped")
 
     async def refresh_gauges(self) -> None:

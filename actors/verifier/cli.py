@@ -1,4 +1,4 @@
-"""``keytrio verifier --config F`` / ``--print-default-config`` / ``db upgrade|current``."""
+"""``keytrio verifier [--config F]`` / ``--print-default-config`` / ``db upgrade|current`` (see service_cli)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from keytrio.actors.common.service_cli import ServiceParts, ServiceSpec, registe
 
 
 def _load() -> ServiceParts:
+    from keytrio.actors.common.server_options import tls_files
     from keytrio.actors.verifier.actor import Verifier
-    from keytrio.actors.verifier.config import default_config, load_config, resolve
+    from keytrio.actors.verifier.config import TLS_OPTIONS, default_config, load_config, resolve
     from keytrio.actors.verifier.migrations import MIGRATIONS
 
-    return ServiceParts(load_config, default_config, resolve, Verifier, MIGRATIONS)
+    return ServiceParts(load_config, default_config, resolve, Verifier, MIGRATIONS,
+                        tls_files=lambda config: tls_files(config, TLS_OPTIONS))
 
 
 SPEC = ServiceSpec("verifier", "run the verifier (continuous attestation of enrolled agents)", _load)

@@ -23,6 +23,12 @@ from keytrio.actors.common.store import sqlite_url
 from keytrio.actors.common.tls import private_key_problem
 
 ACTOR = "verifier"
+#: default port of the /metrics + /health listener
+METRICS_PORT = 8882
+#: the options naming TLS files (checked readable before anything starts)
+TLS_OPTIONS = (
+    "server_cert", "server_key", "client_cert", "client_key", "trusted_client_ca", "trusted_server_ca", "crl",
+)
 
 #: 100,000 ima-ng lines of ~210 bytes (sha256 digests, 86-byte mean path) plus a runtime policy
 DEFAULT_MAX_EVIDENCE_SIZE = 64 << 20
@@ -139,7 +145,7 @@ OPTIONS: tuple[Option, ...] = (
         "starts at retry_interval and doubles with exponential_backoff).",
         minimum=0.01,
     ),
-    *service_options(),
+    *service_options(METRICS_PORT),
 )
 
 

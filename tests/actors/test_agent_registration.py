@@ -27,7 +27,7 @@ def _b64(b: bytes) -> str:
 
 def _registrar(pki: Any, tmp: Path, port: int = 0) -> Registrar:
     return Registrar(registrar_load_config(None, env={}, overrides={
-        "ip": "127.0.0.1", "port": port, "tls_port": 0, "data_dir": str(tmp / "registrar"),
+        "metrics_port": 0, "ip": "127.0.0.1", "port": port, "tls_port": 0, "data_dir": str(tmp / "registrar"),
         "server_cert": str(pki.server.cert), "server_key": str(pki.server.key),
         "trusted_client_ca": [str(pki.ca)], "graceful_timeout": 0.5,
     }))

@@ -206,6 +206,7 @@ def registrar_config(pki: Any, data_dir: Path, **overrides: Any):
         "ip": "127.0.0.1",
         "port": 0,
         "tls_port": 0,
+        "metrics_port": 0,
         "data_dir": str(data_dir),
         "server_cert": str(pki.server.cert),
         "server_key": str(pki.server.key),

@@ -81,7 +81,7 @@ class World:
 async def world_running(pki: Any, tmp: Path) -> AsyncIterator[World]:
     async with running_registrar(registrar_config(pki, tmp / "registrar"), pki) as reg:
         cfg = verifier_config(None, env={}, overrides={
-            "ip": "127.0.0.1", "port": 0, "data_dir": str(tmp / "verifier"),
+            "metrics_port": 0, "ip": "127.0.0.1", "port": 0, "data_dir": str(tmp / "verifier"),
             "server_cert": str(pki.server.cert), "server_key": str(pki.server.key),
             "trusted_client_ca": [str(pki.ca)], "trusted_server_ca": [str(pki.ca)],
             "client_cert": str(pki.client.cert), "client_key": str(pki.client.key),

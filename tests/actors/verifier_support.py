@@ -181,6 +181,7 @@ def verifier_options(pki: Any, data_dir: Path, **overrides: Any) -> dict[str, An
     opts: dict[str, Any] = {
         "ip": "127.0.0.1",
         "port": 0,
+        "metrics_port": 0,
         "data_dir": str(data_dir),
         "server_cert": str(pki.server.cert),
         "server_key": str(pki.server.key),

@@ -73,7 +73,7 @@ async def cross_check(upstream: Upstream, root: Path, swtpm_template: Path | Non
     ca_dir = root / "cv_ca"
     Authority.init(ca_dir)  # `keytrio ca init`: upstream's cv_ca file names
     cfg = verifier_config.load_config(env={}, overrides={
-        "ip": "127.0.0.1", "port": 0, "data_dir": str(root / "verifier"), "tls_dir": str(ca_dir),
+        "metrics_port": 0, "ip": "127.0.0.1", "port": 0, "data_dir": str(root / "verifier"), "tls_dir": str(ca_dir),
         "ignore_tomtou_errors": False,  # as up.sh configures upstream's verifier
     })
     answers: dict[str, dict[str, Answer]] = {"upstream": {}, "ours": {}}

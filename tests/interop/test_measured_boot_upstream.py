@@ -244,7 +244,7 @@ def our_verifier_config(data_dir: Path, ca_dir: Path, **extra: Any) -> Any:
     """Our verifier with upstream's cv_ca (same file names): its server cert is the one upstream's
     tenant and our agents already trust, its client cert the one they accept."""
     return verifier_config.load_config(env={}, overrides={
-        "ip": "127.0.0.1", "port": 0, "data_dir": str(data_dir), "tls_dir": str(ca_dir), **extra,
+        "metrics_port": 0, "ip": "127.0.0.1", "port": 0, "data_dir": str(data_dir), "tls_dir": str(ca_dir), **extra,
     })
 
 

@@ -64,13 +64,13 @@ async def our_servers(root: Path) -> AsyncIterator[OurServers]:
     ca_dir = root / "cv_ca"
     Authority.init(ca_dir)  # `keytrio ca init --dir ca_dir`: upstream's cv_ca file names
     reg_cfg = registrar_config.load_config(env={}, overrides={
-        "ip": "127.0.0.1", "port": 0, "tls_port": 0, "data_dir": str(root / "registrar"), "tls_dir": str(ca_dir),
+        "metrics_port": 0, "ip": "127.0.0.1", "port": 0, "tls_port": 0, "data_dir": str(root / "registrar"), "tls_dir": str(ca_dir),
     })
     # a fixed port: with port 0 our verifier's records say verifier_port 0, and upstream's tenant
     # (delete) connects to the verifier_ip/verifier_port a record names
     (vport,) = free_ports(1)
     ver_cfg = verifier_config.load_config(env={}, overrides={
-        "ip": "127.0.0.1", "port": vport, "data_dir": str(root / "verifier"), "tls_dir": str(ca_dir),
+        "metrics_port": 0, "ip": "127.0.0.1", "port": vport, "data_dir": str(root / "verifier"), "tls_dir": str(ca_dir),
         "quote_interval": 1.0, "retry_interval": 0.5,
     })
     async with trio.open_nursery() as nursery:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.swtpm
 
 def _registrar(tmp: Path, ca) -> Registrar:
     return Registrar(load_config(None, env={}, overrides={
-        "ip": "127.0.0.1", "port": 0, "tls_port": 0, "data_dir": str(tmp / "registrar"),
+        "metrics_port": 0, "ip": "127.0.0.1", "port": 0, "tls_port": 0, "data_dir": str(tmp / "registrar"),
         "server_cert": str(ca.server_cert), "server_key": str(ca.server_key),
         "trusted_client_ca": [str(ca.ca)], "graceful_timeout": 0.5,
     }))
