@@ -38,6 +38,8 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import BaseConverter
 from werkzeug.routing.exceptions import RoutingException
 
+from keytrio import __version__
+from keytrio.actors.common import openapi
 from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE, BodyLimit
 from keytrio.actors.common.tls import client_cert_purpose
 from keytrio.protocol import safejson, validation
@@ -271,6 +273,7 @@ def make_app(
             return ok(payload)
 
         app.public_endpoints.add("version")
+    openapi.install(app, title=name, version=__version__)  # GET /openapi.json (client cert as the API)
     return app
 
 

@@ -24,6 +24,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from keytrio.actors.common.migrations import Migrations, SchemaOutOfDate, current, upgrade
+from keytrio.actors.common.startup import Exit, StartupError
 from keytrio.actors.registrar.migrations import MIGRATIONS as REGISTRAR
 from keytrio.actors.registrar.schema import metadata as registrar_metadata
 from keytrio.actors.verifier import records
@@ -138,8 +139,9 @@ async def test_auto_migrate_off_refuses_old_schema_until_db_upgrade(
     data.mkdir()
     url = f"sqlite:///{data / 'verifier.sqlite'}"
     _make_first_revision_db(url, pki)
-    with pytest.raises(SchemaOutOfDate, match="db upgrade"):
+    with pytest.raises(StartupError, match="db upgrade") as info:
         await start_verifier(nursery, pki, data, auto_migrate_db=False)
+    assert info.value.code == Exit.SCHEMA and isinstance(info.value.__cause__, SchemaOutOfDate)
 
     # keytrio verifier db upgrade --config F (the real command line, in a subprocess)
     opts = verifier_options(pki, data, auto_migrate_db=False)
@@ -147,6 +149,10 @@ async def test_auto_migrate_off_refuses_old_schema_until_db_upgrade(
     cfg.write_text("[verifier]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in opts.items()))
     keytrio = Path(sys.executable).with_name("keytrio")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [str(keytrio), "verifier", "--config", str(cfg)], capture_output=True, text=True, timeout=60, env=env))
+    assert (out.returncode, len(out.stderr.splitlines())) == (Exit.SCHEMA, 1), out.stderr
+    assert "db upgrade" in out.stderr
     out = await trio.to_thread.run_sync(lambda: subprocess.run(
         [str(keytrio), "verifier", "db", "upgrade", "--config", str(cfg)],
         capture_output=True, text=True, timeout=60, env=env))
