@@ -17,11 +17,11 @@ KEYTRIO = Path(sys.executable).parent / "keytrio"
 
 EDITS: dict[str, dict[str, str]] = {
     "registrar": {"ip": '"192.0.2.20"', "server_cert": '"registrar-cert.crt"',
-                  "server_key": '"registrar-private.pem"', "crl": '"cacrl.pem"', "metrics_port": "8892"},
-    "verifier": {"ip": '"192.0.2.10"', "crl": '"cacrl.pem"', "metrics_port": "8882"},
+                  "server_key": '"registrar-private.pem"', "crl": '"cacrl.pem"'},
+    "verifier": {"ip": '"192.0.2.10"', "crl": '"cacrl.pem"'},
     "agent": {"uuid": '"d432fbb3-d2f1-4a97-9ef7-75bd81c0a9e1"', "ip": '"192.0.2.30"',
               "registrar_ip": '"192.0.2.20"', "trusted_client_ca": '["/etc/keytrio/cv_ca/cacert.crt"]',
-              "crl": '"/etc/keytrio/cv_ca/cacrl.pem"', "metrics_port": "9003"},
+              "crl": '"/etc/keytrio/cv_ca/cacrl.pem"'},
     "tenant": {"registrar_ip": '"192.0.2.20"', "verifier_ip": '"192.0.2.10"',
                "tls_dir": '"/var/lib/keytrio/verifier/cv_ca"', "tpm_cert_store": '"/etc/keytrio/tpm_cert_store"'},
 }

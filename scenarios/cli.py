@@ -69,7 +69,16 @@ def _testbed_up(args: argparse.Namespace) -> int:
                     break
         print("testbed stopped", file=sys.stderr, flush=True)
 
-    trio.run(up)
+    try:
+        trio.run(up)
+    except BaseException as exc:
+        from keytrio.actors.common import startup
+
+        error = startup.find(exc)
+        if error is None:
+            raise
+        print(error.line("keytrio testbed up"), file=sys.stderr, flush=True)
+        return int(error.code)
     return 0
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from keytrio.actors.common import startup
 from keytrio.actors.registrar.actor import Registrar, RegistrarAddresses
 from keytrio.actors.registrar.config import load_config as registrar_config
 from keytrio.actors.tenant import Tenant
@@ -114,6 +115,7 @@ class Testbed:
         self._stack = AsyncExitStack()
         await self._stack.__aenter__()
         try:
+            await self._lock()  # released after the nursery (every actor) has stopped
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
             await self._start()
         except BaseException as exc:
@@ -138,6 +140,20 @@ class Testbed:
         async with self:
             task_status.started(self)
             await trio.sleep_forever()
+
+    async def _lock(self) -> None:
+        """One testbed per directory: a second one would rewrite the CA and TPMs of the first."""
+        assert self._stack is not None
+        try:
+            lock = await startup.lock_data_dir(self.dir, "testbed")
+        except startup.StartupError as exc:
+            if exc.code != startup.Exit.DATADIR_LOCKED:
+                raise
+            raise startup.StartupError(
+                exc.code, f"testbed directory {self.dir} is in use by a running testbed"
+                + exc.what.partition("another instance")[2],
+                "stop it (Ctrl-C in its terminal) or give this one another --dir") from None
+        self._stack.callback(lock.release)
 
     async def _start(self) -> None:
         assert self._nursery is not None

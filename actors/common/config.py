@@ -214,7 +214,9 @@ def default_config_text(actor: str, options: Sequence[Option], title: str = "") 
     """A commented TOML file with every option at its default (``--print-default-config``)."""
     lines = [f"# keytrio {actor} configuration{' — ' + title if title else ''}",
              f"# Every key can be overridden by the environment variable KEYTRIO_{actor.upper()}_<KEY>",
-             "# (lists as JSON, booleans as true/false).", "", f"[{actor}]"]
+             "# (lists as JSON, booleans as true/false). Without --config, keytrio reads",
+             f"# {DEFAULT_CONFIG_DIR}/{actor}.toml if it exists (${CONFIG_DIR_ENV} moves the directory).",
+             "", f"[{actor}]"]
     for opt in options:
         lines.append("")
         for h in opt.help.splitlines():

@@ -5,7 +5,8 @@ line). JSON: one object per line, ``{"ts", "level", "logger", "message"}`` plus 
 traceback when there is one, for log shippers.
 
 Libraries that log every migration step or request at INFO (alembic, httpx, ...) are held at
-WARNING unless the level is DEBUG: a service's INFO log is keytrio's own events.
+WARNING unless the level is DEBUG: a service's INFO log is keytrio's own events. SQLAlchemy stays at
+WARNING even then (its DEBUG echoes every statement and row of every poll).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ import sys
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("text", "json")
 #: loggers of libraries whose INFO lines are chatter for an operator
-CHATTY = ("alembic", "httpx", "httpcore", "hpack", "quart", "sqlalchemy", "tpm2_pytss", "asyncio")
+CHATTY = ("alembic", "httpx", "httpcore", "hpack", "quart", "asyncio")
+#: loggers held at WARNING even at DEBUG: SQLAlchemy at DEBUG echoes every statement and row
+QUIET = ("sqlalchemy",)
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+_HANDLER = "keytrio-stderr"
 
 
 def add_options(parser: argparse.ArgumentParser, *, default_level: str = "INFO") -> None:
@@ -46,18 +50,23 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str = "INFO", fmt: str = "text") -> None:
-    """Route every log record to stderr at ``level`` in ``fmt``; replaces earlier handlers."""
+    """Route every log record to stderr at ``level`` in ``fmt``; replaces a handler an earlier call
+    installed (and only that one: a test harness's handlers stay)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.set_name(_HANDLER)
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if old.get_name() == _HANDLER:
+            root.removeHandler(old)
     root.addHandler(handler)
     numeric = logging.getLevelName(level.upper())
     root.setLevel(numeric)
     library_level = numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
     for name in CHATTY:
         logging.getLogger(name).setLevel(library_level)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
 
 
 def emit_failure(line: str, fmt: str, *, code: int) -> None:

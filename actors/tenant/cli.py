@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 import trio
 
+from keytrio.actors.common import logs
 from keytrio.actors.common.config import ConfigError, default_path
 from keytrio.actors.common.tls import private_key_problem
 from keytrio.actors.tenant import config as tconfig
@@ -53,6 +54,7 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--verifier", metavar="HOST:PORT", help="verifier HTTPS address")
     g.add_argument("--tls-dir", type=Path, help="CA directory (cv_ca layout: cacert.crt, client-cert.crt, ...)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    logs.add_options(p, default_level="WARNING")  # the tenant's own output is its progress lines
     return p
 
 
@@ -152,6 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``func`` of the ``tenant`` verb (synchronous: runs its own trio loop)."""
+    logs.setup(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     return trio.run(run, args)
 
 

@@ -1,4 +1,5 @@
-"""``GET /openapi.json`` of every server, fetched over its real (m)TLS socket, against its routes.
+"""``GET /openapi.json`` of every server, fetched over its real (m)TLS socket, against its routes;
+and the process metrics on every actor's ``/metrics``.
 
 The route list is recomputed here from the running app's ``url_map`` (independently of
 actors/common/openapi.py): every route with every method appears, nothing else; every operation
@@ -49,6 +50,16 @@ def check(doc: dict[str, Any], app: Any) -> None:
             assert {p["name"] for p in op.get("parameters", [])} == names, (method, path)
 
 
+async def process_metrics(address: tuple[str, int] | None) -> None:
+    """The standard process collector's metrics are on the actor's /metrics."""
+    assert address is not None
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get("http://{}:{}/metrics".format(*address))).text
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+                 "python_info"):
+        assert f"\n{name}" in text, name
+
+
 async def probe(client: httpx.AsyncClient, base: str, doc: dict[str, Any]) -> None:
     """The documented GET routes without path parameters (but the version) are routed there: an
     answer of the route itself (200, or 400 for missing query parameters), never 404/405."""
@@ -68,6 +79,7 @@ async def test_verifier_openapi_over_mtls(tmp_path: Path, pki: Any, nursery: tri
     assert doc["paths"]["/v{api_version}/agents/{agent_id}"]["post"]["security"] == [{"mutualTLS": []}]
     assert doc["paths"]["/v{api_version}/verify/evidence"]["post"]["security"] == []  # a public route
     await probe(v.admin, root, doc)
+    await process_metrics(v.verifier.metrics_address)
     # like the API itself: without a client certificate, no document
     from keytrio.actors.common import tls
     from keytrio.actors.common.client import make_client
@@ -85,6 +97,7 @@ async def test_registrar_openapi_on_both_ports(tmp_path: Path, pki: Any) -> None
         await probe(reg.admin, "", doc)
         doc = (await reg.agent.get("/openapi.json")).json()  # the agents' plain-HTTP port
         check(doc, agent_app)
+        await process_metrics(reg.addresses.metrics)
         assert ("POST", "/v{api_version}/agents/{agent_id}") in documented(doc)
 
 
@@ -94,5 +107,6 @@ async def test_agent_openapi_over_mtls(tmp_path: Path, pki: Any, swtpm: Any, nur
     assert resp.status_code == 200
     doc = resp.json()
     check(doc, r.agent.app)
+    await process_metrics(r.agent.metrics_address)
     assert ("GET", "/v{api_version}/quotes/identity") in documented(doc)
     await r.stop()

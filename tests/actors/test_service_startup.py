@@ -223,3 +223,15 @@ def test_help_lists_exit_codes_and_units_do_not_restart_them() -> None:
         unit = (repo / "deploy" / f"keytrio-{actor}.service").read_text()
         prevent = next(ln for ln in unit.splitlines() if ln.startswith("RestartPreventExitStatus="))
         assert sorted(int(c) for c in prevent.split("=", 1)[1].split()) == sorted(int(c) for c in NO_RESTART)
+
+
+def test_fixed_default_metrics_ports() -> None:
+    """Documented defaults (README "Ports"); 0 stays "any free port" when set explicitly."""
+    from keytrio.actors.agent import config as agent_config
+    from keytrio.actors.registrar.config import load_config as registrar_config
+    from keytrio.actors.verifier.config import load_config as verifier_config
+
+    assert registrar_config(None, env={}).metrics_port == 8892
+    assert verifier_config(None, env={}).metrics_port == 8882
+    assert agent_config.load(None, env={}).metrics_port == 9003
+    assert verifier_config(None, env={"KEYTRIO_VERIFIER_METRICS_PORT": "0"}).metrics_port == 0

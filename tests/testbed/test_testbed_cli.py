@@ -1,0 +1,37 @@
+"""``keytrio testbed up`` as real processes: a second one on a directory in use fails in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from keytrio.actors.common.startup import Exit
+
+KEYTRIO = Path(sys.executable).with_name("keytrio")
+
+
+def test_second_testbed_up_on_a_used_directory(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTRIO_")}
+    first = subprocess.Popen([str(KEYTRIO), "testbed", "up", "--dir", str(tmp_path), "--agents", "0"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert first.stderr is not None
+        seen = []
+        for line in first.stderr:  # blocks until the next line, or EOF if it died
+            seen.append(line)
+            if "testbed running" in line:
+                break
+        assert "testbed running" in seen[-1], "".join(seen)
+        ca = (tmp_path / "cv_ca" / "cacert.crt").read_bytes()
+        r = subprocess.run([str(KEYTRIO), "testbed", "up", "--dir", str(tmp_path), "--agents", "0"],
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert (r.returncode, r.stdout, len(r.stderr.splitlines())) == (Exit.DATADIR_LOCKED, "", 1), r.stderr
+        assert f"testbed directory {tmp_path.resolve()} is in use by a running testbed (pid {first.pid})" in r.stderr
+        assert "another --dir" in r.stderr
+        assert (tmp_path / "cv_ca" / "cacert.crt").read_bytes() == ca  # the running testbed's CA is untouched
+    finally:
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=60) == 0
