@@ -2,9 +2,11 @@
 
 Start sequence: data dir (locked) -> bind the HTTPS (+ metrics) port -> TPM (TCTI) -> EK (+ cert)
 -> AK (saved blobs reloaded) -> agent id -> NK + self-signed mTLS cert -> PCR 16 := H(NK PEM) in
-every active bank -> secure dir -> serve on the bound port -> register + activate with the registrar (if ``registrar_ip`` is set; retried with
-backoff while it is unreachable) -> ``task_status.started(bound)``. The port is bound before
-registering so that ``port = 0`` works: the registered port is ``contact_port`` or the bound one.
+every active bank -> secure dir -> serve on the bound port -> register + activate with the
+registrar (if ``registrar_ip`` is set; retried with backoff while it is unreachable) ->
+``task_status.started(bound)``. The port is bound first so that a port in use fails the start
+before the TPM is touched, and so that ``port = 0`` works: the registered port is
+``contact_port`` or the bound one.
 
 Everything lives in this object and its nursery (no module state): several agents, each on its
 own TPM and data dir, can run in one process. Cancellation is a clean shutdown: the server stops,

@@ -45,7 +45,12 @@ def main(args: argparse.Namespace) -> int:
     path = config_path(agent_config.ACTOR, args.config)
     try:
         cfg = agent_config.load(path)
+        # a missing or unreadable CA/CRL file is a TLS failure (12), as for the servers
+        startup.check_readable([*(("trusted_client_ca", Path(p)) for p in cfg.trusted_client_ca),
+                                *((("crl", Path(cfg.crl)),) if cfg.crl else ())])
         agent = Agent(cfg)
+    except StartupError as exc:
+        return fail(PROG, exc, args.log_format)
     except ConfigError as exc:
         return fail(PROG, config_failure(agent_config.ACTOR, path, exc), args.log_format)
     except AgentConfigError as exc:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from keytrio.actors.common.startup import NO_RESTART, DataDirLock, Exit
 
@@ -185,6 +186,25 @@ def test_agent_unreachable_tpm_and_port_in_use(tmp_path: Path, pki: Any) -> None
         # the port is checked before the TPM: the port is reported, not the (also missing) TPM
         one_line(run(["agent", "--config", str(conf)]), Exit.PORT_IN_USE, f"port 127.0.0.1:{port}")
     assert sorted(p.name for p in (tmp_path / "a2").iterdir()) == ["agent.lock"]  # no key made
+
+    missing = tmp_path / "no-ca.pem"
+    conf = write(tmp_path, "agent", {**base, "port": free_port(), "data_dir": str(tmp_path / "a3"),
+                                     "trusted_client_ca": [str(missing)]})
+    one_line(run(["agent", "--config", str(conf)]), Exit.TLS, f"trusted_client_ca {missing}: no such file")
+
+
+async def test_agent_registration_failure(tmp_path: Path, pki: Any, swtpm: Any) -> None:
+    """A registrar that never answers: exit 18 (restartable), the failure as the last line."""
+    conf = write(tmp_path, "agent", {
+        "ip": "127.0.0.1", "port": free_port(), "metrics_port": -1, "trusted_client_ca": [str(pki.ca)],
+        "secure_mount": "never", "data_dir": str(tmp_path / "agent"), "tcti": swtpm.tcti,
+        "registrar_ip": "127.0.0.1", "registrar_port": free_port(), "max_retries": 0,
+        "ima_ml_path": str(tmp_path / "no-ima"), "measuredboot_ml_path": str(tmp_path / "no-uefi"),
+    })
+    r = await trio.to_thread.run_sync(lambda: run(["agent", "--config", str(conf)]))
+    assert r.returncode == Exit.REGISTRATION and Exit.REGISTRATION not in NO_RESTART, r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("keytrio agent: registration failed") and " -- " in last, r.stderr
 
 
 def test_bad_configuration_and_json_format(tmp_path: Path) -> None:
