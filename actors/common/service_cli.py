@@ -131,7 +131,9 @@ def _main(spec: ServiceSpec, args: argparse.Namespace) -> int:
     path = config_path(spec.name, args.config)
     try:
         config = parts.load_config(path)
-        startup.check_readable(parts.tls_files(config))  # a missing TLS file is a TLS failure
+        files = parts.tls_files(config)
+        startup.check_readable(files)  # a missing TLS file, or a key open to others, is a TLS failure
+        startup.check_keys(files)
         actor = parts.make_actor(config)
     except ConfigError as exc:
         return fail(prog, config_failure(spec.name, path, exc), args.log_format)

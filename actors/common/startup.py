@@ -155,6 +155,16 @@ def check_readable(files: Iterable[tuple[str, Path]]) -> None:
                                f"check the file or set {option} in the configuration") from None
 
 
+def check_keys(files: Iterable[tuple[str, Path]]) -> None:
+    """Private keys (options ending in ``_key``) that group/others may access: StartupError(TLS)."""
+    from keytrio.actors.common.tls import private_key_problem
+
+    for option, path in files:
+        if option.endswith("_key") and (problem := private_key_problem(path)) is not None:
+            what, _, fix = problem.partition("; ")
+            raise StartupError(Exit.TLS, f"{option}: {what}", fix or f"chmod 600 {path}")
+
+
 def load_tls(build: Callable[[], T], files: Iterable[tuple[str, Path]]) -> T:
     """``build()`` a TLS context from ``files``; any failure is StartupError(TLS) naming a file."""
     files = list(files)

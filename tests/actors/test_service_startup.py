@@ -119,9 +119,17 @@ def test_missing_and_invalid_tls_files(tmp_path: Path, pki: Any) -> None:
 
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
+    garbage.chmod(0o600)  # a key open to others is refused before it is read (below)
     conf = write(tmp_path, "registrar", registrar_options(pki, tmp_path / "r", server_key=str(garbage)))
     one_line(run(["registrar", "--config", str(conf)]), Exit.TLS, "TLS files do not load", str(garbage))
     assert not (tmp_path / "r" / "registrar.sqlite").exists()
+
+    exposed = tmp_path / "exposed-key.pem"
+    exposed.write_bytes(Path(pki.server.key).read_bytes())
+    exposed.chmod(0o644)
+    conf = write(tmp_path, "verifier", verifier_options(pki, tmp_path / "v", server_key=str(exposed)))
+    one_line(run(["verifier", "--config", str(conf)]), Exit.TLS, f"server_key: private key {exposed}",
+             f"chmod 600 {exposed}")
 
 
 def test_unreachable_postgresql(tmp_path: Path, pki: Any) -> None:
