@@ -22,10 +22,11 @@ Speed: plain passing ima-ng lines go through :mod:`protocol.ima_fast`, which onl
 lines; every other line (and so every failure) goes through the general per-line code here.
 
 Differences on purpose: a ToMToU entry fails unless ``ignore_tomtou_errors`` (then a warning),
-the documented meaning (upstream 7.14.3 does the reverse); lines after the matching one are not
-checked in this poll (upstream checks them and fails on them too). After any failure the progress
-is *not* advanced (upstream resets to line 0), so the same lines are evaluated again next poll,
-against whatever policy is current then.
+the documented meaning (upstream 7.14.3 does the reverse); in the attestation loop lines after the
+matching one are not checked in this poll (the next quote covers them; upstream checks them and
+fails on them too); ``check_unquoted`` (``/verify/evidence``) checks them as upstream does.
+After any failure the progress is *not* advanced (upstream resets to line 0), so the same lines
+are evaluated again next poll, against whatever policy is current then.
 """
 
 from __future__ import annotations
@@ -476,6 +477,7 @@ def evaluate_ima(
     extra_verification_keys: Iterable[ImaKey | bytes] = (),
     quoted_pcrs: Mapping[int, bytes] | None = None,
     fast_path: bool = True,
+    check_unquoted: bool = False,
 ) -> ImaResult:
     """Check the list lines from ``first_entry`` on (see module docstring).
 
@@ -486,6 +488,9 @@ def evaluate_ima(
     public keys (DER/PEM) or ImaKey values, e.g. the agent's ``ima_sign_verification_keys``.
     ``fast_path=False`` sends every line through the general per-line code (the fast path,
     :mod:`protocol.ima_fast`, only accepts lines that code would accept; tests compare the two).
+    ``check_unquoted`` also checks the lines after the one that matches the quote against the
+    policy (``/verify/evidence``: every line the client presents is judged, there is no next
+    poll); they still do not count as progress.
     Raises ValidationError only for bad arguments (bank, key material); evidence problems are
     failures.
     """
@@ -552,6 +557,13 @@ def evaluate_ima(
                 matched = i
                 break
         parsed = i  # lines looked at, the unreadable one included
+
+    if check_unquoted and matched is not None:
+        for j in range(matched, len(lines)):
+            # not attested by this quote, but presented: judged line by line (an unreadable one
+            # is a parser failure and the next is still read, as upstream reads the whole list)
+            value, _ = _general_line(ctx, lines[j], first_entry + j, value, bank_hash, log_hash, same_alg, ff)
+        parsed = len(lines)
 
     if matched is None:
         ctx.failures.append(

@@ -3,9 +3,12 @@
 Failure event ids (``component.event``, as upstream Keylime 7.14.3 names them):
 
 - ``qoute_validation.quote_validation`` (sic: upstream's component is spelled "qoute") for every
-  quote-level failure: undecodable quote or AK, algorithm not accepted or not matching the AK,
-  bad signature, nonce mismatch, pcrSelect / pcrDigest mismatch, and the clock checks (upstream
-  reports clock failures under the same id). ``context["check"]`` says which check failed, one of
+  quote-level failure: a quote that does not decode, algorithms not matching each other or the
+  AK, bad signature, nonce mismatch, pcrSelect / pcrDigest mismatch, and the clock checks
+  (upstream reports clock failures under the same id); where upstream names the same failure
+  otherwise, its id: ``qoute_validation.invalid_quote`` (a quote string upstream cannot even split
+  and base64-decode, an AK that does not load), ``qoute_validation.invalid_hash_alg`` /
+  ``invalid_sign_alg`` (algorithm unknown or not accepted by the agent's record). ``context["check"]`` says which check failed, one of
   :data:`CHECKS`; ``context["message"]`` says it in words. These failures are irrecoverable and
   carry the highest severity, as upstream forces for irrecoverable events.
 - ``pcr_validation.invalid_pcr_16`` / ``pcr_validation.missing_pcr_16``: PCR 16 does not bind the
@@ -17,6 +20,8 @@ A quote whose signature, nonce or PCR digest does not verify is never reported v
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -38,6 +43,13 @@ from keytrio.protocol.quote import (
 )
 
 QUOTE_VALIDATION = "qoute_validation.quote_validation"
+#: upstream's id when its quote parsing raises before any check (not 'r'-prefixed, fewer than 3
+#: parts, a part that does not base64-decode) or the AK does not load
+INVALID_QUOTE = "qoute_validation.invalid_quote"
+#: upstream's ids for a claimed algorithm it does not know or the agent's record does not accept
+INVALID_HASH_ALG = "qoute_validation.invalid_hash_alg"
+INVALID_SIGN_ALG = "qoute_validation.invalid_sign_alg"
+INVALID_ENC_ALG = "qoute_validation.invalid_enc_alg"
 INVALID_PCR_16 = "pcr_validation.invalid_pcr_16"
 MISSING_PCR_16 = "pcr_validation.missing_pcr_16"
 MISSING_PCRS = "pcr_validation.missing_pcrs"
@@ -84,10 +96,44 @@ class QuoteCheck:
         return [f.context.get("check", f.event_id) for f in self.failures]
 
 
-def _quote_failure(check: str, message: str, **extra: object) -> Failure:
+def _quote_failure(check: str, message: str, *, event_id: str = QUOTE_VALIDATION, **extra: object) -> Failure:
     ctx: dict[str, object] = {"message": message, "check": check}
     ctx.update(extra)
-    return Failure(QUOTE_VALIDATION, ctx, Severity.EMERGENCY, recoverable=False)
+    return Failure(event_id, ctx, Severity.EMERGENCY, recoverable=False)
+
+
+def _unparsable_upstream(text: object) -> bool:
+    """True where upstream's quote reader raises before checking anything (it then reports
+    ``invalid_quote``): not a string starting with 'r', fewer than 3 ':'-parts, or one of the
+    first three parts not base64 even for its lenient decoder."""
+    if not isinstance(text, str) or not text.startswith("r"):
+        return True
+    parts = text[1:].split(":")
+    if len(parts) < 3:
+        return True
+    for part in parts[:3]:
+        try:
+            base64.b64decode(part)
+        except (binascii.Error, ValueError):
+            return True
+    return False
+
+
+def nonce_matches(extra_data: bytes, nonce: str, *, allow_base64: bool = False) -> bool:
+    """The quote's extraData against the expected nonce: its raw UTF-8 bytes, or (``allow_base64``,
+    as upstream's checkquote does for ``/verify/*``) the bytes its base64 text decodes to."""
+    try:
+        if extra_data == nonce.encode("utf-8"):
+            return True
+    except (UnicodeEncodeError, AttributeError):
+        return False
+    if not allow_base64:
+        return False
+    try:
+        # upstream's decoder is the lenient one (characters outside the alphabet are skipped)
+        return extra_data == base64.b64decode(nonce)
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _verify_signature(ak: tpm2.AkKey, sig_alg: int, bank_hash: str, q: ParsedQuote) -> str | None:
@@ -153,6 +199,7 @@ def check_quote(
     previous_clock: ClockInfo | None = None,
     check_clock_info: bool = True,
     required_pcrs: Iterable[int] | None = None,
+    nonce_base64: bool = False,
 ) -> QuoteCheck:
     """Verify a quote against the AK, the nonce and the claimed hash algorithm.
 
@@ -160,6 +207,7 @@ def check_quote(
     (when given) in ``accepted_hash_algs``. ``previous_clock`` is the last accepted quote's clock
     info of this agent; ``check_clock_info=False`` skips the clock checks (``/verify/*``).
     Pass an :class:`protocol.tpm2.AkKey` as ``ak_public`` to avoid re-parsing the AK every poll.
+    ``nonce_base64`` also accepts a nonce given as base64 of the quote's extraData (``/verify/*``).
     """
     result = QuoteCheck()
     fails = result.failures
@@ -168,7 +216,8 @@ def check_quote(
         try:
             quote = parse_quote(quote)
         except ProtocolError as exc:
-            fails.append(_quote_failure(CHECK_DECODE, "quote does not decode", error=str(exc)))
+            event_id = INVALID_QUOTE if _unparsable_upstream(quote) else QUOTE_VALIDATION
+            fails.append(_quote_failure(CHECK_DECODE, "quote does not decode", error=str(exc), event_id=event_id))
             return result
     result.quote = quote
     result.pcrs = dict(quote.pcrs)
@@ -178,7 +227,7 @@ def check_quote(
     try:
         ak = _as_ak(ak_public)
     except ProtocolError as exc:
-        fails.append(_quote_failure(CHECK_AK, "AK public key is unusable", error=str(exc)))
+        fails.append(_quote_failure(CHECK_AK, "AK public key is unusable", error=str(exc), event_id=INVALID_QUOTE))
         return result
 
     sig = quote.sig
@@ -187,15 +236,16 @@ def check_quote(
 
     # -- algorithms: claimed hash == signature hash == bank, all accepted, and the AK's own scheme
     if hash_alg not in tpm2.HASH_ALGS:
-        fails.append(_quote_failure(CHECK_ALGORITHM, f"unsupported hash_alg {hash_alg!r}"))
+        fails.append(_quote_failure(CHECK_ALGORITHM, f"unsupported hash_alg {hash_alg!r}", event_id=INVALID_HASH_ALG))
     elif accepted_hash_algs is not None and hash_alg not in set(accepted_hash_algs):
-        fails.append(_quote_failure(CHECK_ALGORITHM, f"hash_alg {hash_alg} is not accepted"))
+        fails.append(_quote_failure(CHECK_ALGORITHM, f"hash_alg {hash_alg} is not accepted", event_id=INVALID_HASH_ALG))
     if sig_hash is None:
         fails.append(_quote_failure(CHECK_ALGORITHM, f"unsupported signature hash {sig.hash_alg:#06x}"))
     elif sig_hash != hash_alg:
         fails.append(_quote_failure(CHECK_ALGORITHM, f"quote signed with {sig_hash}, expected {hash_alg}"))
     if accepted_sign_algs is not None and sig_name not in set(accepted_sign_algs):
-        fails.append(_quote_failure(CHECK_ALGORITHM, f"signing algorithm {sig_name} is not accepted"))
+        fails.append(_quote_failure(CHECK_ALGORITHM, f"signing algorithm {sig_name} is not accepted",
+                                    event_id=INVALID_SIGN_ALG))
     if sig_name != ak.sign_alg or sig_hash != ak.hash_alg:
         fails.append(
             _quote_failure(
@@ -212,12 +262,8 @@ def check_quote(
         if why is not None:
             fails.append(_quote_failure(CHECK_SIGNATURE, why))
 
-    # -- nonce: extraData carries the nonce's raw ASCII bytes
-    try:
-        expected_nonce = nonce.encode("ascii")
-    except (UnicodeEncodeError, AttributeError):
-        expected_nonce = None
-    if expected_nonce is None or quote.info.extra_data != expected_nonce:
+    # -- nonce: extraData carries the nonce's raw bytes (pull mode), or what its base64 decodes to
+    if not nonce_matches(quote.info.extra_data, nonce, allow_base64=nonce_base64):
         fails.append(_quote_failure(CHECK_NONCE, "the quote's nonce differs from the expected nonce"))
 
     # -- PCR selection: the attest must select exactly the blob's bank and PCRs

@@ -33,13 +33,22 @@ from keytrio.protocol import payload, tpm2, validation
 from keytrio.protocol.errors import ProtocolError, ValidationError
 from keytrio.protocol.failures import Failure, Severity
 from keytrio.protocol.quote import ClockInfo, parse_quote
-from keytrio.protocol.quote_check import PCR_16, QUOTE_VALIDATION, QuoteCheck, check_pcr16, check_quote
+from keytrio.protocol.quote_check import (
+    INVALID_ENC_ALG,
+    INVALID_QUOTE,
+    PCR_16,
+    QuoteCheck,
+    check_pcr16,
+    check_quote,
+)
 
 PCR_IMA = 10
 NONCE_LEN = 20  # what upstream's verifier sends
 _NONCE_CHARS = string.ascii_letters + string.digits
 MAX_QUOTE_RESPONSE_BYTES = DEFAULT_MAX_RESPONSE_BYTES  # IMA lists can be large; still capped
 CHECK_RESPONSE = "response"  # context["check"] of a malformed-reply failure (wrong/missing field)
+#: upstream's id for an agent reply it cannot read ("parsing agent get quote response failed")
+INVALID_DATA = "qoute_validation.invalid_data"
 
 #: PCR 10 verdicts recorded in AttestState.pcr10 (never "passed" without a runtime policy)
 PCR10_NOT_CHECKED = "not_checked"
@@ -200,7 +209,7 @@ async def fetch_quote(
 def _response_failure(message: str, **extra: object) -> Failure:
     ctx: dict[str, object] = {"message": message, "check": CHECK_RESPONSE}
     ctx.update(extra)
-    return Failure(QUOTE_VALIDATION, ctx, Severity.EMERGENCY, recoverable=False)
+    return Failure(INVALID_DATA, ctx, Severity.EMERGENCY, recoverable=False)
 
 
 def _typed_fields(reply: object, need_pubkey: bool) -> tuple[dict[str, Any], list[Failure]]:
@@ -310,6 +319,7 @@ def verify_quote_evidence(
     mb_refstate: mbp.RefState | None = None,
     mb_log: bytes | None = None,
     mb_evaluate_policy: bool = True,
+    nonce_base64: bool = False,
 ) -> QuoteVerdict:
     """The checks shared by the monitor and ``POST /verify/evidence`` (pure; no I/O).
 
@@ -331,10 +341,12 @@ def verify_quote_evidence(
             accepted_sign_algs=accepted_sign_algs,
             previous_clock=previous_clock,
             check_clock_info=check_clock,
+            nonce_base64=nonce_base64,
         )
     except (ProtocolError, ValueError, TypeError, OverflowError) as exc:
         # check_quote reports bad quotes as failures; this is the belt for what it might miss
-        return QuoteVerdict([_response_failure("quote could not be checked", error=type(exc).__name__)])
+        return QuoteVerdict([Failure(INVALID_QUOTE, {"message": "quote could not be checked",
+                                                     "error": type(exc).__name__}, Severity.EMERGENCY)])
     fails = list(check.failures)
     verdict = QuoteVerdict(fails, check, PCR10_NOT_QUOTED, next_entry)
     if check.quote is None or check.bank is None:
@@ -401,7 +413,7 @@ def evaluate(target: AgentTarget, state: AttestState, reply: object, nonce: str)
     assert nk_pem is not None
 
     if fields["enc_alg"] not in target.accept_tpm_encryption_algs:
-        fails.append(Failure(QUOTE_VALIDATION, {
+        fails.append(Failure(INVALID_ENC_ALG, {
             "message": f"encryption algorithm {fields['enc_alg']} is not accepted", "check": "algorithm"},
             Severity.EMERGENCY))
     on_boot = getattr(target.ima_check, "for_boot", None)

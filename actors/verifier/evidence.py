@@ -11,7 +11,10 @@ required inputs (nonce, quote, hash_alg, tpm_ak, and tpm_ek, which upstream requ
 check uses it), ``default.missing_policy`` when no policy at all is given; unusable inputs (a tpm_ak
 that does not decode, a runtime_policy that does not validate, ...) get ``<field>.invalid_param``.
 A runtime policy with an empty IMA list is evaluated (as upstream does): the replay of nothing
-must then match PCR 10.
+must then match PCR 10. Every IMA line presented is judged against the policy, also the lines
+after the one the quoted PCR 10 matches (upstream does the same; the loop leaves them to the next
+quote). The nonce is the quote's extraData as raw text or as base64 of it: upstream's checkquote
+tries the raw UTF-8 bytes first, then its lenient base64 decoding.
 Measured boot: a non-empty ``mb_policy`` (reference state as JSON text or object) needs ``mb_log``
 (base64 of the binary UEFI event log); the log is replayed against the quoted PCRs and evaluated
 (``measured_boot.*`` failures). An ``mb_policy`` that does not validate -> ``mb_policy.invalid_param``.
@@ -160,7 +163,7 @@ def check_tpm_evidence(data: object, *, ignore_tomtou_errors: bool = False) -> l
         except PolicyRefused as exc:
             raise EvidenceRejected([invalid_param("runtime_policy", exc.reason, field=exc.field)]) from None
         hook = AgentIma("evidence", FixedPolicy(policy), None, policy.checksum,
-                        ignore_tomtou_errors=ignore_tomtou_errors)
+                        ignore_tomtou_errors=ignore_tomtou_errors, check_unquoted=True)
     verdict = verify_quote_evidence(
         data["quote"],
         ak=ak,
@@ -174,6 +177,7 @@ def check_tpm_evidence(data: object, *, ignore_tomtou_errors: bool = False) -> l
         nk_pem=None,  # PCR 16 binding is skipped on /verify/*
         mb_refstate=mb_ref,
         mb_log=mb_log,
+        nonce_base64=True,
     )
     return verdict.failures
 
@@ -200,5 +204,6 @@ def check_identity(row: dict[str, Any], quote: str, nonce: str, hash_alg: str) -
         accepted_hash_algs=json.loads(row["accept_tpm_hash_algs"]),
         accepted_sign_algs=json.loads(row["accept_tpm_signing_algs"]),
         check_clock=False,
+        nonce_base64=True,
     )
     return verdict.failures

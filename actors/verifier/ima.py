@@ -97,8 +97,10 @@ class AgentIma:
         ignore_tomtou_errors: bool = False,
         extra_keys: Iterable[ImaKey] = (),
         lines_per_poll: Histogram | None = None,
+        check_unquoted: bool = False,
     ) -> None:
         self.agent_id = agent_id
+        self.check_unquoted = check_unquoted  # /verify/evidence: judge lines the quote does not cover yet
         self.policies = policies
         self.name = name
         self.checksum = checksum
@@ -138,6 +140,7 @@ class AgentIma:
             ignore_tomtou_errors=self.ignore_tomtou_errors,
             extra_verification_keys=self.extra_keys,
             quoted_pcrs=pcrs,
+            check_unquoted=self.check_unquoted,
         )  # fmt: skip
         if self._lines_per_poll is not None:
             self._lines_per_poll.observe(res.lines_parsed)

@@ -58,6 +58,7 @@ TOMTOU = "/var/log/opened-for-write"
 PCR15_DATA = b"keytrio evidence cross-check"
 
 QUOTE_FAIL = "qoute_validation.quote_validation"  # (sic) upstream's component name
+INVALID_QUOTE = "qoute_validation.invalid_quote"
 NOT_IN_ALLOWLIST = "ima.validation.ima-ng.not_in_allowlist"
 RUNTIME_POLICY_HASH = "ima.validation.ima-ng.runtime_policy_hash"
 IMA_HASH = "ima.validation.ima_hash"
@@ -306,6 +307,7 @@ def build_cases(m: Material) -> list[Case]:
                       tpm_policy=json.dumps({"15": [m.pcr15], "mask": hex(1 << 15)}))
     extra = ima.build_entry("ima-ng", "/usr/bin/tool0", "sha256", hashlib.sha256(FILES["/usr/bin/tool0"]).digest())
     stranger = ima.build_entry("ima-ng", "/tmp/unquoted", "sha256", hashlib.sha256(b"x").digest())
+    tampered = ima.build_entry("ima-ng", "/usr/bin/tool1", "sha256", hashlib.sha256(b"tampered").digest())
     no_ima_section = policy(m)
     ecc = data(m, quote=m.ecc_quote_a, tpm_ak=b64(m.ecc_ak))
     b384 = data(m, quote=m.quote_a_384, hash_alg="sha384", tpm_ak=b64(m.ak_384),
@@ -321,6 +323,18 @@ def build_cases(m: Material) -> list[Case]:
              note="was a keytrio gap (fixed): without any policy (tpm_policy, runtime_policy or mb_policy) "
                   "upstream answers 400 default.missing_policy"),
         Case("wrong-nonce", tpm(data(m, nonce="wr0ngN0nce0123456789")), invalid(QUOTE_FAIL)),
+        # the nonce as raw text (pull mode) or as base64 of the quote's extraData (push mode)
+        Case("nonce-base64", tpm(data(m, nonce=b64(NONCE.encode()))), ok()),
+        Case("nonce-base64-missing-padding", tpm(data(m, nonce=b64(NONCE.encode())[:-1])), invalid(QUOTE_FAIL),
+             note="20 bytes are 28 base64 characters ending in '='; without it the text is neither the raw "
+                  "nonce nor base64"),
+        Case("nonce-base64-wrapped", tpm(data(m, nonce=_wrapped(b64(NONCE.encode())))), ok(),
+             note="a line break inside the base64 text is skipped, as upstream's lenient decoder does"),
+        Case("nonce-base64-of-other-nonce", tpm(data(m, nonce=b64(b"0therN0nce0therN0nce"))), invalid(QUOTE_FAIL)),
+        Case("nonce-base64-other-quote", tpm(data(m, quote=m.other_nonce_quote, nonce=b64(b"0therN0nce0therN0nce"))),
+             ok(), note="the other quote's own nonce, base64: its extraData"),
+        Case("ecc-ak-nonce-base64", tpm({**ecc, "nonce": b64(NONCE.encode())}), ok()),
+        Case("sha384-bank-nonce-base64", tpm({**b384, "nonce": b64(NONCE.encode())}), ok()),
         Case("replayed-quote-other-nonce", tpm(data(m, quote=m.other_nonce_quote)), invalid(QUOTE_FAIL)),
         Case("other-ak", tpm(data(m, tpm_ak=b64(m.other_ak))), invalid(QUOTE_FAIL),
              upstream=invalid("pcr_validation.missing_pcrs"), kind="upstream-defect", note=SIG_NOTE),
@@ -347,10 +361,17 @@ def build_cases(m: Material) -> list[Case]:
                   "never checked; keytrio fails a ToMToU entry unless ignore_tomtou_errors (PROTOCOL.md)"),
         Case("log-ahead-of-quote", tpm(data(m, ima_measurement_list=list_text([*m.entries_a, extra]))), ok()),
         Case("log-ahead-unquoted-line-outside-policy",
-             tpm(data(m, ima_measurement_list=list_text([*m.entries_a, stranger]))),
-             ok(), upstream=invalid(NOT_IN_ALLOWLIST), kind="deliberate",
-             note="lines after the one that matches the quoted PCR 10 are not attested by this quote; "
-                  "upstream checks them anyway, keytrio checks them when a later quote covers them"),
+             tpm(data(m, ima_measurement_list=list_text([*m.entries_a, stranger]))), invalid(NOT_IN_ALLOWLIST),
+             note="was deliberate (keytrio left lines after the quoted position unchecked): every line "
+                  "presented is judged, as upstream does"),
+        Case("log-ahead-unquoted-line-wrong-digest",
+             tpm(data(m, ima_measurement_list=list_text([*m.entries_a, tampered]))), invalid(RUNTIME_POLICY_HASH)),
+        Case("log-ahead-unquoted-unparsable-line",
+             tpm(data(m, ima_measurement_list=list_text(m.entries_a) + "10 not an ima line\n")),
+             invalid("ima.parser.entry")),
+        Case("log-ahead-unquoted-line-excluded", tpm(data(m, runtime_policy=json.dumps(
+            policy(m, excludes=("/tmp/unquoted",))), ima_measurement_list=list_text([*m.entries_a, stranger]))),
+             ok()),
         Case("log-behind-quote", tpm(data(m, quote=m.quote_b)), invalid(PCR_MISMATCH)),
         Case("log-truncated", tpm(data(m, ima_measurement_list=list_text(m.entries_a[:3]))), invalid(PCR_MISMATCH)),
         Case("template-hash-sha256", tpm(data(m, ima_measurement_list=list_text(m.entries_a, "sha256"),
@@ -433,11 +454,26 @@ def build_cases(m: Material) -> list[Case]:
         Case("sha384-quote-with-sha256-ak", tpm({**b384, "tpm_ak": b64(m.ak)}), invalid(QUOTE_FAIL),
              upstream=invalid("pcr_validation.missing_pcrs"), kind="upstream-defect", note=SIG_NOTE),
         Case("quote-garbage", tpm(data(m, quote="rAAAA:BBBB:CCCC")), invalid(QUOTE_FAIL)),
+        # quotes upstream cannot even split and decode: its id is invalid_quote
+        Case("quote-not-r-prefixed", tpm(data(m, quote="x" + m.quote_a[1:])), invalid(INVALID_QUOTE)),
+        Case("quote-two-parts", tpm(data(m, quote=m.quote_a.rsplit(":", 1)[0])), invalid(INVALID_QUOTE)),
+        Case("quote-bad-base64-padding", tpm(data(m, quote=_short_attest(m.quote_a))), invalid(INVALID_QUOTE)),
         Case("hash-alg-unknown", tpm(data(m, hash_alg="md5")), invalid("qoute_validation.invalid_hash_alg"),
              note="was a keytrio gap (fixed): upstream reports an unrecognised hash_alg as qoute_validation.invalid_hash_alg"),
         Case("hash-alg-other-bank", tpm(data(m, hash_alg="sha1")), invalid(QUOTE_FAIL)),
     ]
     return cases
+
+
+def _short_attest(quote: str) -> str:
+    """The quote with the last character of its TPMS_ATTEST base64 cut (padding now wrong)."""
+    attest, _, rest = quote[1:].partition(":")
+    return f"r{attest[:-1]}:{rest}"
+
+
+def _wrapped(text: str) -> str:
+    """base64 text with a line break in it (as `base64` wraps long output)."""
+    return text[:12] + "\n" + text[12:]
 
 
 def _wrong_digest(doc: dict[str, Any], path: str) -> dict[str, Any]:

@@ -198,6 +198,27 @@ def test_log_ahead_of_quote_then_next_poll_continues() -> None:
     assert _ids(r.failures) == [ev.NOT_IN_ALLOWLIST] and r.failures[0].context["line"] == 6
 
 
+def test_check_unquoted_judges_lines_after_the_match() -> None:
+    # /verify/evidence: every presented line is judged, the quote covers them or not
+    log = _log(8)
+    pol = _policy(log)
+    quoted = ima.replay(log[:6], BANK)
+    bad = [*log[:6], _file("/usr/bin/evil"), _file("/usr/bin/f1", b"tampered"), *log[6:]]
+    r = evaluate_ima(_text(bad), 0, quoted, BANK, pol, ImaProgress(), check_unquoted=True)
+    assert _ids(r.failures) == [ev.NOT_IN_ALLOWLIST, ev.RUNTIME_POLICY_HASH]
+    assert [f.context["line"] for f in r.failures] == [6, 7]
+    # an unreadable line after the match is a parser failure and the lines after it are still read
+    text = _text(log[:6]) + "10 garbage\n" + _text([_file("/usr/bin/evil")])
+    r = evaluate_ima(text, 0, quoted, BANK, pol, ImaProgress(), check_unquoted=True)
+    assert _ids(r.failures) == [ev.PARSER_ENTRY, ev.NOT_IN_ALLOWLIST]
+    # a clean tail passes, and the progress still stops at the quoted position
+    r = evaluate_ima(_text(log), 0, quoted, BANK, pol, ImaProgress(), check_unquoted=True)
+    assert r.ok and r.progress.count == 6 and r.lines_parsed == len(log)
+    # the quote matching before the first line (PCR 10 still zero): the whole list is judged
+    r = evaluate_ima(_text(bad), 0, bytes(32), BANK, pol, ImaProgress(), check_unquoted=True)
+    assert _ids(r.failures) == [ev.NOT_IN_ALLOWLIST, ev.RUNTIME_POLICY_HASH]
+
+
 def test_quote_must_catch_up_with_its_lag() -> None:
     log = _log(8)
     pol = _policy(log)

@@ -56,11 +56,11 @@ def test_valid_rsapss_quote():
     assert _check(text, ak_public=ak_public("rsa", "rsapss")).valid
 
 
-def _only(r, check):
+def _only(r, check, event_id="qoute_validation.quote_validation"):
     assert not r.valid
     assert r.checks_failed() == [check], r.failures
     f = r.failures[0]
-    assert f.event_id == "qoute_validation.quote_validation"
+    assert f.event_id == event_id
     assert f.context["check"] == check and f.context["message"]
     assert f.severity == Severity.EMERGENCY and not f.recoverable
 
@@ -149,10 +149,11 @@ def test_key_type_mismatch_is_never_valid():
 
 def test_algorithm_policy():
     text = make_quote("p256")
+    # upstream's ids for an algorithm the agent's record does not accept
     r = _check(text, "p256", accepted_sign_algs=["rsassa", "ecschnorr"])
-    _only(r, "algorithm")
+    _only(r, "algorithm", "qoute_validation.invalid_sign_alg")
     r = _check(text, "p256", accepted_hash_algs=["sha384", "sha512"])
-    _only(r, "algorithm")
+    _only(r, "algorithm", "qoute_validation.invalid_hash_alg")
     # the AK's scheme says sha384 but the quote was signed with sha256
     r = _check(text, "p256", ak_public=ak_public("p256", hash_alg="sha384"))
     _only(r, "algorithm")
@@ -162,6 +163,7 @@ def test_algorithm_policy():
     assert set(r.checks_failed()) == {"algorithm", "pcr_select"}
     r = _check(text, "p256", hash_alg="md5", ak_public=ak_public("p256"))
     assert not r.valid
+    assert "qoute_validation.invalid_hash_alg" in {f.event_id for f in r.failures}
 
 
 def test_sha1_bank_signed_with_sha256_is_reported():
@@ -203,13 +205,31 @@ def test_clock_checks(current, previous, ok):
 
 
 def test_undecodable_quote_and_ak():
+    # parts that base64-decode but do not parse: upstream's checkquote fails -> quote_validation
     r = _check("rAAAA:BBBB:CCCC")
     _only(r, "decode")
     assert r.pcrs == {} and r.clock is None
-    _only(_check(12), "decode")
+    # what upstream cannot even split and decode (it raises -> invalid_quote)
+    good = make_quote()
+    attest, rest = good[1:].split(":", 1)
+    for text in (12, "x" + good[1:], good.rsplit(":", 1)[0], f"r{attest[:-1]}:{rest}"):
+        _only(_check(text), "decode", "qoute_validation.invalid_quote")
     r = _check(make_quote(), ak_public=b"\x00\x01\x02")
-    _only(r, "ak")
+    _only(r, "ak", "qoute_validation.invalid_quote")
     assert r.pcrs  # decoded values are still reported
+
+
+def test_nonce_as_base64():
+    text = make_quote(nonce=b"raw-nonce-bytes\x00\xff")
+    b64 = base64.b64encode(b"raw-nonce-bytes\x00\xff").decode()
+    _only(_check(text, nonce=b64), "nonce")  # the attestation loop compares raw text only
+    assert _check(text, nonce=b64, nonce_base64=True).valid
+    # upstream's lenient decoder skips characters outside the alphabet (a wrapped line)
+    assert _check(text, nonce=b64[:8] + "\n" + b64[8:], nonce_base64=True).valid
+    _only(_check(text, nonce=b64[:-1], nonce_base64=True), "nonce")  # padding missing: not base64
+    _only(_check(text, nonce=base64.b64encode(b"other").decode(), nonce_base64=True), "nonce")
+    # the raw form still works with base64 allowed
+    assert _check(make_quote(), nonce_base64=True).valid
 
 
 def test_required_pcrs():
