@@ -65,10 +65,14 @@ async def list_names(t: Tenant) -> list[str]:
 
 
 async def delete(t: Tenant, name: str) -> None:
-    """DELETE; upstream answers 204 without a body, so the envelope is only read on errors."""
+    await delete_path(t, f"/mbpolicies/{name}")
+
+
+async def delete_path(t: Tenant, path: str) -> None:
+    """DELETE a policy; upstream answers 204 without a body, so the envelope is only read on errors."""
     verifier = await t.ready(t.verifier)
     try:
-        resp = await verifier.client.request("DELETE", verifier.url(f"/mbpolicies/{name}"))
+        resp = await verifier.client.request("DELETE", verifier.url(path))
     except httpx.TransportError as exc:
         raise ConnectionProblem("verifier", f"{type(exc).__name__}: {exc}") from exc
     if resp.status_code in (200, 204):

@@ -12,6 +12,7 @@ import binascii
 from typing import TYPE_CHECKING, Any
 
 from keytrio.actors.tenant.errors import Refused, UsageError, VerificationFailed
+from keytrio.actors.tenant.mbpolicies import delete_path
 from keytrio.protocol import dsse
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.runtime_policy import RuntimePolicy, load_policy
@@ -43,19 +44,21 @@ async def add(t: Tenant, name: str, policy: bytes, *, key: str | None = None, tp
               update: bool = False) -> None:
     """POST (new name; 409 if it exists) or PUT (``update``: replace an existing one; 404 if not)."""
     verifier = await t.ready(t.verifier)
-    await verifier.call("PUT" if update else "POST", f"/allowlists/{name}", _body(policy, key, tpm_policy))
+    await verifier.call("PUT" if update else "POST", f"/allowlists/{name}", _body(policy, key, tpm_policy),
+                        expect=(200, 201))  # upstream: 201
 
 
 async def show(t: Tenant, name: str) -> dict[str, Any]:
-    """The stored record; ``runtime_policy`` decoded to text (the policy as uploaded)."""
+    """The stored record: ``name``, ``runtime_policy`` (the policy as uploaded, JSON text as
+    upstream answers; base64 of it, what keytrio's verifier answered before, is decoded)."""
     verifier = await t.ready(t.verifier)
     res = dict((await verifier.call("GET", f"/allowlists/{name}")).results)
     raw = res.get("runtime_policy")
-    if isinstance(raw, str):
+    if isinstance(raw, str) and not raw.lstrip().startswith("{"):
         try:
             res["runtime_policy"] = base64.b64decode(raw, validate=True).decode("utf-8")
         except (binascii.Error, ValueError) as exc:
-            raise Refused("verifier", 200, f"runtime policy {name} is not base64 UTF-8 text") from exc
+            raise Refused("verifier", 200, f"runtime policy {name} is neither JSON text nor base64 of it") from exc
     return res
 
 
@@ -69,5 +72,4 @@ async def list_names(t: Tenant) -> list[str]:
 
 
 async def delete(t: Tenant, name: str) -> None:
-    verifier = await t.ready(t.verifier)
-    await verifier.call("DELETE", f"/allowlists/{name}")
+    await delete_path(t, f"/allowlists/{name}")  # upstream: 204 without a body

@@ -3,13 +3,16 @@
 ``POST|GET|DELETE /v2.x/agents/{uuid}``, ``GET /v2.x/agents/?verifier=ID[&bulk]``,
 ``PUT /v2.x/agents/{uuid}/stop`` and ``…/reactivate``; runtime policies ``GET /v2.x/allowlists/``
 (``{"runtimepolicy names": [...]}``) and ``POST|PUT|GET|DELETE /v2.x/allowlists/{name}`` (body
-``runtime_policy`` b64, ``runtime_policy_key``, ``tpm_policy``; a bad policy -> 400 whose status
-names the JSON path, also in ``results.field``; 409 on POST of an existing name and on DELETE of a
-name an agent uses; 404); public ``POST /v2.x/verify/evidence`` and ``GET /v2.x/verify/identity``
+``runtime_policy`` b64, ``runtime_policy_key``, ``tpm_policy``; upstream's answers: POST/PUT 201,
+GET ``{"name", "tmp_policy": null, "runtime_policy": <JSON text>}``, DELETE 204 without a body;
+a bad policy -> 400 whose status names the JSON path, also in ``results.field``; 409 on POST of an
+existing name and on DELETE of a name an agent uses; 404); public ``POST /v2.x/verify/evidence`` and ``GET /v2.x/verify/identity``
 (evidence.py); measured-boot policies ``GET /v2.x/mbpolicies/`` and ``POST|PUT|GET|DELETE
 /v2.x/mbpolicies/{name}`` (mbpolicies.py). Enrolment takes ``mb_policy`` (inline JSON text) and/or
-``mb_policy_name``, and ``runtime_policy_name`` (a stored policy, ``runtime_policy`` empty)
-or an inline ``runtime_policy`` (stored by checksum, and under ``runtime_policy_name`` when given). The monitor is not started here: the
+``mb_policy_name`` (an inline one without a name is stored under the agent's id, as upstream
+does), and ``runtime_policy_name`` (a stored policy, ``runtime_policy`` empty) or an inline
+``runtime_policy`` (stored by checksum, and under ``runtime_policy_name`` when given); ``v`` may
+be null (upstream's tenant without a payload: no V is delivered). The monitor is not started here: the
 actor injects hooks (``on_enrolled`` …) that run after the store has committed the change.
 A hook may be a plain function or a coroutine function taking the agent id.
 """
@@ -56,6 +59,7 @@ from keytrio.actors.verifier.policies import (
 )
 from keytrio.protocol import safejson, tpm2, validation
 from keytrio.protocol.errors import ProtocolError, ValidationError
+from keytrio.protocol.mb_policy import is_empty as mb_policy_is_empty
 from keytrio.protocol.versions import SERVER_VERSIONS, server_version_payload
 
 Hook = Callable[[str], Awaitable[None] | None]
@@ -86,6 +90,7 @@ _VERSION = re.compile(r"^\d{1,3}\.\d{1,3}$")
 _ALG_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _MAX_TEXT = 256 * 1024  # any single text field; the body limit bounds the total anyway
 _POLICY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,254}$")  # MAX_NAME
+MAX_INTERVAL_FACTOR = 5  # upstream's push_agent_monitor._TIMEOUT_MULTIPLIER
 _FAILED_STATES = {records.FAILED, records.INVALID_QUOTE, records.TENANT_FAILED, records.TERMINATED}
 
 
@@ -117,7 +122,9 @@ def _ip(value: object) -> str:
     return validation.host(value, "cloudagent_ip")
 
 
-def _v(value: object) -> str:
+def _v(value: object) -> str | None:
+    if value is None or value == "":
+        return None  # upstream's tenant sends null without a payload: no V to deliver
     raw = validation.b64(value, "v")
     if len(raw) != 32:
         raise ValidationError("v", "must decode to 32 bytes")
@@ -223,11 +230,6 @@ def parse_enrolment(agent_id: str, doc: dict[str, Any]) -> dict[str, Any]:
 # --- GET view ----------------------------------------------------------------------------------------
 
 
-def _enc_alg_v25(enc: str) -> str:
-    # 2.5 reports the key size; generic names are normalised to their defaults (upstream)
-    return {"rsa": "rsa2048", "ecc": "ecc256"}.get(enc, enc)
-
-
 def agent_view(
     row: dict[str, Any], *, version: str, verifier_ip: str, verifier_port: int, quote_interval: float
 ) -> dict[str, Any]:
@@ -261,7 +263,6 @@ def agent_view(
         "pending_notices": row.get("pending_notices", 0),
     }
     if tuple(int(p) for p in version.split(".")) >= (2, 5):
-        view["enc_alg"] = _enc_alg_v25(row["enc_alg"])
         if row["operational_state"] in _FAILED_STATES:
             status = "FAIL"
         elif row["attestation_count"] == 0:
@@ -270,6 +271,8 @@ def agent_view(
             status = "PASS"
         view["attestation_status"] = status
         view["attestation_period"] = f"{quote_interval:g}s"
+        # upstream: the time after which a push-mode agent counts as timed out, 5 quote intervals
+        view["maximum_attestation_interval"] = f"{quote_interval * MAX_INTERVAL_FACTOR:g}s"
     return view
 
 
@@ -351,6 +354,8 @@ def build_app(
         except records.DuplicateAgent:
             if not values.get("runtime_policy_name"):
                 await pstore.agent_deleted(values.get("runtime_policy_checksum"))
+            if values.get("mb_policy_name") == aid:
+                await mstore.drop_unused(aid)  # kept if the enrolled agent of that id uses it
             raise ApiError(409, f"Agent of uuid {aid} already exists") from None
         await _call(on_enrolled, aid)
         return ok()
@@ -385,6 +390,8 @@ def build_app(
         await _call(on_deleted, aid)
         if not row.get("runtime_policy_name"):
             await pstore.agent_deleted(row.get("runtime_policy_checksum"))
+        if row.get("mb_policy_name") == aid:
+            await mstore.drop_unused(aid)  # its inline measured-boot policy (upstream deletes it too)
         return ok()
 
     @app.api.route("/agents/<agent_id>/stop", methods=("PUT",))
@@ -419,10 +426,11 @@ def build_app(
         except PolicyRefused as exc:
             raise _policy_refused(exc) from None
         except NameExists:
-            raise ApiError(409, f"Runtime policy {name} already exists") from None
+            raise ApiError(409, f"Runtime policy with name {name} already exists") from None
         except NameUnknown:
-            raise ApiError(404, f"Runtime policy {name} not found") from None
-        return ok()
+            raise ApiError(404, f"Runtime policy with name {name} does not already exist, use POST to create") \
+                from None
+        return json_response(201)  # upstream: 201 "Created" for POST and PUT
 
     @app.api.route("/allowlists/<name>", methods=("POST",), body_limit="policy")
     async def add_policy(name: str) -> Response:
@@ -439,13 +447,9 @@ def build_app(
         if found is None:
             raise ApiError(404, f"Runtime policy {name} not found")
         named, text = found
-        return ok({
-            "name": named.name,
-            "tpm_policy": named.tpm_policy,
-            "runtime_policy": base64.b64encode(text.encode("utf-8")).decode("ascii"),
-            "runtime_policy_key": named.runtime_policy_key,
-            "runtime_policy_sha256": named.checksum,
-        })
+        # upstream's record: the policy as uploaded (JSON text), and "tmp_policy" (sic), which its
+        # verifier reads from a column that does not exist: always null
+        return ok({"name": named.name, "tmp_policy": None, "runtime_policy": text})
 
     async def delete_policy(name: str) -> Response:
         name = _policy_name(name)
@@ -454,9 +458,9 @@ def build_app(
         except NameUnknown:
             raise ApiError(404, f"Runtime policy {name} not found") from None
         except NameInUse as exc:
-            raise ApiError(409, f"Runtime policy {name} is in use by {len(exc.agent_ids)} agent(s)",
-                           {"agents": exc.agent_ids[:100]}) from None
-        return ok()
+            raise ApiError(409, f"Can't delete allowlist as it's currently in use by agent {_users(exc.agent_ids)}") \
+                from None
+        return Response(b"", status=204, mimetype="application/json")  # upstream: 204, no body
 
     @app.api.route("/allowlists/<name>", methods=("DELETE",))
     async def delete_policy_route(name: str) -> Response:
@@ -477,6 +481,8 @@ def build_app(
         doc = await json_body()
         try:
             text = canonical_mb(doc.get("mb_policy"))
+            if text is None and _is_empty_mb(doc.get("mb_policy")):
+                text = "{}"  # upstream stores the empty policy; an agent enrolled with it is not checked
         except PolicyRefused as exc:
             raise _policy_refused(exc) from None
         if text is None:
@@ -514,8 +520,8 @@ def build_app(
         except NameUnknown:
             raise ApiError(404, f"Measured boot policy {name} not found") from None
         except NameInUse as exc:
-            raise ApiError(409, f"Can't delete mb_policy as it's currently in use by {len(exc.agent_ids)} agent(s)",
-                           {"agents": exc.agent_ids[:100]}) from None
+            raise ApiError(409, f"Can't delete mb_policy as it's currently in use by agent {_users(exc.agent_ids)}") \
+                from None
         return Response(b"", status=204, mimetype="application/json")  # upstream: 204, no body
 
     # --- /verify/* (public) ----------------------------------------------------------------------
@@ -559,6 +565,18 @@ def build_app(
         return ok({"valid": 0 if fails else 1, "failures": [evidence.failure_json(f) for f in fails]})
 
     return app
+
+
+def _is_empty_mb(value: object) -> bool:
+    if isinstance(value, dict):
+        return not value
+    return isinstance(value, str) and value.strip() not in ("", "null") and mb_policy_is_empty(value)
+
+
+def _users(agent_ids: list[str]) -> str:
+    """Upstream names the one agent using a policy (and answers 500 when there are several)."""
+    more = len(agent_ids) - 1
+    return agent_ids[0] + (f" (and {more} more)" if more > 0 else "")
 
 
 def _policy_name(raw: str, kind: str = "runtime") -> str:

@@ -3,7 +3,9 @@
 Wire facts (upstream 7.14.3): ``GET /mbpolicies/`` -> ``{"mbpolicy names": [...]}``;
 ``GET /mbpolicies/{name}`` -> ``{"name", "mb_policy"}`` (the reference state as JSON text);
 ``POST`` (201, 409 if the name exists) and ``PUT`` (201, 409 if it does not) take
-``{"mb_policy": "<JSON text>"}``; ``DELETE`` -> 204, 409 while an agent uses the name.
+``{"mb_policy": "<JSON text>"}`` (``{}``, the empty policy, is stored too: agents enrolled with it
+get no measured-boot checks); ``DELETE`` -> 204, 409 while an agent uses the name. An inline
+policy given at enrolment without a name is stored under the agent's id (upstream's rule).
 
 Policies are validated with :func:`protocol.mb_policy.parse_refstate` before they are stored.
 An agent enrolled by name keeps the name and a copy of the text taken at enrolment (its
@@ -94,6 +96,13 @@ class MbPolicyStore:
                 raise NameExists(name)
         await self.store.write(run)
 
+    async def drop_unused(self, name: str) -> None:
+        """Delete the policy ``name`` if present and no agent uses it (an agent's inline copy)."""
+        def run(conn: Connection) -> None:
+            if conn.execute(sa.select(agents.c.agent_id).where(agents.c.mb_policy_name == name)).first() is None:
+                conn.execute(mbpolicies.delete().where(mbpolicies.c.name == name))
+        await self.store.write(run)
+
     async def delete(self, name: str) -> None:
         def run(conn: Connection) -> None:
             if conn.execute(sa.select(mbpolicies.c.name).where(mbpolicies.c.name == name)).first() is None:
@@ -109,10 +118,14 @@ async def resolve_enrolment(mstore: MbPolicyStore, values: dict[str, Any]) -> No
     """Set ``values["mb_policy"]``/``["mb_policy_name"]`` for an enrolment (inline or by name).
 
     Inline + name: the name is created with that policy (409 if it exists with other content).
-    Name only: the stored policy is copied (NameUnknown if absent). PolicyRefused for a bad one.
+    Inline without a name: stored under the agent's id, as upstream does (so ``GET /mbpolicies/``
+    lists it; deleting the agent deletes it). Name only: the stored policy is copied
+    (NameUnknown if absent). PolicyRefused for a bad one.
     """
     name = values.get("mb_policy_name") or None
     text = canonical(values.get("mb_policy"))
+    if text is not None and name is None:
+        name = values["agent_id"]
     values["mb_policy_name"] = name
     values["mb_policy"] = text
     if text is not None:

@@ -68,6 +68,10 @@ async def test_mbpolicies_crud_and_enrolment(nursery: trio.Nursery, tmp_path: Pa
     bad = rv.call("POST", "/mbpolicies/bad", {"mb_policy": json.dumps({"kernels": 3})}, code=400)
     assert (await bad)["results"]["field"].startswith("mb_policy")
     await rv.call("POST", "/mbpolicies/empty", {"mb_policy": ""}, code=400)
+    # the empty policy is stored, as upstream does (an agent enrolled with it is not checked)
+    await rv.call("POST", "/mbpolicies/empty", {"mb_policy": "{}"}, code=201)
+    assert (await rv.call("GET", "/mbpolicies/empty"))["results"] == {"name": "empty", "mb_policy": "{}"}
+    await rv.call("DELETE", "/mbpolicies/empty", code=204)
     got = (await rv.call("GET", "/mbpolicies/good"))["results"]
     assert got["name"] == "good" and json.loads(got["mb_policy"]) == GOOD
     await rv.call("PUT", "/mbpolicies/good", {"mb_policy": text}, code=201)
@@ -90,6 +94,16 @@ async def test_mbpolicies_crud_and_enrolment(nursery: trio.Nursery, tmp_path: Pa
     resp = await rv.admin.delete(f"{rv.url}/mbpolicies/good")
     assert resp.status_code == 204
     await rv.call("GET", "/mbpolicies/good", code=404)
+
+    # an inline policy without a name is stored under the agent's id (upstream's rule), in use
+    # while the agent is enrolled, and deleted with the agent
+    body.update(mb_policy_name=None, mb_policy=text)
+    await enrol(rv, a.agent_id, body)
+    assert (await rv.call("GET", "/mbpolicies/"))["results"] == {"mbpolicy names": [a.agent_id]}
+    r = await rv.call("DELETE", f"/mbpolicies/{a.agent_id}", code=409)
+    assert r["status"] == f"Can't delete mb_policy as it's currently in use by agent {a.agent_id}", r
+    await rv.call("DELETE", f"/agents/{a.agent_id}")
+    assert (await rv.call("GET", "/mbpolicies/"))["results"] == {"mbpolicy names": []}
 
 
 async def test_monitor_fails_a_boot_the_policy_refuses(

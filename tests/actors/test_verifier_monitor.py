@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from keytrio.actors.verifier import records
+from keytrio.actors.verifier.attest import INVALID_DATA
 from keytrio.actors.verifier.monitor import COMM_ERROR, COMM_MALFORMED
 from keytrio.protocol import revocation
 from keytrio.protocol.quote_check import QUOTE_VALIDATION
@@ -261,7 +262,7 @@ async def test_hostile_agents_fail_and_others_keep_running(
     await rv.wait_count(a.agent_id, 1)
     expected = {"garbage": (records.FAILED, COMM_MALFORMED),
                 "huge": (records.FAILED, COMM_MALFORMED),
-                "wrong_types": (records.INVALID_QUOTE, QUOTE_VALIDATION)}
+                "wrong_types": (records.INVALID_QUOTE, INVALID_DATA)}  # upstream's id for an unreadable reply
     ids = {}
     for i, mode in enumerate(expected):
         h = HostileAgent(mode)

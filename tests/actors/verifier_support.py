@@ -131,10 +131,13 @@ class RunningVerifier:
         assert resp.status_code == 200, resp.text
         return resp.json()["results"]
 
-    async def call(self, method: str, path: str, body: Any = None, code: int = 200) -> dict[str, Any]:
+    async def call(self, method: str, path: str, body: Any = None, code: int | None = None) -> dict[str, Any]:
+        if code is None:  # the success code of the route (upstream's: policies 201 / 204)
+            policy = path.startswith(("/allowlists/", "/mbpolicies/"))
+            code = {"POST": 201, "PUT": 201, "DELETE": 204}.get(method, 200) if policy else 200
         resp = await self.admin.request(method, self.url + path, json=body)
         assert resp.status_code == code, resp.text
-        return resp.json()
+        return resp.json() if resp.content else {}  # 204 (policy DELETE): no body
 
     async def wait(self, agent_id: str, pred: Callable[[dict[str, Any]], bool], what: str = "") -> dict[str, Any]:
         """Poll GET until ``pred(record)``; returns that record."""
