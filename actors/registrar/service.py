@@ -359,17 +359,14 @@ class RegistrarService:
         agent_id = parse_agent_id(raw_id)
 
         def q(conn: Connection) -> Any:
-            return (
-                conn.execute(
-                    sa.select(agents).where(agents.c.agent_id == agent_id, agents.c.active.is_(True))
-                )
-                .mappings()
-                .first()
-            )
+            return conn.execute(sa.select(agents).where(agents.c.agent_id == agent_id)).mappings().first()
 
         row = await self.store.read(q)
+        # upstream's texts (web/registrar/agents_controller.py)
         if row is None:
-            raise ApiError(404, "Agent not found or not activated")
+            raise ApiError(404, f"Agent with ID '{agent_id}' not found")
+        if not row["active"]:
+            raise ApiError(404, f"Agent with ID '{agent_id}' has not been activated")
         return {
             "aik_tpm": row["aik_tpm"],
             "ek_tpm": row["ek_tpm"],
@@ -387,7 +384,7 @@ class RegistrarService:
             return conn.execute(sa.delete(agents).where(agents.c.agent_id == agent_id)).rowcount
 
         if not await self.store.write(txn):
-            raise ApiError(404, "Agent not found")
+            raise ApiError(404, f"Agent with ID '{agent_id}' not found")
         log.info("event=agent.deleted agent_id=%s", agent_id)
 
     # -- housekeeping -----------------------------------------------------------------------------
