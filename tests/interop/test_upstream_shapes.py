@@ -232,12 +232,21 @@ def _files(root: Path, machine_ima: Path, boot_log: Path) -> dict[str, Path]:
     return out
 
 
+#: the record printed right after enrolment may come before or after the first quote was checked:
+#: hash_alg is set by that quote, and upstream says PASS for any attesting state where keytrio
+#: says PENDING until a quote passed (docs: an upstream defect)
+_FIRST_STATUS = re.compile(r'("attestation_status": |"hash_alg": )"(?:PASS|PENDING|sha\d*|)"')
+AFTER_ENROL = ("add", "update")
+
+
 def diff_steps(ups: Side, ours: Side) -> list[str]:
     """One entry per verb whose normalised answers differ (with both outputs)."""
     problems = []
     assert [label for label, _ in ups.steps] == [label for label, _ in ours.steps]
     for (label, up), (_, our) in zip(ups.steps, ours.steps, strict=True):
         a, b = normalise(up.stdout + up.stderr, ups), normalise(our.stdout + our.stderr, ours)
+        if label in AFTER_ENROL:
+            a, b = ([_FIRST_STATUS.sub(r"\1<STATUS>", line) for line in lines] for lines in (a, b))
         same = up.returncode == our.returncode and a == b
         if same and label in DOCUMENTED:
             problems.append(f"{label}: documented as differing ({DOCUMENTED[label]}) but now the same")
