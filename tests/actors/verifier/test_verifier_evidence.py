@@ -17,7 +17,7 @@ from keytrio.protocol.ima_eval import NOT_IN_ALLOWLIST, PCR_MISMATCH
 from keytrio.protocol.quote import decode_pcr_blob, encode_pcr_blob
 from keytrio.protocol.quote_check import QUOTE_VALIDATION
 from keytrio.testbed.ima_log import ImaLog
-from tests.actors.test_verifier_ima import BANKS, BASE, b64, policy_doc
+from tests.actors.verifier.test_verifier_ima import BANKS, BASE, b64, policy_doc
 from tests.actors.verifier_support import enrol, enrol_body, new_halves, start_test_agent, start_verifier
 
 pytestmark = pytest.mark.swtpm

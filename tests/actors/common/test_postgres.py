@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from keytrio.actors.verifier import records
-from tests.actors.test_registrar_support import SoftTpm, registrar_config, running_registrar
+from tests.actors.registrar_support import SoftTpm, registrar_config, running_registrar
 from tests.actors.verifier_support import enrol, enrol_body, new_halves, start_test_agent, start_verifier
 from tests.pg import db_url, pg_admin_url, pg_url  # noqa: F401
 

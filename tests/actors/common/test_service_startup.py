@@ -242,7 +242,7 @@ def test_default_config_file_is_read(tmp_path: Path, pki: Any) -> None:
 
 
 def test_help_lists_exit_codes_and_units_do_not_restart_them() -> None:
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     for actor in ("registrar", "verifier", "agent"):
         text = run([actor, "--help"]).stdout
         assert "/etc/keytrio/" + actor + ".toml" in text and "--log-format" in text

@@ -18,12 +18,12 @@ from keytrio.actors.verifier import attest
 from keytrio.actors.verifier.monitor import target_from_row
 from keytrio.protocol import mb_policy as mbp
 from keytrio.testbed import boot_log
-from tests.actors.test_tenant_cli import make_cli, world  # noqa: F401  (fixture)
+from tests.actors.tenant.test_tenant_cli import make_cli, world  # noqa: F401  (fixture)
 from tests.actors.verifier_support import enrol, enrol_body, new_halves, start_test_agent, start_verifier
 
 pytestmark = pytest.mark.swtpm
 
-DATA = Path(__file__).parents[1] / "protocol" / "data"
+DATA = Path(__file__).parents[2] / "protocol" / "data"
 GOOD = json.loads((DATA / "mb_refstate_upstream_good.json").read_text())
 NONCE = "abcdefghij0123456789"
 MB_MASK = hex(sum(1 << p for p in mbp.MEASUREDBOOT_PCRS))

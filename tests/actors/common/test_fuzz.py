@@ -25,8 +25,8 @@ from keytrio.actors.verifier import records
 from keytrio.protocol import payload as pl
 from keytrio.protocol import revocation
 from tests.actors import fuzz_support as fz
-from tests.actors.test_registrar_support import SoftTpm, registrar_config, running_registrar
-from tests.actors.test_verifier_ima import BASE, b64, policy_doc
+from tests.actors.registrar_support import SoftTpm, registrar_config, running_registrar
+from tests.actors.verifier.test_verifier_ima import BASE, b64, policy_doc
 from tests.actors.verifier_support import (
     enrol,
     enrol_body,
@@ -39,7 +39,7 @@ from tests.actors.verifier_support import (
 A = "d432fbb3-d2f1-4a97-9ef7-75bd81c0f000"
 NEW = "d432fbb3-d2f1-4a97-9ef7-75bd81c0f001"  # never registered/enrolled: seeds target it
 NONCE = "abcdefghij0123456789"
-MB_GOOD = (Path(__file__).parent.parent / "protocol" / "data" / "mb_refstate_upstream_good.json").read_text()
+MB_GOOD = (Path(__file__).parents[2] / "protocol" / "data" / "mb_refstate_upstream_good.json").read_text()
 
 
 def _report(f: fz.Fuzzer, routes: list[tuple[str, tuple[str, ...]]]) -> None:

@@ -1,6 +1,6 @@
 """`keytrio ca`: init in the cv_ca layout, issue, list, revoke; a server loading the CRL refuses a
 revoked client certificate at the handshake (real TLS sockets); one purpose per certificate
-(extended key usage), the same for the testbed's CA (tests/actors/test_key_doors.py walks every
+(extended key usage), the same for the testbed's CA (tests/actors/common/test_key_doors.py walks every
 key against every door)."""
 
 import stat

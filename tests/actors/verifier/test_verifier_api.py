@@ -19,7 +19,7 @@ from keytrio.actors.common.tls import client_context, server_context
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.app import REQUIRED_FIELDS, build_app
 from keytrio.actors.verifier.schema import agents, metadata
-from tests.actors.test_registrar_support import AK_ATTRS, SoftTpm, ak_public, b64
+from tests.actors.registrar_support import AK_ATTRS, SoftTpm, ak_public, b64
 
 A = "d432fbb3-d2f1-4a97-9ef7-75bd81c00000"
 B = "d432fbb3-d2f1-4a97-9ef7-75bd81c00001"
@@ -380,7 +380,7 @@ async def test_bad_input(pki, tmp_path, soft, client_name, method, path, kind, c
 
 
 async def test_agent_ids_follow_upstreams_rule(pki, tmp_path, soft):
-    from tests.actors.test_registrar import BAD_IDS, GOOD_IDS
+    from tests.actors.registrar.test_registrar import BAD_IDS, GOOD_IDS
 
     async with running(pki, tmp_path / "v.sqlite") as v:
         for aid in GOOD_IDS:

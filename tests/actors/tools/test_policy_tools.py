@@ -20,7 +20,7 @@ from keytrio.protocol.ima_eval import NOT_IN_ALLOWLIST, RUNTIME_POLICY_HASH, TOM
 from keytrio.protocol.runtime_policy import load_policy, parse_policy
 from keytrio.testbed.ima_log import ImaLog
 
-UPSTREAM = Path(__file__).resolve().parents[1] / "protocol" / "data" / "keylime"
+UPSTREAM = Path(__file__).resolve().parents[2] / "protocol" / "data" / "keylime"
 TREE = {"usr/bin/hello": b"hello\n", "usr/bin/world": b"world\n", "etc/app.conf": b"conf\n",
         "tmp/scratch": b"changes all the time\n", "var/log/app.log": b"log\n"}
 
@@ -218,7 +218,7 @@ def test_upstream_signed_policies_verify() -> None:
 
 # --- create measured-boot on real logs ---------------------------------------------------------------
 
-REAL_LOGS = Path(__file__).resolve().parents[1] / "protocol" / "data" / "eventlogs"
+REAL_LOGS = Path(__file__).resolve().parents[2] / "protocol" / "data" / "eventlogs"
 
 
 def test_create_measured_boot_errors_name_the_field_and_the_event(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from keytrio.actors.verifier import records
 from keytrio.actors.verifier.migrations import MIGRATIONS as VERIFIER
 from keytrio.actors.verifier.schema import metadata as verifier_metadata
 from keytrio.protocol import credential
-from tests.actors.test_registrar_support import SoftTpm, registrar_config, running_registrar
+from tests.actors.registrar_support import SoftTpm, registrar_config, running_registrar
 from tests.actors.verifier_support import start_verifier, verifier_options
 from tests.pg import db_url, pg_admin_url, pg_url  # noqa: F401
 
@@ -148,7 +148,7 @@ async def test_auto_migrate_off_refuses_old_schema_until_db_upgrade(
     cfg = tmp_path / "verifier.toml"
     cfg.write_text("[verifier]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in opts.items()))
     keytrio = Path(sys.executable).with_name("keytrio")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     out = await trio.to_thread.run_sync(lambda: subprocess.run(
         [str(keytrio), "verifier", "--config", str(cfg)], capture_output=True, text=True, timeout=60, env=env))
     assert (out.returncode, len(out.stderr.splitlines())) == (Exit.SCHEMA, 1), out.stderr

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from keytrio.actors import cli as keytrio_cli
 from keytrio.actors.eventlog import cli
 
-DATA = Path(__file__).resolve().parents[1] / "protocol" / "data" / "eventlogs"
+DATA = Path(__file__).resolve().parents[2] / "protocol" / "data" / "eventlogs"
 LOGS = sorted(DATA.glob("*.bin"))
 REAL_PCRS = json.loads((DATA / "real_tpm_pcrs.json").read_text())
 

@@ -16,8 +16,8 @@ import httpx
 import trio
 
 from keytrio.actors.common import openapi
-from tests.actors.test_agent import start_agent
-from tests.actors.test_registrar_support import registrar_config, running_registrar
+from tests.actors.agent.test_agent import start_agent
+from tests.actors.registrar_support import registrar_config, running_registrar
 from tests.actors.verifier_support import start_verifier
 
 

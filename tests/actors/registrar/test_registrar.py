@@ -1,7 +1,7 @@
 """The registrar over real sockets: plain HTTP for agents, mTLS for tenants/verifiers, SQLite.
 
 Credential activation is real: with swtpm (the TPM decrypts the MakeCredential blob) and with a
-software TPM whose EK private key we hold (tests/actors/test_registrar_support.py).
+software TPM whose EK private key we hold (tests/actors/registrar_support.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from keytrio.actors.registrar.config import default_config, load_config
 from keytrio.protocol import credential
 from keytrio.protocol.ekcert import trim_der as _trim_der
 from keytrio.protocol.versions import SERVER_VERSIONS
-from tests.actors.test_registrar_support import (
+from tests.actors.registrar_support import (
     AK_ATTRS,
     EkCa,
     SoftTpm,

@@ -35,7 +35,7 @@ from keytrio.actors.common.client import make_client
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.schema import agents, deliveries, notices
 from keytrio.testbed.ima_log import ImaLog
-from tests.actors.test_verifier_ima import BANKS, BASE, b64, policy_doc
+from tests.actors.verifier.test_verifier_ima import BANKS, BASE, b64, policy_doc
 from tests.actors.verifier_support import (
     GUARD,
     POLL,
@@ -53,7 +53,7 @@ from tests.pg import db_url, pg_admin_url, pg_url  # noqa: F401
 pytestmark = pytest.mark.swtpm
 
 ZERO32 = "00" * 32
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def free_port() -> int:

@@ -28,12 +28,12 @@ from keytrio.actors.tenant.payload import REVOCATION_CERT
 from keytrio.protocol import states, versions
 from keytrio.testbed.ima_log import ImaLog
 from keytrio.testbed.swtpm import ek_ca_certs
-from tests.actors.test_policy_tools import policy
-from tests.actors.test_registrar_support import EkCa, SoftTpm
-from tests.actors.test_tenant import AGENT_ID, OTHER_ID, World, _free_port, world_running
+from tests.actors.registrar_support import EkCa, SoftTpm
+from tests.actors.tenant.test_tenant import AGENT_ID, OTHER_ID, World, _free_port, world_running
+from tests.actors.tools.test_policy_tools import policy
 from tests.actors.verifier_support import revocation_pair
 
-UPSTREAM = Path(__file__).resolve().parents[1] / "protocol" / "data" / "keylime"
+UPSTREAM = Path(__file__).resolve().parents[2] / "protocol" / "data" / "keylime"
 
 
 def _parser() -> argparse.ArgumentParser:

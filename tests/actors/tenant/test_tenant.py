@@ -33,9 +33,9 @@ from keytrio.protocol import payload as pl
 from keytrio.protocol import states
 from keytrio.protocol.runtime_policy import policy_document
 from keytrio.testbed.swtpm import ek_ca_certs
-from tests.actors.test_agent import Running as RunningAgent
-from tests.actors.test_agent import results, start_agent
-from tests.actors.test_registrar_support import (
+from tests.actors.agent.test_agent import Running as RunningAgent
+from tests.actors.agent.test_agent import results, start_agent
+from tests.actors.registrar_support import (
     EkCa,
     Running,
     SoftTpm,

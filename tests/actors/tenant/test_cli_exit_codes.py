@@ -16,8 +16,8 @@ import pytest
 import trio
 
 from keytrio.testbed.swtpm import ek_ca_certs
-from tests.actors.test_registrar_support import EkCa
-from tests.actors.test_tenant import AGENT_ID, world_running
+from tests.actors.registrar_support import EkCa
+from tests.actors.tenant.test_tenant import AGENT_ID, world_running
 
 KEYTRIO = Path(sys.executable).parent / "keytrio"
 UNKNOWN_ID = "0e0e0e0e-0000-4000-8000-0000000000ee"

@@ -18,9 +18,9 @@ from keytrio.actors.verifier.ima import AgentIma, FixedPolicy
 from keytrio.protocol import dsse, ima
 from keytrio.protocol.ima_eval import NOT_IN_ALLOWLIST, ima_signature
 from keytrio.protocol.runtime_policy import keyidv2, parse_policy
-from tests.actors.test_registrar_support import SoftTpm
-from tests.actors.test_verifier_api import enrol_body
-from tests.actors.test_verifier_ima import b64, policy_doc
+from tests.actors.registrar_support import SoftTpm
+from tests.actors.verifier.test_verifier_api import enrol_body
+from tests.actors.verifier.test_verifier_ima import b64, policy_doc
 from tests.actors.verifier_support import RunningVerifier, start_verifier
 
 GOOD = policy_doc({"/usr/bin/a": b"a"}, excludes=("/tmp/.*",))

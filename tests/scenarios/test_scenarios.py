@@ -15,7 +15,7 @@ from keytrio.scenarios import runner
 
 @pytest.mark.swtpm
 def test_keytrio_scenario_run_smoke(tmp_path: Path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run(
         [sys.executable, "-m", "keytrio", "scenario", "run", "smoke", "--dir", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300,
