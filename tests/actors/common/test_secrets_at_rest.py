@@ -169,11 +169,11 @@ def test_actors_refuse_to_start_with_a_key_others_can_read(tmp_path: Path):
         f'[agent]\ndata_dir = "{agent_data}"\ntrusted_client_ca = ["{ca.dir / "cacert.crt"}"]\n')
 
     os.chmod(server_key, 0o644)
-    _start_fails(["registrar", "--config", str(tmp_path / "registrar.toml")], server_key, 2)
-    _start_fails(["verifier", "--config", str(tmp_path / "verifier.toml")], server_key, 2)
+    _start_fails(["registrar", "--config", str(tmp_path / "registrar.toml")], server_key, 12)
+    _start_fails(["verifier", "--config", str(tmp_path / "verifier.toml")], server_key, 12)
     os.chmod(server_key, 0o600)
     os.chmod(client_key, 0o640)
-    _start_fails(["verifier", "--config", str(tmp_path / "verifier.toml")], client_key, 2)
+    _start_fails(["verifier", "--config", str(tmp_path / "verifier.toml")], client_key, 12)
     _start_fails(["tenant", "status", "--tls-dir", str(ca.dir), "D432FBB3-D2F1-4A97-9EF7-75BD81C00000"],
                  client_key, 2)
     os.chmod(agent_data / "nk-private.pem", 0o644)
