@@ -3,13 +3,13 @@ after the network is restored a tenant reactivate brings it back.
 
 Story: one machine is enrolled and attested. Its network is cut in "refuse" mode (connections
 reset): the verifier retries (Get Quote (retry)) max_retries times, then marks it Failed with
-``comm_error`` and queues a revocation notice for every agent (it cannot reach the cut machine
+``internal.verifier.not_reachable`` and queues a revocation notice for every agent (it cannot reach the cut machine
 yet). The network comes back, the tenant reactivates the agent, attestation resumes, and the
 verifier's notice outbox, still retrying with backoff, delivers the notice to the machine. Then the same with a
 "blackhole" (connections accepted, never answered): each request times out
-(request_timeout 1 s) and the verifier again ends in Failed ``comm_error``; restore + reactivate.
-Expected verdict: Get Quote -> Get Quote (retry) -> Failed (comm_error) -> Get Quote -> Get Quote
-(retry) -> Failed (comm_error) -> Get Quote; the machine received both comm_error notices (late,
+(request_timeout 1 s) and the verifier again ends in Failed ``internal.verifier.not_reachable``; restore + reactivate.
+Expected verdict: Get Quote -> Get Quote (retry) -> Failed (not_reachable) -> Get Quote -> Get Quote
+(retry) -> Failed (not_reachable) -> Get Quote; the machine received both not_reachable notices (late,
 once its network was back).
 """
 
@@ -20,8 +20,8 @@ from keytrio.testbed.world import FAILED, GET_QUOTE
 
 RETRY = 4
 EXPECT = {"m0": Expect(
-    events=("comm_error", "comm_error"),
-    notices=(("m0", "comm_error"), ("m0", "comm_error")),
+    events=("internal.verifier.not_reachable", "internal.verifier.not_reachable"),
+    notices=(("m0", "internal.verifier.not_reachable"), ("m0", "internal.verifier.not_reachable")),
     states=(GET_QUOTE, RETRY, FAILED, GET_QUOTE, RETRY, FAILED, GET_QUOTE),
     final=GET_QUOTE,
 )}
@@ -50,5 +50,5 @@ async def agent_unreachable(run: Run) -> None:
                 run.note(f"attestation_count {count} -> {rec['attestation_count']}")
                 # the verifier's outbox keeps retrying the notice (backoff) until the machine is back
                 notices = await tb.wait_notices(m, want)
-                run.check(all(n["event_id"] == "comm_error" for n in notices), f"notices {notices}")
-                run.note(f"{len(notices)} comm_error notice(s) received")
+                run.check(all(n["event_id"] == "internal.verifier.not_reachable" for n in notices), f"notices {notices}")
+                run.note(f"{len(notices)} not_reachable notice(s) received")

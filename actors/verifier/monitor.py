@@ -17,10 +17,11 @@ One monitor (PROTOCOL.md "Polling"):
 
 Event ids of verifier-side failures (the quote checks name their own, protocol/quote_check.py):
 
-* ``comm_error`` - the agent stayed unreachable through max_retries (context: kind, attempts);
-* ``comm_error.http_status`` - a non-retryable HTTP status (context: status);
-* ``comm_error.malformed_response`` - not an envelope / not JSON / over max_response_size;
-* ``verifier.internal_error`` - an unexpected exception inside a monitor (a verifier bug or a
+* ``internal.verifier.not_reachable`` - the agent stayed unreachable through max_retries (context:
+  kind, attempts);
+* ``internal.verifier.no_quote`` - a non-retryable HTTP status (context: status);
+* ``internal.verifier.exception`` - not an envelope / not JSON / over max_response_size, or an
+  unexpected exception inside a monitor (a verifier bug or a
   corrupt record). Fail closed: the agent goes FAILED and the notice goes out, the other
   monitors carry on.
 
@@ -79,10 +80,11 @@ ACTIVE_STATES = frozenset(
     {records.START, records.GET_QUOTE, records.GET_QUOTE_RETRY, records.PROVIDE_V, records.PROVIDE_V_RETRY}
 )
 
-COMM_ERROR = "comm_error"
-COMM_HTTP_STATUS = "comm_error.http_status"
-COMM_MALFORMED = "comm_error.malformed_response"
-INTERNAL_ERROR = "verifier.internal_error"
+# upstream's ids for the same failures (Failure(Component.INTERNAL, ["verifier"]) in its verifier)
+COMM_ERROR = "internal.verifier.not_reachable"
+COMM_HTTP_STATUS = "internal.verifier.no_quote"
+COMM_MALFORMED = "internal.verifier.exception"
+INTERNAL_ERROR = "internal.verifier.exception"
 
 
 #: lines per poll: 0 (caught up), a few (the steady tail), a whole log (first poll, reboot)
