@@ -55,7 +55,7 @@ async def test_testbed_up_gives_a_ready_tenant(tmp_path: Path) -> None:
         code, out, err = await tenant(*commands[1][2:])
         assert code == 0, err
         assert "state        Get Quote (3)" in out and "last event   none" in out
-        assert "algorithms   hash sha256, encryption rsa2048, signing rsassa" in out, out  # v2.5 names
+        assert "algorithms   hash sha256, encryption rsa, signing rsassa" in out, out  # as the agent reports them
         code, out, _ = await tenant("list", "-c", str(tb.tenant_config), "--json")
         assert sorted(json.loads(out)["verifier"]) == ["a.b-c_1", "wörk-1"]
 
