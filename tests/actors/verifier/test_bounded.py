@@ -112,19 +112,28 @@ async def test_outbox_backlog_stays_bounded(tmp_path: Path, autojump_clock: trio
             for i in range(notices):
                 await outbox.publish(SignedNotice(f"agent-{i}", f"notice-{i:04d}", "test.event", "{}", ""))
 
-            async def sample() -> None:
-                while True:
-                    for name, n in sizes(outbox).items():
-                        peak[name] = max(peak.get(name, 0), n)
-                    await trio.sleep(0.05)
+            # No mock-time deadline and no timer-only task here: under autojump the clock jumps
+            # to the next deadline whenever every task waits on a SQLite thread, so a hang guard
+            # in mock seconds (or a sampler sleeping 0.05 s) fires on a slow machine, not on a
+            # hang. The guard counts this loop's rounds instead; the sampling sleeps happen only
+            # while this task is not in a thread.
+            def sample() -> None:
+                for name, n in sizes(outbox).items():
+                    peak[name] = max(peak.get(name, 0), n)
 
-            nursery.start_soon(sample)
-            with trio.fail_after(3600):  # mock seconds: every delivery reaches its TTL well before
-                while await outbox.pending_counts():
-                    await trio.sleep(1.0)
-                # and the expired notices leave the database too (one prune per TTL at most)
-                while await store.read(lambda c: c.execute(sa.select(sa.func.count()).select_from(t)).scalar()):
-                    await trio.sleep(1.0)
+            async def settled(count: Any) -> bool:
+                for _ in range(120):  # 120 mock seconds in rounds of 1 s (a pass needs ~46 in all)
+                    for _ in range(20):
+                        sample()
+                        await trio.sleep(0.05)
+                    if not await count():
+                        return True
+                return False
+
+            assert await settled(outbox.pending_counts), "deliveries never reached their TTL"
+            # and the expired notices leave the database too (one prune per TTL at most)
+            assert await settled(lambda: store.read(
+                lambda c: c.execute(sa.select(sa.func.count()).select_from(t)).scalar())), "notices never pruned"
             nursery.cancel_scope.cancel()
     finally:
         await store.close()
