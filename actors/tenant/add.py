@@ -28,6 +28,7 @@ import trio
 
 from keytrio.actors.tenant import ekcheck
 from keytrio.actors.tenant.client import Peer
+from keytrio.actors.tenant.context import TenantContext
 from keytrio.actors.tenant.errors import Refused, UsageError, VerificationFailed
 from keytrio.actors.tenant.payload import REVOCATION_CERT, add_files, make_payload
 from keytrio.protocol import payload as pl
@@ -37,8 +38,6 @@ from keytrio.protocol.quote_check import PCR_16, check_pcr16, check_quote
 
 if TYPE_CHECKING:
     from cryptography import x509
-
-    from keytrio.actors.tenant.tenant import Tenant
 
 DEFAULT_HASH_ALGS = ("sha256", "sha384", "sha512")
 DEFAULT_ENCRYPTION_ALGS = ("rsa", "ecc")
@@ -71,132 +70,188 @@ def new_challenge(length: int = 20) -> str:
     return "".join(secrets.choice(_ALNUM) for _ in range(length))
 
 
-async def add_agent(
-    t: Tenant,
-    agent_id: str,
-    *,
-    tpm_policy: Mapping[str, Any] | str | None = None,
-    runtime_policy: bytes | str | None = None,
-    runtime_policy_name: str | None = None,
-    runtime_policy_key: str | None = None,
-    mb_policy: str | None = None,
-    mb_policy_name: str | None = None,
-    ima_sign_verification_keys: str | None = None,
-    payload: bytes | None = None,
-    revocation_key_pem: str | None = None,
-    revocation_cert_pem: str | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    accept_tpm_hash_algs: Iterable[str] = DEFAULT_HASH_ALGS,
-    accept_tpm_encryption_algs: Iterable[str] = DEFAULT_ENCRYPTION_ALGS,
-    accept_tpm_signing_algs: Iterable[str] = DEFAULT_SIGNING_ALGS,
-    ek_trust_store: Iterable[str | os.PathLike[str] | x509.Certificate] | None = None,
-    verify: bool = True,
-    wait_for_state: int | None = states.GET_QUOTE,
-    timeout: float = 30.0,
-) -> AddResult:
-    """Run the add flow (module docstring). ``tpm_policy``: PCR -> [accepted hex] plus ``"mask"``
-    (default ``{"mask": "0x0"}``: PCR 16 only, which the verifier always checks).
-    ``runtime_policy``: the policy JSON (sent base64; None/empty = none). ``payload``: a zip
-    (see :func:`actors.tenant.payload.make_payload`); ``revocation_cert_pem`` is added to it as
-    ``RevocationNotifier-cert.crt``. ``ek_trust_store``: CA files/dirs (or certificates); None skips the EK check.
-    ``timeout`` bounds steps 7 and 8 (each)."""
-    hash_algs, enc_algs, sign_algs = list(accept_tpm_hash_algs), list(accept_tpm_encryption_algs), list(
-        accept_tpm_signing_algs
-    )
-    policy_text = _tpm_policy_text(tpm_policy, ima=bool(runtime_policy or runtime_policy_name))
-    runtime_b64 = _runtime_policy_b64(runtime_policy)
-    store = ekcheck.load_trust_store(ek_trust_store) if ek_trust_store is not None else None
-    if revocation_cert_pem is not None:
-        _check_pem(revocation_cert_pem, "revocation_cert_pem")
-        payload = add_files(payload, {REVOCATION_CERT: revocation_cert_pem}) if payload else make_payload(
-            extra={REVOCATION_CERT: revocation_cert_pem}
-        )
-    if revocation_key_pem is not None:
-        _check_pem(revocation_key_pem, "revocation_key_pem")
+@dataclass(frozen=True)
+class AddRequest:
+    """Everything one enrolment needs (the CLI builds one from its flags and configuration).
 
-    # 1. registrar record
+    ``tpm_policy``: PCR -> [accepted hex] plus ``"mask"`` (default ``{"mask": "0x0"}``: PCR 16
+    only, which the verifier always checks). ``runtime_policy``: the policy JSON (sent base64;
+    None/empty = none). ``payload``: a zip (see :func:`actors.tenant.payload.make_payload`);
+    ``revocation_cert_pem`` is added to it as ``RevocationNotifier-cert.crt``. ``ek_trust_store``:
+    CA files/dirs (or certificates); None skips the EK check. ``timeout`` bounds steps 7 and 8 (each).
+    """
+
+    agent_id: str
+    tpm_policy: Mapping[str, Any] | str | None = None
+    runtime_policy: bytes | str | None = None
+    runtime_policy_name: str | None = None
+    runtime_policy_key: str | None = None
+    mb_policy: str | None = None
+    mb_policy_name: str | None = None
+    ima_sign_verification_keys: str | None = None
+    payload: bytes | None = field(default=None, repr=False)
+    revocation_key_pem: str | None = field(default=None, repr=False)
+    revocation_cert_pem: str | None = None
+    metadata: Mapping[str, Any] | None = None
+    accept_tpm_hash_algs: Iterable[str] = DEFAULT_HASH_ALGS
+    accept_tpm_encryption_algs: Iterable[str] = DEFAULT_ENCRYPTION_ALGS
+    accept_tpm_signing_algs: Iterable[str] = DEFAULT_SIGNING_ALGS
+    ek_trust_store: Iterable[str | os.PathLike[str] | x509.Certificate] | None = None
+    verify: bool = True
+    wait_for_state: int | None = states.GET_QUOTE
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """The request after the local checks (nothing sent yet): what goes on the wire."""
+
+    tpm_policy: str
+    runtime_policy: str
+    ek_store: list[x509.Certificate] | None
+    payload: bytes | None
+    hash_algs: list[str]
+    enc_algs: list[str]
+    sign_algs: list[str]
+
+
+@dataclass(frozen=True)
+class _Registration:
+    """The fields of the agent's registrar record the add flow uses."""
+
+    aik_tpm: str
+    ek_tpm: str
+    mtls_cert: str
+    ip: str
+    port: int
+    ekcert: object  # as the registrar sent it; checked only when there is a trust store
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """The agent's identity-quote reply, checked."""
+
+    hash_alg: str
+    enc_alg: str
+    sign_alg: str
+    nk_pem: str
+
+
+async def add_agent(t: TenantContext, req: AddRequest) -> AddResult:
+    """Run the add flow of the module docstring for ``req``."""
+    checked = check_request(req)
     registrar = await t.ready(t.registrar)
-    record = (await registrar.call("GET", f"/agents/{agent_id}")).results
-    aik_tpm, ek_tpm, mtls_cert, ip, port = _record_fields(record)
-
-    # 2. EK certificate
-    if store is not None:
-        ekcheck.check_ek(record.get("ekcert"), ek_tpm, store)
-
+    reg = await _registration(registrar, req.agent_id)  # 1
+    if checked.ek_store is not None:  # 2
+        ekcheck.check_ek(reg.ekcert, reg.ek_tpm, checked.ek_store)
     verifier = await t.ready(t.verifier)
-    async with t.agent(ip, port, mtls_cert) as agent:
+    async with t.agent(reg.ip, reg.port, reg.mtls_cert) as agent:  # 3
         assert agent.version is not None
-        # 4. identity quote
-        nonce = new_challenge()
-        reply = (await agent.call("GET", "/quotes/identity", params={"nonce": nonce})).results
-        quote, hash_alg, enc_alg, sign_alg, nk_pem = _identity_fields(reply)
-        _check_identity(quote, aik_tpm, nonce, hash_alg, enc_alg, nk_pem, hash_algs, enc_algs, sign_algs)
-
-        # 5. K/U/V; U to the agent
-        halves = pl.new_key_halves(os.urandom(64))
-        try:
-            ukey: dict[str, Any] = {
-                "encrypted_key": pl.encrypt_key_half(nk_pem, halves.u),
-                "auth_tag": pl.auth_tag(halves.k, agent_id),
-            }
-        except pl.PayloadError as exc:  # e.g. an EC NK: upstream tenants refuse those too
-            raise VerificationFailed("agent NK", str(exc)) from exc
-        if payload:
-            ukey["payload"] = base64.b64encode(pl.encrypt_payload(halves.k, payload, os.urandom(16))).decode()
-        await agent.call("POST", "/keys/ukey", ukey)
-
-        # 6. enrolment
-        body = {
-            "v": base64.b64encode(halves.v).decode("ascii"),
-            "cloudagent_ip": ip,
-            "cloudagent_port": port,
-            "tpm_policy": policy_text,
-            "runtime_policy": runtime_b64,
-            "runtime_policy_name": runtime_policy_name,
-            "runtime_policy_key": runtime_policy_key or "",
-            "mb_policy": mb_policy,
-            "mb_policy_name": mb_policy_name,
-            "ima_sign_verification_keys": ima_sign_verification_keys or "",
-            "metadata": json.dumps(dict(metadata or {})),
-            "revocation_key": revocation_key_pem or "",
-            "accept_tpm_hash_algs": hash_algs,
-            "accept_tpm_encryption_algs": enc_algs,
-            "accept_tpm_signing_algs": sign_algs,
-            "ak_tpm": aik_tpm,
-            "mtls_cert": mtls_cert,
-            "supported_version": agent.version,
-        }
-        await verifier.call("POST", f"/agents/{agent_id}", body)
-
-        # 7. wait for the verifier
-        state = None
-        if wait_for_state is not None:
-            state = await wait_for(t, agent_id, wait_for_state, timeout=timeout)
-
-        # 8. keys/verify
-        verified = False
-        if verify:
-            await verify_key(t, agent, halves.k, timeout=timeout)
-            verified = True
-
+        ident = await _identity(agent, reg, checked)  # 4
+        halves = await _send_u(agent, req.agent_id, ident.nk_pem, checked.payload)  # 5
+        body = enrolment_body(req, checked, reg, halves.v, agent.version)  # 6
+        await verifier.call("POST", f"/agents/{req.agent_id}", body)
+        state = None  # 7
+        if req.wait_for_state is not None:
+            state = await wait_for(t, req.agent_id, req.wait_for_state, timeout=req.timeout)
+        if req.verify:  # 8
+            await verify_key(t, agent, halves.k, timeout=req.timeout)
     assert registrar.version is not None and verifier.version is not None
     return AddResult(
-        agent_id=agent_id,
+        agent_id=req.agent_id,
         registrar_version=registrar.version,
         verifier_version=verifier.version,
         agent_version=agent.version,
         agent_url=agent.base_url,
-        hash_alg=hash_alg,
-        enc_alg=enc_alg,
-        sign_alg=sign_alg,
-        nk_pem=nk_pem,
+        hash_alg=ident.hash_alg,
+        enc_alg=ident.enc_alg,
+        sign_alg=ident.sign_alg,
+        nk_pem=ident.nk_pem,
         operational_state=state,
-        verified=verified,
+        verified=req.verify,
         k=halves.k,
     )
 
 
-async def wait_for(t: Tenant, agent_id: str, wanted: int, *, timeout: float) -> int:
+def check_request(req: AddRequest) -> _Checked:
+    """Every local check before anything is sent: a usage error changes nothing anywhere."""
+    policy_text = _tpm_policy_text(req.tpm_policy, ima=bool(req.runtime_policy or req.runtime_policy_name))
+    runtime_b64 = _runtime_policy_b64(req.runtime_policy)
+    store = ekcheck.load_trust_store(req.ek_trust_store) if req.ek_trust_store is not None else None
+    payload = req.payload
+    if req.revocation_cert_pem is not None:
+        _check_pem(req.revocation_cert_pem, "revocation_cert_pem")
+        extra = {REVOCATION_CERT: req.revocation_cert_pem}
+        payload = add_files(payload, extra) if payload else make_payload(extra=extra)
+    if req.revocation_key_pem is not None:
+        _check_pem(req.revocation_key_pem, "revocation_key_pem")
+    return _Checked(
+        tpm_policy=policy_text,
+        runtime_policy=runtime_b64,
+        ek_store=store,
+        payload=payload,
+        hash_algs=list(req.accept_tpm_hash_algs),
+        enc_algs=list(req.accept_tpm_encryption_algs),
+        sign_algs=list(req.accept_tpm_signing_algs),
+    )
+
+
+async def _registration(registrar: Peer, agent_id: str) -> _Registration:
+    record = (await registrar.call("GET", f"/agents/{agent_id}")).results
+    aik_tpm, ek_tpm, mtls_cert, ip, port = _record_fields(record)
+    return _Registration(aik_tpm, ek_tpm, mtls_cert, ip, port, record.get("ekcert"))
+
+
+async def _identity(agent: Peer, reg: _Registration, checked: _Checked) -> _Identity:
+    """Step 4: an identity quote for a fresh nonce, checked against the registered AK."""
+    nonce = new_challenge()
+    reply = (await agent.call("GET", "/quotes/identity", params={"nonce": nonce})).results
+    quote, hash_alg, enc_alg, sign_alg, nk_pem = _identity_fields(reply)
+    _check_identity(quote, reg.aik_tpm, nonce, hash_alg, enc_alg, nk_pem,
+                    checked.hash_algs, checked.enc_algs, checked.sign_algs)
+    return _Identity(hash_alg, enc_alg, sign_alg, nk_pem)
+
+
+async def _send_u(agent: Peer, agent_id: str, nk_pem: str, payload: bytes | None) -> pl.KeyHalves:
+    """Step 5: K = U xor V; U (encrypted to the NK), the auth tag and the payload to the agent."""
+    halves = pl.new_key_halves(os.urandom(64))
+    try:
+        ukey: dict[str, Any] = {
+            "encrypted_key": pl.encrypt_key_half(nk_pem, halves.u),
+            "auth_tag": pl.auth_tag(halves.k, agent_id),
+        }
+    except pl.PayloadError as exc:  # e.g. an EC NK: upstream tenants refuse those too
+        raise VerificationFailed("agent NK", str(exc)) from exc
+    if payload:
+        ukey["payload"] = base64.b64encode(pl.encrypt_payload(halves.k, payload, os.urandom(16))).decode()
+    await agent.call("POST", "/keys/ukey", ukey)
+    return halves
+
+
+def enrolment_body(req: AddRequest, checked: _Checked, reg: _Registration, v: bytes,
+                   agent_version: str) -> dict[str, Any]:
+    """Step 6: the verifier's enrolment body (V and everything upstream's tenant sends)."""
+    return {
+        "v": base64.b64encode(v).decode("ascii"),
+        "cloudagent_ip": reg.ip,
+        "cloudagent_port": reg.port,
+        "tpm_policy": checked.tpm_policy,
+        "runtime_policy": checked.runtime_policy,
+        "runtime_policy_name": req.runtime_policy_name,
+        "runtime_policy_key": req.runtime_policy_key or "",
+        "mb_policy": req.mb_policy,
+        "mb_policy_name": req.mb_policy_name,
+        "ima_sign_verification_keys": req.ima_sign_verification_keys or "",
+        "metadata": json.dumps(dict(req.metadata or {})),
+        "revocation_key": req.revocation_key_pem or "",
+        "accept_tpm_hash_algs": checked.hash_algs,
+        "accept_tpm_encryption_algs": checked.enc_algs,
+        "accept_tpm_signing_algs": checked.sign_algs,
+        "ak_tpm": reg.aik_tpm,
+        "mtls_cert": reg.mtls_cert,
+        "supported_version": agent_version,
+    }
+async def wait_for(t: TenantContext, agent_id: str, wanted: int, *, timeout: float) -> int:
     """Poll the verifier's record until ``operational_state == wanted``. VerificationFailed when
     it reaches a final state instead, or on timeout (naming the states seen)."""
     seen: list[int] = []
@@ -222,7 +277,7 @@ async def wait_for(t: Tenant, agent_id: str, wanted: int, *, timeout: float) -> 
     )
 
 
-async def verify_key(t: Tenant, agent: Peer, k: bytes, *, timeout: float) -> None:
+async def verify_key(t: TenantContext, agent: Peer, k: bytes, *, timeout: float) -> None:
     """``GET keys/verify`` until the agent proves K: HMAC-SHA384(K, challenge).
 
     Before the verifier delivered V the agent answers 400 (no K yet), or, on a re-enrolment, the

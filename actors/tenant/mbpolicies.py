@@ -8,15 +8,13 @@ text>"}``; POST/PUT answer 201, DELETE 204 with no body; the list is ``{"mbpolic
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
+from keytrio.actors.tenant.context import TenantContext
 from keytrio.actors.tenant.errors import ConnectionProblem, Refused, UsageError
 from keytrio.protocol import mb_policy, safejson
-
-if TYPE_CHECKING:
-    from keytrio.actors.tenant.tenant import Tenant
 
 
 def _error_body(body: bytes, default: str) -> tuple[str, dict[str, Any] | None]:
@@ -43,19 +41,19 @@ def check_mb_policy(raw: bytes | str) -> str:
         raise UsageError(f"measured-boot policy: {exc}") from exc
 
 
-async def add(t: Tenant, name: str, policy: bytes | str, *, update: bool = False) -> None:
+async def add(t: TenantContext, name: str, policy: bytes | str, *, update: bool = False) -> None:
     """POST (a new name; 409 if it exists) or PUT (``update``; 409 if it does not exist)."""
     text = check_mb_policy(policy)
     verifier = await t.ready(t.verifier)
     await verifier.call("PUT" if update else "POST", f"/mbpolicies/{name}", {"mb_policy": text}, expect=(200, 201))
 
 
-async def show(t: Tenant, name: str) -> dict[str, Any]:
+async def show(t: TenantContext, name: str) -> dict[str, Any]:
     verifier = await t.ready(t.verifier)
     return dict((await verifier.call("GET", f"/mbpolicies/{name}")).results)
 
 
-async def list_names(t: Tenant) -> list[str]:
+async def list_names(t: TenantContext) -> list[str]:
     verifier = await t.ready(t.verifier)
     res = (await verifier.call("GET", "/mbpolicies/")).results
     names = res.get("mbpolicy names")
@@ -64,11 +62,11 @@ async def list_names(t: Tenant) -> list[str]:
     return [n for n in names if isinstance(n, str)]
 
 
-async def delete(t: Tenant, name: str) -> None:
+async def delete(t: TenantContext, name: str) -> None:
     await delete_path(t, f"/mbpolicies/{name}")
 
 
-async def delete_path(t: Tenant, path: str) -> None:
+async def delete_path(t: TenantContext, path: str) -> None:
     """DELETE a policy; upstream answers 204 without a body, so the envelope is only read on errors."""
     verifier = await t.ready(t.verifier)
     try:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from keytrio.actors.tenant.context import TenantContext
 from keytrio.actors.tenant.errors import Refused, VerificationFailed
 from keytrio.protocol import states
 
-if TYPE_CHECKING:
-    from keytrio.actors.tenant.tenant import Tenant
 
-
-async def _get_or_none(t: Tenant, peer_name: str, agent_id: str) -> dict[str, Any] | None:
+async def _get_or_none(t: TenantContext, peer_name: str, agent_id: str) -> dict[str, Any] | None:
     peer = await t.ready(t.registrar if peer_name == "registrar" else t.verifier)
     reply = await peer.call("GET", f"/agents/{agent_id}", expect=(200, 404))
     return reply.results if reply.status_code == 200 else None
 
 
-async def status(t: Tenant, agent_id: str) -> dict[str, Any]:
+async def status(t: TenantContext, agent_id: str) -> dict[str, Any]:
     """``{"agent_id", "registrar": record|None, "verifier": record|None, "operational_state",
     "operational_state_name"}``; Refused(404) when neither knows the agent."""
     registrar = await _get_or_none(t, "registrar", agent_id)
@@ -36,7 +34,7 @@ async def status(t: Tenant, agent_id: str) -> dict[str, Any]:
     }
 
 
-async def delete(t: Tenant, agent_id: str, *, wait: bool = True, timeout: float = 30.0) -> None:
+async def delete(t: TenantContext, agent_id: str, *, wait: bool = True, timeout: float = 30.0) -> None:
     """DELETE at the verifier; with ``wait`` poll until the record is gone (a verifier may answer
     202 while it terminates the agent's monitor)."""
     verifier = await t.ready(t.verifier)
@@ -50,25 +48,25 @@ async def delete(t: Tenant, agent_id: str, *, wait: bool = True, timeout: float 
     raise VerificationFailed("delete", f"agent {agent_id} still at the verifier after {timeout:g} s")
 
 
-async def stop(t: Tenant, agent_id: str) -> None:
+async def stop(t: TenantContext, agent_id: str) -> None:
     """``PUT …/stop``: polling ends, state Tenant Quote Failed (10)."""
     verifier = await t.ready(t.verifier)
     await verifier.call("PUT", f"/agents/{agent_id}/stop")
 
 
-async def reactivate(t: Tenant, agent_id: str) -> None:
+async def reactivate(t: TenantContext, agent_id: str) -> None:
     """``PUT …/reactivate``: attestation starts again."""
     verifier = await t.ready(t.verifier)
     await verifier.call("PUT", f"/agents/{agent_id}/reactivate")
 
 
-async def regdelete(t: Tenant, agent_id: str) -> None:
+async def regdelete(t: TenantContext, agent_id: str) -> None:
     """DELETE the registrar's record."""
     registrar = await t.ready(t.registrar)
     await registrar.call("DELETE", f"/agents/{agent_id}")
 
 
-async def list_agents(t: Tenant, verifier_id: str | None = None) -> list[str]:
+async def list_agents(t: TenantContext, verifier_id: str | None = None) -> list[str]:
     """Agent ids at the verifier (of one ``verifier_id`` when given)."""
     verifier = await t.ready(t.verifier)
     params = {"verifier": verifier_id} if verifier_id is not None else None
@@ -76,7 +74,7 @@ async def list_agents(t: Tenant, verifier_id: str | None = None) -> list[str]:
     return _flatten_ids(res.get("uuids"), "verifier")
 
 
-async def list_registrar(t: Tenant) -> list[str]:
+async def list_registrar(t: TenantContext) -> list[str]:
     registrar = await t.ready(t.registrar)
     res = (await registrar.call("GET", "/agents/")).results
     return _flatten_ids(res.get("uuids"), "registrar")

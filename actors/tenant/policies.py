@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from keytrio.actors.tenant.context import TenantContext
 from keytrio.actors.tenant.errors import Refused, UsageError, VerificationFailed
 from keytrio.actors.tenant.mbpolicies import delete_path
 from keytrio.protocol import dsse
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.runtime_policy import RuntimePolicy, load_policy
-
-if TYPE_CHECKING:
-    from keytrio.actors.tenant.tenant import Tenant
 
 
 def check_policy(policy: bytes, key: str | None = None) -> RuntimePolicy:
@@ -40,7 +38,7 @@ def _body(policy: bytes, key: str | None, tpm_policy: str | None) -> dict[str, A
     }
 
 
-async def add(t: Tenant, name: str, policy: bytes, *, key: str | None = None, tpm_policy: str | None = None,
+async def add(t: TenantContext, name: str, policy: bytes, *, key: str | None = None, tpm_policy: str | None = None,
               update: bool = False) -> None:
     """POST (new name; 409 if it exists) or PUT (``update``: replace an existing one; 404 if not)."""
     verifier = await t.ready(t.verifier)
@@ -48,7 +46,7 @@ async def add(t: Tenant, name: str, policy: bytes, *, key: str | None = None, tp
                         expect=(200, 201))  # upstream: 201
 
 
-async def show(t: Tenant, name: str) -> dict[str, Any]:
+async def show(t: TenantContext, name: str) -> dict[str, Any]:
     """The stored record: ``name``, ``runtime_policy`` (the policy as uploaded, JSON text as
     upstream answers; base64 of it, what keytrio's verifier answered before, is decoded)."""
     verifier = await t.ready(t.verifier)
@@ -62,7 +60,7 @@ async def show(t: Tenant, name: str) -> dict[str, Any]:
     return res
 
 
-async def list_names(t: Tenant) -> list[str]:
+async def list_names(t: TenantContext) -> list[str]:
     verifier = await t.ready(t.verifier)
     res = (await verifier.call("GET", "/allowlists/")).results
     names = res.get("runtimepolicy names", res.get("names"))
@@ -71,5 +69,5 @@ async def list_names(t: Tenant) -> list[str]:
     return [n for n in names if isinstance(n, str)]
 
 
-async def delete(t: Tenant, name: str) -> None:
+async def delete(t: TenantContext, name: str) -> None:
     await delete_path(t, f"/allowlists/{name}")  # upstream: 204 without a body

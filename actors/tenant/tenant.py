@@ -11,6 +11,7 @@ agents over mTLS with their registered ``mtls_cert`` pinned. Errors are the type
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import ssl
 from collections.abc import AsyncIterator, Iterable
@@ -103,8 +104,13 @@ class Tenant:
     # -- operations ------------------------------------------------------------------------------------
 
     async def add(self, agent_id: str, **options: Any) -> add_flow.AddResult:
-        """Enrol ``agent_id``; see :func:`actors.tenant.add.add_agent` for the options."""
-        return await add_flow.add_agent(self, check_agent_id(agent_id), **options)
+        """Enrol ``agent_id``; the options are the fields of :class:`actors.tenant.add.AddRequest`."""
+        return await self.enrol(add_flow.AddRequest(agent_id, **options))
+
+    async def enrol(self, request: add_flow.AddRequest) -> add_flow.AddResult:
+        """Run :func:`actors.tenant.add.add_agent` for ``request``."""
+        agent_id = check_agent_id(request.agent_id)
+        return await add_flow.add_agent(self, dataclasses.replace(request, agent_id=agent_id))
 
     async def delete(self, agent_id: str, *, wait: bool = True, timeout: float = 30.0) -> None:
         await ops.delete(self, check_agent_id(agent_id), wait=wait, timeout=timeout)

@@ -22,7 +22,7 @@ from keytrio.actors.ca.authority import Authority
 from keytrio.actors.common import tls
 from keytrio.actors.common.app import make_app, ok
 from keytrio.actors.common.serve import serve
-from keytrio.actors.tenant import Refused
+from keytrio.actors.tenant import Refused, cli_args, cli_output
 from keytrio.actors.tenant import cli as tenant_cli
 from keytrio.actors.tenant.payload import REVOCATION_CERT
 from keytrio.protocol import states, versions
@@ -348,8 +348,8 @@ async def test_progress_spinner_on_a_tty() -> None:
 
 
 def test_tpm_policy_and_default_config() -> None:
-    assert tenant_cli.tpm_policy_from(["7=AB", "7=0xcd", "16=00"], None) == {"7": ["ab", "cd"], "16": ["00"], "mask": "0x0"}
-    assert tenant_cli.tpm_policy_from([], None) is None
+    assert cli_args.tpm_policy_from(["7=AB", "7=0xcd", "16=00"], None) == {"7": ["ab", "cd"], "16": ["00"], "mask": "0x0"}
+    assert cli_args.tpm_policy_from([], None) is None
     out = io.StringIO()
     args = _parser().parse_args(["tenant", "--print-default-config"])
     assert trio.run(partial(tenant_cli.run, args, out=out, env={})) == 0
@@ -362,12 +362,12 @@ def test_status_text_names_severities_and_the_algorithm_triple() -> None:
            "sign_alg": "ecschnorr", "accept_tpm_hash_algs": ["sha384"], "accept_tpm_encryption_algs": ["ecc"],
            "accept_tpm_signing_algs": ["ecschnorr", "rsassa"], "verifier_id": "default",
            "verifier_ip": "127.0.0.1", "verifier_port": 8881, "tpm_policy": "{}"}
-    text = tenant_cli.format_status({"agent_id": "a.b-c_1", "registrar": None, "verifier": ver})
+    text = cli_output.format_status({"agent_id": "a.b-c_1", "registrar": None, "verifier": ver})
     assert "last event   pcr_validation.invalid_pcr_15 (severity critical)" in text
     assert "algorithms   hash sha384, encryption ecc384, signing ecschnorr" in text
     assert "accepted     hash sha384; encryption ecc; signing ecschnorr,rsassa" in text
-    assert [tenant_cli.severity_name(n) for n in (0, 1, 2, 3, 4, 5, 6, 9, None, True)] == [
+    assert [cli_output.severity_name(n) for n in (0, 1, 2, 3, 4, 5, 6, 9, None, True)] == [
         "info", "notice", "warning", "error", "critical", "alert", "emergency", "level 9", "none", "none"]
-    quiet = tenant_cli.format_status({"agent_id": "x", "registrar": None,
+    quiet = cli_output.format_status({"agent_id": "x", "registrar": None,
                                       "verifier": {**ver, "last_event_id": None, "severity_level": None}})
     assert "last event   none" in quiet
