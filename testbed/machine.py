@@ -29,6 +29,7 @@ from keytrio.actors.agent.actor import Agent, AgentInfo
 from keytrio.actors.agent.tpm import Tpm
 from keytrio.testbed import boot_log
 from keytrio.testbed.ima_log import FILE_NAME, ImaLog
+from keytrio.testbed.nat import Nat
 from keytrio.testbed.netproxy import Mode, NetProxy
 from keytrio.testbed.pki import CaFiles
 from keytrio.testbed.swtpm import Swtpm, swtpm_running
@@ -49,6 +50,7 @@ class Machine:
         seed: int = 0,
         swtpm_ca_dir: Path | None = None,
         proxy: bool = False,
+        behind_nat: bool = False,
         boot: boot_log.BootConfig | None = None,
         **agent_options: Any,
     ) -> None:
@@ -63,7 +65,11 @@ class Machine:
         self.boot = boot  # the UEFI boot every (re)boot replays; None: the minimal log
         # With a proxy, peers learn the proxy's port as the agent's contact port, so the
         # testbed can cut the machine's network (refuse / blackhole) and restore it.
-        self.proxy: NetProxy | None = NetProxy() if proxy else None
+        self.proxy: NetProxy | None = NetProxy() if proxy and not behind_nat else None
+        # Behind a NAT (testbed/nat.py) the agent dials out through the gateway and its contact
+        # address is the gateway's, which refuses every inbound connection (replaces the proxy).
+        self.nat: Nat | None = Nat() if behind_nat else None
+        self._registrar_route: tuple[str, int] | None = None
         self.boots = 0
         self.swtpm: Swtpm | None = None
         self.agent: Agent | None = None
@@ -117,6 +123,10 @@ class Machine:
                     self._nursery = nursery
                     if self.proxy is not None:
                         await nursery.start(self.proxy.run)
+                    if self.nat is not None:
+                        await nursery.start(self.nat.run)
+                        if self.registrar is not None:
+                            self._registrar_route = await self.nat.route(self.registrar)
                     await self.start_agent()
                     task_status.started(self)
                     await trio.sleep_forever()
@@ -159,9 +169,11 @@ class Machine:
             "tpm_hash_alg": "sha256",
         }
         if self.registrar is not None:
-            opts["registrar_ip"], opts["registrar_port"] = self.registrar
+            opts["registrar_ip"], opts["registrar_port"] = self._registrar_route or self.registrar
         if self.proxy is not None:
             opts["contact_ip"], opts["contact_port"] = "127.0.0.1", self.proxy.port
+        if self.nat is not None:
+            opts["contact_ip"], opts["contact_port"] = self.nat.public_address
         opts.update(self.agent_options)
         return opts
 
@@ -204,18 +216,34 @@ class Machine:
         self.agent = None
 
     def cut_network(self, mode: Mode = "refuse") -> None:
-        """Peers can no longer reach the agent: connections refused, or never answered."""
+        """Peers can no longer reach the agent: connections refused, or never answered.
+        Behind a NAT: the machine's uplink is cut (its outbound connections fail)."""
+        if self.nat is not None:
+            self.nat.set_mode(mode)
+            return
         if self.proxy is None:
             raise RuntimeError(f"machine {self.name} has no proxy (Machine(..., proxy=True))")
         self.proxy.set_mode(mode)
 
     def restore_network(self) -> None:
+        if self.nat is not None:
+            self.nat.set_mode("pass")
         if self.proxy is not None:
             self.proxy.set_mode("pass")
 
+    async def outbound(self, target: tuple[str, int]) -> tuple[str, int]:
+        """The address this machine's software must dial to reach ``target`` (e.g. a push agent's
+        verifier): the NAT's route to it when behind one, else ``target`` itself."""
+        if self.nat is None:
+            return target
+        return await self.nat.route(target)
+
     @property
     def contact(self) -> tuple[str, int]:
-        """The address peers use: the proxy's when there is one, else the agent's."""
+        """The address peers use: the NAT's public one (refused) or the proxy's when there is
+        one, else the agent's."""
+        if self.nat is not None:
+            return self.nat.public_address
         if self.proxy is not None:
             return ("127.0.0.1", self.proxy.port)
         return self.address

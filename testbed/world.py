@@ -10,7 +10,9 @@ Layout of ``dir``: ``cv_ca/`` (upstream file names, see testbed/pki.py), ``swtpm
 EK-cert CA for every TPM), ``registrar/``, ``verifier/`` (SQLite), ``machines/<name>/``, and for
 the ``keytrio tenant`` command line ``tenant.toml`` (registrar and verifier addresses, ``tls_dir``
 = ``cv_ca/``, EK check on) with ``ek-trust-store/`` (the swtpm EK CA chain: intermediate and root).
-Every machine runs behind a TCP proxy (so its network can be cut), trusts the CA's
+Every machine runs behind a TCP proxy (so its network can be cut), or with ``behind_nat=True``
+(``add_machines(1, behind_nat=True)`` or ``machine_options``) behind a NAT gateway
+(testbed/nat.py): it dials out, nothing dials in. Every machine trusts the CA's
 RevocationNotifier cert (only notices signed with that key run its actions) and has a recording
 action that writes each accepted notice to ``machines/<name>/notices/``. What the waits and the
 notices show goes to :attr:`Testbed.observer`.
