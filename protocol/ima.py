@@ -131,10 +131,9 @@ def check_template_hash(entry: Entry, alg: str = "sha1") -> bool:
 
 def extend_digest(entry: Entry, bank: str) -> bytes:
     """What the kernel extends into PCR 10 of ``bank`` for this entry."""
-    if bank not in BANKS:
-        raise ValidationError("bank", f"unsupported PCR bank {bank!r}")
+    size = bank_size(bank)
     if entry.is_violation:
-        return b"\xff" * BANKS[bank]
+        return b"\xff" * size
     return _hash(bank, template_data(entry))
 
 
@@ -245,12 +244,17 @@ def parse_list(text: str, start_line: int = 0) -> list[Entry]:
     """Parse a list (or the tail of one starting at line ``start_line``); one final newline allowed."""
     if not isinstance(text, str):
         raise ImaParseError(start_line, "measurement list is not text")
+    return [parse_line(line, start_line + i) for i, line in enumerate(split_lines(text))]
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of a list (or of a tail of one), without newlines; one final newline allowed."""
     if not text:
         return []
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
-    return [parse_line(line, start_line + i) for i, line in enumerate(lines)]
+    return lines
 
 
 # --- building entries --------------------------------------------------------------------------
@@ -321,12 +325,11 @@ def violation_entry(
 
 def boot_aggregate(bank: str, pcr_values: Mapping[int, bytes], *, pcrs_8_9: bool = False) -> bytes:
     """H_bank(PCR0 || … || PCR7), or through PCR9 (Linux >= 5.8, non-SHA-1 banks)."""
-    if bank not in BANKS:
-        raise ValidationError("bank", f"unsupported PCR bank {bank!r}")
+    size = bank_size(bank)
     h = hashlib.new(bank)
     for i in range(10 if pcrs_8_9 else 8):
         value = pcr_values.get(i)
-        if not isinstance(value, bytes | bytearray) or len(value) != BANKS[bank]:
+        if not isinstance(value, bytes | bytearray) or len(value) != size:
             raise ValidationError("pcr_values", f"PCR {i} missing or not a {bank} value")
         h.update(value)
     return h.digest()
@@ -350,14 +353,26 @@ def boot_aggregate_entry(
 # --- replay ------------------------------------------------------------------------------------
 
 
-def _start(bank: str, start_value: bytes | None) -> bytes:
-    if bank not in BANKS:
+def bank_size(bank: str) -> int:
+    """The digest size of a PCR bank keytrio replays; ValidationError for any other bank."""
+    size = BANKS.get(bank)
+    if size is None:
         raise ValidationError("bank", f"unsupported PCR bank {bank!r}")
+    return size
+
+
+def pcr_value(bank: str, value: object, what: str) -> bytes:
+    """``value`` as bytes when it is a PCR value of ``bank``; ValidationError naming ``what`` if not."""
+    size = bank_size(bank)
+    if not isinstance(value, bytes | bytearray) or len(value) != size:
+        raise ValidationError(what, f"not a {bank} PCR value")
+    return bytes(value)
+
+
+def _start(bank: str, start_value: bytes | None) -> bytes:
     if start_value is None:
-        return bytes(BANKS[bank])
-    if not isinstance(start_value, bytes | bytearray) or len(start_value) != BANKS[bank]:
-        raise ValidationError("start_value", f"not a {bank} PCR value")
-    return bytes(start_value)
+        return bytes(bank_size(bank))
+    return pcr_value(bank, start_value, "start_value")
 
 
 def replay(entries: Iterable[Entry], bank: str, start_value: bytes | None = None) -> bytes:

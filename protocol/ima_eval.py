@@ -4,22 +4,19 @@ One call handles one poll: the lines from ``progress.count`` on are parsed and f
 running PCR 10 value until it equals the quoted value; only those lines are checked and counted.
 Later lines (the log may run ahead of the quote) are re-read at the next poll.
 
-Failure ids and their conditions follow upstream Keylime 7.14.3 (keylime/ima/ima.py, ast.py,
-cloud_verifier_common.py, agentstates.py):
+The rooms: this module replays the list (general per-line code here, plain passing ima-ng lines
+in :mod:`protocol.ima_fast`, which only ever accepts lines, so every failure comes from the
+general code) and assembles the verdict and the new :class:`ImaProgress`; what the runtime policy
+says about one entry is :mod:`protocol.ima_rules`; ima-sig signatures are :mod:`protocol.ima_sig`.
 
-- ``ima.validation.ima-ng.not_in_allowlist`` path not in ``digests`` (also for ima-sig without a
-  valid signature, and for ima-buf against ``keyrings``/``ima-buf``), and
-  ``ima.validation.ima-ng.runtime_policy_hash`` path listed with other digests;
-- ``ima.validation.ima_hash`` template hash wrong; ``ima.validation.tomtou`` violation entry;
-  ``ima.validation.ima_pcr`` entry not for PCR 10; ``ima.parser.entry`` unparsable line;
-- ``ima.validator.ima-sig.invalid_signature`` (sic ``validator``) only without a policy but with
-  verification keys; ``ima.invalid_key`` ima-buf key of an unsupported type;
+Failure ids of the replay follow upstream Keylime 7.14.3 (keylime/ima/ima.py,
+cloud_verifier_common.py, agentstates.py; the policy's own ids are listed in ima_rules):
+
+- ``ima.validation.ima_hash`` template hash wrong; ``ima.validation.ima_pcr`` (``WRONG_IMA_PCR``)
+  entry not for PCR 10; ``ima.parser.entry`` unparsable line;
 - ``ima.pcr_mismatch`` no prefix of the log replays to the quoted PCR 10;
   ``ima.quote_progress`` a quote that lagged the log did not catch up with that lag;
 - ``qoute_validation.invalid_ima_entry_nb`` (sic) the list starts neither at 0 nor where asked.
-
-Speed: plain passing ima-ng lines go through :mod:`protocol.ima_fast`, which only ever accepts
-lines; every other line (and so every failure) goes through the general per-line code here.
 
 Differences on purpose: a ToMToU entry fails unless ``ignore_tomtou_errors`` (then a warning),
 the documented meaning (upstream 7.14.3 does the reverse); in the attestation loop lines after the
@@ -32,50 +29,26 @@ are evaluated again next poll, against whatever policy is current then.
 from __future__ import annotations
 
 import hashlib
-import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from keytrio.protocol import ima
 from keytrio.protocol.errors import ValidationError
 from keytrio.protocol.failures import Failure, Severity
-from keytrio.protocol.ima import Entry, ImaParseError
+from keytrio.protocol.ima import ImaParseError
 from keytrio.protocol.ima_fast import FastNg
-from keytrio.protocol.runtime_policy import ImaKey, KeyTypeError, RuntimePolicy, parse_ima_key
+from keytrio.protocol.ima_rules import PolicyCheck, ima_failure, verification_keys
+from keytrio.protocol.runtime_policy import ImaKey, RuntimePolicy
 
-# --- failure ids (upstream's) ------------------------------------------------------------------
-NOT_IN_ALLOWLIST = "ima.validation.ima-ng.not_in_allowlist"
-RUNTIME_POLICY_HASH = "ima.validation.ima-ng.runtime_policy_hash"
+# --- failure ids of the replay (upstream's; the policy's own are in protocol/ima_rules.py) -------
 IMA_HASH = "ima.validation.ima_hash"
-TOMTOU = "ima.validation.tomtou"
-IMA_PCR = "ima.validation.ima_pcr"
+#: an entry not for PCR 10 (upstream's ``ima.validation.ima_pcr``; the PCR itself is ima.IMA_PCR)
+WRONG_IMA_PCR = "ima.validation.ima_pcr"
 PARSER_ENTRY = "ima.parser.entry"
-INVALID_SIGNATURE = "ima.validator.ima-sig.invalid_signature"
-INVALID_KEY = "ima.invalid_key"
 PCR_MISMATCH = "ima.pcr_mismatch"
 QUOTE_PROGRESS = "ima.quote_progress"
 INVALID_ENTRY_NB = "qoute_validation.invalid_ima_entry_nb"
-
-#: Kernel hash_algo ids (include/uapi/linux/hash_info.h) usable in IMA signature v2 headers.
-SIG_HASH_ALGOS: dict[int, str] = {2: "sha1", 4: "sha256", 5: "sha384", 6: "sha512", 7: "sha224"}
-_SIG_HASH_IDS = {v: k for k, v in SIG_HASH_ALGOS.items()}
-#: signature_v2_hdr: type (3 = EVM_IMA_XATTR_DIGSIG, 5 = portable), version 2, hash, keyid, size.
-_SIG_HDR = struct.Struct(">BBBIH")
-_SIG_TYPES = (3, 5)
-_CRYPTO_HASHES = {
-    "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384, "sha512": hashes.SHA512,
-}  # fmt: skip
-
-
-def _fail(event_id: str, **context: Any) -> Failure:
-    return Failure(event_id, context, Severity.EMERGENCY, recoverable=True)
 
 
 # --- progress ----------------------------------------------------------------------------------
@@ -177,292 +150,69 @@ class ImaResult:
         return not self.failures
 
 
-# --- ima-sig -----------------------------------------------------------------------------------
+# --- the general per-line path ----------------------------------------------------------------
 
 
-def _verify_ima_sig(
-    sig: bytes, digest: bytes, digest_alg: str, keys: Mapping[int, Iterable[ImaKey]]
-) -> str | None:
-    """None when the IMA v2 signature over ``digest`` verifies; else why not."""
-    if len(sig) < _SIG_HDR.size:
-        return "malformed signature"
-    typ, version, algo, keyid, size = _SIG_HDR.unpack_from(sig)
-    if typ not in _SIG_TYPES or version != 2:
-        return "not an IMA v2 digital signature"
-    if size != len(sig) - _SIG_HDR.size:
-        return "malformed signature"
-    alg = SIG_HASH_ALGOS.get(algo)
-    if alg is None or alg != digest_alg:
-        return "signature hash algorithm does not match the file digest"
-    candidates = keys.get(keyid, ())
-    if not candidates:
-        return f"no key with id 0x{keyid:08x}"
-    raw = sig[_SIG_HDR.size :]
-    pre = Prehashed(_CRYPTO_HASHES[alg]())
-    for k in candidates:
+class _GeneralPath:
+    """Every line the fast path does not take: parse, PCR number, template hash, then the policy."""
+
+    def __init__(self, rules: PolicyCheck, bank: str, log_hash_alg: str) -> None:
+        self.rules = rules
+        self.bank_hash = getattr(hashlib, bank)
+        self.log_hash = getattr(hashlib, log_hash_alg)
+        self.same_alg = log_hash_alg == bank
+        self.ff = b"\xff" * ima.BANKS[bank]
+
+    def fold(self, line: str, line_no: int, value: bytes) -> tuple[bytes, bool]:
+        """Check one line of any kind and fold it in: (new PCR value, False if it did not parse)."""
+        rules = self.rules
         try:
-            if isinstance(k.public_key, rsa.RSAPublicKey):
-                k.public_key.verify(raw, digest, padding.PKCS1v15(), pre)
-            else:
-                k.public_key.verify(raw, digest, ec.ECDSA(pre))
-        except (InvalidSignature, ValueError):
-            continue
-        return None
-    return "invalid signature"
-
-
-def ima_signature(digest: bytes, digest_alg: str, keyid: int, raw_signature: bytes) -> bytes:
-    """Assemble an IMA signature v2 (as evmctl writes into security.ima) around a raw signature."""
-    algo = _SIG_HASH_IDS.get(digest_alg)
-    if algo is None or len(digest) != hashlib.new(digest_alg).digest_size:
-        raise ValidationError("digest_alg", f"unsupported for IMA signatures: {digest_alg!r}")
-    return _SIG_HDR.pack(3, 2, algo, keyid, len(raw_signature)) + raw_signature
-
-
-# --- per-entry policy checks -------------------------------------------------------------------
-
-
-class _Ctx:
-    """Per-call state: policy, keyring (policy + extra + learned) and accumulated verdicts."""
-
-    def __init__(
-        self,
-        policy: RuntimePolicy | None,
-        extra: Iterable[ImaKey],
-        learned: tuple[ImaKey, ...],
-        ignore_tomtou: bool,
-        quoted_pcrs: Mapping[int, bytes] | None,
-        bank: str,
-    ) -> None:
-        self.policy = policy
-        self.ignore_tomtou = ignore_tomtou
-        self.failures: list[Failure] = []
-        self.warnings: list[Failure] = []
-        self.learned = list(learned)
-        self.keys: dict[int, list[ImaKey]] = {}
-        if policy is not None:
-            for kid, ks in policy.verification_keys.items():
-                self.keys.setdefault(kid, []).extend(ks)
-        self.has_extra = False
-        for k in extra:
-            self.has_extra = True
-            self.keys.setdefault(k.keyid, []).append(k)
-        for k in learned:
-            self.keys.setdefault(k.keyid, []).append(k)
-        self.boot_aggregates = _boot_aggregates(quoted_pcrs, bank)
-        self.bank = bank
-
-    def lookup(self, table: Mapping[str, frozenset[bytes]], e: Entry, **extra: Any) -> Failure | None:
-        """Upstream's ``_validate_ima_ng``: excluded, else listed with this digest."""
-        accepted = table.get(e.path)
-        if accepted is not None and e.digest in accepted:
-            return None
-        assert self.policy is not None
-        if self.policy.excluded(e.path):  # regex only for paths the index did not accept
-            return None
-        where = {"path": e.path, "line": e.line_no, **extra}
-        if accepted is None:
-            return _fail(NOT_IN_ALLOWLIST, message=f"File not found in allowlist: {e.path}", **where)
-        return _fail(
-            RUNTIME_POLICY_HASH,
-            message="Hash not found in runtime policy",
-            got=e.digest.hex(),
-            expected=sorted(d.hex() for d in accepted),
-            **where,
-        )
-
-    def tomtou(self, e: Entry) -> None:
-        ctx = {
-            "message": "ToMToU / open-writers violation: hash validation was skipped",
-            "path": e.path,
-            "line": e.line_no,
-        }
-        if self.ignore_tomtou:
-            self.warnings.append(Failure(TOMTOU, ctx, Severity.WARNING, recoverable=True))
-        else:
-            self.failures.append(_fail(TOMTOU, **ctx))
-
-    def check(self, e: Entry) -> None:
-        policy = self.policy
-        if e.template == "ima-sig":
-            self._ima_sig(e)
-        elif e.template == "ima-buf":
-            self._ima_buf(e)
-        elif policy is None:
-            return
-        elif e.path == ima.BOOT_AGGREGATE_NAME:
-            self._boot_aggregate(e)
-        else:
-            f = self.lookup(policy.digests, e)
-            if f is not None:
-                self.failures.append(f)
-
-    def _boot_aggregate(self, e: Entry) -> None:
-        assert self.policy is not None
-        listed = self.policy.digests.get(e.path, frozenset())
-        computed = self.boot_aggregates if e.digest_alg == self.bank else frozenset()
-        accepted = listed | computed
-        # Upstream merges the aggregates it can compute into the policy's list; with neither a
-        # listed value nor quoted PCRs 0-7 there is nothing to compare against: accept.
-        if accepted and e.digest not in accepted:
-            self.failures.append(
-                _fail(
-                    RUNTIME_POLICY_HASH,
-                    message="boot_aggregate not in runtime policy nor computed from quoted PCRs",
-                    got=e.digest.hex(),
-                    expected=sorted(d.hex() for d in accepted),
-                    path=e.path,
-                    line=e.line_no,
+            e = ima.parse_line(line, line_no)
+        except ImaParseError as exc:
+            rules.failures.append(
+                ima_failure(
+                    PARSER_ENTRY,
+                    message=f"Line was not parsable into a valid IMA entry: {exc.reason}",
+                    line=line_no,
                 )
             )
-
-    def _ima_sig(self, e: Entry) -> None:
-        policy = self.policy
-        if policy is None and not self.has_extra:
-            return
-        if policy is not None and policy.excluded(e.path):
-            return
-        why = "missing signature"
-        if e.signature:
-            why = _verify_ima_sig(e.signature, e.digest, e.digest_alg, self.keys) or ""
-            if not why:
-                return
-        if policy is not None:  # upstream: an unverified signature falls back to the digests
-            f = self.lookup(policy.digests, e, signature=why)
+            return value, False
+        if e.pcr != ima.IMA_PCR:
+            rules.failures.append(
+                ima_failure(
+                    WRONG_IMA_PCR,
+                    message="IMA PCR is not the configured one",
+                    expected=str(ima.IMA_PCR),
+                    got=str(e.pcr),
+                    path=e.path,
+                    line=line_no,
+                )
+            )
+        if e.is_violation:
+            value = self.bank_hash(value + self.ff).digest()
+            rules.tomtou(e)
+            return value, True
+        data = ima.template_data(e)
+        ext = self.bank_hash(data).digest()
+        value = self.bank_hash(value + ext).digest()
+        th = ext if self.same_alg else self.log_hash(data).digest()
+        if th != e.template_hash:
+            rules.failures.append(
+                ima_failure(
+                    IMA_HASH,
+                    message="IMA template hash does not match the calculated hash.",
+                    expected=th.hex(),
+                    got=e.template_hash.hex(),
+                    path=e.path,
+                    line=line_no,
+                )
+            )
         else:
-            f = _fail(
-                INVALID_SIGNATURE,
-                message=f"signature for file {e.path} could not be validated",
-                reason=why,
-                path=e.path,
-                line=e.line_no,
-            )
-        if f is not None:
-            self.failures.append(f)
-
-    def _ima_buf(self, e: Entry) -> None:
-        policy = self.policy
-        if policy is None:
-            return
-        try:
-            key = parse_ima_key(e.buf or b"")
-        except KeyTypeError as exc:
-            self.failures.append(
-                _fail(INVALID_KEY, message=f"key from {e.path}: {exc}", path=e.path, line=e.line_no)
-            )
-            return
-        if key is not None:
-            if policy.keyring_ignored(e.path):
-                return  # neither checked nor trusted for ima-sig
-            f = self.lookup(policy.keyrings, e)
-            if f is None:
-                self._learn(key)
-            else:
-                self.failures.append(f)
-            return
-        f = self.lookup(policy.ima_buf, e)
-        if f is not None:
-            self.failures.append(f)
-
-    def _learn(self, key: ImaKey) -> None:
-        if key not in self.learned:
-            self.learned.append(key)
-            self.keys.setdefault(key.keyid, []).append(key)
-
-
-def _boot_aggregates(pcrs: Mapping[int, bytes] | None, bank: str) -> frozenset[bytes]:
-    size = ima.BANKS[bank]
-    if not pcrs or not all(len(pcrs.get(i, b"")) == size for i in range(8)):
-        return frozenset()
-    out = {ima.boot_aggregate(bank, pcrs)}
-    if bank != "sha1" and len(pcrs.get(8, b"")) == size and len(pcrs.get(9, b"")) == size:
-        out.add(ima.boot_aggregate(bank, pcrs, pcrs_8_9=True))
-    return frozenset(out)
-
-
-# --- the evaluation ----------------------------------------------------------------------------
-
-
-def _split_lines(text: str) -> list[str]:
-    if not text:
-        return []
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return lines
-
-
-def _keys(extra: Iterable[ImaKey | bytes]) -> list[ImaKey]:
-    out = []
-    for i, k in enumerate(extra):
-        if isinstance(k, ImaKey):
-            out.append(k)
-            continue
-        try:
-            parsed = parse_ima_key(k)
-        except KeyTypeError as exc:
-            raise ValidationError(f"extra_verification_keys[{i}]", str(exc)) from exc
-        if parsed is None:
-            raise ValidationError(f"extra_verification_keys[{i}]", "not a certificate or public key")
-        out.append(parsed)
-    return out
-
-
-def _general_line(
-    ctx: _Ctx,
-    line: str,
-    line_no: int,
-    value: bytes,
-    bank_hash: Callable[[bytes], Any],
-    log_hash: Callable[[bytes], Any],
-    same_alg: bool,
-    ff: bytes,
-) -> tuple[bytes, bool]:
-    """Check one line of any kind and fold it in: (new PCR value, False if it did not parse)."""
-    try:
-        e = ima.parse_line(line, line_no)
-    except ImaParseError as exc:
-        ctx.failures.append(
-            _fail(
-                PARSER_ENTRY,
-                message=f"Line was not parsable into a valid IMA entry: {exc.reason}",
-                line=line_no,
-            )
-        )
-        return value, False
-    if e.pcr != ima.IMA_PCR:
-        ctx.failures.append(
-            _fail(
-                IMA_PCR,
-                message="IMA PCR is not the configured one",
-                expected=str(ima.IMA_PCR),
-                got=str(e.pcr),
-                path=e.path,
-                line=line_no,
-            )
-        )
-    if e.is_violation:
-        value = bank_hash(value + ff).digest()
-        ctx.tomtou(e)
+            rules.check(e)
         return value, True
-    data = ima.template_data(e)
-    ext = bank_hash(data).digest()
-    value = bank_hash(value + ext).digest()
-    th = ext if same_alg else log_hash(data).digest()
-    if th != e.template_hash:
-        ctx.failures.append(
-            _fail(
-                IMA_HASH,
-                message="IMA template hash does not match the calculated hash.",
-                expected=th.hex(),
-                got=e.template_hash.hex(),
-                path=e.path,
-                line=line_no,
-            )
-        )
-    else:
-        ctx.check(e)
-    return value, True
+
+
+# --- the evaluation, step by step --------------------------------------------------------------
 
 
 def evaluate_ima(
@@ -494,16 +244,37 @@ def evaluate_ima(
     Raises ValidationError only for bad arguments (bank, key material); evidence problems are
     failures.
     """
-    if bank not in ima.BANKS:
-        raise ValidationError("bank", f"unsupported PCR bank {bank!r}")
-    size = ima.BANKS[bank]
-    if not isinstance(quoted_pcr10, bytes | bytearray) or len(quoted_pcr10) != size:
-        raise ValidationError("quoted_pcr10", f"not a {bank} PCR value")
-    target = bytes(quoted_pcr10)
-    extra = _keys(extra_verification_keys)
-
-    if first_entry == 0 and progress.count != 0:
+    target = ima.pcr_value(bank, quoted_pcr10, "quoted_pcr10")
+    extra = verification_keys(extra_verification_keys)
+    if first_entry == 0 and progress.count != 0:  # the agent's list was reset
         progress = ImaProgress(boottime=progress.boottime, reset_count=progress.reset_count)
+    refused = _refuse_start(first_entry, progress, bank)
+    if refused is not None:
+        return refused
+    start_hex = progress.pcrs.get(bank)
+    value = bytes.fromhex(start_hex) if start_hex is not None else bytes(len(target))
+
+    log_hash_alg = policy.log_hash_alg if policy is not None else "sha1"
+    rules = PolicyCheck(policy, extra, progress.learned_keys, ignore_tomtou_errors, quoted_pcrs, bank)
+    general = _GeneralPath(rules, bank, log_hash_alg)
+    text = list_text or ""
+    lines = ima.split_lines(text)
+
+    matched: int | None = 0
+    parsed = 0
+    if value != target:
+        # a NUL anywhere: leave every line to the general parser (it rejects names with NUL)
+        use_fast = fast_path and "\0" not in text
+        fast = FastNg(bank, log_hash_alg, policy.digests if policy is not None else None) if use_fast else None
+        value, matched, parsed = _replay_to_quote(lines, first_entry, value, target, general, fast)
+    if check_unquoted and matched is not None:
+        value = _judge_unquoted(lines, matched, first_entry, value, general)
+        parsed = len(lines)
+    return _verdict(rules, progress, bank, value, matched, parsed, len(lines), first_entry, target)
+
+
+def _refuse_start(first_entry: int, progress: ImaProgress, bank: str) -> ImaResult | None:
+    """A result when the list does not start where the progress stands (or has no PCR for it)."""
     if first_entry != progress.count:
         f = Failure(
             INVALID_ENTRY_NB,
@@ -516,86 +287,86 @@ def evaluate_ima(
             recoverable=False,
         )
         return ImaResult([f], [], progress, 0)
-
-    start_hex = progress.pcrs.get(bank)
-    if start_hex is None and progress.count != 0:
-        f = _fail(PCR_MISMATCH, message=f"no running PCR 10 value for bank {bank} at line {progress.count}")
+    if progress.pcrs.get(bank) is None and progress.count != 0:
+        f = ima_failure(PCR_MISMATCH, message=f"no running PCR 10 value for bank {bank} at line {progress.count}")
         return ImaResult([f], [], progress, 0)
-    value = bytes.fromhex(start_hex) if start_hex is not None else bytes(size)
+    return None
 
-    log_hash_alg = policy.log_hash_alg if policy is not None else "sha1"
-    bank_hash = getattr(hashlib, bank)
-    log_hash = getattr(hashlib, log_hash_alg)
-    same_alg = log_hash_alg == bank
-    ff = b"\xff" * size
-    ctx = _Ctx(policy, extra, progress.learned_keys, ignore_tomtou_errors, quoted_pcrs, bank)
-    lines = _split_lines(list_text or "")
 
-    matched: int | None = 0 if value == target else None
-    parsed = 0
-    if matched is None:
-        digests = policy.digests if policy is not None else None
-        # a NUL anywhere: leave every line to the general parser (it rejects names with NUL)
-        fast = FastNg(bank, log_hash_alg, digests) if fast_path and "\0" not in (list_text or "") else None
-        i = 0
-        while i < len(lines):
-            if fast is not None:
-                # plain passing ima-ng lines; lines[i] (if any) is then for the general path
-                value, i, hit = fast.run(lines, i, value, target)
-                if hit:
-                    matched = i
-                    break
-                if i == len(lines):
-                    break
-            value, readable = _general_line(
-                ctx, lines[i], first_entry + i, value, bank_hash, log_hash, same_alg, ff
-            )
-            i += 1
-            if not readable:
-                break  # the replay cannot go past a line it cannot read
-            if value == target:
-                matched = i
+def _replay_to_quote(
+    lines: list[str], first_entry: int, value: bytes, target: bytes, general: _GeneralPath, fast: FastNg | None
+) -> tuple[bytes, int | None, int]:
+    """Fold lines in until the value equals the quoted one: (value, lines matched or None, lines
+    looked at, the unreadable one included)."""
+    i = 0
+    while i < len(lines):
+        if fast is not None:
+            # plain passing ima-ng lines; lines[i] (if any) is then for the general path
+            value, i, hit = fast.run(lines, i, value, target)
+            if hit:
+                return value, i, i
+            if i == len(lines):
                 break
-        parsed = i  # lines looked at, the unreadable one included
+        value, readable = general.fold(lines[i], first_entry + i, value)
+        i += 1
+        if not readable:
+            break  # the replay cannot go past a line it cannot read
+        if value == target:
+            return value, i, i
+    return value, None, i
 
-    if check_unquoted and matched is not None:
-        for j in range(matched, len(lines)):
-            # not attested by this quote, but presented: judged line by line (an unreadable one
-            # is a parser failure and the next is still read, as upstream reads the whole list)
-            value, _ = _general_line(ctx, lines[j], first_entry + j, value, bank_hash, log_hash, same_alg, ff)
-        parsed = len(lines)
 
+def _judge_unquoted(lines: list[str], matched: int, first_entry: int, value: bytes, general: _GeneralPath) -> bytes:
+    """The lines after the quoted one, judged line by line (``check_unquoted``)."""
+    for j in range(matched, len(lines)):
+        # not attested by this quote, but presented: an unreadable one is a parser failure and the
+        # next is still read, as upstream reads the whole list
+        value, _ = general.fold(lines[j], first_entry + j, value)
+    return value
+
+
+def _verdict(
+    rules: PolicyCheck,
+    progress: ImaProgress,
+    bank: str,
+    value: bytes,
+    matched: int | None,
+    parsed: int,
+    n_lines: int,
+    first_entry: int,
+    target: bytes,
+) -> ImaResult:
+    """The replay's own failures, then the result: new progress only when nothing failed."""
     if matched is None:
-        ctx.failures.append(
-            _fail(
+        rules.failures.append(
+            ima_failure(
                 PCR_MISMATCH,
                 message=f"IMA measurement list does not match TPM PCR {target.hex()}",
-                lines=len(lines),
+                lines=n_lines,
                 first_entry=first_entry,
             )
         )
-    else:
+    elif progress.lag > 0 and matched < progress.lag and matched < n_lines:
         # upstream's quote_progress: a quote that lagged the log must catch up with that lag
-        if progress.lag > 0 and matched < progress.lag and matched < len(lines):
-            ctx.failures.append(
-                _fail(
-                    QUOTE_PROGRESS,
-                    message="PCR quote did not make progress to catch up with log",
-                    lag=progress.lag,
-                    matched=matched,
-                )
+        rules.failures.append(
+            ima_failure(
+                QUOTE_PROGRESS,
+                message="PCR quote did not make progress to catch up with log",
+                lag=progress.lag,
+                matched=matched,
             )
-    if ctx.failures or matched is None:
-        return ImaResult(ctx.failures, ctx.warnings, progress, parsed)
+        )
+    if rules.failures or matched is None:
+        return ImaResult(rules.failures, rules.warnings, progress, parsed)
     new = ImaProgress(
         count=progress.count + matched,
         pcrs={bank: value.hex()},  # other banks were not advanced: drop them
         boottime=progress.boottime,
         reset_count=progress.reset_count,
-        lag=len(lines) - matched,
-        learned_keys=tuple(ctx.learned),
+        lag=n_lines - matched,
+        learned_keys=tuple(rules.learned),
     )
-    return ImaResult(ctx.failures, ctx.warnings, new, parsed)
+    return ImaResult(rules.failures, rules.warnings, new, parsed)
 
 
 class ImaChecker:
@@ -618,7 +389,7 @@ class ImaChecker:
         self.policy = policy
         self.progress = progress or ImaProgress()
         self.ignore_tomtou_errors = ignore_tomtou_errors
-        self.extra = _keys(extra_verification_keys)
+        self.extra = verification_keys(extra_verification_keys)
         self.last: ImaResult | None = None
 
     def __call__(
@@ -626,7 +397,7 @@ class ImaChecker:
     ) -> tuple[list[Failure], int]:
         pcr10 = pcrs.get(ima.IMA_PCR)
         if pcr10 is None:
-            return [_fail(PCR_MISMATCH, message="PCR 10 is not in the quote")], self.progress.count
+            return [ima_failure(PCR_MISMATCH, message="PCR 10 is not in the quote")], self.progress.count
         res = evaluate_ima(
             list_text, first_entry, pcr10, bank, self.policy, self.progress,
             ignore_tomtou_errors=self.ignore_tomtou_errors,

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from keytrio.actors.agent.tpm import Quote, Tpm
 from keytrio.protocol import ima
-from keytrio.protocol.ima_eval import ima_signature
+from keytrio.protocol.ima_sig import ima_signature
 from keytrio.protocol.quote import build_quote, encode_pcr_blob
 from keytrio.protocol.runtime_policy import keyidv2
 from keytrio.testbed.ima_log import ImaLog

@@ -16,8 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keytrio.protocol import ima
+from keytrio.protocol import ima, ima_sig
 from keytrio.protocol import ima_eval as ev
+from keytrio.protocol import ima_rules as rules
+from keytrio.protocol.errors import ValidationError
 from keytrio.protocol.ima import Entry
 from keytrio.protocol.ima_eval import ImaChecker, ImaProgress, evaluate_ima
 from keytrio.protocol.runtime_policy import ImaKey, RuntimePolicy, parse_policy, policy_document
@@ -78,7 +80,7 @@ def test_file_outside_policy() -> None:
     pol = _policy(log)
     log.append(_file("/usr/bin/evil"))
     r = _eval(log, pol)
-    assert _ids(r.failures) == [ev.NOT_IN_ALLOWLIST] == ["ima.validation.ima-ng.not_in_allowlist"]
+    assert _ids(r.failures) == [rules.NOT_IN_ALLOWLIST] == ["ima.validation.ima-ng.not_in_allowlist"]
     ctx = r.failures[0].context
     assert ctx["path"] == "/usr/bin/evil" and ctx["line"] == len(log) - 1
     assert r.progress.count == 0  # not advanced after a failure: next poll re-reads these lines
@@ -111,7 +113,7 @@ def test_excluded_path_passes() -> None:
     log += [_file("/tmp/build/x"), _file("/var/cache/a.bin")]
     assert _eval(log, pol).ok
     log.append(_file("/var/cache/a.txt"))
-    assert _ids(_eval(log, pol).failures) == [ev.NOT_IN_ALLOWLIST]
+    assert _ids(_eval(log, pol).failures) == [rules.NOT_IN_ALLOWLIST]
 
 
 def test_tomtou_fails_by_default_and_is_a_warning_when_ignored() -> None:
@@ -176,7 +178,7 @@ def test_boot_aggregate_against_quoted_pcrs() -> None:
     assert evaluate_ima(_text(log), 0, pcr10, BANK, pol, ImaProgress()).ok  # nothing to compare
     bad = {**PCRS0, 0: b"\x01" * 32, 10: pcr10}
     r = evaluate_ima(_text(log), 0, pcr10, BANK, pol, ImaProgress(), quoted_pcrs=bad)
-    assert _ids(r.failures) == [ev.RUNTIME_POLICY_HASH] and r.failures[0].context["path"] == "boot_aggregate"
+    assert _ids(r.failures) == [rules.RUNTIME_POLICY_HASH] and r.failures[0].context["path"] == "boot_aggregate"
 
 
 # --- replay against the quote ------------------------------------------------------------------
@@ -195,7 +197,7 @@ def test_log_ahead_of_quote_then_next_poll_continues() -> None:
     assert r.ok and r.progress.count == 6
     # ... but are in the next one
     r = evaluate_ima(_text(bad[6:]), 6, ima.replay(bad, BANK), BANK, pol, r.progress)
-    assert _ids(r.failures) == [ev.NOT_IN_ALLOWLIST] and r.failures[0].context["line"] == 6
+    assert _ids(r.failures) == [rules.NOT_IN_ALLOWLIST] and r.failures[0].context["line"] == 6
 
 
 def test_check_unquoted_judges_lines_after_the_match() -> None:
@@ -205,18 +207,18 @@ def test_check_unquoted_judges_lines_after_the_match() -> None:
     quoted = ima.replay(log[:6], BANK)
     bad = [*log[:6], _file("/usr/bin/evil"), _file("/usr/bin/f1", b"tampered"), *log[6:]]
     r = evaluate_ima(_text(bad), 0, quoted, BANK, pol, ImaProgress(), check_unquoted=True)
-    assert _ids(r.failures) == [ev.NOT_IN_ALLOWLIST, ev.RUNTIME_POLICY_HASH]
+    assert _ids(r.failures) == [rules.NOT_IN_ALLOWLIST, rules.RUNTIME_POLICY_HASH]
     assert [f.context["line"] for f in r.failures] == [6, 7]
     # an unreadable line after the match is a parser failure and the lines after it are still read
     text = _text(log[:6]) + "10 garbage\n" + _text([_file("/usr/bin/evil")])
     r = evaluate_ima(text, 0, quoted, BANK, pol, ImaProgress(), check_unquoted=True)
-    assert _ids(r.failures) == [ev.PARSER_ENTRY, ev.NOT_IN_ALLOWLIST]
+    assert _ids(r.failures) == [ev.PARSER_ENTRY, rules.NOT_IN_ALLOWLIST]
     # a clean tail passes, and the progress still stops at the quoted position
     r = evaluate_ima(_text(log), 0, quoted, BANK, pol, ImaProgress(), check_unquoted=True)
     assert r.ok and r.progress.count == 6 and r.lines_parsed == len(log)
     # the quote matching before the first line (PCR 10 still zero): the whole list is judged
     r = evaluate_ima(_text(bad), 0, bytes(32), BANK, pol, ImaProgress(), check_unquoted=True)
-    assert _ids(r.failures) == [ev.NOT_IN_ALLOWLIST, ev.RUNTIME_POLICY_HASH]
+    assert _ids(r.failures) == [rules.NOT_IN_ALLOWLIST, rules.RUNTIME_POLICY_HASH]
 
 
 def test_quote_must_catch_up_with_its_lag() -> None:
@@ -324,9 +326,9 @@ def test_progress_json_round_trip_and_boot() -> None:
     assert p.for_boot(100, 2) == p and p.for_boot(None, None) == p
     assert p.for_boot(101, 2) == ImaProgress(boottime=101, reset_count=2)
     assert p.for_boot(100, 3).count == 0
-    with pytest.raises(ev.ValidationError):
+    with pytest.raises(ValidationError):
         ImaProgress.from_json({"count": -1, "pcrs": {}})
-    with pytest.raises(ev.ValidationError):
+    with pytest.raises(ValidationError):
         ImaProgress.from_json({"count": 1, "pcrs": {"sha256": "00"}})
 
 
@@ -364,7 +366,7 @@ def _signed(path: str, key: Any, content: bytes = b"signed", *, tamper: bool = F
         raw = key.sign(digest, ec.ECDSA(pre))
     if tamper:
         raw = raw[:-1] + bytes([raw[-1] ^ 1])
-    sig = ev.ima_signature(digest, "sha256", ik.keyid, raw)
+    sig = ima_sig.ima_signature(digest, "sha256", ik.keyid, raw)
     return ima.build_entry("ima-sig", path, "sha256", digest, signature=sig)
 
 
@@ -383,19 +385,19 @@ def test_ima_sig_valid_invalid_missing(key: Any) -> None:
     assert _eval(valid, pol, extra_verification_keys=extra).ok
     # without the key the signature cannot be checked and the file is not in the policy
     r = _eval(valid, pol)
-    assert _ids(r.failures) == [ev.NOT_IN_ALLOWLIST] and r.failures[0].context["signature"].startswith(
+    assert _ids(r.failures) == [rules.NOT_IN_ALLOWLIST] and r.failures[0].context["signature"].startswith(
         "no key"
     )
     invalid = [*base, _signed("/usr/bin/s", key, tamper=True)]
     r = _eval(invalid, pol, extra_verification_keys=extra)
     assert (
-        _ids(r.failures) == [ev.NOT_IN_ALLOWLIST]
+        _ids(r.failures) == [rules.NOT_IN_ALLOWLIST]
         and r.failures[0].context["signature"] == "invalid signature"
     )
     missing = [*base, ima.build_entry("ima-sig", "/usr/bin/s", "sha256", _d(b"signed"))]
     r = _eval(missing, pol, extra_verification_keys=extra)
     assert (
-        _ids(r.failures) == [ev.NOT_IN_ALLOWLIST]
+        _ids(r.failures) == [rules.NOT_IN_ALLOWLIST]
         and r.failures[0].context["signature"] == "missing signature"
     )
     # upstream: an unverified signature falls back to the digest list
@@ -419,7 +421,7 @@ def test_ima_sig_key_from_policy_verification_keys() -> None:
 def test_ima_sig_wrong_hash_algorithm_in_header() -> None:
     digest = _d(b"x")
     raw = EC_KEY.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-    sig = ev.ima_signature(hashlib.sha1(b"x").digest(), "sha1", ImaKey.of(EC_KEY.public_key()).keyid, raw)
+    sig = ima_sig.ima_signature(hashlib.sha1(b"x").digest(), "sha1", ImaKey.of(EC_KEY.public_key()).keyid, raw)
     log = [*_log(1), ima.build_entry("ima-sig", "/s", "sha256", digest, signature=sig)]
     r = _eval(log, _policy(_log(1)), extra_verification_keys=[_pub_pem(EC_KEY)])
     assert r.failures and "hash algorithm" in r.failures[0].context["signature"]
@@ -451,13 +453,13 @@ def test_ima_buf_keyring_allowed_denied_and_learned() -> None:
     assert _eval(log, allowed).ok  # key admitted by the policy, then used for the signature
     denied = _policy(_log(1), keyrings={".ima": ["00" * 32]})
     r = _eval(log, denied)
-    assert _ids(r.failures) == [ev.RUNTIME_POLICY_HASH, ev.NOT_IN_ALLOWLIST]
+    assert _ids(r.failures) == [rules.RUNTIME_POLICY_HASH, rules.NOT_IN_ALLOWLIST]
     assert r.failures[0].context["path"] == ".ima" and r.failures[1].context["path"] == "/usr/bin/s"
     r = _eval(log, _policy(_log(1)))
-    assert _ids(r.failures)[0] == ev.NOT_IN_ALLOWLIST and r.failures[0].context["path"] == ".ima"
+    assert _ids(r.failures)[0] == rules.NOT_IN_ALLOWLIST and r.failures[0].context["path"] == ".ima"
     # an ignored keyring is neither checked nor trusted
     ignored = _policy(_log(1), ima={"ignored_keyrings": [".ima"]})
-    assert _ids(_eval(log, ignored).failures) == [ev.NOT_IN_ALLOWLIST]
+    assert _ids(_eval(log, ignored).failures) == [rules.NOT_IN_ALLOWLIST]
     assert _eval(log[:-1], ignored).ok
     # the learned key carries over to the next poll
     r1 = _eval(log[:-1], allowed)
@@ -470,8 +472,8 @@ def test_ima_buf_measured_buffers() -> None:
     log = [*_log(1), buf]
     assert _eval(log, _policy(_log(1), **{"ima-buf": {"device_resume": [_d(b"name=TEST;").hex()]}})).ok
     r = _eval(log, _policy(_log(1), **{"ima-buf": {"device_resume": ["11" * 32]}}))
-    assert _ids(r.failures) == [ev.RUNTIME_POLICY_HASH]
-    assert _ids(_eval(log, _policy(_log(1))).failures) == [ev.NOT_IN_ALLOWLIST]
+    assert _ids(r.failures) == [rules.RUNTIME_POLICY_HASH]
+    assert _ids(_eval(log, _policy(_log(1))).failures) == [rules.NOT_IN_ALLOWLIST]
 
 
 def test_ima_buf_unsupported_key_type() -> None:

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from keytrio.actors.policy import cli as policy_cli
 from keytrio.protocol import dsse
-from keytrio.protocol.ima_eval import NOT_IN_ALLOWLIST, RUNTIME_POLICY_HASH, TOMTOU, ImaProgress, evaluate_ima
+from keytrio.protocol.ima_eval import ImaProgress, evaluate_ima
+from keytrio.protocol.ima_rules import NOT_IN_ALLOWLIST, RUNTIME_POLICY_HASH, TOMTOU
 from keytrio.protocol.runtime_policy import load_policy, parse_policy
 from keytrio.testbed.ima_log import ImaLog
 

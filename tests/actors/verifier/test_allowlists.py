@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from keytrio.actors.verifier.ima import AgentIma, FixedPolicy
 from keytrio.protocol import dsse, ima
-from keytrio.protocol.ima_eval import NOT_IN_ALLOWLIST, ima_signature
+from keytrio.protocol.ima_rules import NOT_IN_ALLOWLIST
+from keytrio.protocol.ima_sig import ima_signature
 from keytrio.protocol.runtime_policy import keyidv2, parse_policy
 from tests.actors.registrar_support import SoftTpm
 from tests.actors.verifier.test_verifier_api import enrol_body

@@ -13,7 +13,8 @@ import trio
 from keytrio.actors.common import tls
 from keytrio.actors.common.client import make_client
 from keytrio.actors.verifier import records
-from keytrio.protocol.ima_eval import NOT_IN_ALLOWLIST, PCR_MISMATCH
+from keytrio.protocol.ima_eval import PCR_MISMATCH
+from keytrio.protocol.ima_rules import NOT_IN_ALLOWLIST
 from keytrio.protocol.quote import decode_pcr_blob, encode_pcr_blob
 from keytrio.protocol.quote_check import QUOTE_VALIDATION
 from keytrio.testbed.ima_log import ImaLog

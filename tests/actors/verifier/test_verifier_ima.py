@@ -23,7 +23,8 @@ from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.ima import AgentIma
 from keytrio.protocol import ima
-from keytrio.protocol.ima_eval import IMA_HASH, NOT_IN_ALLOWLIST, PCR_MISMATCH, RUNTIME_POLICY_HASH, TOMTOU
+from keytrio.protocol.ima_eval import IMA_HASH, PCR_MISMATCH
+from keytrio.protocol.ima_rules import NOT_IN_ALLOWLIST, RUNTIME_POLICY_HASH, TOMTOU
 from keytrio.protocol.runtime_policy import policy_document
 from keytrio.testbed.ima_log import ImaLog
 from tests.actors.verifier_support import (
