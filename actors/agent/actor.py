@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keytrio.actors.agent import config as agent_config
 from keytrio.actors.agent import datadir, identity
@@ -61,6 +62,25 @@ class AgentInfo:
     ek_cert_der: bytes | None
     ak_public: bytes
     hash_alg: str
+
+
+@dataclass(frozen=True)
+class _Nk:
+    """The agent's NK (its mTLS and U-decryption key) with its public PEM and self-signed cert."""
+
+    key: rsa.RSAPrivateKey
+    pem: str
+    cert_pem: str
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What a running agent serves: built before the port is served."""
+
+    tpm: Tpm
+    runner: Runner
+    keys: Keys
+    app: KeytrioApp
 
 
 class Agent:
@@ -112,124 +132,155 @@ class Agent:
     async def _run(self, listeners: list[trio.SocketListener], metrics_listeners: list[trio.SocketListener],
                    task_status: trio.TaskStatus[tuple[str, int]]) -> None:
         cfg = self.config
-        data_dir: Path = cfg.data_dir
         contact_ip = cfg.contact_ip or cfg.ip
-
-        configured_cert = None
-        if cfg.revocation_cert is not None:
-            try:
-                pem = await trio.to_thread.run_sync(Path(cfg.revocation_cert).read_bytes)
-                configured_cert = x509.load_pem_x509_certificate(pem)
-            except (OSError, ValueError) as exc:
-                raise AgentConfigError(f"revocation_cert {cfg.revocation_cert}: {exc}") from exc
-
-        try:
-            opened = await Tpm.open(cfg.tcti, owner_password=cfg.tpm_ownerpassword or None)
-        except TpmError as exc:
-            reason = str(exc.__cause__ or exc)
-            raise StartupError(Exit.TPM, f"TPM unreachable at tcti {cfg.tcti!r}: {reason}",
-                               "start the TPM (swtpm) or fix tcti; for /dev/tpmrm0 check the device exists "
-                               "and the agent's user may open it (group tss)") from exc
-        async with opened as tpm:
+        revocation_cert = await self._configured_revocation_cert()
+        async with await self._open_tpm() as tpm:
             self.tpm = tpm
             ident = await identity.setup(
                 tpm,
-                data_dir,
+                cfg.data_dir,
                 uuid_setting=cfg.uuid,
                 ek_handle=cfg.ek_handle,
                 encryption_alg=cfg.tpm_encryption_alg,
                 signing_alg=cfg.tpm_signing_alg,
                 hash_alg=cfg.tpm_hash_alg,
             )
-            agent_id = ident.agent_id
-            nk, nk_pem, cert_pem = await trio.to_thread.run_sync(datadir.load_or_create_nk, data_dir, contact_ip)
-            banks = await identity.bind_nk(tpm, nk_pem)
-            if cfg.tpm_hash_alg not in banks:
-                raise AgentConfigError(f"tpm_hash_alg {cfg.tpm_hash_alg}: that PCR bank is not active on the TPM")
-
-            secure = SecureDir(
-                Path(cfg.secure_dir) if cfg.secure_dir else data_dir / "secure",
-                size=agent_config.parse_size(cfg.secure_size),
-                mount=cfg.secure_mount,
-            )
-            await trio.to_thread.run_sync(secure.prepare)
+            nk = await self._bind_nk(tpm, contact_ip)
+            secure = await self._secure_dir()
             try:
-                runner = Runner(timeout=cfg.action_timeout, run_as=cfg.run_as, agent_id=agent_id)
-                revocations = Revocations(
-                    agent_id=agent_id,
-                    data_dir=data_dir,
-                    runner=runner,
-                    actions_dir=Path(cfg.revocation_actions_dir) if cfg.revocation_actions_dir else None,
-                    configured_cert=configured_cert,
-                )
-                await trio.to_thread.run_sync(revocations.load_seen)
-                if secure.unzipped.is_dir():
-                    # a payload unpacked before a restart keeps its revocation cert and actions
-                    await trio.to_thread.run_sync(revocations.use_payload, secure.unzipped)
-                keys = Keys(
-                    agent_id=agent_id,
-                    nk_private=nk,
-                    secure_dir=secure,
-                    runner=runner,
-                    enable_autorun=cfg.enable_autorun,
-                    on_payload=self._counting(revocations.use_payload),
-                )
-                quotes = QuoteSource(
-                    tpm=tpm,
-                    ak=ident.ak,
-                    hash_alg=cfg.tpm_hash_alg,
-                    enc_alg=ident.enc_alg,
-                    sign_alg=ident.sign_alg,
-                    nk_pem=nk_pem,
-                    boottime_source=Path(cfg.boottime_source),
-                    ima_ml_path=Path(cfg.ima_ml_path),
-                    measuredboot_ml_path=Path(cfg.measuredboot_ml_path),
-                    metrics=self.metrics,
-                )
-                app = build_app(
-                    trusted_client_ca=list(cfg.trusted_client_ca),
-                    max_upload_size=cfg.max_upload_size,
-                    nk_pem=nk_pem,
-                    quotes=quotes,
-                    keys=keys,
-                    revocations=revocations,
-                    metrics=self.metrics,
-                )
-                app.require_client_eku = cfg.require_client_eku
-                self.app = app
-                ssl_ctx = await trio.to_thread.run_sync(self._server_context, data_dir)
-                failure: RegistrationError | None = None
-                async with trio.open_nursery() as nursery:
-                    runner.attach(nursery)
-                    self.runner, self.keys = runner, keys
-                    bound = await nursery.start(
-                        functools.partial(serve, app, listeners=listeners, ssl_context=ssl_ctx,
-                                          keep_alive_timeout=cfg.keep_alive_timeout)
-                    )
-                    contact_port = cfg.contact_port or bound[1]
-                    if cfg.metrics_port >= 0:
-                        # before registering: /health answers while registration is retried
-                        mhost, mport = await nursery.start(functools.partial(
-                            serve_metrics, self.metrics.metrics, listeners=metrics_listeners,
-                            health=self.health))
-                        self.metrics_address = (mhost, mport)
-                        log.info("agent=%s event=metrics_serving address=%s:%d", agent_id, mhost, mport)
-                    if cfg.registrar_ip:
-                        try:
-                            await self._register(tpm, ident, contact_ip, contact_port, cert_pem)
-                        except RegistrationError as exc:
-                            # re-raised bare below, not inside the nursery's ExceptionGroup
-                            failure = exc
-                            nursery.cancel_scope.cancel()
-                    if failure is None:
-                        self._started(agent_id, bound, nk_pem, cert_pem, ident, task_status)
-                if failure is not None:
-                    raise failure
+                parts = await self._build(tpm, ident, nk, secure, revocation_cert)
+                await self._serve(parts, ident, nk, contact_ip, listeners, metrics_listeners, task_status)
             finally:
                 self.tpm = None
                 self.metrics_address = None
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(secure.release)
+
+    # -- the start-up steps, in order ------------------------------------------------------------------
+
+    async def _configured_revocation_cert(self) -> x509.Certificate | None:
+        """``revocation_cert`` of the configuration (a payload may bring its own later)."""
+        path = self.config.revocation_cert
+        if path is None:
+            return None
+        try:
+            pem = await trio.to_thread.run_sync(Path(path).read_bytes)
+            return x509.load_pem_x509_certificate(pem)
+        except (OSError, ValueError) as exc:
+            raise AgentConfigError(f"revocation_cert {path}: {exc}") from exc
+
+    async def _open_tpm(self) -> Tpm:
+        cfg = self.config
+        try:
+            return await Tpm.open(cfg.tcti, owner_password=cfg.tpm_ownerpassword or None)
+        except TpmError as exc:
+            reason = str(exc.__cause__ or exc)
+            raise StartupError(Exit.TPM, f"TPM unreachable at tcti {cfg.tcti!r}: {reason}",
+                               "start the TPM (swtpm) or fix tcti; for /dev/tpmrm0 check the device exists "
+                               "and the agent's user may open it (group tss)") from exc
+
+    async def _bind_nk(self, tpm: Tpm, contact_ip: str) -> _Nk:
+        """The NK and its self-signed mTLS cert (made once), bound into PCR 16 of every active bank."""
+        cfg = self.config
+        nk, nk_pem, cert_pem = await trio.to_thread.run_sync(datadir.load_or_create_nk, cfg.data_dir, contact_ip)
+        banks = await identity.bind_nk(tpm, nk_pem)
+        if cfg.tpm_hash_alg not in banks:
+            raise AgentConfigError(f"tpm_hash_alg {cfg.tpm_hash_alg}: that PCR bank is not active on the TPM")
+        return _Nk(nk, nk_pem, cert_pem)
+
+    async def _secure_dir(self) -> SecureDir:
+        cfg = self.config
+        secure = SecureDir(
+            Path(cfg.secure_dir) if cfg.secure_dir else cfg.data_dir / "secure",
+            size=agent_config.parse_size(cfg.secure_size),
+            mount=cfg.secure_mount,
+        )
+        await trio.to_thread.run_sync(secure.prepare)
+        return secure
+
+    async def _build(self, tpm: Tpm, ident: identity.Identity, nk: _Nk, secure: SecureDir,
+                     revocation_cert: x509.Certificate | None) -> _Parts:
+        """The runner, revocation handling, U/V keys, quote source and the REST app over them."""
+        cfg = self.config
+        agent_id = ident.agent_id
+        runner = Runner(timeout=cfg.action_timeout, run_as=cfg.run_as, agent_id=agent_id)
+        revocations = Revocations(
+            agent_id=agent_id,
+            data_dir=cfg.data_dir,
+            runner=runner,
+            actions_dir=Path(cfg.revocation_actions_dir) if cfg.revocation_actions_dir else None,
+            configured_cert=revocation_cert,
+        )
+        await trio.to_thread.run_sync(revocations.load_seen)
+        if secure.unzipped.is_dir():
+            # a payload unpacked before a restart keeps its revocation cert and actions
+            await trio.to_thread.run_sync(revocations.use_payload, secure.unzipped)
+        keys = Keys(
+            agent_id=agent_id,
+            nk_private=nk.key,
+            secure_dir=secure,
+            runner=runner,
+            enable_autorun=cfg.enable_autorun,
+            on_payload=self._counting(revocations.use_payload),
+        )
+        quotes = QuoteSource(
+            tpm=tpm,
+            ak=ident.ak,
+            hash_alg=cfg.tpm_hash_alg,
+            enc_alg=ident.enc_alg,
+            sign_alg=ident.sign_alg,
+            nk_pem=nk.pem,
+            boottime_source=Path(cfg.boottime_source),
+            ima_ml_path=Path(cfg.ima_ml_path),
+            measuredboot_ml_path=Path(cfg.measuredboot_ml_path),
+            metrics=self.metrics,
+        )
+        app = build_app(
+            trusted_client_ca=list(cfg.trusted_client_ca),
+            max_upload_size=cfg.max_upload_size,
+            nk_pem=nk.pem,
+            quotes=quotes,
+            keys=keys,
+            revocations=revocations,
+            metrics=self.metrics,
+        )
+        app.require_client_eku = cfg.require_client_eku
+        self.app = app
+        return _Parts(tpm, runner, keys, app)
+
+    async def _serve(self, parts: _Parts, ident: identity.Identity, nk: _Nk, contact_ip: str,
+                     listeners: list[trio.SocketListener], metrics_listeners: list[trio.SocketListener],
+                     task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+        """Serve on the bound port(s), register with the registrar, then report started."""
+        cfg = self.config
+        ssl_ctx = await trio.to_thread.run_sync(self._server_context, cfg.data_dir)
+        failure: RegistrationError | None = None
+        async with trio.open_nursery() as nursery:
+            parts.runner.attach(nursery)
+            self.runner, self.keys = parts.runner, parts.keys
+            bound = await nursery.start(
+                functools.partial(serve, parts.app, listeners=listeners, ssl_context=ssl_ctx,
+                                  keep_alive_timeout=cfg.keep_alive_timeout)
+            )
+            contact_port = cfg.contact_port or bound[1]
+            if cfg.metrics_port >= 0:
+                # before registering: /health answers while registration is retried
+                mhost, mport = await nursery.start(functools.partial(
+                    serve_metrics, self.metrics.metrics, listeners=metrics_listeners,
+                    health=self.health))
+                self.metrics_address = (mhost, mport)
+                log.info("agent=%s event=metrics_serving address=%s:%d", ident.agent_id, mhost, mport)
+            if cfg.registrar_ip:
+                try:
+                    await self._register(parts.tpm, ident, contact_ip, contact_port, nk.cert_pem)
+                except RegistrationError as exc:
+                    # re-raised bare below, not inside the nursery's ExceptionGroup
+                    failure = exc
+                    nursery.cancel_scope.cancel()
+            if failure is None:
+                self._started(ident.agent_id, bound, nk.pem, nk.cert_pem, ident, task_status)
+        if failure is not None:
+            raise failure
 
     async def _register(
         self, tpm: Tpm, ident: identity.Identity, contact_ip: str, contact_port: int, cert_pem: str
