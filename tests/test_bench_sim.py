@@ -1,0 +1,112 @@
+"""The fleet benchmark's simulated agents (bench.sim_agent) against keytrio's real registrar and verifier.
+
+Real sockets (HTTP to the registrar, mTLS both ways with the verifier), real SQLite, real RSA-2048
+keys in software: the agents register (software ActivateCredential), are enrolled with a named
+runtime policy, and must be attested again and again; an agent whose served IMA log has one
+forged line must fail. The hang guard is a guard only; nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from bench import fleet, sim_agent, sim_keys
+from keytrio.actors.common import tls
+from keytrio.actors.registrar.actor import Registrar
+from keytrio.actors.registrar.config import load_config as registrar_config
+from keytrio.actors.verifier.actor import Verifier
+from keytrio.actors.verifier.config import load_config as verifier_config
+from keytrio.protocol import credential, states
+from keytrio.testbed.pki import make_cv_ca
+
+GUARD = 60.0  # seconds: a hang guard, never what the test asserts
+POLICY_FILES = 40
+
+
+async def _start_registrar(nursery: trio.Nursery, ca: Path, data: Path) -> str:
+    opts = {
+        "ip": "127.0.0.1", "port": 0, "tls_port": 0, "data_dir": str(data), "metrics_port": -1,
+        "server_cert": str(ca / "server-cert.crt"), "server_key": str(ca / "server-private.pem"),
+        "trusted_client_ca": [str(ca / "cacert.crt")], "graceful_timeout": 0.5,
+    }  # fmt: skip
+    addrs = await nursery.start(Registrar(registrar_config(None, env={}, overrides=opts)).run)
+    return f"http://127.0.0.1:{addrs.http[1]}"
+
+
+async def _start_verifier(nursery: trio.Nursery, ca: Path, data: Path) -> str:
+    opts = {
+        "ip": "127.0.0.1", "port": 0, "metrics_port": -1, "data_dir": str(data), "quote_interval": 0.2,
+        "server_cert": str(ca / "server-cert.crt"), "server_key": str(ca / "server-private.pem"),
+        "client_cert": str(ca / "client-cert.crt"), "client_key": str(ca / "client-private.pem"),
+        "trusted_client_ca": [str(ca / "cacert.crt")], "trusted_server_ca": [str(ca / "cacert.crt")],
+        "retry_interval": 0.1, "max_retries": 2, "exponential_backoff": False, "graceful_timeout": 0.5,
+    }  # fmt: skip
+    host, port = await nursery.start(Verifier(verifier_config(env={}, overrides=opts)).run)
+    return f"https://{host}:{port}"
+
+
+async def _record(client: httpx.AsyncClient, url: str, agent_id: str) -> dict[str, Any]:
+    r = await client.get(f"{url}/v2.1/agents/{agent_id}")
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def test_activate_credential_in_software_is_makecredentials_inverse() -> None:
+    pool = sim_keys.PrimePool(2)
+    ek, ak, other = pool.key(0), pool.key(1), pool.key(2)
+    ak_name = sim_keys.object_name(sim_keys.ak_public(ak))
+    cred = credential.new_credential(bytes(range(32)))
+    blob = credential.make_credential_blob(sim_keys.ek_public(ek).marshal(), ak_name, cred)
+    assert sim_keys.activate_credential(ek, ak_name, blob) == cred
+    # another EK cannot open it; another AK name fails the integrity HMAC
+    with pytest.raises(ValueError):
+        sim_keys.activate_credential(other, ak_name, blob)
+    other_name = sim_keys.object_name(sim_keys.ak_public(other))
+    with pytest.raises(sim_keys.ActivationError):
+        sim_keys.activate_credential(ek, other_name, blob)
+
+
+async def test_simulated_agents_register_and_attest_and_a_forged_log_fails(tmp_path: Path) -> None:
+    ca = make_cv_ca(tmp_path / "cv_ca").dir
+    pool = await trio.to_thread.run_sync(sim_keys.PrimePool, 2)  # 6 keys: three agents
+    sims = sim_agent.SimAgents(ca / "cacert.crt", pool, POLICY_FILES, tmp_path / "sim")
+    good, forged = sims.grow(2, tamper=frozenset({1}))
+    ctx = tls.client_context([ca / "cacert.crt"], ca / "client-cert.crt", ca / "client-private.pem")
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(verify=ctx, timeout=20.0) as client:
+        port = await nursery.start(sims.serve)
+        registrar = await _start_registrar(nursery, ca, tmp_path / "registrar")
+        assert await sims.register([good, forged], registrar) == 2
+        # the registrar holds them as activated, with the AK the agent will sign with
+        async with httpx.AsyncClient() as plain:
+            for a in (good, forged):
+                r = await plain.put(f"{registrar}/v2.1/agents/{a.agent_id}/activate", json={"auth_tag": "00" * 48})
+                assert r.status_code == 400, r.text  # a wrong tag is refused; the right one was accepted above
+
+        url = await _start_verifier(nursery, ca, tmp_path / "verifier")
+        body = fleet.policy_body(POLICY_FILES, {good.entries[0].digest.hex()})
+        r = await client.post(f"{url}/v2.1/allowlists/{fleet.POLICY_NAME}", json=body)
+        assert r.status_code in (200, 201), r.text
+        for a in (good, forged):
+            enrol = fleet.enrolment(a.describe(port, sims.mtls_cert))
+            assert base64.b64decode(enrol["ak_tpm"]) == a.ak_public.marshal()
+            r = await client.post(f"{url}/v2.1/agents/{a.agent_id}", json=enrol)
+            assert r.status_code == 200, r.text
+
+        with trio.fail_after(GUARD):
+            while True:
+                ok, bad = await _record(client, url, good.agent_id), await _record(client, url, forged.agent_id)
+                if ok["attestation_count"] >= 3 and bad["operational_state"] in states.FINAL:
+                    break
+                await trio.sleep(0.1)
+        assert ok["operational_state"] == states.GET_QUOTE, ok
+        assert bad["operational_state"] == states.INVALID_QUOTE, bad
+        assert bad["attestation_count"] == 0, bad
+        assert bad["last_event_id"].startswith("ima."), bad  # the forged line, not the quote
+        assert sims.served >= 4  # every attestation was a quote this process signed
+        nursery.cancel_scope.cancel()
