@@ -8,6 +8,8 @@ import ipaddress
 import re
 import uuid as _uuid
 
+from cryptography import x509
+
 from keytrio.protocol import safejson
 from keytrio.protocol.errors import ValidationError
 
@@ -131,6 +133,19 @@ def pem(value: object, field: str, *, label: str | None = None) -> str:
         except (binascii.Error, ValueError) as exc:
             raise ValidationError(field, "PEM body is not valid base64") from exc
     return value
+
+
+def mtls_cert(value: object, field: str = "mtls_cert") -> str | None:
+    """An agent's mTLS certificate (one PEM X.509 certificate); None for none or ``"disabled"``,
+    which upstream agents with mTLS switched off send."""
+    if value is None or value == "disabled":
+        return None
+    text = pem(value, field, label="CERTIFICATE")
+    try:
+        x509.load_pem_x509_certificate(text.encode("ascii"))
+    except ValueError:
+        raise ValidationError(field, "is not a valid X.509 certificate") from None
+    return text
 
 
 def integer(value: object, field: str, *, lo: int = 0, hi: int | None = None) -> int:

@@ -103,18 +103,6 @@ def _ip(value: object) -> str | None:
     return None if value is None else validation.host(value, "ip")
 
 
-def _mtls_cert(value: object) -> str | None:
-    # upstream agents with mTLS disabled send the string "disabled"
-    if value is None or value == "disabled":
-        return None
-    text = validation.pem(value, "mtls_cert", label="CERTIFICATE")
-    try:
-        x509.load_pem_x509_certificate(text.encode("ascii"))
-    except ValueError:
-        raise ValidationError("mtls_cert", "is not a valid X.509 certificate") from None
-    return text
-
-
 def parse_registration(
     raw_id: str,
     doc: dict[str, Any],
@@ -137,7 +125,7 @@ def parse_registration(
             ekcerts.check_matches_ek(cert, ek)
         elif require_ek_cert:
             raise ValidationError("ekcert", "is required (require_ek_cert)")
-        mtls_cert = _mtls_cert(doc.get("mtls_cert"))
+        mtls_cert = validation.mtls_cert(doc.get("mtls_cert"))
         ip = _ip(doc.get("ip"))
         port = validation.port(doc["port"]) if doc.get("port") is not None else None
     except ProtocolError as exc:

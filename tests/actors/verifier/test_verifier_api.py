@@ -17,7 +17,8 @@ from keytrio.actors.common.serve import serve
 from keytrio.actors.common.store import Store, sqlite_url
 from keytrio.actors.common.tls import client_context, server_context
 from keytrio.actors.verifier import records
-from keytrio.actors.verifier.app import REQUIRED_FIELDS, build_app
+from keytrio.actors.verifier.app import build_app
+from keytrio.actors.verifier.enrolment import REQUIRED_FIELDS
 from keytrio.actors.verifier.schema import agents, metadata
 from tests.actors.registrar_support import AK_ATTRS, SoftTpm, ak_public, b64
 
