@@ -1,7 +1,7 @@
 """``keytrio policy create runtime|measured-boot``, ``sign``, ``verify``: policy tools.
 
 ``create measured-boot --event-log FILE [-i] [-o OUT]`` writes the reference state upstream's
-``keylime-policy create measured-boot`` writes for the same log (protocol.mb_policy) where
+``keylime-policy create measured-boot`` writes for the same log (protocol.mb_create) where
 upstream's format can say the boot, and keytrio's extension of it where it cannot (systemd-boot, a
 unified kernel image or any other boot-application chain, no initrd, no kernel command line,
 SHA-1-format logs, events of kinds upstream's rules refuse, pinned by digest). Errors name the
@@ -21,7 +21,7 @@ from typing import TextIO
 
 from keytrio.actors.policy import create, sign
 from keytrio.actors.policy.create import PolicyToolError
-from keytrio.protocol import eventlog, mb_policy
+from keytrio.protocol import eventlog, mb_create, mb_policy
 from keytrio.protocol.errors import ProtocolError
 
 EXIT_USAGE = 2
@@ -117,11 +117,11 @@ def _create_measured_boot(args: argparse.Namespace, out: TextIO, err: TextIO) ->
     raw = _read(args.event_log, "--event-log")
     try:
         log = eventlog.parse(raw)
-        ref = mb_policy.refstate_from_log(log, allow_no_secureboot=args.without_secureboot)
+        ref = mb_create.refstate_from_log(log, allow_no_secureboot=args.without_secureboot)
         mb_policy.parse_refstate(ref)  # refuse to write what the verifier would refuse
     except eventlog.EventLogError as exc:
         raise PolicyToolError(f"--event-log {args.event_log}: not a UEFI event log ({exc})") from None
-    except (mb_policy.MbPolicyError, mb_policy.RefStateCreateError) as exc:
+    except (mb_policy.MbPolicyError, mb_create.RefStateCreateError) as exc:
         # the field (mb_policy.<path> or event_log) and, for the log, the event are in the text
         raise PolicyToolError(f"--event-log {args.event_log}: {exc}") from None
     _write(json.dumps(ref), args.output, out)

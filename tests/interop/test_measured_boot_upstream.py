@@ -5,7 +5,7 @@ This module starts its own upstream instance (``support.upstream_instance``; the
 upstream's default accept-all measured-boot policy) with ``KEYLIME_VERIFIER_MEASURED_BOOT_POLICY_NAME
 =example``. The reference state is made from the GOOD boot's log by upstream's own
 ``keylime-policy create measured-boot`` (it is also checked to equal keytrio's
-``mb_policy.refstate_from_log``). Boots are testbed/boot_log.py's rich OVMF + shim + grub + Linux
+``mb_create.refstate_from_log``). Boots are testbed/boot_log.py's rich OVMF + shim + grub + Linux
 log: the good boot and one boot per tamper knob (secure_boot_off, unknown_kernel,
 dbx_missing_entry, extra_application), replayed into a real swtpm.
 
@@ -51,7 +51,7 @@ from keytrio.actors.common import tls
 from keytrio.actors.tenant.tenant import Tenant
 from keytrio.actors.verifier import config as verifier_config
 from keytrio.actors.verifier.actor import Verifier
-from keytrio.protocol import eventlog, mb_policy
+from keytrio.protocol import eventlog, mb_create, mb_policy
 from keytrio.protocol.quote import build_quote, encode_pcr_blob
 from keytrio.testbed import boot_log
 from keytrio.testbed import swtpm as swtpm_mod
@@ -206,7 +206,7 @@ async def cross_check(upstream: Upstream, root: Path, swtpm_template: Path) -> M
     await run_tool([*upstream.tool("keylime-policy"), "create", "measured-boot", "-e", str(log_path),
                     "-o", str(ref_path)], upstream.env)
     refstate = ref_path.read_text()
-    ours_ref = mb_policy.refstate_from_log(eventlog.parse(evidence["good"].log))
+    ours_ref = mb_create.refstate_from_log(eventlog.parse(evidence["good"].log))
 
     ca_dir = root / "cv_ca"
     shutil.copytree(upstream.ca.dir, ca_dir)  # our verifier serves with upstream's certificates

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keytrio.protocol import eventlog as el
+from keytrio.protocol import mb_create, mb_rules
 from keytrio.protocol import mb_policy as mb
 from keytrio.testbed import boot_log
 from tests.interop.support import ensure_venv, tool_argv
@@ -33,11 +34,11 @@ def _ids(fails: list) -> list[tuple[str, str | None]]:
 
 
 def test_good_boot_passes() -> None:
-    assert mb.evaluate(mb.parse_refstate(GOOD), _log()) == []
+    assert mb_rules.evaluate(mb.parse_refstate(GOOD), _log()) == []
 
 
 def test_no_secureboot_policy_accepts_its_boot() -> None:
-    assert mb.evaluate(mb.parse_refstate(NOSB), _log("secure_boot_off")) == []
+    assert mb_rules.evaluate(mb.parse_refstate(NOSB), _log("secure_boot_off")) == []
 
 
 @pytest.mark.parametrize(("knob", "expected"), [
@@ -48,7 +49,7 @@ def test_no_secureboot_policy_accepts_its_boot() -> None:
 ])  # fmt: skip
 def test_tamper_knobs_fail_naming_the_event(knob: str, expected: tuple[str, str]) -> None:
     log = _log(knob)
-    fails = mb.evaluate(mb.parse_refstate(GOOD), log)
+    fails = mb_rules.evaluate(mb.parse_refstate(GOOD), log)
     assert _ids(fails)[0] == expected
     ev = log.events[fails[0].context["event"]]
     if knob == "unknown_kernel":
@@ -66,7 +67,7 @@ def test_other_refstate_changes() -> None:
     ref["kernels"][0]["initrd_plain_sha256"] = "0x" + "00" * 32
     ref["pk"] = []
     ref["scrtm_and_bios"][0]["platform_firmware"][0]["sha256"] = "0x" + "11" * 32
-    kinds = {f.event_id for f in mb.evaluate(mb.parse_refstate(ref), _log())}
+    kinds = {f.event_id for f in mb_rules.evaluate(mb.parse_refstate(ref), _log())}
     assert kinds == {"measured_boot.kernel_cmdline_not_allowed", "measured_boot.initrd_not_allowed",
                      "measured_boot.pk_not_allowed", "measured_boot.scrtm_bios_not_allowed"}
 
@@ -76,7 +77,17 @@ def test_second_kernel_entry_allows_other_kernel() -> None:
     other = dict(ref["kernels"][0])
     other["kernel_authcode_sha256"] = "0x" + boot_log.authenticode(b"vmlinuz-6.1.0-evil", "sha256").hex()
     ref["kernels"].append(other)
-    assert mb.evaluate(mb.parse_refstate(ref), _log("unknown_kernel")) == []
+    assert mb_rules.evaluate(mb.parse_refstate(ref), _log("unknown_kernel")) == []
+
+
+def test_option_rom_drivers_need_no_reference_value() -> None:
+    """PCR 2 option ROM drivers pass without reference values, as upstream's; other PCR 2 kinds do not."""
+    log = _log()
+    n = len(log.events)
+    log.events.append(el.Event(n, 2, el.EV_EFI_BOOT_SERVICES_DRIVER, {"sha256": bytes(32)}, b"rom"))
+    assert mb_rules.evaluate(mb.parse_refstate(GOOD), log) == []
+    log.events.append(el.Event(n + 1, 2, el.EV_POST_CODE, {"sha256": bytes(32)}, b"post"))
+    assert _ids(mb_rules.evaluate(mb.parse_refstate(GOOD), log)) == [("measured_boot.unexpected_event", "EV_POST_CODE")]
 
 
 @pytest.mark.parametrize("mutate", [
@@ -152,18 +163,18 @@ def test_live_upstream_policy_from_testbed_log(tmp_path: Path) -> None:
     assert proc.returncode == 0 and out.exists(), f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert json.loads(out.read_text()) == GOOD
     ref = mb.parse_refstate(out.read_text())
-    assert mb.evaluate(ref, _log()) == []
-    assert mb.evaluate(ref, _log("unknown_kernel"))
+    assert mb_rules.evaluate(ref, _log()) == []
+    assert mb_rules.evaluate(ref, _log("unknown_kernel"))
 
 
 def test_refstate_from_log_equals_upstreams() -> None:
-    assert mb.refstate_from_log(_log()) == GOOD
-    assert mb.refstate_from_log(_log("secure_boot_off"), allow_no_secureboot=True) == NOSB
-    with pytest.raises(mb.RefStateCreateError):
-        mb.refstate_from_log(_log("secure_boot_off"))
-    with pytest.raises(mb.RefStateCreateError):
-        mb.refstate_from_log(el.parse(boot_log.build(["sha256"])))  # minimal log: no boot applications
+    assert mb_create.refstate_from_log(_log()) == GOOD
+    assert mb_create.refstate_from_log(_log("secure_boot_off"), allow_no_secureboot=True) == NOSB
+    with pytest.raises(mb_create.RefStateCreateError):
+        mb_create.refstate_from_log(_log("secure_boot_off"))
+    with pytest.raises(mb_create.RefStateCreateError):
+        mb_create.refstate_from_log(el.parse(boot_log.build(["sha256"])))  # minimal log: no boot applications
     # what we create, we accept
-    ref = mb.parse_refstate(mb.refstate_from_log(_log("unknown_kernel")))
-    assert mb.evaluate(ref, _log("unknown_kernel")) == []
-    assert mb.evaluate(ref, _log())
+    ref = mb.parse_refstate(mb_create.refstate_from_log(_log("unknown_kernel")))
+    assert mb_rules.evaluate(ref, _log("unknown_kernel")) == []
+    assert mb_rules.evaluate(ref, _log())

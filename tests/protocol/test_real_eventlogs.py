@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keytrio.protocol import eventlog as el
+from keytrio.protocol import mb_create, mb_rules
 from keytrio.protocol import mb_policy as mb
 
 DATA = Path(__file__).parent / "data" / "eventlogs"
@@ -248,13 +249,13 @@ def test_flipped_secureboot_byte_replays_the_same_but_is_invalid(name: str) -> N
     for bank in log.banks:
         if not el.incomplete_pcrs(log, bank):
             assert el.replay(flog, bank) == el.replay(log, bank)  # the digests did not change
-    ref = mb.parse_refstate(mb.refstate_from_log(log, allow_no_secureboot=True))
-    assert mb.evaluate(ref, log) == []
-    fails = mb.evaluate(ref, flog)
+    ref = mb.parse_refstate(mb_create.refstate_from_log(log, allow_no_secureboot=True))
+    assert mb_rules.evaluate(ref, log) == []
+    fails = mb_rules.evaluate(ref, flog)
     assert [(f.event_id, f.context["event"], f.context["pcr"], f.context["event_type"]) for f in fails] == [
         ("measured_boot.event_data_mismatch", sb.number, 7, "EV_EFI_VARIABLE_DRIVER_CONFIG")]
     assert f"event {sb.number} (PCR 7, EV_EFI_VARIABLE_DRIVER_CONFIG" in fails[0].context["reason"]
-    bank = mb._policy_bank(log)
+    bank = mb_create._policy_bank(log)
     quoted = el.replay(log, bank, mb.MEASUREDBOOT_PCRS)  # the quote of the real boot
     assert [f.event_id for f in mb.check_boot(ref, forged, quoted, bank)] == ["measured_boot.event_data_mismatch"]
 
@@ -266,29 +267,29 @@ def test_flipped_secureboot_byte_replays_the_same_but_is_invalid(name: str) -> N
 def test_policy_round_trip_on_every_real_log(name: str) -> None:
     raw = LOGS[name]
     log = el.parse(raw)
-    doc = mb.refstate_from_log(log, allow_no_secureboot=True)
+    doc = mb_create.refstate_from_log(log, allow_no_secureboot=True)
     ref = mb.parse_refstate(json.dumps(doc))
-    assert mb.evaluate(ref, log) == []
-    bank = mb._policy_bank(log)
+    assert mb_rules.evaluate(ref, log) == []
+    bank = mb_create._policy_bank(log)
     assert mb.check_boot(ref, raw, el.replay(log, bank, mb.MEASUREDBOOT_PCRS), bank) == []
     # tampering any measured event the rules constrain makes the boot invalid, naming that event
     tampered = 0
     for ev in log.events:
-        if ev.event_type == el.EV_NO_ACTION or ev.pcr not in mb.RELEVANT_PCRS:
+        if ev.event_type == el.EV_NO_ACTION or ev.pcr not in mb_rules.RELEVANT_PCRS:
             continue
         if (ev.pcr, ev.type_name) in UNCONSTRAINED and el.data_binding(ev, log.format) != el.BOUND:
             continue
         good = ev.digests[bank]
         ev.digests[bank] = bytes([good[0] ^ 1]) + good[1:]
         try:
-            fails = mb.evaluate(ref, log)
+            fails = mb_rules.evaluate(ref, log)
         finally:
             ev.digests[bank] = good
         assert any(f.context.get("event") == ev.number for f in fails), (ev.where(), fails)
         tampered += 1
     if not tampered:  # a fixture whose events are all unconstrained (or never extended)
         assert name in ("goatt_short_no_action_eventlog.bin", "t2t_event-uefiservices.bin")
-        assert mb.evaluate(ref, el.parse(LOGS["t2t_event-bootorder.bin"]))  # its policy refuses a real boot
+        assert mb_rules.evaluate(ref, el.parse(LOGS["t2t_event-bootorder.bin"]))  # its policy refuses a real boot
 
 
 def test_tampered_copy_bytes_is_invalid_naming_the_event() -> None:
@@ -296,7 +297,7 @@ def test_tampered_copy_bytes_is_invalid_naming_the_event() -> None:
     name = "t2t_event-moklisttrusted.bin"
     raw = LOGS[name]
     log = el.parse(raw)
-    ref = mb.refstate_from_log(log)
+    ref = mb_create.refstate_from_log(log)
     kernel = [ev for ev in log.events if ev.event_type == el.EV_EFI_BOOT_SERVICES_APPLICATION][2]
     at = raw.index(kernel.digests["sha256"], kernel.offset)
     evil = raw[:at] + hashlib.sha256(b"evil").digest() + raw[at + 32:]
@@ -316,55 +317,55 @@ UPSTREAM_REFS = {p.name.removesuffix(".json"): json.loads(p.read_text())
 def test_same_document_as_upstreams_tool_where_its_format_says_the_boot(name: str) -> None:
     up = UPSTREAM_REFS[name]
     log = el.parse(LOGS[name])
-    ours = mb.refstate_from_log(log, allow_no_secureboot=True)
+    ours = mb_create.refstate_from_log(log, allow_no_secureboot=True)
     pinned = ours.pop("pinned_events", None)  # events upstream's rules refuse (its own policy fails there)
     if "kernels" not in up:  # its tool found no chain of its shape and left the key out
         assert set(ours.pop("kernels")[0]) <= {"boot_applications", "kernel_cmdline", "initrd_plain_sha256"}
     assert ours == up
     if pinned is None and "kernels" in up:
-        assert mb.evaluate(mb.parse_refstate(up), log) == []  # upstream's document, read the same way
+        assert mb_rules.evaluate(mb.parse_refstate(up), log) == []  # upstream's document, read the same way
 
 
 def test_boots_upstreams_format_cannot_say() -> None:
     # Windows on GCE, SHA-1 format: one boot application (bootmgfw), sha1 digests
-    win = mb.refstate_from_log(el.parse(LOGS["goatt_windows_gcp.bin"]))
+    win = mb_create.refstate_from_log(el.parse(LOGS["goatt_windows_gcp.bin"]))
     assert win["has_secureboot"] and [list(d) for d in win["kernels"][0]["boot_applications"]] == [["sha1"]]
     # Windows' own PCR 14 events (boot manager tags, its separator) are pinned by digest
     assert [(p["pcr"], p["event_type"]) for p in win["pinned_events"]] == [
         (14, "EV_EVENT_TAG"), (14, "EV_EVENT_TAG"), (14, "EV_SEPARATOR")]
     # a SHA-1-format UEFI log with two applications and no sha256 anywhere
-    sha1 = mb.refstate_from_log(el.parse(LOGS["t2t_event-uefi-sha1-log.bin"]), allow_no_secureboot=True)
+    sha1 = mb_create.refstate_from_log(el.parse(LOGS["t2t_event-uefi-sha1-log.bin"]), allow_no_secureboot=True)
     assert [list(d) for d in sha1["kernels"][0]["boot_applications"]] == [["sha1"], ["sha1"]]
     assert "scrtm" in sha1["scrtm_and_bios"][0] and list(sha1["scrtm_and_bios"][0]["scrtm"]) == ["sha1"]
     # systemd-boot on Arch: no initrd read by grub, no grub command line; its UTF-16 command line is pinned
-    arch = mb.refstate_from_log(el.parse(LOGS["t2t_event-arch-linux.bin"]), allow_no_secureboot=True)
+    arch = mb_create.refstate_from_log(el.parse(LOGS["t2t_event-arch-linux.bin"]), allow_no_secureboot=True)
     assert set(arch["kernels"][0]) == {"shim_authcode_sha256", "grub_authcode_sha256"}  # upstream's keys, by position
     assert (8, "EV_IPL") in {(p["pcr"], p["event_type"]) for p in arch["pinned_events"]}
     # each policy refuses the other machines' boots
     ref = mb.parse_refstate(win)
-    assert mb.evaluate(ref, el.parse(LOGS["goatt_option_rom_eventlog.bin"]))
-    assert mb.evaluate(mb.parse_refstate(arch), el.parse(LOGS["t2t_event-bootorder.bin"]))
+    assert mb_rules.evaluate(ref, el.parse(LOGS["goatt_option_rom_eventlog.bin"]))
+    assert mb_rules.evaluate(mb.parse_refstate(arch), el.parse(LOGS["t2t_event-bootorder.bin"]))
 
 
 def test_create_errors_name_the_event() -> None:
-    with pytest.raises(mb.RefStateCreateError, match=r"Secure Boot is disabled in this log \(event 4 \(PCR 7, "
+    with pytest.raises(mb_create.RefStateCreateError, match=r"Secure Boot is disabled in this log \(event 4 \(PCR 7, "
                                                       r"EV_EFI_VARIABLE_DRIVER_CONFIG, byte \d+\) says so\)"):
-        mb.refstate_from_log(el.parse(LOGS["t2t_event-bootorder.bin"]))
-    with pytest.raises(mb.RefStateCreateError, match="no SecureBoot variable is measured"):
-        mb.refstate_from_log(el.parse(LOGS["t2t_event.bin"]))
+        mb_create.refstate_from_log(el.parse(LOGS["t2t_event-bootorder.bin"]))
+    with pytest.raises(mb_create.RefStateCreateError, match="no SecureBoot variable is measured"):
+        mb_create.refstate_from_log(el.parse(LOGS["t2t_event.bin"]))
     raw = LOGS["t2t_event-uefi-sha1-log.bin"]
     log = el.parse(raw)
     sep = next(ev for ev in log.events if ev.event_type == el.EV_SEPARATOR)
     at = data_at(log, sep)
-    with pytest.raises(mb.RefStateCreateError, match=rf"event {sep.number} \(PCR {sep.pcr}, EV_SEPARATOR, byte "
+    with pytest.raises(mb_create.RefStateCreateError, match=rf"event {sep.number} \(PCR {sep.pcr}, EV_SEPARATOR, byte "
                                                       rf"{sep.offset}\): its data does not hash"):
-        mb.refstate_from_log(el.parse(raw[:at] + b"\x01" + raw[at + 1:]), allow_no_secureboot=True)
+        mb_create.refstate_from_log(el.parse(raw[:at] + b"\x01" + raw[at + 1:]), allow_no_secureboot=True)
     with pytest.raises(mb.MbPolicyError, match=r"kernels\[0\]\.boot_applications\[1\]\.sha256: must be 0x"):
         mb.parse_refstate({"has_secureboot": False, "scrtm_and_bios": [], "pk": [], "kek": [], "db": [], "dbx": [],
                            "mokdig": [], "mokxdig": [],
                            "kernels": [{"boot_applications": [{"sha256": "0x00"}, {"sha256": "00"}]}]})
     with pytest.raises(mb.MbPolicyError, match=r"pinned_events\[0\]\.event_type"):
-        mb.parse_refstate({**json.loads(json.dumps(mb.refstate_from_log(el.parse(LOGS["goatt_windows_gcp.bin"])))),
+        mb.parse_refstate({**json.loads(json.dumps(mb_create.refstate_from_log(el.parse(LOGS["goatt_windows_gcp.bin"])))),
                            "pinned_events": [{"pcr": 1, "event_type": "EV_NOPE", "digests": {"sha1": "0x00"}}]})
 
 
