@@ -67,7 +67,7 @@ class Fleet:
 
     async def grow(self, nursery: trio.Nursery, n: int) -> list[dict[str, Any]]:
         from keytrio.testbed.machine import Machine
-        from keytrio.testbed.swtpm import copy_state, provision
+        from keytrio.testbed.swtpm_state import copy_state, provision
 
         if not self.machines:
             await trio.to_thread.run_sync(lambda: provision(self.template, banks=("sha1", "sha256")))

@@ -83,17 +83,17 @@ def _testbed_up(args: argparse.Namespace) -> int:
 
 
 def _tpm_start(args: argparse.Namespace) -> int:
-    from keytrio.testbed import swtpm
+    from keytrio.testbed import swtpm_detached
 
-    tcti = trio.run(lambda: swtpm.start_detached(args.dir, banks=tuple(args.banks.split(","))))
+    tcti = trio.run(lambda: swtpm_detached.start_detached(args.dir, banks=tuple(args.banks.split(","))))
     print(tcti)
     return 0
 
 
 def _tpm_stop(args: argparse.Namespace) -> int:
-    from keytrio.testbed import swtpm
+    from keytrio.testbed import swtpm_detached
 
-    stopped = trio.run(lambda: swtpm.stop_detached(args.dir))
+    stopped = trio.run(lambda: swtpm_detached.stop_detached(args.dir))
     if not stopped:
         print(f"keytrio testbed tpm stop: no running swtpm in {args.dir}", file=sys.stderr)
         return 1

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from keytrio.actors.agent.tpm import Tpm
 from keytrio.protocol import credential, ima, quote, quote_check, tpm2
 from keytrio.scenarios.runner import Run, scenario
-from keytrio.testbed import swtpm
+from keytrio.testbed import swtpm, swtpm_state
 from keytrio.testbed.ima_log import FILE_NAME, ImaLog
 
 BANKS = ("sha1", "sha256")
@@ -66,7 +66,7 @@ async def _attest(run: Run, rng: random.Random, sw: swtpm.Swtpm, tpm: Tpm) -> No
             == ek_key.public_bytes(serialization.Encoding.DER, spki),
             "EK certificate key differs from the EK",
         )
-        issuer = x509.load_pem_x509_certificate(swtpm.ek_ca_certs(sw.state_dir)[0].read_bytes())
+        issuer = x509.load_pem_x509_certificate(swtpm_state.ek_ca_certs(sw.state_dir)[0].read_bytes())
         cert.verify_directly_issued_by(issuer)
         run.note(f"EK cert subject/issuer: {cert.issuer.rfc4514_string()}")
 

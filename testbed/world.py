@@ -44,7 +44,7 @@ from keytrio.actors.verifier.config import load_config as verifier_config
 from keytrio.testbed.machine import Machine
 from keytrio.testbed.observe import Observer, state_name
 from keytrio.testbed.pki import CaFiles, make_cv_ca
-from keytrio.testbed.swtpm import init_local_ca, local_ca_certs
+from keytrio.testbed.swtpm_state import init_local_ca, local_ca_certs
 
 GET_QUOTE, FAILED, INVALID_QUOTE, TENANT_FAILED = 3, 7, 9, 10
 TENANT_CONFIG, EK_TRUST_STORE = "tenant.toml", "ek-trust-store"

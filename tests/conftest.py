@@ -6,7 +6,7 @@
   running instances; ``fresh=True`` (default) provisions a new TPM (distinct EKs, ~0.7 s),
   ``fresh=False`` clones the session template (fast, same EKs as ``swtpm``).
 - ``swtpm_ca_dir``: the session's private swtpm local CA; every fixture TPM's EK certs chain to it
-  (``testbed.swtpm.ek_ca_certs(sw.state_dir)`` lists the PEM files).
+  (``testbed.swtpm_state.ek_ca_certs(sw.state_dir)`` lists the PEM files).
 - ``tpm``: an opened ``actors.agent.tpm.Tpm`` on ``swtpm``. swtpm serves one connection at a time,
   so while ``tpm`` is open, tpm2-tools calls against the same swtpm block: use one or the other.
 
@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from keytrio.testbed import swtpm as swtpm_mod
+from keytrio.testbed import swtpm_state
 
 #: skip reasons accepted under CI=true (substring of the reason -> why it cannot exist here)
 CI_ALLOWED_SKIPS: dict[str, str] = {
@@ -85,7 +86,7 @@ def _require_swtpm() -> None:
 def swtpm_ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _require_swtpm()
     d = tmp_path_factory.mktemp("swtpm-localca")
-    swtpm_mod.init_local_ca(d)
+    swtpm_state.init_local_ca(d)
     return d
 
 
@@ -93,14 +94,14 @@ def swtpm_ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def swtpm_template(tmp_path_factory: pytest.TempPathFactory, swtpm_ca_dir: Path) -> Path:
     """One provisioned (never started) state dir per session, cloned per test."""
     d = tmp_path_factory.mktemp("swtpm-template")
-    swtpm_mod.provision(d, banks=swtpm_mod.DEFAULT_BANKS, ca_dir=swtpm_ca_dir)
+    swtpm_state.provision(d, banks=swtpm_state.DEFAULT_BANKS, ca_dir=swtpm_ca_dir)
     return d
 
 
 @pytest.fixture
 async def swtpm(tmp_path: Path, swtpm_template: Path) -> AsyncIterator[swtpm_mod.Swtpm]:
     d = tmp_path / "swtpm"
-    swtpm_mod.copy_state(swtpm_template, d)
+    swtpm_state.copy_state(swtpm_template, d)
     async with swtpm_mod.swtpm_running(d) as sw:
         yield sw
 
@@ -117,15 +118,15 @@ async def swtpm_factory(
 
         async def make(
             *,
-            banks: Sequence[str] = swtpm_mod.DEFAULT_BANKS,
+            banks: Sequence[str] = swtpm_state.DEFAULT_BANKS,
             transport: str = "unix",
             fresh: bool = True,
         ) -> swtpm_mod.Swtpm:
             d = tmp_path / f"swtpm-{next(counter)}"
             if not fresh:
-                if tuple(banks) != swtpm_mod.DEFAULT_BANKS:
+                if tuple(banks) != swtpm_state.DEFAULT_BANKS:
                     raise ValueError("fresh=False clones the template, which has the default banks")
-                swtpm_mod.copy_state(swtpm_template, d)
+                swtpm_state.copy_state(swtpm_template, d)
             return await stack.enter_async_context(
                 swtpm_mod.swtpm_running(d, banks=banks, transport=transport, ca_dir=swtpm_ca_dir)
             )

@@ -187,11 +187,11 @@ def test_three_machines_guide_runs(tmp_path: Path) -> None:
     tcti = subprocess.run([str(KEYTRIO), "testbed", "tpm", "start", "--dir", str(tpm_dir)], check=True,
                           capture_output=True, text=True, timeout=60).stdout.strip()
     w.env["KEYTRIO_AGENT_TCTI"] = tcti
-    from keytrio.testbed import swtpm
+    from keytrio.testbed import swtpm_state
 
     vendor = w.machine("verifier") / "tpm-vendor-ca"
     vendor.mkdir()
-    for i, pem in enumerate(swtpm.ek_ca_certs(tpm_dir)):
+    for i, pem in enumerate(swtpm_state.ek_ca_certs(tpm_dir)):
         shutil.copy(pem, vendor / f"swtpm-{i}.pem")
     w.env["TPM_VENDOR_CA"] = str(vendor)
     outputs: list[str] = []

@@ -30,6 +30,7 @@ from keytrio.actors.common import tls
 from keytrio.actors.verifier import config as verifier_config
 from keytrio.actors.verifier.actor import Verifier
 from keytrio.testbed import swtpm as swtpm_mod
+from keytrio.testbed import swtpm_state
 from tests.interop.evidence_cases import (
     Answer,
     Case,
@@ -65,7 +66,7 @@ async def cross_check(upstream: Upstream, root: Path, swtpm_template: Path | Non
     """Make the evidence, start our verifier, post every case to both verifiers."""
     state = root / "swtpm"
     if swtpm_template is not None:
-        swtpm_mod.copy_state(swtpm_template, state)
+        swtpm_state.copy_state(swtpm_template, state)
     async with swtpm_mod.swtpm_running(state, banks=("sha1", "sha256")) as sw:
         material = await build_material(sw.tcti, root / "ascii_runtime_measurements")
     cases = {c.name: c for c in build_cases(material)}

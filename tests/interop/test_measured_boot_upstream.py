@@ -53,7 +53,7 @@ from keytrio.actors.verifier import config as verifier_config
 from keytrio.actors.verifier.actor import Verifier
 from keytrio.protocol import eventlog, mb_create, mb_policy
 from keytrio.protocol.quote import build_quote, encode_pcr_blob
-from keytrio.testbed import boot_log
+from keytrio.testbed import boot_log, swtpm_state
 from keytrio.testbed import swtpm as swtpm_mod
 from keytrio.testbed.boot_log import TAMPER_KNOBS, BootConfig
 from tests.interop.evidence_cases import Answer, Verdict
@@ -193,7 +193,7 @@ async def cross_check(upstream: Upstream, root: Path, swtpm_template: Path) -> M
     boots = ["good", *TAMPER_KNOBS]
     evidence: dict[str, Evidence] = {}
     state = root / "swtpm"
-    swtpm_mod.copy_state(swtpm_template, state)
+    swtpm_state.copy_state(swtpm_template, state)
     async with swtpm_mod.swtpm_running(state, banks=BANKS) as sw:
         for i, name in enumerate(boots):
             if i:

@@ -16,7 +16,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_SIGNATURE
 from tpm2_pytss.utils import credential_to_tools, make_credential
 
 from keytrio.actors.agent.tpm import EK_CERT_INDEX, AttestationKey, Quote, Tpm, TpmError, public_key
-from keytrio.testbed import swtpm as S
+from keytrio.testbed import swtpm_state
 
 pytestmark = pytest.mark.swtpm
 
@@ -57,8 +57,8 @@ async def test_ek_public_matches_cert(tpm: Tpm, swtpm, alg: str) -> None:
     cert = x509.load_der_x509_certificate(ek.cert_der)
     assert cert.public_key() == public_key(ek.public)
     # the NV content is the certificate swtpm_setup issued, chaining to the local CA
-    assert ek.cert_der == S.ek_cert_files(swtpm.state_dir)[alg].read_bytes()
-    issuer = x509.load_pem_x509_certificate(S.ek_ca_certs(swtpm.state_dir)[0].read_bytes())
+    assert ek.cert_der == swtpm_state.ek_cert_files(swtpm.state_dir)[alg].read_bytes()
+    issuer = x509.load_pem_x509_certificate(swtpm_state.ek_ca_certs(swtpm.state_dir)[0].read_bytes())
     cert.verify_directly_issued_by(issuer)
     pub, _ = TPM2B_PUBLIC.unmarshal(ek.public)
     if alg == "rsa2048":

@@ -66,7 +66,7 @@ def envelope(r: httpx.Response, code: int) -> dict:
 @pytest.mark.swtpm
 @pytest.mark.parametrize("ek_alg", ["rsa2048", "ecc384"])
 async def test_register_activate_with_swtpm(tpm, swtpm, pki, tmp_path, ek_alg):
-    from keytrio.testbed.swtpm import ek_ca_certs
+    from keytrio.testbed.swtpm_state import ek_ca_certs
 
     store_dir = tmp_path / "tpm_cert_store"
     store_dir.mkdir()

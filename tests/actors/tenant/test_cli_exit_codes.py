@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from keytrio.testbed.swtpm import ek_ca_certs
+from keytrio.testbed.swtpm_state import ek_ca_certs
 from tests.actors.registrar_support import EkCa
 from tests.actors.tenant.test_tenant import AGENT_ID, world_running
 

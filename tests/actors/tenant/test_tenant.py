@@ -32,7 +32,7 @@ from keytrio.actors.verifier.config import load_config as verifier_config
 from keytrio.protocol import payload as pl
 from keytrio.protocol import states
 from keytrio.protocol.runtime_policy import policy_document
-from keytrio.testbed.swtpm import ek_ca_certs
+from keytrio.testbed.swtpm_state import ek_ca_certs
 from tests.actors.agent.test_agent import Running as RunningAgent
 from tests.actors.agent.test_agent import results, start_agent
 from tests.actors.registrar_support import (

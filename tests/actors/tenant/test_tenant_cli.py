@@ -27,7 +27,7 @@ from keytrio.actors.tenant import cli as tenant_cli
 from keytrio.actors.tenant.payload import REVOCATION_CERT
 from keytrio.protocol import states, versions
 from keytrio.testbed.ima_log import ImaLog
-from keytrio.testbed.swtpm import ek_ca_certs
+from keytrio.testbed.swtpm_state import ek_ca_certs
 from tests.actors.registrar_support import EkCa, SoftTpm
 from tests.actors.tenant.test_tenant import AGENT_ID, OTHER_ID, World, _free_port, world_running
 from tests.actors.tools.test_policy_tools import policy
