@@ -24,6 +24,10 @@ EDITS: dict[str, dict[str, str]] = {
               "crl": '"/etc/keytrio/cv_ca/cacrl.pem"'},
     "tenant": {"registrar_ip": '"192.0.2.20"', "verifier_ip": '"192.0.2.10"',
                "tls_dir": '"/var/lib/keytrio/verifier/cv_ca"', "tpm_cert_store": '"/etc/keytrio/tpm_cert_store"'},
+    # the same agent in push mode (API v3.0): it binds no port and needs no client CA
+    "agent-push": {"uuid": '"d432fbb3-d2f1-4a97-9ef7-75bd81c0a9e1"', "registrar_ip": '"192.0.2.20"',
+                   "mode": '"push"', "verifier_url": '"https://192.0.2.10:8881"',
+                   "verifier_tls_ca_cert": '"/etc/keytrio/cv_ca/cacert.crt"'},
 }
 
 HEADER = ("# Sample for a three-machine deployment (deploy/three-machines.md): `keytrio {actor} "
@@ -31,15 +35,16 @@ HEADER = ("# Sample for a three-machine deployment (deploy/three-machines.md): `
           "stand for the verifier,\n# registrar and agent machines. Edited: {keys}.\n#\n")
 
 
-def sample(actor: str) -> str:
+def sample(name: str) -> str:
+    actor = name.split("-")[0]  # agent-push: the agent's options, other edits
     text = subprocess.run([str(KEYTRIO), actor, "--print-default-config"], check=True, capture_output=True,
                           text=True).stdout
-    for key, value in EDITS[actor].items():
+    for key, value in EDITS[name].items():
         pattern = re.compile(rf"^(# )?{re.escape(key)} = .*$", re.M)
         if len(pattern.findall(text)) != 1:
             raise SystemExit(f"{actor}: option {key} not found once in the default configuration")
         text = pattern.sub(lambda _m, k=key, v=value: f"{k} = {v}", text)
-    return HEADER.format(actor=actor, keys=", ".join(EDITS[actor])) + text
+    return HEADER.format(actor=actor, keys=", ".join(EDITS[name])) + text
 
 
 def main() -> int:

@@ -27,9 +27,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keytrio.actors.agent import config as agent_config
-from keytrio.actors.agent import datadir, identity
+from keytrio.actors.agent import datadir, identity, push
 from keytrio.actors.agent.app import build_app
 from keytrio.actors.agent.keys import Keys
+from keytrio.actors.agent.push_loop import PushAttester
 from keytrio.actors.agent.quotes import AgentMetrics, QuoteSource
 from keytrio.actors.agent.registration import Registration, RegistrationError
 from keytrio.actors.agent.revocation import Revocations
@@ -85,7 +86,7 @@ class _Parts:
 
 class Agent:
     def __init__(self, config: Config) -> None:
-        if not config.trusted_client_ca:
+        if not config.trusted_client_ca and config.mode != "push":
             raise AgentConfigError("trusted_client_ca: at least one CA file is required")
         if config.crl and not Path(config.crl).is_file():
             raise AgentConfigError(f"crl: no such file {config.crl}")
@@ -99,6 +100,7 @@ class Agent:
         self.app: KeytrioApp | None = None  # the served app while running (its url_map lists the routes)
         self.metrics = AgentMetrics()  # per instance: its own Prometheus registry
         self.metrics_address: tuple[str, int] | None = None  # /metrics + /health while serving
+        self.push: PushAttester | None = None  # push mode's attestation loop while running
 
     @classmethod
     def from_options(cls, **overrides: object) -> Agent:
@@ -107,6 +109,9 @@ class Agent:
 
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
+        if cfg.mode == "push":
+            await push.run_push(self, task_status)  # binds no port: started with ("", 0)
+            return
         data_dir: Path = cfg.data_dir
         # Order (common/startup.py): data dir locked, CA files readable and every port bound before
         # the TPM is touched, so a port in use or a second agent on this data dir changes nothing.

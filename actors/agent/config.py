@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from keytrio.actors.agent import push_config
 from keytrio.actors.common import config as cfg
-from keytrio.actors.common.config import Config, Option
+from keytrio.actors.common.config import Config, ConfigError, Option
 from keytrio.protocol import validation
 from keytrio.protocol.errors import ValidationError
 
@@ -77,7 +78,8 @@ OPTIONS: tuple[Option, ...] = (
            choices=("sha1", "sha256", "sha384", "sha512")),
     Option("tpm_signing_alg", "choice", "rsassa", "AK signing scheme.", choices=("rsassa", "ecdsa")),
     Option("tpm_encryption_alg", "choice", "rsa", "EK/AK key type.", choices=("rsa", "ecc")),
-    Option("trusted_client_ca", "list", [], "PEM files of the CA(s) whose client certs may connect (required)."),
+    Option("trusted_client_ca", "list", [],
+           "PEM files of the CA(s) whose client certs may connect (required in pull mode)."),
     Option("require_client_eku", "bool", False,
            "Refuse client certs without an extended key usage too (those whose EKU lacks clientAuth\n"
            "are always refused). Upstream's cv_ca issues certs without one: see docs/compatibility.md."),
@@ -113,13 +115,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_port", "int", METRICS_PORT,
            f"Port of the plain-HTTP /metrics + /health listener (default {METRICS_PORT});\n"
            "0 = any free port (logged at start), a negative value disables the listener.", maximum=65535),
+    *push_config.OPTIONS,
 )
 
 
 def load(path: Path | None = None, *, env: Mapping[str, str] | None = None,
          overrides: Mapping[str, Any] | None = None) -> Config:
     """Load and validate the agent configuration (TOML ``[agent]`` table + KEYTRIO_AGENT_*)."""
-    return cfg.load(ACTOR, OPTIONS, path, env=env, overrides=overrides)
+    config = cfg.load(ACTOR, OPTIONS, path, env=env, overrides=overrides)
+    if problems := push_config.problems(dict(config)):
+        raise ConfigError(problems)
+    return config
 
 
 def default_text() -> str:

@@ -37,9 +37,9 @@ class RegistrationError(Exception):
 class Registration:
     registrar_ip: str
     registrar_port: int
-    contact_ip: str
-    contact_port: int
-    mtls_cert: str
+    contact_ip: str | None  # None (with contact_port and mtls_cert): a push-mode agent, reached by no one
+    contact_port: int | None
+    mtls_cert: str | None
     retries: int
     interval: float
     exponential: bool
@@ -55,14 +55,14 @@ class Registration:
         return f"http://{host}:{self.registrar_port}/v{REGISTRAR_API}/agents/{quote(agent_id, safe='')}{suffix}"
 
     async def run(self, tpm: Tpm, ident: Identity) -> None:
-        body = {
+        body: dict[str, Any] = {
             "ek_tpm": base64.b64encode(ident.ek.public).decode("ascii"),
             "ekcert": base64.b64encode(ident.ek.cert_der).decode("ascii") if ident.ek.cert_der else None,
             "aik_tpm": base64.b64encode(ident.ak.public).decode("ascii"),
-            "mtls_cert": self.mtls_cert,
-            "ip": self.contact_ip,
-            "port": self.contact_port,
         }
+        # a push agent sends no contact at all, as upstream's push agent
+        contact = {"mtls_cert": self.mtls_cert, "ip": self.contact_ip, "port": self.contact_port}
+        body.update({k: v for k, v in contact.items() if v is not None})
 
         def on_retry(attempt: int, exc: Exception, delay: float) -> None:
             log.warning("agent=%s event=registrar_retry attempt=%d delay=%.1fs error=%s",
