@@ -19,7 +19,7 @@ from keytrio.actors.agent.push_messages import Capabilities, Collected, Requeste
 from keytrio.actors.agent.push_tpm import Certification, certify_self
 from keytrio.actors.agent.quotes import read_boottime
 from keytrio.actors.agent.tpm import AttestationKey, Tpm, public_key
-from keytrio.protocol.quote import encode_pcr_blob
+from keytrio.protocol import pcr_blob
 
 _SCHEMES = {"rsa": "rsassa", "ecc": "ecdsa"}
 
@@ -74,4 +74,4 @@ class EvidenceSource:
         uefi = b""
         if "uefi_log" in requested.items:
             uefi = await trio.to_thread.run_sync(_read, self.measuredboot_ml_path) or b""
-        return Collected(quote.attest, quote.signature, encode_pcr_blob(quote.bank, quote.pcrs), ima_lines, uefi)
+        return Collected(quote.attest, quote.signature, pcr_blob.encode({quote.bank: quote.pcrs}), ima_lines, uefi)

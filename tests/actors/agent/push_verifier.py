@@ -36,7 +36,7 @@ from tpm2_pytss.types import TPMS_ATTEST, TPMT_SIGNATURE
 from keytrio.actors.agent.tpm import public_key
 from keytrio.actors.common import tls
 from keytrio.actors.common.serve import serve
-from keytrio.protocol.quote import decode_pcr_blob
+from keytrio.protocol import pcr_blob
 
 EPOCH = datetime.datetime(2026, 12, 3, tzinfo=datetime.UTC)
 
@@ -251,7 +251,7 @@ class PushVerifier:
         quote, ima = body["data"]["attributes"]["evidence_collected"]
         data = quote["data"]
         attest, signature = base64.b64decode(data["message"]), base64.b64decode(data["signature"])
-        bank, pcrs = decode_pcr_blob(base64.b64decode(data["subject_data"]))
+        bank, pcrs = pcr_blob.decode_single(base64.b64decode(data["subject_data"]))
         info, _ = TPMS_ATTEST.unmarshal(attest)
         selected = info.attested.quote.pcrSelect
         if not (info.type == TPM2_ST.ATTEST_QUOTE and bytes(info.extraData) == att["challenge"]
