@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from keytrio.protocol import eventlog as el
+from keytrio.protocol import eventlog_replay
 from keytrio.protocol.errors import ValidationError
 from keytrio.protocol.mb_policy import parse_refstate
 from keytrio.protocol.mb_rules import RELEVANT_PCRS, Evaluator, RefState, evaluate, pcr9_kind, unbound_data
@@ -76,7 +77,7 @@ def _policy_bank(log: el.EventLog) -> str:
     for bank in _POLICY_BANKS:
         if bank not in log.algorithms:
             continue
-        gaps = {p: ev for p, ev in el.incomplete_pcrs(log, bank).items() if p in RELEVANT_PCRS}
+        gaps = {p: ev for p, ev in eventlog_replay.incomplete_pcrs(log, bank).items() if p in RELEVANT_PCRS}
         if not gaps:
             return bank
         reasons.append(f"{gaps[min(gaps)].where()} has no {bank} digest")

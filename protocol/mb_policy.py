@@ -39,7 +39,7 @@ import re
 from typing import Any
 
 from keytrio.protocol import eventlog as el
-from keytrio.protocol import safejson
+from keytrio.protocol import eventlog_parse, eventlog_replay, safejson
 from keytrio.protocol.errors import ValidationError
 from keytrio.protocol.failures import Failure, Severity
 from keytrio.protocol.mb_rules import PREFIX, RELEVANT_PCRS, Kernel, RefState, evaluate, mb_failure
@@ -212,7 +212,7 @@ def check_boot(
     if not log_bytes:
         return [mb_failure("missing_log", "the agent sent no UEFI event log")]
     try:
-        log = el.parse(log_bytes)
+        log = eventlog_parse.parse(log_bytes)
     except el.EventLogError as exc:
         return [mb_failure("parser", f"event log does not parse: {exc}")]
     missing = sorted(RELEVANT_PCRS - set(quoted_pcrs))
@@ -222,7 +222,7 @@ def check_boot(
         return [mb_failure("parser", f"the event log has no {bank} bank")]
     fails = []
     try:
-        replayed = el.replay(log, bank, RELEVANT_PCRS)
+        replayed = eventlog_replay.replay(log, bank, RELEVANT_PCRS)
     except el.EventLogError as exc:  # an event without a digest of this bank, an unknown hash
         return [mb_failure("parser", f"the event log cannot be replayed in {bank}: {exc}")]
     for pcr in sorted(RELEVANT_PCRS):

@@ -12,7 +12,7 @@ context names the offending event (number, PCR, type). keytrio's extension (boot
 no S-CRTM, pinned events) is described with the format in :mod:`protocol.mb_policy`.
 
 Before any rule reads event data, the data of the PCRs 0-9 and 14 is checked against its digests
-(:func:`protocol.eventlog.data_mismatch`); data edited after the measurement gives only
+(:func:`protocol.eventlog_data.data_mismatch`); data edited after the measurement gives only
 ``measured_boot.event_data_mismatch`` failures naming the events (upstream reads such data as it
 is, so a flipped SecureBoot byte changes its verdict while the PCRs still replay).
 """
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keytrio.protocol import eventlog as el
+from keytrio.protocol import eventlog_data
 from keytrio.protocol.failures import Failure, Severity
 
 POLICY_NAME = "example"  # upstream's policy of this meaning
@@ -457,7 +458,7 @@ def unbound_data(log: el.EventLog) -> list[Failure]:
     """One ``event_data_mismatch`` failure per event (of the PCRs a policy reads) whose data is not
     what its digests measured: edited after the measurement, so no rule may read it. Events of
     other PCRs are not checked: their digests are not compared with the quote either."""
-    return [mb_failure("event_data_mismatch", reason, ev) for ev, reason in el.unbound_events(log)
+    return [mb_failure("event_data_mismatch", reason, ev) for ev, reason in eventlog_data.unbound_events(log)
             if ev.pcr in RELEVANT_PCRS]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from keytrio.protocol import eventlog, mb_create
+from keytrio.protocol import eventlog_parse, mb_create
 from keytrio.scenarios.runner import Expect
 from keytrio.testbed import boot_log
 from keytrio.testbed.machine import Machine
@@ -26,7 +26,7 @@ BOOT_GOOD: dict[str, Any] = {"boot": GOOD_BOOT}
 
 def good_policy(m: Machine) -> str:
     """The reference state of the good boot, as JSON text (what the tenant sends as mb_policy)."""
-    log = eventlog.parse(boot_log.build(m.banks, GOOD_BOOT))
+    log = eventlog_parse.parse(boot_log.build(m.banks, GOOD_BOOT))
     return json.dumps(mb_create.refstate_from_log(log))
 
 

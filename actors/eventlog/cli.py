@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from keytrio.protocol import eventlog as el
+from keytrio.protocol import eventlog_data, eventlog_parse, eventlog_replay
 
 EXIT_BAD_LOG = 1
 EXIT_USAGE = 2
@@ -59,11 +60,11 @@ def _replay(log: el.EventLog, banks: list[str], pcrs: set[int] | None) -> dict[s
     out: dict[str, dict[str, str]] = {}
     for bank in banks:
         values: dict[str, str] = {}
-        gaps = el.incomplete_pcrs(log, bank)
+        gaps = eventlog_replay.incomplete_pcrs(log, bank)
         with_events = {ev.pcr for ev in log.events if ev.event_type != el.EV_NO_ACTION}
         wanted = sorted(with_events if pcrs is None else pcrs)
         try:
-            got = el.replay(log, bank, [p for p in wanted if p not in gaps])
+            got = eventlog_replay.replay(log, bank, [p for p in wanted if p not in gaps])
         except el.EventLogError as exc:  # a bank keytrio cannot hash
             out[bank] = {str(p): f"unknown: {exc}" for p in wanted}
             continue
@@ -76,7 +77,7 @@ def _replay(log: el.EventLog, banks: list[str], pcrs: set[int] | None) -> dict[s
 def _event_json(ev: el.Event, log_format: str) -> dict[str, Any]:
     doc = ev.to_json()
     doc["Offset"] = ev.offset
-    doc["DataDigest"] = el.data_binding(ev, log_format)
+    doc["DataDigest"] = eventlog_data.data_binding(ev, log_format)
     if ev.decode_error:
         doc["DecodeError"] = ev.decode_error
     return doc
@@ -91,10 +92,10 @@ def _text(log: el.EventLog, events: list[el.Event], replayed: dict[str, dict[str
           out: TextIO) -> None:
     out.write(f"format: {log.format}  banks: {', '.join(f'{b} ({n} bytes)' for b, n in log.algorithms.items())}"
               f"  events: {len(log.events)}\n")
-    binding = {el.BOUND: "bound", el.NOT_BOUND: "digest-only", el.MISMATCH: "MISMATCH"}
+    binding = {eventlog_data.BOUND: "bound", eventlog_data.NOT_BOUND: "digest-only", eventlog_data.MISMATCH: "MISMATCH"}
     for ev in events:
         out.write(f"\n#{ev.number} PCR {ev.pcr} {ev.type_name} at byte {ev.offset}, {len(ev.data)} bytes of data, "
-                  f"data: {binding[el.data_binding(ev, log.format)]}\n")
+                  f"data: {binding[eventlog_data.data_binding(ev, log.format)]}\n")
         for bank, digest in ev.digests.items():
             out.write(f"  {bank}: {digest.hex()}\n")
         if ev.decoded is not None:
@@ -124,7 +125,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
         print(f"keytrio eventlog: {args.file}: unreadable ({exc.strerror or exc})", file=err)
         return EXIT_USAGE
     try:
-        log = el.parse(raw)
+        log = eventlog_parse.parse(raw)
     except el.EventLogError as exc:
         print(f"keytrio eventlog: {args.file}: not an event log: {exc}", file=err)
         return EXIT_BAD_LOG

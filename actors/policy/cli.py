@@ -21,7 +21,7 @@ from typing import TextIO
 
 from keytrio.actors.policy import create, sign
 from keytrio.actors.policy.create import PolicyToolError
-from keytrio.protocol import eventlog, mb_create, mb_policy
+from keytrio.protocol import eventlog, eventlog_parse, mb_create, mb_policy
 from keytrio.protocol.errors import ProtocolError
 
 EXIT_USAGE = 2
@@ -116,7 +116,7 @@ def _write(data: str, path: Path | None, out: TextIO) -> None:
 def _create_measured_boot(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     raw = _read(args.event_log, "--event-log")
     try:
-        log = eventlog.parse(raw)
+        log = eventlog_parse.parse(raw)
         ref = mb_create.refstate_from_log(log, allow_no_secureboot=args.without_secureboot)
         mb_policy.parse_refstate(ref)  # refuse to write what the verifier would refuse
     except eventlog.EventLogError as exc:

@@ -51,7 +51,7 @@ from keytrio.actors.common import tls
 from keytrio.actors.tenant.tenant import Tenant
 from keytrio.actors.verifier import config as verifier_config
 from keytrio.actors.verifier.actor import Verifier
-from keytrio.protocol import eventlog, mb_create, mb_policy
+from keytrio.protocol import eventlog_parse, mb_create, mb_policy
 from keytrio.protocol.quote import build_quote, encode_pcr_blob
 from keytrio.testbed import boot_log, swtpm_state
 from keytrio.testbed import swtpm as swtpm_mod
@@ -206,7 +206,7 @@ async def cross_check(upstream: Upstream, root: Path, swtpm_template: Path) -> M
     await run_tool([*upstream.tool("keylime-policy"), "create", "measured-boot", "-e", str(log_path),
                     "-o", str(ref_path)], upstream.env)
     refstate = ref_path.read_text()
-    ours_ref = mb_create.refstate_from_log(eventlog.parse(evidence["good"].log))
+    ours_ref = mb_create.refstate_from_log(eventlog_parse.parse(evidence["good"].log))
 
     ca_dir = root / "cv_ca"
     shutil.copytree(upstream.ca.dir, ca_dir)  # our verifier serves with upstream's certificates

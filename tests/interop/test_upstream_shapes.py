@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import trio
 
-from keytrio.protocol import eventlog, mb_create
+from keytrio.protocol import eventlog_parse, mb_create
 from keytrio.testbed.boot_log import BootConfig
 from keytrio.testbed.pki import CaFiles
 from tests.interop.support import (
@@ -233,7 +233,7 @@ def _files(root: Path, machine_ima: Path, boot_log: Path) -> dict[str, Path]:
            "mb_empty": root / "mb-empty.json"}
     out["policy"].write_text(json.dumps(policy))
     out["policy2"].write_text(json.dumps({**policy, "excludes": ["/tmp/.*"]}))
-    out["mb"].write_text(json.dumps(mb_create.refstate_from_log(eventlog.parse(boot_log.read_bytes()))))
+    out["mb"].write_text(json.dumps(mb_create.refstate_from_log(eventlog_parse.parse(boot_log.read_bytes()))))
     out["mb_empty"].write_text("{}")
     return out
 

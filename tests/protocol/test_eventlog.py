@@ -1,4 +1,4 @@
-"""protocol/eventlog.py: parse, decode, replay; hostile bytes give typed errors only."""
+"""protocol/eventlog*.py: parse, decode, replay; hostile bytes give typed errors only."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keytrio.protocol import eventlog as el
+from keytrio.protocol import eventlog_data, eventlog_parse, eventlog_replay
 from keytrio.protocol.errors import DecodeError
 from keytrio.testbed import boot_log
 
@@ -19,7 +20,7 @@ GOOD = boot_log.BootConfig()
 
 @pytest.fixture(scope="module")
 def good_log() -> el.EventLog:
-    return el.parse(boot_log.build(BANKS, GOOD))
+    return eventlog_parse.parse(boot_log.build(BANKS, GOOD))
 
 
 def test_spec_id_and_banks(good_log: el.EventLog) -> None:
@@ -66,39 +67,39 @@ def test_decoded_boot_and_images(good_log: el.EventLog) -> None:
 
 @pytest.mark.parametrize("bank", BANKS)
 def test_replay_matches_extends(good_log: el.EventLog, bank: str) -> None:
-    assert el.replay(good_log, bank) == boot_log.expected_pcrs(bank, GOOD)
-    assert el.mismatched_pcrs(good_log, bank, boot_log.expected_pcrs(bank, GOOD), range(10)) == []
+    assert eventlog_replay.replay(good_log, bank) == boot_log.expected_pcrs(bank, GOOD)
+    assert eventlog_replay.mismatched_pcrs(good_log, bank, boot_log.expected_pcrs(bank, GOOD), range(10)) == []
     wrong = dict(boot_log.expected_pcrs(bank, GOOD))
     wrong[4] = bytes(len(wrong[4]))
-    assert el.mismatched_pcrs(good_log, bank, wrong, range(10)) == [4]
+    assert eventlog_replay.mismatched_pcrs(good_log, bank, wrong, range(10)) == [4]
 
 
 def test_replay_unknown_bank(good_log: el.EventLog) -> None:
     with pytest.raises(el.EventLogError):
-        el.replay(good_log, "sha512")
+        eventlog_replay.replay(good_log, "sha512")
 
 
 def test_startup_locality_sets_pcr0() -> None:
     raw = boot_log.build(["sha256"], GOOD)
-    ev = el.parse(raw).events
+    ev = eventlog_parse.parse(raw).events
     loc = b"StartupLocality\x00\x03"
     extra = struct.pack("<III", 0, el.EV_NO_ACTION, 1) + struct.pack("<H", 0x000B) + bytes(32) \
         + struct.pack("<I", len(loc)) + loc
     # insert right after the Spec ID event
     head = 32 + len(ev[0].data)
-    log = el.parse(raw[:head] + extra + raw[head:])
-    assert el.startup_locality(log) == 3
+    log = eventlog_parse.parse(raw[:head] + extra + raw[head:])
+    assert eventlog_replay.startup_locality(log) == 3
     pcr0 = bytes(31) + b"\x03"
     for e in log.events[1:]:
         if e.pcr == 0 and e.event_type != el.EV_NO_ACTION:
             pcr0 = hashlib.sha256(pcr0 + e.digests["sha256"]).digest()
-    assert el.replay(log, "sha256")[0] == pcr0
+    assert eventlog_replay.replay(log, "sha256")[0] == pcr0
 
 
 @pytest.mark.parametrize("raw", [b"", b"\x00" * 10, b"\x00" * 32, boot_log.build(["sha256"], GOOD)[:-3]])
 def test_broken_logs(raw: bytes) -> None:
     with pytest.raises(el.EventLogError):
-        el.parse(raw)
+        eventlog_parse.parse(raw)
 
 
 def test_other_spec_id_means_the_sha1_layout() -> None:
@@ -107,18 +108,18 @@ def test_other_spec_id_means_the_sha1_layout() -> None:
     raw = bytearray(boot_log.build(["sha256"], GOOD))
     raw[32:48] = b"Spec ID Event02\x00"
     with pytest.raises(el.EventLogError, match="event 1") as exc:
-        el.parse(bytes(raw))
+        eventlog_parse.parse(bytes(raw))
     assert exc.value.offset > 32
 
 
 def test_bad_variable_data_kept_raw() -> None:
     raw = boot_log.build(["sha256"], GOOD)
-    log = el.parse(raw)
+    log = eventlog_parse.parse(raw)
     sb = next(e for e in log.events if e.event_type == el.EV_EFI_VARIABLE_DRIVER_CONFIG)
     # find and corrupt the UnicodeNameLength of the SecureBoot variable
     start = raw.index(sb.data)
     bad = raw[:start + 16] + struct.pack("<Q", 2**40) + raw[start + 24:]
-    ev = next(e for e in el.parse(bad).events if e.event_type == el.EV_EFI_VARIABLE_DRIVER_CONFIG)
+    ev = next(e for e in eventlog_parse.parse(bad).events if e.event_type == el.EV_EFI_VARIABLE_DRIVER_CONFIG)
     assert ev.decoded is None and ev.decode_error
 
 
@@ -131,11 +132,11 @@ def test_hostile_bytes_give_typed_errors(data: st.DataObject) -> None:
         raw[i] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(raw)))
     try:
-        log = el.parse(bytes(raw[:cut]))
+        log = eventlog_parse.parse(bytes(raw[:cut]))
     except DecodeError:
         return
     for bank in log.banks:
-        el.replay(log, bank)
+        eventlog_replay.replay(log, bank)
     for ev in log.events:
         ev.to_json()
 
@@ -144,7 +145,7 @@ def test_hostile_bytes_give_typed_errors(data: st.DataObject) -> None:
 @given(st.binary(max_size=400))
 def test_random_bytes(raw: bytes) -> None:
     try:
-        el.parse(raw)
+        eventlog_parse.parse(raw)
     except DecodeError:
         pass
 
@@ -156,5 +157,5 @@ def test_random_event_data_decoders(raw: bytes) -> None:
                   el.EV_EFI_GPT_EVENT, el.EV_EFI_HANDOFF_TABLES2, el.EV_EFI_PLATFORM_FIRMWARE_BLOB2,
                   el.EV_EFI_VARIABLE_AUTHORITY, el.EV_S_CRTM_VERSION):
         ev = el.Event(1, 0, etype, {}, raw)
-        el._decode_into(ev)
+        eventlog_data.decode_into(ev)
         assert ev.decoded is not None or ev.decode_error is not None

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keytrio.protocol import eventlog as el
-from keytrio.protocol import mb_create, mb_rules
+from keytrio.protocol import eventlog_parse, eventlog_replay, mb_create, mb_rules
 from keytrio.protocol import mb_policy as mb
 from keytrio.testbed import boot_log
 from tests.interop.support import ensure_venv, tool_argv
@@ -26,7 +26,7 @@ BOOT = boot_log.BootConfig()
 
 def _log(knob: str | None = None, banks: tuple[str, ...] = ("sha1", "sha256")) -> el.EventLog:
     cfg = BOOT if knob is None else boot_log.BootConfig().tampered(knob)
-    return el.parse(boot_log.build(banks, cfg))
+    return eventlog_parse.parse(boot_log.build(banks, cfg))
 
 
 def _ids(fails: list) -> list[tuple[str, str | None]]:
@@ -117,7 +117,7 @@ def test_empty_policies() -> None:
 
 def test_check_boot_replay_and_inputs() -> None:
     raw = boot_log.build(["sha1", "sha256"], BOOT)
-    pcrs = el.replay(el.parse(raw), "sha256", mb.MEASUREDBOOT_PCRS)
+    pcrs = eventlog_replay.replay(eventlog_parse.parse(raw), "sha256", mb.MEASUREDBOOT_PCRS)
     assert mb.check_boot(json.dumps(GOOD), raw, pcrs, "sha256") == []
     wrong = dict(pcrs)
     wrong[7] = bytes(32)
@@ -129,7 +129,7 @@ def test_check_boot_replay_and_inputs() -> None:
     assert mb.check_boot(GOOD, raw, pcrs, "sha384")[0].event_id == "measured_boot.parser"
     # a tampered log still replays to its own PCRs; then the policy decides
     bad = boot_log.build(["sha256"], boot_log.BootConfig().tampered("unknown_kernel"))
-    bad_pcrs = el.replay(el.parse(bad), "sha256", mb.MEASUREDBOOT_PCRS)
+    bad_pcrs = eventlog_replay.replay(eventlog_parse.parse(bad), "sha256", mb.MEASUREDBOOT_PCRS)
     fails = mb.check_boot(GOOD, bad, bad_pcrs, "sha256")
     assert [f.event_id for f in fails] == ["measured_boot.boot_application_not_allowed"]
     assert mb.check_boot(GOOD, bad, bad_pcrs, "sha256", evaluate_policy=False) == []
@@ -143,10 +143,10 @@ def test_hostile_logs_give_failures_not_exceptions(data: st.DataObject) -> None:
         i = data.draw(st.integers(40, len(raw) - 1))
         raw[i] = data.draw(st.integers(0, 255))
     try:
-        log = el.parse(bytes(raw))
+        log = eventlog_parse.parse(bytes(raw))
     except el.EventLogError:
         return
-    pcrs = el.replay(log, "sha256", mb.MEASUREDBOOT_PCRS) if "sha256" in log.banks else {}
+    pcrs = eventlog_replay.replay(log, "sha256", mb.MEASUREDBOOT_PCRS) if "sha256" in log.banks else {}
     fails = mb.check_boot(GOOD, bytes(raw), pcrs, "sha256")
     assert all(f.event_id.startswith("measured_boot.") for f in fails)
 
@@ -173,7 +173,7 @@ def test_refstate_from_log_equals_upstreams() -> None:
     with pytest.raises(mb_create.RefStateCreateError):
         mb_create.refstate_from_log(_log("secure_boot_off"))
     with pytest.raises(mb_create.RefStateCreateError):
-        mb_create.refstate_from_log(el.parse(boot_log.build(["sha256"])))  # minimal log: no boot applications
+        mb_create.refstate_from_log(eventlog_parse.parse(boot_log.build(["sha256"])))  # minimal log: no boot applications
     # what we create, we accept
     ref = mb.parse_refstate(mb_create.refstate_from_log(_log("unknown_kernel")))
     assert mb_rules.evaluate(ref, _log("unknown_kernel")) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from keytrio.protocol import eventlog as el
+from keytrio.protocol import eventlog_parse, eventlog_replay
 from keytrio.testbed import boot_log
 
 CONFIGS = {"good": boot_log.BootConfig()} | {k: boot_log.BootConfig().tampered(k) for k in boot_log.TAMPER_KNOBS}
@@ -46,7 +47,7 @@ def test_tpm2_eventlog_agrees(tmp_path: Path, name: str, banks: tuple[str, ...])
     path = tmp_path / "binary_bios_measurements"
     path.write_bytes(raw)
     theirs = _tpm2_eventlog(path)
-    ours = el.parse(raw)
+    ours = eventlog_parse.parse(raw)
     assert len(theirs) == len(ours.events)
     for t, o in zip(theirs, ours.events, strict=True):
         assert t["num"] == o.number
@@ -60,15 +61,15 @@ def test_tpm2_eventlog_agrees(tmp_path: Path, name: str, banks: tuple[str, ...])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_events_and_log_agree(name: str) -> None:
     cfg = CONFIGS[name]
-    log = el.parse(boot_log.build(["sha1", "sha256"], cfg))
+    log = eventlog_parse.parse(boot_log.build(["sha1", "sha256"], cfg))
     extends = boot_log.events(["sha1", "sha256"], cfg)
     logged = [(e.pcr, e.digests) for e in log.events[1:] if e.event_type != el.EV_NO_ACTION]
     assert logged == extends
-    assert el.replay(log, "sha256") == boot_log.expected_pcrs("sha256", cfg)
+    assert eventlog_replay.replay(log, "sha256") == boot_log.expected_pcrs("sha256", cfg)
 
 
 def test_default_is_good_boot_and_knobs_differ() -> None:
-    minimal = el.parse(boot_log.build(["sha256"]))  # what machines boot without a BootConfig
+    minimal = eventlog_parse.parse(boot_log.build(["sha256"]))  # what machines boot without a BootConfig
     assert [(e.pcr, e.type_name) for e in minimal.events[1:]] == [(p, "EV_SEPARATOR") for p in range(8)]
     logs = {n: boot_log.build(["sha256"], c) for n, c in CONFIGS.items()}
     assert len(set(logs.values())) == len(logs)
@@ -80,7 +81,7 @@ def test_default_is_good_boot_and_knobs_differ() -> None:
 
 def test_tamper_knobs_change_the_right_events() -> None:
     def apps(cfg: boot_log.BootConfig) -> list[el.Event]:
-        return [e for e in el.parse(boot_log.build(["sha256"], cfg)).events
+        return [e for e in eventlog_parse.parse(boot_log.build(["sha256"], cfg)).events
                 if e.event_type == el.EV_EFI_BOOT_SERVICES_APPLICATION]
     assert len(apps(CONFIGS["good"])) == 3
     assert len(apps(CONFIGS["extra_application"])) == 4
