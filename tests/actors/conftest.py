@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trustme
@@ -16,6 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keytrio.actors.common.private_files import write_private
+
+if TYPE_CHECKING:
+    from tests.actors.tenant_support import World
 
 
 @dataclass(frozen=True)
@@ -108,3 +113,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         agent=_self_signed(d, "agent"),
         other_agent=_self_signed(d, "other-agent"),
     )
+
+
+@pytest.fixture
+async def world(pki: Pki, tmp_path: Path) -> AsyncIterator[World]:
+    """A real registrar and verifier over mTLS (tests/actors/tenant_support.py), agents on demand."""
+    from tests.actors.tenant_support import world_running  # imported late: it starts actors
+
+    async with world_running(pki, tmp_path) as w:
+        yield w

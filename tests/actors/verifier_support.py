@@ -1,5 +1,5 @@
 """Helpers for verifier end-to-end tests: a Verifier actor on tmp SQLite with the ``pki`` fixture,
-real agents (tests/actors/agent/test_agent.py's start_agent) with a revocation cert + an action that
+real agents (tests/actors/agent_support.py's start_agent) with a revocation cert + an action that
 records each notice, enrolment by REST POST, waiting by polling GET (no fixed sleeps: every wait
 polls, ``trio.fail_after`` only guards against hanging), a counting TCP relay placed in front of an
 agent, and a hostile fake agent.
@@ -33,7 +33,7 @@ from keytrio.actors.verifier.config import load_config
 from keytrio.actors.verifier.notify import SignedNotice
 from keytrio.actors.verifier.schema import notices as notices_table
 from keytrio.protocol import payload as pl
-from tests.actors.agent.test_agent import Running, start_agent
+from tests.actors.agent_support import Running, start_agent
 
 GUARD = 30.0  # seconds: a hang guard only, never what a test asserts
 POLL = 0.05

@@ -1,7 +1,7 @@
 """The agent actor over real mTLS on a real swtpm: quotes, identity persistence, TLS refusals.
 
 Payload/keys/revocation tests: test_agent_keys.py; registration: test_agent_registration.py;
-bad-input table: test_agent_badinput.py. Shared helpers live here.
+bad-input table: test_agent_badinput.py. Shared helpers: tests/actors/agent_support.py.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import ssl
 import stat
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,118 +16,25 @@ import httpx
 import pytest
 import trio
 
-from keytrio.actors.agent.actor import Agent, AgentInfo
+from keytrio.actors.agent.actor import Agent
 from keytrio.actors.common import tls
 from keytrio.actors.common.client import make_client
 from keytrio.protocol import ima
 from keytrio.protocol.quote import parse_quote
 from keytrio.protocol.quote_check import check_pcr16, check_quote
 from keytrio.testbed.ima_log import ImaLog
+from tests.actors.agent_support import (
+    BOOTTIME,
+    NONCE,
+    Running,
+    agent_options,
+    client_for,
+    results,
+    start_agent,
+    verify_quote,
+)
 
 pytestmark = pytest.mark.swtpm
-
-BOOTTIME = 1_700_000_000
-NONCE = "abcdefghij0123456789"
-
-
-@dataclass
-class Running:
-    agent: Agent
-    info: AgentInfo
-    scope: trio.CancelScope
-    client: httpx.AsyncClient
-    base: str  # https://127.0.0.1:port/v2.1
-    root: str  # https://127.0.0.1:port
-    data_dir: Path
-    ima_path: Path
-    done: trio.Event
-
-    async def get(self, path: str, **params: Any) -> httpx.Response:
-        return await self.client.get(self.base + path, params=params or None)
-
-    async def post(self, path: str, body: Any) -> httpx.Response:
-        return await self.client.post(self.base + path, json=body)
-
-    async def stop(self) -> None:
-        """Cancel the agent and wait until its shutdown (TPM closed, tmpfs unmounted) is over."""
-        self.scope.cancel()
-        await self.client.aclose()
-        with trio.fail_after(10):
-            await self.done.wait()
-
-
-def agent_options(tmp: Path, pki: Any, tcti: str, **overrides: Any) -> dict[str, Any]:
-    tmp.mkdir(parents=True, exist_ok=True)
-    boot = tmp / "boottime"
-    if not boot.exists():
-        boot.write_text(f"{BOOTTIME}\n")
-    opts: dict[str, Any] = {
-        "tcti": tcti,
-        "ip": "127.0.0.1",
-        "port": 0,
-        "metrics_port": 0,
-        "data_dir": str(tmp / "agent-data"),
-        "trusted_client_ca": [str(pki.ca)],
-        "boottime_source": str(boot),
-        "ima_ml_path": str(tmp / "ima.log"),
-        "measuredboot_ml_path": str(tmp / "uefi.bin"),
-        "secure_mount": "never",
-        "action_timeout": 10.0,
-    }
-    opts.update(overrides)
-    return opts
-
-
-def client_for(pki: Any, info: AgentInfo, *, cert: Any = "default") -> httpx.AsyncClient:
-    files = pki.client if cert == "default" else cert
-    ctx = tls.client_context(
-        [pki.ca],
-        files.cert if files else None,
-        files.key if files else None,
-        pinned_server_cert_pem=info.mtls_cert,
-    )
-    return make_client(ctx, timeout=20.0)
-
-
-async def start_agent(nursery: trio.Nursery, tmp: Path, pki: Any, tcti: str, **overrides: Any) -> Running:
-    opts = agent_options(tmp, pki, tcti, **overrides)
-    agent = Agent.from_options(**opts)
-    scope = trio.CancelScope()
-    done = trio.Event()
-
-    async def run(task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            with scope:
-                await agent.run(task_status=task_status)
-        finally:
-            done.set()
-
-    host, port = await nursery.start(run)
-    assert agent.info is not None
-    root = f"https://{host}:{port}"
-    return Running(agent, agent.info, scope, client_for(pki, agent.info), root + "/v2.1", root,
-                   Path(opts["data_dir"]), Path(opts["ima_ml_path"]), done)
-
-
-@pytest.fixture
-async def running(nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm: Any) -> AsyncIterator[Running]:
-    r = await start_agent(nursery, tmp_path, pki, swtpm.tcti)
-    yield r
-    await r.stop()
-
-
-def results(resp: httpx.Response, code: int = 200) -> dict[str, Any]:
-    assert resp.status_code == code, resp.text
-    body = resp.json()
-    assert body["code"] == code
-    return body["results"]
-
-
-def verify_quote(r: Running, res: dict[str, Any], nonce: str = NONCE) -> dict[int, bytes]:
-    check = check_quote(res["quote"], ak_public=r.info.ak_public, nonce=nonce, hash_alg=res["hash_alg"])
-    assert check.valid, check.failures
-    assert check_pcr16(check.bank, check.pcrs, r.info.nk_pem) is None
-    return check.pcrs
 
 
 # --- quotes ------------------------------------------------------------------------------------

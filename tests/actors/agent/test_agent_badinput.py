@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from keytrio.protocol import payload as pl
-from tests.actors.agent.test_agent import NONCE, Running, results, start_agent
+from tests.actors.agent_support import NONCE, Running, results, start_agent
 
 pytestmark = pytest.mark.swtpm
 

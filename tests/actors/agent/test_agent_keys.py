@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from keytrio.protocol import payload as pl
 from keytrio.protocol import revocation
-from tests.actors.agent.test_agent import Running, results, start_agent
+from tests.actors.agent_support import Running, results, start_agent
 
 pytestmark = pytest.mark.swtpm
 

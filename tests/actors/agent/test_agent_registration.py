@@ -14,7 +14,7 @@ from keytrio.actors.common import tls
 from keytrio.actors.common.client import make_client
 from keytrio.actors.registrar.actor import Registrar
 from keytrio.actors.registrar.config import load_config as registrar_load_config
-from tests.actors.agent.test_agent import results, start_agent
+from tests.actors.agent_support import results, start_agent
 
 pytestmark = pytest.mark.swtpm
 

@@ -23,7 +23,7 @@ from keytrio.actors.registrar.actor import Registrar
 from keytrio.actors.registrar.config import load_config as registrar_config
 from keytrio.actors.registrar.service import store_health
 from keytrio.actors.verifier import records
-from tests.actors.agent.test_agent import start_agent
+from tests.actors.agent_support import start_agent
 from tests.actors.verifier_support import (
     GUARD,
     POLL,

@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from keytrio.actors.common import openapi
-from tests.actors.agent.test_agent import start_agent
+from tests.actors.agent_support import start_agent
 from tests.actors.registrar_support import registrar_config, running_registrar
 from tests.actors.verifier_support import start_verifier
 

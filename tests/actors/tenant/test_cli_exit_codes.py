@@ -17,7 +17,7 @@ import trio
 
 from keytrio.testbed.swtpm_state import ek_ca_certs
 from tests.actors.registrar_support import EkCa
-from tests.actors.tenant.test_tenant import AGENT_ID, world_running
+from tests.actors.tenant_support import AGENT_ID, world_running
 
 KEYTRIO = Path(sys.executable).parent / "keytrio"
 UNKNOWN_ID = "0e0e0e0e-0000-4000-8000-0000000000ee"

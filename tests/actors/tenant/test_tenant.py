@@ -3,19 +3,13 @@ real agents on swtpm, all over mTLS."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 import trio
 
-from keytrio.actors.registrar.schema import agents as registrar_agents
 from keytrio.actors.tenant import (
     ConnectionProblem,
     Refused,
@@ -27,79 +21,19 @@ from keytrio.actors.tenant import (
 from keytrio.actors.tenant.add import verify_key, wait_for
 from keytrio.actors.tenant.ekcheck import check_ek, load_trust_store
 from keytrio.actors.tenant.payload import REVOCATION_CERT, add_files
-from keytrio.actors.verifier.actor import Verifier
-from keytrio.actors.verifier.config import load_config as verifier_config
 from keytrio.protocol import payload as pl
 from keytrio.protocol import states
 from keytrio.protocol.runtime_policy import policy_document
 from keytrio.testbed.swtpm_state import ek_ca_certs
-from tests.actors.agent.test_agent import Running as RunningAgent
-from tests.actors.agent.test_agent import results, start_agent
+from tests.actors.agent_support import results
 from tests.actors.registrar_support import (
     EkCa,
-    Running,
     SoftTpm,
     b64,
-    registrar_config,
-    running_registrar,
 )
+from tests.actors.tenant_support import AGENT_ID, OTHER_ID, World, free_port
 
 pytestmark = pytest.mark.swtpm
-
-AGENT_ID = "5c0b3b6e-0000-4000-8000-00000000000a"
-OTHER_ID = "5c0b3b6e-0000-4000-8000-00000000000b"
-
-
-@dataclass
-class World:
-    registrar: Running
-    verifier: Verifier
-    verifier_url: str
-    pki: Any
-    tmp: Path
-
-    def tenant(self, verifier_url: str | None = None, **kw: Any) -> Tenant:
-        return Tenant(self.registrar.https_url, verifier_url or self.verifier_url, ca_files=[self.pki.ca],
-                      client_cert=self.pki.client.cert, client_key=self.pki.client.key,
-                      request_timeout=5.0, poll_interval=0.05, **kw)
-
-    async def agent(self, nursery: trio.Nursery, tcti: str, agent_id: str = AGENT_ID, **kw: Any) -> RunningAgent:
-        return await start_agent(nursery, self.tmp / agent_id, self.pki, tcti, uuid=agent_id,
-                                 registrar_ip="127.0.0.1", registrar_port=self.registrar.addresses.http[1],
-                                 retry_interval=0.1, max_retries=3, **kw)
-
-    async def set_registrar(self, agent_id: str, **values: Any) -> None:
-        assert self.registrar.registrar.service is not None
-
-        def txn(conn: sa.Connection) -> None:
-            conn.execute(sa.update(registrar_agents).where(registrar_agents.c.agent_id == agent_id).values(**values))
-
-        await self.registrar.registrar.service.store.write(txn)
-
-
-@contextlib.asynccontextmanager
-async def world_running(pki: Any, tmp: Path) -> AsyncIterator[World]:
-    async with running_registrar(registrar_config(pki, tmp / "registrar"), pki) as reg:
-        cfg = verifier_config(None, env={}, overrides={
-            "metrics_port": 0, "ip": "127.0.0.1", "port": 0, "data_dir": str(tmp / "verifier"),
-            "server_cert": str(pki.server.cert), "server_key": str(pki.server.key),
-            "trusted_client_ca": [str(pki.ca)], "trusted_server_ca": [str(pki.ca)],
-            "client_cert": str(pki.client.cert), "client_key": str(pki.client.key),
-            "quote_interval": 0.2, "retry_interval": 0.1, "max_retries": 2,
-            "exponential_backoff": False, "request_timeout": 5.0, "graceful_timeout": 0.5,
-        })
-        verifier = Verifier(cfg)
-        async with trio.open_nursery() as nursery:
-            host, port = await nursery.start(verifier.run)
-            yield World(reg, verifier, f"https://{host}:{port}", pki, tmp)
-            nursery.cancel_scope.cancel()
-
-
-@pytest.fixture
-async def world(pki: Any, tmp_path: Path) -> AsyncIterator[World]:
-    async with world_running(pki, tmp_path) as w:
-        yield w
-
 
 async def _verifier_ids(w: World) -> list[str]:
     async with w.tenant() as t:
@@ -288,19 +222,13 @@ async def test_forged_identity_is_refused_and_nothing_enrolled(
 # --- errors without a TPM ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_error_classes(world: World, pki: Any) -> None:
     w = world
     soft = SoftTpm.new()
-    port = _free_port()  # nothing listens there: the "agent" is unreachable
+    port = free_port()  # nothing listens there: the "agent" is unreachable
     await w.registrar.enroll(AGENT_ID, soft, mtls_cert=pki.agent.pem, port=port)
 
-    dead = f"https://127.0.0.1:{_free_port()}"
+    dead = f"https://127.0.0.1:{free_port()}"
     async with w.tenant(verifier_url=dead) as t:
         with pytest.raises(ConnectionProblem) as cexc:
             await t.add(AGENT_ID)

@@ -4,12 +4,9 @@ agent (swtpm) over mTLS. Every failure mode is asserted as exit code + one stder
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shutil
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,72 +26,20 @@ from keytrio.protocol import states, versions
 from keytrio.testbed.ima_log import ImaLog
 from keytrio.testbed.swtpm_state import ek_ca_certs
 from tests.actors.registrar_support import EkCa, SoftTpm
-from tests.actors.tenant.test_tenant import AGENT_ID, OTHER_ID, World, _free_port, world_running
+from tests.actors.tenant_support import (
+    AGENT_ID,
+    OTHER_ID,
+    Cli,
+    World,
+    free_port,
+    make_cli,
+    tenant_parser,
+    tls_layout,
+    write_config,
+)
 from tests.actors.tools.test_policy_tools import policy
-from tests.actors.verifier_support import revocation_pair
 
 UPSTREAM = Path(__file__).resolve().parents[2] / "protocol" / "data" / "keylime"
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="keytrio")
-    tenant_cli.register(p.add_subparsers(dest="verb", required=True))
-    return p
-
-
-@dataclass
-class Cli:
-    """``keytrio tenant`` with a config file (tls_dir, registrar) and ``--verifier`` flags."""
-
-    config: Path
-    flags: list[str] = field(default_factory=list)
-
-    async def __call__(self, *argv: str | Path, flags: list[str] | None = None) -> tuple[int, str, str]:
-        args = _parser().parse_args(["tenant", *map(str, argv), "-c", str(self.config), *(self.flags if flags is None else flags)])
-        out, err = io.StringIO(), io.StringIO()
-        code = await tenant_cli.run(args, out=out, err=err, env={})
-        return code, out.getvalue(), err.getvalue()
-
-    async def fails(self, code: int, *argv: str | Path, match: str = "", **kw: Any) -> str:
-        """Assert exit ``code`` with exactly one stderr line (containing ``match``); return it."""
-        got, out, err = await self(*argv, **kw)
-        assert got == code, (got, out, err)
-        assert err.count("\n") == 1 and err.startswith("keytrio tenant "), err
-        assert match in err, err
-        assert " -- " in err  # what failed -- what to do
-        return err
-
-
-def tls_layout(directory: Path, pki: Any, *, ca: Path | None = None) -> Path:
-    """A cv_ca-style directory for the tenant: CA, client pair, RevocationNotifier pair."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ca or pki.ca, directory / "cacert.crt")
-    shutil.copy(pki.client.cert, directory / "client-cert.crt")
-    shutil.copy(pki.client.key, directory / "client-private.pem")
-    pair = revocation_pair(directory)  # writes RevocationNotifier-cert.crt
-    (directory / "RevocationNotifier-private.pem").write_text(pair.key_pem)
-    return directory
-
-
-def write_config(path: Path, tls_dir: Path, registrar_url: str, **extra: Any) -> Path:
-    host, port = registrar_url.removeprefix("https://").rsplit(":", 1)
-    lines = ["[tenant]", f'tls_dir = "{tls_dir}"', f'registrar_ip = "{host}"', f"registrar_tls_port = {port}",
-             "request_timeout = 5.0", "wait_timeout = 20.0"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture
-async def world(pki: Any, tmp_path: Path) -> AsyncIterator[World]:
-    async with world_running(pki, tmp_path) as w:
-        yield w
-
-
-def make_cli(w: World, tmp: Path, **extra: Any) -> Cli:
-    tls_dir = tls_layout(tmp / "cv_ca", w.pki)
-    config = write_config(tmp / "tenant.toml", tls_dir, w.registrar.https_url, **extra)
-    return Cli(config, ["--verifier", w.verifier_url.removeprefix("https://")])
 
 
 # --- end to end (swtpm) -----------------------------------------------------------------------------
@@ -239,11 +184,11 @@ async def test_cli_failure_modes(world: World, pki: Any, tmp_path: Path) -> None
     soft = SoftTpm.new()
     vendor = EkCa.new()
     soft.ekcert_der = vendor.issue(soft.ek_key.public_key())
-    await w.registrar.enroll(AGENT_ID, soft, mtls_cert=pki.agent.pem, port=_free_port())  # nobody listens there
+    await w.registrar.enroll(AGENT_ID, soft, mtls_cert=pki.agent.pem, port=free_port())  # nobody listens there
     vendor_store = vendor.write(tmp_path / "vendor")
 
     # registrar down: 3
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     line = await cli.fails(3, "add", AGENT_ID, "--no-ek-check", "--registrar", dead, match="registrar")
     assert "--registrar" in line
     # verifier down: 3
@@ -289,10 +234,10 @@ async def test_cli_failure_modes(world: World, pki: Any, tmp_path: Path) -> None
     line = await Cli(bad_cfg, cli.flags).fails(2, "list", match="bogus")
     assert "registrar_tls_port" in line
     with pytest.raises(SystemExit) as exc:
-        _parser().parse_args(["tenant", "add"])  # AGENT_ID missing
+        tenant_parser().parse_args(["tenant", "add"])  # AGENT_ID missing
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
-        _parser().parse_args(["tenant", "add", AGENT_ID, "--runtime-policy", "a", "--runtime-policy-name", "b"])
+        tenant_parser().parse_args(["tenant", "add", AGENT_ID, "--runtime-policy", "a", "--runtime-policy-name", "b"])
     # still nothing enrolled
     assert json.loads((await cli("list", "--json"))[1]) == {"registrar": [AGENT_ID], "verifier": []}
 
@@ -351,7 +296,7 @@ def test_tpm_policy_and_default_config() -> None:
     assert cli_args.tpm_policy_from(["7=AB", "7=0xcd", "16=00"], None) == {"7": ["ab", "cd"], "16": ["00"], "mask": "0x0"}
     assert cli_args.tpm_policy_from([], None) is None
     out = io.StringIO()
-    args = _parser().parse_args(["tenant", "--print-default-config"])
+    args = tenant_parser().parse_args(["tenant", "--print-default-config"])
     assert trio.run(partial(tenant_cli.run, args, out=out, env={})) == 0
     assert "[tenant]" in out.getvalue() and "registrar_tls_port = 8891" in out.getvalue()
 

@@ -22,7 +22,7 @@ from keytrio.actors.verifier.attest import AgentTarget, AttestState
 from keytrio.protocol import payload, tpm2
 from keytrio.protocol.quote import parse_quote
 from keytrio.protocol.quote_check import QUOTE_VALIDATION
-from tests.actors.agent.test_agent import Running, start_agent
+from tests.actors.agent_support import Running, start_agent
 from tests.actors.registrar_support import AK_ATTRS, SoftTpm, _spki_pem
 
 pytestmark = pytest.mark.swtpm

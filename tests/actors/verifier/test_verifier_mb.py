@@ -18,7 +18,7 @@ from keytrio.actors.verifier import attest
 from keytrio.actors.verifier.monitor import target_from_row
 from keytrio.protocol import mb_policy as mbp
 from keytrio.testbed import boot_log
-from tests.actors.tenant.test_tenant_cli import make_cli, world  # noqa: F401  (fixture)
+from tests.actors.tenant_support import make_cli
 from tests.actors.verifier_support import enrol, enrol_body, new_halves, start_test_agent, start_verifier
 
 pytestmark = pytest.mark.swtpm
@@ -210,7 +210,7 @@ def test_policy_create_measured_boot(tmp_path: Path) -> None:
     assert args.func(args, out, err) == 0 and json.loads(out.getvalue())["has_secureboot"] is False
 
 
-async def test_tenant_mbpolicy_verbs(world: Any, tmp_path: Path) -> None:  # noqa: F811
+async def test_tenant_mbpolicy_verbs(world: Any, tmp_path: Path) -> None:
     cli = make_cli(world, tmp_path)
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps(GOOD))
