@@ -14,6 +14,8 @@ import trio
 from keytrio.actors.agent.actor import Agent, AgentInfo
 from keytrio.actors.common import tls
 from keytrio.actors.common.client import make_client
+from keytrio.actors.registrar.actor import Registrar
+from keytrio.actors.registrar.config import load_config as registrar_load_config
 from keytrio.protocol.quote_check import check_pcr16, check_quote
 
 BOOTTIME = 1_700_000_000
@@ -111,3 +113,19 @@ def verify_quote(r: Running, res: dict[str, Any], nonce: str = NONCE) -> dict[in
     assert check.valid, check.failures
     assert check_pcr16(check.bank, check.pcrs, r.info.nk_pem) is None
     return check.pcrs
+
+
+def registrar_for_agents(pki: Any, tmp: Path, port: int = 0) -> Registrar:
+    """A registrar on 127.0.0.1 (``port`` 0: any) with its data in ``tmp/registrar``."""
+    return Registrar(registrar_load_config(None, env={}, overrides={
+        "metrics_port": 0, "ip": "127.0.0.1", "port": port, "tls_port": 0, "data_dir": str(tmp / "registrar"),
+        "server_cert": str(pki.server.cert), "server_key": str(pki.server.key),
+        "trusted_client_ca": [str(pki.ca)], "graceful_timeout": 0.5,
+    }))
+
+
+async def registrar_record(pki: Any, https: tuple[str, int], agent_id: str) -> dict[str, Any]:
+    """The registrar's record of ``agent_id`` over its mTLS port ``https``."""
+    ctx = tls.client_context([pki.ca], pki.client.cert, pki.client.key)
+    async with make_client(ctx) as c:
+        return results(await c.get(f"https://127.0.0.1:{https[1]}/v2.1/agents/{agent_id}"))

@@ -10,11 +10,7 @@ import pytest
 import trio
 
 from keytrio.actors.agent.registration import RegistrationError
-from keytrio.actors.common import tls
-from keytrio.actors.common.client import make_client
-from keytrio.actors.registrar.actor import Registrar
-from keytrio.actors.registrar.config import load_config as registrar_load_config
-from tests.actors.agent_support import results, start_agent
+from tests.actors.agent_support import registrar_for_agents, registrar_record, start_agent
 
 pytestmark = pytest.mark.swtpm
 
@@ -25,31 +21,17 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
-def _registrar(pki: Any, tmp: Path, port: int = 0) -> Registrar:
-    return Registrar(registrar_load_config(None, env={}, overrides={
-        "metrics_port": 0, "ip": "127.0.0.1", "port": port, "tls_port": 0, "data_dir": str(tmp / "registrar"),
-        "server_cert": str(pki.server.cert), "server_key": str(pki.server.key),
-        "trusted_client_ca": [str(pki.ca)], "graceful_timeout": 0.5,
-    }))
-
-
-async def _record(pki: Any, https: tuple[str, int], agent_id: str) -> dict[str, Any]:
-    ctx = tls.client_context([pki.ca], pki.client.cert, pki.client.key)
-    async with make_client(ctx) as c:
-        return results(await c.get(f"https://127.0.0.1:{https[1]}/v2.1/agents/{agent_id}"))
-
-
 async def test_register_activate_restart_and_other_tpm(
     nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm: Any, swtpm_factory: Any
 ) -> None:
-    registrar = _registrar(pki, tmp_path)
+    registrar = registrar_for_agents(pki, tmp_path)
     addrs = await nursery.start(registrar.run)
     opts = {"registrar_ip": "127.0.0.1", "registrar_port": addrs.http[1], "uuid": AGENT_ID,
             "retry_interval": 0.1, "max_retries": 3}
 
     r = await start_agent(nursery, tmp_path, pki, swtpm.tcti, **opts)
     info = r.info
-    rec = await _record(pki, addrs.https, AGENT_ID)
+    rec = await registrar_record(pki, addrs.https, AGENT_ID)
     assert rec["ek_tpm"] == _b64(info.ek_public)
     assert rec["aik_tpm"] == _b64(info.ak_public)
     assert info.ek_cert_der is not None and rec["ekcert"] is not None
@@ -59,7 +41,7 @@ async def test_register_activate_restart_and_other_tpm(
 
     # restarted: same identity, re-registered (regcount + 1), new port recorded
     r = await start_agent(nursery, tmp_path, pki, swtpm.tcti, **opts)
-    rec = await _record(pki, addrs.https, AGENT_ID)
+    rec = await registrar_record(pki, addrs.https, AGENT_ID)
     assert (rec["aik_tpm"], rec["mtls_cert"], rec["regcount"]) == (_b64(info.ak_public), info.mtls_cert, 2)
     assert rec["port"] == r.info.address[1]
     await r.stop()
@@ -69,7 +51,7 @@ async def test_register_activate_restart_and_other_tpm(
     with pytest.raises(RegistrationError, match="403"):
         await start_agent(nursery, tmp_path / "other", pki, other.tcti, **opts,
                           data_dir=str(tmp_path / "other-data"))
-    assert (await _record(pki, addrs.https, AGENT_ID))["regcount"] == 2
+    assert (await registrar_record(pki, addrs.https, AGENT_ID))["regcount"] == 2
 
 
 async def test_registration_waits_for_an_unreachable_registrar(
@@ -112,10 +94,10 @@ async def test_registration_waits_for_an_unreachable_registrar(
     assert not started  # three attempts refused: still retrying, not given up
     door.cancel()
     await door_closed.wait()  # the port is free for the registrar
-    registrar = _registrar(pki, tmp_path, port=port)
+    registrar = registrar_for_agents(pki, tmp_path, port=port)
     addrs = await nursery.start(registrar.run)
     with trio.fail_after(10):
         while not started:
             await trio.sleep(0.05)
-    assert (await _record(pki, addrs.https, AGENT_ID))["regcount"] == 1
+    assert (await registrar_record(pki, addrs.https, AGENT_ID))["regcount"] == 1
     await started[0].stop()

@@ -20,7 +20,7 @@ from keytrio.actors.agent.actor import Agent
 from keytrio.actors.common.config import ConfigError
 from keytrio.actors.common.startup import Exit, StartupError
 from tests.actors.agent.push_verifier import PushVerifier
-from tests.actors.agent.test_agent_registration import _record, _registrar
+from tests.actors.agent_support import registrar_for_agents, registrar_record
 
 AGENT_ID = "d432fbb3-d2f1-4a97-9ef7-75bd81c0a9e2"
 REPO = Path(__file__).resolve().parents[3]
@@ -65,7 +65,7 @@ def push_options(tmp: Path, swtpm: Any, verifier: PushVerifier, pki: Any, regist
 async def test_push_agent_registers_without_contact_attests_and_binds_nothing(
     nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm: Any, clock: MockClock
 ) -> None:
-    registrar = _registrar(pki, tmp_path)
+    registrar = registrar_for_agents(pki, tmp_path)
     addrs = await nursery.start(registrar.run)
     verifier = PushVerifier(pki.server.cert, pki.server.key, AGENT_ID, ak_public=None)
     await verifier.start(nursery)
@@ -76,7 +76,7 @@ async def test_push_agent_registers_without_contact_attests_and_binds_nothing(
     address = await nursery.start(agent.run)
     assert address == ("", 0) and agent.info is not None and agent.push is not None
     assert agent.app is None and agent.metrics_address is None
-    rec = await _record(pki, addrs.https, AGENT_ID)
+    rec = await registrar_record(pki, addrs.https, AGENT_ID)
     assert rec["aik_tpm"] and (rec["ip"], rec["port"], rec["mtls_cert"]) == (None, None, None), rec
 
     # not enrolled: sessions answer evaluation fail, the agent backs off 1, 2, 4, 4 s
