@@ -72,7 +72,7 @@ async def enroll_v3(reg, agent_id: str, soft: SoftTpm, **changes: object) -> Non
 
 @pytest.mark.swtpm
 async def test_v3_register_activate_with_swtpm(tpm, swtpm, pki, tmp_path):
-    from keytrio.testbed.swtpm import ek_ca_certs
+    from keytrio.testbed.swtpm_state import ek_ca_certs
 
     store_dir = tmp_path / "tpm_cert_store"
     store_dir.mkdir()
