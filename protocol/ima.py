@@ -33,18 +33,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from keytrio.protocol.errors import DecodeError, ValidationError
+from keytrio.protocol.tpm2 import DIGEST_SIZES
 
 IMA_PCR = 10
 TEMPLATES = ("ima", "ima-ng", "ima-sig", "ima-buf")
 BOOT_AGGREGATE_NAME = "boot_aggregate"
 #: IMA_EVENT_NAME_LEN_MAX (255) + 1: size of the zeroed name buffer of the legacy ``ima`` template.
 _LEGACY_NAME_BUF = 256
-
-#: PCR banks (TPM hash algorithms) we can replay, with their digest sizes.
-BANKS: dict[str, int] = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
+# The PCR banks IMA lines are replayed in are the banks keytrio quotes: tpm2.DIGEST_SIZES.
 
 #: Kernel hash algorithm names (crypto/hash_info.c) a d-ng field may carry, with digest sizes.
-DIGEST_SIZES: dict[str, int] = {
+KERNEL_DIGEST_SIZES: dict[str, int] = {
     "md4": 16, "md5": 16, "sha1": 20, "rmd160": 20, "rmd256": 32, "rmd320": 40,
     "sha224": 28, "sha256": 32, "sha384": 48, "sha512": 64,
     "wp256": 32, "wp384": 48, "wp512": 64, "tgr128": 16, "tgr160": 20, "tgr192": 24,
@@ -52,7 +51,7 @@ DIGEST_SIZES: dict[str, int] = {
     "sha3-256": 32, "sha3-384": 48, "sha3-512": 64,
 }  # fmt: skip
 
-_TEMPLATE_HASH_SIZES = frozenset(BANKS.values())
+_TEMPLATE_HASH_SIZES = frozenset(DIGEST_SIZES.values())
 
 
 class ImaParseError(DecodeError):
@@ -114,7 +113,7 @@ def template_data(entry: Entry) -> bytes:
 
 
 def _hash(alg: str, data: bytes) -> bytes:
-    if alg not in BANKS:
+    if alg not in DIGEST_SIZES:
         raise ValidationError("hash_alg", f"unsupported hash algorithm {alg!r}")
     return hashlib.new(alg, data).digest()
 
@@ -169,7 +168,7 @@ def _digest_ng(text: str, line_no: int) -> tuple[str, bytes]:
     alg, sep, hexd = text.partition(":")
     if not sep:
         raise ImaParseError(line_no, "digest lacks '<alg>:'")
-    size = DIGEST_SIZES.get(alg)
+    size = KERNEL_DIGEST_SIZES.get(alg)
     if size is None:
         raise ImaParseError(line_no, f"unknown digest algorithm {alg[:32]!r}")
     digest = _hex(hexd, line_no, "digest")
@@ -287,7 +286,7 @@ def build_entry(
     """An entry as the kernel would record it, with its template hash computed."""
     if template not in TEMPLATES:
         raise ValidationError("template", f"unsupported template {template!r}")
-    if DIGEST_SIZES.get(digest_alg) != len(digest):
+    if KERNEL_DIGEST_SIZES.get(digest_alg) != len(digest):
         raise ValidationError("digest", f"not a {digest_alg} digest")
     if template == "ima" and digest_alg not in ("sha1", "md5"):
         raise ValidationError("digest_alg", "template ima records sha1 or md5 digests only")
@@ -314,13 +313,13 @@ def violation_entry(
         digest_alg = "sha1"
     if template == "ima-buf" or template not in TEMPLATES:
         raise ValidationError("template", f"no violation entries for template {template!r}")
-    if digest_alg not in DIGEST_SIZES:
+    if digest_alg not in KERNEL_DIGEST_SIZES:
         raise ValidationError("digest_alg", f"unknown digest algorithm {digest_alg!r}")
-    if template_hash_alg not in BANKS:
+    if template_hash_alg not in DIGEST_SIZES:
         raise ValidationError("template_hash_alg", f"unsupported hash algorithm {template_hash_alg!r}")
     name = _kernel_name(path, legacy=template == "ima")
-    th = bytes(BANKS[template_hash_alg])
-    return Entry(pcr, th, template, digest_alg, bytes(DIGEST_SIZES[digest_alg]), name)
+    th = bytes(DIGEST_SIZES[template_hash_alg])
+    return Entry(pcr, th, template, digest_alg, bytes(KERNEL_DIGEST_SIZES[digest_alg]), name)
 
 
 def boot_aggregate(bank: str, pcr_values: Mapping[int, bytes], *, pcrs_8_9: bool = False) -> bytes:
@@ -355,7 +354,7 @@ def boot_aggregate_entry(
 
 def bank_size(bank: str) -> int:
     """The digest size of a PCR bank keytrio replays; ValidationError for any other bank."""
-    size = BANKS.get(bank)
+    size = DIGEST_SIZES.get(bank)
     if size is None:
         raise ValidationError("bank", f"unsupported PCR bank {bank!r}")
     return size
@@ -417,7 +416,7 @@ class Replayer:
     def feed(self, entry: Entry) -> None:
         data = None if entry.is_violation else template_data(entry)
         for bank, value in self.values.items():
-            ext = b"\xff" * BANKS[bank] if data is None else hashlib.new(bank, data).digest()
+            ext = b"\xff" * DIGEST_SIZES[bank] if data is None else hashlib.new(bank, data).digest()
             self.values[bank] = hashlib.new(bank, value + ext).digest()
         self.count += 1
 

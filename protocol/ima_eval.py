@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from keytrio.protocol import ima
+from keytrio.protocol import ima, tpm2
 from keytrio.protocol.errors import ValidationError
 from keytrio.protocol.failures import Failure, Severity
 from keytrio.protocol.ima import ImaParseError
@@ -98,10 +98,10 @@ class ImaProgress:
         if not isinstance(pcrs, dict):
             raise ValidationError("ima_progress.pcrs", "must be an object bank -> hex")
         for bank, value in pcrs.items():
-            if bank not in ima.BANKS or not isinstance(value, str):
+            if bank not in tpm2.DIGEST_SIZES or not isinstance(value, str):
                 raise ValidationError("ima_progress.pcrs", f"bad entry for {bank!r}")
             try:
-                ok = len(bytes.fromhex(value)) == ima.BANKS[bank]
+                ok = len(bytes.fromhex(value)) == tpm2.DIGEST_SIZES[bank]
             except ValueError:
                 ok = False
             if not ok:
@@ -161,7 +161,7 @@ class _GeneralPath:
         self.bank_hash = getattr(hashlib, bank)
         self.log_hash = getattr(hashlib, log_hash_alg)
         self.same_alg = log_hash_alg == bank
-        self.ff = b"\xff" * ima.BANKS[bank]
+        self.ff = b"\xff" * tpm2.DIGEST_SIZES[bank]
 
     def fold(self, line: str, line_no: int, value: bytes) -> tuple[bytes, bool]:
         """Check one line of any kind and fold it in: (new PCR value, False if it did not parse)."""

@@ -40,7 +40,8 @@ from itertools import repeat
 from operator import contains, itemgetter
 from typing import Any
 
-from keytrio.protocol.ima import BANKS, DIGEST_SIZES
+from keytrio.protocol.ima import KERNEL_DIGEST_SIZES
+from keytrio.protocol.tpm2 import DIGEST_SIZES
 
 _U32 = struct.Struct("<I").pack
 _NUL = b"\0"
@@ -49,7 +50,7 @@ _NUL = b"\0"
 #: length-value prefix, so a line costs one concatenation instead of two packs.
 _PREFIXES: dict[str, tuple[bytes, int]] = {
     alg: (_U32(len(alg) + 2 + size) + alg.encode("ascii") + b":\0", size)
-    for alg, size in DIGEST_SIZES.items()
+    for alg, size in KERNEL_DIGEST_SIZES.items()
 }
 _CHUNK_MIN = 16  # first column chunk after line-by-line stretches; doubles while chunks pass whole
 _CHUNK_MAX = 512
@@ -66,7 +67,7 @@ class FastNg:
     __slots__ = ("_bank_hash", "_chunk", "_cool", "_digests", "_hash_type", "_log_hash")
 
     def __init__(self, bank: str, log_hash_alg: str, digests: Mapping[str, frozenset[bytes]] | None) -> None:
-        if bank not in BANKS or log_hash_alg not in BANKS:
+        if bank not in DIGEST_SIZES or log_hash_alg not in DIGEST_SIZES:
             raise ValueError("unsupported hash algorithm")
         self._bank_hash: Callable[[bytes], Any] = getattr(hashlib, bank)
         # None when both are the same algorithm: the extended digest is the template hash

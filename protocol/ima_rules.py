@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from keytrio.protocol import ima
+from keytrio.protocol import ima, tpm2
 from keytrio.protocol.errors import ValidationError
 from keytrio.protocol.failures import Failure, Severity
 from keytrio.protocol.ima import Entry
@@ -58,7 +58,7 @@ def verification_keys(extra: Iterable[ImaKey | bytes]) -> list[ImaKey]:
 
 def boot_aggregates(pcrs: Mapping[int, bytes] | None, bank: str) -> frozenset[bytes]:
     """The boot_aggregate values quoted PCRs 0-7 (and 8-9) allow; empty without those PCRs."""
-    size = ima.BANKS[bank]
+    size = tpm2.DIGEST_SIZES[bank]
     if not pcrs or not all(len(pcrs.get(i, b"")) == size for i in range(8)):
         return frozenset()
     out = {ima.boot_aggregate(bank, pcrs)}

@@ -53,11 +53,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keytrio.protocol import dsse, safejson
 from keytrio.protocol.errors import ProtocolError, ValidationError
+from keytrio.protocol.tpm2 import DIGEST_SIZES
 
 POLICY_VERSION = 1
-LOG_HASH_ALGS = ("sha1", "sha256", "sha384", "sha512")
-#: Accepted digest sizes in bytes (sha1, sha224, sha256/sm3, sha384, sha512).
-DIGEST_SIZES = frozenset({20, 28, 32, 48, 64})
+#: ``ima.log_hash_alg``: the template-hash column is replayed with the PCR banks' hashes.
+LOG_HASH_ALGS = tuple(DIGEST_SIZES)
+#: Sizes in bytes a listed file digest may have (sha1, sha224, sha256/sm3, sha384, sha512).
+FILE_DIGEST_SIZES = frozenset({20, 28, 32, 48, 64})
 _HEX = re.compile(r"[0-9a-fA-F]+")
 #: Numbered/named backreferences change meaning inside one big alternation.
 _BACKREF = re.compile(r"\\[1-9]|\(\?P=")
@@ -214,7 +216,7 @@ def _digest_map(obj: object, where: str) -> dict[str, frozenset[bytes]]:
         for i, v in enumerate(values):
             if not isinstance(v, str) or not _HEX.fullmatch(v) or len(v) % 2:
                 raise PolicyError(f"{where}[{_q(name)}][{i}]", "not hex")
-            if len(v) // 2 not in DIGEST_SIZES:
+            if len(v) // 2 not in FILE_DIGEST_SIZES:
                 raise PolicyError(f"{where}[{_q(name)}][{i}]", f"{len(v) // 2}-byte digest: no known hash size")
             ds.add(bytes.fromhex(v))
         out[name] = frozenset(ds)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from keytrio.protocol import ima
+from keytrio.protocol import ima, tpm2
 from keytrio.protocol.ima import Entry
 
 #: ``extend(pcr, {bank: digest})``, e.g. actors.agent.tpm.Tpm.extend.
@@ -37,7 +37,7 @@ class ImaLog:
         template_hash_alg: str = "sha1",
         pcr: int = ima.IMA_PCR,
     ) -> None:
-        unknown = [b for b in banks if b not in ima.BANKS]
+        unknown = [b for b in banks if b not in tpm2.DIGEST_SIZES]
         if unknown:
             raise ValueError(f"unsupported PCR banks {unknown}")
         self.path = Path(path)

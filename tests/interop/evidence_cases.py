@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from keytrio.actors.agent.tpm import Quote, Tpm
-from keytrio.protocol import ima
+from keytrio.protocol import ima, tpm2
 from keytrio.protocol.ima_sig import ima_signature
 from keytrio.protocol.quote import build_quote, encode_pcr_blob
 from keytrio.protocol.runtime_policy import keyidv2
@@ -247,7 +247,7 @@ def list_text(entries: list[ima.Entry], template_hash_alg: str = "sha1") -> str:
         if template_hash_alg != "sha1" and not e.is_violation:
             e = dataclasses.replace(e, template_hash=ima.template_hash(e, template_hash_alg))
         elif template_hash_alg != "sha1":
-            e = dataclasses.replace(e, template_hash=bytes(ima.BANKS[template_hash_alg]))
+            e = dataclasses.replace(e, template_hash=bytes(tpm2.DIGEST_SIZES[template_hash_alg]))
         out.append(ima.format_line(e) + "\n")
     return "".join(out)
 

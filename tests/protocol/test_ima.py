@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keytrio.protocol import ima
+from keytrio.protocol import ima, tpm2
 from keytrio.protocol.errors import DecodeError, ValidationError
 from keytrio.protocol.ima import Entry, ImaParseError
 
@@ -105,7 +105,7 @@ def test_violation_entry() -> None:
     line = ima.format_line(v)
     assert line == f"10 {'0' * 40} ima-ng sha256:{'0' * 64} /etc/shadow"
     assert ima.parse_line(line).is_violation
-    for bank, size in ima.BANKS.items():
+    for bank, size in tpm2.DIGEST_SIZES.items():
         assert ima.extend_digest(v, bank) == b"\xff" * size
     expected = hashlib.sha256(bytes(32) + b"\xff" * 32).digest()
     assert ima.replay([v], "sha256") == expected
@@ -147,10 +147,10 @@ def _entries(n: int) -> list[Entry]:
 def test_replay_by_hand() -> None:
     es = _entries(2)
     for bank in ("sha1", "sha256", "sha384"):
-        pcr = bytes(ima.BANKS[bank])
+        pcr = bytes(tpm2.DIGEST_SIZES[bank])
         for e in es:
             ext = (
-                b"\xff" * ima.BANKS[bank]
+                b"\xff" * tpm2.DIGEST_SIZES[bank]
                 if e.is_violation
                 else hashlib.new(bank, ima.template_data(e)).digest()
             )
@@ -250,12 +250,12 @@ def entries(draw: st.DrawFn) -> Entry:
         alg = draw(st.sampled_from(["sha1", "md5"]))
         path = draw(st.text(_path_chars, max_size=40))
     else:
-        alg = draw(st.sampled_from(sorted(ima.DIGEST_SIZES)))
+        alg = draw(st.sampled_from(sorted(ima.KERNEL_DIGEST_SIZES)))
         path = draw(st.text(_path_chars, max_size=80))
-    digest = draw(st.binary(min_size=ima.DIGEST_SIZES[alg], max_size=ima.DIGEST_SIZES[alg]))
+    digest = draw(st.binary(min_size=ima.KERNEL_DIGEST_SIZES[alg], max_size=ima.KERNEL_DIGEST_SIZES[alg]))
     sig = draw(st.one_of(st.none(), st.binary(max_size=80))) if template == "ima-sig" else None
     buf = draw(st.binary(max_size=80)) if template == "ima-buf" else None
-    th_alg = draw(st.sampled_from(sorted(ima.BANKS)))
+    th_alg = draw(st.sampled_from(sorted(tpm2.DIGEST_SIZES)))
     return ima.build_entry(template, path, alg, digest, signature=sig, buf=buf, template_hash_alg=th_alg)
 
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keytrio.protocol import ima
+from keytrio.protocol import ima, tpm2
 from keytrio.protocol.ima import Entry
 from keytrio.protocol.ima_eval import ImaProgress, ImaResult, evaluate_ima
 from keytrio.protocol.ima_fast import FastNg
@@ -202,7 +202,7 @@ ACCEPTED = {
 
 def _replay_prefixes(lines: list[str], bank: str) -> list[bytes]:
     """PCR 10 after each readable prefix of ``lines`` (stops at the first unreadable line)."""
-    value = bytes(ima.BANKS[bank])
+    value = bytes(tpm2.DIGEST_SIZES[bank])
     out = [value]
     for i, line in enumerate(lines):
         try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from keytrio.protocol import ima
+from keytrio.protocol import ima, tpm2
 from keytrio.testbed.ima_log import FILE_NAME, ImaLog
 
 BANKS = ["sha1", "sha256", "sha384"]
@@ -21,7 +21,7 @@ class SoftPcrs:
     """
 
     def __init__(self, log_path: Path) -> None:
-        self.values = {b: {i: bytes(ima.BANKS[b]) for i in range(24)} for b in BANKS}
+        self.values = {b: {i: bytes(tpm2.DIGEST_SIZES[b]) for i in range(24)} for b in BANKS}
         self.lines_at_extend: list[int] = []
         self.log_path = log_path
 
