@@ -381,7 +381,26 @@ def _build(doc: object, checksum: str) -> RuntimePolicy:
     excludes, combined, each = _compile_excludes(doc.get("excludes"))
     keyrings = _digest_map(doc.get("keyrings"), "keyrings")
     ima_buf = _digest_map(doc.get("ima-buf"), "ima-buf")
-    ima = doc.get("ima")
+    ignored, alg = _ima_section(doc.get("ima"))
+    keys = _verification_keys(doc.get("verification-keys"))
+    return RuntimePolicy(
+        digests=MappingProxyType(digests),
+        excludes=excludes,
+        keyrings=MappingProxyType(keyrings),
+        ima_buf=MappingProxyType(ima_buf),
+        ignored_keyrings=frozenset(ignored),
+        log_hash_alg=alg,
+        verification_keys=MappingProxyType(keys),
+        checksum=checksum,
+        release=release or 0,
+        generator=generator,
+        _exclude_re=combined,
+        _exclude_each=each,
+    )
+
+
+def _ima_section(ima: object) -> tuple[list[str], str]:
+    """The ``ima`` section: (ignored keyrings, log hash algorithm); no device-mapper policy."""
     if not isinstance(ima, dict):
         raise PolicyError("ima", "must be an object")
     _require(ima, REQUIRED_IMA, "ima")
@@ -398,21 +417,7 @@ def _build(doc: object, checksum: str) -> RuntimePolicy:
         raise PolicyError("ima.log_hash_alg", f"must be one of {', '.join(LOG_HASH_ALGS)}")
     if ima.get("dm_policy") is not None:
         raise PolicyError("ima.dm_policy", "device-mapper policies are not supported (must be null)")
-    keys = _verification_keys(doc.get("verification-keys"))
-    return RuntimePolicy(
-        digests=MappingProxyType(digests),
-        excludes=excludes,
-        keyrings=MappingProxyType(keyrings),
-        ima_buf=MappingProxyType(ima_buf),
-        ignored_keyrings=frozenset(ignored),
-        log_hash_alg=alg,
-        verification_keys=MappingProxyType(keys),
-        checksum=checksum,
-        release=release or 0,
-        generator=generator,
-        _exclude_re=combined,
-        _exclude_each=each,
-    )
+    return ignored, alg
 
 
 def _empty(checksum: str) -> RuntimePolicy:
