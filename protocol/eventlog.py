@@ -74,8 +74,10 @@ def event_type_name(event_type: int) -> str:
 ALG_IDS = {0x0004: "sha1", 0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512", 0x0012: "sm3_256",
            0x0027: "sha3_256", 0x0028: "sha3_384", 0x0029: "sha3_512"}  # fmt: skip
 ALG_BY_NAME = {v: k for k, v in ALG_IDS.items()}
-DIGEST_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3_256": 32,
-                "sha3_256": 32, "sha3_384": 48, "sha3_512": 64}  # fmt: skip
+#: the TPM hash algorithms a log may name and keytrio can hash, with their digest sizes: more than
+#: the banks keytrio quotes (tpm2.DIGEST_SIZES), since firmware may extend banks a quote never reads
+LOG_DIGEST_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3_256": 32,
+                    "sha3_256": 32, "sha3_384": 48, "sha3_512": 64}  # fmt: skip
 
 
 def alg_name(alg_id: int) -> str:
@@ -97,7 +99,7 @@ def hash_data(bank: str, data: bytes) -> bytes:
             return hashlib.new("sm3", data).digest()
         except ValueError:
             return _sm3(data)
-    if bank not in DIGEST_SIZES:
+    if bank not in LOG_DIGEST_SIZES:
         raise EventLogError(f"no implementation of the {bank} hash algorithm", 0)
     return hashlib.new(bank, data).digest()
 

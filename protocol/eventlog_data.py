@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import Any
 
 from keytrio.protocol.eventlog import (
-    DIGEST_SIZES,
     EV_ACTION,
     EV_EFI_ACTION,
     EV_EFI_BOOT_SERVICES_APPLICATION,
@@ -55,6 +54,7 @@ from keytrio.protocol.eventlog import (
     EV_TABLE_OF_DEVICES,
     FORMAT_CRYPTO_AGILE,
     FORMAT_SHA1,
+    LOG_DIGEST_SIZES,
     MAX_EVENT_SIZE,
     STARTUP_LOCALITY,
     ByteReader,
@@ -352,7 +352,7 @@ def data_mismatch(ev: Event, log_format: str = FORMAT_CRYPTO_AGILE) -> str | Non
         return None
     checked = False
     for bank, digest in ev.digests.items():
-        if bank not in DIGEST_SIZES:
+        if bank not in LOG_DIGEST_SIZES:
             continue
         checked = True
         if not any(hash_data(bank, c) == digest for c in candidates):

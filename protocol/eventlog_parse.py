@@ -25,8 +25,8 @@ unknown id) still parse.
 from __future__ import annotations
 
 from keytrio.protocol.eventlog import (
-    DIGEST_SIZES,
     EV_NO_ACTION,
+    LOG_DIGEST_SIZES,
     MAX_EVENT_SIZE,
     ByteReader,
     Event,
@@ -60,7 +60,7 @@ def _parse_spec_id(data: bytes, start: int, end: int) -> SpecId:
         at = r.pos
         alg_id, size = r.u16("Spec ID algorithmId"), r.u16("Spec ID digestSize")
         name = alg_name(alg_id)
-        if (name in DIGEST_SIZES and size != DIGEST_SIZES[name]) or not 1 <= size <= _MAX_DIGEST:
+        if (name in LOG_DIGEST_SIZES and size != LOG_DIGEST_SIZES[name]) or not 1 <= size <= _MAX_DIGEST:
             raise err(f"{name} digest size {size}", at)
         if name in algs:
             raise err(f"names {name} twice", at)

@@ -22,8 +22,8 @@ import hashlib
 from collections.abc import Callable, Iterable
 
 from keytrio.protocol.eventlog import (
-    DIGEST_SIZES,
     EV_NO_ACTION,
+    LOG_DIGEST_SIZES,
     STARTUP_LOCALITY,
     Event,
     EventLog,
@@ -90,7 +90,7 @@ def replay(log: EventLog, bank: str, pcrs: Iterable[int] | None = None) -> dict[
 
 
 def _extender(bank: str) -> Callable[[bytes], bytes]:
-    if bank in DIGEST_SIZES and bank != "sm3_256":
+    if bank in LOG_DIGEST_SIZES and bank != "sm3_256":
         return lambda b: hashlib.new(bank, b).digest()
     return lambda b: hash_data(bank, b)
 
