@@ -18,7 +18,9 @@ Everything the instance writes stays in DIR::
 Environment read by ``up``: VERIFIER_PORT, REGISTRAR_PORT (plain HTTP, agents), REGISTRAR_TLS_PORT
 (default: free ports), KL_QUOTE_INTERVAL (default 2), KL_MAX_WORKERS (default 1),
 KL_REQUIRE_EK_CERT (default False: swtpm's EK CA is not in an empty tpm_cert_store),
-KL_START_TIMEOUT (seconds, default 90). Upstream also reads any option from ``KEYLIME_<SECTION>_<OPTION>``
+KL_START_TIMEOUT (seconds, default 90), KL_VERIFIER_MODE (pull, the default, or push: the verifier
+is started in pull mode, which makes cv_ca and answers /version, then restarted with
+KEYLIME_VERIFIER_MODE=push, whose /version answers 410; see ``up``). Upstream also reads any option from ``KEYLIME_<SECTION>_<OPTION>``
 variables, which pass through to the servers, e.g. KEYLIME_VERIFIER_MEASURED_BOOT_POLICY_NAME=example.
 
 Only the standard library is used outside ``serve``.
@@ -33,6 +35,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -153,15 +156,17 @@ def _tool_env(d: Path, vport: int, rport: int, rtls: int) -> dict[str, str]:
     }
 
 
-def _probe(url: str, ca_dir: Path | None) -> bool:
-    """GET url/version; with ca_dir over mTLS with the cv_ca client certificate."""
+def _probe(url: str, ca_dir: Path | None, status: int = 200) -> bool:
+    """GET url/version answers ``status``; with ca_dir over mTLS with the cv_ca client certificate."""
     context = None
     if ca_dir is not None:
         context = ssl.create_default_context(cafile=str(ca_dir / "cacert.crt"))
         context.load_cert_chain(ca_dir / "client-cert.crt", ca_dir / "client-private.pem")
     try:
         with urllib.request.urlopen(f"{url}/version", timeout=3, context=context) as resp:
-            return resp.status == 200
+            return resp.status == status
+    except urllib.error.HTTPError as exc:
+        return exc.code == status
     except (OSError, ssl.SSLError):
         return False
 
@@ -209,10 +214,10 @@ def up(d: Path) -> int:
     child_env.pop("VIRTUAL_ENV", None)
     deadline = time.monotonic() + float(os.environ.get("KL_START_TIMEOUT", "90"))
 
-    def start(server: str) -> int:
-        with open(d / "logs" / f"{server}.log", "wb") as log:
+    def start(server: str, extra: dict[str, str] | None = None) -> int:
+        with open(d / "logs" / f"{server}.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, str(HERE / "instance.py"), "serve", server], cwd=d,
-                                    env=child_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**child_env, **(extra or {})}, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)  # pid = process group: down stops the whole tree
         (d / "run" / f"{server}.pid").write_text(f"{proc.pid}\n")
         print(f"[up] {server} started, pid {proc.pid}, log {d / 'logs' / f'{server}.log'}", file=sys.stderr)
@@ -252,9 +257,60 @@ def up(d: Path) -> int:
                 SERVERS):
         down(d)
         return 1
+    if os.environ.get("KL_VERIFIER_MODE", "pull") == "push":
+        # upstream's push-mode verifier answers /version with 410 and serves /v3 to agents; started
+        # in pull mode first (cv_ca made, every server answering), then restarted in push mode
+        if _stop_server(d, "verifier", 20.0) != 0:
+            down(d)
+            return 1
+        start("verifier", {"KEYLIME_VERIFIER_MODE": "push"})
+        if not wait("the verifier answered /version with 410 in push mode",
+                    lambda: _probe(tool_env["KL_VERIFIER_URL"], ca_dir, status=410), ("verifier",)):
+            down(d)
+            return 1
     print(f"[up] upstream Keylime 7.14.3 answers: verifier {tool_env['KL_VERIFIER_URL']}, registrar "
           f"{tool_env['KL_REGISTRAR_URL']} / {tool_env['KL_REGISTRAR_TLS_URL']}", file=sys.stderr)
     print((d / "env.sh").read_text(), end="")
+    return 0
+
+
+def _reap(pid: int) -> None:
+    """Collect the launcher if ``up`` started it in this process (a zombie still counts as alive)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child (down.sh): init reaps it
+
+
+def _stop_server(d: Path, server: str, grace: float) -> int:
+    """SIGTERM the server's process group, SIGKILL after ``grace`` s; 1 if it survived."""
+    pid_file = d / "run" / f"{server}.pid"
+    try:
+        pgid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return 0
+    try:
+        ours = MARKER + server.encode() in Path(f"/proc/{pgid}/cmdline").read_bytes()
+    except OSError:
+        ours = False  # the launcher is gone; its group may still hold workers
+    if not ours and Path(f"/proc/{pgid}").exists():
+        print(f"[down] {server}: pid {pgid} is not our launcher any more; left alone", file=sys.stderr)
+        pid_file.unlink()
+        return 0
+    for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if not _alive(pgid):
+            break
+        os.killpg(pgid, sig)
+        end = time.monotonic() + wait_s
+        while _alive(pgid) and time.monotonic() < end:
+            _reap(pgid)
+            time.sleep(0.2)
+    _reap(pgid)
+    if _alive(pgid):
+        print(f"[down] {server}: process group {pgid} survived SIGKILL", file=sys.stderr)
+        return 1
+    pid_file.unlink()
+    print(f"[down] {server} stopped", file=sys.stderr)
     return 0
 
 
@@ -262,32 +318,7 @@ def down(d: Path, grace: float | None = None) -> int:
     grace = float(os.environ.get("KL_STOP_GRACE", "20")) if grace is None else grace
     failed = False
     for server in reversed(SERVERS):
-        pid_file = d / "run" / f"{server}.pid"
-        try:
-            pgid = int(pid_file.read_text())
-        except (OSError, ValueError):
-            continue
-        try:
-            ours = MARKER + server.encode() in Path(f"/proc/{pgid}/cmdline").read_bytes()
-        except OSError:
-            ours = False  # the launcher is gone; its group may still hold workers
-        if not ours and Path(f"/proc/{pgid}").exists():
-            print(f"[down] {server}: pid {pgid} is not our launcher any more; left alone", file=sys.stderr)
-            pid_file.unlink()
-            continue
-        for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            if not _alive(pgid):
-                break
-            os.killpg(pgid, sig)
-            end = time.monotonic() + wait_s
-            while _alive(pgid) and time.monotonic() < end:
-                time.sleep(0.2)
-        if _alive(pgid):
-            print(f"[down] {server}: process group {pgid} survived SIGKILL", file=sys.stderr)
-            failed = True
-        else:
-            pid_file.unlink()
-            print(f"[down] {server} stopped", file=sys.stderr)
+        failed |= _stop_server(d, server, grace) != 0
     return 1 if failed else 0
 
 
