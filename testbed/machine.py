@@ -25,7 +25,8 @@ from typing import Any
 
 import trio
 
-from keytrio.actors.agent.actor import Agent, AgentInfo
+from keytrio.actors.agent.actor import Agent
+from keytrio.actors.agent.lifecycle import AgentInfo
 from keytrio.actors.agent.tpm import Tpm
 from keytrio.testbed import boot_log
 from keytrio.testbed.ima_log import FILE_NAME, ImaLog

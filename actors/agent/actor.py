@@ -27,42 +27,28 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keytrio.actors.agent import config as agent_config
-from keytrio.actors.agent import datadir, identity, push
+from keytrio.actors.agent import datadir, identity, lifecycle, push
 from keytrio.actors.agent.app import build_app
 from keytrio.actors.agent.keys import Keys
+from keytrio.actors.agent.lifecycle import AgentInfo
 from keytrio.actors.agent.push_loop import PushAttester
 from keytrio.actors.agent.quotes import AgentMetrics, QuoteSource
 from keytrio.actors.agent.registration import Registration, RegistrationError
 from keytrio.actors.agent.revocation import Revocations
 from keytrio.actors.agent.runner import Runner
 from keytrio.actors.agent.secure import SecureDir
-from keytrio.actors.agent.tpm import Tpm, TpmError
+from keytrio.actors.agent.tpm import Tpm
 from keytrio.actors.common import startup, tls
 from keytrio.actors.common.app import KeytrioApp
 from keytrio.actors.common.config import Config
 from keytrio.actors.common.metrics import serve_metrics
 from keytrio.actors.common.serve import serve
-from keytrio.actors.common.startup import Exit, StartupError
 
 log = logging.getLogger("keytrio.agent")
 
 
 class AgentConfigError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class AgentInfo:
-    """What a running agent exposes to its owner (tests, the testbed)."""
-
-    agent_id: str
-    address: tuple[str, int]
-    nk_pem: str
-    mtls_cert: str
-    ek_public: bytes
-    ek_cert_der: bytes | None
-    ak_public: bytes
-    hash_alg: str
 
 
 @dataclass(frozen=True)
@@ -112,15 +98,9 @@ class Agent:
         if cfg.mode == "push":
             await push.run_push(self, task_status)  # binds no port: started with ("", 0)
             return
-        data_dir: Path = cfg.data_dir
         # Order (common/startup.py): data dir locked, CA files readable and every port bound before
         # the TPM is touched, so a port in use or a second agent on this data dir changes nothing.
-        try:
-            await trio.to_thread.run_sync(datadir.ensure_dir, data_dir)
-        except OSError as exc:
-            raise StartupError(Exit.DATADIR, f"data_dir {data_dir}: {exc.strerror or exc}",
-                               "create it writable for the agent's user or set data_dir") from exc
-        lock = await startup.lock_data_dir(data_dir, agent_config.ACTOR)
+        lock = await lifecycle.lock_data_dir(cfg.data_dir)
         listeners: list[trio.SocketListener] = []
         metrics_listeners: list[trio.SocketListener] = []
         try:
@@ -139,7 +119,7 @@ class Agent:
         cfg = self.config
         contact_ip = cfg.contact_ip or cfg.ip
         revocation_cert = await self._configured_revocation_cert()
-        async with await self._open_tpm() as tpm:
+        async with await lifecycle.open_tpm(cfg) as tpm:
             self.tpm = tpm
             ident = await identity.setup(
                 tpm,
@@ -173,16 +153,6 @@ class Agent:
             return x509.load_pem_x509_certificate(pem)
         except (OSError, ValueError) as exc:
             raise AgentConfigError(f"revocation_cert {path}: {exc}") from exc
-
-    async def _open_tpm(self) -> Tpm:
-        cfg = self.config
-        try:
-            return await Tpm.open(cfg.tcti, owner_password=cfg.tpm_ownerpassword or None)
-        except TpmError as exc:
-            reason = str(exc.__cause__ or exc)
-            raise StartupError(Exit.TPM, f"TPM unreachable at tcti {cfg.tcti!r}: {reason}",
-                               "start the TPM (swtpm) or fix tcti; for /dev/tpmrm0 check the device exists "
-                               "and the agent's user may open it (group tss)") from exc
 
     async def _bind_nk(self, tpm: Tpm, contact_ip: str) -> _Nk:
         """The NK and its self-signed mTLS cert (made once), bound into PCR 16 of every active bank."""

@@ -14,37 +14,26 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 
-from keytrio.actors.agent import config as agent_config
-from keytrio.actors.agent import datadir, identity
+from keytrio.actors.agent import identity, lifecycle
+from keytrio.actors.agent.lifecycle import AgentHost, AgentInfo
 from keytrio.actors.agent.push_client import VerifierClient
 from keytrio.actors.agent.push_evidence import EvidenceSource
 from keytrio.actors.agent.push_loop import Backoff, PushAttester
 from keytrio.actors.agent.registration import Registration
-from keytrio.actors.agent.tpm import Tpm, TpmError
 from keytrio.actors.common import startup, tls
 from keytrio.actors.common.startup import Exit, StartupError
-
-if TYPE_CHECKING:
-    from keytrio.actors.agent.actor import Agent
 
 log = logging.getLogger("keytrio.agent")
 
 NO_ADDRESS = ("", 0)  # what task_status reports: a push agent serves nothing
 
 
-async def run_push(agent: Agent, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+async def run_push(agent: AgentHost, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
     cfg = agent.config
-    data_dir: Path = cfg.data_dir
-    try:
-        await trio.to_thread.run_sync(datadir.ensure_dir, data_dir)
-    except OSError as exc:
-        raise StartupError(Exit.DATADIR, f"data_dir {data_dir}: {exc.strerror or exc}",
-                           "create it writable for the agent's user or set data_dir") from exc
-    lock = await startup.lock_data_dir(data_dir, agent_config.ACTOR)
+    lock = await lifecycle.lock_data_dir(cfg.data_dir)
     try:
         ca = Path(cfg.verifier_tls_ca_cert)
         startup.check_readable([("verifier_tls_ca_cert", ca)])
@@ -58,15 +47,9 @@ async def run_push(agent: Agent, task_status: trio.TaskStatus[tuple[str, int]]) 
         lock.release()
 
 
-async def _run(agent: Agent, ssl_ctx: object, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+async def _run(agent: AgentHost, ssl_ctx: object, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
     cfg = agent.config
-    try:
-        opened = await Tpm.open(cfg.tcti, owner_password=cfg.tpm_ownerpassword or None)
-    except TpmError as exc:
-        raise StartupError(Exit.TPM, f"TPM unreachable at tcti {cfg.tcti!r}: {exc.__cause__ or exc}",
-                           "start the TPM (swtpm) or fix tcti; for /dev/tpmrm0 check the device exists "
-                           "and the agent's user may open it (group tss)") from exc
-    async with opened as tpm:
+    async with await lifecycle.open_tpm(cfg) as tpm:
         agent.tpm = tpm
         try:
             ident = await identity.setup(tpm, cfg.data_dir, uuid_setting=cfg.uuid, ek_handle=cfg.ek_handle,
@@ -89,8 +72,6 @@ async def _run(agent: Agent, ssl_ctx: object, task_status: trio.TaskStatus[tuple
                 backoff=Backoff(cfg.backoff_initial_delay, cfg.backoff_max_delay),
             )
             agent.push = attester
-            from keytrio.actors.agent.actor import AgentInfo  # runtime: actor imports this module
-
             agent.info = AgentInfo(agent_id=ident.agent_id, address=NO_ADDRESS, nk_pem="", mtls_cert="",
                                    ek_public=ident.ek.public, ek_cert_der=ident.ek.cert_der,
                                    ak_public=ident.ak.public, hash_alg=cfg.tpm_hash_alg)

@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import trio
 
-from keytrio.actors.agent.actor import Agent, AgentInfo
+from keytrio.actors.agent.actor import Agent
+from keytrio.actors.agent.lifecycle import AgentInfo
 from keytrio.actors.common import tls
 from keytrio.actors.common.client import make_client
 from keytrio.actors.registrar.actor import Registrar
