@@ -66,9 +66,11 @@ class PushVerifier:
     interval: float = 7.0  # seconds_to_next_attestation
     token_lifetime: float = 180.0
     enrolled: bool = True
+    want_uefi: bool = False  # ask for the UEFI log too (upstream does when a measured-boot policy is enrolled)
     seen: list[Seen] = field(default_factory=list)
     script: deque[tuple[str, int, float]] = field(default_factory=deque)  # (route, status, Retry-After)
     port: int = 0
+    capabilities_seen: list[list[dict[str, Any]]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what the checks refused (a test asserts it stays empty)
     _scope: trio.CancelScope | None = None
     _stopped: trio.Event | None = None
@@ -217,6 +219,7 @@ class PushVerifier:
 
     def _capabilities(self, body: Any) -> tuple[Any, int, dict[str, str]]:
         supported = body["data"]["attributes"]["evidence_supported"]
+        self.capabilities_seen.append(supported)
         assert body["data"]["attributes"]["system_info"]["boot_time"]
         quote = next(s for s in supported if s["evidence_type"] == "tpm_quote")["capabilities"]
         assert quote["available_subjects"] == {"sha256": list(range(24))}, quote
@@ -237,6 +240,8 @@ class PushVerifier:
                                           "server_identifier": "ak"}}},
                 {"evidence_class": "log", "evidence_type": "ima_log",
                  "chosen_parameters": {"starting_offset": self._certified_lines, "format": "text/plain"}},
+                *([{"evidence_class": "log", "evidence_type": "uefi_log",
+                    "chosen_parameters": {"format": "application/octet-stream"}}] if self.want_uefi else []),
             ],
             "capabilities_received_at": stamp(now), "challenges_expire_at": stamp(now + 1800)},
             "links": {"self": path}}, "jsonapi": {"version": "1.1"}}, 201, {"Location": path}
@@ -248,7 +253,12 @@ class PushVerifier:
         if att["done"]:
             return {"errors": [{"status": "403", "code": "evidence_immutable"}]}, 403, {}
         att["done"] = True
-        quote, ima = body["data"]["attributes"]["evidence_collected"]
+        quote, ima, *uefi = body["data"]["attributes"]["evidence_collected"]
+        if self.want_uefi:
+            uefi_caps = next(s for s in self.capabilities_seen[-1] if s["evidence_type"] == "uefi_log")["capabilities"]
+            att["uefi"] = base64.b64decode(uefi[0]["data"]["entries"])
+            if uefi[0]["evidence_type"] != "uefi_log" or len(att["uefi"]) != uefi_caps["entry_count"]:
+                self.problems.append(f"UEFI log of attestation {index}: {uefi}")
         data = quote["data"]
         attest, signature = base64.b64decode(data["message"]), base64.b64decode(data["signature"])
         bank, pcrs = pcr_blob.decode_single(base64.b64decode(data["subject_data"]))

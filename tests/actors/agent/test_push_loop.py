@@ -20,6 +20,7 @@ from keytrio.actors.agent.push_evidence import EvidenceSource
 from keytrio.actors.agent.push_loop import Backoff, PushAttester
 from keytrio.actors.agent.tpm import Tpm
 from keytrio.actors.common import tls
+from keytrio.testbed.netproxy import NetProxy
 from tests.actors.agent.push_verifier import PushVerifier
 
 pytestmark = pytest.mark.swtpm
@@ -54,11 +55,13 @@ class Rig:
                 f.write(IMA_LINE.format(digest="00" * 20, file="11" * 32, n=self.lines))
                 self.lines += 1
 
-    def attester(self, *, initial: float = 1.0, maximum: float = 8.0) -> PushAttester:
+    def attester(self, *, initial: float = 1.0, maximum: float = 8.0, timeout: float = 30.0,
+                 uefi: str = "no-uefi-log", url: str | None = None) -> PushAttester:
         evidence = EvidenceSource(tpm=self.tpm, ak=self.ak, hash_alg="sha256",
                                   boottime_source=self.root / "boottime", ima_ml_path=self.ima,
-                                  measuredboot_ml_path=self.root / "no-uefi-log")
-        return PushAttester(agent_id=AGENT_ID, client=VerifierClient(self.verifier.url, self.ctx, timeout=30.0),
+                                  measuredboot_ml_path=self.root / uefi)
+        client = VerifierClient(url or self.verifier.url, self.ctx, timeout=timeout)
+        return PushAttester(agent_id=AGENT_ID, client=client,
                             evidence=evidence, interval=60.0, backoff=Backoff(initial, maximum))
 
 
@@ -156,3 +159,40 @@ async def test_session_waits_for_enrolment_and_is_renewed_before_expiry(
     posts = [s.at for s in v.calls("POST", "/attestations")]
     assert set(gaps(posts[:6])) == {7.0}, posts
     assert v.problems == []
+
+
+async def test_blackholed_verifier_times_out_backs_off_and_the_uefi_log_goes_when_asked(
+    rig: Rig, nursery: trio.Nursery, clock: MockClock
+) -> None:
+    """A network cut that swallows packets (the testbed's NetProxy in blackhole mode between agent
+    and verifier): every request runs into verifier_timeout (10 s), then the backoff; when the path
+    is back the agent resumes by itself. The verifier asks for the UEFI log (as upstream does with a
+    measured-boot policy): it goes as base64, whole."""
+    proxy = NetProxy(("127.0.0.1", rig.verifier.port))
+    await nursery.start(proxy.run)
+    uefi = bytes(range(256)) * 5
+    (rig.root / "binary_bios_measurements").write_bytes(uefi)
+    rig.verifier.want_uefi = True
+    attester = rig.attester(initial=1.0, maximum=4.0, timeout=10.0, uefi="binary_bios_measurements",
+                            url=f"https://127.0.0.1:{proxy.port}")
+    nursery.start_soon(attester.run)
+    await attester.wait_for(lambda s: s.accepted >= 1)
+    accepted_at = trio.current_time()
+    proxy.set_mode("blackhole")
+
+    failed_at: list[float] = []
+    for n in range(1, 5):
+        await attester.wait_for(lambda s, n=n: s.failures >= n)
+        failed_at.append(trio.current_time())
+    # the interval (7) and 10 s of silence, then backoff 1, 2, 4 each followed by 10 s of silence
+    assert round(failed_at[0] - accepted_at, 6) == 17.0, (accepted_at, failed_at)
+    assert gaps(failed_at) == [11.0, 12.0, 14.0], failed_at
+    assert "unreachable" in attester.stats.last_error and "Timeout" in attester.stats.last_error
+
+    proxy.set_mode("pass")  # the path is back
+    await attester.wait_for(lambda s: s.accepted >= 3)
+    assert attester.stats.sessions == 1  # the token outlived the cut
+    assert rig.verifier.problems == [], rig.verifier.problems
+    assert all(a["uefi"] == uefi for a in rig.verifier.attestations[:3])
+    caps = {s["evidence_type"]: s["capabilities"] for s in rig.verifier.capabilities_seen[0]}
+    assert caps["uefi_log"]["formats"] == ["application/octet-stream"] and caps["uefi_log"]["entry_count"] == len(uefi)
