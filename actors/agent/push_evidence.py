@@ -16,9 +16,8 @@ from pathlib import Path
 import trio
 
 from keytrio.actors.agent.push_messages import Capabilities, Collected, Requested
-from keytrio.actors.agent.push_tpm import Certification, certify_self
 from keytrio.actors.agent.quotes import read_boottime
-from keytrio.actors.agent.tpm import AttestationKey, Tpm, public_key
+from keytrio.actors.agent.tpm import AttestationKey, Certification, Tpm, public_key
 from keytrio.protocol import pcr_blob
 
 _SCHEMES = {"rsa": "rsassa", "ecc": "ecdsa"}
@@ -47,7 +46,7 @@ class EvidenceSource:
     measuredboot_ml_path: Path
 
     async def certify(self, challenge: bytes) -> Certification:
-        return await certify_self(self.tpm, self.ak, challenge)
+        return await self.tpm.certify_self(self.ak, challenge)
 
     async def capabilities(self) -> Capabilities:
         boot = await trio.to_thread.run_sync(read_boottime, self.boottime_source)

@@ -37,6 +37,7 @@ from keytrio.actors.agent.tpm_core import (
     NUM_PCRS,
     AkAlg,
     AttestationKey,
+    Certification,
     EkAlg,
     EndorsementKey,
     Quote,
@@ -52,6 +53,7 @@ from keytrio.actors.agent.tpm_ek import EK_CERT_INDEX
 __all__ = [
     "EK_CERT_INDEX",
     "AttestationKey",
+    "Certification",
     "EndorsementKey",
     "Quote",
     "Tpm",
@@ -263,6 +265,13 @@ class Tpm:
         sel_list = sorted(set(pcrs))
         selection(bank, sel_list)  # a bad selection fails before the TPM is asked
         return await self._run(lambda ectx: tpm_ak.quote_sync(ectx, ak, nonce, sel_list, bank, attempts))
+
+    async def certify_self(self, ak: AttestationKey, qualifying_data: bytes) -> Certification:
+        """TPM2_Certify of the AK by itself over ``qualifying_data`` (e.g. a verifier's challenge):
+        proves this TPM holds the AK now."""
+        if len(qualifying_data) > tpm_ak.MAX_NONCE:
+            raise TpmError(f"challenge longer than {tpm_ak.MAX_NONCE} bytes")
+        return await self._run(lambda ectx: tpm_ak.certify_sync(ectx, ak, qualifying_data))
 
     # -- credential activation -------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The attestation key and what it signs: AK templates (RSA-2048 RSASSA, P-256 ECDSA), creating an
-AK under the EK and reloading it from its saved blobs, and TPM2_Quote. A further AK operation
-(TPM2_Certify, for instance) belongs here as one more ``*_sync`` function plus a
-:class:`actors.agent.tpm.Tpm` method that runs it.
+AK under the EK and reloading it from its saved blobs, TPM2_Quote and TPM2_Certify. A further AK
+operation belongs here as one more ``*_sync`` function plus a :class:`actors.agent.tpm.Tpm`
+method that runs it.
 
 Blocking ESAPI code, run by :class:`actors.agent.tpm.Tpm` in its worker thread.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 from tpm2_pytss.types import (
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
@@ -33,6 +33,7 @@ from tpm2_pytss.types import (
 from keytrio.actors.agent.tpm_core import (
     ALG_NAMES,
     AttestationKey,
+    Certification,
     EndorsementKey,
     Quote,
     TpmError,
@@ -42,7 +43,7 @@ from keytrio.actors.agent.tpm_core import (
 )
 from keytrio.actors.agent.tpm_ek import ek_auth
 
-MAX_NONCE = 64  # TPM2B_DATA in TPM2_Quote
+MAX_NONCE = 64  # TPM2B_DATA: TPM2_Quote's nonce, TPM2_Certify's qualifyingData
 
 
 def ak_template(alg: str, hash_name: str) -> TPM2B_PUBLIC:
@@ -150,3 +151,10 @@ def quote_sync(
         if bytes(info.attested.quote.pcrDigest) == digest:
             return Quote(attest, sig.marshal(), bank.lower(), values, nonce)
     raise TpmError(f"PCRs kept changing during {attempts} quote attempts")
+
+
+def certify_sync(ectx: ESAPI, ak: AttestationKey, qualifying_data: bytes) -> Certification:
+    """TPM2_Certify(object = AK, signKey = AK, qualifyingData), signed with the AK's own scheme."""
+    attest, sig = ectx.certify(ak.handle, ak.handle, qualifying_data, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                               session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD)
+    return Certification(bytes(attest), sig.marshal())

@@ -69,6 +69,12 @@ class Quote:
     nonce: bytes
 
 
+@dataclass(frozen=True)
+class Certification:
+    attest: bytes  # TPMS_ATTEST (type TPM_ST_ATTEST_CERTIFY), what the signature covers
+    signature: bytes  # marshalled TPMT_SIGNATURE
+
+
 def public_key(public: bytes) -> PublicKeyTypes:
     """A cryptography public key from a marshalled TPM2B_PUBLIC (EK or AK)."""
     pub, _ = TPM2B_PUBLIC.unmarshal(public)

@@ -16,6 +16,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_SIGNATURE
 from tpm2_pytss.utils import credential_to_tools, make_credential
 
 from keytrio.actors.agent.tpm import EK_CERT_INDEX, AttestationKey, Quote, Tpm, TpmError, public_key
+from keytrio.protocol import pop
 from keytrio.testbed import swtpm_state
 
 pytestmark = pytest.mark.swtpm
@@ -181,6 +182,20 @@ async def test_quote_verifies(tpm: Tpm, ak_alg: str, hash_alg: str) -> None:
             verify_quote(ak, bad, nonce)
     with pytest.raises(TpmError):
         await tpm.quote(ak, nonce=b"n" * 65, pcrs=[0], bank="sha256")
+
+
+@pytest.mark.parametrize("ak_alg", ["rsa", "ecc"])
+async def test_certify_self_proves_the_ak(tpm: Tpm, ak_alg: str) -> None:
+    ek = await tpm.endorsement_key()
+    ak = await tpm.create_ak(ek, alg=ak_alg)
+    challenge = pop.new_challenge()
+    cert = await tpm.certify_self(ak, challenge)
+    attest = pop.verify_pop(cert.attest, cert.signature, ak_public=ak.public, challenge=challenge)
+    assert attest.name == ak.name
+    with pytest.raises(pop.PopError):  # another challenge: not a proof for it
+        pop.verify_pop(cert.attest, cert.signature, ak_public=ak.public, challenge=pop.new_challenge())
+    with pytest.raises(TpmError):
+        await tpm.certify_self(ak, b"c" * 65)
 
 
 @pytest.mark.parametrize("ek_alg", ["rsa2048", "ecc384"])
