@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from keytrio.actors.tenant import ekcheck
+import keytrio.actors.tenant.ekcheck as ekcheck
 from keytrio.actors.tenant.client import Peer
 from keytrio.actors.tenant.context import TenantContext
 from keytrio.actors.tenant.errors import Refused, UsageError, VerificationFailed

@@ -20,8 +20,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from keytrio.actors.tenant import add as add_flow
-from keytrio.actors.tenant import ops, policies
+import keytrio.actors.tenant.add as add_flow
+import keytrio.actors.tenant.ops as ops
+import keytrio.actors.tenant.policies as policies
 from keytrio.actors.tenant.client import (
     TENANT_AGENT_VERSIONS,
     TENANT_SERVER_VERSIONS,
