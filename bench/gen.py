@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from keytrio.actors.agent.tpm import AttestationKey, Tpm
 from keytrio.protocol import ima, tpm2
 from keytrio.protocol.quote import build_quote, encode_pcr_blob
+from keytrio.protocol.wire import BootLog, ImaTail, IntegrityQuote
 from keytrio.testbed.swtpm import swtpm_running
 
 BANK = "sha256"
@@ -113,12 +114,10 @@ async def generate(out: Path, sizes: list[int], polls: int, lines_per_poll: int)
                         first = base + k * lines_per_poll
                         await extend_to(first + lines_per_poll)
                         n, q = await _quote(tpm, ak)
-                        results = {
-                            "quote": q, "hash_alg": BANK, "enc_alg": "rsa", "sign_alg": "rsassa",
-                            "ima_measurement_list": "".join(x + "\n" for x in lines[first:first + lines_per_poll]),
-                            "ima_measurement_list_entry": first, "mb_measurement_list": None,
-                            "boottime": BOOTTIME,
-                        }  # fmt: skip
+                        results = IntegrityQuote(
+                            q, BANK, "rsa", "rsassa", boottime=BOOTTIME, mb=BootLog(None),
+                            ima=ImaTail("".join(x + "\n" for x in lines[first:first + lines_per_poll]), first),
+                        ).encode()  # fmt: skip
                         body = json.dumps({"code": 200, "status": "Success", "results": results})
                         poll_list.append({"nonce": n, "body": body})
                 pcr16 = (await tpm.read_pcrs(BANK, [16]))[16]

@@ -3,7 +3,7 @@
 Commands (see bench.wire): ``load`` {dir}, ``evidence`` {case, reps, tamper}, ``poll_setup``,
 ``poll`` {start, count}. Timed scopes:
 
-- evidence: :func:`actors.verifier.attest.verify_quote_evidence` with a fresh
+- evidence: :func:`protocol.evidence.verify` with a fresh
   :class:`protocol.ima_eval.ImaChecker` (progress zero), the AK as raw TPM2B_PUBLIC bytes (parsed
   in the call), PCR 16 checked against the NK, the policy parsed beforehand (once per upload in
   keytrio, as upstream's deserialised dict is on its side);
@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from bench import wire
-from keytrio.actors.verifier.attest import AgentTarget, AttestState, evaluate, verify_quote_evidence
+from keytrio.actors.verifier.attest import AgentTarget, AttestState, evaluate
 from keytrio.actors.verifier.ima import AgentIma, FixedPolicy
 from keytrio.protocol import tpm2
+from keytrio.protocol.evidence import Evidence, Expectations, verify
 from keytrio.protocol.ima_eval import ImaChecker
 from keytrio.protocol.runtime_policy import load_policy
+from keytrio.protocol.wire import ImaTail, IntegrityQuote
 
 S: dict[str, Any] = {}
 
@@ -46,12 +48,12 @@ def _evidence(cmd: dict[str, Any]) -> dict[str, Any]:
     case, text, nonce = wire.evidence_case(inp, S["lines"], cmd)
 
     def call() -> bool:
-        verdict = verify_quote_evidence(
-            case["quote"], ak=S["ak"], nonce=nonce, hash_alg=inp["bank"], tpm_policy=inp["tpm_policy"],
-            ima_check=ImaChecker(S["policy"]), ima_list=text, ima_entry=0, nk_pem=inp["nk_pem"],
-            accepted_hash_algs=["sha512", "sha384", "sha256"], accepted_sign_algs=["ecschnorr", "rsassa"],
+        expect = Expectations(
+            ak=S["ak"], nonce=nonce, tpm_policy=inp["tpm_policy"], nk_pem=inp["nk_pem"],
+            ima=ImaChecker(S["policy"]), accepted_hash_algs=("sha512", "sha384", "sha256"),
+            accepted_sign_algs=("ecschnorr", "rsassa"),
         )  # fmt: skip
-        return not verdict.failures
+        return verify(expect, Evidence(case["quote"], inp["bank"], ima_list=text)).valid
 
     acc = wire.Samples()
     for _ in range(cmd.get("reps", 1)):
@@ -67,12 +69,11 @@ def _poll_setup(cmd: dict[str, Any]) -> dict[str, Any]:
         ima_check=AgentIma("bench-agent", FixedPolicy(S["policy"]), "bench-policy", None),
     )  # fmt: skip
     state = AttestState()
-    first = {
-        "quote": st["quote"], "hash_alg": inp["bank"], "enc_alg": "rsa", "sign_alg": "rsassa",
-        "pubkey": inp["nk_pem"], "ima_measurement_list": wire.list_text(S["lines"], st["lines"]),
-        "ima_measurement_list_entry": 0, "mb_measurement_list": None, "boottime": inp["boottime"],
-    }  # fmt: skip
-    fails = evaluate(target, state, first, st["nonce"])
+    first = IntegrityQuote(
+        st["quote"], inp["bank"], "rsa", "rsassa", pubkey=inp["nk_pem"], boottime=inp["boottime"],
+        ima=ImaTail(wire.list_text(S["lines"], st["lines"]), 0),
+    )  # fmt: skip
+    fails = evaluate(target, state, first.encode(), st["nonce"])
     S["target"], S["state"] = target, state
     return {"valid": not fails, "failures": [f.event_id for f in fails], "next_entry": state.ima_ml_entry}
 

@@ -65,7 +65,7 @@ def build_app(
     async def identity_quote() -> Response:
         nonce = validation.nonce(_arg("nonce"))
         try:
-            results = await quotes.identity(nonce)
+            results = (await quotes.identity(nonce)).encode()
         except TpmError as exc:
             m.quotes.labels("identity", "error").inc()
             raise ApiError(500, "TPM quote failed") from exc
@@ -86,7 +86,7 @@ def build_app(
         if entry_text is not None:
             entry = validation.integer(entry_text, "ima_ml_entry", lo=0, hi=MAX_IMA_ENTRY)
         try:
-            results = await quotes.integrity(nonce, pcrs, partial, entry)
+            results = (await quotes.integrity(nonce, pcrs, partial, entry)).encode()
         except TpmError as exc:
             m.quotes.labels("integrity", "error").inc()
             raise ApiError(500, "TPM quote failed") from exc

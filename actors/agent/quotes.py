@@ -7,23 +7,22 @@ may run ahead of the quoted PCR 10 (the verifier handles that), never behind it.
 
 from __future__ import annotations
 
-import base64
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from keytrio.actors.agent.tpm import AttestationKey, Tpm
 from keytrio.actors.common.metrics import Metrics
+from keytrio.protocol.ima import IMA_PCR
 from keytrio.protocol.quote import build_quote, encode_pcr_blob
+from keytrio.protocol.quote_check import PCR_16
+from keytrio.protocol.wire import BootLog, IdentityQuote, ImaTail, IntegrityQuote
 
 log = logging.getLogger("keytrio.agent")
 
-PCR_NK = 16
-PCR_IMA = 10
-PCR_BOOT = 0
+PCR_BOOT = 0  # asking for it asks for the UEFI event log too
 
 
 class AgentMetrics:
@@ -86,7 +85,7 @@ class QuoteSource:
     metrics: AgentMetrics | None = None
 
     async def _quote(self, nonce: str, pcrs: set[int]) -> str:
-        pcrs = set(pcrs) | {PCR_NK}
+        pcrs = set(pcrs) | {PCR_16}
         start = trio.current_time()
         try:
             q = await self.tpm.quote(self.ak, nonce=nonce.encode("ascii"), pcrs=pcrs, bank=self.hash_alg)
@@ -98,36 +97,28 @@ class QuoteSource:
     async def _boottime(self) -> int:
         return await trio.to_thread.run_sync(read_boottime, self.boottime_source)
 
-    def _algs(self) -> dict[str, Any]:
-        return {"hash_alg": self.hash_alg, "enc_alg": self.enc_alg, "sign_alg": self.sign_alg}
+    async def identity(self, nonce: str) -> IdentityQuote:
+        quote = await self._quote(nonce, {PCR_16})
+        return IdentityQuote(quote, self.hash_alg, self.enc_alg, self.sign_alg, self.nk_pem,
+                             boottime=await self._boottime())
 
-    async def identity(self, nonce: str) -> dict[str, Any]:
-        quote = await self._quote(nonce, {PCR_NK})
-        return {"quote": quote, **self._algs(), "pubkey": self.nk_pem, "boottime": await self._boottime()}
-
-    async def integrity(self, nonce: str, pcrs: list[int], partial: bool, ima_entry: int) -> dict[str, Any]:
+    async def integrity(self, nonce: str, pcrs: list[int], partial: bool, ima_entry: int) -> IntegrityQuote:
         quote = await self._quote(nonce, set(pcrs))
-        results: dict[str, Any] = {"quote": quote, **self._algs()}
-        if not partial:
-            results["pubkey"] = self.nk_pem
-        results["boottime"] = await self._boottime()
-        if PCR_IMA in pcrs:
+        boottime = await self._boottime()
+        ima = mb = None
+        if IMA_PCR in pcrs:
             # after the quote: the list may be ahead of the quoted PCR 10, never behind
             try:
                 raw = await trio.to_thread.run_sync(_read_bytes, self.ima_ml_path)
             except FileNotFoundError:
-                # no IMA on this machine: say so with null, as upstream's agent does
-                results["ima_measurement_list"] = None
-                results["ima_measurement_list_entry"] = 0
+                ima = ImaTail(None, 0)  # no IMA on this machine: null, as upstream's agent says it
             else:
                 # undecodable path bytes become U+FFFD; JSON carries text only
-                tail, entry = ima_tail(raw.decode("utf-8", "replace"), ima_entry)
-                results["ima_measurement_list"] = tail
-                results["ima_measurement_list_entry"] = entry
+                ima = ImaTail(*ima_tail(raw.decode("utf-8", "replace"), ima_entry))
         if PCR_BOOT in pcrs:
             try:
-                mb = await trio.to_thread.run_sync(_read_bytes, self.measuredboot_ml_path)
+                mb = BootLog.of(await trio.to_thread.run_sync(_read_bytes, self.measuredboot_ml_path))
             except FileNotFoundError:
-                mb = None
-            results["mb_measurement_list"] = base64.b64encode(mb).decode("ascii") if mb is not None else None
-        return results
+                mb = BootLog(None)
+        return IntegrityQuote(quote, self.hash_alg, self.enc_alg, self.sign_alg,
+                              pubkey=None if partial else self.nk_pem, boottime=boottime, ima=ima, mb=mb)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import json
 import os
@@ -31,10 +30,10 @@ from keytrio.actors.tenant.client import Peer
 from keytrio.actors.tenant.context import TenantContext
 from keytrio.actors.tenant.errors import Refused, UsageError, VerificationFailed
 from keytrio.actors.tenant.payload import REVOCATION_CERT, add_files, make_payload
+from keytrio.actors.tenant.quotecheck import check_identity_quote
 from keytrio.protocol import payload as pl
 from keytrio.protocol import states, validation
 from keytrio.protocol.errors import ProtocolError
-from keytrio.protocol.quote_check import PCR_16, check_pcr16, check_quote
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -206,10 +205,9 @@ async def _identity(agent: Peer, reg: _Registration, checked: _Checked) -> _Iden
     """Step 4: an identity quote for a fresh nonce, checked against the registered AK."""
     nonce = new_challenge()
     reply = (await agent.call("GET", "/quotes/identity", params={"nonce": nonce})).results
-    quote, hash_alg, enc_alg, sign_alg, nk_pem = _identity_fields(reply)
-    _check_identity(quote, reg.aik_tpm, nonce, hash_alg, enc_alg, nk_pem,
-                    checked.hash_algs, checked.enc_algs, checked.sign_algs)
-    return _Identity(hash_alg, enc_alg, sign_alg, nk_pem)
+    q = check_identity_quote(reply, aik_tpm=reg.aik_tpm, nonce=nonce, hash_algs=checked.hash_algs,
+                             enc_algs=checked.enc_algs, sign_algs=checked.sign_algs)
+    return _Identity(q.hash_alg, q.enc_alg, q.sign_alg, q.pubkey)
 
 
 async def _send_u(agent: Peer, agent_id: str, nk_pem: str, payload: bytes | None) -> pl.KeyHalves:
@@ -366,50 +364,3 @@ def _record_fields(record: dict[str, Any]) -> tuple[str, str, str, str, int]:
     if not isinstance(ip, str) or not ip or not isinstance(port, int) or isinstance(port, bool):
         raise Refused("registrar", 200, "record without a contact ip/port")
     return aik, ek, cert, ip, port
-
-
-def _identity_fields(reply: dict[str, Any]) -> tuple[str, str, str, str, str]:
-    values = [reply.get(k) for k in ("quote", "hash_alg", "enc_alg", "sign_alg", "pubkey")]
-    if not all(isinstance(v, str) and v for v in values):
-        raise VerificationFailed("identity quote", "reply lacks quote/hash_alg/enc_alg/sign_alg/pubkey")
-    return tuple(values)  # type: ignore[return-value]
-
-
-def _check_identity(
-    quote: str,
-    aik_tpm: str,
-    nonce: str,
-    hash_alg: str,
-    enc_alg: str,
-    nk_pem: str,
-    hash_algs: list[str],
-    enc_algs: list[str],
-    sign_algs: list[str],
-) -> None:
-    try:
-        ak = base64.b64decode(aik_tpm, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise VerificationFailed("identity quote", "the registrar's aik_tpm is not base64") from exc
-    # No clock check: the tenant has no earlier quote, and the verifier checks the clock anyway.
-    check = check_quote(
-        quote,
-        ak_public=ak,
-        nonce=nonce,
-        hash_alg=hash_alg,
-        accepted_hash_algs=hash_algs,
-        accepted_sign_algs=sign_algs,
-        check_clock_info=False,
-        required_pcrs=[PCR_16],
-    )
-    if not check.valid:
-        raise VerificationFailed(
-            "identity quote",
-            "does not verify with the registered AK (" + ", ".join(map(str, check.checks_failed())) + ")",
-            failures=[f.event_id for f in check.failures],
-        )
-    if enc_alg not in enc_algs:
-        raise VerificationFailed("identity quote", f"encryption algorithm {enc_alg} is not accepted")
-    assert check.bank is not None
-    failure = check_pcr16(check.bank, check.pcrs, nk_pem)
-    if failure is not None:
-        raise VerificationFailed("identity quote", "PCR 16 does not bind the agent's NK", failures=[failure.event_id])

@@ -1,6 +1,6 @@
 """``POST /v2.x/verify/evidence`` and ``GET /v2.x/verify/identity`` (public routes).
 
-Evidence is checked with the monitor's own code (attest.verify_quote_evidence + an AgentIma hook
+Evidence is checked with the monitor's own code (protocol.evidence.verify + an AgentIma check
 starting from progress zero), minus the clock and PCR 16 checks, which need per-agent history and
 an NK. Evidence whose quote signature, nonce or PCR digest does not verify is never valid: the
 quote failures are in the list, and the IMA hook does not even run then.
@@ -27,12 +27,12 @@ import binascii
 import json
 from typing import Any
 
-from keytrio.actors.verifier.attest import verify_quote_evidence
 from keytrio.actors.verifier.ima import AgentIma, FixedPolicy
 from keytrio.actors.verifier.mbpolicies import canonical as canonical_mb
 from keytrio.actors.verifier.policies import PolicyRefused, parse
 from keytrio.protocol import mb_policy, safejson, tpm2, validation
 from keytrio.protocol.errors import ProtocolError, ValidationError
+from keytrio.protocol.evidence import Evidence, Expectations, RefStateCheck, verify
 from keytrio.protocol.failures import Failure
 
 EVIDENCE_FIELDS = (
@@ -164,22 +164,18 @@ def check_tpm_evidence(data: object, *, ignore_tomtou_errors: bool = False) -> l
             raise EvidenceRejected([invalid_param("runtime_policy", exc.reason, field=exc.field)]) from None
         hook = AgentIma("evidence", FixedPolicy(policy), None, policy.checksum,
                         ignore_tomtou_errors=ignore_tomtou_errors, check_unquoted=True)
-    verdict = verify_quote_evidence(
-        data["quote"],
+    expect = Expectations(
         ak=ak,
         nonce=data["nonce"],
-        hash_alg=data["hash_alg"],
-        tpm_policy=tpm_policy,
-        ima_check=hook,
-        ima_list=data.get("ima_measurement_list") or "",
-        ima_entry=0,
-        check_clock=False,
-        nk_pem=None,  # PCR 16 binding is skipped on /verify/*
-        mb_refstate=mb_ref,
-        mb_log=mb_log,
         nonce_base64=True,
+        tpm_policy=tpm_policy,
+        check_clock=False,  # PCR 16 binding (nk_pem) and the clock need a monitored agent's history
+        ima=hook,
+        measured_boot=RefStateCheck(mb_ref) if mb_ref is not None else None,
     )
-    return verdict.failures
+    evidence = Evidence(data["quote"], data["hash_alg"], ima_list=data.get("ima_measurement_list") or "",
+                        mb_log=mb_log)
+    return verify(expect, evidence).failures
 
 
 def valid_value(valid: bool, api_version: str) -> bool | int:
@@ -192,18 +188,12 @@ def valid_value(valid: bool, api_version: str) -> bool | int:
 def check_identity(row: dict[str, Any], quote: str, nonce: str, hash_alg: str) -> list[Failure]:
     """``/verify/identity``: the quote verifies with the enrolled agent's AK (no clock/PCR 16)."""
     ak = _ak(row["ak_tpm"], "agent_uuid")
-    verdict = verify_quote_evidence(
-        quote,
+    expect = Expectations(
         ak=ak,
         nonce=nonce,
-        hash_alg=hash_alg,
-        tpm_policy={},
-        ima_check=None,
-        ima_list=None,
-        ima_entry=0,
-        accepted_hash_algs=json.loads(row["accept_tpm_hash_algs"]),
-        accepted_sign_algs=json.loads(row["accept_tpm_signing_algs"]),
-        check_clock=False,
         nonce_base64=True,
+        accepted_hash_algs=tuple(json.loads(row["accept_tpm_hash_algs"])),
+        accepted_sign_algs=tuple(json.loads(row["accept_tpm_signing_algs"])),
+        check_clock=False,
     )
-    return verdict.failures
+    return verify(expect, Evidence(quote, hash_alg)).failures

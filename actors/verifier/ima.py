@@ -1,7 +1,7 @@
 """The monitor's IMA hook: per agent, protocol.ima_eval over only the new lines of each poll.
 
-:class:`AgentIma` is the ``ImaCheck`` of one agent (attest.py calls it with the list tail, its first
-entry number, the quoted PCRs and the bank). It resolves the agent's runtime policy in the shared
+:class:`AgentIma` is the :class:`protocol.evidence.ImaHook` of one agent (protocol.evidence.verify
+calls it with the list tail, its first entry number, the quoted PCRs and the bank). It resolves the agent's runtime policy in the shared
 :class:`~actors.verifier.policies.PolicyStore` at every call (so a PUT of a named policy applies at
 the next poll), keeps the :class:`~protocol.ima_eval.ImaProgress` (running PCR 10, line count,
 boot identity, learned keys), logs ToMToU warnings (they are not failures then), and observes the
@@ -28,12 +28,12 @@ from prometheus_client import Histogram
 from keytrio.protocol import safejson
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.failures import Failure, Severity
+from keytrio.protocol.ima import IMA_PCR
 from keytrio.protocol.ima_eval import PCR_MISMATCH, ImaProgress, evaluate_ima
 from keytrio.protocol.runtime_policy import ImaKey, KeyTypeError, RuntimePolicy, parse_ima_key
 
 log = logging.getLogger("keytrio.verifier")
 
-IMA_PCR = 10
 POLICY_MISSING = "ima.policy_missing"  # the agent's runtime policy is not in the store (fail closed)
 
 

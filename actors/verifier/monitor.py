@@ -50,7 +50,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -65,11 +65,11 @@ from keytrio.actors.common.client import (
 from keytrio.actors.common.metrics import Metrics
 from keytrio.actors.common.store import Store
 from keytrio.actors.verifier import attest, records
-from keytrio.actors.verifier.attest import AgentTarget, AttestState, ImaCheck
-from keytrio.actors.verifier.ima import AgentIma
+from keytrio.actors.verifier.attest import AgentTarget, AttestState
 from keytrio.actors.verifier.notify import Notifier, build_notice
 from keytrio.protocol import tpm2
 from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.evidence import ImaHook
 from keytrio.protocol.failures import Failure, Severity, worst
 from keytrio.protocol.quote import ClockInfo
 
@@ -150,8 +150,8 @@ class MonitorSettings:
 
 #: agent row -> client SSL context (CA + pinned mtls_cert + our client cert)
 ContextFactory = Callable[[dict[str, Any]], ssl.SSLContext]
-#: agent row -> the IMA hook for it (None: PCR 10 not checked); filled by the IMA issue
-ImaCheckFactory = Callable[[dict[str, Any]], ImaCheck | None]
+#: agent row -> the IMA hook for it (None: no runtime policy, PCR 10 not checked)
+ImaCheckFactory = Callable[[dict[str, Any]], ImaHook | None]
 
 
 class _Ended(Exception):
@@ -159,7 +159,7 @@ class _Ended(Exception):
 
 
 def target_from_row(
-    row: dict[str, Any], ima_check: ImaCheck | None = None, *, mb_evaluate: str = "once"
+    row: dict[str, Any], ima_check: ImaHook | None = None, *, mb_evaluate: str = "once"
 ) -> AgentTarget:
     """Parse a stored enrolment once (ValueError/ProtocolError on a corrupt row)."""
     return AgentTarget(
@@ -284,7 +284,7 @@ class MonitorSet:
     def context_for(self, row: dict[str, Any]) -> ssl.SSLContext:
         return self._context_for(row)
 
-    def ima_check_for(self, row: dict[str, Any]) -> ImaCheck | None:
+    def ima_check_for(self, row: dict[str, Any]) -> ImaHook | None:
         return self._ima_check_for(row) if self._ima_check_for is not None else None
 
     def now(self) -> float:
@@ -298,8 +298,8 @@ class MonitorSet:
 async def fail(ms: MonitorSet, agent_id: str, state: int, failure: Failure, *, received: bool = False) -> None:
     """Record ``failure`` (state + worst event) and its notice, unless a tenant action won.
 
-    With a notifier that can ``stage`` (the Outbox) the failure and the notice (with its
-    deliveries) are committed in ONE transaction before any delivery is attempted.
+    The failure and the notice (with its deliveries, ``Notifier.stage``) are committed in ONE
+    transaction before any delivery is attempted.
     """
     now = ms.now()
     row = await records.get(ms.store, agent_id)
@@ -307,7 +307,6 @@ async def fail(ms: MonitorSet, agent_id: str, state: int, failure: Failure, *, r
         return  # stopped or deleted meanwhile: the tenant's action stands, no notice
     notice = build_notice(row, failure)
     notifier = ms.notifier
-    stage = getattr(notifier, "stage", None)
     written = await records.record_failure(
         ms.store,
         agent_id,
@@ -316,17 +315,14 @@ async def fail(ms: MonitorSet, agent_id: str, state: int, failure: Failure, *, r
         severity_level=int(failure.severity),
         received_at=now if received else None,
         only_in_states=ACTIVE_STATES,
-        also=(lambda conn: stage(conn, notice, now)) if stage is not None else None,
+        also=lambda conn: notifier.stage(conn, notice, now),
     )
     if not written:  # stopped or deleted meanwhile: the tenant's action stands, no notice
         return
     ms.metrics.failures.labels(failure.event_id).inc()
     log.warning("agent=%s event=%s state=%d severity=%s notice=%s", agent_id, failure.event_id, state,
                 failure.severity.label, notice.notice_id)
-    if stage is not None:
-        notifier.committed(notice)  # type: ignore[attr-defined]
-    else:
-        await notifier.publish(notice)
+    notifier.committed(notice)
 
 
 class Monitor:
@@ -347,7 +343,7 @@ class Monitor:
             row, self.ms.ima_check_for(row), mb_evaluate=self.ms.settings.measured_boot_evaluate
         )
         state = state_from_row(row)
-        ima_hook = target.ima_check if isinstance(target.ima_check, AgentIma) else None
+        ima_hook = target.ima_check
         if ima_hook is not None:
             state.ima_ml_entry = ima_hook.progress.count  # the restored progress decides the tail
         v_delivered = bool(row["v_delivered"])
@@ -473,7 +469,7 @@ class Monitor:
                 await self._fail_now(COMM_MALFORMED, exc)
             await trio.sleep(delay)
 
-    async def _fail_now(self, event_id: str, exc: Exception, **context: Any) -> None:
+    async def _fail_now(self, event_id: str, exc: Exception, **context: Any) -> NoReturn:
         ctx = {"message": str(exc)[:500], **{k: v for k, v in context.items() if v is not None}}
         await fail(self.ms, self.agent_id, records.FAILED, Failure(event_id, ctx, Severity.CRITICAL))
         raise _Ended

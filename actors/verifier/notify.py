@@ -122,6 +122,12 @@ def build_notice(
 class Notifier(Protocol):
     """Where the monitor hands notices; an implementation owns delivery (and durability)."""
 
+    def stage(self, conn: Connection, notice: SignedNotice, now: float) -> int:
+        """Store the notice in the caller's transaction (the one recording the failure)."""
+
+    def committed(self, notice: SignedNotice) -> None:
+        """That transaction committed: deliver the notice."""
+
     async def publish(self, notice: SignedNotice) -> None: ...
 
 

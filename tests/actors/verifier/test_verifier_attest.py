@@ -19,7 +19,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_ASYM_SCHEME
 from keytrio.actors.common.client import make_client, request_json
 from keytrio.actors.verifier import attest
 from keytrio.actors.verifier.attest import AgentTarget, AttestState
-from keytrio.protocol import payload, tpm2
+from keytrio.protocol import evidence, payload, tpm2
 from keytrio.protocol.quote import parse_quote
 from keytrio.protocol.quote_check import QUOTE_VALIDATION
 from tests.actors.agent_support import Running, start_agent
@@ -78,7 +78,7 @@ async def test_two_rounds_then_partial(running: Running, client: httpx.AsyncClie
     assert state.nk_pem == running.info.nk_pem  # from the partial=0 reply
     assert state.clock is not None and state.boottime is not None
     first_clock = state.clock
-    assert state.pcr10 == attest.PCR10_NOT_QUOTED
+    assert state.pcr10 == evidence.PCR10_NOT_QUOTED
 
     # second round asks partial=1: the reply carries no pubkey, the stored NK is used
     nonce = attest.new_nonce()
@@ -143,7 +143,7 @@ async def test_pcr10_without_runtime_policy_is_not_checked(running: Running, cli
     target = target_for(running, tpm_policy={"mask": "0x400"})
     state = AttestState()
     assert await attest.attest_once(client, target, state) == []
-    assert state.pcr10 == attest.PCR10_NOT_CHECKED
+    assert state.pcr10 == evidence.PCR10_NOT_CHECKED
 
 
 async def test_hostile_replies(running: Running, client: httpx.AsyncClient) -> None:

@@ -16,10 +16,11 @@ import pytest
 import trio
 
 from keytrio.actors.verifier import records
-from keytrio.actors.verifier.attest import INVALID_DATA
 from keytrio.actors.verifier.monitor import COMM_ERROR, COMM_MALFORMED
 from keytrio.protocol import revocation
+from keytrio.protocol.ima_eval import ImaProgress
 from keytrio.protocol.quote_check import QUOTE_VALIDATION
+from keytrio.protocol.wire import INVALID_DATA
 from keytrio.testbed.ima_log import ImaLog
 from tests.actors.verifier_support import (
     HostileAgent,
@@ -227,13 +228,26 @@ async def test_verifier_restart_resumes_without_rereading_ima(
         await log.measure(f"/usr/bin/tool{i}", f"content {i}".encode())
     calls: list[tuple[int, int]] = []  # (first entry asked, lines received)
 
-    def ima_check(ml: str | None, entry: int, pcrs: dict[int, bytes], bank: str) -> tuple[list[Any], int]:
-        lines = (ml or "").splitlines()
-        calls.append((entry, len(lines)))
-        return [], entry + len(lines)  # a stand-in for the IMA issue's replay: counts lines only
+    class CountingIma:
+        """An ImaHook that counts lines only (no replay), its progress restored from the row."""
+
+        def __init__(self, count: int) -> None:
+            self.progress = ImaProgress(count=count)
+
+        def __call__(self, ml: str | None, entry: int, pcrs: dict[int, bytes], bank: str) -> tuple[list[Any], int]:
+            lines = (ml or "").splitlines()
+            calls.append((entry, len(lines)))
+            self.progress = ImaProgress(count=entry + len(lines))
+            return [], self.progress.count
+
+        def for_boot(self, boottime: int | None, reset_count: int | None) -> None:
+            pass
+
+        def progress_json(self) -> str:
+            return json.dumps(self.progress.to_json())
 
     def ima_check_for(row: dict[str, Any]) -> Any:
-        return ima_check
+        return CountingIma(int(row.get("next_ima_ml_entry") or 0))
 
     data = tmp_path / "verifier"
     rv = await start_verifier(nursery, pki, data, ima_check_for=ima_check_for)
