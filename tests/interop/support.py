@@ -320,3 +320,18 @@ def upstream_instance(extra_env: Mapping[str, str] | None = None, *,
         if up is not None:
             bring_down(up.dir, up.groups)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def restart_server(up: Upstream, server: str, *, timeout: float = 180.0) -> None:
+    """Stop one upstream server and start it again with the environment ``up.sh`` gave it
+    (``instance.py restart DIR server``, run by the venv's python); fails with its output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    argv = [str((up.dir / "venv").resolve() / "bin" / "python"), str(INTEROP_DIR / "instance.py"), "restart",
+            str(up.dir), server]
+    with trio.fail_after(timeout):
+        proc = await trio.run_process(argv, env=env, capture_stdout=True, capture_stderr=True, check=False,
+                                      stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        pytest.fail(f"restart of the upstream {server} failed (exit {proc.returncode}):\n"
+                    f"{proc.stderr.decode(errors='replace')[-4000:]}")
+    up.groups = _launcher_groups(up.dir)

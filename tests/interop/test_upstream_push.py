@@ -26,6 +26,7 @@ import trio
 from keytrio.actors.common import client as http
 from tests.interop.support import (
     Upstream,
+    restart_server,
     run_tool,
     run_tools,
     running_machine,
@@ -110,6 +111,18 @@ async def test_upstream_push_verifier_attests_our_push_agent(push_upstream: Upst
                                        and a["stage"] == "verification_complete", "two more attestations")
             assert again["evaluation"] == "pass", again
             assert push.stats.sessions >= 1 and push.stats.accepted >= 3, push.stats
+
+            # upstream's verifier restarted (in push mode again): the agent backs off while it is
+            # down and resumes by itself; attestations pass again
+            failures, sessions = push.stats.failures, push.stats.sessions
+            await restart_server(up, "verifier")
+            resumed = await wait_verdict(client, up, agent_id,
+                                         lambda a: a["index"] >= again["index"] + 3
+                                         and a["stage"] == "verification_complete", "attestations after a restart")
+            assert resumed["evaluation"] == "pass", resumed
+            print(f"[interop] across the restart: {push.stats.failures - failures} failed cycles, "
+                  f"{push.stats.sessions - sessions} new sessions")
+            again = resumed
 
             # a file outside the runtime policy: the next evidence fails upstream's policy check
             tampered_from = push.stats.accepted

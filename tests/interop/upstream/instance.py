@@ -4,6 +4,7 @@ Run by the interpreter of the venv that venv.sh makes (up.sh and down.sh call it
 
     python instance.py up DIR      # DIR empty or absent; prints the tenant environment
     python instance.py down DIR    # stops what ``up DIR`` started
+    python instance.py restart DIR verifier|registrar   # stop one server and start it again (same env)
     python instance.py serve verifier|registrar   # the server launcher (used by ``up``)
 
 Everything the instance writes stays in DIR::
@@ -28,6 +29,7 @@ Only the standard library is used outside ``serve``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -215,13 +217,7 @@ def up(d: Path) -> int:
     deadline = time.monotonic() + float(os.environ.get("KL_START_TIMEOUT", "90"))
 
     def start(server: str, extra: dict[str, str] | None = None) -> int:
-        with open(d / "logs" / f"{server}.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, str(HERE / "instance.py"), "serve", server], cwd=d,
-                                    env={**child_env, **(extra or {})}, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # pid = process group: down stops the whole tree
-        (d / "run" / f"{server}.pid").write_text(f"{proc.pid}\n")
-        print(f"[up] {server} started, pid {proc.pid}, log {d / 'logs' / f'{server}.log'}", file=sys.stderr)
-        return proc.pid
+        return _start(d, server, child_env, extra or {})
 
     def wait(what: str, ready: Callable[[], bool], servers: tuple[str, ...]) -> bool:
         while not ready():
@@ -271,6 +267,45 @@ def up(d: Path) -> int:
     print(f"[up] upstream Keylime 7.14.3 answers: verifier {tool_env['KL_VERIFIER_URL']}, registrar "
           f"{tool_env['KL_REGISTRAR_URL']} / {tool_env['KL_REGISTRAR_TLS_URL']}", file=sys.stderr)
     print((d / "env.sh").read_text(), end="")
+    return 0
+
+
+def _start(d: Path, server: str, env: dict[str, str], extra: dict[str, str]) -> int:
+    """Launch one server in its own session (pid = process group: down stops the whole tree);
+    ``extra`` (e.g. KEYLIME_VERIFIER_MODE) is kept in DIR/run/<server>.env for ``restart``."""
+    with open(d / "logs" / f"{server}.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, str(HERE / "instance.py"), "serve", server], cwd=d,
+                                env={**env, **extra}, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    (d / "run" / f"{server}.pid").write_text(f"{proc.pid}\n")
+    (d / "run" / f"{server}.env").write_text(json.dumps(extra))
+    print(f"[up] {server} started, pid {proc.pid}, log {d / 'logs' / f'{server}.log'}", file=sys.stderr)
+    return proc.pid
+
+
+def restart(d: Path, server: str) -> int:
+    """Stop one server of ``up DIR`` and start it again with the same environment; wait until it answers."""
+    d = d.resolve()
+    tool_env = {}
+    for line in (d / "env.sh").read_text().splitlines():
+        if line.startswith("export ") and not line.startswith("export PATH="):
+            key, _, value = line.removeprefix("export ").partition("=")
+            tool_env[key] = value.strip('"')
+    env = {**os.environ, **tool_env}
+    env.pop("VIRTUAL_ENV", None)
+    extra = json.loads((d / "run" / f"{server}.env").read_text())
+    if _stop_server(d, server, float(os.environ.get("KL_STOP_GRACE", "20"))) != 0:
+        return 1
+    pid = _start(d, server, env, extra)
+    url = tool_env["KL_VERIFIER_URL"] if server == "verifier" else tool_env["KL_REGISTRAR_TLS_URL"]
+    status = 410 if extra.get("KEYLIME_VERIFIER_MODE") == "push" else 200
+    deadline = time.monotonic() + float(os.environ.get("KL_START_TIMEOUT", "90"))
+    while not _probe(url, d / "work" / "cv_ca", status=status):
+        if not _alive(pid) or time.monotonic() > deadline:
+            print(f"restart: the {server} did not answer:\n{_tail(d / 'logs' / f'{server}.log')}", file=sys.stderr)
+            return 1
+        time.sleep(0.3)
+    print(f"[restart] {server} answers again, pid {pid}", file=sys.stderr)
     return 0
 
 
@@ -347,6 +382,8 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "serve":
         serve(argv[1])
         return 0
+    if len(argv) == 3 and argv[0] == "restart" and argv[2] in SERVERS:
+        return restart(Path(argv[1]), argv[2])
     if len(argv) == 2 and argv[0] in ("up", "down"):
         return up(Path(argv[1])) if argv[0] == "up" else down(Path(argv[1]))
     print(__doc__, file=sys.stderr)
