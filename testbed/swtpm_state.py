@@ -95,14 +95,7 @@ def provision(
     certs_dir = state_dir / "ek-certs"
     certs_dir.mkdir(parents=True, exist_ok=True)
     private_dir(tpm_dir)  # the TPM's seeds and keys
-    ca_conf = init_local_ca(ca_dir)
-    setup_conf = state_dir / "swtpm_setup.conf"
-    setup_conf.write_text(
-        f"create_certs_tool = {shutil.which('swtpm_localca') or '/usr/bin/swtpm_localca'}\n"
-        f"create_certs_tool_config = {ca_conf}\n"
-        f"create_certs_tool_options = {ca_dir / 'swtpm-localca.options'}\n"
-        f"active_pcr_banks = {','.join(banks)}\n"
-    )
+    setup_conf = _write_setup_conf(state_dir, ca_dir, banks)
     log = state_dir / "setup.log"
     cmd = [
         "swtpm_setup", "--tpm2", "--tpmstate", str(tpm_dir),
@@ -123,6 +116,24 @@ def provision(
         raise SwtpmError(f"swtpm_setup failed ({res.returncode}): {res.stderr.strip()}\n{tail}")
     for key in ca_dir.glob("*key*.pem"):  # swtpm_localca makes its CA keys 0640
         key.chmod(0o600)
+    _write_meta(state_dir, banks, ca_dir)
+
+
+def _write_setup_conf(state_dir: Path, ca_dir: Path, banks: Sequence[str]) -> Path:
+    """A private swtpm_setup configuration: EK certificates from the local CA in ``ca_dir``."""
+    ca_conf = init_local_ca(ca_dir)
+    setup_conf = state_dir / "swtpm_setup.conf"
+    setup_conf.write_text(
+        f"create_certs_tool = {shutil.which('swtpm_localca') or '/usr/bin/swtpm_localca'}\n"
+        f"create_certs_tool_config = {ca_conf}\n"
+        f"create_certs_tool_options = {ca_dir / 'swtpm-localca.options'}\n"
+        f"active_pcr_banks = {','.join(banks)}\n"
+    )
+    return setup_conf
+
+
+def _write_meta(state_dir: Path, banks: Sequence[str], ca_dir: Path) -> None:
+    """Written last (atomically): its presence marks the state as provisioned."""
     meta = {
         "banks": list(banks),
         # relative when inside the state dir, so a copied state dir stays self-contained

@@ -11,7 +11,7 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from keytrio.actors.common import logs
 from keytrio.actors.tenant import config as tconfig
@@ -19,6 +19,9 @@ from keytrio.actors.tenant import ekcheck, mbpolicies, policies
 from keytrio.actors.tenant.add import AddRequest
 from keytrio.actors.tenant.errors import UsageError
 from keytrio.actors.tenant.payload import make_payload
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 # --- parser ------------------------------------------------------------------------------------------
 
@@ -184,51 +187,86 @@ def _algs(flag: str | None, default: list[str]) -> list[str]:
 def add_request(args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFiles, err: TextIO) -> AddRequest:
     """The enrolment ``add``/``update`` ask for: flags over the ``[tenant]`` configuration, files
     read and policies checked (warnings about the EK trust store go to ``err``)."""
-    kw: dict[str, Any] = {}
+    ek_store = _ek_trust_store(args, cfg, err)
+    payload = _payload(args)
+    tpm_policy = tpm_policy_from(args.pcr, args.tpm_policy)
+    runtime_policy, runtime_policy_key = _runtime_policy(args)
+    mb_policy = None
+    if getattr(args, "mb_policy", None) is not None:
+        mb_policy = mbpolicies.check_mb_policy(read_bytes(args.mb_policy, "--mb-policy"))
+    hash_algs = _algs(args.accept_hash, cfg.accept_tpm_hash_algs)
+    sign_algs = _algs(args.accept_sign, cfg.accept_tpm_signing_algs)
+    enc_algs = _algs(args.accept_enc, cfg.accept_tpm_encryption_algs)
+    revocation_key, revocation_cert = _revocation_pems(args, tls)
+    return AddRequest(
+        args.agent_id,
+        tpm_policy=tpm_policy,
+        runtime_policy=runtime_policy,
+        runtime_policy_name=args.runtime_policy_name,
+        runtime_policy_key=runtime_policy_key,
+        mb_policy=mb_policy,
+        mb_policy_name=getattr(args, "mb_policy_name", None) or None,
+        payload=payload,
+        revocation_key_pem=revocation_key,
+        revocation_cert_pem=revocation_cert,
+        metadata=_metadata(args.metadata),
+        accept_tpm_hash_algs=hash_algs,
+        accept_tpm_encryption_algs=enc_algs,
+        accept_tpm_signing_algs=sign_algs,
+        ek_trust_store=ek_store,
+        verify=bool(args.verify),
+        timeout=args.timeout if args.timeout is not None else cfg.wait_timeout,
+    )
+
+
+def _ek_trust_store(args: argparse.Namespace, cfg: Any, err: TextIO) -> list[x509.Certificate] | None:
+    """The EK trust store's certificates; None when the EK check is off."""
     store = args.ek_trust_store or ([cfg.tpm_cert_store] if cfg.tpm_cert_store else None)
     if args.no_ek_check or not cfg.require_ek_cert:
-        kw["ek_trust_store"] = None
-    elif not store:
+        return None
+    if not store:
         raise UsageError("--ek-trust-store DIR|FILE is required (the TPM vendor CA), or --no-ek-check")
-    else:
-        verb = args.tenant_verb
-        kw["ek_trust_store"] = ekcheck.load_trust_store(
-            store, warn=lambda text: print(f"keytrio tenant {verb}: warning: {text}", file=err, flush=True))
-    payload = None
+    verb = args.tenant_verb
+    return ekcheck.load_trust_store(
+        store, warn=lambda text: print(f"keytrio tenant {verb}: warning: {text}", file=err, flush=True))
+
+
+def _payload(args: argparse.Namespace) -> bytes | None:
+    """The zip for the agent: ``--payload`` and/or ``--include-autorun``; None without either."""
     autorun = read_bytes(args.include_autorun, "--include-autorun") if args.include_autorun else None
-    if args.payload is not None or autorun is not None:
-        payload = make_payload(args.payload, autorun=autorun)
-    kw["payload"] = payload
-    kw["tpm_policy"] = tpm_policy_from(args.pcr, args.tpm_policy)
+    if args.payload is None and autorun is None:
+        return None
+    return make_payload(args.payload, autorun=autorun)
+
+
+def _runtime_policy(args: argparse.Namespace) -> tuple[bytes | None, str | None]:
+    """(``--runtime-policy`` checked, ``--runtime-policy-key`` text)."""
     key = read_text(args.runtime_policy_key, "--runtime-policy-key") if args.runtime_policy_key else None
-    if args.runtime_policy is not None:
-        raw = read_bytes(args.runtime_policy, "--runtime-policy")
-        policies.check_policy(raw, key)  # refuse a bad file before the agent gets U
-        kw["runtime_policy"] = raw
-    kw["runtime_policy_name"] = args.runtime_policy_name
-    kw["runtime_policy_key"] = key
-    if getattr(args, "mb_policy", None) is not None:
-        kw["mb_policy"] = mbpolicies.check_mb_policy(read_bytes(args.mb_policy, "--mb-policy"))
-    if getattr(args, "mb_policy_name", None):
-        kw["mb_policy_name"] = args.mb_policy_name
-    kw["accept_tpm_hash_algs"] = _algs(args.accept_hash, cfg.accept_tpm_hash_algs)
-    kw["accept_tpm_signing_algs"] = _algs(args.accept_sign, cfg.accept_tpm_signing_algs)
-    kw["accept_tpm_encryption_algs"] = _algs(args.accept_enc, cfg.accept_tpm_encryption_algs)
-    if not args.no_revocation:
-        rkey = args.revocation_key or tls.revocation_key
-        rcert = args.revocation_cert or tls.revocation_cert
-        if rkey is not None:
-            kw["revocation_key_pem"] = read_text(rkey, "--revocation-key")
-        if rcert is not None:
-            kw["revocation_cert_pem"] = read_text(rcert, "--revocation-cert")
-    if args.metadata is not None:
-        try:
-            meta = json.loads(args.metadata)
-        except ValueError as exc:
-            raise UsageError(f"--metadata: not JSON ({exc})") from exc
-        if not isinstance(meta, dict):
-            raise UsageError("--metadata must be a JSON object")
-        kw["metadata"] = meta
-    kw["verify"] = bool(args.verify)
-    kw["timeout"] = args.timeout if args.timeout is not None else cfg.wait_timeout
-    return AddRequest(args.agent_id, **kw)
+    if args.runtime_policy is None:
+        return None, key
+    raw = read_bytes(args.runtime_policy, "--runtime-policy")
+    policies.check_policy(raw, key)  # refuse a bad file before the agent gets U
+    return raw, key
+
+
+def _revocation_pems(args: argparse.Namespace, tls: tconfig.TlsFiles) -> tuple[str | None, str | None]:
+    """(notifier key, notifier cert) PEM: the flags, else the CA layout's pair; none with --no-revocation."""
+    if args.no_revocation:
+        return None, None
+    rkey = args.revocation_key or tls.revocation_key
+    rcert = args.revocation_cert or tls.revocation_cert
+    key = read_text(rkey, "--revocation-key") if rkey is not None else None
+    cert = read_text(rcert, "--revocation-cert") if rcert is not None else None
+    return key, cert
+
+
+def _metadata(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--metadata: not JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise UsageError("--metadata must be a JSON object")
+    return meta
