@@ -47,8 +47,9 @@ def _detail(code: int, body: bytes) -> str:
         doc = None
     if isinstance(doc, dict) and isinstance(doc.get("status"), str) and doc["status"]:
         return str(doc["status"])
-    if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
-        return ""  # already a JSON:API document: kept as it is
+    if isinstance(doc, dict) and (isinstance(doc.get("errors"), list) or isinstance(doc.get("data"), dict)):
+        # already a JSON:API document (an error, or a resource such as a failed PoP session's 401)
+        return ""
     try:
         return HTTPStatus(code).phrase
     except ValueError:

@@ -50,6 +50,8 @@ from keytrio.actors.verifier.monitor import (
 )
 from keytrio.actors.verifier.notify import Outbox, agent_context_factory
 from keytrio.actors.verifier.policies import PolicyStore
+from keytrio.actors.verifier.push.routes import register as register_push_routes
+from keytrio.actors.verifier.push.service import Hooks, PushService, PushSettings, is_push
 from keytrio.actors.verifier.schema import agents as agents_table
 
 log = logging.getLogger("keytrio.verifier")
@@ -75,6 +77,7 @@ class Verifier:
         self.store: Store | None = None
         self.app: KeytrioApp | None = None  # the served app while running (its url_map lists the routes)
         self.policies: PolicyStore | None = None
+        self.push: PushService | None = None  # mode push/both: the v3.0 service (push/service.py)
         self.ima: ImaHooks | None = None  # the IMA hooks (ima.hooks[id]: the running monitors' hooks)
         self.metrics = VerifierMetrics()  # per instance: its own Prometheus registry
         self.metrics_address: tuple[str, int] | None = None  # None while not serving / disabled
@@ -160,6 +163,14 @@ class Verifier:
                     metrics=self.metrics,
                 )
                 self.notifier, self.monitors = notifier, monitors
+                push = hooks = None
+                if cfg.mode != "pull":
+                    push = self.push = PushService(
+                        store, verifier_id=cfg.verifier_id, nursery=nursery, notifier=notifier,
+                        settings=PushSettings(quote_interval=cfg.quote_interval, session_lifetime=cfg.session_lifetime,
+                                              history=cfg.attestation_history),
+                        ima_check_for=ima_check_for, clock=self.clock)
+                    hooks = Hooks(monitors, push)
                 app = build_app(
                     store,
                     verifier_id=cfg.verifier_id,
@@ -171,13 +182,16 @@ class Verifier:
                     max_policy_size=cfg.max_policy_size,
                     quote_interval=cfg.quote_interval,
                     clock=self.clock,
-                    on_enrolled=monitors.start,
-                    on_deleted=monitors.stop,
-                    on_stop=monitors.stop,
-                    on_reactivate=monitors.reactivate,
+                    on_enrolled=hooks.on_enrolled if hooks else monitors.start,
+                    on_deleted=hooks.on_deleted if hooks else monitors.stop,
+                    on_stop=hooks.on_stop if hooks else monitors.stop,
+                    on_reactivate=hooks.on_reactivate if hooks else monitors.reactivate,
                     policies=policies,
                     ignore_tomtou_errors=cfg.ignore_tomtou_errors,
+                    mode=cfg.mode,
                 )
+                if push is not None:
+                    register_push_routes(app, push)
                 app.require_client_eku = cfg.require_client_eku
                 self.app = app
                 bound = await nursery.start(
@@ -186,9 +200,11 @@ class Verifier:
                 await nursery.start(notifier.run)  # pending deliveries of a previous run resume
                 resumed = 0
                 for row in await records.list_all(store, cfg.verifier_id):
-                    if row["operational_state"] in ACTIVE_STATES:
+                    if row["operational_state"] in ACTIVE_STATES and not is_push(row):
                         monitors.start(row["agent_id"])
                         resumed += 1
+                if push is not None:
+                    resumed += await push.resume()
                 if cfg.policy_refresh_interval > 0:
                     nursery.start_soon(self._refresh_policies, policies, cfg.policy_refresh_interval)
                 self.address = (bound[0], bound[1])
@@ -207,6 +223,8 @@ class Verifier:
             self.metrics_address = None
             if self.monitors is not None:
                 self.monitors.stop_all()
+            if self.push is not None:
+                self.push.stop_all()
             await startup.close_all([*api, *metrics_listeners])  # any never served
             with trio.CancelScope(shield=True):
                 await store.close()

@@ -43,6 +43,7 @@ def build_app(
     policies: PolicyStore | None = None,
     ignore_tomtou_errors: bool = False,
     mbpolicies: MbPolicyStore | None = None,
+    mode: str = "pull",
 ) -> KeytrioApp:
     """The verifier's HTTPS app over ``store`` (verifier_ip/port are reported in GET records).
 
@@ -65,7 +66,7 @@ def build_app(
     pstore = policies if policies is not None else PolicyStore(store, clock=clock)
     mstore = mbpolicies if mbpolicies is not None else MbPolicyStore(store, clock=clock)
     facts = VerifierFacts(verifier_id=verifier_id, ip=ip, port=port, quote_interval=quote_interval,
-                          initial_state=initial_state, clock=clock)
+                          initial_state=initial_state, clock=clock, mode=mode)
     hooks = AgentHooks(on_enrolled=on_enrolled, on_deleted=on_deleted, on_stop=on_stop,
                        on_reactivate=on_reactivate)
     routes_agents.install(app, store, pstore, mstore, facts=facts, hooks=hooks)

@@ -58,6 +58,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("verifier_id", "str", "default", "Name of this verifier (agents are listed per verifier).",
            check=_verifier_id),
     Option("quote_interval", "float", 2.0, "Seconds between two quotes of one agent.", minimum=0.0),
+    Option("mode", "choice", "pull",
+           "pull: the verifier polls its agents (API v2.x); push: agents dial in and push their evidence\n"
+           "(API v3.0, /v3/...; enrolled with cloudagent_ip/port null); both: serve the two kinds.",
+           choices=("pull", "push", "both")),
+    Option("session_lifetime", "float", 180.0,
+           "Seconds a push agent's PoP bearer token is valid (each passed attestation extends it).", minimum=1.0),
+    Option("attestation_history", "int", 10,
+           "Push attestations kept per agent (GET /v3/agents/{id}/attestations); older ones are deleted.",
+           minimum=1),
     Option("retry_interval", "float", 2.0, "Seconds before retrying a failed agent request.", minimum=0.0),
     Option("max_retries", "int", 10, "Retries of a failed agent request before FAILED.", minimum=0),
     Option(

@@ -121,11 +121,15 @@ def _revocation_key(value: object) -> str | None:
     return validation.pem(value, "revocation_key")
 
 
-def parse_enrolment(agent_id: str, doc: dict[str, Any]) -> dict[str, Any]:
-    """Validate a ``POST /agents/{id}`` body into column values (ApiError 400 naming the problem)."""
+def parse_enrolment(agent_id: str, doc: dict[str, Any], *, mode: str = "pull") -> dict[str, Any]:
+    """Validate a ``POST /agents/{id}`` body into column values (ApiError 400 naming the problem).
+
+    ``mode`` (the verifier's): ``push`` stores ip/port NULL (a push agent, as upstream does);
+    ``both`` does so when both are null; ``pull`` requires them."""
     missing = [f for f in REQUIRED_FIELDS if f not in doc]
     if missing:
         raise ApiError(400, "Bad request: missing required fields: " + ", ".join(missing))
+    push = mode == "push" or (mode == "both" and doc["cloudagent_ip"] is None and doc["cloudagent_port"] is None)
     try:
         # an inline policy is as large as the machine's file list: bounded by max_policy_size
         runtime_policy = _text(doc, "runtime_policy", max_len=None) or ""
@@ -140,8 +144,8 @@ def parse_enrolment(agent_id: str, doc: dict[str, Any]) -> dict[str, Any]:
         return {
             "agent_id": agent_id,
             "v": _v(doc["v"]),
-            "ip": _ip(doc["cloudagent_ip"]),
-            "port": validation.port(doc["cloudagent_port"], "cloudagent_port"),
+            "ip": None if push else _ip(doc["cloudagent_ip"]),
+            "port": None if push else validation.port(doc["cloudagent_port"], "cloudagent_port"),
             "tpm_policy": tpm_policy_text(doc["tpm_policy"]),
             "runtime_policy": runtime_policy,
             "runtime_policy_name": _text(doc, "runtime_policy_name"),

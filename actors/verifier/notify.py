@@ -200,7 +200,9 @@ class Outbox:
             created_at=now, expires_at=now + self._ttl,
         ))
         recipients = list(conn.execute(
-            sa.select(agents.c.agent_id).where(agents.c.verifier_id == self._verifier_id)).scalars())
+            # push agents (ip NULL) listen on no port: the webhook and their next GET tell them
+            sa.select(agents.c.agent_id).where(agents.c.verifier_id == self._verifier_id,
+                                               agents.c.ip.isnot(None))).scalars())
         if self._webhook_url:
             recipients.append(WEBHOOK)
         if recipients:

@@ -51,6 +51,7 @@ class VerifierFacts:
     quote_interval: float
     initial_state: int
     clock: Callable[[], float]
+    mode: str = "pull"  #: pull | push | both: whether enrolments without an address are push agents
 
 
 # --- GET view ----------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def install(
     @app.api.route("/agents/<agent_id>", methods=("POST",), body_limit="policy")
     async def add_agent(agent_id: str) -> Response:
         aid = parse_agent_id(agent_id)
-        values = parse_enrolment(aid, await json_body())
+        values = parse_enrolment(aid, await json_body(), mode=facts.mode)
         await enrol_policies(pstore, mstore, values)
         values.update(
             operational_state=facts.initial_state,

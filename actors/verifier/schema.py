@@ -17,8 +17,8 @@ agents = sa.Table(
     sa.Column("agent_id", sa.String(255), primary_key=True),
     # --- enrolment (POST /v2.x/agents/{uuid}) ---
     sa.Column("v", sa.Text, nullable=True),  # base64 of 32 bytes
-    sa.Column("ip", sa.String(255), nullable=False),
-    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("ip", sa.String(255), nullable=True),  # NULL: a push agent (it dials us; migration v0004)
+    sa.Column("port", sa.Integer, nullable=True),
     sa.Column("tpm_policy", sa.Text, nullable=False),  # JSON text: {"<pcr>": [hex, ...], "mask": "0x…"}
     sa.Column("runtime_policy", sa.Text, nullable=False, default=""),  # base64, may be empty
     sa.Column("runtime_policy_name", sa.String(255), nullable=True),  # a named policy (allowlists)
@@ -127,4 +127,45 @@ mbpolicies = sa.Table(
     sa.Column("name", sa.String(255), primary_key=True),
     sa.Column("mb_policy", sa.Text, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# --- push model (API v3.0; actors/verifier/push/) --------------------------------------------------
+# PoP sessions: the challenge handed out, and once proven the SHA-256 of the bearer token (never the
+# token itself) with its expiry. Expired sessions are deleted when the agent opens a new one.
+push_sessions = sa.Table(
+    "verifier_push_sessions",
+    metadata,
+    sa.Column("session_id", sa.String(64), primary_key=True),
+    sa.Column("agent_id", sa.String(255), nullable=False),
+    sa.Column("challenge", sa.String(64), nullable=False),  # base64 of the 16 challenge bytes
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("challenges_expire_at", sa.Float, nullable=False),
+    sa.Column("response_received_at", sa.Float, nullable=True),
+    sa.Column("token_hash", sa.String(64), nullable=True),  # hex SHA-256 of "{session_id}.{secret}"
+    sa.Column("token_expires_at", sa.Float, nullable=True),
+    sa.Index("ix_verifier_push_sessions_agent", "agent_id"),
+)
+
+# The attestation history of push agents: (agent, index), at most push_attestation_history rows per
+# agent (the oldest go). stage: awaiting_evidence -> evaluating_evidence -> verification_complete;
+# evaluation: pending | pass | fail; failure_reason: broken_evidence_chain | policy_violation.
+push_attestations = sa.Table(
+    "verifier_push_attestations",
+    metadata,
+    sa.Column("agent_id", sa.String(255), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("stage", sa.String(32), nullable=False),
+    sa.Column("evaluation", sa.String(16), nullable=False),
+    sa.Column("failure_reason", sa.String(32), nullable=True),
+    sa.Column("failure_event", sa.String(255), nullable=True),  # the worst failure's event id
+    sa.Column("challenge", sa.String(64), nullable=False),  # base64 nonce of the quote
+    sa.Column("hash_alg", sa.String(16), nullable=False),
+    sa.Column("evidence_requested", sa.Text, nullable=False),  # JSON list
+    sa.Column("capabilities", sa.Text, nullable=False),  # JSON list: evidence_supported as sent
+    sa.Column("system_info", sa.Text, nullable=False),  # JSON object
+    sa.Column("evidence", sa.Text, nullable=True),  # JSON list: evidence_collected as sent
+    sa.Column("capabilities_received_at", sa.Float, nullable=False),
+    sa.Column("challenges_expire_at", sa.Float, nullable=False),
+    sa.Column("evidence_received_at", sa.Float, nullable=True),
+    sa.Column("verification_completed_at", sa.Float, nullable=True),
 )

@@ -1,0 +1,214 @@
+"""The two phases of a push attestation: capabilities -> challenge, evidence -> accepted.
+
+:func:`plan` decides what to ask an agent for (pure, from its enrolment row and its
+capabilities): the quote's hash is the AK's scheme hash, the scheme the AK's, the PCRs those the
+enrolment needs (``tpm_policy`` PCRs, PCR 10 with a runtime policy, the measured-boot PCRs with an
+mb policy), the IMA log from the line the verifier has verified so far (0 after a reboot), the UEFI
+log with an mb policy. What the agent cannot provide is a 422 and nothing is stored.
+
+:class:`Attestations` keeps the per-agent rules of the cycle: 503 while the previous evidence is
+being verified, 429 ``premature_attestation`` before ``quote_interval`` has passed since the
+previous evidence, 403 for a failed agent (until the tenant reactivates it), 403
+``evidence_immutable`` for evidence sent twice, 403 for a challenge that expired or an attestation
+that is not the latest.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from keytrio.actors.common.store import Store
+from keytrio.actors.verifier import attest, records
+from keytrio.actors.verifier.push import store as pstore
+from keytrio.protocol import mb_policy as mbp
+from keytrio.protocol import pop, push_wire, tpm2
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.push_wire import WireError
+
+IMA_PCR = 10
+#: boot_time values closer than this are the same boot (the agent derives it from its uptime)
+BOOT_TIME_SLACK = 60
+FAILED_STATES = frozenset({records.FAILED, records.INVALID_QUOTE, records.TENANT_FAILED, records.TERMINATED})
+
+
+def boot_epoch(value: str | None) -> int | None:
+    """``system_info.boot_time`` (ISO 8601) as epoch seconds; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        dt = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.UTC)
+    return int(dt.timestamp())
+
+
+def has_runtime_policy(row: dict[str, Any]) -> bool:
+    return bool(row.get("runtime_policy_name") or row.get("runtime_policy_checksum"))
+
+
+def has_mb_policy(row: dict[str, Any]) -> bool:
+    text = row.get("mb_policy")
+    return bool(text) and text not in ("null",) and not mbp.is_empty(text)
+
+
+def wanted_pcrs(row: dict[str, Any]) -> list[int]:
+    pcrs: set[int] = set(attest.policy_pcrs(json.loads(row["tpm_policy"])))
+    raw = json.loads(row["tpm_policy"]).get("mask")
+    if isinstance(raw, str):
+        try:
+            mask = int(raw, 16) & 0xFFFFFF
+        except ValueError:
+            mask = 0
+        pcrs |= {p for p in range(24) if mask >> p & 1}
+    pcrs.discard(16)  # the pull model's NK binding: a push agent has no NK
+    if has_runtime_policy(row):
+        pcrs.add(IMA_PCR)
+    if has_mb_policy(row):
+        pcrs |= set(mbp.MEASUREDBOOT_PCRS)
+    return sorted(pcrs) or [IMA_PCR]
+
+
+def plan(row: dict[str, Any], caps: push_wire.Capabilities, challenge_b64: str) -> push_wire.Requested:
+    """What to request from this agent (WireError 422 when it cannot provide it)."""
+    ak = tpm2.ak_key(base64.b64decode(row["ak_tpm"]))
+    q = caps.quote
+    hash_alg = push_wire.choose_hash(ak.hash_alg, q.hash_algorithms, json.loads(row["accept_tpm_hash_algs"]),
+                                     q.available)
+    if hash_alg is None:
+        raise WireError(422, f"the quote must use {ak.hash_alg} (the AK's scheme hash): the agent must offer it "
+                             "with a PCR bank, and the enrolment accept it")
+    if ak.sign_alg not in q.signature_schemes or ak.sign_alg not in json.loads(row["accept_tpm_signing_algs"]):
+        raise WireError(422, f"the quote must be signed with {ak.sign_alg} (the AK's scheme)")
+    pcrs = wanted_pcrs(row)
+    missing = sorted(set(pcrs) - set(q.available.get(hash_alg, [])))
+    if missing:
+        raise WireError(422, f"the agent cannot quote the PCRs its policies need: {hash_alg} {missing}")
+    logs: dict[str, int] = {}
+    if has_runtime_policy(row):
+        ima = caps.logs.get(push_wire.IMA_LOG)
+        if ima is None:
+            raise WireError(422, "the agent's runtime policy needs the ima_log")
+        offset = int(row.get("next_ima_ml_entry") or 0)
+        boot, stored = boot_epoch(caps.boot_time), row.get("boottime")
+        if ima.entry_count < offset or (boot is not None and stored is not None
+                                        and abs(boot - stored) > BOOT_TIME_SLACK):
+            offset = 0  # a new boot: a new log
+        if offset and not ima.supports_partial_access:
+            offset = 0
+        logs[push_wire.IMA_LOG] = offset
+    if has_mb_policy(row):
+        if push_wire.UEFI_LOG not in caps.logs:
+            raise WireError(422, "the agent's measured-boot policy needs the uefi_log")
+        logs[push_wire.UEFI_LOG] = 0
+    key = {"key_class": "asymmetric", "key_algorithm": ak.enc_alg,
+           "key_size": ak.key.key_size, "server_identifier": "ak"}
+    return push_wire.Requested(challenge_b64, hash_alg, ak.sign_alg, pcrs, logs, key)
+
+
+@dataclass(frozen=True)
+class CycleSettings:
+    quote_interval: float = 2.0
+    evidence_lifetime: float = 1800.0  # challenges_expire_at of an attestation
+    history: int = 10  # attestations kept per agent
+
+
+def retry_after(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
+
+
+class Attestations:
+    def __init__(self, store: Store, settings: CycleSettings, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+
+    async def create(self, row: dict[str, Any], doc: object) -> dict[str, Any]:
+        """Phase 1. Returns the stored attestation (with ``index``)."""
+        agent_id = row["agent_id"]
+        if row["operational_state"] in FAILED_STATES:
+            raise WireError(403, "attestations are disabled for this agent (a previous failure or timeout): "
+                                 "the tenant must reactivate it")
+        now = self.clock()
+        last = await pstore.latest(self.store, agent_id)
+        if last is not None and last["stage"] == pstore.EVALUATING:
+            raise WireError(503, "the previous attestation is still being verified", retry_after=1)
+        if last is not None and last["evidence_received_at"] is not None:
+            wait = last["evidence_received_at"] + self.settings.quote_interval - now
+            if wait > 0:
+                raise WireError(429, f"premature attestation: the next one is due in {wait:.3g} s",
+                                code="premature_attestation", retry_after=retry_after(wait))
+        caps = push_wire.parse_capabilities(doc)
+        challenge = base64.b64encode(pop.new_challenge()).decode("ascii")
+        try:
+            req = plan(row, caps, challenge)
+        except (ProtocolError, ValueError) as exc:
+            if isinstance(exc, WireError):
+                raise
+            raise WireError(422, f"the enrolment cannot be attested: {exc}") from None
+        values = {
+            "agent_id": agent_id, "stage": pstore.AWAITING, "evaluation": pstore.PENDING,
+            "challenge": challenge, "hash_alg": req.hash_alg,
+            "evidence_requested": push_wire.evidence_requested(req), "capabilities": caps.supported,
+            "system_info": caps.system_info, "capabilities_received_at": now,
+            "challenges_expire_at": now + self.settings.evidence_lifetime,
+        }
+        index = await pstore.add_attestation(self.store, values, history=self.settings.history)
+        if index is None:
+            raise WireError(503, "the previous attestation is still being verified", retry_after=1)
+        return {**values, "index": index, "failure_reason": None, "evidence": None,
+                "evidence_received_at": None, "verification_completed_at": None}
+
+    async def submit(self, row: dict[str, Any], which: str, doc: object) -> dict[str, Any]:
+        """Phase 2: store the evidence of attestation ``which`` ("latest" or an index)."""
+        agent_id = row["agent_id"]
+        last = await pstore.latest(self.store, agent_id)
+        if which == "latest":
+            target = last
+        else:
+            target = await pstore.get_attestation(self.store, agent_id, parse_index(which))
+        if target is None:
+            raise WireError(404, "attestation not found")
+        if last is not None and target["index"] != last["index"]:
+            raise WireError(403, "evidence can only be submitted for the latest attestation")
+        if target["stage"] != pstore.AWAITING:
+            raise WireError(403, "evidence was already submitted for this attestation", code="evidence_immutable")
+        now = self.clock()
+        if now > target["challenges_expire_at"]:
+            raise WireError(403, "the attestation's challenges have expired: start a new attestation")
+        ev = push_wire.parse_evidence(doc, target["evidence_requested"], target["hash_alg"])
+        del ev  # parsed to refuse bad input before anything is stored; verified from the stored copy
+        collected = doc["data"]["attributes"]["evidence_collected"]  # type: ignore[index]
+        if not await pstore.submit_evidence(self.store, agent_id, target["index"], collected, now):
+            raise WireError(403, "evidence was already submitted for this attestation", code="evidence_immutable")
+        return {**target, "stage": pstore.EVALUATING, "evidence": collected, "evidence_received_at": now}
+
+
+def parse_index(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 12:
+        raise WireError(404, "attestation not found")
+    return int(text)
+
+
+def evidence_items(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``evidence`` attribute: per requested item, the capabilities, parameters and data."""
+    requested = res.get("evidence_requested") or []
+    collected = res.get("evidence") or []
+    caps = {(c.get("evidence_class"), c.get("evidence_type")): c.get("capabilities", {})
+            for c in res.get("capabilities") or [] if isinstance(c, dict)}
+    out = []
+    for i, want in enumerate(requested):
+        key = (want["evidence_class"], want["evidence_type"])
+        item = {"evidence_class": key[0], "evidence_type": key[1], "capabilities": caps.get(key, {}),
+                "chosen_parameters": want.get("chosen_parameters", {})}
+        if i < len(collected) and isinstance(collected[i], dict):
+            item["data"] = collected[i].get("data", {})
+        out.append(item)
+    return out

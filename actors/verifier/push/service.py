@@ -1,0 +1,150 @@
+"""The verifier's push model (API v3.0) service: sessions, attestations, verification, deadlines.
+
+One :class:`PushService` per verifier, living in the verifier's nursery: verifications run there
+after the 202 (``start_soon``), and so do the agents' deadline tasks (timer.py). A push agent is
+an enrolled agent without a contact address (``ip`` NULL). :meth:`PushService.resume` runs at
+start-up: every active push agent gets its deadline back (from its last evidence, or its
+enrolment), and evidence that was accepted but not verified when the previous process stopped is
+verified now (nothing acknowledged is lost).
+
+:class:`Hooks` routes the enrolment API's hooks: pull agents to the monitors, push agents here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from keytrio.actors.common.store import Store
+from keytrio.actors.verifier import records
+from keytrio.actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory, MonitorSet
+from keytrio.actors.verifier.push import store as pstore
+from keytrio.actors.verifier.push.attestations import Attestations, CycleSettings
+from keytrio.actors.verifier.push.sessions import Sessions, SessionSettings
+from keytrio.actors.verifier.push.timer import Deadlines
+from keytrio.actors.verifier.push.verify import Verifier
+from keytrio.protocol.push_wire import WireError
+
+log = logging.getLogger("keytrio.verifier")
+
+#: maximum_attestation_interval = this x quote_interval (upstream's push monitor; GET agents shows it)
+MAX_INTERVAL_FACTOR = 5
+
+
+@dataclass(frozen=True)
+class PushSettings:
+    quote_interval: float = 2.0
+    session_lifetime: float = 180.0
+    challenge_lifetime: float = 60.0
+    evidence_lifetime: float = 1800.0
+    history: int = 10
+
+    @property
+    def max_interval(self) -> float:
+        return self.quote_interval * MAX_INTERVAL_FACTOR
+
+
+def is_push(row: dict[str, Any]) -> bool:
+    return row.get("ip") is None
+
+
+class PushService:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        verifier_id: str,
+        nursery: trio.Nursery,
+        settings: PushSettings,
+        notifier: Any,
+        ima_check_for: ImaCheckFactory | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.verifier_id = verifier_id
+        self.settings = settings
+        self.clock = clock
+        self._nursery = nursery
+        self.sessions = Sessions(store, SessionSettings(settings.challenge_lifetime, settings.session_lifetime), clock)
+        self.attestations = Attestations(
+            store, CycleSettings(settings.quote_interval, settings.evidence_lifetime, settings.history), clock)
+        self.verifier = Verifier(store, notifier=notifier, ima_check_for=ima_check_for, clock=clock,
+                                 session_lifetime=settings.session_lifetime, max_interval=settings.max_interval)
+        self.deadlines = Deadlines(nursery, self.verifier.timed_out)
+        self.verifier.on_failed = self.deadlines.disarm
+
+    async def push_agent(self, agent_id: str) -> dict[str, Any]:
+        """The enrolled push agent's row; 404 when not enrolled, 403 for a pull agent."""
+        row = await records.get(self.store, agent_id)
+        if row is None or row["verifier_id"] != self.verifier_id:
+            raise WireError(404, f"agent {agent_id} not found")
+        if not is_push(row):
+            raise WireError(403, "the agent is enrolled for pull-mode attestation")
+        return row
+
+    def evidence_accepted(self, agent_id: str, index: int) -> None:
+        """The 202 is on its way: the agent is alive, and its evidence gets verified."""
+        self.deadlines.arm(agent_id, self.settings.max_interval)
+        self._nursery.start_soon(self.verifier.run, agent_id, index)
+
+    def _arm_from(self, agent_id: str, since: float) -> None:
+        self.deadlines.arm(agent_id, since + self.settings.max_interval - self.clock())
+
+    async def enrolled(self, agent_id: str) -> None:
+        self._arm_from(agent_id, self.clock())
+
+    async def resume(self) -> int:
+        """Deadlines of the active push agents, and verification of evidence left unverified."""
+        count = 0
+        for row in await records.list_all(self.store, self.verifier_id):
+            if is_push(row) and row["operational_state"] in ACTIVE_STATES:
+                last = await pstore.last_evidence_at(self.store, row["agent_id"])
+                self._arm_from(row["agent_id"], max(last or 0.0, row["enrolled_at"]))
+                count += 1
+        for agent_id, index in await pstore.evaluating(self.store, self.verifier_id):
+            log.info("agent=%s event=push_verification_resumed index=%d", agent_id, index)
+            self._nursery.start_soon(self.verifier.run, agent_id, index)
+        return count
+
+    def stop_all(self) -> None:
+        self.deadlines.disarm_all()
+
+
+class Hooks:
+    """The enrolment API's hooks for a verifier that serves push agents (and maybe pull agents)."""
+
+    def __init__(self, monitors: MonitorSet, push: PushService) -> None:
+        self.monitors = monitors
+        self.push = push
+
+    async def on_enrolled(self, agent_id: str) -> None:
+        row = await records.get(self.push.store, agent_id)
+        if row is None:
+            return
+        if is_push(row):
+            await self.push.enrolled(agent_id)
+        else:
+            self.monitors.start(agent_id)
+
+    async def on_deleted(self, agent_id: str) -> None:
+        self.monitors.stop(agent_id)
+        self.push.deadlines.disarm(agent_id)
+        await pstore.forget_agent(self.push.store, agent_id)
+
+    def on_stop(self, agent_id: str) -> None:
+        self.monitors.stop(agent_id)
+        self.push.deadlines.disarm(agent_id)
+
+    async def on_reactivate(self, agent_id: str) -> None:
+        row = await records.get(self.push.store, agent_id)
+        if row is None:
+            return
+        if is_push(row):
+            await self.push.enrolled(agent_id)  # a fresh interval from now
+        else:
+            await self.monitors.reactivate(agent_id)

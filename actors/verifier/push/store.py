@@ -1,0 +1,185 @@
+"""Rows of the push model: PoP sessions and the attestation history (schema.py, migration v0004).
+
+Every write is one committed transaction; JSON columns are text (callers decode). Attestation rows
+come back as dicts with ``index`` (= ``idx``) and the JSON columns decoded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from keytrio.actors.common.store import Store
+from keytrio.actors.verifier.schema import agents, push_attestations, push_sessions
+
+AWAITING, EVALUATING, COMPLETE = "awaiting_evidence", "evaluating_evidence", "verification_complete"
+PENDING, PASS, FAIL = "pending", "pass", "fail"
+BROKEN_CHAIN, POLICY_VIOLATION = "broken_evidence_chain", "policy_violation"
+
+_JSON_COLUMNS = ("evidence_requested", "capabilities", "system_info", "evidence")
+S, A = push_sessions.c, push_attestations.c
+
+
+# --- sessions --------------------------------------------------------------------------------------
+
+
+async def add_session(store: Store, values: dict[str, Any], *, now: float, keep_per_agent: int) -> None:
+    """Insert a session; drop expired ones, and the agent's oldest beyond ``keep_per_agent``."""
+
+    def txn(conn: Connection) -> None:
+        conn.execute(sa.delete(push_sessions).where(
+            S.challenges_expire_at < now,
+            sa.or_(S.token_hash.is_(None), S.token_expires_at < now)))
+        older = list(conn.execute(
+            sa.select(S.session_id).where(S.agent_id == values["agent_id"])
+            .order_by(S.created_at.desc()).offset(max(keep_per_agent - 1, 0))).scalars())
+        if older:
+            conn.execute(sa.delete(push_sessions).where(S.session_id.in_(older)))
+        conn.execute(sa.insert(push_sessions).values(**values))
+
+    await store.write(txn)
+
+
+async def get_session(store: Store, session_id: str) -> dict[str, Any] | None:
+    def q(conn: Connection) -> dict[str, Any] | None:
+        row = conn.execute(sa.select(push_sessions).where(S.session_id == session_id)).mappings().first()
+        return dict(row) if row is not None else None
+
+    return await store.read(q)
+
+
+async def prove_session(store: Store, session_id: str, *, token_hash: str, now: float, expires_at: float) -> bool:
+    """Store the token's hash; False when the session was answered before (one proof per session)."""
+
+    def txn(conn: Connection) -> int:
+        return conn.execute(
+            sa.update(push_sessions).where(S.session_id == session_id, S.response_received_at.is_(None))
+            .values(token_hash=token_hash, token_expires_at=expires_at, response_received_at=now)).rowcount
+
+    return bool(await store.write(txn))
+
+
+async def mark_answered(store: Store, session_id: str, now: float) -> None:
+    def txn(conn: Connection) -> None:
+        conn.execute(sa.update(push_sessions).where(S.session_id == session_id, S.response_received_at.is_(None))
+                     .values(response_received_at=now))
+
+    await store.write(txn)
+
+
+def extend_tokens(conn: Connection, agent_id: str, now: float, until: float) -> None:
+    """Valid tokens of ``agent_id`` live until ``until`` (a passed attestation; in the caller's txn)."""
+    conn.execute(sa.update(push_sessions).where(
+        S.agent_id == agent_id, S.token_hash.isnot(None), S.token_expires_at >= now, S.token_expires_at < until,
+    ).values(token_expires_at=until))
+
+
+# --- attestations ----------------------------------------------------------------------------------
+
+
+def _decode(row: Any) -> dict[str, Any]:
+    out = dict(row)
+    out["index"] = out.pop("idx")
+    for name in _JSON_COLUMNS:
+        if out.get(name) is not None:
+            out[name] = json.loads(out[name])
+    return out
+
+
+def _latest(conn: Connection, agent_id: str) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(push_attestations).where(A.agent_id == agent_id)
+                       .order_by(A.idx.desc()).limit(1)).mappings().first()
+    return _decode(row) if row is not None else None
+
+
+async def latest(store: Store, agent_id: str) -> dict[str, Any] | None:
+    return await store.read(lambda conn: _latest(conn, agent_id))
+
+
+async def get_attestation(store: Store, agent_id: str, index: int) -> dict[str, Any] | None:
+    def q(conn: Connection) -> dict[str, Any] | None:
+        row = conn.execute(sa.select(push_attestations).where(A.agent_id == agent_id, A.idx == index)
+                           ).mappings().first()
+        return _decode(row) if row is not None else None
+
+    return await store.read(q)
+
+
+async def list_attestations(store: Store, agent_id: str) -> list[dict[str, Any]]:
+    """Newest first (as upstream's documented list)."""
+
+    def q(conn: Connection) -> list[dict[str, Any]]:
+        rows = conn.execute(sa.select(push_attestations).where(A.agent_id == agent_id).order_by(A.idx.desc()))
+        return [_decode(r) for r in rows.mappings()]
+
+    return await store.read(q)
+
+
+async def evaluating(store: Store, verifier_id: str) -> list[tuple[str, int]]:
+    """(agent, index) of evidence accepted but not yet verified (a restart resumes them)."""
+
+    def q(conn: Connection) -> list[tuple[str, int]]:
+        stmt = (sa.select(A.agent_id, A.idx).join(agents, agents.c.agent_id == A.agent_id)
+                .where(A.stage == EVALUATING, agents.c.verifier_id == verifier_id))
+        return [(a, int(i)) for a, i in conn.execute(stmt)]
+
+    return await store.read(q)
+
+
+async def last_evidence_at(store: Store, agent_id: str) -> float | None:
+    def q(conn: Connection) -> float | None:
+        return conn.execute(sa.select(sa.func.max(A.evidence_received_at)).where(A.agent_id == agent_id)).scalar()
+
+    return await store.read(q)
+
+
+async def add_attestation(store: Store, values: dict[str, Any], *, history: int) -> int | None:
+    """Insert the agent's next attestation (index = latest + 1, 0 first) and drop the oldest beyond
+    ``history``; returns the index, or None when the latest is still being verified (the caller
+    answers 503; checked in this transaction so two concurrent POSTs cannot both pass)."""
+
+    def txn(conn: Connection) -> int | None:
+        last = _latest(conn, values["agent_id"])
+        if last is not None and last["stage"] == EVALUATING:
+            return None
+        index = 0 if last is None else last["index"] + 1
+        row = {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in values.items()}
+        conn.execute(sa.insert(push_attestations).values(idx=index, **row))
+        conn.execute(sa.delete(push_attestations).where(
+            A.agent_id == values["agent_id"], A.idx <= index - max(history, 1)))
+        return index
+
+    return await store.write(txn)
+
+
+async def submit_evidence(store: Store, agent_id: str, index: int, evidence: list[Any], now: float) -> bool:
+    """awaiting_evidence -> evaluating_evidence with the evidence; False if no longer awaiting."""
+
+    def txn(conn: Connection) -> int:
+        return conn.execute(sa.update(push_attestations).where(
+            A.agent_id == agent_id, A.idx == index, A.stage == AWAITING,
+        ).values(stage=EVALUATING, evidence=json.dumps(evidence), evidence_received_at=now)).rowcount
+
+    return bool(await store.write(txn))
+
+
+def complete(conn: Connection, agent_id: str, index: int, *, evaluation: str, now: float,
+             failure_reason: str | None = None, failure_event: str | None = None) -> None:
+    """evaluating_evidence -> verification_complete (in the caller's transaction)."""
+    conn.execute(sa.update(push_attestations).where(
+        A.agent_id == agent_id, A.idx == index, A.stage == EVALUATING,
+    ).values(stage=COMPLETE, evaluation=evaluation, failure_reason=failure_reason, failure_event=failure_event,
+             verification_completed_at=now))
+
+
+async def forget_agent(store: Store, agent_id: str) -> None:
+    """A deleted agent: its sessions and history go too."""
+
+    def txn(conn: Connection) -> None:
+        conn.execute(sa.delete(push_sessions).where(S.agent_id == agent_id))
+        conn.execute(sa.delete(push_attestations).where(A.agent_id == agent_id))
+
+    await store.write(txn)

@@ -1,0 +1,244 @@
+"""Verification of accepted push evidence (after the 202), and the push agents' failures.
+
+:meth:`Verifier.run` checks one attestation with the evidence core the pull monitor uses
+(``attest.verify_quote_evidence``: quote signature by the AK, nonce = the attestation's challenge,
+PCR selection and digest, clock against the last good quote, ``tpm_policy`` PCRs, measured boot,
+the agent's IMA hook from its stored progress), plus what push adds: every requested PCR must be
+in the quote. The quote runs in a worker thread (CPU). Then, in ONE transaction:
+
+* pass: the attestation -> ``verification_complete``/``pass``; the agent's counters and progress
+  (IMA line, PCR 10, clock, boot time) as the monitor writes them; the agent's valid tokens extended
+  by ``session_lifetime``;
+* fail: the agent -> Invalid Quote (9) with the worst failure, the attestation -> ``fail`` with
+  ``failure_reason`` (``broken_evidence_chain`` when the quote or the evidence chain does not hold,
+  ``policy_violation`` otherwise), and the revocation notice staged in the outbox.
+
+:meth:`Verifier.timed_out` fails an agent whose deadline passed (state Failed (7), event
+``internal.verifier.attestation_timeout``) and stages its notice the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import sqlalchemy as sa
+import trio
+from sqlalchemy.engine import Connection
+
+from keytrio.actors.common.store import Store
+from keytrio.actors.verifier import attest, records
+from keytrio.actors.verifier.ima import AgentIma
+from keytrio.actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory
+from keytrio.actors.verifier.notify import Outbox, build_notice
+from keytrio.actors.verifier.push import store as pstore
+from keytrio.actors.verifier.push.attestations import boot_epoch, has_mb_policy, has_runtime_policy
+from keytrio.actors.verifier.schema import agents
+from keytrio.protocol import mb_policy as mbp
+from keytrio.protocol import push_wire, tpm2
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.failures import Failure, Severity, worst
+from keytrio.protocol.ima_eval import PCR_MISMATCH
+from keytrio.protocol.quote import ClockInfo
+from keytrio.protocol.quote_check import INVALID_QUOTE, MISSING_PCRS, QUOTE_VALIDATION
+
+log = logging.getLogger("keytrio.verifier")
+
+TIMEOUT = "internal.verifier.attestation_timeout"
+#: failures that mean the evidence itself does not hold together (the rest are policy violations)
+_CHAIN_EVENTS = frozenset({QUOTE_VALIDATION, INVALID_QUOTE, MISSING_PCRS, PCR_MISMATCH,
+                           "qoute_validation.invalid_hash_alg", "qoute_validation.invalid_sign_alg"})
+
+
+class Outcome:
+    """What the check found (built in the worker thread)."""
+
+    def __init__(self, failures: list[Failure], reason: str | None, values: dict[str, Any]) -> None:
+        self.failures = failures
+        self.reason = reason
+        self.values = values
+
+
+def _requested(res: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for item in res["evidence_requested"]:
+        if item["evidence_type"] == kind:
+            return item["chosen_parameters"]
+    return None
+
+
+def check(row: dict[str, Any], res: dict[str, Any], ima_check_for: ImaCheckFactory | None) -> Outcome:
+    """Verify attestation ``res`` of agent ``row`` (pure apart from the IMA hook's progress)."""
+    doc = {"data": {"type": "attestation", "attributes": {"evidence_collected": res["evidence"]}}}
+    try:
+        ev = push_wire.parse_evidence(doc, res["evidence_requested"], res["hash_alg"])
+        ak = tpm2.ak_key(base64.b64decode(row["ak_tpm"]))
+    except (ProtocolError, ValueError) as exc:
+        f = Failure(INVALID_QUOTE, {"message": "stored evidence is unusable", "error": str(exc)[:200]},
+                    Severity.EMERGENCY)
+        return Outcome([f], pstore.BROKEN_CHAIN, {})
+    quote = push_wire.quote_text(ev)
+    hook = ima_check_for(row) if ima_check_for is not None and has_runtime_policy(row) else None
+    previous: ClockInfo | None = None
+    if row.get("tpm_clock_info"):
+        try:
+            previous = ClockInfo.from_json(json.loads(row["tpm_clock_info"]))
+        except (ValueError, ProtocolError):
+            previous = None
+    ima = _requested(res, push_wire.IMA_LOG)
+    ima_text, _ = ev.logs.get(push_wire.IMA_LOG, (None, 0))
+    uefi, _ = ev.logs.get(push_wire.UEFI_LOG, (b"", 0))
+    if isinstance(hook, AgentIma):
+        # a new TPM boot (resetCount) starts the IMA progress again at line 0
+        hook.for_boot(None, attest._quote_reset_count(quote))
+    mb_ref = mbp.parse_refstate(row["mb_policy"]) if has_mb_policy(row) else None
+    verdict = attest.verify_quote_evidence(
+        quote, ak=ak, nonce=res["challenge"], nonce_base64=True, hash_alg=res["hash_alg"],
+        tpm_policy=json.loads(row["tpm_policy"]), ima_check=hook,
+        ima_list=ima_text if isinstance(ima_text, str) else None,
+        ima_entry=int(ima["starting_offset"]) if ima is not None else 0,
+        next_entry=int(row.get("next_ima_ml_entry") or 0),
+        accepted_hash_algs=json.loads(row["accept_tpm_hash_algs"]),
+        accepted_sign_algs=json.loads(row["accept_tpm_signing_algs"]),
+        previous_clock=previous, nk_pem=None, mb_refstate=mb_ref,
+        # every push cycle sends the whole UEFI log: evaluated every time
+        mb_log=uefi if isinstance(uefi, bytes) else b"", mb_evaluate_policy=True,
+    )
+    fails = list(verdict.failures)
+    chain = verdict.check is None or bool(verdict.check.failures)
+    if verdict.check is not None and verdict.check.quote is not None:
+        wanted = _requested(res, push_wire.TPM_QUOTE) or {}
+        selected = (wanted.get("selected_subjects") or {}).get(res["hash_alg"], [])
+        missing = sorted(set(selected) - set(verdict.check.pcrs))
+        if missing:
+            chain = True
+            fails.append(Failure(MISSING_PCRS, {"context": "requested PCRs are missing in the quote",
+                                                "data": missing}, Severity.EMERGENCY))
+    if fails:
+        reason = pstore.BROKEN_CHAIN if chain or any(f.event_id in _CHAIN_EVENTS for f in fails) \
+            else pstore.POLICY_VIOLATION
+        return Outcome(fails, reason, {})
+    assert verdict.check is not None
+    values: dict[str, Any] = {
+        "hash_alg": res["hash_alg"], "enc_alg": ak.enc_alg, "sign_alg": ak.sign_alg,
+        "tpm_clock_info": json.dumps(verdict.check.clock.to_json(), sort_keys=True) if verdict.check.clock else None,
+    }
+    boot = boot_epoch((res.get("system_info") or {}).get("boot_time"))
+    if boot is not None:
+        values["boottime"] = boot
+    if isinstance(hook, AgentIma):
+        values["next_ima_ml_entry"] = verdict.next_entry
+        values["ima_progress"] = hook.progress_json()
+        values["ima_pcr10"] = json.dumps(dict(hook.progress.pcrs), sort_keys=True)
+    return Outcome([], None, values)
+
+
+class Verifier:
+    """Runs verifications and timeouts for one verifier's push agents."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        notifier: Outbox | Any,
+        ima_check_for: ImaCheckFactory | None,
+        clock: Callable[[], float],
+        session_lifetime: float,
+        max_interval: float,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        self.store = store
+        self.notifier = notifier
+        self.ima_check_for = ima_check_for
+        self.clock = clock
+        self.session_lifetime = session_lifetime
+        self.max_interval = max_interval
+        self.limiter = limiter or trio.CapacityLimiter(4)
+        #: callbacks on a final failure (the service disarms the agent's deadline)
+        self.on_failed: Callable[[str], None] = lambda agent_id: None
+
+    async def run(self, agent_id: str, index: int) -> None:
+        try:
+            await self._run(agent_id, index)
+        except Exception:  # fail closed: the attestation fails, the verifier carries on
+            log.exception("agent=%s event=push_verification_error index=%d", agent_id, index)
+            f = Failure("internal.verifier.exception", {"message": "verification error"}, Severity.CRITICAL)
+            await self._fail(agent_id, index, Outcome([f], pstore.BROKEN_CHAIN, {}), records.FAILED)
+
+    async def _run(self, agent_id: str, index: int) -> None:
+        row = await records.get(self.store, agent_id)
+        res = await pstore.get_attestation(self.store, agent_id, index)
+        if row is None or res is None or res["stage"] != pstore.EVALUATING:
+            return
+        async with self.limiter:
+            outcome = await trio.to_thread.run_sync(
+                partial(check, row, res, self.ima_check_for))
+        if outcome.failures:
+            await self._fail(agent_id, index, outcome, records.INVALID_QUOTE)
+            return
+        now = self.clock()
+        values = {k: v for k, v in outcome.values.items() if v is not None}
+        lifetime = self.session_lifetime
+
+        def txn(conn: Connection) -> None:
+            conn.execute(sa.update(agents).where(
+                agents.c.agent_id == agent_id, agents.c.operational_state.in_(list(ACTIVE_STATES))
+            ).values(attestation_count=agents.c.attestation_count + 1, last_received_quote=int(now),
+                     last_successful_attestation=int(now), operational_state=records.GET_QUOTE, **values))
+            pstore.complete(conn, agent_id, index, evaluation=pstore.PASS, now=now)
+            pstore.extend_tokens(conn, agent_id, now, now + lifetime)
+
+        await self.store.write(txn)
+        log.info("agent=%s event=push_attestation_pass index=%d", agent_id, index)
+
+    async def _fail(self, agent_id: str, index: int, outcome: Outcome, state: int) -> None:
+        now = self.clock()
+        bad = worst(outcome.failures)
+        assert bad is not None
+        row = await records.get(self.store, agent_id)
+
+        def finish(conn: Connection) -> None:
+            pstore.complete(conn, agent_id, index, evaluation=pstore.FAIL, now=now,
+                            failure_reason=outcome.reason, failure_event=bad.event_id)
+
+        log.warning("agent=%s event=push_attestation_fail index=%d reason=%s failures=%s", agent_id, index,
+                    outcome.reason, ",".join(f.event_id for f in outcome.failures))
+        if row is not None and await self._record(row, bad, state, now, also=finish):
+            return
+        await self.store.write(finish)  # stopped/deleted meanwhile: the attestation still completes
+
+    async def timed_out(self, agent_id: str) -> None:
+        row = await records.get(self.store, agent_id)
+        if row is None or row["ip"] is not None:
+            return
+        f = Failure(TIMEOUT, {"message": f"no attestation within {self.max_interval:g} s"}, Severity.CRITICAL)
+        if await self._record(row, f, records.FAILED, self.clock()):
+            log.warning("agent=%s event=%s", agent_id, TIMEOUT)
+
+    async def _record(self, row: dict[str, Any], failure: Failure, state: int, now: float,
+                      also: Callable[[Connection], None] | None = None) -> bool:
+        """The failure, its notice (outbox) and ``also`` in one transaction, if the agent is active."""
+        notice = build_notice(row, failure)
+        stage = getattr(self.notifier, "stage", None)
+
+        def more(conn: Connection) -> None:
+            if also is not None:
+                also(conn)
+            if stage is not None:
+                stage(conn, notice, now)
+
+        written = await records.record_failure(
+            self.store, row["agent_id"], state=state, event_id=failure.event_id,
+            severity_level=int(failure.severity), received_at=now if state == records.INVALID_QUOTE else None,
+            only_in_states=ACTIVE_STATES, also=more)
+        if not written:
+            return False
+        self.on_failed(row["agent_id"])
+        if stage is not None:
+            self.notifier.committed(notice)
+        else:
+            await self.notifier.publish(notice)
+        return True
