@@ -19,7 +19,7 @@ from tests.actors.verifier_support import RunningVerifier, start_verifier
 A = "a0000000-0000-4000-8000-00000000000a"
 B = "b0000000-0000-4000-8000-00000000000b"
 PATHS = ["/usr/bin/ls", "/usr/bin/cat", "/usr/lib/libc.so.6"]
-GUARD = 120  # mock seconds: a hang guard only
+GUARD = 60  # mock seconds: a hang guard only
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ async def verdict(rv: RunningVerifier, agent_id: str, index: int) -> dict[str, A
             attrs = resp.json()["data"]["attributes"]
             if attrs["stage"] == "verification_complete":
                 return resp.json()["data"]
-            await trio.sleep(0.05)
+            await trio.sleep(0.2)
 
 
 async def wait_next(clock: MockClock, resp: Any) -> None:
