@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from keytrio.actors.common.store import Store
-from keytrio.actors.verifier import attest, records
+from keytrio.actors.verifier import records
 from keytrio.actors.verifier.push import store as pstore
+from keytrio.protocol import evidence, pop, push_wire, tpm2
 from keytrio.protocol import mb_policy as mbp
-from keytrio.protocol import pop, push_wire, tpm2
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.push_wire import WireError
 
@@ -60,7 +60,7 @@ def has_mb_policy(row: dict[str, Any]) -> bool:
 
 
 def wanted_pcrs(row: dict[str, Any]) -> list[int]:
-    pcrs: set[int] = set(attest.policy_pcrs(json.loads(row["tpm_policy"])))
+    pcrs: set[int] = set(evidence.policy_pcrs(json.loads(row["tpm_policy"])))
     raw = json.loads(row["tpm_policy"]).get("mask")
     if isinstance(raw, str):
         try:

@@ -1,10 +1,9 @@
 """Verification of accepted push evidence (after the 202), and the push agents' failures.
 
 :meth:`Verifier.run` checks one attestation with the evidence core the pull monitor uses
-(``attest.verify_quote_evidence``: quote signature by the AK, nonce = the attestation's challenge,
+(``protocol.evidence.verify``: quote signature by the AK, nonce = the attestation's challenge,
 PCR selection and digest, clock against the last good quote, ``tpm_policy`` PCRs, measured boot,
-the agent's IMA hook from its stored progress), plus what push adds: every requested PCR must be
-in the quote. The quote runs in a worker thread (CPU). Then, in ONE transaction:
+the agent's IMA hook from its stored progress); every PCR requested must be in the quote. The quote runs in a worker thread (CPU). Then, in ONE transaction:
 
 * pass: the attestation -> ``verification_complete``/``pass``; the agent's counters and progress
   (IMA line, PCR 10, clock, boot time) as the monitor writes them; the agent's valid tokens extended
@@ -31,19 +30,18 @@ import trio
 from sqlalchemy.engine import Connection
 
 from keytrio.actors.common.store import Store
-from keytrio.actors.verifier import attest, records
+from keytrio.actors.verifier import records
 from keytrio.actors.verifier.ima import AgentIma
 from keytrio.actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory
 from keytrio.actors.verifier.notify import Outbox, build_notice
 from keytrio.actors.verifier.push import store as pstore
 from keytrio.actors.verifier.push.attestations import boot_epoch, has_mb_policy, has_runtime_policy
 from keytrio.actors.verifier.schema import agents
-from keytrio.protocol import mb_policy as mbp
-from keytrio.protocol import push_wire, tpm2
+from keytrio.protocol import evidence, push_wire, tpm2
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.failures import Failure, Severity, worst
 from keytrio.protocol.ima_eval import PCR_MISMATCH
-from keytrio.protocol.quote import ClockInfo
+from keytrio.protocol.quote import ClockInfo, decode_attest
 from keytrio.protocol.quote_check import INVALID_QUOTE, MISSING_PCRS, QUOTE_VALIDATION
 
 log = logging.getLogger("keytrio.verifier")
@@ -61,6 +59,13 @@ class Outcome:
         self.failures = failures
         self.reason = reason
         self.values = values
+
+
+def _reset_count(attest: bytes) -> int | None:
+    try:
+        return decode_attest(attest).clock.reset_count
+    except ProtocolError:
+        return None
 
 
 def _requested(res: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -93,30 +98,25 @@ def check(row: dict[str, Any], res: dict[str, Any], ima_check_for: ImaCheckFacto
     uefi, _ = ev.logs.get(push_wire.UEFI_LOG, (b"", 0))
     if isinstance(hook, AgentIma):
         # a new TPM boot (resetCount) starts the IMA progress again at line 0
-        hook.for_boot(None, attest._quote_reset_count(quote))
-    mb_ref = mbp.parse_refstate(row["mb_policy"]) if has_mb_policy(row) else None
-    verdict = attest.verify_quote_evidence(
-        quote, ak=ak, nonce=res["challenge"], nonce_base64=True, hash_alg=res["hash_alg"],
-        tpm_policy=json.loads(row["tpm_policy"]), ima_check=hook,
-        ima_list=ima_text if isinstance(ima_text, str) else None,
-        ima_entry=int(ima["starting_offset"]) if ima is not None else 0,
-        next_entry=int(row.get("next_ima_ml_entry") or 0),
-        accepted_hash_algs=json.loads(row["accept_tpm_hash_algs"]),
-        accepted_sign_algs=json.loads(row["accept_tpm_signing_algs"]),
-        previous_clock=previous, nk_pem=None, mb_refstate=mb_ref,
+        hook.for_boot(None, _reset_count(ev.message))
+    wanted = _requested(res, push_wire.TPM_QUOTE) or {}
+    expect = evidence.Expectations(
+        ak=ak, nonce=res["challenge"], nonce_base64=True, tpm_policy=json.loads(row["tpm_policy"]),
+        accepted_hash_algs=tuple(json.loads(row["accept_tpm_hash_algs"])),
+        accepted_sign_algs=tuple(json.loads(row["accept_tpm_signing_algs"])),
+        # every PCR asked for must be quoted (else PCR 10 could be left out and IMA go unchecked)
+        required_pcrs=tuple((wanted.get("selected_subjects") or {}).get(res["hash_alg"], [])),
+        previous_clock=previous, nk_pem=None, ima=hook,
         # every push cycle sends the whole UEFI log: evaluated every time
-        mb_log=uefi if isinstance(uefi, bytes) else b"", mb_evaluate_policy=True,
+        measured_boot=evidence.RefStateCheck.from_text(row["mb_policy"]) if has_mb_policy(row) else None,
+        evaluate_boot_policy=True,
     )
+    verdict = evidence.verify(expect, evidence.Evidence(
+        quote=quote, hash_alg=res["hash_alg"], ima_list=ima_text if isinstance(ima_text, str) else None,
+        ima_entry=int(ima["starting_offset"]) if ima is not None else 0,
+        mb_log=uefi if isinstance(uefi, bytes) else b""))
     fails = list(verdict.failures)
     chain = verdict.check is None or bool(verdict.check.failures)
-    if verdict.check is not None and verdict.check.quote is not None:
-        wanted = _requested(res, push_wire.TPM_QUOTE) or {}
-        selected = (wanted.get("selected_subjects") or {}).get(res["hash_alg"], [])
-        missing = sorted(set(selected) - set(verdict.check.pcrs))
-        if missing:
-            chain = True
-            fails.append(Failure(MISSING_PCRS, {"context": "requested PCRs are missing in the quote",
-                                                "data": missing}, Severity.EMERGENCY))
     if fails:
         reason = pstore.BROKEN_CHAIN if chain or any(f.event_id in _CHAIN_EVENTS for f in fails) \
             else pstore.POLICY_VIOLATION
@@ -129,7 +129,7 @@ def check(row: dict[str, Any], res: dict[str, Any], ima_check_for: ImaCheckFacto
     boot = boot_epoch((res.get("system_info") or {}).get("boot_time"))
     if boot is not None:
         values["boottime"] = boot
-    if isinstance(hook, AgentIma):
+    if isinstance(hook, AgentIma) and verdict.next_entry is not None:
         values["next_ima_ml_entry"] = verdict.next_entry
         values["ima_progress"] = hook.progress_json()
         values["ima_pcr10"] = json.dumps(dict(hook.progress.pcrs), sort_keys=True)
