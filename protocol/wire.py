@@ -1,13 +1,17 @@
 """The agent's replies as typed values: the agent encodes them, the verifier and tenant decode them.
 
 ``results`` of ``GET quotes/integrity`` (:class:`IntegrityQuote`) and ``GET quotes/identity``
-(:class:`IdentityQuote`), ``GET keys/verify`` (:class:`KeyVerify`). Everything an agent says is
-hostile input: decoding checks every field's type and never raises on a wrong one.
+(:class:`IdentityQuote`), the key halves the tenant and verifier post (:class:`UKey`,
+:class:`VKey`) and the agent's ``GET keys/verify`` answer (:class:`KeyVerify`). Revocation notices
+are :class:`protocol.revocation.Notice` (``parse_notice`` decodes them). Everything a peer says is
+hostile input: decoding checks every field's type.
 
 * An integrity-quote reply that cannot be read is a list of ``qoute_validation.invalid_data``
   failures (upstream's id: "parsing agent get quote response failed"), ``context["check"]`` =
   ``"response"`` and ``context["field"]`` the field at fault, one per bad field.
 * An identity-quote or verify reply that cannot be read raises :class:`ReplyError`.
+* A key half the agent cannot use raises :class:`~protocol.errors.ValidationError` naming the field
+  (the agent's 400).
 
 Presence matters on the wire: ``pubkey`` only when the verifier asked ``partial=0``, the IMA keys
 only when PCR 10 was asked (``ima_measurement_list`` null when the machine has no IMA list, as
@@ -21,6 +25,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
+from keytrio.protocol import payload as pl
 from keytrio.protocol import validation
 from keytrio.protocol.errors import ProtocolError, ValidationError
 from keytrio.protocol.evidence import Evidence
@@ -189,3 +194,76 @@ class IdentityQuote:
 
     def evidence(self) -> Evidence:
         return Evidence(self.quote, self.hash_alg, self.enc_alg)
+
+
+#: an encrypted key half: RSA-OAEP under the NK, so at most the modulus size (8192-bit keys fit)
+MAX_ENCRYPTED_KEY = 1024
+AUTH_TAG_HEX_LEN = 96  # HMAC-SHA384 in hex
+
+
+def _encrypted_key(value: object) -> str:
+    validation.b64(value, "encrypted_key", max_len=MAX_ENCRYPTED_KEY)
+    assert isinstance(value, str)
+    return value
+
+
+@dataclass(frozen=True)
+class UKey:
+    """Body of ``POST keys/ukey``: U encrypted to the NK (base64), HMAC-SHA384(K, agent id) in hex,
+    and the payload encrypted under K (AES-GCM: IV || ciphertext || tag), if any."""
+
+    encrypted_key: str
+    auth_tag: str
+    payload: bytes | None = None
+
+    def encode(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"encrypted_key": self.encrypted_key, "auth_tag": self.auth_tag}
+        if self.payload:
+            out["payload"] = base64.b64encode(self.payload).decode("ascii")
+        return out
+
+    @classmethod
+    def decode(cls, body: dict[str, Any]) -> UKey:
+        """ValidationError for the first bad field, in the order auth_tag, payload, encrypted_key."""
+        auth_tag = body.get("auth_tag")
+        if not isinstance(auth_tag, str) or len(auth_tag) != AUTH_TAG_HEX_LEN:
+            raise ValidationError("auth_tag", f"must be {AUTH_TAG_HEX_LEN} hex characters")
+        validation.hex_bytes(auth_tag, "auth_tag")
+        raw_payload = body.get("payload")
+        payload = None
+        if raw_payload is not None and raw_payload != "":
+            payload = validation.b64(raw_payload, "payload")
+            if len(payload) < pl.IV_LEN + pl.TAG_LEN:
+                raise ValidationError("payload", "too short to be an AES-GCM payload")
+        return cls(_encrypted_key(body.get("encrypted_key")), auth_tag.lower(), payload)
+
+
+@dataclass(frozen=True)
+class VKey:
+    """Body of ``POST keys/vkey`` (the verifier's half): V encrypted to the NK (base64)."""
+
+    encrypted_key: str
+
+    def encode(self) -> dict[str, Any]:
+        return {"encrypted_key": self.encrypted_key}
+
+    @classmethod
+    def decode(cls, body: dict[str, Any]) -> VKey:
+        return cls(_encrypted_key(body.get("encrypted_key")))
+
+
+@dataclass(frozen=True)
+class KeyVerify:
+    """``results`` of ``GET keys/verify``: HMAC-SHA384(K, challenge) in hex."""
+
+    hmac: str
+
+    def encode(self) -> dict[str, Any]:
+        return {"hmac": self.hmac}
+
+    @classmethod
+    def decode(cls, reply: object) -> KeyVerify:
+        value = reply.get("hmac") if isinstance(reply, dict) else None
+        if not isinstance(value, str):
+            raise ReplyError("reply lacks hmac")
+        return cls(value)

@@ -18,6 +18,7 @@ from keytrio.actors.common.app import ApiError, KeytrioApp, json_body, json_resp
 from keytrio.protocol import validation
 from keytrio.protocol.errors import ProtocolError, ValidationError
 from keytrio.protocol.versions import AGENT_VERSIONS, agent_version_payload
+from keytrio.protocol.wire import KeyVerify
 
 MAX_IMA_ENTRY = 1 << 40
 
@@ -112,7 +113,7 @@ def build_app(
             hmac_hex = keys.verify(challenge)
         except KeyError400 as exc:
             raise ApiError(400, str(exc)) from exc
-        return ok({"hmac": hmac_hex})
+        return ok(KeyVerify(hmac_hex).encode())
 
     @app.api.route("/notifications/revocation", methods=("POST",))
     async def revocation_notice() -> Response:

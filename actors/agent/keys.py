@@ -28,12 +28,11 @@ from keytrio.actors.agent.runner import Job, Runner
 from keytrio.actors.agent.secure import SecureDir, UnsafeArchive
 from keytrio.protocol import payload as pl
 from keytrio.protocol import validation
-from keytrio.protocol.errors import ValidationError
+from keytrio.protocol.wire import UKey, VKey
 
 log = logging.getLogger("keytrio.agent")
 
 MAX_PENDING = 4  # pending halves kept per kind (oldest dropped first)
-AUTH_TAG_HEX_LEN = 96  # HMAC-SHA384 in hex
 
 
 @dataclass(frozen=True)
@@ -76,19 +75,10 @@ class Keys:
     # -- requests ---------------------------------------------------------------------------
 
     async def post_ukey(self, body: dict[str, object]) -> str:
-        auth_tag = body.get("auth_tag")
-        if not isinstance(auth_tag, str) or len(auth_tag) != AUTH_TAG_HEX_LEN:
-            raise ValidationError("auth_tag", f"must be {AUTH_TAG_HEX_LEN} hex characters")
-        validation.hex_bytes(auth_tag, "auth_tag")
-        raw_payload = body.get("payload")
-        payload = None
-        if raw_payload is not None and raw_payload != "":
-            payload = validation.b64(raw_payload, "payload")
-            if len(payload) < pl.IV_LEN + pl.TAG_LEN:
-                raise ValidationError("payload", "too short to be an AES-GCM payload")
-        u = await self._decrypt_half(body.get("encrypted_key"))
+        half = UKey.decode(body)
+        u = await self._decrypt_half(half.encrypted_key)
         async with self._lock:
-            new = _U(u, auth_tag.lower(), payload)
+            new = _U(u, half.auth_tag, half.payload)
             for v in list(self._pending_v):
                 k = pl.combine(u, v)
                 if pl.check_auth_tag(k, self.agent_id, new.auth_tag):
@@ -99,7 +89,7 @@ class Keys:
         return "U stored"
 
     async def post_vkey(self, body: dict[str, object]) -> str:
-        v = await self._decrypt_half(body.get("encrypted_key"))
+        v = await self._decrypt_half(VKey.decode(body).encrypted_key)
         async with self._lock:
             for cand in list(self._pending_u):
                 k = pl.combine(cand.u, v)
@@ -124,8 +114,7 @@ class Keys:
 
     # -- internals --------------------------------------------------------------------------
 
-    async def _decrypt_half(self, encrypted_key: object) -> bytes:
-        validation.b64(encrypted_key, "encrypted_key", max_len=1024)
+    async def _decrypt_half(self, encrypted_key: str) -> bytes:
         try:
             return await trio.to_thread.run_sync(pl.decrypt_key_half, self._nk, encrypted_key)
         except pl.PayloadError as exc:

@@ -34,6 +34,7 @@ from keytrio.actors.tenant.quotecheck import check_identity_quote
 from keytrio.protocol import payload as pl
 from keytrio.protocol import states, validation
 from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.wire import KeyVerify, ReplyError, UKey
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -214,15 +215,12 @@ async def _send_u(agent: Peer, agent_id: str, nk_pem: str, payload: bytes | None
     """Step 5: K = U xor V; U (encrypted to the NK), the auth tag and the payload to the agent."""
     halves = pl.new_key_halves(os.urandom(64))
     try:
-        ukey: dict[str, Any] = {
-            "encrypted_key": pl.encrypt_key_half(nk_pem, halves.u),
-            "auth_tag": pl.auth_tag(halves.k, agent_id),
-        }
+        encrypted_u = pl.encrypt_key_half(nk_pem, halves.u)
     except pl.PayloadError as exc:  # e.g. an EC NK: upstream tenants refuse those too
         raise VerificationFailed("agent NK", str(exc)) from exc
-    if payload:
-        ukey["payload"] = base64.b64encode(pl.encrypt_payload(halves.k, payload, os.urandom(16))).decode()
-    await agent.call("POST", "/keys/ukey", ukey)
+    sealed = pl.encrypt_payload(halves.k, payload, os.urandom(16)) if payload else None
+    ukey = UKey(encrypted_u, pl.auth_tag(halves.k, agent_id), sealed)
+    await agent.call("POST", "/keys/ukey", ukey.encode())
     return halves
 
 
@@ -286,9 +284,12 @@ async def verify_key(t: TenantContext, agent: Peer, k: bytes, *, timeout: float)
             challenge = new_challenge()
             reply = await agent.call("GET", "/keys/verify", params={"challenge": challenge}, expect=(200, 400))
             if reply.status_code == 200:
-                got = reply.results.get("hmac")
+                try:
+                    got = KeyVerify.decode(reply.results).hmac
+                except ReplyError:
+                    got = ""
                 want = pl.verify_hmac(k, challenge)
-                if isinstance(got, str) and hmac.compare_digest(got.lower().encode(), want.encode()):
+                if got and hmac.compare_digest(got.lower().encode(), want.encode()):
                     return
                 last = "an HMAC that does not match K"
             else:

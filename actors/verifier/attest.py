@@ -42,7 +42,7 @@ from keytrio.protocol.failures import Failure
 from keytrio.protocol.ima import IMA_PCR
 from keytrio.protocol.quote import ClockInfo, parse_quote
 from keytrio.protocol.quote_check import PCR_16
-from keytrio.protocol.wire import IntegrityQuote
+from keytrio.protocol.wire import IntegrityQuote, VKey
 
 NONCE_LEN = 20  # what upstream's verifier sends
 _NONCE_CHARS = string.ascii_letters + string.digits
@@ -273,5 +273,5 @@ async def attest_once(
 
 async def deliver_v(client: httpx.AsyncClient | KeepAliveClient, target: AgentTarget, v: bytes, nk_pem: str) -> None:
     """POST keys/vkey with V encrypted to the agent's NK (raises HttpError on a non-200)."""
-    body = {"encrypted_key": payload.encrypt_key_half(nk_pem, v)}
+    body = VKey(payload.encrypt_key_half(nk_pem, v)).encode()
     await request_json(client, "POST", target.base_url + "/keys/vkey", body)

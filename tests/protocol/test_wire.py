@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keytrio.protocol import payload as pl
+from keytrio.protocol.errors import ValidationError
 from keytrio.protocol.evidence import Evidence
 from keytrio.protocol.failures import Severity
 from keytrio.protocol.wire import (
@@ -18,7 +20,10 @@ from keytrio.protocol.wire import (
     IdentityQuote,
     ImaTail,
     IntegrityQuote,
+    KeyVerify,
     ReplyError,
+    UKey,
+    VKey,
 )
 
 FULL = IntegrityQuote("rQUOTE", "sha256", "rsa", "rsassa", pubkey="PEM", boottime=1_700_000_000,
@@ -130,3 +135,54 @@ def test_identity_round_trip():
 def test_identity_decode_refuses(reply):
     with pytest.raises(ReplyError, match="reply lacks quote/hash_alg/enc_alg/sign_alg/pubkey"):
         IdentityQuote.decode(reply)
+
+
+# --- key halves and keys/verify ---------------------------------------------------------------
+
+TAG = "ab" * 48
+EKEY = base64.b64encode(b"k" * 256).decode()
+SEALED = bytes(pl.IV_LEN + pl.TAG_LEN + 3)
+
+
+def test_key_halves_round_trip():
+    u = UKey(EKEY, TAG, SEALED)
+    assert u.encode() == {"encrypted_key": EKEY, "auth_tag": TAG, "payload": base64.b64encode(SEALED).decode()}
+    assert UKey.decode(u.encode()) == u
+    assert UKey(EKEY, TAG).encode() == {"encrypted_key": EKEY, "auth_tag": TAG}  # no payload: no key
+    assert UKey.decode({"encrypted_key": EKEY, "auth_tag": TAG.upper(), "payload": ""}) == UKey(EKEY, TAG)
+    assert VKey.decode(VKey(EKEY).encode()) == VKey(EKEY)
+    assert KeyVerify.decode(KeyVerify("c0ffee").encode()) == KeyVerify("c0ffee")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"encrypted_key": EKEY}, "auth_tag"),
+        ({"encrypted_key": EKEY, "auth_tag": "ab" * 47}, "auth_tag"),
+        ({"encrypted_key": EKEY, "auth_tag": "zz" * 48}, "auth_tag"),
+        ({"encrypted_key": EKEY, "auth_tag": TAG, "payload": "not base64"}, "payload"),
+        ({"encrypted_key": EKEY, "auth_tag": TAG, "payload": base64.b64encode(b"short").decode()}, "payload"),
+        ({"auth_tag": TAG}, "encrypted_key"),
+        ({"encrypted_key": "", "auth_tag": TAG}, "encrypted_key"),
+        ({"encrypted_key": base64.b64encode(bytes(1025)).decode(), "auth_tag": TAG}, "encrypted_key"),
+        # the first bad field in the agent's order: auth_tag, payload, encrypted_key
+        ({"encrypted_key": 5, "auth_tag": 5, "payload": 5}, "auth_tag"),
+        ({"encrypted_key": 5, "auth_tag": TAG, "payload": 5}, "payload"),
+    ],
+)
+def test_ukey_refused(body, field):
+    with pytest.raises(ValidationError) as exc:
+        UKey.decode(body)
+    assert exc.value.field == field
+
+
+@pytest.mark.parametrize("body", [{}, {"encrypted_key": 5}, {"encrypted_key": "**"}])
+def test_vkey_refused(body):
+    with pytest.raises(ValidationError, match="encrypted_key"):
+        VKey.decode(body)
+
+
+@pytest.mark.parametrize("reply", [None, {}, {"hmac": 5}, ["hmac"]])
+def test_key_verify_refused(reply):
+    with pytest.raises(ReplyError):
+        KeyVerify.decode(reply)
