@@ -59,14 +59,15 @@ from bench import gen, sim_keys
 from keytrio.actors.common import tls
 from keytrio.protocol import credential, ima, tpm2, validation
 from keytrio.protocol.errors import ValidationError
+from keytrio.protocol.ima import IMA_PCR
 from keytrio.protocol.quote import build_quote, encode_pcr_blob
+from keytrio.protocol.quote_check import PCR_16
 from keytrio.protocol.versions import agent_version_payload
+from keytrio.protocol.wire import BootLog, IdentityQuote, ImaTail, IntegrityQuote
 
 log = logging.getLogger("bench.sim_agent")
 
 BANK = "sha256"
-PCR_IMA = 10
-PCR_NK = 16
 FILES_PER_AGENT = 5
 API = "2.1"
 _PKCS1 = padding.PKCS1v15()
@@ -125,8 +126,8 @@ class SimAgent:
             self.lines[-1] = ima.format_line(forged) + "\n"
         self.pcrs = {i: bytes(32) for i in range(24)}
         self.pcrs.update(BOOT_PCRS)
-        self.pcrs[PCR_IMA] = ima.replay(self.entries, BANK)
-        self.pcrs[PCR_NK] = tpm2.pcr16_binding_value(BANK, self.nk_pem)
+        self.pcrs[IMA_PCR] = ima.replay(self.entries, BANK)
+        self.pcrs[PCR_16] = tpm2.pcr16_binding_value(BANK, self.nk_pem)
         self._t0 = time.monotonic()
         self._clock0 = random.Random(self.agent_id).randrange(1 << 30)
 
@@ -141,7 +142,7 @@ class SimAgent:
         return self.clock_ms
 
     def quote(self, nonce: bytes, pcrs: set[int]) -> str:
-        sel = sorted(set(pcrs) | {PCR_NK})
+        sel = sorted(set(pcrs) | {PCR_16})
         bits = 0
         for p in sel:
             bits |= 1 << p
@@ -162,22 +163,16 @@ class SimAgent:
         return "".join(self.lines[entry:]), entry
 
     def integrity(self, nonce: str, pcrs: list[int], partial: bool, entry: int) -> dict[str, Any]:
-        results: dict[str, Any] = {"quote": self.quote(nonce.encode("ascii"), set(pcrs)), "hash_alg": BANK,
-                                   "enc_alg": "rsa", "sign_alg": "rsassa"}  # fmt: skip
-        if not partial:
-            results["pubkey"] = self.nk_pem
-        results["boottime"] = BOOTTIME
-        if PCR_IMA in pcrs:
-            tail, start = self.ima_tail(entry)
-            results["ima_measurement_list"] = tail
-            results["ima_measurement_list_entry"] = start
-        if 0 in pcrs:
-            results["mb_measurement_list"] = None  # no UEFI event log on these machines
-        return results
+        return IntegrityQuote(
+            self.quote(nonce.encode("ascii"), set(pcrs)), BANK, "rsa", "rsassa",
+            pubkey=None if partial else self.nk_pem, boottime=BOOTTIME,
+            ima=ImaTail(*self.ima_tail(entry)) if IMA_PCR in pcrs else None,
+            mb=BootLog(None) if 0 in pcrs else None,  # no UEFI event log on these machines
+        ).encode()  # fmt: skip
 
     def identity(self, nonce: str) -> dict[str, Any]:
-        return {"quote": self.quote(nonce.encode("ascii"), {PCR_NK}), "hash_alg": BANK, "enc_alg": "rsa",
-                "sign_alg": "rsassa", "pubkey": self.nk_pem, "boottime": BOOTTIME}  # fmt: skip
+        return IdentityQuote(self.quote(nonce.encode("ascii"), {PCR_16}), BANK, "rsa", "rsassa", self.nk_pem,
+                             boottime=BOOTTIME).encode()
 
     def registration_body(self, mtls_cert: str, port: int) -> dict[str, Any]:
         return {"ek_tpm": base64.b64encode(self.ek_public.marshal()).decode(), "ekcert": None,
