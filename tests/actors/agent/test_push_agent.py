@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 @pytest.fixture
 def clock() -> MockClock:
-    return MockClock(autojump_threshold=0.3)  # see test_push_loop.py
+    return MockClock(autojump_threshold=1.0)  # see test_push_loop.py
 
 
 def listening_inodes() -> set[str]:
