@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from keytrio.actors.common import client as http
+from keytrio.testbed.boot_log import BootConfig
 from tests.interop.support import (
     Upstream,
     restart_server,
@@ -134,4 +135,36 @@ async def test_upstream_push_verifier_attests_our_push_agent(push_upstream: Upst
             assert "policy violations" in up.log("verifier"), up.log("verifier")[-3000:]
             assert push.stats.accepted > tampered_from
 
+        await run_tool([*up.tool("keylime_tenant"), "-c", "delete", "-u", agent_id], env, check=False)
+
+
+async def test_upstream_push_verifier_asks_our_agent_for_the_uefi_log(push_upstream: Upstream, tmp_path: Path) -> None:
+    """Enrolled with a measured-boot reference state, upstream's push verifier asks for the UEFI log
+    (PUSH_MODEL_WIRE.md item 13, not observed there): our agent announces it as
+    ``application/octet-stream`` with ``entry_count`` = its size and sends it whole, base64; upstream
+    replays it against the quoted PCRs and the attestation passes."""
+    up = push_upstream
+    agent_id = str(uuidlib.uuid4())
+    env = dict(up.env)
+    async with running_machine(
+        "m-push-mb", tmp_path, up.ca, registrar=up.registrar_agent_address, uuid=agent_id, mode="push",
+        verifier_url=up.verifier_url, verifier_tls_ca_cert=str(up.ca.ca), boot=BootConfig(),
+        backoff_initial_delay=0.5, backoff_max_delay=2.0,
+    ) as machine:
+        refstate = tmp_path / "refstate.json"
+        await run_tool([*up.tool("keylime-policy"), "create", "measured-boot", "-e", str(machine.boot_log_path),
+                        "-o", str(refstate)], env)
+        await run_tool([*up.tool("keylime_tenant"), "-c", "add", "--push-model", "-u", agent_id,
+                        "--mb-policy", str(refstate)], env, timeout=120)
+        async with server_client(up.ca) as client:
+            passed = await wait_verdict(client, up, agent_id,
+                                        lambda a: a["stage"] == "verification_complete", "a verdict")
+            kinds = {e["evidence_type"]: e for e in passed["evidence"]}
+            assert "uefi_log" in kinds, passed
+            quote = kinds["tpm_quote"]["chosen_parameters"]
+            print(f"[interop] upstream asked for PCRs {quote['selected_subjects']} and "
+                  f"{kinds['uefi_log']['chosen_parameters']}")
+            assert passed["evaluation"] == "pass", (passed, up.log("verifier")[-3000:])
+            sent = kinds["uefi_log"]["data"]["entries"]
+            assert sent and len(sent) >= machine.boot_log_path.stat().st_size, kinds["uefi_log"]
         await run_tool([*up.tool("keylime_tenant"), "-c", "delete", "-u", agent_id], env, check=False)
