@@ -36,8 +36,13 @@ class RevocationError(ProtocolError):
 
 @dataclass(frozen=True)
 class Notice:
+    """A revocation notice as it travels (:func:`parse_notice` decodes one)."""
+
     msg: str
     signature: str
+
+    def encode(self) -> dict[str, str]:
+        return {"msg": self.msg, "signature": self.signature}
 
 
 def build_message(

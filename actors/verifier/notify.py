@@ -77,7 +77,7 @@ class SignedNotice:
     signature: str
 
     def body(self) -> dict[str, str]:
-        return {"msg": self.msg, "signature": self.signature}
+        return revocation.Notice(self.msg, self.signature).encode()
 
 
 def load_revocation_key(pem: str | None) -> rsa.RSAPrivateKey | None:
@@ -403,7 +403,7 @@ class Outbox:
         url = f"https://{host}:{row['port']}/v{row['supported_version']}/notifications/revocation"
         ctx = self._context_for(row)
         async with make_client(ctx, timeout=self._timeout) as client:
-            await request_json(client, "POST", url, {"msg": d.msg, "signature": d.signature},
+            await request_json(client, "POST", url, revocation.Notice(d.msg, d.signature).encode(),
                                max_response_bytes=64 << 10, expect=(200, 201, 202, 204))
 
     async def _to_webhook(self, d: _Due) -> None:
@@ -412,7 +412,7 @@ class Outbox:
             ctx.load_verify_locations(cafile=str(ca))
         async with make_client(ctx, timeout=self._timeout) as client:
             try:
-                resp = await client.post(self._webhook_url, json={"msg": d.msg, "signature": d.signature})
+                resp = await client.post(self._webhook_url, json=revocation.Notice(d.msg, d.signature).encode())
             except httpx.TransportError as exc:
                 raise HttpError(599, f"webhook unreachable: {type(exc).__name__}") from exc
             if not 200 <= resp.status_code < 300:

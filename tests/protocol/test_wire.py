@@ -13,6 +13,7 @@ from keytrio.protocol import payload as pl
 from keytrio.protocol.errors import ValidationError
 from keytrio.protocol.evidence import Evidence
 from keytrio.protocol.failures import Severity
+from keytrio.protocol.revocation import Notice, parse_notice
 from keytrio.protocol.wire import (
     CHECK_RESPONSE,
     INVALID_DATA,
@@ -186,3 +187,9 @@ def test_vkey_refused(body):
 def test_key_verify_refused(reply):
     with pytest.raises(ReplyError):
         KeyVerify.decode(reply)
+
+
+def test_revocation_notice_round_trip():
+    n = Notice('{"type": "revocation"}', "c2ln")
+    assert n.encode() == {"msg": '{"type": "revocation"}', "signature": "c2ln"}
+    assert parse_notice(n.encode()) == n
