@@ -80,7 +80,13 @@ def build_parser(subparsers: argparse._SubParsersAction, func: Callable[[argpars
     p.add_argument("--print-default-config", action="store_true", help="print the commented default configuration")
     p.set_defaults(func=func, tenant_verb=None)
     verbs = p.add_subparsers(dest="tenant_verb", metavar="VERB")
+    _agent_verbs(verbs, common)
+    _policy_verbs(verbs, common)
+    _mbpolicy_verbs(verbs, common)
 
+
+def _agent_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """add, update, delete, stop, reactivate, regdelete, status, list."""
     add = verbs.add_parser("add", parents=[common], help="enrol an agent with the verifier")
     _add_options(add)
     upd = verbs.add_parser("update", parents=[common], help="re-enrol an agent with new options (delete + add)")
@@ -97,6 +103,9 @@ def build_parser(subparsers: argparse._SubParsersAction, func: Callable[[argpars
     ls.add_argument("--verifier-id", metavar="ID", help="only agents of this verifier_id")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _policy_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """policy add|update|show|list|delete: the verifier's named runtime policies."""
     pol = verbs.add_parser("policy", help="the verifier's named runtime policies")
     pverbs = pol.add_subparsers(dest="policy_verb", metavar="ACTION", required=True)
     for name, text in (("add", "upload a new runtime policy"), ("update", "replace a stored runtime policy")):
@@ -115,6 +124,9 @@ def build_parser(subparsers: argparse._SubParsersAction, func: Callable[[argpars
     pd = pverbs.add_parser("delete", parents=[common], help="delete a stored runtime policy")
     pd.add_argument("name", metavar="NAME")
 
+
+def _mbpolicy_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """mbpolicy add|update|show|list|delete: the verifier's named measured-boot policies."""
     mbp = verbs.add_parser("mbpolicy", help="the verifier's named measured-boot policies")
     mverbs = mbp.add_subparsers(dest="mbpolicy_verb", metavar="ACTION", required=True)
     for name, text in (("add", "upload a new measured-boot policy"), ("update", "replace a stored one")):
