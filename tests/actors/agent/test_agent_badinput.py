@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from keytrio.protocol import payload as pl
-from tests.actors.agent_support import NONCE, Running, results, start_agent
+from tests.actors.agent_support import NONCE, Running, results
 
 pytestmark = pytest.mark.swtpm
 
@@ -98,13 +97,6 @@ CASES: list[tuple[str, str, str, dict[str, str] | None, Body | None, str | None,
     ("revocation-wrong-type", "POST", "/notifications/revocation", None,
      lambda nk: {"msg": json.dumps({"type": "other"}), "signature": ""}, None, 400),
 ]
-
-
-@pytest.fixture
-async def running(nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm: Any):
-    r = await start_agent(nursery, tmp_path, pki, swtpm.tcti)
-    yield r
-    await r.stop()
 
 
 def _files(root: Path) -> dict[str, bytes]:
