@@ -1,6 +1,7 @@
 """``keytrio tenant VERB``: the operator's command line over the tenant library.
 
-Verbs: ``add``, ``update``, ``delete``, ``status``, ``list``, ``stop``, ``reactivate``,
+Verbs: ``add`` (``--push``: a push-mode agent), ``update``, ``delete``, ``status``, ``list``,
+``attestations`` (a push agent's history), ``stop``, ``reactivate``,
 ``regdelete`` and ``policy add|update|show|list|delete`` (the verifier's named runtime policies).
 Every verb takes ``-c/--config`` (TOML ``[tenant]``, see ``--print-default-config``; default
 ``/etc/keytrio/tenant.toml`` if it exists, the directory moved by ``KEYTRIO_CONFIG_DIR``),
@@ -24,7 +25,7 @@ from keytrio.actors.common import logs
 from keytrio.actors.common.config import ConfigError, default_path
 from keytrio.actors.common.tls import private_key_problem
 from keytrio.actors.tenant import config as tconfig
-from keytrio.actors.tenant import mbpolicies
+from keytrio.actors.tenant import mbpolicies, push
 from keytrio.actors.tenant.cli_args import add_request, build_parser, read_bytes, read_text, tpm_policy_from
 from keytrio.actors.tenant.cli_output import format_status, hint, say
 from keytrio.actors.tenant.errors import TenantError, UsageError, VerificationFailed
@@ -118,6 +119,12 @@ async def _add(t: Tenant, args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFi
             st = await t.status(args.agent_id)
             if st["verifier"] is not None:
                 await t.delete(args.agent_id, timeout=req.timeout)
+    if getattr(args, "push", False):
+        async with progress.step(f"enrolling {args.agent_id} as a push-mode agent"):
+            await push.add_push_agent(t, req)
+        print(f"agent {args.agent_id} {'updated' if update else 'enrolled'} in push mode: it attests when it "
+              f"connects (`keytrio tenant attestations {args.agent_id}`)", file=out)
+        return EXIT_OK
     what = "waiting for Get Quote" + (" and the agent's key check" if req.verify else "")
     async with progress.step(f"enrolling {args.agent_id}: identity quote, keys, verifier; {what}"):
         res = await t.enrol(req)
@@ -191,6 +198,14 @@ async def _status(t: Tenant, args: argparse.Namespace, cfg: Any, tls: tconfig.Tl
     return EXIT_OK
 
 
+async def _attestations(t: Tenant, args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFiles,
+                        progress: Progress, out: TextIO) -> int:
+    items = await push.attestations(t, args.agent_id)
+    print(json.dumps(items, indent=2, sort_keys=True) if args.json else "\n".join(push.format_attestations(items)),
+          file=out)
+    return EXIT_OK
+
+
 async def _list(t: Tenant, args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFiles, progress: Progress,
                 out: TextIO) -> int:
     registrar = await t.reglist()
@@ -256,6 +271,7 @@ async def _mbpolicy(t: Tenant, args: argparse.Namespace, cfg: Any, tls: tconfig.
 
 _VERBS = {
     "add": _add,
+    "attestations": _attestations,
     "update": _update,
     "delete": _delete,
     "status": _status,

@@ -69,6 +69,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     rev.add_argument("--revocation-cert", type=Path, metavar="PEM")
     rev.add_argument("--no-revocation", action="store_true", help="send no revocation key/cert")
     p.add_argument("--metadata", metavar="JSON", help="JSON object stored with the agent")
+    p.add_argument("--push", action="store_true",
+                   help="a push-mode agent (API v3.0): enrolled with no contact address; nothing is sent to "
+                        "the agent, which attests on its own (see `tenant attestations`)")
     p.add_argument("--verify", action="store_true", help="after Get Quote, check that the agent derived K")
     p.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for Get Quote (default wait_timeout)")
 
@@ -99,6 +102,10 @@ def _agent_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPar
     st = verbs.add_parser("status", parents=[common], help="registrar record and verifier state of an agent")
     st.add_argument("agent_id", metavar="AGENT_ID")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    at = verbs.add_parser("attestations", parents=[common],
+                          help="a push-mode agent's attestation history at the verifier (newest first)")
+    at.add_argument("agent_id", metavar="AGENT_ID")
+    at.add_argument("--json", action="store_true", help="machine-readable output")
     ls = verbs.add_parser("list", parents=[common], help="agents at the registrar and at the verifier")
     ls.add_argument("--verifier-id", metavar="ID", help="only agents of this verifier_id")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
