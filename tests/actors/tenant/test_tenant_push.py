@@ -55,8 +55,8 @@ async def test_tenant_enrols_a_push_agent_and_reads_its_history(
         host, port = await nursery.start(verifier.run)
         verifier_url = f"https://{host}:{port}"
         tls_dir = tls_layout(tmp_path / "cv_ca", pki)
-        cli = Cli(write_config(tmp_path / "tenant.toml", tls_dir, reg.https_url),
-                  ["--verifier", f"{host}:{port}", "--no-ek-check"])
+        cli = Cli(write_config(tmp_path / "tenant.toml", tls_dir, reg.https_url, require_ek_cert=False),
+                  ["--verifier", f"{host}:{port}"])
 
         # refusals first: nothing is enrolled by any of them
         code, _, err = await cli("add", "--push", UNKNOWN)
