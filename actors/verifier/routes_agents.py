@@ -23,6 +23,7 @@ from keytrio.actors.verifier import records
 from keytrio.actors.verifier.enrolment import parse_enrolment
 from keytrio.actors.verifier.mbpolicies import MbPolicyStore
 from keytrio.actors.verifier.policies import PolicyStore
+from keytrio.actors.verifier.push.verify import TIMEOUT as PUSH_TIMEOUT
 from keytrio.actors.verifier.routes_policies import enrol_policies
 
 Hook = Callable[[str], Awaitable[None] | None]
@@ -91,7 +92,8 @@ def agent_view(
     }
     if tuple(int(p) for p in version.split(".")) >= (2, 5):
         if row["operational_state"] in _FAILED_STATES:
-            status = "FAIL"
+            # a push agent that missed its maximum_attestation_interval: upstream's TIMEOUT
+            status = "TIMEOUT" if row["last_event_id"] == PUSH_TIMEOUT else "FAIL"
         elif row["attestation_count"] == 0:
             status = "PENDING"
         else:

@@ -207,3 +207,23 @@ async def test_pull_mode_refuses_push_enrolment_and_serves_no_v3(
     a: SoftAgent = agent(rv, pki)
     assert (await a.request("POST", "/sessions", {})).status_code == 403  # no route, no client cert
     await rv.stop()
+
+
+async def test_mode_both_routes_each_agent_to_its_kind(
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, clock: MockClock
+) -> None:
+    from tests.actors.verifier.push_support import push_enrol_body
+
+    rv = await start(nursery, tmp_path, pki, clock, mode="both", quote_interval=30.0)
+    await enrolled(rv, pki)  # cloudagent_ip/port null: a push agent
+    await rv.call("POST", f"/agents/{B}", push_enrol_body(
+        "rsa2", None, cloudagent_ip="127.0.0.1", cloudagent_port=9, mtls_cert=pki.agent.pem))
+    monitors, push = rv.verifier.monitors, rv.verifier.push
+    assert monitors is not None and push is not None
+    assert A not in monitors.running and push.deadlines.deadline(A) is not None
+    assert B in monitors.running and push.deadlines.deadline(B) is None
+    pull_agent = agent(rv, pki, B, "rsa2")
+    assert (await pull_agent.open_session()).status_code == 200  # its AK proves it ...
+    err = error(await pull_agent.post_capabilities(), 403)  # ... but it is attested by polling
+    assert "pull-mode" in err["detail"]
+    await rv.stop()

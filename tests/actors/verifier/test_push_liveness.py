@@ -50,6 +50,8 @@ async def test_silent_agent_is_failed_after_the_interval_with_a_notice(
     assert [n.event_id for n in notices] == [TIMEOUT]
     assert (await rv.get(B))["operational_state"] == records.GET_QUOTE  # type: ignore[index]
     assert rv.verifier.push.deadlines.deadline(A) is None  # type: ignore[union-attr]
+    v25 = (await rv.admin.get(rv.url.replace("v2.1", "v2.5") + f"/agents/{A}")).json()["results"]
+    assert v25["attestation_status"] == "TIMEOUT"  # upstream's status for it
     err = await a.post_capabilities()
     assert err.status_code == 403
     # the tenant reactivates: a fresh interval, attestations accepted again
