@@ -3,8 +3,8 @@
 One :class:`PushService` per verifier, living in the verifier's nursery: verifications run there
 after the 202 (``start_soon``), and so do the agents' deadline tasks (timer.py). A push agent is
 an enrolled agent without a contact address (``ip`` NULL). :meth:`PushService.resume` runs at
-start-up: every active push agent gets its deadline back (from its last evidence, or its
-enrolment), and evidence that was accepted but not verified when the previous process stopped is
+start-up: every active push agent gets a deadline a full interval away (the time the verifier was
+down does not count against an agent that could not reach it), and evidence that was accepted but not verified when the previous process stopped is
 verified now (nothing acknowledged is lost).
 
 :class:`Hooks` routes the enrolment API's hooks: pull agents to the monitors, push agents here.
@@ -99,12 +99,14 @@ class PushService:
         self._arm_from(agent_id, self.clock())
 
     async def resume(self) -> int:
-        """Deadlines of the active push agents, and verification of evidence left unverified."""
+        """Deadlines of the active push agents, and verification of evidence left unverified.
+
+        Each agent gets a full interval from now: it could not reach a stopped verifier, so the
+        time the verifier was down does not count against it."""
         count = 0
         for row in await records.list_all(self.store, self.verifier_id):
             if is_push(row) and row["operational_state"] in ACTIVE_STATES:
-                last = await pstore.last_evidence_at(self.store, row["agent_id"])
-                self._arm_from(row["agent_id"], max(last or 0.0, row["enrolled_at"]))
+                self._arm_from(row["agent_id"], self.clock())
                 count += 1
         for agent_id, index in await pstore.evaluating(self.store, self.verifier_id):
             log.info("agent=%s event=push_verification_resumed index=%d", agent_id, index)

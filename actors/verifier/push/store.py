@@ -129,13 +129,6 @@ async def evaluating(store: Store, verifier_id: str) -> list[tuple[str, int]]:
     return await store.read(q)
 
 
-async def last_evidence_at(store: Store, agent_id: str) -> float | None:
-    def q(conn: Connection) -> float | None:
-        return conn.execute(sa.select(sa.func.max(A.evidence_received_at)).where(A.agent_id == agent_id)).scalar()
-
-    return await store.read(q)
-
-
 async def add_attestation(store: Store, values: dict[str, Any], *, history: int) -> int | None:
     """Insert the agent's next attestation (index = latest + 1, 0 first) and drop the oldest beyond
     ``history``; returns the index, or None when the latest is still being verified (the caller

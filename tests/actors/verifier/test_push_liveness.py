@@ -87,6 +87,7 @@ async def test_restart_keeps_sessions_history_and_unverified_evidence(
     _, resp = await a.cycle()
     assert resp.status_code == 202
     await rv.stop()
+    clock.jump(100.0)  # down far longer than the 10 s interval: the agent could not reach it
 
     rv = await start(nursery, tmp_path, pki, clock, quote_interval=2.0)
     host, port = rv.verifier.address  # type: ignore[misc]
@@ -95,6 +96,7 @@ async def test_restart_keeps_sessions_history_and_unverified_evidence(
     assert done["attributes"]["evaluation"] == "pass", done
     rec = await rv.get(A)
     assert rec is not None and rec["attestation_count"] == 2
+    assert rec["operational_state"] == records.GET_QUOTE  # the downtime did not count against it
     # the token issued before the restart still works; the history is still there
     await wait_next(clock, resp)
     listed = await a.request("GET", f"/agents/{A}/attestations")
