@@ -2,7 +2,8 @@
 
 protocol/ imports nothing of ours above it and no I/O library; no actor imports another actor
 (they meet over HTTP(S) only; actors/common and the top-level cli.py wiring are shared);
-everything of ours is imported under the one installed name `keytrio`.
+everything of ours is imported under the one installed name `keytrio`; inside the packages of
+NO_CIRCLES no modules import each other in a circle.
 """
 
 from __future__ import annotations
@@ -72,3 +73,79 @@ def test_the_check_sees_a_violation(tmp_path: Path):
     bad.write_text("from keytrio.actors.verifier import app\nimport trio\nfrom protocol import quote\n")
     mods = [m for _, m in _imports(bad)]
     assert mods == ["keytrio.actors.verifier", "trio", "protocol"]
+
+
+# --- no import circles -------------------------------------------------------------------------------
+
+#: packages whose modules may not import each other in a circle, not even under TYPE_CHECKING or
+#: inside a function (a circle is two rooms that cannot be read, or changed, one without the other)
+NO_CIRCLES = ("actors/verifier", "actors/common", "actors/registrar")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(("keytrio", *parts))
+
+
+def _import_graph(paths: list[Path]) -> dict[str, set[str]]:
+    """module -> the modules of ``paths`` it imports (``from pkg import mod`` counts as ``pkg.mod``)."""
+    known = {_module_name(p): p for p in paths}
+    graph: dict[str, set[str]] = {}
+    for name, path in known.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.add(node.module)
+                targets.update(f"{node.module}.{a.name}" for a in node.names)
+        graph[name] = {t for t in targets if t in known and t != name}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.mark.parametrize("package", NO_CIRCLES)
+def test_no_import_circles(package: str):
+    circles = _circles(_import_graph(_sources(package)))
+    assert not circles, "import circles: " + "; ".join(" <-> ".join(c) for c in circles)
+
+
+def test_the_circle_check_sees_a_circle():
+    """Two modules that import each other (one only under TYPE_CHECKING) form a circle."""
+    graph = {"keytrio.a": {"keytrio.b"}, "keytrio.b": {"keytrio.a"}, "keytrio.c": {"keytrio.a"}}
+    assert _circles(graph) == [["keytrio.a", "keytrio.b"]]

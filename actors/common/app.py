@@ -13,7 +13,7 @@
 * Body limits per route: ``max_upload_size`` by default, a named larger limit for the routes that
   carry logs or policies (``make_app(body_limits={"evidence": (size, "max_evidence_size")})`` and
   ``@app.api.route(..., body_limit="evidence")``). A body over its route's limit gets a 413
-  envelope naming the option that raises it (serve.BodyLimit), before the app reads it.
+  envelope naming the option that raises it (bodylimit.BodyLimit), before the app reads it.
 * ``await json_body()`` returns a dict or answers 400: the body goes through protocol.safejson,
   the one guarded decoder (size, depth, digits, duplicate keys, NaN, UTF-8).
 """
@@ -40,7 +40,7 @@ from werkzeug.routing.exceptions import RoutingException
 
 from keytrio import __version__
 from keytrio.actors.common import openapi
-from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE, BodyLimit
+from keytrio.actors.common.bodylimit import DEFAULT_MAX_UPLOAD_SIZE, BodyLimit
 from keytrio.actors.common.tls import client_cert_purpose
 from keytrio.protocol import safejson, validation
 from keytrio.protocol.envelope import envelope

@@ -238,3 +238,27 @@ def _toml(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return json.dumps(str(value))
+
+
+@dataclass(frozen=True)
+class ActorOptions:
+    """One actor's option table with its loader and its commented default file, so that an actor's
+    config module says only what is its own: ``load_config = ActorOptions(...).load``."""
+
+    actor: str
+    options: tuple[Option, ...]
+    title: str  #: the default file's first line names it
+
+    def load(
+        self,
+        path: Path | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Config:
+        """Defaults < TOML file < ``KEYTRIO_<ACTOR>_*`` environment < ``overrides``."""
+        return load(self.actor, self.options, path, env=env, overrides=overrides)
+
+    def default_text(self) -> str:
+        """The commented default configuration (``keytrio <actor> --print-default-config``)."""
+        return default_config_text(self.actor, self.options, self.title)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keytrio.actors.common.config import Config, Option
-from keytrio.actors.common.store import parse_pool
+from keytrio.actors.common.config import Config, ConfigError, Option
+from keytrio.actors.common.store import parse_pool, sqlite_url
+from keytrio.actors.common.tls import private_key_problem
 
 
 def _database_url(value: str) -> str | None:
@@ -91,6 +93,64 @@ def tls_path_resolver(config: Config) -> Callable[[Any], Path]:
         return p if p.is_absolute() else tls_dir / p
 
     return in_tls_dir
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """The options with every path resolved: what a server actor actually uses (each actor's
+    ``Settings`` adds its own)."""
+
+    config: Config
+    database_url: str
+    data_dir: Path
+    server_cert: Path
+    server_key: Path
+    trusted_client_ca: tuple[Path, ...]
+    crl: Path | None = None
+
+
+class PathChecks:
+    """Resolves a server's file options (TLS ones against ``tls_dir``) and collects every problem,
+    so that one ConfigError lists them all (:meth:`raise_problems`)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.in_tls_dir = tls_path_resolver(config)
+        self.problems: list[str] = []
+
+    def file(self, name: str) -> Path:
+        """The TLS file of option ``name``: it must exist; a ``*_key`` must be private too."""
+        path = self.in_tls_dir(self.config[name])
+        if not path.is_file():
+            self.problems.append(f"{name}: no such file {path}")
+        elif name.endswith("_key") and (exposed := private_key_problem(path)) is not None:
+            self.problems.append(f"{name}: {exposed}")
+        return path
+
+    def cas(self, name: str, purpose: str = "") -> tuple[Path, ...]:
+        """The CA files of list option ``name``: at least one (needed ``purpose``), each existing."""
+        paths = tuple(self.in_tls_dir(p) for p in self.config[name])
+        if not paths:
+            self.problems.append(f"{name}: at least one CA is needed" + (f" {purpose}" if purpose else ""))
+        for p in paths:
+            if not p.is_file():
+                self.problems.append(f"{name}: no such file {p}")
+        return paths
+
+    def crl(self) -> Path | None:
+        crl = self.in_tls_dir(self.config.crl) if self.config.crl else None
+        if crl is not None and not crl.is_file():
+            self.problems.append(f"crl: no such file {crl}")
+        return crl
+
+    def database_url(self, actor: str) -> str:
+        """``database_url``, or SQLite ``<data_dir>/<actor>.sqlite`` when empty."""
+        return self.config.database_url or sqlite_url(self.data_dir / f"{actor}.sqlite")
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
 
 
 def tls_files(config: Config, names: tuple[str, ...]) -> list[tuple[str, Path]]:

@@ -2,7 +2,7 @@
 
 API v3.0 reports errors as ``{"errors": [{"status": "400", "title": "Bad Request", "detail":
 ...}]}`` while v2.x keeps ``{"code", "status", "results"}``. Errors come from many places (a
-handler's ApiError, the client-cert check, routing's 404/405, serve.BodyLimit's 413/408 before
+handler's ApiError, the client-cert check, routing's 404/405, bodylimit.BodyLimit's 413/408 before
 the app reads anything, the 500 fallback), all rendered in the v2 envelope; this layer, outermost
 around the app, rewrites those of a ``/v3...`` request in one place, so no error path can leak the
 other shape. Successful answers pass untouched (v3.0 registrar successes keep the v2 envelope, as

@@ -31,7 +31,7 @@ from keytrio.actors.common.app import (
     ok,
     parse_agent_id,
 )
-from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
+from keytrio.actors.common.bodylimit import DEFAULT_MAX_UPLOAD_SIZE
 from keytrio.actors.common.v3errors import V3Errors
 from keytrio.actors.registrar.service import RegistrarService
 from keytrio.protocol.versions import SERVER_VERSIONS, as_tuple, newest

@@ -6,29 +6,24 @@ upstream's CA directory layout); absolute paths are used as they are.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from keytrio.actors.common.config import Config, ConfigError, Option, default_config_text, load
-from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
+from keytrio.actors.common.bodylimit import DEFAULT_MAX_UPLOAD_SIZE
+from keytrio.actors.common.config import ActorOptions, Config, Option
 from keytrio.actors.common.server_options import (
+    PathChecks,
+    ServerSettings,
     service_options,
     storage_options,
-    tls_path_resolver,
     tls_server_options,
 )
-from keytrio.actors.common.store import sqlite_url
-from keytrio.actors.common.tls import private_key_problem
 
 ACTOR = "registrar"
 #: default port of the /metrics + /health listener
 METRICS_PORT = 8892
 #: the options naming TLS files (checked readable before anything starts)
 TLS_OPTIONS = ("server_cert", "server_key", "trusted_client_ca", "crl")
-
-
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -82,63 +77,33 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Settings:
+@dataclass(frozen=True, kw_only=True)
+class Settings(ServerSettings):
     """The options with every path resolved: what the actor actually uses."""
 
-    config: Config
-    database_url: str
-    data_dir: Path
-    server_cert: Path
-    server_key: Path
-    trusted_client_ca: tuple[Path, ...]
     tpm_cert_store: Path | None
-    crl: Path | None = None
 
 
-def load_config(
-    path: Path | None = None,
-    *,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> Config:
-    """Defaults < TOML file < ``KEYTRIO_REGISTRAR_*`` environment < ``overrides``."""
-    return load(ACTOR, OPTIONS, path, env=env, overrides=overrides)
-
-
-def default_config() -> str:
-    """The commented default configuration (``keytrio registrar --print-default-config``)."""
-    return default_config_text(ACTOR, OPTIONS, "registration and credential activation of agents")
+SPEC = ActorOptions(ACTOR, OPTIONS, "registration and credential activation of agents")
+#: defaults < TOML file < ``KEYTRIO_REGISTRAR_*`` environment < ``overrides``
+load_config = SPEC.load
+#: the commented default configuration (``keytrio registrar --print-default-config``)
+default_config = SPEC.default_text
 
 
 def resolve(config: Config) -> Settings:
     """Resolve paths and cross-check options; raises ConfigError listing every problem."""
-    data_dir = Path(config.data_dir)
-    in_tls_dir = tls_path_resolver(config)
-
-    problems: list[str] = []
-    server_cert = in_tls_dir(config.server_cert)
-    server_key = in_tls_dir(config.server_key)
-    cas = tuple(in_tls_dir(p) for p in config.trusted_client_ca)
-    for name, p in (("server_cert", server_cert), ("server_key", server_key)):
-        if not p.is_file():
-            problems.append(f"{name}: no such file {p}")
-    if (exposed := private_key_problem(server_key)) is not None:
-        problems.append(f"server_key: {exposed}")
-    if not cas:
-        problems.append("trusted_client_ca: at least one CA is needed for the HTTPS API")
-    for p in cas:
-        if not p.is_file():
-            problems.append(f"trusted_client_ca: no such file {p}")
-    crl = in_tls_dir(config.crl) if config.crl else None
-    if crl is not None and not crl.is_file():
-        problems.append(f"crl: no such file {crl}")
+    check = PathChecks(config)
+    server_cert, server_key = check.file("server_cert"), check.file("server_key")
+    cas = check.cas("trusted_client_ca", "for the HTTPS API")
+    crl = check.crl()
     store = Path(config.tpm_cert_store) if config.tpm_cert_store is not None else None
     if store is not None and not store.is_dir():
-        problems.append(f"tpm_cert_store: no such directory {store}")
+        check.problems.append(f"tpm_cert_store: no such directory {store}")
     if config.require_ek_cert and store is None:
-        problems.append("require_ek_cert needs tpm_cert_store (the TPM vendor CAs)")
-    if problems:
-        raise ConfigError(problems)
-    url = config.database_url or sqlite_url(data_dir / "registrar.sqlite")
-    return Settings(config, url, data_dir, server_cert, server_key, cas, store, crl)
+        check.problems.append("require_ek_cert needs tpm_cert_store (the TPM vendor CAs)")
+    check.raise_problems()
+    return Settings(
+        config=config, database_url=check.database_url(ACTOR), data_dir=check.data_dir, server_cert=server_cert,
+        server_key=server_key, trusted_client_ca=cas, tpm_cert_store=store, crl=crl,
+    )

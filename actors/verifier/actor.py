@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -35,26 +36,33 @@ from keytrio.actors.common.private_files import private_dir
 from keytrio.actors.common.serve import serve
 from keytrio.actors.common.server_options import tls_files
 from keytrio.actors.common.store import Store, parse_pool
-from keytrio.actors.common.tls import client_context, reloading_server_context
+from keytrio.actors.common.tls import ReloadingServerContext, client_context, reloading_server_context
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.app import build_app
 from keytrio.actors.verifier.config import ACTOR, TLS_OPTIONS, Settings, resolve
 from keytrio.actors.verifier.ima import ImaHooks
+from keytrio.actors.verifier.metrics import VerifierMetrics
 from keytrio.actors.verifier.migrations import MIGRATIONS
-from keytrio.actors.verifier.monitor import (
-    ACTIVE_STATES,
-    ImaCheckFactory,
-    MonitorSet,
-    MonitorSettings,
-    VerifierMetrics,
-)
-from keytrio.actors.verifier.notify import Outbox, agent_context_factory
+from keytrio.actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory, MonitorSet, MonitorSettings
+from keytrio.actors.verifier.notify import ContextFactory, Outbox, agent_context_factory
 from keytrio.actors.verifier.policies import PolicyStore
 from keytrio.actors.verifier.push.routes import register as register_push_routes
 from keytrio.actors.verifier.push.service import Hooks, PushService, PushSettings, is_push
 from keytrio.actors.verifier.schema import agents as agents_table
 
 log = logging.getLogger("keytrio.verifier")
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """What Verifier._start_up acquired; Verifier._shut_down releases it."""
+
+    lock: startup.DataDirLock | None
+    tls: ReloadingServerContext
+    contexts: ContextFactory  #: the per-agent mTLS client contexts
+    api: list[trio.SocketListener]
+    metrics: list[trio.SocketListener]
+    store: Store
 
 
 class Verifier:
@@ -85,12 +93,38 @@ class Verifier:
         self.gauge_interval = 1.0
 
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
-        # Order (startup.py): lock the data dir, load TLS, bind every port, and only then open and
-        # migrate the database: a start that fails leaves nothing half done.
+        cfg = self.config
+        ready = await self._start_up()
+        self.store = store = ready.store
+        try:
+            policies = await self._load_policies(store)
+            async with trio.open_nursery() as nursery:
+                self.notifier = notifier = self._outbox(store, ready.contexts)
+                self.monitors = monitors = self._monitor_set(store, nursery, ready.contexts, notifier)
+                self.push = self._push_service(store, nursery, notifier)
+                self.app = app = self._app(store, monitors, policies)
+                bound = await nursery.start(partial(
+                    serve, app, listeners=ready.api, ssl_context=ready.tls, graceful_timeout=cfg.graceful_timeout))
+                await nursery.start(notifier.run)  # pending deliveries of a previous run resume
+                resumed = await self._resume_monitors(store, monitors)
+                if cfg.policy_refresh_interval > 0:
+                    nursery.start_soon(self._refresh_policies, policies, cfg.policy_refresh_interval)
+                self.address = (bound[0], bound[1])
+                metrics_at = await self._serve_metrics(nursery, ready.metrics)
+                log.info("event=verifier.started verifier_id=%s https=%s:%d metrics=%s crl=%s resumed=%d",
+                         cfg.verifier_id, *bound, metrics_at, self.settings.crl or "none", resumed)
+                task_status.started(self.address)
+        finally:
+            await self._shut_down(ready)
+
+    # --- the steps of run ------------------------------------------------------------------------
+
+    async def _start_up(self) -> _Ready:
+        """Lock the data dir, load TLS, bind every port, and only then open and migrate the
+        database (startup.py): a start that fails leaves nothing half done."""
         s, cfg = self.settings, self.config
-        sqlite_in_data_dir = s.database_url.startswith("sqlite") and not cfg.database_url
         lock = None
-        if sqlite_in_data_dir:
+        if s.database_url.startswith("sqlite") and not cfg.database_url:  # SQLite in data_dir
             await startup.data_dir_ready(s.data_dir, private_dir)  # holds secrets: 0700
             lock = await startup.lock_data_dir(s.data_dir, ACTOR)
         api: list[trio.SocketListener] = []
@@ -114,123 +148,143 @@ class Verifier:
             if lock is not None:
                 lock.release()
             raise
-        self.store = store
-        try:
-            policies = PolicyStore(store, require_signatures=cfg.require_allow_list_signatures, clock=self.clock,
-                                   parses=self.metrics.policy_parses)
-            await policies.load()  # every stored policy parsed once, before any monitor starts
-            self.policies = policies
-            ima_check_for = self.ima_check_for
-            if ima_check_for is None:
-                self.ima = ImaHooks(policies, ignore_tomtou_errors=cfg.ignore_tomtou_errors,
-                                    lines_per_poll=self.metrics.ima_lines_per_poll)
-                ima_check_for = self.ima
-            async with trio.open_nursery() as nursery:
-                notifier = Outbox(
-                    store,
-                    verifier_id=cfg.verifier_id,
-                    context_for=contexts,
-                    webhook_url=cfg.webhook_url,
-                    webhook_ca_files=s.trusted_server_ca,
-                    retry_interval=max(cfg.retry_interval, 0.05),
-                    max_retry_interval=cfg.revocation_max_retry_interval,
-                    exponential=cfg.exponential_backoff,
-                    timeout=cfg.request_timeout,
-                    ttl=cfg.revocation_notice_ttl,
-                    clock=self.clock,
-                    metrics=self.metrics,
-                )
-                monitors = MonitorSet(
-                    store,
-                    nursery=nursery,
-                    settings=MonitorSettings(
-                        quote_interval=cfg.quote_interval,
-                        retry_interval=cfg.retry_interval,
-                        max_retries=cfg.max_retries,
-                        exponential_backoff=cfg.exponential_backoff,
-                        request_timeout=cfg.request_timeout,
-                        max_response_size=cfg.max_response_size,
-                        # reuse an agent's connection from one quote to the next (a closed one is
-                        # seen before use, and a request that gets no reply byte is sent again once)
-                        keepalive_expiry=max(4.0, cfg.quote_interval + 10.0),
-                        measured_boot_evaluate=cfg.measured_boot_evaluate,
-                    ),
-                    context_for=contexts,
-                    notifier=notifier,
-                    max_concurrent_requests=cfg.max_concurrent_requests,
-                    clock=self.clock,
-                    ima_check_for=ima_check_for,
-                    metrics=self.metrics,
-                )
-                self.notifier, self.monitors = notifier, monitors
-                push = hooks = None
-                if cfg.mode != "pull":
-                    push = self.push = PushService(
-                        store, verifier_id=cfg.verifier_id, nursery=nursery, notifier=notifier,
-                        settings=PushSettings(quote_interval=cfg.quote_interval, session_lifetime=cfg.session_lifetime,
-                                              history=cfg.attestation_history),
-                        ima_check_for=ima_check_for, clock=self.clock)
-                    hooks = Hooks(monitors, push)
-                app = build_app(
-                    store,
-                    verifier_id=cfg.verifier_id,
-                    ip=cfg.ip,
-                    port=lambda: self.address[1] if self.address else cfg.port,
-                    trusted_client_ca=s.trusted_client_ca,
-                    max_upload_size=cfg.max_upload_size,
-                    max_evidence_size=cfg.max_evidence_size,
-                    max_policy_size=cfg.max_policy_size,
-                    quote_interval=cfg.quote_interval,
-                    clock=self.clock,
-                    on_enrolled=hooks.on_enrolled if hooks else monitors.start,
-                    on_deleted=hooks.on_deleted if hooks else monitors.stop,
-                    on_stop=hooks.on_stop if hooks else monitors.stop,
-                    on_reactivate=hooks.on_reactivate if hooks else monitors.reactivate,
-                    policies=policies,
-                    ignore_tomtou_errors=cfg.ignore_tomtou_errors,
-                    mode=cfg.mode,
-                )
-                if push is not None:
-                    register_push_routes(app, push)
-                app.require_client_eku = cfg.require_client_eku
-                self.app = app
-                bound = await nursery.start(
-                    partial(serve, app, listeners=api, ssl_context=tls, graceful_timeout=cfg.graceful_timeout)
-                )
-                await nursery.start(notifier.run)  # pending deliveries of a previous run resume
-                resumed = 0
-                for row in await records.list_all(store, cfg.verifier_id):
-                    if row["operational_state"] in ACTIVE_STATES and not is_push(row):
-                        monitors.start(row["agent_id"])
-                        resumed += 1
-                if push is not None:
-                    resumed += await push.resume()
-                if cfg.policy_refresh_interval > 0:
-                    nursery.start_soon(self._refresh_policies, policies, cfg.policy_refresh_interval)
-                self.address = (bound[0], bound[1])
-                metrics_at = "disabled"
-                if cfg.metrics_port >= 0:
-                    await self.refresh_gauges()
-                    nursery.start_soon(self._gauges)
-                    mhost, mport = await nursery.start(partial(
-                        serve_metrics, self.metrics.metrics, listeners=metrics_listeners, health=self.health))
-                    self.metrics_address = (mhost, mport)
-                    metrics_at = f"{mhost}:{mport}"
-                log.info("event=verifier.started verifier_id=%s https=%s:%d metrics=%s crl=%s resumed=%d",
-                         cfg.verifier_id, *bound, metrics_at, s.crl or "none", resumed)
-                task_status.started(self.address)
-        finally:
-            self.metrics_address = None
-            if self.monitors is not None:
-                self.monitors.stop_all()
-            if self.push is not None:
-                self.push.stop_all()
-            await startup.close_all([*api, *metrics_listeners])  # any never served
-            with trio.CancelScope(shield=True):
-                await store.close()
-            if lock is not None:
-                lock.release()
-            log.info("event=verifier.stopped")
+        return _Ready(lock=lock, tls=tls, contexts=contexts, api=api, metrics=metrics_listeners, store=store)
+
+    async def _load_policies(self, store: Store) -> PolicyStore:
+        """Every stored runtime policy parsed once, before any monitor starts; the IMA hooks."""
+        cfg = self.config
+        policies = PolicyStore(store, require_signatures=cfg.require_allow_list_signatures, clock=self.clock,
+                               parses=self.metrics.policy_parses)
+        await policies.load()
+        self.policies = policies
+        if self.ima_check_for is None:
+            self.ima = ImaHooks(policies, ignore_tomtou_errors=cfg.ignore_tomtou_errors,
+                                lines_per_poll=self.metrics.ima_lines_per_poll)
+        return policies
+
+    def _ima_check_for(self) -> ImaCheckFactory | None:
+        """The IMA check of each agent: the one given to the actor, else its own ImaHooks."""
+        return self.ima_check_for if self.ima_check_for is not None else self.ima
+
+    def _outbox(self, store: Store, contexts: ContextFactory) -> Outbox:
+        cfg = self.config
+        return Outbox(
+            store,
+            verifier_id=cfg.verifier_id,
+            context_for=contexts,
+            webhook_url=cfg.webhook_url,
+            webhook_ca_files=self.settings.trusted_server_ca,
+            retry_interval=max(cfg.retry_interval, 0.05),
+            max_retry_interval=cfg.revocation_max_retry_interval,
+            exponential=cfg.exponential_backoff,
+            timeout=cfg.request_timeout,
+            ttl=cfg.revocation_notice_ttl,
+            clock=self.clock,
+            metrics=self.metrics,
+        )
+
+    def _monitor_set(
+        self, store: Store, nursery: trio.Nursery, contexts: ContextFactory, notifier: Outbox
+    ) -> MonitorSet:
+        cfg = self.config
+        return MonitorSet(
+            store,
+            nursery=nursery,
+            settings=MonitorSettings(
+                quote_interval=cfg.quote_interval,
+                retry_interval=cfg.retry_interval,
+                max_retries=cfg.max_retries,
+                exponential_backoff=cfg.exponential_backoff,
+                request_timeout=cfg.request_timeout,
+                max_response_size=cfg.max_response_size,
+                # reuse an agent's connection from one quote to the next (a closed one is
+                # seen before use, and a request that gets no reply byte is sent again once)
+                keepalive_expiry=max(4.0, cfg.quote_interval + 10.0),
+                measured_boot_evaluate=cfg.measured_boot_evaluate,
+            ),
+            context_for=contexts,
+            notifier=notifier,
+            max_concurrent_requests=cfg.max_concurrent_requests,
+            clock=self.clock,
+            ima_check_for=self._ima_check_for(),
+            metrics=self.metrics,
+        )
+
+    def _push_service(self, store: Store, nursery: trio.Nursery, notifier: Outbox) -> PushService | None:
+        """Mode push/both: the v3.0 service for push agents; None in pull mode."""
+        cfg = self.config
+        if cfg.mode == "pull":
+            return None
+        return PushService(
+            store, verifier_id=cfg.verifier_id, nursery=nursery, notifier=notifier,
+            settings=PushSettings(quote_interval=cfg.quote_interval, session_lifetime=cfg.session_lifetime,
+                                  history=cfg.attestation_history),
+            ima_check_for=self._ima_check_for(), clock=self.clock)
+
+    def _app(self, store: Store, monitors: MonitorSet, policies: PolicyStore) -> KeytrioApp:
+        """The REST app; with a push service its hooks tell push agents from pull ones, and its
+        v3.0 routes join the app."""
+        cfg = self.config
+        hooks = Hooks(monitors, self.push) if self.push is not None else None
+        app = build_app(
+            store,
+            verifier_id=cfg.verifier_id,
+            ip=cfg.ip,
+            port=lambda: self.address[1] if self.address else cfg.port,
+            trusted_client_ca=self.settings.trusted_client_ca,
+            max_upload_size=cfg.max_upload_size,
+            max_evidence_size=cfg.max_evidence_size,
+            max_policy_size=cfg.max_policy_size,
+            quote_interval=cfg.quote_interval,
+            clock=self.clock,
+            on_enrolled=hooks.on_enrolled if hooks else monitors.start,
+            on_deleted=hooks.on_deleted if hooks else monitors.stop,
+            on_stop=hooks.on_stop if hooks else monitors.stop,
+            on_reactivate=hooks.on_reactivate if hooks else monitors.reactivate,
+            policies=policies,
+            ignore_tomtou_errors=cfg.ignore_tomtou_errors,
+            mode=cfg.mode,
+        )
+        if self.push is not None:
+            register_push_routes(app, self.push)
+        app.require_client_eku = cfg.require_client_eku
+        return app
+
+    async def _resume_monitors(self, store: Store, monitors: MonitorSet) -> int:
+        """Start a monitor for every stored pull agent of this verifier in an active state, and the
+        push service's deadlines; how many agents resumed."""
+        resumed = 0
+        for row in await records.list_all(store, self.config.verifier_id):
+            if row["operational_state"] in ACTIVE_STATES and not is_push(row):
+                monitors.start(row["agent_id"])
+                resumed += 1
+        if self.push is not None:
+            resumed += await self.push.resume()
+        return resumed
+
+    async def _serve_metrics(self, nursery: trio.Nursery, listeners: list[trio.SocketListener]) -> str:
+        """Gauges and the metrics listener, if enabled; where it listens (for the log line)."""
+        if self.config.metrics_port < 0:
+            return "disabled"
+        await self.refresh_gauges()
+        nursery.start_soon(self._gauges)
+        mhost, mport = await nursery.start(partial(
+            serve_metrics, self.metrics.metrics, listeners=listeners, health=self.health))
+        self.metrics_address = (mhost, mport)
+        return f"{mhost}:{mport}"
+
+    async def _shut_down(self, ready: _Ready) -> None:
+        self.metrics_address = None
+        if self.monitors is not None:
+            self.monitors.stop_all()
+        if self.push is not None:
+            self.push.stop_all()
+        await startup.close_all([*ready.api, *ready.metrics])  # any never served
+        with trio.CancelScope(shield=True):
+            await ready.store.close()
+        if ready.lock is not None:
+            ready.lock.release()
+        log.info("event=verifier.stopped")
 
     async def refresh_gauges(self) -> None:
         """Recount this verifier's agents per operational state and its pending notice deliveries."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from keytrio.actors.common.app import KeytrioApp, make_app
-from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
+from keytrio.actors.common.bodylimit import DEFAULT_MAX_UPLOAD_SIZE
 from keytrio.actors.common.store import Store
 from keytrio.actors.verifier import records, routes_agents, routes_policies, routes_verify
 from keytrio.actors.verifier.config import DEFAULT_MAX_EVIDENCE_SIZE, DEFAULT_MAX_POLICY_SIZE

@@ -6,21 +6,18 @@ upstream's CA directory layout); absolute paths are used as they are.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from keytrio.actors.common.config import Config, ConfigError, Option, default_config_text, load
-from keytrio.actors.common.serve import DEFAULT_MAX_UPLOAD_SIZE
+from keytrio.actors.common.bodylimit import DEFAULT_MAX_UPLOAD_SIZE
+from keytrio.actors.common.config import ActorOptions, Config, Option
 from keytrio.actors.common.server_options import (
+    PathChecks,
+    ServerSettings,
     service_options,
     storage_options,
-    tls_path_resolver,
     tls_server_options,
 )
-from keytrio.actors.common.store import sqlite_url
-from keytrio.actors.common.tls import private_key_problem
 
 ACTOR = "verifier"
 #: default port of the /metrics + /health listener
@@ -39,7 +36,6 @@ def _verifier_id(value: str) -> str | None:
     if not value or len(value) > 255:
         return "must be 1-255 characters"
     return None
-
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -158,76 +154,32 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Settings:
+@dataclass(frozen=True, kw_only=True)
+class Settings(ServerSettings):
     """The options with every path resolved: what the actor actually uses."""
 
-    config: Config
-    database_url: str
-    data_dir: Path
-    server_cert: Path
-    server_key: Path
-    trusted_client_ca: tuple[Path, ...]
     trusted_server_ca: tuple[Path, ...]
     client_cert: Path
     client_key: Path
-    crl: Path | None = None
 
 
-def load_config(
-    path: Path | None = None,
-    *,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> Config:
-    """Defaults < TOML file < ``KEYTRIO_VERIFIER_*`` environment < ``overrides``."""
-    return load(ACTOR, OPTIONS, path, env=env, overrides=overrides)
-
-
-def default_config() -> str:
-    """The commented default configuration (``keytrio verifier --print-default-config``)."""
-    return default_config_text(ACTOR, OPTIONS, "continuous attestation of enrolled agents")
+SPEC = ActorOptions(ACTOR, OPTIONS, "continuous attestation of enrolled agents")
+#: defaults < TOML file < ``KEYTRIO_VERIFIER_*`` environment < ``overrides``
+load_config = SPEC.load
+#: the commented default configuration (``keytrio verifier --print-default-config``)
+default_config = SPEC.default_text
 
 
 def resolve(config: Config) -> Settings:
     """Resolve paths and cross-check options; raises ConfigError listing every problem."""
-    data_dir = Path(config.data_dir)
-    in_tls_dir = tls_path_resolver(config)
-
-    problems: list[str] = []
-    files = {
-        name: in_tls_dir(config[name]) for name in ("server_cert", "server_key", "client_cert", "client_key")
-    }
-    for name, p in files.items():
-        if not p.is_file():
-            problems.append(f"{name}: no such file {p}")
-        elif name.endswith("_key") and (exposed := private_key_problem(p)) is not None:
-            problems.append(f"{name}: {exposed}")
-    cas: dict[str, tuple[Path, ...]] = {}
-    for name in ("trusted_client_ca", "trusted_server_ca"):
-        cas[name] = tuple(in_tls_dir(p) for p in config[name])
-        if not cas[name]:
-            problems.append(f"{name}: at least one CA is needed")
-        for p in cas[name]:
-            if not p.is_file():
-                problems.append(f"{name}: no such file {p}")
-    crl = in_tls_dir(config.crl) if config.crl else None
-    if crl is not None and not crl.is_file():
-        problems.append(f"crl: no such file {crl}")
+    check = PathChecks(config)
+    files = {name: check.file(name) for name in ("server_cert", "server_key", "client_cert", "client_key")}
+    client_cas, server_cas = check.cas("trusted_client_ca"), check.cas("trusted_server_ca")
+    crl = check.crl()
     if config.webhook_url and not str(config.webhook_url).startswith(("http://", "https://")):
-        problems.append("webhook_url: must be an http:// or https:// URL (or empty)")
-    if problems:
-        raise ConfigError(problems)
-    url = config.database_url or sqlite_url(data_dir / "verifier.sqlite")
+        check.problems.append("webhook_url: must be an http:// or https:// URL (or empty)")
+    check.raise_problems()
     return Settings(
-        config,
-        url,
-        data_dir,
-        files["server_cert"],
-        files["server_key"],
-        cas["trusted_client_ca"],
-        cas["trusted_server_ca"],
-        files["client_cert"],
-        files["client_key"],
-        crl=crl,
+        config=config, database_url=check.database_url(ACTOR), data_dir=check.data_dir,
+        trusted_client_ca=client_cas, trusted_server_ca=server_cas, crl=crl, **files,
     )

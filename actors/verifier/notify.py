@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import httpx
 import sqlalchemy as sa
@@ -45,12 +45,10 @@ from keytrio.actors.common import tls
 from keytrio.actors.common.client import ClientError, HttpError, make_client, request_json
 from keytrio.actors.common.store import Store
 from keytrio.actors.verifier import records
+from keytrio.actors.verifier.metrics import VerifierMetrics
 from keytrio.actors.verifier.schema import agents, deliveries, notices
 from keytrio.protocol import revocation
 from keytrio.protocol.failures import Failure
-
-if TYPE_CHECKING:  # monitor.py imports this module
-    from keytrio.actors.verifier.monitor import VerifierMetrics
 
 log = logging.getLogger("keytrio.verifier")
 

@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from keytrio.actors.common import tls
+from keytrio.actors.common.bodylimit import DEFAULT_DRAIN_LIMIT
 from keytrio.actors.common.client import make_client
-from keytrio.actors.common.serve import DEFAULT_DRAIN_LIMIT
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.config import DEFAULT_MAX_EVIDENCE_SIZE, DEFAULT_MAX_POLICY_SIZE, load_config
 from keytrio.protocol import ima
@@ -45,7 +45,7 @@ def real_looking_list(n: int = LINES) -> tuple[str, dict[str, list[str]]]:
 
 
 async def declared_only(host: str, port: int, ctx: Any, method: str, target: str, length: int) -> tuple[int, dict]:
-    """Announce a body of ``length`` bytes and read the answer. Past serve.DEFAULT_DRAIN_LIMIT the
+    """Announce a body of ``length`` bytes and read the answer. Past bodylimit.DEFAULT_DRAIN_LIMIT the
     server answers from the headers alone (and closes), so none is sent; below it, it is sent, as
     the server reads the rest of a refused body before answering (the client sees the 413)."""
     conn = h11.Connection(h11.CLIENT)

@@ -24,8 +24,8 @@ import trio
 
 from keytrio.actors.common.store import Store, sqlite_url
 from keytrio.actors.verifier.ima import AgentIma, FixedPolicy, ImaHooks
+from keytrio.actors.verifier.metrics import VerifierMetrics
 from keytrio.actors.verifier.migrations import MIGRATIONS
-from keytrio.actors.verifier.monitor import VerifierMetrics
 from keytrio.actors.verifier.notify import Outbox, SignedNotice
 from keytrio.actors.verifier.schema import deliveries
 from keytrio.actors.verifier.schema import notices as notices_table

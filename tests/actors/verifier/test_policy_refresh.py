@@ -12,8 +12,8 @@ from pathlib import Path
 import trio
 
 from keytrio.actors.common.store import Store, sqlite_url
+from keytrio.actors.verifier.metrics import VerifierMetrics
 from keytrio.actors.verifier.migrations import MIGRATIONS
-from keytrio.actors.verifier.monitor import VerifierMetrics
 from keytrio.actors.verifier.policies import PolicyStore
 from keytrio.protocol.runtime_policy import policy_document
 
