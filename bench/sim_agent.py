@@ -383,7 +383,8 @@ async def process_main(client_ca: Path, policy_files: int, pool_keys: int) -> No
                     sims.grow(int(cmd["n"]))
                     reg = 0
                     if cmd.get("registrar"):
-                        reg = await sims.register(sims.agents[int(cmd.get("registered", 0)):], cmd["registrar"])
+                        todo = sims.agents[int(cmd.get("registered", 0)):int(cmd.get("register_upto", len(sims.agents)))]
+                        reg = await sims.register(todo, cmd["registrar"])
                     print(json.dumps({"agents": [a.describe(port, sims.mtls_cert) for a in sims.agents], "registered": reg,
                                       "mtls_cert": sims.mtls_cert, "seconds": time.monotonic() - t}), flush=True)
                 elif cmd["op"] == "served":

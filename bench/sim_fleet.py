@@ -1,0 +1,323 @@
+"""Benchmark 4b: one verifier and thousands of simulated agents (bench.sim_agent), no swtpm.
+
+    python -m bench.sim_fleet --out DIR [--sizes 1000,5000] [--seconds 30] [--quote-interval auto]
+                              [--upstream-dir UP_DIR --upstream-sizes 50] [--py-spy FILE] [--cprofile FILE]
+
+Processes (the verifier pinned to ``--cpu``, default the last CPU; everything else on the others):
+- one agents process (``python -m bench.sim_agent``): every simulated agent, its own RSA-2048
+  EK and AK, one port, one loopback address per agent;
+- keytrio's registrar (``bench.registration serve``, SQLite): the first ``--register`` agents
+  (default 100) register and activate (ActivateCredential in software) before the enrolments;
+  every agent could (the test does it), but at this machine's ~10-150 registrations/s (benchmark 5)
+  thousands would take minutes that measure the registrar, not the verifier;
+- keytrio's verifier (``bench.keytrio_server``, SQLite), a fresh one per N, with ``quote_interval``
+  = ``--quote-interval`` (``auto``: 2 s up to 400 agents, else N / 200 s, so that the one-core
+  agents process can sign every quote asked for: ~1 ms of RSA-2048 per quote);
+- with ``--upstream-dir``: upstream's verifier from tests/interop/upstream/up.sh (its process group,
+  workers included, measured together), same agents and enrolment JSON, its own quote_interval.
+
+Per side and N the window of bench.fleet: enrol (the fields upstream's tenant POSTs, a named
+runtime policy of ``--policy-files`` files covering each agent's ``boot_aggregate`` + 5 files, PCR
+mask 0x400, PCR 16 always), wait for every agent's first attestation and one more interval, then
+``--seconds`` of verifier CPU (utime + stime from /proc) against Σ ``attestation_count`` deltas.
+**Agents per core at 2 s** = 2 s ÷ CPU per poll: how many agents one fully used core would keep
+at a 2 s interval at that per-poll cost (polls cost the same at any interval: each is a fresh
+quote over a kept connection). The agents process's own CPU per poll is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from bench import fleet, sim_agent
+
+REPO = Path(__file__).resolve().parents[1]
+AUTO_RATE = 200.0  # polls/s the auto quote interval aims at (the agents process signs each one)
+
+
+def auto_interval(n: int) -> float:
+    return max(2.0, n / AUTO_RATE)
+
+
+class SimProcess:
+    """The controller's handle on ``python -m bench.sim_agent`` (JSON lines)."""
+
+    def __init__(self, client_ca: Path, policy_files: int, max_agents: int, cpus: set[int], log: Path) -> None:
+        self._log = open(log, "w")
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.sim_agent", str(client_ca), str(policy_files), str(max_agents)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
+            env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        )  # fmt: skip
+        self.hello = self._read()
+        self.registered = 0
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"sim agents process exited; see {self.log}:\n{self.log.read_text()[-3000:]}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"sim agents: {reply['error']}")
+        return reply
+
+    def grow(self, n: int, registrar: str | None, register: int = 0) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        upto = min(n, register)
+        cmd = {"op": "grow", "n": n, "registrar": registrar if upto > self.registered else None,
+               "registered": self.registered, "register_upto": upto}
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        self.registered += reply["registered"]
+        return reply
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def _start_registrar(ca: Path, data: Path, cpus: set[int], log: Any) -> tuple[subprocess.Popen[str], str]:
+    srv = subprocess.Popen(
+        [sys.executable, "-m", "bench.registration", "serve", str(ca), str(data)], stdout=subprocess.PIPE,
+        stderr=log, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )  # fmt: skip
+    assert srv.stdout is not None
+    line = srv.stdout.readline()
+    if not line.startswith("PORTS "):
+        srv.kill()
+        raise RuntimeError(f"keytrio registrar did not start: {line!r}")
+    return srv, f"http://127.0.0.1:{int(line.split()[1])}"
+
+
+def _stop(srv: subprocess.Popen[str], cprofile: bool = False) -> None:
+    if cprofile:
+        srv.send_signal(signal.SIGINT)  # KeyboardInterrupt: cProfile writes its file
+        try:
+            srv.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    srv.terminate()
+    try:
+        srv.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        srv.kill()
+        srv.wait()
+
+
+def _row_extra(r: dict[str, Any], agents_cpu_s: float) -> dict[str, Any]:
+    cpp = r["cpu_per_poll"]
+    return {"agents_per_core_2s": 2.0 / cpp if cpp else None,
+            "agents_process_cpu_per_poll": agents_cpu_s / r["polls"] if r["polls"] else None}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from keytrio.actors.common import tls
+    from keytrio.testbed.pki import make_cv_ca
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
+    others = set(os.sched_getaffinity(0)) - {cpu} or {cpu}
+    sizes = [int(s) for s in str(args.sizes).split(",") if s]
+    up_sizes = [int(s) for s in str(args.upstream_sizes).split(",") if s] if args.upstream_dir else []
+    report: dict[str, Any] = {
+        "sizes": sizes, "upstream_sizes": up_sizes, "seconds": args.seconds, "policy_files": args.policy_files,
+        "files_per_agent": sim_agent.FILES_PER_AGENT, "verifier_cpu": cpu, "agents_cpus": sorted(others),
+        "registered": args.register, "rows": [], "stopped": {}, "loadavg_start": os.getloadavg(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }  # fmt: skip
+    up_env: dict[str, str] = {}
+    if args.upstream_dir:
+        from bench.http_load import _env_sh, pin_group
+
+        up_env = _env_sh(args.upstream_dir)
+        up_pgid = int((args.upstream_dir / "run" / "verifier.pid").read_text().strip())
+        pin_group(up_pgid, cpu)
+        report["quote_interval_upstream"] = fleet._upstream_interval(args.upstream_dir)
+    os.sched_setaffinity(0, others)
+    with tempfile.TemporaryDirectory(prefix="keytrio-bench-sim-") as tmp, \
+            open(out / "sim-keytrio-verifier.log", "w") as klog, open(out / "sim-registrar.log", "w") as rlog:
+        # one CA for everything, so one client context talks to both verifiers (upstream's when given)
+        ca = Path(up_env["KL_CA_DIR"]) if up_env else make_cv_ca(Path(tmp) / "cv_ca").dir
+        ctx = tls.client_context([ca / "cacert.crt"], ca / "client-cert.crt", ca / "client-private.pem")
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+        t0 = time.monotonic()
+        sims = SimProcess(ca / "cacert.crt", args.policy_files, max(sizes + up_sizes), others, out / "sim-agents.log")
+        report["keys_s"] = time.monotonic() - t0
+        registrar = None
+        if args.register > 0:
+            reg_srv, registrar = _start_registrar(ca, Path(tmp) / "registrar", others, rlog)
+        try:
+            for k, n in enumerate(sorted(set(sizes + up_sizes))):
+                t0 = time.monotonic()
+                grown = sims.grow(n, registrar, args.register)
+                agents = grown["agents"][:n]
+                print(f"[bench] sim: {n} agents up ({grown['registered']} more registered) in "
+                      f"{time.monotonic() - t0:.0f}s", file=sys.stderr)
+                body = fleet.policy_body(args.policy_files, {a["boot_aggregate"] for a in agents})
+                row: dict[str, Any] = {"n": n, "grow_s": grown["seconds"]}
+                if n in sizes:
+                    qi = args.quote_interval if args.quote_interval else auto_interval(n)
+
+                    async def keytrio_side(agents: list[dict[str, Any]] = agents, body: dict[str, Any] = body,
+                                           k: int = k, qi: float = qi) -> dict[str, Any]:
+                        async with httpx.AsyncClient(verify=ctx, timeout=120.0, limits=limits) as client:
+                            srv, url = fleet._start_keytrio(ca, Path(tmp) / f"verifier-{k}", cpu, klog,
+                                                            args.cprofile, options={"quote_interval": qi})
+                            spy: list[subprocess.Popen[bytes]] = []
+
+                            def start_spy() -> None:
+                                sims_cpu.append(fleet.usage([sims.proc.pid])[0])
+                                if args.py_spy:
+                                    spy.append(subprocess.Popen(
+                                        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                                         str(srv.pid), "--format", "raw", "--rate", "100", "--nonblocking",
+                                         "-d", str(int(args.seconds)), "-o", args.py_spy],
+                                        stdout=klog, stderr=klog))  # fmt: skip
+
+                            sims_cpu: list[float] = []
+                            try:
+                                await fleet._upload(client, url, body)
+                                await trio.sleep(0.5)
+                                rss0 = fleet.usage([srv.pid])[1]
+                                r = await fleet._window(client, url, agents, lambda: [srv.pid], qi, args.seconds,
+                                                        rss0, on_window=start_spy)
+                                return {**r, "quote_interval": qi,
+                                        **_row_extra(r, fleet.usage([sims.proc.pid])[0] - sims_cpu[0])}
+                            finally:
+                                for p in spy:
+                                    p.wait()
+                                _stop(srv, bool(args.cprofile))
+
+                    try:
+                        row["keytrio"] = trio.run(keytrio_side)
+                        _say("keytrio", row["keytrio"])
+                    except (RuntimeError, httpx.HTTPError) as exc:
+                        report["stopped"]["keytrio"] = f"N={n}: {exc}"
+                if n in up_sizes:
+                    row["upstream"] = _upstream_side(args, up_env, up_pgid, ctx, limits, agents, body, sims, report)
+                report["rows"].append({**row, "loadavg": os.getloadavg()})
+        finally:
+            sims.close()
+            if registrar is not None:
+                _stop(reg_srv)
+            os.sched_setaffinity(0, others | {cpu})
+    report["loadavg_end"] = os.getloadavg()
+    (out / "sim_fleet.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _upstream_side(args: argparse.Namespace, env: dict[str, str], pgid: int, ctx: Any, limits: Any,
+                   agents: list[dict[str, Any]], body: dict[str, Any], sims: SimProcess,
+                   report: dict[str, Any]) -> dict[str, Any] | None:
+    qi = report["quote_interval_upstream"]
+    url = env["KL_VERIFIER_URL"]
+
+    async def side() -> dict[str, Any]:
+        async with httpx.AsyncClient(verify=ctx, timeout=120.0, limits=limits) as client:
+            await fleet._upload(client, url, body)
+            await trio.sleep(0.5)
+            rss0 = fleet.usage(fleet.group_pids(pgid))[1]
+            sims_cpu: list[float] = []
+            try:
+                r = await fleet._window(client, url, agents, lambda: fleet.group_pids(pgid), qi, args.seconds, rss0,
+                                        on_window=lambda: sims_cpu.append(fleet.usage([sims.proc.pid])[0]))
+                return {**r, "quote_interval": qi, "processes": len(fleet.group_pids(pgid)),
+                        **_row_extra(r, fleet.usage([sims.proc.pid])[0] - sims_cpu[0])}
+            finally:
+                if not await fleet._delete_all(client, url, [a["id"] for a in agents], timeout=60 + 0.2 * len(agents)):
+                    report["stopped"]["upstream"] = f"agents of N={len(agents)} not deleted within the timeout"
+
+    try:
+        r = trio.run(side)
+    except (RuntimeError, httpx.HTTPError) as exc:
+        report["stopped"]["upstream"] = f"N={len(agents)}: {exc}"
+        return None
+    _say("upstream", r)
+    return r
+
+
+def _say(name: str, r: dict[str, Any]) -> None:
+    print(f"[bench] sim {name} N={r['n']} (interval {r['quote_interval']:g} s): {r['achieved_rate']:.1f}/"
+          f"{r['target_rate']:.1f} polls/s, {(r['cpu_per_poll'] or 0) * 1e3:.3f} ms verifier CPU/poll "
+          f"(user {r['cpu_user_s']:.2f} s, sys {r['cpu_sys_s']:.2f} s in {r['window_s']:.1f} s), "
+          f"{r['agents_per_core_2s'] or 0:.0f} agents/core at 2 s, {r['rss_mb']:.0f} MB", file=sys.stderr)
+
+
+def tables(rep: dict[str, Any]) -> str:
+    rows = ["| N | side | quote interval | target polls/s | achieved polls/s | verifier CPU per poll (user + sys) | "
+            "agents per core at 2 s | verifier RSS MB | agents process CPU per poll | states at end |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rep["rows"]:
+        for name in ("keytrio", "upstream"):
+            r = row.get(name)
+            if r is None:
+                continue
+            cpp, per_agent = r["cpu_per_poll"], r["agents_process_cpu_per_poll"]
+            split = (f" ({r['cpu_user_s'] / r['polls'] * 1e3:.2f} + {r['cpu_sys_s'] / r['polls'] * 1e3:.2f})"
+                     if r["polls"] else "")
+            rows.append(
+                f"| {r['n']:,} | {name}{' (' + str(r['processes']) + ' processes)' if 'processes' in r else ''} | "
+                f"{r['quote_interval']:g} s | {r['target_rate']:.1f} | {r['achieved_rate']:.1f} | "
+                f"{fleet._fmt(cpp and cpp * 1e3, '.3f')} ms{split} | {fleet._fmt(r['agents_per_core_2s'], ',.0f')} | "
+                f"{r['rss_mb']:.0f} | {fleet._fmt(per_agent and per_agent * 1e3, '.2f')} ms | "
+                f"{', '.join(f'{s}:{c}' for s, c in sorted(r['states'].items()))} |")
+    stopped = "".join(f"\n- stopped: {name}: {why}" for name, why in rep["stopped"].items())
+    la0, la1 = rep["loadavg_start"], rep["loadavg_end"]
+    return (f"### 4b. Simulated fleet (software RSA-2048 AKs, one agents process, {rep['policy_files']:,}-file "
+            f"runtime policy, {rep['files_per_agent']} files + boot_aggregate per IMA log, {rep['seconds']:g} s "
+            f"window; verifier pinned to CPU {rep['verifier_cpu']}; the first {rep['registered']:,} agents registered with keytrio's registrar; "
+            f"load average {la0[0]:.1f} at start, {la1[0]:.1f} at end)\n\n" + "\n".join(rows) + stopped)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.sim_fleet", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sizes", default="1000,5000", help="comma-separated N values for keytrio's verifier")
+    ap.add_argument("--seconds", type=float, default=30.0, help="measuring window per side and N")
+    ap.add_argument("--quote-interval", type=float, default=None,
+                    help=f"keytrio's quote_interval (default: max(2, N / {AUTO_RATE:g}) s)")
+    ap.add_argument("--policy-files", type=int, default=10_000)
+    ap.add_argument("--register", type=int, default=100,
+                    help="how many agents register with keytrio's registrar first (0: none; all are enrolled)")
+    ap.add_argument("--cpu", type=int, default=None, help="CPU the verifier is pinned to (default: the last)")
+    ap.add_argument("--upstream-dir", type=Path, default=None, help="a DIR running tests/interop/upstream/up.sh")
+    ap.add_argument("--upstream-sizes", default="50", help="N values for upstream's verifier")
+    ap.add_argument("--py-spy", default=None, help="sample keytrio's verifier during the window (py-spy raw)")
+    ap.add_argument("--cprofile", default=None, help="run keytrio's verifier under cProfile into this file")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    report = run(args)
+    print(tables(report))
+    return 1 if report["stopped"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Where a poll's CPU goes: py-spy raw stacks of the verifier, folded into named buckets.
+
+    python -m bench.sim_profile PYSPY_RAW [--cpu-per-poll-us 1500] [--top 25]
+
+py-spy (``record --format raw``, without ``--idle``) samples only threads that are running, so
+the share of samples is the share of CPU time of Python-visible work; C code (OpenSSL, SQLite,
+json's scanner) is charged to the Python frame that called it. A stack goes to the bucket of its
+innermost frame that matches a rule below (the rules are tried in order on that frame; frames
+that match nothing are skipped outwards). With ``--cpu-per-poll-us`` (the /proc figure of the same
+window) each bucket is also given in microseconds per poll.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from pathlib import Path
+
+#: (bucket, file regex, function regex): the first rule that matches a frame names its bucket
+RULES: list[tuple[str, str, str]] = [
+    ("signature check (RSA verify)", r"protocol/quote_check\.py", r"_verify_signature"),
+    ("logging", r"/logging/|actors/common/logs\.py", r".*"),
+    ("metrics", r"prometheus_client|actors/common/metrics\.py|verifier/metrics\.py", r".*"),
+    ("TLS (ssl, trio SSLStream)", r"/ssl\.py|trio/_ssl\.py", r".*"),
+    ("JSON decode", r"/json/decoder\.py|/json/__init__\.py|protocol/safejson\.py", r"loads|decode|raw_decode|load"),
+    ("JSON encode", r"/json/encoder\.py|/json/__init__\.py", r"dumps|encode|iterencode"),
+    ("store (SQLAlchemy, SQLite, records)", r"sqlalchemy|sqlite3|actors/common/store\.py|verifier/records\.py", r".*"),
+    ("HTTP client (h11, KeepAliveClient)", r"/h11/|actors/common/client\.py", r".*"),
+    ("IMA incremental check", r"protocol/ima|verifier/ima\.py|protocol/runtime_policy\.py", r".*"),
+    ("quote decode + checks", r"protocol/quote|protocol/tpm2\.py|protocol/validation\.py", r".*"),
+    ("attestation round (attest.py)", r"verifier/attest\.py|verifier/evidence\.py", r".*"),
+    ("monitor loop (monitor.py)", r"verifier/monitor\.py|verifier/notify\.py", r".*"),
+    ("verifier API (bulk GETs of the bench)", r"quart|hypercorn|werkzeug|verifier/app\.py|verifier/routes", r".*"),
+    ("trio scheduler + I/O + threads", r"/trio/|/outcome/|/threading\.py|/selectors\.py|/socket\.py", r".*"),
+]
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+_COMPILED = [(name, re.compile(f), re.compile(fn)) for name, f, fn in RULES]
+
+
+def bucket_of(stack: list[str]) -> str:
+    for frame in reversed(stack):
+        m = _FRAME.match(frame.strip())
+        if m is None:
+            continue
+        for name, file_re, func_re in _COMPILED:
+            if file_re.search(m["file"]) and func_re.search(m["func"]):
+                return name
+    return "other"
+
+
+def fold(text: str) -> tuple[Counter[str], Counter[str], int]:
+    """(samples per bucket, samples per innermost frame, total samples) of a py-spy raw file."""
+    buckets: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    total = 0
+    for line in text.splitlines():
+        stack_text, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit() or not stack_text:
+            continue
+        count = int(count_text)
+        stack = stack_text.split(";")
+        buckets[bucket_of(stack)] += count
+        leaves[stack[-1].strip()] += count
+        total += count
+    return buckets, leaves, total
+
+
+def table(buckets: Counter[str], total: int, cpu_per_poll_us: float | None) -> str:
+    head = "| bucket | share of samples | µs per poll |\n|---|---|---|"
+    rows = []
+    for name, n in buckets.most_common():
+        us = f"{n / total * cpu_per_poll_us:.0f}" if cpu_per_poll_us else ""
+        rows.append(f"| {name} | {n / total:.1%} | {us} |")
+    tail = f"| total ({total:,} samples) | 100% | {cpu_per_poll_us:.0f} |" if cpu_per_poll_us else ""
+    return "\n".join([head, *rows, tail])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.sim_profile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("raw", type=Path)
+    ap.add_argument("--cpu-per-poll-us", type=float, default=None)
+    ap.add_argument("--top", type=int, default=25, help="also list the N hottest innermost frames")
+    args = ap.parse_args(argv)
+    buckets, leaves, total = fold(args.raw.read_text())
+    if not total:
+        raise SystemExit(f"{args.raw}: no samples")
+    print(table(buckets, total, args.cpu_per_poll_us))
+    print(f"\nhottest innermost frames (of {total:,} samples):")
+    for frame, n in leaves.most_common(args.top):
+        print(f"{n / total:6.1%}  {frame}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
