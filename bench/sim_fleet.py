@@ -1,7 +1,8 @@
 """Benchmark 4b: one verifier and thousands of simulated agents (bench.sim_agent), no swtpm.
 
-    python -m bench.sim_fleet --out DIR [--sizes 1000,5000] [--seconds 30] [--quote-interval auto]
-                              [--upstream-dir UP_DIR --upstream-sizes 50] [--py-spy FILE] [--cprofile FILE]
+    python -m bench.sim_fleet --out DIR [--sizes 1000,5000] [--seconds 30] [--quote-interval S]
+                              [--register 100] [--verifier-dir /dev/shm] [--upstream-dir UP_DIR --upstream-sizes 50]
+                              [--py-spy FILE] [--cprofile FILE]
 
 Processes (the verifier pinned to ``--cpu``, default the last CPU; everything else on the others):
 - one agents process (``python -m bench.sim_agent``): every simulated agent, its own RSA-2048
@@ -11,7 +12,7 @@ Processes (the verifier pinned to ``--cpu``, default the last CPU; everything el
   every agent could (the test does it), but at this machine's ~10-150 registrations/s (benchmark 5)
   thousands would take minutes that measure the registrar, not the verifier;
 - keytrio's verifier (``bench.keytrio_server``, SQLite), a fresh one per N, with ``quote_interval``
-  = ``--quote-interval`` (``auto``: 2 s up to 400 agents, else N / 200 s, so that the one-core
+  = ``--quote-interval`` (default: 2 s up to 400 agents, else N / 200 s, so that the one-core
   agents process can sign every quote asked for: ~1 ms of RSA-2048 per quote);
 - with ``--upstream-dir``: upstream's verifier from tests/interop/upstream/up.sh (its process group,
   workers included, measured together), same agents and enrolment JSON, its own quote_interval.
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sizes": sizes, "upstream_sizes": up_sizes, "seconds": args.seconds, "policy_files": args.policy_files,
         "files_per_agent": sim_agent.FILES_PER_AGENT, "verifier_cpu": cpu, "agents_cpus": sorted(others),
         "registered": args.register, "rows": [], "stopped": {}, "loadavg_start": os.getloadavg(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "verifier_dir": args.verifier_dir or tempfile.gettempdir(),
     }  # fmt: skip
     up_env: dict[str, str] = {}
     if args.upstream_dir:
@@ -159,6 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["quote_interval_upstream"] = fleet._upstream_interval(args.upstream_dir)
     os.sched_setaffinity(0, others)
     with tempfile.TemporaryDirectory(prefix="keytrio-bench-sim-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="keytrio-bench-sim-verifier-", dir=args.verifier_dir) as vtmp, \
             open(out / "sim-keytrio-verifier.log", "w") as klog, open(out / "sim-registrar.log", "w") as rlog:
         # one CA for everything, so one client context talks to both verifiers (upstream's when given)
         ca = Path(up_env["KL_CA_DIR"]) if up_env else make_cv_ca(Path(tmp) / "cv_ca").dir
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     async def keytrio_side(agents: list[dict[str, Any]] = agents, body: dict[str, Any] = body,
                                            k: int = k, qi: float = qi) -> dict[str, Any]:
                         async with httpx.AsyncClient(verify=ctx, timeout=120.0, limits=limits) as client:
-                            srv, url = fleet._start_keytrio(ca, Path(tmp) / f"verifier-{k}", cpu, klog,
+                            srv, url = fleet._start_keytrio(ca, Path(vtmp) / f"verifier-{k}", cpu, klog,
                                                             args.cprofile, options={"quote_interval": qi})
                             spy: list[subprocess.Popen[bytes]] = []
 
@@ -289,7 +291,7 @@ def tables(rep: dict[str, Any]) -> str:
     la0, la1 = rep["loadavg_start"], rep["loadavg_end"]
     return (f"### 4b. Simulated fleet (software RSA-2048 AKs, one agents process, {rep['policy_files']:,}-file "
             f"runtime policy, {rep['files_per_agent']} files + boot_aggregate per IMA log, {rep['seconds']:g} s "
-            f"window; verifier pinned to CPU {rep['verifier_cpu']}; the first {rep['registered']:,} agents registered with keytrio's registrar; "
+            f"window; verifier pinned to CPU {rep['verifier_cpu']}, its database under {rep['verifier_dir']}; the first {rep['registered']:,} agents registered with keytrio's registrar; "
             f"load average {la0[0]:.1f} at start, {la1[0]:.1f} at end)\n\n" + "\n".join(rows) + stopped)
 
 
@@ -305,6 +307,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--register", type=int, default=100,
                     help="how many agents register with keytrio's registrar first (0: none; all are enrolled)")
     ap.add_argument("--cpu", type=int, default=None, help="CPU the verifier is pinned to (default: the last)")
+    ap.add_argument("--verifier-dir", default=None,
+                    help="where keytrio's verifier keeps its SQLite database (default: the system's temporary "
+                         "directory; /dev/shm takes fsync latency out of enrolment, not CPU out of a poll)")
     ap.add_argument("--upstream-dir", type=Path, default=None, help="a DIR running tests/interop/upstream/up.sh")
     ap.add_argument("--upstream-sizes", default="50", help="N values for upstream's verifier")
     ap.add_argument("--py-spy", default=None, help="sample keytrio's verifier during the window (py-spy raw)")

@@ -20,19 +20,22 @@ from pathlib import Path
 #: (bucket, file regex, function regex): the first rule that matches a frame names its bucket
 RULES: list[tuple[str, str, str]] = [
     ("signature check (RSA verify)", r"protocol/quote_check\.py", r"_verify_signature"),
-    ("logging", r"/logging/|actors/common/logs\.py", r".*"),
+    ("logging", r"(^|/)logging/|actors/common/logs\.py", r".*"),
     ("metrics", r"prometheus_client|actors/common/metrics\.py|verifier/metrics\.py", r".*"),
-    ("TLS (ssl, trio SSLStream)", r"/ssl\.py|trio/_ssl\.py", r".*"),
-    ("JSON decode", r"/json/decoder\.py|/json/__init__\.py|protocol/safejson\.py", r"loads|decode|raw_decode|load"),
-    ("JSON encode", r"/json/encoder\.py|/json/__init__\.py", r"dumps|encode|iterencode"),
+    ("TLS (ssl, trio SSLStream)", r"(^|/)ssl\.py|trio/_ssl\.py", r".*"),
+    ("socket I/O (trio sockets, epoll)", r"trio/_socket\.py|trio/_highlevel_socket\.py|trio/_core/_io_epoll\.py", r".*"),
+    ("thread hand-off (trio.to_thread for SQLite)",
+     r"trio/_threads\.py|trio/_core/_thread_cache\.py|(^|/)threading\.py|_wakeup_socketpair\.py", r".*"),
+    ("JSON decode", r"(^|/)json/(decoder|__init__)\.py|protocol/safejson\.py", r"loads|decode|raw_decode|load"),
+    ("JSON encode", r"(^|/)json/(encoder|__init__)\.py", r"dumps|encode|iterencode"),
     ("store (SQLAlchemy, SQLite, records)", r"sqlalchemy|sqlite3|actors/common/store\.py|verifier/records\.py", r".*"),
-    ("HTTP client (h11, KeepAliveClient)", r"/h11/|actors/common/client\.py", r".*"),
+    ("HTTP client (h11, KeepAliveClient)", r"(^|/)h11/|actors/common/client\.py", r".*"),
     ("IMA incremental check", r"protocol/ima|verifier/ima\.py|protocol/runtime_policy\.py", r".*"),
-    ("quote decode + checks", r"protocol/quote|protocol/tpm2\.py|protocol/validation\.py", r".*"),
+    ("quote decode + checks", r"protocol/quote|protocol/tpm2\.py|protocol/validation\.py|protocol/envelope\.py", r".*"),
     ("attestation round (attest.py)", r"verifier/attest\.py|verifier/evidence\.py", r".*"),
     ("monitor loop (monitor.py)", r"verifier/monitor\.py|verifier/notify\.py", r".*"),
-    ("verifier API (bulk GETs of the bench)", r"quart|hypercorn|werkzeug|verifier/app\.py|verifier/routes", r".*"),
-    ("trio scheduler + I/O + threads", r"/trio/|/outcome/|/threading\.py|/selectors\.py|/socket\.py", r".*"),
+    ("verifier API (the bench's bulk GETs)", r"quart|hypercorn|werkzeug|verifier/app\.py|verifier/routes", r".*"),
+    ("trio scheduler (tasks, deadlines, cancel scopes)", r"(^|/)trio/|(^|/)outcome/|(^|/)contextlib\.py", r".*"),
 ]
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 _COMPILED = [(name, re.compile(f), re.compile(fn)) for name, f, fn in RULES]
