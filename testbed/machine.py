@@ -47,6 +47,7 @@ class Machine:
         ca: CaFiles,
         *,
         registrar: tuple[str, int] | None = None,
+        verifier: tuple[str, int] | None = None,
         banks: Sequence[str] = ("sha1", "sha256"),
         seed: int = 0,
         swtpm_ca_dir: Path | None = None,
@@ -59,6 +60,7 @@ class Machine:
         self.dir = Path(root) / name
         self.ca = ca
         self.registrar = registrar
+        self.verifier = verifier  # a push agent's (``mode="push"``) verifier: its verifier_url
         self.banks = tuple(banks)
         self.rng = random.Random(f"{seed}:{name}")
         self.swtpm_ca_dir = swtpm_ca_dir
@@ -71,6 +73,7 @@ class Machine:
         # address is the gateway's, which refuses every inbound connection (replaces the proxy).
         self.nat: Nat | None = Nat() if behind_nat else None
         self._registrar_route: tuple[str, int] | None = None
+        self._verifier_route: tuple[str, int] | None = None
         self.boots = 0
         self.swtpm: Swtpm | None = None
         self.agent: Agent | None = None
@@ -128,6 +131,8 @@ class Machine:
                         await nursery.start(self.nat.run)
                         if self.registrar is not None:
                             self._registrar_route = await self.nat.route(self.registrar)
+                        if self.verifier is not None:
+                            self._verifier_route = await self.nat.route(self.verifier)
                     await self.start_agent()
                     task_status.started(self)
                     await trio.sleep_forever()
@@ -175,6 +180,13 @@ class Machine:
             opts["contact_ip"], opts["contact_port"] = "127.0.0.1", self.proxy.port
         if self.nat is not None:
             opts["contact_ip"], opts["contact_port"] = self.nat.public_address
+        if self.agent_options.get("mode") == "push" and self.verifier is not None:
+            # a push agent dials the verifier (through the NAT when behind one) and is dialled by nobody
+            opts.pop("contact_ip", None)
+            opts.pop("contact_port", None)
+            opts["verifier_url"] = "https://{}:{}".format(*(self._verifier_route or self.verifier))
+            opts["verifier_tls_ca_cert"] = str(self.ca.ca)
+            opts["backoff_initial_delay"], opts["backoff_max_delay"] = 0.1, 1.0  # testbed pace
         opts.update(self.agent_options)
         return opts
 

@@ -12,7 +12,10 @@ the ``keytrio tenant`` command line ``tenant.toml`` (registrar and verifier addr
 = ``cv_ca/``, EK check on) with ``ek-trust-store/`` (the swtpm EK CA chain: intermediate and root).
 Every machine runs behind a TCP proxy (so its network can be cut), or with ``behind_nat=True``
 (``add_machines(1, behind_nat=True)`` or ``machine_options``) behind a NAT gateway
-(testbed/nat.py): it dials out, nothing dials in. Every machine trusts the CA's
+(testbed/nat.py): it dials out, nothing dials in. A machine with ``mode="push"`` runs a push agent
+(API v3.0) whose verifier_url is the testbed's verifier (through its NAT when behind one); enrol it
+with :meth:`Testbed.enrol_push` on a verifier serving push (``verifier_options={"mode": "both"}``)
+and read its history with :meth:`Testbed.push_attestations`. Every machine trusts the CA's
 RevocationNotifier cert (only notices signed with that key run its actions) and has a recording
 action that writes each accepted notice to ``machines/<name>/notices/``. What the waits and the
 notices show goes to :attr:`Testbed.observer`.
@@ -37,8 +40,8 @@ import trio
 from keytrio.actors.common import startup
 from keytrio.actors.registrar.actor import Registrar, RegistrarAddresses
 from keytrio.actors.registrar.config import load_config as registrar_config
-from keytrio.actors.tenant import Tenant
-from keytrio.actors.tenant.add import AddResult
+from keytrio.actors.tenant import Tenant, push
+from keytrio.actors.tenant.add import AddRequest, AddResult
 from keytrio.actors.verifier.actor import Verifier
 from keytrio.actors.verifier.config import load_config as verifier_config
 from keytrio.testbed.machine import Machine
@@ -271,7 +274,7 @@ class Testbed:
             **options,
         }
         return Machine(name, root, self.ca, registrar=self.registrar_addresses.http, seed=self.seed,
-                       swtpm_ca_dir=self._swtpm_ca, proxy=True, **opts)
+                       verifier=self.verifier_address, swtpm_ca_dir=self._swtpm_ca, proxy=True, **opts)
 
     def machine(self, name: str) -> Machine:
         for m in self.machines:
@@ -297,6 +300,20 @@ class Testbed:
         result = await self.tenant.add(machine.agent_id, **options)
         await self.get(machine)
         return result
+
+    async def enrol_push(self, machine: Machine, **options: Any) -> None:
+        """``tenant add --push`` for a push-mode machine (``mode="push"``; the verifier serves push
+        with ``verifier_options={"mode": "both"}`` or ``"push"``): no contact address, nothing
+        sent to the agent, which attests on its own. Any AddRequest option may be passed."""
+        assert self.tenant is not None and self.ca is not None
+        options.setdefault("revocation_key_pem", self.ca.revocation_key.read_text())
+        await push.add_push_agent(self.tenant, AddRequest(machine.agent_id, **options))
+
+    async def push_attestations(self, machine: Machine) -> list[dict[str, Any]]:
+        """The verifier's attestation history of a push-mode machine, newest first."""
+        assert self.tenant is not None
+        await self.tenant.ready(self.tenant.verifier)
+        return await push.attestations(self.tenant, machine.agent_id)
 
     async def get(self, machine: Machine) -> dict[str, Any] | None:
         """The verifier's record of ``machine`` (None: unknown to it); the observer sees it too."""

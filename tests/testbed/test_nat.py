@@ -132,3 +132,33 @@ async def test_machine_behind_nat_registers_out_and_cannot_be_dialled(tmp_path: 
         m.restore_network()
         async with httpx.AsyncClient(verify=False, timeout=5) as client:
             assert (await client.get("https://{}:{}/version".format(*via))).status_code == 200
+
+
+@pytest.mark.swtpm
+async def test_push_machine_behind_nat_attests_through_it(tmp_path: Path):
+    async with Testbed(tmp_path, machines=0, seed=4, quote_interval=0.3,
+                       verifier_options={"mode": "both"}) as tb:
+        (m,) = await tb.add_machines(1, behind_nat=True, mode="push")
+        assert m.agent is not None and m.agent.app is None  # a push agent binds no port
+        record = await tb.registrar.service.get(m.agent_id)
+        assert (record["ip"], record["port"]) == (None, None)  # registered through the NAT, no contact
+
+        await tb.enrol_push(m)
+        with trio.fail_after(60):
+            while not any(a["evaluation"] == "pass" for a in await tb.push_attestations(m)):
+                await trio.sleep(0.1)
+        # its sessions, capabilities and evidence all went out through the gateway; nothing came in
+        assert m.nat.outbound_connections >= 2 and m.nat.inbound_refused == 0
+        assert await _roundtrip(m.contact) is None
+
+        # uplink cut: the agent cannot reach the verifier; restored: it resumes by itself
+        m.cut_network()
+        cut_at = m.nat.outbound_connections
+        with trio.fail_after(30):
+            while m.nat.outbound_connections < cut_at + 2:  # refused attempts, retried with backoff
+                await trio.sleep(0.1)
+        last = max(a["index"] for a in await tb.push_attestations(m))  # the history is bounded: compare indexes
+        m.restore_network()
+        with trio.fail_after(60):
+            while not any(a["index"] > last and a["evaluation"] == "pass" for a in await tb.push_attestations(m)):
+                await trio.sleep(0.1)
