@@ -13,18 +13,20 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import trio
 from cryptography.hazmat.primitives import serialization
 
 from keytrio.actors.agent import datadir
 from keytrio.actors.agent.tpm import AttestationKey, EndorsementKey, Tpm, TpmError, public_key
+from keytrio.actors.agent.tpm_core import AkAlg, EkAlg
 from keytrio.protocol import tpm2, validation
 
 log = logging.getLogger("keytrio.agent")
 
-_EK_ALG = {"rsa": "rsa2048", "ecc": "ecc384"}  # swtpm/TCG default EKs with certificates
-_AK_ALG = {"rsassa": "rsa", "ecdsa": "ecc"}
+_EK_ALG: dict[str, EkAlg] = {"rsa": "rsa2048", "ecc": "ecc384"}  # swtpm/TCG default EKs with certificates
+_AK_ALG: dict[str, AkAlg] = {"rsassa": "rsa", "ecdsa": "ecc"}
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,12 @@ async def setup(
     data_dir: Path,
     *,
     uuid_setting: str,
-    ek_handle: str | int,
+    ek_handle: Literal["generate"] | int,
     encryption_alg: str,
     signing_alg: str,
     hash_alg: str,
 ) -> Identity:
-    ek = await tpm.endorsement_key(alg=_EK_ALG[encryption_alg], handle=ek_handle)  # type: ignore[arg-type]
+    ek = await tpm.endorsement_key(alg=_EK_ALG[encryption_alg], handle=ek_handle)
     ak = await _load_or_create_ak(tpm, ek, data_dir, _AK_ALG[signing_alg], hash_alg)
     if uuid_setting == "generate":
         agent_id = await trio.to_thread.run_sync(datadir.generated_uuid, data_dir)
@@ -74,7 +76,7 @@ async def setup(
 
 
 async def _load_or_create_ak(
-    tpm: Tpm, ek: EndorsementKey, data_dir: Path, alg: str, hash_alg: str
+    tpm: Tpm, ek: EndorsementKey, data_dir: Path, alg: AkAlg, hash_alg: str
 ) -> AttestationKey:
     path = data_dir / datadir.AK_FILE
     saved = await trio.to_thread.run_sync(datadir.read_json, path)
@@ -92,7 +94,7 @@ async def _load_or_create_ak(
                 )
             except (TpmError, KeyError, ValueError) as exc:
                 log.warning("event=ak_recreated reason=saved AK does not load (%s)", exc)
-    ak = await tpm.create_ak(ek, alg=alg, hash_alg=hash_alg)  # type: ignore[arg-type]
+    ak = await tpm.create_ak(ek, alg=alg, hash_alg=hash_alg)
     record = {
         "ek": ek_b64,
         "alg": alg,
