@@ -35,6 +35,7 @@ _TOKEN = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 _SESSION_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 AUTH_REQUIRED = "Action {action} requires agent authentication (PoP token)"
 SESSIONS_PER_AGENT = 4  # the agent's newest sessions kept (older ones, and expired ones, are deleted)
+MAX_PENDING = 10_000  # unanswered challenges out at once (then 429: POST /sessions is public)
 
 
 def token_hash(token: str) -> str:
@@ -52,6 +53,7 @@ class Sessions:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.max_pending = MAX_PENDING
 
     async def create(self, doc: object) -> dict[str, Any]:
         agent_id = push_wire.parse_session_request(doc)
@@ -59,10 +61,12 @@ class Sessions:
         sid = str(uuid.uuid4())
         challenge = base64.b64encode(pop.new_challenge()).decode("ascii")
         expires = now + self.settings.challenge_lifetime
-        await pstore.add_session(self.store, {
+        if not await pstore.add_session(self.store, {
             "session_id": sid, "agent_id": agent_id, "challenge": challenge, "created_at": now,
             "challenges_expire_at": expires,
-        }, now=now, keep_per_agent=SESSIONS_PER_AGENT)
+        }, now=now, keep_per_agent=SESSIONS_PER_AGENT, max_pending=self.max_pending):
+            raise WireError(429, "too many sessions are waiting for their proof: try again later",
+                            retry_after=max(1, int(self.settings.challenge_lifetime)))
         return push_wire.session_document(sid, agent_id, challenge, now, expires)
 
     async def prove(self, session_id: str, doc: object) -> tuple[int, dict[str, Any]]:

@@ -26,21 +26,29 @@ S, A = push_sessions.c, push_attestations.c
 # --- sessions --------------------------------------------------------------------------------------
 
 
-async def add_session(store: Store, values: dict[str, Any], *, now: float, keep_per_agent: int) -> None:
-    """Insert a session; drop expired ones, and the agent's oldest beyond ``keep_per_agent``."""
+async def add_session(store: Store, values: dict[str, Any], *, now: float, keep_per_agent: int,
+                      max_pending: int) -> bool:
+    """Insert a session; drop expired ones, and the agent's oldest beyond ``keep_per_agent``.
+    False (nothing stored) when ``max_pending`` unanswered challenges are out already: the route
+    is public, so a flood of made-up agent ids must not grow the table without bound."""
 
-    def txn(conn: Connection) -> None:
+    def txn(conn: Connection) -> bool:
         conn.execute(sa.delete(push_sessions).where(
             S.challenges_expire_at < now,
             sa.or_(S.token_hash.is_(None), S.token_expires_at < now)))
+        pending = conn.execute(sa.select(sa.func.count()).select_from(push_sessions).where(
+            S.response_received_at.is_(None))).scalar_one()
+        if pending >= max_pending:
+            return False
         older = list(conn.execute(
             sa.select(S.session_id).where(S.agent_id == values["agent_id"])
             .order_by(S.created_at.desc()).offset(max(keep_per_agent - 1, 0))).scalars())
         if older:
             conn.execute(sa.delete(push_sessions).where(S.session_id.in_(older)))
         conn.execute(sa.insert(push_sessions).values(**values))
+        return True
 
-    await store.write(txn)
+    return bool(await store.write(txn))
 
 
 async def get_session(store: Store, session_id: str) -> dict[str, Any] | None:

@@ -64,6 +64,21 @@ async def test_pop_and_tokens(nursery: trio.Nursery, tmp_path: Path, pki: Any, c
     assert (await a.request("GET", path)).status_code == 200  # its own token
     admin = await rv.admin.get(rv.url.replace("/v2.1", "/v3") + path)
     assert admin.status_code == 200 and admin.json()["data"] == []
+
+    # POST /sessions is public: unanswered challenges are bounded (429 + Retry-After), and an
+    # agent keeps only its newest sessions
+    rv.verifier.push.sessions.max_pending = 3  # type: ignore[union-attr]
+    made_up = [agent(rv, pki, str(uuid.uuid4())) for _ in range(4)]
+    body = lambda x: {"data": {"type": "session", "attributes": {  # noqa: E731
+        "agent_id": x.agent_id, "authentication_supported": [
+            {"authentication_class": "pop", "authentication_type": "tpm_pop"}]}}}
+    codes = [(await x.request("POST", "/sessions", body(x), token="")).status_code for x in made_up]
+    assert codes == [200, 200, 200, 429]  # every earlier session was answered: none counts
+    flood = await made_up[0].request("POST", "/sessions", body(made_up[0]), token="")
+    error(flood, 429)
+    assert int(flood.headers["Retry-After"]) == 60
+    await trio.sleep(61)  # the challenges expire: room again
+    assert (await made_up[0].request("POST", "/sessions", body(made_up[0]), token="")).status_code == 200
     await rv.stop()
 
 
