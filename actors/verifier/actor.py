@@ -41,6 +41,7 @@ from keytrio.actors.verifier import records
 from keytrio.actors.verifier.app import build_app
 from keytrio.actors.verifier.config import ACTOR, TLS_OPTIONS, Settings, resolve
 from keytrio.actors.verifier.ima import ImaHooks
+from keytrio.actors.verifier.leases import Cluster
 from keytrio.actors.verifier.metrics import VerifierMetrics
 from keytrio.actors.verifier.migrations import MIGRATIONS
 from keytrio.actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory, MonitorSet, MonitorSettings
@@ -85,6 +86,7 @@ class Verifier:
         self.store: Store | None = None
         self.app: KeytrioApp | None = None  # the served app while running (its url_map lists the routes)
         self.policies: PolicyStore | None = None
+        self.cluster: Cluster | None = None  # cluster = true: the agent leases (leases.py)
         self.push: PushService | None = None  # mode push/both: the v3.0 service (push/service.py)
         self.ima: ImaHooks | None = None  # the IMA hooks (ima.hooks[id]: the running monitors' hooks)
         self.metrics = VerifierMetrics()  # per instance: its own Prometheus registry
@@ -102,11 +104,11 @@ class Verifier:
                 self.notifier = notifier = self._outbox(store, ready.contexts)
                 self.monitors = monitors = self._monitor_set(store, nursery, ready.contexts, notifier)
                 self.push = self._push_service(store, nursery, notifier)
+                self.cluster = self._cluster(store, monitors, notifier)
                 self.app = app = self._app(store, monitors, policies)
                 bound = await nursery.start(partial(
                     serve, app, listeners=ready.api, ssl_context=ready.tls, graceful_timeout=cfg.graceful_timeout))
-                await nursery.start(notifier.run)  # pending deliveries of a previous run resume
-                resumed = await self._resume_monitors(store, monitors)
+                resumed = await self._resume(nursery, store, monitors, notifier)
                 if cfg.policy_refresh_interval > 0:
                     nursery.start_soon(self._refresh_policies, policies, cfg.policy_refresh_interval)
                 self.address = (bound[0], bound[1])
@@ -225,7 +227,9 @@ class Verifier:
         """The REST app; with a push service its hooks tell push agents from pull ones, and its
         v3.0 routes join the app."""
         cfg = self.config
-        hooks = Hooks(monitors, self.push) if self.push is not None else None
+        hooks: Any = Hooks(monitors, self.push) if self.push is not None else None
+        if self.cluster is not None:  # routes only kick the leases; the holder runs the monitor
+            hooks = self.cluster.hooks()
         app = build_app(
             store,
             verifier_id=cfg.verifier_id,
@@ -249,6 +253,24 @@ class Verifier:
             register_push_routes(app, self.push)
         app.require_client_eku = cfg.require_client_eku
         return app
+
+    def _cluster(self, store: Store, monitors: MonitorSet, notifier: Outbox) -> Cluster | None:
+        """cluster = true: the leases that decide which monitors (and whether the outbox) run here."""
+        cfg = self.config
+        if not cfg.cluster:
+            return None
+        return Cluster(store, verifier_id=cfg.verifier_id, monitors=monitors, outbox=notifier.run,
+                       ttl=cfg.lease_ttl, clock=self.clock,
+                       renew_interval=min(cfg.lease_ttl / 3, max(cfg.quote_interval, 0.1)))
+
+    async def _resume(self, nursery: trio.Nursery, store: Store, monitors: MonitorSet, notifier: Outbox) -> int:
+        """Resume the outbox's pending deliveries and the monitors (cluster: those of the leases
+        taken at the first renewal); how many agents resumed."""
+        if self.cluster is not None:
+            await nursery.start(self.cluster.run)
+            return len(monitors.running)
+        await nursery.start(notifier.run)  # pending deliveries of a previous run resume
+        return await self._resume_monitors(store, monitors)
 
     async def _resume_monitors(self, store: Store, monitors: MonitorSet) -> int:
         """Start a monitor for every stored pull agent of this verifier in an active state, and the

@@ -54,6 +54,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("verifier_id", "str", "default", "Name of this verifier (agents are listed per verifier).",
            check=_verifier_id),
     Option("quote_interval", "float", 2.0, "Seconds between two quotes of one agent.", minimum=0.0),
+    Option("cluster", "bool", False,
+           "Share the agents of verifier_id with the other verifiers of that verifier_id on the same\n"
+           "PostgreSQL by leases (failover, fair share; docs/architecture.md). Off: this verifier\n"
+           "monitors every agent of its verifier_id (SQLite or PostgreSQL).", ),
+    Option("lease_ttl", "float", 15.0,
+           "cluster: seconds an agent lease lasts unrenewed; a dead verifier's agents are polled again\n"
+           "by the others within lease_ttl + quote_interval. Renewed every min(lease_ttl / 3,\n"
+           "quote_interval); polling stops lease_ttl / 5 before expiry without renewal (fencing).",
+           minimum=1.0),
     Option("mode", "choice", "pull",
            "pull: the verifier polls its agents (API v2.x); push: agents dial in and push their evidence\n"
            "(API v3.0, /v3/...; enrolled with cloudagent_ip/port null); both: serve the two kinds.",
@@ -178,6 +187,10 @@ def resolve(config: Config) -> Settings:
     crl = check.crl()
     if config.webhook_url and not str(config.webhook_url).startswith(("http://", "https://")):
         check.problems.append("webhook_url: must be an http:// or https:// URL (or empty)")
+    if config.cluster and not str(config.database_url).startswith("postgresql"):
+        check.problems.append("cluster: needs a PostgreSQL database_url (leases use its row locks)")
+    if config.cluster and config.mode != "pull":
+        check.problems.append("cluster: only with mode = pull (push agents are not leased yet)")
     check.raise_problems()
     return Settings(
         config=config, database_url=check.database_url(ACTOR), data_dir=check.data_dir,

@@ -169,3 +169,28 @@ push_attestations = sa.Table(
     sa.Column("evidence_received_at", sa.Float, nullable=True),
     sa.Column("verification_completed_at", sa.Float, nullable=True),
 )
+
+# Cluster mode ([verifier] cluster = true, PostgreSQL; actors/verifier/leases.py, migration v0005):
+# one lease per (kind, name): kind "agent" (name: agent_id) or "outbox" (name: the verifier_id,
+# whose holder delivers the revocation notices). ``epoch`` grows by one at every claim (fencing
+# token); ``expires_at`` is wall-clock epoch seconds of the holder. Members: one heartbeat row per
+# running verifier instance (who is alive, for the fair share).
+leases = sa.Table(
+    "verifier_leases",
+    metadata,
+    sa.Column("kind", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("verifier_id", sa.String(255), nullable=False),
+    sa.Column("holder", sa.String(64), nullable=True),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("epoch", sa.BigInteger, nullable=False),
+    sa.Index("ix_verifier_leases_group", "verifier_id", "kind"),
+)
+
+members = sa.Table(
+    "verifier_members",
+    metadata,
+    sa.Column("instance_id", sa.String(64), primary_key=True),
+    sa.Column("verifier_id", sa.String(255), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
