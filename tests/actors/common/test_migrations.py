@@ -58,9 +58,9 @@ def _diffs(url: str, m: Migrations, metadata: sa.MetaData) -> list[Any]:
 def test_newest_revisions_match_the_code_schema(db_url: str) -> None:  # noqa: F811
     engine = _engine(db_url)
     try:
-        assert upgrade(engine, VERIFIER) == (None, "v0004")
+        assert upgrade(engine, VERIFIER) == (None, "v0005")
         assert upgrade(engine, REGISTRAR) == (None, "r0002")  # one database may hold both actors
-        assert upgrade(engine, VERIFIER) == ("v0004", "v0004")  # idempotent
+        assert upgrade(engine, VERIFIER) == ("v0005", "v0005")  # idempotent
     finally:
         engine.dispose()
     assert _diffs(db_url, VERIFIER, verifier_metadata) == []
@@ -127,7 +127,7 @@ async def test_verifier_upgrades_a_first_revision_database_with_data(
     engine = _engine(db_url)
     try:
         with engine.connect() as conn:
-            assert current(conn, VERIFIER) == "v0004"
+            assert current(conn, VERIFIER) == "v0005"
     finally:
         engine.dispose()
 
@@ -157,7 +157,7 @@ async def test_auto_migrate_off_refuses_old_schema_until_db_upgrade(
         [str(keytrio), "verifier", "db", "upgrade", "--config", str(cfg)],
         capture_output=True, text=True, timeout=60, env=env))
     assert out.returncode == 0, out.stderr
-    assert "v0001 -> v0004" in out.stdout
+    assert "v0001 -> v0005" in out.stdout
 
     rv = await start_verifier(nursery, pki, data, auto_migrate_db=False)
     rec = await rv.get(OLD_A)
