@@ -260,8 +260,12 @@ async def test_sigkill_mid_poll_and_with_pending_notices(
         rec = await vp.wait(a.agent_id, lambda r: r["operational_state"] == records.INVALID_QUOTE)
         rec_b = await vp.wait(b.agent_id, lambda r: r["pending_notices"] >= 1)
         assert rec_b["operational_state"] == records.GET_QUOTE_RETRY
+        def a_delivered() -> bool:  # the agent has it, and the outbox has written that down
+            states = {d["recipient"]: d["state"] for d in db_rows(w.url)[2]}
+            return len(a.notices()) >= 1 and states.get(a.agent_id) == "delivered"
+
         with trio.fail_after(GUARD):
-            while len(a.notices()) < 1:  # a itself is reachable: it gets the notice at once
+            while not a_delivered():  # a itself is reachable: it gets the notice at once
                 await trio.sleep(POLL)
         _, ns, ds = db_rows(w.url)
         [notice] = ns
