@@ -30,7 +30,14 @@ from keytrio.actors.verifier.notify import Outbox, SignedNotice
 from keytrio.actors.verifier.schema import agents as agents_table
 from keytrio.actors.verifier.schema import leases
 from keytrio.testbed.netproxy import NetProxy
-from tests.actors.verifier_support import Webhook
+from tests.actors.verifier_support import (
+    Webhook,
+    enrol,
+    enrol_body,
+    new_halves,
+    start_test_agent,
+    start_verifier,
+)
 from tests.pg import pg_admin_url, pg_url  # noqa: F401
 
 VID = "cluster"
@@ -48,9 +55,11 @@ def wall() -> float:
 CLOCK: list[Callable[[], float]] = [lambda: 0.0]
 
 
-@pytest.fixture(autouse=True)
-def _wall(mock_clock: trio.testing.MockClock) -> None:
+@pytest.fixture
+def mock_wall(mock_clock: trio.testing.MockClock) -> trio.testing.MockClock:
+    """The manual MockClock, which wall() follows."""
     CLOCK[0] = mock_clock.current_time
+    return mock_clock
 
 
 class Polls:
@@ -137,8 +146,9 @@ async def rounds(mock_clock: trio.testing.MockClock, live: list[Instance], n: in
 
 
 async def test_three_share_one_cut_off_fenced_others_take_over_fourth_rebalances(
-    nursery: trio.Nursery, mock_clock: trio.testing.MockClock, pg_url: str  # noqa: F811
+    nursery: trio.Nursery, mock_wall: trio.testing.MockClock, pg_url: str  # noqa: F811
 ) -> None:
+    mock_clock = mock_wall
     url = sa.engine.make_url(pg_url)
     proxy = NetProxy((url.host or "127.0.0.1", url.port or 5432))
     await nursery.start(proxy.run)
@@ -203,8 +213,9 @@ async def test_three_share_one_cut_off_fenced_others_take_over_fourth_rebalances
 
 
 async def test_dead_instance_pending_notice_is_delivered_by_a_survivor(
-    nursery: trio.Nursery, mock_clock: trio.testing.MockClock, pg_url: str  # noqa: F811
+    nursery: trio.Nursery, mock_wall: trio.testing.MockClock, pg_url: str  # noqa: F811
 ) -> None:
+    mock_clock = mock_wall
     webhook = Webhook()
     await nursery.start(webhook.run)
     url = sa.engine.make_url(pg_url)
@@ -259,3 +270,36 @@ def test_cluster_needs_postgresql_and_pull(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:  # off by default: no such complaint
         resolve(load_config(overrides={"data_dir": str(tmp_path)}))
     assert "cluster:" not in str(err.value)
+
+
+@pytest.mark.swtpm
+async def test_cluster_verifiers_split_real_agents_and_take_over_on_stop(
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm_factory: Any, pg_url: str  # noqa: F811
+) -> None:
+    agents = []
+    for i in range(4):
+        tpm = await swtpm_factory(fresh=False)
+        agents.append(await start_test_agent(nursery, tmp_path / f"a{i}", pki, tpm.tcti, None))
+    ids = {a.agent_id for a in agents}
+    opts = {"database_url": pg_url, "quote_interval": 0.5, "database_pool_sz_ovfl": "3,2",
+            "verifier_id": VID, "cluster": True, "lease_ttl": 3.0}
+    va = await start_verifier(nursery, pki, tmp_path / "va", **opts)
+    vb = await start_verifier(nursery, pki, tmp_path / "vb", **opts)
+    for i, agent in enumerate(agents):  # through either: the lease holders poll them
+        await enrol(va if i % 2 else vb, agent.agent_id, enrol_body(agent, v=new_halves().v))
+    ma, mb = va.verifier.monitors, vb.verifier.monitors
+    assert ma is not None and mb is not None
+    with trio.fail_after(60):  # a hang guard: the shares settle at the next ticks
+        while not (len(ma.running) == len(mb.running) == 2 and ma.running | mb.running == ids):
+            await trio.sleep(0.1)
+    assert not ma.running & mb.running
+    for agent in agents:
+        await va.wait(agent.agent_id, lambda r: r["attestation_count"] >= 2)
+    a_agents = set(ma.running)
+    counts = {aid: (await vb.get(aid))["attestation_count"] for aid in a_agents}
+    await va.stop()  # a clean stop gives A's leases back: B polls them from its next tick on
+    for aid in a_agents:
+        rec = await vb.wait(aid, lambda r, aid=aid: r["attestation_count"] >= counts[aid] + 2)
+        assert rec["operational_state"] == records.GET_QUOTE
+    assert mb.running == ids
+    await vb.stop()
