@@ -303,3 +303,56 @@ async def test_cluster_verifiers_split_real_agents_and_take_over_on_stop(
         assert rec["operational_state"] == records.GET_QUOTE
     assert mb.running == ids
     await vb.stop()
+
+
+async def test_hung_database_fences_then_the_instance_rejoins(
+    nursery: trio.Nursery, mock_wall: trio.testing.MockClock, pg_url: str  # noqa: F811
+) -> None:
+    mock_clock = mock_wall
+    url = sa.engine.make_url(pg_url)
+    proxy = NetProxy((url.host or "127.0.0.1", url.port or 5432))
+    await nursery.start(proxy.run)
+    store_a = await Store.open(pg_url, migrations=MIGRATIONS, pool_size=2)
+    store_c = await Store.open(url.set(host="127.0.0.1", port=proxy.port).render_as_string(False),
+                               migrations=MIGRATIONS, pool_size=2)
+    await store_a.write(lambda conn: conn.execute(sa.insert(agents_table), [agent_row(a) for a in AGENTS]))
+    polls = Polls()
+    a, c = Instance("A", store_a, polls), Instance("C", store_c, polls)
+    for i in (a, c):
+        await nursery.start(i.cluster.guard)
+        await i.cluster.tick()
+    await rounds(mock_clock, [a, c], 2)
+    check([a, c], polls)
+    assert len(a.cluster.held) == len(c.cluster.held) == 5
+    c_agents, last_renewal = set(c.cluster.held), trio.current_time()
+
+    # the database stops answering C (no reset: its renewal hangs in its thread)
+    proxy.set_mode("blackhole")
+    hung = trio.Event()
+
+    async def hanging_tick() -> None:
+        try:
+            await c.cluster.tick()
+        except sa.exc.OperationalError:
+            pass
+        hung.set()
+
+    nursery.start_soon(hanging_tick)
+    mock_clock.jump(last_renewal + TTL - MARGIN - trio.current_time())
+    await trio.testing.wait_all_tasks_blocked()
+    assert not hung.is_set()  # still waiting on the database...
+    assert c.monitors.running == set() and c.cluster.fenced == 1  # ...and no longer polling
+    while not c_agents <= a.monitors.running:
+        assert trio.current_time() <= last_renewal + TTL + RENEW
+        await rounds(mock_clock, [a], 1)
+    check([a, c], polls)
+
+    # the connection breaks, the database is back: C rejoins and gets its share again
+    proxy.set_mode("refuse")
+    await hung.wait()
+    proxy.set_mode("pass")
+    for _ in range(3):
+        await c.cluster.tick()
+        await rounds(mock_clock, [a], 1)
+        check([a, c], polls)
+    assert len(a.cluster.held) == len(c.cluster.held) == 5 and set(polls.by_agent) == set(AGENTS)
