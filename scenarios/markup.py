@@ -28,6 +28,12 @@ _PLAIN = (
 )
 
 
+def first_paragraph(text: str) -> str:
+    """The first paragraph of ``text`` (up to a blank line), its lines joined by single spaces."""
+    para = text.strip().split("\n\n", 1)[0]
+    return " ".join(para.split())
+
+
 def plain(text: str) -> str:
     """``text`` without inline markup (for a terminal)."""
     for pattern, repl in _PLAIN:

@@ -16,8 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from keytrio.scenarios.markup import inline_html, to_html
-from keytrio.scenarios.runner import first_paragraph
+from keytrio.scenarios.markup import first_paragraph, inline_html, to_html
 from keytrio.testbed.observe import state_name
 
 COLORS = {

@@ -83,13 +83,7 @@ class Scenario:
     @property
     def summary(self) -> str:
         """The story's first paragraph on one line, without markup: whole sentences, never cut."""
-        return markup.plain(first_paragraph(self.story)) or self.name
-
-
-def first_paragraph(text: str) -> str:
-    """The first paragraph of ``text`` (up to a blank line), its lines joined by single spaces."""
-    para = text.strip().split("\n\n", 1)[0]
-    return " ".join(para.split())
+        return markup.plain(markup.first_paragraph(self.story)) or self.name
 
 
 _REGISTRY: dict[str, Scenario] = {}

@@ -17,7 +17,7 @@ def test_summaries_are_whole_distinct_sentences() -> None:
     summaries = {name: sc.summary for name, sc in found.items()}
     for name, text in summaries.items():
         assert text.endswith("."), (name, text)  # a whole sentence, not a line cut mid-way
-        assert text == markup.plain(runner.first_paragraph(found[name].story)), name
+        assert text == markup.plain(markup.first_paragraph(found[name].story)), name
         assert "``" not in text and "\n" not in text, (name, text)
     assert len(set(summaries.values())) == len(summaries)  # no two scenarios read the same
     mb = [summaries[n] for n in sorted(summaries) if n.startswith("mb-")]
