@@ -58,10 +58,29 @@ def build_app(
     async def _validation(exc: ValidationError) -> Response:
         return json_response(400, None, f"Invalid {exc.field}: {exc.reason}")
 
-    @app.api.route("/keys/pubkey")
-    async def pubkey() -> Response:
-        return ok({"pubkey": nk_pem})
+    _quote_routes(app, quotes, m)
+    _key_routes(app, nk_pem, keys, m)
+    _notice_routes(app, revocations, m)
+    return app
 
+
+def _integrity_args() -> tuple[str, list[int], bool, int]:
+    """nonce, PCRs, partial and first IMA entry of an integrity-quote request, each checked."""
+    nonce = validation.nonce(_arg("nonce"))
+    mask_text = _arg("mask", required=False)
+    pcrs = validation.mask_to_pcrs(validation.pcr_mask(mask_text)) if mask_text is not None else []
+    partial_text = _arg("partial", required=False)
+    if partial_text not in (None, "0", "1"):
+        raise ApiError(400, "Invalid partial: must be 0 or 1")
+    partial = partial_text != "0"  # upstream's default is a partial quote (no pubkey)
+    entry_text = _arg("ima_ml_entry", required=False)
+    entry = 0
+    if entry_text is not None:
+        entry = validation.integer(entry_text, "ima_ml_entry", lo=0, hi=MAX_IMA_ENTRY)
+    return nonce, pcrs, partial, entry
+
+
+def _quote_routes(app: KeytrioApp, quotes: QuoteSource, m: AgentMetrics) -> None:
     @app.api.route("/quotes/identity")
     async def identity_quote() -> Response:
         nonce = validation.nonce(_arg("nonce"))
@@ -75,17 +94,7 @@ def build_app(
 
     @app.api.route("/quotes/integrity")
     async def integrity_quote() -> Response:
-        nonce = validation.nonce(_arg("nonce"))
-        mask_text = _arg("mask", required=False)
-        pcrs = validation.mask_to_pcrs(validation.pcr_mask(mask_text)) if mask_text is not None else []
-        partial_text = _arg("partial", required=False)
-        if partial_text not in (None, "0", "1"):
-            raise ApiError(400, "Invalid partial: must be 0 or 1")
-        partial = partial_text != "0"  # upstream's default is a partial quote (no pubkey)
-        entry_text = _arg("ima_ml_entry", required=False)
-        entry = 0
-        if entry_text is not None:
-            entry = validation.integer(entry_text, "ima_ml_entry", lo=0, hi=MAX_IMA_ENTRY)
+        nonce, pcrs, partial, entry = _integrity_args()
         try:
             results = (await quotes.integrity(nonce, pcrs, partial, entry)).encode()
         except TpmError as exc:
@@ -93,6 +102,12 @@ def build_app(
             raise ApiError(500, "TPM quote failed") from exc
         m.quotes.labels("integrity", "ok").inc()
         return ok(results)
+
+
+def _key_routes(app: KeytrioApp, nk_pem: str, keys: Keys, m: AgentMetrics) -> None:
+    @app.api.route("/keys/pubkey")
+    async def pubkey() -> Response:
+        return ok({"pubkey": nk_pem})
 
     @app.api.route("/keys/ukey", methods=("POST",))
     async def ukey() -> Response:
@@ -115,6 +130,8 @@ def build_app(
             raise ApiError(400, str(exc)) from exc
         return ok(KeyVerify(hmac_hex).encode())
 
+
+def _notice_routes(app: KeytrioApp, revocations: Revocations, m: AgentMetrics) -> None:
     @app.api.route("/notifications/revocation", methods=("POST",))
     async def revocation_notice() -> Response:
         body = await json_body()
@@ -128,8 +145,6 @@ def build_app(
             raise
         m.notices.labels("duplicate" if "already" in status else "handled").inc()
         return ok({}, status)
-
-    return app
 
 
 async def _keys_call(coro: Any, m: AgentMetrics, half: str) -> str:
