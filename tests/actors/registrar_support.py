@@ -40,6 +40,11 @@ from keytrio.actors.registrar.config import load_config
 from keytrio.actors.registrar.schema import agents
 from keytrio.protocol import credential, tpm2
 
+# upstream's rule (keylime.common.validators.valid_agent_id): [\w.-]+; keytrio: at most 80 characters
+GOOD_IDS = ["foo", "a.b-c_1", "Foo", "wörk-1", "x" * 80, "0123456789abcdef0123456789abcdef"]
+#: path segments as sent (percent-encoded where a client must): space, ':', ';', '%', '<x>', 81
+#: characters, '..' (encoded, else clients remove the dot segment), no-break space, tab, NUL
+BAD_IDS = ["a%20b", "a:b", "a;b", "a%25b", "%3Cx%3E", "x" * 81, "%2E%2E", "a%C2%A0b", "tab%09there", "a%00"]
 EK_ATTRS = (
     TPMA_OBJECT.FIXEDTPM
     | TPMA_OBJECT.FIXEDPARENT

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import json
 import os
 import ssl
@@ -33,7 +34,9 @@ from keytrio.actors.verifier.config import load_config
 from keytrio.actors.verifier.notify import SignedNotice
 from keytrio.actors.verifier.schema import notices as notices_table
 from keytrio.protocol import payload as pl
+from keytrio.protocol.runtime_policy import policy_document
 from tests.actors.agent_support import Running, start_agent
+from tests.actors.registrar_support import SoftTpm
 
 GUARD = 30.0  # seconds: a hang guard only, never what a test asserts
 POLL = 0.05
@@ -486,3 +489,48 @@ class RecordingProxy:
             pass
         finally:
             scope.cancel()
+
+
+# --- runtime policies and enrolment bodies without a running agent ------------------------------------
+
+BANKS = ["sha1", "sha256", "sha384"]
+BASE = {f"/usr/bin/tool{i}": f"content {i}".encode() for i in range(3)}
+#: the tpm_policy of :func:`soft_enrol_body`: PCR 15 all zeros
+PCR15_POLICY = json.dumps({"15": ["00" * 32], "mask": "0x8000"})
+
+
+def policy_doc(files: dict[str, bytes], excludes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A runtime policy allowing exactly ``files`` (path -> content)."""
+    return policy_document(meta={"version": 1, "generator": 3}, excludes=list(excludes),
+                           digests={p: [hashlib.sha256(c).hexdigest()] for p, c in files.items()})
+
+
+def doc_b64(doc: dict[str, Any]) -> str:
+    """A JSON document as the base64 text the verifier's policy fields carry."""
+    return base64.b64encode(json.dumps(doc).encode()).decode()
+
+
+def soft_enrol_body(soft: SoftTpm, pki: Any, **changes: Any) -> dict[str, Any]:
+    """What upstream's tenant sends (some lists as JSON text, as it does), for an AK of ``soft``."""
+    doc: dict[str, Any] = {
+        "v": base64.b64encode(bytes(range(32))).decode(),
+        "cloudagent_ip": "127.0.0.1",
+        "cloudagent_port": 9002,
+        "tpm_policy": PCR15_POLICY,
+        "runtime_policy": "",
+        "runtime_policy_name": None,
+        "runtime_policy_key": "",
+        "mb_policy": None,
+        "mb_policy_name": None,
+        "ima_sign_verification_keys": "[]",
+        "metadata": "{}",
+        "revocation_key": pki.agent.key.read_text(),
+        "accept_tpm_hash_algs": ["sha512", "sha384", "sha256"],
+        "accept_tpm_encryption_algs": json.dumps(["ecc", "rsa"]),
+        "accept_tpm_signing_algs": ["ecschnorr", "rsassa", "ecdsa"],
+        "ak_tpm": soft.aik_tpm,
+        "mtls_cert": pki.agent.cert.read_text(),
+        "supported_version": "2.1",
+    }
+    doc.update(changes)
+    return doc

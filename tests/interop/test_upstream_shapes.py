@@ -32,6 +32,7 @@ import trio
 from keytrio.protocol import eventlog_parse, mb_create
 from keytrio.testbed.boot_log import BootConfig
 from keytrio.testbed.pki import CaFiles
+from tests.interop.our_servers import our_servers, upstream_tenant_env
 from tests.interop.support import (
     GET_QUOTE,
     Ran,
@@ -41,7 +42,6 @@ from tests.interop.support import (
     server_client,
     wait_record,
 )
-from tests.interop.test_upstream_tenant import our_servers, upstream_tenant_env
 
 pytestmark = [pytest.mark.interop, pytest.mark.swtpm]
 

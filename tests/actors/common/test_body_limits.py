@@ -23,8 +23,14 @@ from keytrio.protocol import ima
 from keytrio.protocol.ima_eval import PCR_MISMATCH
 from keytrio.protocol.runtime_policy import policy_document
 from tests.actors.registrar_support import registrar_config, running_registrar
-from tests.actors.verifier.test_verifier_ima import BANKS
-from tests.actors.verifier_support import enrol, enrol_body, new_halves, start_test_agent, start_verifier
+from tests.actors.verifier_support import (
+    BANKS,
+    enrol,
+    enrol_body,
+    new_halves,
+    start_test_agent,
+    start_verifier,
+)
 
 LINES = 100_000
 NONCE = "abcdefghij0123456789"

@@ -26,11 +26,13 @@ from keytrio.protocol import payload as pl
 from keytrio.protocol import revocation
 from tests.actors import fuzz_support as fz
 from tests.actors.registrar_support import SoftTpm, registrar_config, running_registrar
-from tests.actors.verifier.test_verifier_ima import BASE, b64, policy_doc
 from tests.actors.verifier_support import (
+    BASE,
+    doc_b64,
     enrol,
     enrol_body,
     new_halves,
+    policy_doc,
     revocation_pair,
     start_test_agent,
     start_verifier,
@@ -94,7 +96,7 @@ async def test_fuzz_verifier(nursery: trio.Nursery, tmp_path: Path, pki: Any, sw
     a = await start_test_agent(nursery, tmp_path / "a", pki, swtpm.tcti, None)
     rv = await start_verifier(nursery, pki, tmp_path / "verifier")
     db = tmp_path / "verifier" / "verifier.sqlite"
-    await rv.call("POST", "/allowlists/base", {"runtime_policy": b64(policy_doc(BASE))})
+    await rv.call("POST", "/allowlists/base", {"runtime_policy": doc_b64(policy_doc(BASE))})
     await rv.call("POST", "/mbpolicies/good", {"mb_policy": MB_GOOD}, code=201)
     await enrol(rv, a.agent_id, enrol_body(a, v=new_halves().v))
     await rv.wait_count(a.agent_id, 1)
@@ -113,9 +115,9 @@ async def test_fuzz_verifier(nursery: trio.Nursery, tmp_path: Path, pki: Any, sw
     body = enrol_body(a, v=new_halves().v)
     seeds = [
         fz.Seed("POST", agents, body, numeric=frozenset({"cloudagent_port"})),
-        fz.Seed("POST", "/v<apiversion:api_version>/allowlists/<name>", {"runtime_policy": b64(policy_doc(BASE)),
+        fz.Seed("POST", "/v<apiversion:api_version>/allowlists/<name>", {"runtime_policy": doc_b64(policy_doc(BASE)),
                 "runtime_policy_key": "", "tpm_policy": json.dumps({"mask": "0x400"})}),
-        fz.Seed("PUT", "/v<apiversion:api_version>/allowlists/<name>", {"runtime_policy": b64(policy_doc(BASE))}),
+        fz.Seed("PUT", "/v<apiversion:api_version>/allowlists/<name>", {"runtime_policy": doc_b64(policy_doc(BASE))}),
         fz.Seed("POST", "/v<apiversion:api_version>/mbpolicies/<name>", {"mb_policy": MB_GOOD}),
         fz.Seed("PUT", "/v<apiversion:api_version>/mbpolicies/<name>", {"mb_policy": MB_GOOD}),
         fz.Seed("POST", "/v<apiversion:api_version>/verify/evidence", evidence),

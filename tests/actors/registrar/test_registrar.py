@@ -29,6 +29,8 @@ from keytrio.protocol.ekcert import trim_der as _trim_der
 from keytrio.protocol.versions import SERVER_VERSIONS
 from tests.actors.registrar_support import (
     AK_ATTRS,
+    BAD_IDS,
+    GOOD_IDS,
     EkCa,
     SoftTpm,
     ak_public,
@@ -472,13 +474,6 @@ async def test_bad_input(config, pki, softs, port, method, path, kind, code):
         assert await reg.rows() == before
         envelope(await reg.agent.get("/version"), 200)  # still serving
         envelope(await reg.admin.get(f"/v2.1/agents/{A}"), 200)
-
-
-# upstream's rule (keylime.common.validators.valid_agent_id): [\w.-]+; keytrio: at most 80 characters
-GOOD_IDS = ["foo", "a.b-c_1", "Foo", "wörk-1", "x" * 80, "0123456789abcdef0123456789abcdef"]
-#: path segments as sent (percent-encoded where a client must): space, ':', ';', '%', '<x>', 81
-#: characters, '..' (encoded, else clients remove the dot segment), no-break space, tab, NUL
-BAD_IDS = ["a%20b", "a:b", "a;b", "a%25b", "%3Cx%3E", "x" * 81, "%2E%2E", "a%C2%A0b", "tab%09there", "a%00"]
 
 
 async def test_agent_ids_follow_upstreams_rule(config, pki, softs):

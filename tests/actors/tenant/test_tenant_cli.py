@@ -37,7 +37,7 @@ from tests.actors.tenant_support import (
     tls_layout,
     write_config,
 )
-from tests.actors.tools.test_policy_tools import policy
+from tests.actors.tools.policy_support import policy
 
 UPSTREAM = Path(__file__).resolve().parents[2] / "protocol" / "data" / "keylime"
 

@@ -4,9 +4,7 @@ results equal what upstream's ``keylime-policy`` made from the same inputs."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -14,30 +12,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keytrio.actors.policy import cli as policy_cli
 from keytrio.protocol import dsse
 from keytrio.protocol.ima_eval import ImaProgress, evaluate_ima
 from keytrio.protocol.ima_rules import NOT_IN_ALLOWLIST, RUNTIME_POLICY_HASH, TOMTOU
 from keytrio.protocol.runtime_policy import load_policy, parse_policy
 from keytrio.testbed.ima_log import ImaLog
+from tests.actors.tools.policy_support import policy, policy_parser
 
 UPSTREAM = Path(__file__).resolve().parents[2] / "protocol" / "data" / "keylime"
 TREE = {"usr/bin/hello": b"hello\n", "usr/bin/world": b"world\n", "etc/app.conf": b"conf\n",
         "tmp/scratch": b"changes all the time\n", "var/log/app.log": b"log\n"}
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="keytrio")
-    policy_cli.register(p.add_subparsers(dest="verb", required=True))
-    return p
-
-
-def policy(*argv: str | Path) -> tuple[int, str, str]:
-    """Run ``keytrio policy ARGV``: (exit code, stdout, stderr)."""
-    args = _parser().parse_args(["policy", *map(str, argv)])
-    out, err = io.StringIO(), io.StringIO()
-    code = args.func(args, out, err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def make_tree(root: Path) -> Path:
@@ -162,10 +146,10 @@ def test_create_usage_errors(tmp_path: Path) -> None:
         assert (code, stdout) == (2, ""), argv
         assert text in err and err.count("\n") == 1, err
     with pytest.raises(SystemExit) as exc:  # argparse: unknown hash
-        _parser().parse_args(["policy", "create", "runtime", "--hash", "md5"])
+        policy_parser().parse_args(["policy", "create", "runtime", "--hash", "md5"])
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
-        _parser().parse_args(["policy", "sign", str(bad)])  # --key or --keyout is required
+        policy_parser().parse_args(["policy", "sign", str(bad)])  # --key or --keyout is required
 
 
 # --- sign / verify ----------------------------------------------------------------------------------

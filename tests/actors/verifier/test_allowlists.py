@@ -20,9 +20,13 @@ from keytrio.protocol.ima_rules import NOT_IN_ALLOWLIST
 from keytrio.protocol.ima_sig import ima_signature
 from keytrio.protocol.runtime_policy import keyidv2, parse_policy
 from tests.actors.registrar_support import SoftTpm
-from tests.actors.verifier.test_verifier_api import enrol_body
-from tests.actors.verifier.test_verifier_ima import b64, policy_doc
-from tests.actors.verifier_support import RunningVerifier, start_verifier
+from tests.actors.verifier_support import (
+    RunningVerifier,
+    doc_b64,
+    policy_doc,
+    soft_enrol_body,
+    start_verifier,
+)
 
 GOOD = policy_doc({"/usr/bin/a": b"a"}, excludes=("/tmp/.*",))
 A = "d432fbb3-d2f1-4a97-9ef7-75bd81c0a000"
@@ -30,7 +34,7 @@ B = "d432fbb3-d2f1-4a97-9ef7-75bd81c0a001"
 
 
 def body(doc: Any = GOOD, **extra: Any) -> dict[str, Any]:
-    raw = doc if isinstance(doc, str) else b64(doc)
+    raw = doc if isinstance(doc, str) else doc_b64(doc)
     return {"runtime_policy": raw, "runtime_policy_key": "", "tpm_policy": json.dumps({"mask": "0x400"}), **extra}
 
 
@@ -133,14 +137,14 @@ async def test_enrolment_by_name_inline_and_in_use(nursery: trio.Nursery, tmp_pa
     data = tmp_path / "verifier"
     rv = await run(nursery, tmp_path, pki, quote_interval=60.0, max_retries=0)
     await rv.call("POST", "/allowlists/named", body(), code=201)
-    await rv.call("POST", f"/agents/{A}", enrol_body(soft, pki, runtime_policy_name="unknown"), code=404)
-    await rv.call("POST", f"/agents/{A}", enrol_body(soft, pki, runtime_policy=b64({"meta": {}})), code=400)
-    await rv.call("POST", f"/agents/{A}", enrol_body(soft, pki, runtime_policy_name="named"))
+    await rv.call("POST", f"/agents/{A}", soft_enrol_body(soft, pki, runtime_policy_name="unknown"), code=404)
+    await rv.call("POST", f"/agents/{A}", soft_enrol_body(soft, pki, runtime_policy=doc_b64({"meta": {}})), code=400)
+    await rv.call("POST", f"/agents/{A}", soft_enrol_body(soft, pki, runtime_policy_name="named"))
     # inline under an existing name with other content: 409; with a new name: stored under it
-    other = b64(policy_doc({"/usr/bin/z": b"z"}))
-    await rv.call("POST", f"/agents/{B}", enrol_body(soft, pki, runtime_policy=other, runtime_policy_name="named"),
+    other = doc_b64(policy_doc({"/usr/bin/z": b"z"}))
+    await rv.call("POST", f"/agents/{B}", soft_enrol_body(soft, pki, runtime_policy=other, runtime_policy_name="named"),
                   code=409)
-    await rv.call("POST", f"/agents/{B}", enrol_body(soft, pki, runtime_policy=other, runtime_policy_name="fresh"))
+    await rv.call("POST", f"/agents/{B}", soft_enrol_body(soft, pki, runtime_policy=other, runtime_policy_name="fresh"))
     for aid in (A, B):
         assert (await rv.get(aid))["has_runtime_policy"] == 1  # type: ignore[index]
     assert (await rv.call("GET", "/allowlists/"))["results"]["runtimepolicy names"] == ["fresh", "named"]

@@ -35,15 +35,18 @@ from keytrio.actors.common.client import make_client
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.schema import agents, deliveries, notices
 from keytrio.testbed.ima_log import ImaLog
-from tests.actors.verifier.test_verifier_ima import BANKS, BASE, b64, policy_doc
 from tests.actors.verifier_support import (
+    BANKS,
+    BASE,
     GUARD,
     POLL,
     RecordingProxy,
     RevocationPair,
     VAgent,
+    doc_b64,
     enrol_body,
     new_halves,
+    policy_doc,
     revocation_pair,
     start_test_agent,
     verifier_options,
@@ -210,7 +213,7 @@ async def make_world(nursery: trio.Nursery, tmp: Path, pki: Any, swtpm: Any, swt
     write_config(tmp / "verifier.toml", options)
     vp = VerifierProcess(tmp / "verifier.toml", port, pki, tmp, prewarm=prewarm)
     await vp.start()
-    await vp.call("POST", "/allowlists/base", {"runtime_policy": b64(policy_doc(BASE, excludes=("/usr/bin/late.*",))), "runtime_policy_key": "",
+    await vp.call("POST", "/allowlists/base", {"runtime_policy": doc_b64(policy_doc(BASE, excludes=("/usr/bin/late.*",))), "runtime_policy_key": "",
                                                "tpm_policy": ""})
     body = enrol_body(a, v=new_halves().v, address=("127.0.0.1", proxy_port), mtls_cert=pki.agent.pem,
                       revocation_key=pair.key_pem)

@@ -20,43 +20,17 @@ from keytrio.actors.verifier import records
 from keytrio.actors.verifier.app import build_app
 from keytrio.actors.verifier.enrolment import REQUIRED_FIELDS
 from keytrio.actors.verifier.schema import agents, metadata
-from tests.actors.registrar_support import AK_ATTRS, SoftTpm, ak_public, b64
+from tests.actors.registrar_support import AK_ATTRS, BAD_IDS, GOOD_IDS, SoftTpm, ak_public, b64
+from tests.actors.verifier_support import PCR15_POLICY, soft_enrol_body
 
 A = "d432fbb3-d2f1-4a97-9ef7-75bd81c00000"
 B = "d432fbb3-d2f1-4a97-9ef7-75bd81c00001"
 U = "d432fbb3-d2f1-4a97-9ef7-75bd81c0ffff"
-POLICY = json.dumps({"15": ["00" * 32], "mask": "0x8000"})
 
 
 @pytest.fixture(scope="module")
 def soft() -> SoftTpm:
     return SoftTpm.new()
-
-
-def enrol_body(soft: SoftTpm, pki: Any, **changes: Any) -> dict[str, Any]:
-    """What upstream's tenant sends (some lists as JSON text, as it does)."""
-    doc: dict[str, Any] = {
-        "v": b64(bytes(range(32))),
-        "cloudagent_ip": "127.0.0.1",
-        "cloudagent_port": 9002,
-        "tpm_policy": POLICY,
-        "runtime_policy": "",
-        "runtime_policy_name": None,
-        "runtime_policy_key": "",
-        "mb_policy": None,
-        "mb_policy_name": None,
-        "ima_sign_verification_keys": "[]",
-        "metadata": "{}",
-        "revocation_key": pki.agent.key.read_text(),
-        "accept_tpm_hash_algs": ["sha512", "sha384", "sha256"],
-        "accept_tpm_encryption_algs": json.dumps(["ecc", "rsa"]),
-        "accept_tpm_signing_algs": ["ecschnorr", "rsassa", "ecdsa"],
-        "ak_tpm": soft.aik_tpm,
-        "mtls_cert": pki.agent.cert.read_text(),
-        "supported_version": "2.1",
-    }
-    doc.update(changes)
-    return doc
 
 
 def envelope(r: httpx.Response, code: int) -> dict:
@@ -134,15 +108,15 @@ async def running(
 
 async def test_enrol_get_list_stop_reactivate_delete(pki, tmp_path, soft):
     async with running(pki, tmp_path / "v.sqlite") as v:
-        envelope(await v.admin.post(f"/v2.1/agents/{A}", json=enrol_body(soft, pki)), 200)
+        envelope(await v.admin.post(f"/v2.1/agents/{A}", json=soft_enrol_body(soft, pki)), 200)
         envelope(
-            await v.admin.post(f"/v2.5/agents/{B.upper()}", json=enrol_body(soft, pki, metadata={"x": 1})),
+            await v.admin.post(f"/v2.5/agents/{B.upper()}", json=soft_enrol_body(soft, pki, metadata={"x": 1})),
             200,
         )
         assert v.calls == [("enrolled", A), ("enrolled", B)]
         # the same id again: 409, nothing changed, no hook
         before = await v.rows()
-        envelope(await v.admin.post(f"/v2.1/agents/{A}", json=enrol_body(soft, pki, cloudagent_port=1)), 409)
+        envelope(await v.admin.post(f"/v2.1/agents/{A}", json=soft_enrol_body(soft, pki, cloudagent_port=1)), 409)
         assert await v.rows() == before and len(v.calls) == 2
 
         rec = envelope(await v.admin.get(f"/v2.1/agents/{A}"), 200)["results"]
@@ -150,14 +124,14 @@ async def test_enrol_get_list_stop_reactivate_delete(pki, tmp_path, soft):
         assert (rec["ip"], rec["port"], rec["tpm_policy"], rec["meta_data"]) == (
             "127.0.0.1",
             9002,
-            POLICY,
+            PCR15_POLICY,
             "{}",
         )
         assert rec["v"] == b64(bytes(range(32)))
         # no payload: upstream's tenant sends v null (no V is delivered then); "" is the same
         for aid, v_value in (("d432fbb3-d2f1-4a97-9ef7-75bd81c0f0f0", None),
                              ("d432fbb3-d2f1-4a97-9ef7-75bd81c0f0f1", "")):
-            envelope(await v.admin.post(f"/v2.1/agents/{aid}", json=enrol_body(soft, pki, v=v_value)), 200)
+            envelope(await v.admin.post(f"/v2.1/agents/{aid}", json=soft_enrol_body(soft, pki, v=v_value)), 200)
             assert envelope(await v.admin.get(f"/v2.1/agents/{aid}"), 200)["results"]["v"] is None
             envelope(await v.admin.delete(f"/v2.1/agents/{aid}"), 200)
         assert (rec["has_mb_refstate"], rec["has_runtime_policy"]) == (0, 0)
@@ -227,7 +201,7 @@ async def test_enrol_get_list_stop_reactivate_delete(pki, tmp_path, soft):
         envelope(await v.admin.put(f"/v2.1/agents/{A}/reactivate"), 404)
         assert v.calls[6:] == [("stop", A), ("reactivate", A), ("deleted", A)]  # after the two v-less agents
         # re-add after delete
-        envelope(await v.admin.post(f"/v2.1/agents/{A}", json=enrol_body(soft, pki)), 200)
+        envelope(await v.admin.post(f"/v2.1/agents/{A}", json=soft_enrol_body(soft, pki)), 200)
         assert envelope(await v.admin.get("/v2.1/agents/"), 200)["results"] == {"uuids": [[A], [B]]}
 
         # /version is public, the rest is not
@@ -238,7 +212,7 @@ async def test_enrol_get_list_stop_reactivate_delete(pki, tmp_path, soft):
 async def test_persistence_across_reopening_the_store(pki, tmp_path, soft):
     db = tmp_path / "v.sqlite"
     async with running(pki, db) as v:
-        envelope(await v.admin.post(f"/v2.1/agents/{A}", json=enrol_body(soft, pki)), 200)
+        envelope(await v.admin.post(f"/v2.1/agents/{A}", json=soft_enrol_body(soft, pki)), 200)
         await records.record_success(
             v.store, A, now=42.0, ima_pcr10={"sha256": "ab" * 32}, clock_info={"clock": 5}
         )
@@ -257,38 +231,38 @@ async def test_persistence_across_reopening_the_store(pki, tmp_path, soft):
 
 def _bad_body(kind: str, soft: SoftTpm, pki: Any) -> object:
     if kind.startswith("missing:"):
-        doc = enrol_body(soft, pki)
+        doc = soft_enrol_body(soft, pki)
         del doc[kind.split(":", 1)[1]]
         return doc
     wrong_ak = ak_public(soft.ak_key, AK_ATTRS & ~0x00010000)  # without RESTRICTED
     cases: dict[str, object] = {
-        "v_not_b64": enrol_body(soft, pki, v="not base64!"),
-        "v_short": enrol_body(soft, pki, v=b64(b"x" * 16)),
-        "port_text": enrol_body(soft, pki, cloudagent_port="http"),
-        "port_range": enrol_body(soft, pki, cloudagent_port=70000),
-        "port_bool": enrol_body(soft, pki, cloudagent_port=True),
-        "ip_bad": enrol_body(soft, pki, cloudagent_ip="no spaces allowed"),
-        "ip_type": enrol_body(soft, pki, cloudagent_ip=["127.0.0.1"]),
-        "policy_not_json": enrol_body(soft, pki, tpm_policy="{nope"),
-        "policy_no_mask": enrol_body(soft, pki, tpm_policy=json.dumps({"15": ["00"]})),
-        "policy_bad_mask": enrol_body(soft, pki, tpm_policy=json.dumps({"mask": "0x1000000"})),
-        "policy_bad_pcr": enrol_body(soft, pki, tpm_policy=json.dumps({"mask": "0x1", "24": ["00"]})),
-        "policy_bad_hex": enrol_body(soft, pki, tpm_policy=json.dumps({"mask": "0x1", "0": ["xyz"]})),
-        "policy_list": enrol_body(soft, pki, tpm_policy="[]"),
-        "algs_not_list": enrol_body(soft, pki, accept_tpm_hash_algs="sha256"),
-        "algs_not_strings": enrol_body(soft, pki, accept_tpm_signing_algs=[1, 2]),
-        "algs_bad_json": enrol_body(soft, pki, accept_tpm_encryption_algs="[rsa"),
-        "ak_not_b64": enrol_body(soft, pki, ak_tpm="%%%"),
-        "ak_garbage": enrol_body(soft, pki, ak_tpm=b64(b"\x00\x05hello")),
-        "ak_not_restricted": enrol_body(soft, pki, ak_tpm=b64(wrong_ak.marshal())),
-        "ak_is_ek": enrol_body(soft, pki, ak_tpm=soft.ek_tpm),
-        "mtls_not_pem": enrol_body(soft, pki, mtls_cert="hello"),
-        "mtls_wrong_label": enrol_body(soft, pki, mtls_cert=pki.agent.key.read_text()),
-        "metadata_not_object": enrol_body(soft, pki, metadata="[1]"),
-        "runtime_policy_not_b64": enrol_body(soft, pki, runtime_policy="@@"),
-        "runtime_policy_name_type": enrol_body(soft, pki, runtime_policy_name=5),
-        "supported_version_bad": enrol_body(soft, pki, supported_version="v2.1"),
-        "revocation_key_not_pem": enrol_body(soft, pki, revocation_key="secret"),
+        "v_not_b64": soft_enrol_body(soft, pki, v="not base64!"),
+        "v_short": soft_enrol_body(soft, pki, v=b64(b"x" * 16)),
+        "port_text": soft_enrol_body(soft, pki, cloudagent_port="http"),
+        "port_range": soft_enrol_body(soft, pki, cloudagent_port=70000),
+        "port_bool": soft_enrol_body(soft, pki, cloudagent_port=True),
+        "ip_bad": soft_enrol_body(soft, pki, cloudagent_ip="no spaces allowed"),
+        "ip_type": soft_enrol_body(soft, pki, cloudagent_ip=["127.0.0.1"]),
+        "policy_not_json": soft_enrol_body(soft, pki, tpm_policy="{nope"),
+        "policy_no_mask": soft_enrol_body(soft, pki, tpm_policy=json.dumps({"15": ["00"]})),
+        "policy_bad_mask": soft_enrol_body(soft, pki, tpm_policy=json.dumps({"mask": "0x1000000"})),
+        "policy_bad_pcr": soft_enrol_body(soft, pki, tpm_policy=json.dumps({"mask": "0x1", "24": ["00"]})),
+        "policy_bad_hex": soft_enrol_body(soft, pki, tpm_policy=json.dumps({"mask": "0x1", "0": ["xyz"]})),
+        "policy_list": soft_enrol_body(soft, pki, tpm_policy="[]"),
+        "algs_not_list": soft_enrol_body(soft, pki, accept_tpm_hash_algs="sha256"),
+        "algs_not_strings": soft_enrol_body(soft, pki, accept_tpm_signing_algs=[1, 2]),
+        "algs_bad_json": soft_enrol_body(soft, pki, accept_tpm_encryption_algs="[rsa"),
+        "ak_not_b64": soft_enrol_body(soft, pki, ak_tpm="%%%"),
+        "ak_garbage": soft_enrol_body(soft, pki, ak_tpm=b64(b"\x00\x05hello")),
+        "ak_not_restricted": soft_enrol_body(soft, pki, ak_tpm=b64(wrong_ak.marshal())),
+        "ak_is_ek": soft_enrol_body(soft, pki, ak_tpm=soft.ek_tpm),
+        "mtls_not_pem": soft_enrol_body(soft, pki, mtls_cert="hello"),
+        "mtls_wrong_label": soft_enrol_body(soft, pki, mtls_cert=pki.agent.key.read_text()),
+        "metadata_not_object": soft_enrol_body(soft, pki, metadata="[1]"),
+        "runtime_policy_not_b64": soft_enrol_body(soft, pki, runtime_policy="@@"),
+        "runtime_policy_name_type": soft_enrol_body(soft, pki, runtime_policy_name=5),
+        "supported_version_bad": soft_enrol_body(soft, pki, supported_version="v2.1"),
+        "revocation_key_not_pem": soft_enrol_body(soft, pki, revocation_key="secret"),
         "malformed_json": b'{"v": ',
         "json_array": b"[]",
         "oversized": b'{"v": "' + b"A" * (1 << 20) + b'"}',
@@ -357,11 +331,11 @@ BAD_INPUT = [
 )
 async def test_bad_input(pki, tmp_path, soft, client_name, method, path, kind, code):
     async with running(pki, tmp_path / "v.sqlite") as v:
-        envelope(await v.admin.post(f"/v2.1/agents/{A}", json=enrol_body(soft, pki)), 200)
+        envelope(await v.admin.post(f"/v2.1/agents/{A}", json=soft_enrol_body(soft, pki)), 200)
         before, calls = await v.rows(), list(v.calls)
         client = v.admin if client_name == "admin" else v.anonymous
         url = path.format(A=A, B=B, U=U, X="not an id")
-        body = enrol_body(soft, pki) if kind == "ok" else _bad_body(kind, soft, pki)
+        body = soft_enrol_body(soft, pki) if kind == "ok" else _bad_body(kind, soft, pki)
         if isinstance(body, bytes):
             r = await client.request(method, url, content=body, headers={"content-type": "application/json"})
         elif body is None:
@@ -381,11 +355,9 @@ async def test_bad_input(pki, tmp_path, soft, client_name, method, path, kind, c
 
 
 async def test_agent_ids_follow_upstreams_rule(pki, tmp_path, soft):
-    from tests.actors.registrar.test_registrar import BAD_IDS, GOOD_IDS
-
     async with running(pki, tmp_path / "v.sqlite") as v:
         for aid in GOOD_IDS:
-            envelope(await v.admin.post(f"/v2.1/agents/{aid}", json=enrol_body(soft, pki)), 200)
+            envelope(await v.admin.post(f"/v2.1/agents/{aid}", json=soft_enrol_body(soft, pki)), 200)
             assert envelope(await v.admin.get(f"/v2.5/agents/{aid}"), 200)["results"]["operational_state"] == 3
             envelope(await v.admin.put(f"/v2.1/agents/{aid}/stop"), 200)
             envelope(await v.admin.put(f"/v2.1/agents/{aid}/reactivate"), 200)
@@ -397,7 +369,7 @@ async def test_agent_ids_follow_upstreams_rule(pki, tmp_path, soft):
             for method, path in (("POST", f"/v2.1/agents/{aid}"), ("GET", f"/v2.1/agents/{aid}"),
                                  ("DELETE", f"/v2.1/agents/{aid}"), ("PUT", f"/v2.1/agents/{aid}/stop"),
                                  ("PUT", f"/v2.1/agents/{aid}/reactivate")):
-                body = enrol_body(soft, pki) if method == "POST" else None
+                body = soft_enrol_body(soft, pki) if method == "POST" else None
                 status = envelope(await v.admin.request(method, path, json=body), 400)["status"]
                 assert "agent_id" in status, (aid, method, status)
         assert await v.rows() == before and v.calls == calls

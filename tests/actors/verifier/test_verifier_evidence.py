@@ -18,8 +18,17 @@ from keytrio.protocol.ima_rules import NOT_IN_ALLOWLIST
 from keytrio.protocol.quote import decode_pcr_blob, encode_pcr_blob
 from keytrio.protocol.quote_check import QUOTE_VALIDATION
 from keytrio.testbed.ima_log import ImaLog
-from tests.actors.verifier.test_verifier_ima import BANKS, BASE, b64, policy_doc
-from tests.actors.verifier_support import enrol, enrol_body, new_halves, start_test_agent, start_verifier
+from tests.actors.verifier_support import (
+    BANKS,
+    BASE,
+    doc_b64,
+    enrol,
+    enrol_body,
+    new_halves,
+    policy_doc,
+    start_test_agent,
+    start_verifier,
+)
 
 pytestmark = pytest.mark.swtpm
 
@@ -60,7 +69,7 @@ async def test_evidence_matches_monitor_and_forgeries_never_valid(
     assert (await verify(data, "2.4"))["valid"] == 0
 
     # the monitor gives the same verdict on the same agent and policy
-    await rv.call("POST", "/allowlists/base", {"runtime_policy": b64(policy_doc(BASE))})
+    await rv.call("POST", "/allowlists/base", {"runtime_policy": doc_b64(policy_doc(BASE))})
     body = enrol_body(a, v=new_halves().v)
     body["runtime_policy_name"] = "base"
     await enrol(rv, a.agent_id, body)

@@ -6,7 +6,6 @@ from its ``keytrio_verifier_ima_lines_per_poll`` histogram (one agent per verifi
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -25,33 +24,25 @@ from keytrio.actors.verifier.ima import AgentIma
 from keytrio.protocol import ima
 from keytrio.protocol.ima_eval import IMA_HASH, PCR_MISMATCH
 from keytrio.protocol.ima_rules import NOT_IN_ALLOWLIST, RUNTIME_POLICY_HASH, TOMTOU
-from keytrio.protocol.runtime_policy import policy_document
 from keytrio.testbed.ima_log import ImaLog
 from tests.actors.verifier_support import (
+    BANKS,
+    BASE,
     RecordingProxy,
     RunningVerifier,
     VAgent,
+    doc_b64,
     enrol,
     enrol_body,
     new_halves,
+    policy_doc,
     start_test_agent,
     start_verifier,
 )
 
 pytestmark = pytest.mark.swtpm
 
-BANKS = ["sha1", "sha256", "sha384"]
-BASE = {f"/usr/bin/tool{i}": f"content {i}".encode() for i in range(3)}
 OTHER_ID = "d432fbb3-d2f1-4a97-9ef7-75bd81c0cccc"
-
-
-def policy_doc(files: dict[str, bytes], excludes: tuple[str, ...] = ()) -> dict[str, Any]:
-    return policy_document(meta={"version": 1, "generator": 3}, excludes=list(excludes),
-                           digests={p: [hashlib.sha256(c).hexdigest()] for p, c in files.items()})
-
-
-def b64(doc: dict[str, Any]) -> str:
-    return base64.b64encode(json.dumps(doc).encode()).decode()
 
 
 @dataclass
@@ -81,7 +72,7 @@ async def setup(
     proxy = RecordingProxy(pki, a.address, a.run.info.mtls_cert)
     port = await nursery.start(proxy.run)
     rv = await start_verifier(nursery, pki, tmp / "verifier", **opts)
-    await rv.call("POST", "/allowlists/base", {"runtime_policy": b64(doc), "runtime_policy_key": "",
+    await rv.call("POST", "/allowlists/base", {"runtime_policy": doc_b64(doc), "runtime_policy_key": "",
                                                "tpm_policy": ""})
     body = enrol_body(a, v=new_halves().v, address=("127.0.0.1", port), mtls_cert=pki.agent.pem)
     body["runtime_policy_name"] = "base"
@@ -226,7 +217,7 @@ async def test_put_swaps_policy_for_every_agent_using_it(
     user = min(s.aid, OTHER_ID)
     assert r["status"] == f"Can't delete allowlist as it's currently in use by agent {user} (and 1 more)", r
 
-    await s.rv.call("PUT", "/allowlists/base", {"runtime_policy": b64(policy_doc({**BASE, "/usr/bin/new": b"new"})),
+    await s.rv.call("PUT", "/allowlists/base", {"runtime_policy": doc_b64(policy_doc({**BASE, "/usr/bin/new": b"new"})),
                                                 "runtime_policy_key": "", "tpm_policy": ""})
     await s.log.measure("/usr/bin/new", b"new")
     for aid in (s.aid, OTHER_ID):
@@ -236,7 +227,7 @@ async def test_put_swaps_policy_for_every_agent_using_it(
         assert s.hook(aid).progress.count == 4
 
     # swapped back to a policy without the new file: both agents fail on their next poll
-    await s.rv.call("PUT", "/allowlists/base", {"runtime_policy": b64(policy_doc(BASE)),
+    await s.rv.call("PUT", "/allowlists/base", {"runtime_policy": doc_b64(policy_doc(BASE)),
                                                 "runtime_policy_key": "", "tpm_policy": ""})
     await s.log.measure("/usr/bin/new", b"new")
     for aid in (s.aid, OTHER_ID):
@@ -272,7 +263,7 @@ async def test_50k_line_log_then_cheap_polls(
     port = await nursery.start(proxy.run)
     rv = await start_verifier(nursery, pki, tmp_path / "verifier", max_response_size=16 << 20,
                               max_upload_size=32 << 20)
-    await rv.call("POST", "/allowlists/big", {"runtime_policy": b64(doc)})
+    await rv.call("POST", "/allowlists/big", {"runtime_policy": doc_b64(doc)})
     body = enrol_body(a, v=new_halves().v, address=("127.0.0.1", port), mtls_cert=pki.agent.pem)
     body["runtime_policy_name"] = "big"
     await enrol(rv, a.agent_id, body)
