@@ -20,7 +20,21 @@ from keytrio.actors.verifier.config import DEFAULT_MAX_EVIDENCE_SIZE, DEFAULT_MA
 from keytrio.actors.verifier.mbpolicies import MbPolicyStore
 from keytrio.actors.verifier.policies import PolicyStore
 from keytrio.actors.verifier.routes_agents import AgentHooks, Hook, VerifierFacts
-from keytrio.protocol.versions import SERVER_VERSIONS, server_version_payload
+from keytrio.protocol.versions import SERVER_VERSIONS, newest, server_version_payload
+
+#: The push model's API (served under /v3 and /v3.0 by push/routes.py when mode is push or both).
+PUSH_VERSION = "3.0"
+
+
+def version_payload(mode: str) -> dict[str, object]:
+    """``GET /version``: "3.0" joins supported_versions when push is served, but current_version
+    stays the newest v2.x, as upstream's registrar answers; clients that pick current_version keep
+    speaking v2.x to the agents API, which v3.0 does not replace here (docs/compatibility.md)."""
+    payload = server_version_payload()
+    if mode in ("push", "both"):
+        payload["supported_versions"] = [*SERVER_VERSIONS, PUSH_VERSION]
+        payload["current_version"] = newest(SERVER_VERSIONS)
+    return payload
 
 
 def build_app(
@@ -60,7 +74,7 @@ def build_app(
             "evidence": (max_evidence_size, "max_evidence_size"),
             "policy": (max_policy_size, "max_policy_size"),
         },
-        version_payload=server_version_payload(),
+        version_payload=version_payload(mode),
     )
 
     pstore = policies if policies is not None else PolicyStore(store, clock=clock)

@@ -60,6 +60,12 @@ def jsonapi(view: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable
     return wrapper
 
 
+async def version_root() -> Response:
+    """``GET /v3[.0]/``: the probe the v3.0 docs define, ``{"code": 200, "status": "Success",
+    "results": {}}``; public, since an agent probes before it has any credential."""
+    return _json(200, {"code": 200, "status": "Success", "results": {}})
+
+
 def is_admin() -> bool:
     """A client cert chaining to one of the app's trusted client CAs, fit to act as a client."""
     app: KeytrioApp = current_app._get_current_object()  # type: ignore[attr-defined]
@@ -159,6 +165,11 @@ def register(app: KeytrioApp, push: PushService) -> None:
     ]
     for prefix in PREFIXES:
         tag = prefix.strip("/").replace(".", "_")
+        # the version root: 200 says "v3.0 served here" (upstream's answers 500; its clients then
+        # fall back to v2.x, so a working root only helps them)
+        app.add_url_rule(prefix + "/", endpoint=f"push_version_root_{tag}", view_func=version_root,
+                         methods=["GET"])
+        app.public_endpoints.add(f"push_version_root_{tag}")
         for rule, method, view, limit in routes:
             endpoint = f"push_{view.__name__}_{tag}"
             app.add_url_rule(prefix + rule, endpoint=endpoint, view_func=view, methods=[method])
