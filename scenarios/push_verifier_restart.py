@@ -2,7 +2,7 @@
 agents resume by themselves.
 
 Story: three push machines behind NAT gateways are enrolled and pass. The verifier is stopped
-(its push deadlines end, the SQLite file is closed): the agents' pushes fail and they back off.
+(its push deadlines end, the SQLite file is closed): each agent's next push fails and it backs off.
 It starts again on the same port with the same database, re-arms each agent's deadline from the
 stored attestations, and the agents, retrying, get through on their own: nobody reactivates them.
 Expected verdict: every machine passes new attestations after the restart and its
@@ -11,7 +11,9 @@ attestation_count grows past its value before; Get Quote throughout, no event, n
 
 from __future__ import annotations
 
-from keytrio.scenarios.push_support import PUSH, last_index, passed, push_testbed
+import trio
+
+from keytrio.scenarios.push_support import PUSH, QUOTE_INTERVAL, last_index, passed, push_testbed
 from keytrio.scenarios.runner import Expect, Run, scenario
 from keytrio.testbed.world import GET_QUOTE
 
@@ -29,11 +31,17 @@ async def push_verifier_restart(run: Run) -> None:
             for m in tb.machines:
                 await tb.wait_count(m, 2)
 
-        async with run.step("stop the verifier, start it again (same port, same database)"):
+        async with run.step("stop the verifier; every agent's next push fails; start it again (same port, database)"):
             before = {m.name: (await tb.get(m) or {})["attestation_count"] for m in tb.machines}
             last = {m.name: await last_index(tb, m) for m in tb.machines}
-            await tb.restart_verifier()
-            run.note(f"counts before: {before}")
+            dialled = {m.name: m.nat.outbound_connections for m in tb.machines if m.nat is not None}
+            await tb.stop_verifier()
+            # mid-session: each agent dials the stopped verifier (through its NAT) and is turned away
+            with trio.fail_after(5 * QUOTE_INTERVAL):
+                while any(m.nat is not None and m.nat.outbound_connections <= dialled[m.name] for m in tb.machines):
+                    await trio.sleep(0.05)
+            await tb.start_verifier()
+            run.note(f"counts before: {before}; every agent dialled the stopped verifier")
 
         async with run.step("every push agent attests again by itself"):
             for m in tb.machines:
