@@ -99,7 +99,7 @@ def _agent_verbs(verbs: argparse._SubParsersAction, common: argparse.ArgumentPar
                        ("regdelete", "remove an agent's registrar record")):
         sp = verbs.add_parser(name, parents=[common], help=text)
         sp.add_argument("agent_id", metavar="AGENT_ID")
-    st = verbs.add_parser("status", parents=[common], help="registrar record and verifier state of an agent")
+    st = verbs.add_parser("status", parents=[common], help="registrar record and verifier state of an agent (a push agent: also its latest attestation)")
     st.add_argument("agent_id", metavar="AGENT_ID")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     at = verbs.add_parser("attestations", parents=[common],

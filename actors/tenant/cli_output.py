@@ -102,6 +102,15 @@ def _names(algs: object) -> str:
     return ",".join(map(str, algs)) if isinstance(algs, list) and algs else "-"
 
 
+def _latest(att: dict[str, Any] | None) -> str:
+    """A push agent's latest attestation: index, stage, evaluation, failure reason."""
+    if att is None:
+        return "push agent, no attestation yet"
+    reason = att.get("failure_reason")
+    return (f"push attestation #{att.get('index')}: stage {att.get('stage')}, evaluation {att.get('evaluation')}"
+            + (f", failure {reason}" if reason else ""))
+
+
 def format_status(st: dict[str, Any]) -> str:
     """The human-readable status (one fact per line)."""
     reg, ver = st.get("registrar"), st.get("verifier")
@@ -128,6 +137,8 @@ def format_status(st: dict[str, Any]) -> str:
     pending = {k: v for k, v in ver.items() if ("notice" in k or "notification" in k) and k != "pending_notices"}
     for k, v in pending.items():
         lines.append(f"{k:<12} {v}")
+    if "latest_attestation" in st:
+        lines.append(f"latest       {_latest(st['latest_attestation'])}")
     lines.append(f"verifier id  {ver.get('verifier_id')} ({ver.get('verifier_ip')}:{ver.get('verifier_port')})")
     lines.append(f"algorithms   hash {ver.get('hash_alg') or '-'}, encryption {ver.get('enc_alg') or '-'},"
                  f" signing {ver.get('sign_alg') or '-'}")

@@ -6,6 +6,7 @@ from typing import Any
 
 import trio
 
+from keytrio.actors.tenant import push
 from keytrio.actors.tenant.context import TenantContext
 from keytrio.actors.tenant.errors import Refused, VerificationFailed
 from keytrio.protocol import states
@@ -25,13 +26,22 @@ async def status(t: TenantContext, agent_id: str) -> dict[str, Any]:
     if registrar is None and verifier is None:
         raise Refused("verifier", 404, f"agent {agent_id} is known to neither registrar nor verifier")
     state = verifier.get("operational_state") if verifier is not None else None
-    return {
+    st: dict[str, Any] = {
         "agent_id": agent_id,
         "registrar": registrar,
         "verifier": verifier,
         "operational_state": state,
         "operational_state_name": states.name(state) if verifier is not None else None,
     }
+    if verifier is not None and is_push_record(verifier):
+        # the v2 record says little about a push agent's cycle: its latest attestation does
+        st["latest_attestation"] = await push.latest_attestation(t, agent_id)
+    return st
+
+
+def is_push_record(record: dict[str, Any]) -> bool:
+    """A push agent is enrolled without a contact address (cloudagent_ip/port null)."""
+    return record.get("ip") in (None, "") and record.get("port") in (None, "", 0)
 
 
 async def delete(t: TenantContext, agent_id: str, *, wait: bool = True, timeout: float = 30.0) -> None:

@@ -60,8 +60,27 @@ async def add_push_agent(t: TenantContext, req: AddRequest) -> PushAddResult:
 async def attestations(t: TenantContext, agent_id: str) -> list[dict[str, Any]]:
     """The agent's attestations as the verifier keeps them: dicts of ``index`` plus the
     resource's attributes (stage, evaluation, failure_reason, times, ...)."""
+    doc = await _get_v3(t, f"/agents/{agent_id}/attestations")
+    items = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        raise ConnectionProblem(t.verifier.name, "malformed response: no JSON:API data list")
+    return [_attestation(item) for item in items]
+
+
+async def latest_attestation(t: TenantContext, agent_id: str) -> dict[str, Any] | None:
+    """``GET /v3/agents/{id}/attestations/latest`` as :func:`attestations` reads one; None when the
+    agent has not attested yet (the verifier's 404)."""
+    doc = await _get_v3(t, f"/agents/{agent_id}/attestations/latest", missing_ok=True)
+    if doc is None:
+        return None
+    return _attestation(doc.get("data") if isinstance(doc, dict) else None)
+
+
+async def _get_v3(t: TenantContext, path: str, *, missing_ok: bool = False) -> Any:
+    """A v3 GET over the tenant's admin mTLS connection: the JSON:API document, or None on 404
+    with ``missing_ok``; Refused with the error's detail otherwise."""
     peer = t.verifier
-    url = peer.url(f"{_V3}/agents/{agent_id}/attestations", versioned=False)
+    url = peer.url(f"{_V3}{path}", versioned=False)
     try:
         r = await peer.client.get(url, headers={"Accept": "application/vnd.api+json, application/json"})
     except httpx.HTTPError as exc:
@@ -70,12 +89,11 @@ async def attestations(t: TenantContext, agent_id: str) -> list[dict[str, Any]]:
         doc = json.loads(r.content)
     except ValueError:
         doc = None
+    if r.status_code == 404 and missing_ok:
+        return None
     if r.status_code != 200:
         raise Refused(peer.name, r.status_code, _error_detail(doc) or r.reason_phrase)
-    items = doc.get("data") if isinstance(doc, dict) else None
-    if not isinstance(items, list):
-        raise ConnectionProblem(peer.name, "malformed response: no JSON:API data list")
-    return [_attestation(item) for item in items]
+    return doc
 
 
 def _attestation(item: object) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from keytrio.actors.agent.actor import Agent
-from keytrio.actors.tenant import push
+from keytrio.actors.tenant import ops, push
+from keytrio.actors.tenant.cli_output import format_status
 from keytrio.actors.verifier.actor import Verifier
 from keytrio.actors.verifier.config import load_config as verifier_config
 from tests.actors.registrar_support import registrar_config, running_registrar
@@ -77,6 +78,7 @@ async def test_tenant_enrols_a_push_agent_and_reads_its_history(
         code, out, _ = await cli("status", AGENT_ID, "--json")
         rec = json.loads(out)["verifier"]
         assert (rec["ip"], rec["port"]) == (None, None), rec
+        assert "latest_attestation" in json.loads(out)  # None until the first attestation
 
         # the agent's next session passes; its attestations show up, verified, newest first
         with trio.fail_after(60):
@@ -87,6 +89,15 @@ async def test_tenant_enrols_a_push_agent_and_reads_its_history(
         assert items == sorted(items, key=lambda a: a["index"], reverse=True)
         code, out, _ = await cli("attestations", AGENT_ID)
         assert code == 0 and " pass" in out and out.startswith("#"), out
+        # status shows the latest attestation next to the v2 record (the agent keeps attesting)
+        code, out, err = await cli("status", AGENT_ID, "--json")
+        assert code == 0, err
+        latest = json.loads(out)["latest_attestation"]
+        assert latest["index"] >= items[0]["index"] and latest["stage"] and latest["evaluation"], latest
+        code, out, err = await cli("status", AGENT_ID)
+        assert code == 0, err
+        line = next(ln for ln in out.splitlines() if ln.startswith("latest"))
+        assert "push attestation #" in line and "stage " in line and "evaluation " in line, out
 
         # deleting it at the verifier ends its history there
         code, _, err = await cli("delete", AGENT_ID)
@@ -106,3 +117,18 @@ def test_attestation_items_without_data_id_take_the_index_from_links() -> None:
     line = push.format_attestations([{"index": 2, "stage": "verification_complete", "evaluation": "fail",
                                       "failure_reason": "policy_violation"}])[0]
     assert line == "#2 verification_complete fail (policy_violation)"
+
+
+def test_status_lines_of_push_and_pull_agents() -> None:
+    rec = {"operational_state": 3, "ip": None, "port": None, "verifier_id": "default"}
+    assert ops.is_push_record(rec) and not ops.is_push_record({**rec, "ip": "10.0.0.2", "port": 9002})
+    failed = {"index": 4, "stage": "verification_complete", "evaluation": "fail",
+              "failure_reason": "policy_violation"}
+    text = format_status({"agent_id": AGENT_ID, "registrar": None, "verifier": rec, "latest_attestation": failed})
+    assert ("latest       push attestation #4: stage verification_complete, evaluation fail,"
+            " failure policy_violation") in text.splitlines(), text
+    text = format_status({"agent_id": AGENT_ID, "registrar": None, "verifier": rec, "latest_attestation": None})
+    assert "latest       push agent, no attestation yet" in text.splitlines(), text
+    # a pull agent's status has no such line (ops.status adds the key for push records only)
+    pull = {**rec, "ip": "10.0.0.2", "port": 9002}
+    assert "latest" not in format_status({"agent_id": AGENT_ID, "registrar": None, "verifier": pull})
