@@ -23,7 +23,7 @@ from tpm2_pytss.utils import tools_to_credential
 
 from keytrio.protocol import credential, tpm2
 from keytrio.protocol.errors import DecodeError, ValidationError
-from tests.protocol.test_tpm2 import ak_public, ek_public, private_key
+from tests.protocol.tpm2_support import ak_public, ek_public, private_key
 
 
 def activate(ek_kind: str, blob: bytes, ak_name: bytes) -> bytes:

@@ -24,12 +24,12 @@ from keytrio.protocol.quote_check import (
     QUOTE_VALIDATION,
 )
 from keytrio.protocol.runtime_policy import parse_policy
-from tests.protocol.test_quote import make_attest, make_quote, pcr_values, sign_attest
-from tests.protocol.test_tpm2 import _pem, ak_public, private_key
+from tests.protocol.quote_support import make_attest, make_quote, pcr_values, sign_attest
+from tests.protocol.tpm2_support import ak_public, key_pem, private_key
 
 NONCE = "abcdefghij0123456789"
 BANK = "sha256"
-NK = _pem(private_key("rsa2")).decode()
+NK = key_pem(private_key("rsa2")).decode()
 
 
 def _pcrs(which=(0, 1, 2, 10, 16), nk: str = NK, **values: bytes) -> dict[int, bytes]:
@@ -150,10 +150,10 @@ def test_encryption_algorithm():
 
 
 def test_pcr16_binding():
-    assert _ids(_verify(nk_pem=_pem(private_key("rsa")).decode())) == [INVALID_PCR_16]
+    assert _ids(_verify(nk_pem=key_pem(private_key("rsa")).decode())) == [INVALID_PCR_16]
     assert _ids(_verify(_pcrs((0, 1)))) == [MISSING_PCR_16]
     assert _verify(_pcrs((0, 1)), nk_pem=None).valid  # /verify/*: no NK, no binding check
-    f = _verify(nk_pem=_pem(private_key("rsa")).decode()).failures[0]
+    f = _verify(nk_pem=key_pem(private_key("rsa")).decode()).failures[0]
     assert f.recoverable and f.context["got"] == _pcrs()[16].hex()
 
 

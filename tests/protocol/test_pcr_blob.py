@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from keytrio.protocol import pcr_blob, quote, tpm2
 from keytrio.protocol.errors import DecodeError, ValidationError
-from tests.protocol.test_quote import pcr_values
+from tests.protocol.quote_support import pcr_values
 
 BANKS = ["sha1", "sha256", "sha384", "sha512"]
 

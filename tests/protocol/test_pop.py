@@ -9,19 +9,10 @@ from tpm2_pytss.types import TPMS_ATTEST
 
 from keytrio.protocol import pop, tpm2
 from keytrio.protocol.errors import DecodeError
-from tests.protocol.test_quote import sign_attest
-from tests.protocol.test_tpm2 import ak_public
+from tests.protocol.quote_support import make_pop, sign_attest
+from tests.protocol.tpm2_support import ak_public
 
 # --- builders shared with the push tests (not tests) -------------------------------------------------
-
-
-def make_pop(challenge: bytes, kind: str = "rsa", *, certified: str | None = None,
-             hash_alg: str = "sha256") -> tuple[bytes, bytes]:
-    """(message, signature) of TPM2_Certify(AK ``certified`` by AK ``kind``, qualifyingData=challenge),
-    built in software: the attest marshalled by protocol.pop, signed with the test key."""
-    name = tpm2.object_name(ak_public(certified or kind, hash_alg=hash_alg))
-    message = pop.encode_certify(extra_data=challenge, name=name, qualified_signer=name)
-    return message, sign_attest(message, kind, hash_alg)
 
 
 # --- tests --------------------------------------------------------------------------------------------

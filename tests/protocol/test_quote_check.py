@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from keytrio.protocol import quote, quote_check, tpm2
 from keytrio.protocol.failures import Severity
 from keytrio.protocol.quote_check import QUOTE_VALIDATION, check_pcr16, check_quote
-from tests.protocol.test_quote import make_attest, make_quote, pcr_values, sign_attest
-from tests.protocol.test_tpm2 import _pem, ak_public, private_key
+from tests.protocol.quote_support import make_attest, make_quote, pcr_values, sign_attest
+from tests.protocol.tpm2_support import ak_public, key_pem, private_key
 
 NONCE = "abcdefghij0123456789"
 
@@ -242,7 +242,7 @@ def test_required_pcrs():
 
 @pytest.mark.parametrize("bank", ["sha1", "sha256", "sha384"])
 def test_check_pcr16(bank):
-    nk = _pem(private_key("rsa2")).decode()
+    nk = key_pem(private_key("rsa2")).decode()
     good = tpm2.pcr16_binding_value(bank, nk)
     assert check_pcr16(bank, {16: good, 0: bytes(len(good))}, nk) is None
     f = check_pcr16(bank, {16: bytes(len(good))}, nk)
@@ -250,7 +250,7 @@ def test_check_pcr16(bank):
     assert f.context == {"got": "00" * len(good), "expected": good.hex()}
     f = check_pcr16(bank, {0: good}, nk)
     assert f is not None and f.event_id == "pcr_validation.missing_pcr_16"
-    assert check_pcr16(bank, {16: good}, _pem(private_key("rsa")).decode()) is not None
+    assert check_pcr16(bank, {16: good}, key_pem(private_key("rsa")).decode()) is not None
 
 
 def test_module_constants():

@@ -3,93 +3,16 @@
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
-from tpm2_pytss.types import (
-    TPM2B_PUBLIC,
-    TPMS_SCHEME_HASH,
-    TPMT_ASYM_SCHEME,
-    TPMT_SYM_DEF_OBJECT,
-    TPMU_ASYM_SCHEME,
-    TPMU_SYM_KEY_BITS,
-    TPMU_SYM_MODE,
-)
 
 from keytrio.protocol import tpm2
 from keytrio.protocol.errors import DecodeError, ProtocolError, ValidationError
-
-AK_ATTRS = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.USERWITHAUTH
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.SIGN_ENCRYPT
-)
-EK_ATTRS = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.ADMINWITHPOLICY
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.DECRYPT
-)
-
-# --- builders shared with the other protocol tests (import them, they are not tests) ---------------
-
-
-@functools.cache
-def private_key(kind: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
-    """One key per kind per test session: 'rsa' (2048), 'rsa2' (another 2048), 'p256', 'p384'."""
-    if kind.startswith("rsa"):
-        return rsa.generate_private_key(65537, 2048)
-    return ec.generate_private_key({"p256": ec.SECP256R1(), "p384": ec.SECP384R1()}[kind])
-
-
-def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def ak_public(
-    kind: str = "rsa",
-    sign: str = "",
-    hash_alg: str = "sha256",
-    attrs: int = int(AK_ATTRS),
-    name_alg: str = "sha256",
-) -> TPM2B_PUBLIC:
-    """A TPM2B_PUBLIC like tpm2_createak makes, around a software key."""
-    sign = sign or ("rsassa" if kind.startswith("rsa") else "ecdsa")
-    scheme = TPMT_ASYM_SCHEME(
-        scheme=tpm2.SIGN_ALGS[sign],
-        details=TPMU_ASYM_SCHEME(anySig=TPMS_SCHEME_HASH(hashAlg=tpm2.HASH_ALGS[hash_alg])),
-    )
-    return TPM2B_PUBLIC.from_pem(
-        _pem(private_key(kind)), nameAlg=tpm2.HASH_ALGS[name_alg], objectAttributes=attrs, scheme=scheme
-    )
-
-
-def ek_public(kind: str = "rsa") -> TPM2B_PUBLIC:
-    """A storage-EK-like TPM2B_PUBLIC (restricted decrypt, AES-CFB) around a software key."""
-    bits, name_alg = (256, "sha384") if kind == "p384" else (128, "sha256")
-    sym = TPMT_SYM_DEF_OBJECT(
-        algorithm=TPM2_ALG.AES, keyBits=TPMU_SYM_KEY_BITS(aes=bits), mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB)
-    )
-    return TPM2B_PUBLIC.from_pem(
-        _pem(private_key(kind)),
-        nameAlg=tpm2.HASH_ALGS[name_alg],
-        objectAttributes=EK_ATTRS,
-        symmetric=sym,
-    )
-
+from tests.protocol.tpm2_support import AK_ATTRS, ak_public, ek_public, key_pem, private_key
 
 # --- tests ---------------------------------------------------------------------------------------------
 
@@ -103,7 +26,7 @@ def test_parse_public_round_trip_and_key(kind):
     assert tpm2.public_from_b64(base64.b64encode(raw).decode()).marshal() == raw
     key = tpm2.public_key(raw)
     assert key.public_numbers() == private_key(kind).public_key().public_numbers()
-    assert tpm2.public_key_pem(parsed) == _pem(private_key(kind)).decode()
+    assert tpm2.public_key_pem(parsed) == key_pem(private_key(kind)).decode()
 
 
 @pytest.mark.parametrize("kind", ["rsa", "p256", "p384"])
@@ -228,7 +151,7 @@ def test_public_key_rejects_unusable_keys():
 
 @pytest.mark.parametrize("bank", ["sha1", "sha256", "sha384", "sha512"])
 def test_pcr16_binding_value(bank):
-    pem = _pem(private_key("rsa")).decode()
+    pem = key_pem(private_key("rsa")).decode()
     h = hashlib.new(bank, pem.encode()).digest()
     expected = hashlib.new(bank, bytes(len(h)) + h).digest()
     assert tpm2.pcr16_binding_value(bank, pem) == expected

@@ -11,11 +11,11 @@ from keytrio.actors.tenant.errors import VerificationFailed
 from keytrio.actors.tenant.quotecheck import check_identity_quote
 from keytrio.protocol import tpm2
 from keytrio.protocol.wire import IdentityQuote
-from tests.protocol.test_quote import make_quote, pcr_values
-from tests.protocol.test_tpm2 import _pem, ak_public, private_key
+from tests.protocol.quote_support import make_quote, pcr_values
+from tests.protocol.tpm2_support import ak_public, key_pem, private_key
 
 NONCE = "abcdefghij0123456789"
-NK = _pem(private_key("rsa2")).decode()
+NK = key_pem(private_key("rsa2")).decode()
 AIK = base64.b64encode(ak_public("rsa").marshal()).decode()
 
 
@@ -55,7 +55,7 @@ def test_identity_quote_refused(reply, aik, enc_algs, message, failures):
     elif reply == "no16":
         reply = _reply(pcrs=(0, 1))
     elif reply == "othernk":
-        reply = _reply(nk=_pem(private_key("rsa")).decode())
+        reply = _reply(nk=key_pem(private_key("rsa")).decode())
     with pytest.raises(VerificationFailed, match=message) as exc:
         _check(reply, aik, enc_algs)
     assert exc.value.what == "identity quote"

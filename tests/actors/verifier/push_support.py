@@ -17,9 +17,8 @@ import httpx
 from keytrio.actors.common import tls
 from keytrio.actors.common.client import make_client
 from keytrio.protocol import ima, pcr_blob
-from tests.protocol.test_pop import make_pop
-from tests.protocol.test_quote import make_attest, sign_attest
-from tests.protocol.test_tpm2 import ak_public
+from tests.protocol.quote_support import make_attest, make_pop, sign_attest
+from tests.protocol.tpm2_support import ak_public
 
 BANK = "sha256"
 JSONAPI = "application/vnd.api+json"

@@ -22,7 +22,7 @@ from trio.testing import MockClock
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.monitor import COMM_ERROR
 from tests.actors.verifier_support import enrol, enrol_body, start_verifier
-from tests.protocol.test_tpm2 import ak_public
+from tests.protocol.tpm2_support import ak_public
 
 AGENT_ID = "0b0ff000-0000-4000-8000-00000000000b"
 
