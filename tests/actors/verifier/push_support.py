@@ -1,5 +1,5 @@
 """A software push agent for the verifier's v3.0 tests: real HTTPS (server verification only, no
-client cert), a software AK (tests.protocol.test_tpm2's keys, TPM2B_PUBLIC like tpm2_createak),
+client cert), a software AK (tests.protocol.tpm2_support's keys, TPM2B_PUBLIC like tpm2_createak),
 TPM2_Certify and TPM2_Quote structures built and signed in software (real crypto), and an ima-ng
 list whose lines are really extended into its PCR 10.
 """
