@@ -4,12 +4,17 @@ reply checks. The ``running`` fixture is in tests/actors/agent/conftest.py."""
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from keytrio.actors.agent.actor import Agent
 from keytrio.actors.agent.lifecycle import AgentInfo
@@ -130,3 +135,17 @@ async def registrar_record(pki: Any, https: tuple[str, int], agent_id: str) -> d
     ctx = tls.client_context([pki.ca], pki.client.cert, pki.client.key)
     async with make_client(ctx) as c:
         return results(await c.get(f"https://127.0.0.1:{https[1]}/v2.1/agents/{agent_id}"))
+
+
+def revocation_key_and_cert() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    """An RSA key and its self-signed cert, like upstream's RevocationNotifier pair."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RevocationNotifier")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFHMAC, CounterLocation, Mode
 from cryptography.x509.oid import NameOID
-from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
+from tpm2_pytss.constants import TPM2_ALG
 from tpm2_pytss.types import (
     TPM2B_PUBLIC,
     TPMT_ASYM_SCHEME,
@@ -39,28 +39,13 @@ from keytrio.actors.registrar.actor import Registrar, RegistrarAddresses
 from keytrio.actors.registrar.config import load_config
 from keytrio.actors.registrar.schema import agents
 from keytrio.protocol import credential, tpm2
+from tests.protocol.tpm2_support import AK_ATTRS, EK_ATTRS
 
 # upstream's rule (keylime.common.validators.valid_agent_id): [\w.-]+; keytrio: at most 80 characters
 GOOD_IDS = ["foo", "a.b-c_1", "Foo", "wörk-1", "x" * 80, "0123456789abcdef0123456789abcdef"]
 #: path segments as sent (percent-encoded where a client must): space, ':', ';', '%', '<x>', 81
 #: characters, '..' (encoded, else clients remove the dot segment), no-break space, tab, NUL
 BAD_IDS = ["a%20b", "a:b", "a;b", "a%25b", "%3Cx%3E", "x" * 81, "%2E%2E", "a%C2%A0b", "tab%09there", "a%00"]
-EK_ATTRS = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.ADMINWITHPOLICY
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.DECRYPT
-)
-AK_ATTRS = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.USERWITHAUTH
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.SIGN_ENCRYPT
-)
 
 
 def b64(data: bytes) -> str:

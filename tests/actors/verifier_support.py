@@ -8,7 +8,6 @@ agent, and a hostile fake agent.
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import json
 import os
@@ -22,10 +21,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from keytrio.actors.common import tls
 from keytrio.actors.common.client import make_client
@@ -35,7 +31,7 @@ from keytrio.actors.verifier.notify import SignedNotice
 from keytrio.actors.verifier.schema import notices as notices_table
 from keytrio.protocol import payload as pl
 from keytrio.protocol.runtime_policy import policy_document
-from tests.actors.agent_support import Running, start_agent
+from tests.actors.agent_support import Running, revocation_key_and_cert, start_agent
 from tests.actors.registrar_support import SoftTpm
 
 GUARD = 30.0  # seconds: a hang guard only, never what a test asserts
@@ -57,15 +53,7 @@ class RevocationPair:
 
 def revocation_pair(directory: Path) -> RevocationPair:
     """An RSA key + self-signed cert like upstream's RevocationNotifier pair."""
-    key = rsa.generate_private_key(65537, 2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RevocationNotifier")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = revocation_key_and_cert()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "RevocationNotifier-cert.crt"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

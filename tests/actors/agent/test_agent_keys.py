@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import datetime
 import io
 import json
 import os
@@ -14,28 +13,18 @@ from typing import Any
 
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from keytrio.protocol import payload as pl
 from keytrio.protocol import revocation
-from tests.actors.agent_support import Running, results, start_agent
+from tests.actors.agent_support import Running, results, revocation_key_and_cert, start_agent
 
 pytestmark = pytest.mark.swtpm
 
 
 def _revocation_pair() -> tuple[rsa.RSAPrivateKey, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RevocationNotifier")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = revocation_key_and_cert()
     return key, cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
