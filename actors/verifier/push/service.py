@@ -24,7 +24,7 @@ from keytrio.actors.common.store import Store
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory, MonitorSet
 from keytrio.actors.verifier.push import store as pstore
-from keytrio.actors.verifier.push.attestations import Attestations, CycleSettings
+from keytrio.actors.verifier.push.attestations import Attestations, CycleSettings, retry_after
 from keytrio.actors.verifier.push.sessions import Sessions, SessionSettings
 from keytrio.actors.verifier.push.timer import Deadlines
 from keytrio.actors.verifier.push.verify import Verifier
@@ -46,7 +46,9 @@ class PushSettings:
 
     @property
     def max_interval(self) -> float:
-        return self.quote_interval * MAX_INTERVAL_FACTOR
+        # Counted in the whole seconds agents are told to wait (seconds_to_next_attestation):
+        # a 0.3 s interval tells them 1 s, and a 1.5 s deadline then failed healthy agents.
+        return retry_after(self.quote_interval) * MAX_INTERVAL_FACTOR
 
 
 def is_push(row: dict[str, Any]) -> bool:
