@@ -10,13 +10,17 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+import trio
+from trio.testing import MockClock
 
 from keytrio.actors.common import tls
 from keytrio.actors.common.client import make_client
 from keytrio.protocol import ima, pcr_blob
+from tests.actors.verifier_support import RunningVerifier, start_verifier
 from tests.protocol.quote_support import make_attest, make_pop, sign_attest
 from tests.protocol.tpm2_support import ak_public
 
@@ -174,3 +178,46 @@ class SoftAgent:
         index = int(resp.headers["Location"].rsplit("/", 1)[1])
         requested = resp.json()["data"]["attributes"]["evidence_requested"]
         return index, await self.send_evidence(self.evidence(requested, **evidence_kw))
+
+
+# --- a push verifier and its agents (time on the test's MockClock, the `clock` fixture) -----------
+
+A = "a0000000-0000-4000-8000-00000000000a"
+B = "b0000000-0000-4000-8000-00000000000b"
+PATHS = ["/usr/bin/ls", "/usr/bin/cat", "/usr/lib/libc.so.6"]
+GUARD = 60  # mock seconds: a hang guard only
+
+
+async def start(nursery: trio.Nursery, tmp: Path, pki: Any, clock: MockClock, **over: Any) -> RunningVerifier:
+    opts: dict[str, Any] = {"mode": "push", "quote_interval": 2.0}
+    opts.update(over)
+    return await start_verifier(nursery, pki, tmp / "verifier", clock=clock.current_time, **opts)
+
+
+def agent(rv: RunningVerifier, pki: Any, agent_id: str = A, kind: str = "rsa", paths: list[str] = PATHS) -> SoftAgent:
+    host, port = rv.verifier.address  # type: ignore[misc]
+    return SoftAgent.make(agent_id, kind, host, port, pki.ca, paths)
+
+
+async def enrolled(rv: RunningVerifier, pki: Any, agent_id: str = A, kind: str = "rsa") -> SoftAgent:
+    await rv.call("POST", f"/agents/{agent_id}", push_enrol_body(kind, policy_for(PATHS)))
+    a = agent(rv, pki, agent_id, kind)
+    resp = await a.open_session()
+    assert resp.status_code == 200 and a.token, resp.text
+    return a
+
+
+async def verdict(rv: RunningVerifier, agent_id: str, index: int) -> dict[str, Any]:
+    """Poll the admin GET until the attestation's verification completed."""
+    with trio.fail_after(GUARD):
+        while True:
+            resp = await rv.admin.get(rv.url.replace("/v2.1", "/v3") + f"/agents/{agent_id}/attestations/{index}")
+            assert resp.status_code == 200, resp.text
+            attrs = resp.json()["data"]["attributes"]
+            if attrs["stage"] == "verification_complete":
+                return resp.json()["data"]
+            await trio.sleep(0.2)
+
+
+async def wait_next(clock: MockClock, resp: Any) -> None:
+    await trio.sleep(resp.json()["meta"]["seconds_to_next_attestation"])

@@ -13,10 +13,7 @@ import trio
 from trio.testing import MockClock
 
 from keytrio.actors.verifier.schema import push_attestations, push_sessions
-from tests.actors.verifier.push_support import JSONAPI, SoftAgent
-from tests.actors.verifier.test_push_verifier import A, B, agent, clock, enrolled, start, verdict
-
-__all__ = ["clock"]  # the fixture
+from tests.actors.verifier.push_support import JSONAPI, A, B, SoftAgent, agent, enrolled, start, verdict
 
 
 async def rows(rv: Any) -> tuple[int, int]:

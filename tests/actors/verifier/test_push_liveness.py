@@ -12,9 +12,7 @@ from trio.testing import MockClock
 
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.push.verify import TIMEOUT
-from tests.actors.verifier.test_push_verifier import A, B, clock, enrolled, start, verdict, wait_next
-
-__all__ = ["clock"]  # the fixture
+from tests.actors.verifier.push_support import A, B, enrolled, start, verdict, wait_next
 
 
 async def wait_failed(rv: Any, agent_id: str) -> dict[str, Any]:

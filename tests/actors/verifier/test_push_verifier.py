@@ -7,60 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from trio.testing import MockClock
 
 from keytrio.actors.verifier import records
 from keytrio.protocol import ima
-from tests.actors.verifier.push_support import SoftAgent, entry, policy_for, push_enrol_body
-from tests.actors.verifier_support import RunningVerifier, start_verifier
-
-A = "a0000000-0000-4000-8000-00000000000a"
-B = "b0000000-0000-4000-8000-00000000000b"
-PATHS = ["/usr/bin/ls", "/usr/bin/cat", "/usr/lib/libc.so.6"]
-GUARD = 60  # mock seconds: a hang guard only
-
-
-@pytest.fixture
-def clock() -> MockClock:
-    # jumps only after 0.3 s of real idleness: sockets and SQLite threads finish first
-    return MockClock(autojump_threshold=0.3)
-
-
-async def start(nursery: trio.Nursery, tmp: Path, pki: Any, clock: MockClock, **over: Any) -> RunningVerifier:
-    opts: dict[str, Any] = {"mode": "push", "quote_interval": 2.0}
-    opts.update(over)
-    return await start_verifier(nursery, pki, tmp / "verifier", clock=clock.current_time, **opts)
-
-
-def agent(rv: RunningVerifier, pki: Any, agent_id: str = A, kind: str = "rsa", paths: list[str] = PATHS) -> SoftAgent:
-    host, port = rv.verifier.address  # type: ignore[misc]
-    return SoftAgent.make(agent_id, kind, host, port, pki.ca, paths)
-
-
-async def enrolled(rv: RunningVerifier, pki: Any, agent_id: str = A, kind: str = "rsa") -> SoftAgent:
-    await rv.call("POST", f"/agents/{agent_id}", push_enrol_body(kind, policy_for(PATHS)))
-    a = agent(rv, pki, agent_id, kind)
-    resp = await a.open_session()
-    assert resp.status_code == 200 and a.token, resp.text
-    return a
-
-
-async def verdict(rv: RunningVerifier, agent_id: str, index: int) -> dict[str, Any]:
-    """Poll the admin GET until the attestation's verification completed."""
-    with trio.fail_after(GUARD):
-        while True:
-            resp = await rv.admin.get(rv.url.replace("/v2.1", "/v3") + f"/agents/{agent_id}/attestations/{index}")
-            assert resp.status_code == 200, resp.text
-            attrs = resp.json()["data"]["attributes"]
-            if attrs["stage"] == "verification_complete":
-                return resp.json()["data"]
-            await trio.sleep(0.2)
-
-
-async def wait_next(clock: MockClock, resp: Any) -> None:
-    await trio.sleep(resp.json()["meta"]["seconds_to_next_attestation"])
+from tests.actors.verifier.push_support import (
+    A,
+    B,
+    enrolled,
+    entry,
+    start,
+    verdict,
+    wait_next,
+)
 
 
 async def test_happy_path_pass_then_more_lines_and_the_v2_record(

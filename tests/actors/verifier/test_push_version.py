@@ -12,9 +12,7 @@ import trio
 from trio.testing import MockClock
 
 from keytrio.protocol.versions import SERVER_VERSIONS, newest
-from tests.actors.verifier.test_push_verifier import agent, clock, start
-
-__all__ = ["clock"]  # the fixture
+from tests.actors.verifier.push_support import agent, start
 
 
 @pytest.mark.parametrize("mode", ["push", "both", "pull"])
