@@ -67,6 +67,14 @@ def test_tests_and_bench_import_ours_by_the_installed_name():
     assert not bad, "\n".join(bad)
 
 
+def test_test_modules_import_no_test_module():
+    """Shared helpers live in support modules and conftest files: a test module imported by another
+    is collected twice over and ties two test files together."""
+    bad = [f"{p.relative_to(REPO)}:{line} imports {mod}" for p in _sources("tests", "bench")
+           for line, mod in _imports(p) if mod.startswith("tests.") and mod.split(".")[-1].startswith("test_")]
+    assert not bad, "\n".join(bad)
+
+
 def test_the_check_sees_a_violation(tmp_path: Path):
     """The rule above reads real import statements (a check that cannot fail proves nothing)."""
     bad = tmp_path / "x.py"

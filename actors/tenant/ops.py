@@ -6,7 +6,7 @@ from typing import Any
 
 import trio
 
-from keytrio.actors.tenant import push
+import keytrio.actors.tenant.push as push
 from keytrio.actors.tenant.context import TenantContext
 from keytrio.actors.tenant.errors import Refused, VerificationFailed
 from keytrio.protocol import states

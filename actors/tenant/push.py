@@ -20,9 +20,9 @@ from typing import Any
 
 import httpx
 
-from keytrio.actors.tenant import ekcheck
 from keytrio.actors.tenant.add import AddRequest, _Registration, check_request, enrolment_body
 from keytrio.actors.tenant.context import TenantContext
+from keytrio.actors.tenant.ekcheck import check_ek
 from keytrio.actors.tenant.errors import ConnectionProblem, Refused, UsageError
 
 #: ``supported_version`` of a push enrolment: the API the agent speaks (nothing calls it back)
@@ -48,7 +48,7 @@ async def add_push_agent(t: TenantContext, req: AddRequest) -> PushAddResult:
     if not isinstance(aik, str) or not isinstance(ek, str):
         raise Refused("registrar", 200, "record without aik_tpm/ek_tpm")
     if checked.ek_store is not None:
-        ekcheck.check_ek(record.get("ekcert"), ek, checked.ek_store)
+        check_ek(record.get("ekcert"), ek, checked.ek_store)
     verifier = await t.ready(t.verifier)
     body = enrolment_body(req, checked, _Registration(aik, ek, "", "", 0, None), b"", PUSH_AGENT_VERSION)
     body.update(v=None, cloudagent_ip=None, cloudagent_port=None, mtls_cert=None)
