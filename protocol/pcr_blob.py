@@ -19,10 +19,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
+from keytrio.protocol import validation
 from keytrio.protocol.errors import DecodeError, ValidationError
 from keytrio.protocol.tpm2 import DIGEST_SIZES, HASH_ALGS, HASH_NAMES
 
-MAX_PCR = 23
+MAX_PCR = validation.MAX_PCR  # one name: the highest PCR index of a TPM 2.0 PC client
 SLOTS = 16  # TPM2_NUM_PCR_BANKS
 SLOT = struct.Struct("<HB4sx")
 SELECT_MAX = 4  # TPM2_PCR_SELECT_MAX

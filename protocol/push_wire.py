@@ -22,7 +22,7 @@ from keytrio.protocol import pcr_blob, tpm2, validation
 from keytrio.protocol.errors import ProtocolError
 
 JSONAPI = {"version": "1.1"}
-MAX_PCR = 23
+MAX_PCR = validation.MAX_PCR
 CERTIFICATION, LOG = "certification", "log"
 TPM_QUOTE, IMA_LOG, UEFI_LOG = "tpm_quote", "ima_log", "uefi_log"
 POP_CLASS, POP_TYPE = "pop", "tpm_pop"
