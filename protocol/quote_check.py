@@ -230,11 +230,42 @@ def check_quote(
         fails.append(_quote_failure(CHECK_AK, "AK public key is unusable", error=str(exc), event_id=INVALID_QUOTE))
         return result
 
+    sig_hash = tpm2.HASH_NAMES.get(quote.sig.hash_alg)
+    fails += _algorithm_failures(quote, ak, hash_alg, accepted_hash_algs, accepted_sign_algs)
+    fails += _signature_failures(quote, ak, sig_hash)
+    # -- nonce: extraData carries the nonce's raw bytes (pull mode), or what its base64 decodes to
+    if not nonce_matches(quote.info.extra_data, nonce, allow_base64=nonce_base64):
+        fails.append(_quote_failure(CHECK_NONCE, "the quote's nonce differs from the expected nonce"))
+    fails += _selection_failures(quote, hash_alg)
+    # -- PCR digest: H_sighash(values in ascending PCR order), as TPM2_Quote computes it
+    expected = tpm2.digest(sig_hash or quote.bank, b"".join(quote.pcrs[p] for p in sorted(quote.pcrs)))
+    if expected != quote.info.pcr_digest:
+        fails.append(_quote_failure(CHECK_PCR_DIGEST, "pcrDigest does not match the PCR values sent"))
+    if check_clock_info:
+        fails += _clock_failures(quote.info.clock, previous_clock)
+    if required_pcrs is not None:
+        missing = sorted(set(required_pcrs) - set(quote.pcrs))
+        if missing:
+            fails.append(
+                Failure(
+                    MISSING_PCRS, {"context": "PCRs are missing in quote", "data": missing}, recoverable=True
+                )
+            )
+    return result
+
+
+def _algorithm_failures(
+    quote: ParsedQuote,
+    ak: tpm2.AkKey,
+    hash_alg: str,
+    accepted_hash_algs: Iterable[str] | None,
+    accepted_sign_algs: Iterable[str] | None,
+) -> list[Failure]:
+    """Claimed hash == signature hash == bank, all accepted, and the AK's own scheme."""
+    fails: list[Failure] = []
     sig = quote.sig
     sig_hash = tpm2.HASH_NAMES.get(sig.hash_alg)
     sig_name = tpm2.SIGN_NAMES.get(sig.sig_alg, f"{sig.sig_alg:#06x}")
-
-    # -- algorithms: claimed hash == signature hash == bank, all accepted, and the AK's own scheme
     if hash_alg not in tpm2.HASH_ALGS:
         fails.append(_quote_failure(CHECK_ALGORITHM, f"unsupported hash_alg {hash_alg!r}", event_id=INVALID_HASH_ALG))
     elif accepted_hash_algs is not None and hash_alg not in set(accepted_hash_algs):
@@ -253,20 +284,20 @@ def check_quote(
                 f"quote signed with {sig_name}/{sig_hash} but the AK's scheme is {ak.sign_alg}/{ak.hash_alg}",
             )
         )
+    return fails
 
-    # -- signature: with the hash the signature names (the TPM hashes with its scheme's hash)
+
+def _signature_failures(quote: ParsedQuote, ak: tpm2.AkKey, sig_hash: str | None) -> list[Failure]:
+    """Verified with the hash the signature names (the TPM hashes with its scheme's hash)."""
     if sig_hash is None:
-        fails.append(_quote_failure(CHECK_SIGNATURE, "signature hash unsupported, cannot verify"))
-    else:
-        why = _verify_signature(ak, sig.sig_alg, sig_hash, quote)
-        if why is not None:
-            fails.append(_quote_failure(CHECK_SIGNATURE, why))
+        return [_quote_failure(CHECK_SIGNATURE, "signature hash unsupported, cannot verify")]
+    why = _verify_signature(ak, quote.sig.sig_alg, sig_hash, quote)
+    return [] if why is None else [_quote_failure(CHECK_SIGNATURE, why)]
 
-    # -- nonce: extraData carries the nonce's raw bytes (pull mode), or what its base64 decodes to
-    if not nonce_matches(quote.info.extra_data, nonce, allow_base64=nonce_base64):
-        fails.append(_quote_failure(CHECK_NONCE, "the quote's nonce differs from the expected nonce"))
 
-    # -- PCR selection: the attest must select exactly the blob's bank and PCRs
+def _selection_failures(quote: ParsedQuote, hash_alg: str) -> list[Failure]:
+    """The attest must select exactly the blob's bank and PCRs."""
+    fails: list[Failure] = []
     selected = sorted(quote.pcrs)
     sel = quote.info.pcr_select
     if quote.bank != hash_alg:
@@ -280,35 +311,18 @@ def check_quote(
                 sent=[tpm2.HASH_ALGS[quote.bank], selected],
             )
         )
+    return fails
 
-    # -- PCR digest: H_sighash(values in ascending PCR order), as TPM2_Quote computes it
-    digest_alg = sig_hash or quote.bank
-    expected = tpm2.digest(digest_alg, b"".join(quote.pcrs[p] for p in selected))
-    if expected != quote.info.pcr_digest:
-        fails.append(_quote_failure(CHECK_PCR_DIGEST, "pcrDigest does not match the PCR values sent"))
 
-    # -- clock
-    if check_clock_info:
-        why = check_clock(quote.info.clock, previous_clock)
-        if why is not None:
-            fails.append(
-                _quote_failure(
-                    CHECK_CLOCK,
-                    why,
-                    current=quote.info.clock.to_json(),
-                    previous=previous_clock.to_json() if previous_clock else None,
-                )
-            )
-
-    if required_pcrs is not None:
-        missing = sorted(set(required_pcrs) - set(quote.pcrs))
-        if missing:
-            fails.append(
-                Failure(
-                    MISSING_PCRS, {"context": "PCRs are missing in quote", "data": missing}, recoverable=True
-                )
-            )
-    return result
+def _clock_failures(current: ClockInfo, previous: ClockInfo | None) -> list[Failure]:
+    why = check_clock(current, previous)
+    if why is None:
+        return []
+    return [
+        _quote_failure(
+            CHECK_CLOCK, why, current=current.to_json(), previous=previous.to_json() if previous else None
+        )
+    ]
 
 
 def check_pcr16(bank: str, pcrs: dict[int, bytes], nk_pem: str) -> Failure | None:
