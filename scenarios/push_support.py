@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import sqlalchemy as sa
 import trio
 
+from keytrio.actors.agent.push_client import JSON_API
+from keytrio.actors.agent.push_loop import PushAttester
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
 from keytrio.actors.verifier.schema import notices
 from keytrio.scenarios.runner import Run
 from keytrio.testbed.machine import Machine
@@ -66,3 +71,30 @@ async def dial_in_refused(address: tuple[str, int]) -> bool:
                 return await stream.receive_some(1) == b""
     except (OSError, trio.BrokenResourceError):
         return True
+
+
+def attester(m: Machine) -> PushAttester:
+    """The running push agent's attestation loop (its token, evidence source and client)."""
+    assert m.agent is not None and m.agent.push is not None, f"{m.name}: no push agent running"
+    return m.agent.push
+
+
+async def token_of(m: Machine) -> str:
+    """The push agent's current PoP bearer token (waits for its first session)."""
+    push = attester(m)
+    with trio.fail_after(10):
+        while push.token is None:
+            await trio.sleep(0.05)
+    assert push.token is not None
+    return push.token
+
+
+def v3_client(tb: Testbed) -> httpx.AsyncClient:
+    """HTTPS to the verifier's push API as a push agent dials it: the server verified against the
+    testbed CA, no client certificate (authentication is the bearer token alone)."""
+    assert tb.ca is not None
+    return make_client(tls.client_context([tb.ca.ca]), timeout=10)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Content-Type": JSON_API, "Accept": JSON_API}

@@ -95,6 +95,11 @@ class PushAttester:
         self._changed.set()
         self._changed = trio.Event()
 
+    @property
+    def token(self) -> str | None:
+        """The PoP bearer token in use (None before the first session or after a refusal)."""
+        return self._token
+
     async def wait_for(self, pred: Callable[[PushStats], bool]) -> PushStats:
         while not pred(self.stats):
             await self._changed.wait()
