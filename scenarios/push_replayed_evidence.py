@@ -36,7 +36,7 @@ class Tap(VerifierClient):
     """The agent's own client, recording what it sends: (method, path, body) of every call."""
 
     def __init__(self, inner: VerifierClient) -> None:
-        self.__dict__.update(inner.__dict__)
+        self.__dict__.update(inner.__dict__)  # same URL, TLS context and pooled connection
         self.sent: list[tuple[str, str, Any]] = []
 
     async def call(self, method: str, path: str, body: Any = None, *, token: str | None = None) -> Answer:
@@ -50,12 +50,13 @@ class Tap(VerifierClient):
 
 async def open_attestation(http: httpx.AsyncClient, tb: Testbed, m: Machine, token: str,
                            caps: Any) -> httpx.Response:
-    """POST capabilities for ``m`` as its agent would, waiting out ``premature_attestation``."""
+    """POST capabilities for ``m`` as its agent would, waiting out 429 (premature) and 503 (the
+    agent's last evidence still being verified) as the verifier's ``Retry-After`` says."""
     url = f"{tb.verifier_url}/v3/agents/{m.agent_id}/attestations"
     with trio.fail_after(10):
         while True:
             r = await http.post(url, json=caps, headers=bearer(token))
-            if r.status_code != 429:
+            if r.status_code not in (429, 503):
                 return r
             await trio.sleep(float(r.headers.get("retry-after", "1")))
 

@@ -6,8 +6,8 @@ does (server-verified TLS, no client certificate) for A: it opens an attestation
 capabilities), submits evidence for A's latest attestation (PATCH) and reads A's history (GET).
 Then a forged token (the right shape, an unknown secret) and a malformed one.
 Expected verdict: 403 for B's token on each of A's routes (the token is good, the agent is not
-its own), 401 for the forged and the malformed token; nothing stored for A by them, A and B keep
-passing (Get Quote throughout, no event).
+its own), 401 for the forged and the malformed token; no failed attestation in A's history, A and
+B keep passing (Get Quote throughout, no event).
 """
 
 from __future__ import annotations
