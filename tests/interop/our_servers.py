@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -32,7 +33,8 @@ class OurServers:
 
 
 @asynccontextmanager
-async def our_servers(root: Path) -> AsyncIterator[OurServers]:
+async def our_servers(root: Path, **verifier_options: Any) -> AsyncIterator[OurServers]:
+    """``verifier_options`` override the verifier's config (e.g. ``mode="push"``)."""
     ca_dir = root / "cv_ca"
     Authority.init(ca_dir)  # `keytrio ca init --dir ca_dir`: upstream's cv_ca file names
     reg_cfg = registrar_config.load_config(env={}, overrides={
@@ -43,7 +45,7 @@ async def our_servers(root: Path) -> AsyncIterator[OurServers]:
     (vport,) = free_ports(1)
     ver_cfg = verifier_config.load_config(env={}, overrides={
         "metrics_port": 0, "ip": "127.0.0.1", "port": vport, "data_dir": str(root / "verifier"), "tls_dir": str(ca_dir),
-        "quote_interval": 1.0, "retry_interval": 0.5,
+        "quote_interval": 1.0, "retry_interval": 0.5, **verifier_options,
     })
     async with trio.open_nursery() as nursery:
         registrar = await nursery.start(Registrar(reg_cfg).run)
