@@ -1,5 +1,5 @@
 """Issue 19 item 5 (second half): upstream Keylime 7.14.3's ``keylime_tenant -c add --push-model``
-enrols OUR push agent on OUR verifier (mode push), the agent registered with OUR registrar.
+enrols OUR push agent on OUR verifier (mode push, and mode both), the agent registered with OUR registrar.
 
 The machine is a testbed machine (real swtpm, a real IMA log that extends PCR 10, our agent with
 ``mode = "push"``). Upstream's tenant runs from the project's upstream venv with a tenant.conf
@@ -45,9 +45,11 @@ def done(data: dict[str, Any]) -> bool:
     return data.get("attributes", {}).get("stage") == "verification_complete"
 
 
-async def test_upstream_tenant_enrols_our_push_agent_on_our_verifier(upstream: Upstream, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["push", "both"])
+async def test_upstream_tenant_enrols_our_push_agent_on_our_verifier(upstream: Upstream, tmp_path: Path,
+                                                                     mode: str) -> None:
     agent_id = str(uuidlib.uuid4())
-    async with our_servers(tmp_path / "servers", mode="push") as servers, running_machine(
+    async with our_servers(tmp_path / "servers", mode=mode) as servers, running_machine(
         "m-push-ours", tmp_path, servers.ca, registrar=servers.registrar.http, uuid=agent_id, mode="push",
         verifier_url=servers.verifier_url, verifier_tls_ca_cert=str(servers.ca.ca),
         backoff_initial_delay=0.5, backoff_max_delay=2.0,
@@ -72,7 +74,10 @@ async def test_upstream_tenant_enrols_our_push_agent_on_our_verifier(upstream: U
 
         add = await run_tool([*tenant, "-c", "add", "--push-model", "-u", agent_id, "--runtime-policy", str(policy)],
                              env, timeout=120)
-        print("[interop] upstream tenant add --push-model:", add.describe())
+        # our /version answers 200 (upstream's push verifier: 410, then its tenant falls back to
+        # v2.6): upstream's tenant takes our current_version 2.5 for both servers
+        for server in ("registrar", "verifier"):
+            assert f"Using API version 2.5 for {server} communication" in add.stdout + add.stderr, add.describe()
         # the enrolment as our verifier stored it: no contact, the AK from our registrar, the policy
         record = await agent_record(client, servers.verifier_url, agent_id)
         assert (record.get("ip"), record.get("port")) == (None, None), record
