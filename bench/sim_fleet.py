@@ -169,6 +169,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.monotonic()
         sims = SimProcess(ca / "cacert.crt", args.policy_files, max(sizes + up_sizes), others, out / "sim-agents.log")
         report["keys_s"] = time.monotonic() - t0
+        pushers = None
+        if args.push:  # the push agents live in this process (bench.sim_push), keys of their own
+            pool = sim_agent.sim_keys.PrimePool(sim_agent.keys_for(max(sizes)))
+            pushers = sim_agent.SimAgents(ca / "cacert.crt", pool, args.policy_files, Path(tmp) / "push")
+            pushers.port = 9002  # registered, never listened on: push agents dial out only
         registrar = None
         if args.register > 0:
             reg_srv, registrar = _start_registrar(ca, Path(tmp) / "registrar", others, rlog)
@@ -219,6 +224,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         _say("keytrio", row["keytrio"])
                     except (RuntimeError, httpx.HTTPError) as exc:
                         report["stopped"]["keytrio"] = f"N={n}: {exc}"
+                if args.push and n in sizes:
+                    row["push"] = _push_side(args, ca, Path(vtmp) / f"push-verifier-{k}", cpu, klog, ctx, n,
+                                             args.quote_interval or auto_interval(n), body, pushers, registrar,
+                                             report)  # fmt: skip
                 if n in up_sizes:
                     row["upstream"] = _upstream_side(args, up_env, up_pgid, ctx, limits, agents, body, sims, report)
                 report["rows"].append({**row, "loadavg": os.getloadavg()})
@@ -262,6 +271,30 @@ def _upstream_side(args: argparse.Namespace, env: dict[str, str], pgid: int, ctx
     return r
 
 
+def _push_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, log: Any, ctx: Any, n: int,
+               qi: float, body: dict[str, Any], pushers: Any, registrar: str | None,
+               report: dict[str, Any]) -> dict[str, Any] | None:
+    from bench import sim_push
+
+    new = pushers.grow(n, salt="push")
+    agents = pushers.agents[:n]
+
+    async def side() -> dict[str, Any]:
+        if registrar is not None:
+            done = len(pushers.agents) - len(new)
+            await pushers.register(new[: max(0, min(n, args.register) - done)], registrar)
+        async with httpx.AsyncClient(verify=ctx, timeout=120.0) as admin:
+            return await sim_push.push_side(admin, ca, data_dir, cpu, log, agents, body, qi, args.seconds)
+
+    try:
+        r = trio.run(side)
+    except (RuntimeError, httpx.HTTPError) as exc:
+        report["stopped"]["push"] = f"N={n}: {exc}"
+        return None
+    _say("keytrio push", r)
+    return r
+
+
 def _say(name: str, r: dict[str, Any]) -> None:
     print(f"[bench] sim {name} N={r['n']} (interval {r['quote_interval']:g} s): {r['achieved_rate']:.1f}/"
           f"{r['target_rate']:.1f} polls/s, {(r['cpu_per_poll'] or 0) * 1e3:.3f} ms verifier CPU/poll "
@@ -274,7 +307,7 @@ def tables(rep: dict[str, Any]) -> str:
             "agents per core at 2 s | verifier RSS MB | agents process CPU per poll | states at end |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rep["rows"]:
-        for name in ("keytrio", "upstream"):
+        for name in ("keytrio", "push", "upstream"):
             r = row.get(name)
             if r is None:
                 continue
@@ -310,6 +343,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--verifier-dir", default=None,
                     help="where keytrio's verifier keeps its SQLite database (default: the system's temporary "
                          "directory; /dev/shm takes fsync latency out of enrolment, not CPU out of a poll)")
+    ap.add_argument("--push", action="store_true",
+                    help="also a push-mode fleet (bench.sim_push: v3.0 agents in this process) per N, against a "
+                         "fresh keytrio verifier in mode = push, next to the pull row")
     ap.add_argument("--upstream-dir", type=Path, default=None, help="a DIR running tests/interop/upstream/up.sh")
     ap.add_argument("--upstream-sizes", default="50", help="N values for upstream's verifier")
     ap.add_argument("--py-spy", default=None, help="sample keytrio's verifier during the window (py-spy raw)")

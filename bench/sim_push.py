@@ -1,0 +1,270 @@
+"""Simulated push agents (API v3.0): bench.sim_agent's machines, but they dial in.
+
+Each ``PushAgent`` wraps one ``sim_agent.SimAgent`` (software RSA-2048 EK/AK, PCR bank, TPM clock,
+IMA log; a ``tamper`` agent sends a forged last IMA line) and runs the push agent's cycle against
+the verifier's /v3 routes: ``POST /sessions`` -> ``PATCH /sessions/{id}`` with a software
+TPM2_Certify of its AK (qualifyingData = the challenge, signed RSASSA/SHA-256 by the AK: the PoP),
+then forever ``POST /agents/{id}/attestations`` (capabilities) -> ``PATCH .../latest`` (a quote
+over exactly the PCRs chosen, ``tpm2_quote``'s PCR blob as subject_data, the IMA tail from the
+offset asked for) -> sleep ``meta.seconds_to_next_attestation``. 401/403 reopen the session;
+429/503 wait ``Retry-After``. Many agents share one httpx client (one keep-alive connection per
+agent, server-verified TLS, no client cert: the bearer token is the credential).
+
+``push_side`` (bench.sim_fleet ``--push``): a fresh keytrio verifier in ``mode = push`` pinned to the
+verifier CPU, N push agents in the controller process, the same window as bench.fleet (verifier
+utime + stime over Σ ``attestation_count`` deltas from the bulk GET; a push attestation counts
+once its evidence passed).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import random
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from bench import fleet
+from bench.sim_agent import _ATTEST_HEAD, _PKCS1, _SHA256, _SIG_HEAD, BANK, BOOTTIME, SimAgent, _tpm2b
+from keytrio.protocol import pcr_blob, pop
+
+JSONAPI = "application/vnd.api+json"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def push_enrolment(a: SimAgent) -> dict[str, Any]:
+    """What upstream's tenant POSTs for ``add --push-model``: no address, no mTLS cert, no V."""
+    return {
+        "v": None, "cloudagent_ip": None, "cloudagent_port": None, "tpm_policy": fleet.TPM_POLICY,
+        "runtime_policy": "", "runtime_policy_name": fleet.POLICY_NAME, "runtime_policy_key": "",
+        "mb_policy": None, "mb_policy_name": None, "ima_sign_verification_keys": "", "metadata": "{}",
+        "revocation_key": "", "accept_tpm_hash_algs": ["sha256", "sha384", "sha512"],
+        "accept_tpm_encryption_algs": ["ecc", "rsa"], "accept_tpm_signing_algs": ["ecdsa", "rsassa"],
+        "ak_tpm": _b64(a.ak_public.marshal()), "mtls_cert": None, "supported_version": "1.0",
+    }  # fmt: skip
+
+
+class PushAgent:
+    def __init__(self, sim: SimAgent, base: str, client: httpx.AsyncClient) -> None:
+        self.sim = sim
+        self.base = base.rstrip("/") + "/v3"
+        self.client = client
+        self.token: str | None = None
+        self.sent = 0  # evidence submissions answered 202
+        self.errors: dict[str, int] = {}
+        self.first_error: dict[str, str] = {}  # error kind -> its first response body (diagnosis)
+
+    def _err(self, what: str, r: httpx.Response | None = None) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
+        if r is not None:
+            self.first_error.setdefault(what, r.text[:300])
+
+    async def _req(self, method: str, path: str, body: dict[str, Any], auth: bool = True) -> httpx.Response:
+        headers = {"Content-Type": JSONAPI}
+        if auth and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return await self.client.request(method, self.base + path, content=json.dumps(body), headers=headers)
+
+    def certify(self, challenge: bytes) -> tuple[bytes, bytes]:
+        """TPM2_Certify(AK by AK, qualifyingData = challenge) in software -> (attest, TPMT_SIGNATURE)."""
+        name = self.sim.ak_name
+        message = pop.encode_certify(extra_data=challenge, name=name, qualified_signer=name,
+                                     clock=(self.sim._clock(), 1, 0, 1))  # fmt: skip
+        return message, _SIG_HEAD + self.sim.ak.sign(message, _PKCS1, _SHA256)
+
+    async def open_session(self) -> bool:
+        aid = self.sim.agent_id
+        r = await self._req("POST", "/sessions", {"data": {"type": "session", "attributes": {
+            "agent_id": aid,
+            "authentication_supported": [{"authentication_class": "pop", "authentication_type": "tpm_pop"}]}}},
+            auth=False)  # fmt: skip
+        if r.status_code != 200:
+            self._err(f"session {r.status_code}")
+            return False
+        doc = r.json()["data"]
+        params = doc["attributes"]["authentication_requested"][0]["chosen_parameters"]
+        message, sig = self.certify(base64.b64decode(params["challenge"]))
+        r = await self._req("PATCH", f"/sessions/{doc['id']}", {"data": {"type": "session", "id": doc["id"], "attributes": {
+            "agent_id": aid, "authentication_provided": [{
+                "authentication_class": "pop", "authentication_type": "tpm_pop",
+                "data": {"message": _b64(message), "signature": _b64(sig)}}]}}}, auth=False)  # fmt: skip
+        attrs = r.json().get("data", {}).get("attributes", {}) if r.status_code == 200 else {}
+        if attrs.get("evaluation") != "pass":
+            self._err(f"pop {r.status_code}")
+            return False
+        self.token = attrs["token"]
+        return True
+
+    def capabilities(self) -> dict[str, Any]:
+        return {"data": {"type": "attestation", "attributes": {
+            "evidence_supported": [
+                {"evidence_class": "certification", "evidence_type": "tpm_quote", "capabilities": {
+                    "component_version": "2.0", "hash_algorithms": [BANK], "signature_schemes": ["rsassa"],
+                    "available_subjects": {BANK: list(range(24))},
+                    "certification_keys": [{"key_class": "asymmetric", "key_algorithm": "rsa", "key_size": 2048,
+                                            "server_identifier": "ak", "local_identifier": "att_local_identifier",
+                                            "public": _b64(self.sim.ak_public.marshal())}]}},
+                {"evidence_class": "log", "evidence_type": "ima_log", "capabilities": {
+                    "entry_count": len(self.sim.lines), "supports_partial_access": True, "appendable": True,
+                    "formats": ["text/plain"]}},
+            ],
+            "system_info": {"boot_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(BOOTTIME))}}}}  # fmt: skip
+
+    def quote(self, challenge: bytes, selected: list[int]) -> dict[str, str]:
+        """A TPMS_ATTEST quote over exactly ``selected`` (sha256), signed by the AK."""
+        sel = sorted(set(selected))
+        values = {p: self.sim.pcrs[p] for p in sel}
+        bits = sum(1 << p for p in sel)
+        digest = hashlib.sha256(b"".join(values[p] for p in sel)).digest()
+        attest = b"".join((
+            _ATTEST_HEAD, _tpm2b(self.sim.ak_name), _tpm2b(challenge),
+            struct.pack(">QIIB", self.sim._clock(), self.sim.reset_count, self.sim.restart_count, 1),
+            struct.pack(">Q", 0x20240125_00120000),
+            struct.pack(">IHB", 1, 0x000B, 3), bits.to_bytes(3, "little"), _tpm2b(digest),
+        ))  # fmt: skip
+        sig = _SIG_HEAD + self.sim.ak.sign(attest, _PKCS1, _SHA256)
+        return {"subject_data": _b64(pcr_blob.encode({BANK: values})), "message": _b64(attest),
+                "signature": _b64(sig)}  # fmt: skip
+
+    def evidence(self, requested: list[dict[str, Any]]) -> dict[str, Any]:
+        items: list[dict[str, Any]] = []
+        for want in requested:
+            params = want["chosen_parameters"]
+            if want["evidence_type"] == "tpm_quote":
+                data = self.quote(base64.b64decode(params["challenge"]), params["selected_subjects"][BANK])
+                items.append({"evidence_class": "certification", "evidence_type": "tpm_quote", "data": data})
+            else:
+                start = int(params.get("starting_offset", 0))
+                tail = self.sim.lines[start:] if start <= len(self.sim.lines) else self.sim.lines
+                items.append({"evidence_class": "log", "evidence_type": "ima_log",
+                              "data": {"entry_count": len(tail), "entries": "".join(tail)}})  # fmt: skip
+        return {"data": {"type": "attestation", "attributes": {"evidence_collected": items}}}
+
+    async def cycle(self) -> float:
+        """One session check + capabilities + evidence; -> seconds to wait before the next."""
+        if self.token is None and not await self.open_session():
+            return 2.0
+        aid = self.sim.agent_id
+        r = await self._req("POST", f"/agents/{aid}/attestations", self.capabilities())
+        if r.status_code in (401, 403):
+            self.token = None
+            self._err(f"capabilities {r.status_code}", r)
+            return 1.0
+        if r.status_code != 201:
+            self._err(f"capabilities {r.status_code}", r)
+            return float(r.headers.get("Retry-After", 1))
+        requested = r.json()["data"]["attributes"]["evidence_requested"]
+        r = await self._req("PATCH", f"/agents/{aid}/attestations/latest", self.evidence(requested))
+        if r.status_code != 202:
+            if r.status_code in (401, 403):
+                self.token = None
+            self._err(f"evidence {r.status_code}", r)
+            return float(r.headers.get("Retry-After", 1))
+        self.sent += 1
+        return float(r.json().get("meta", {}).get("seconds_to_next_attestation", 1))
+
+    async def run(self, first_delay: float = 0.0) -> None:
+        await trio.sleep(first_delay)
+        while True:
+            try:
+                wait = await self.cycle()
+            except httpx.HTTPError as exc:
+                self._err(type(exc).__name__)
+                wait = 1.0
+            await trio.sleep(wait)
+
+
+def push_client(ca_file: Path, n: int) -> httpx.AsyncClient:
+    from keytrio.actors.common import tls
+
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    return httpx.AsyncClient(verify=tls.client_context([ca_file]), timeout=60.0, limits=limits)
+
+
+async def _bulk(admin: httpx.AsyncClient, url: str) -> tuple[float, dict[str, Any]]:
+    # the verifier may close the admin's idle keep-alive connection just as it is reused: retry once
+    try:
+        return await fleet._bulk(admin, url)
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        return await fleet._bulk(admin, url)
+
+
+async def push_side(admin: httpx.AsyncClient, ca: Path, data_dir: Path, cpu: int, log: Any, sims: list[SimAgent],
+                    body: dict[str, Any], qi: float, seconds: float) -> dict[str, Any]:
+    """One window of N push agents against a fresh keytrio verifier in push mode (see the module doc)."""
+    srv, url = fleet._start_keytrio(ca, data_dir, cpu, log, options={"quote_interval": qi, "mode": "push"})
+    try:
+        await fleet._upload(admin, url, body)
+        n = len(sims)
+        async with push_client(ca / "cacert.crt", n) as client, trio.open_nursery() as nursery:
+            agents = [PushAgent(s, url, client) for s in sims]
+            rng = random.Random(0)
+            t0 = time.monotonic()
+            for a in agents:
+                r = await admin.post(f"{url}/v{fleet.API}/agents/{a.sim.agent_id}", json=push_enrolment(a.sim))
+                if r.status_code != 200:
+                    raise RuntimeError(f"push enrolment of {a.sim.agent_id}: {r.status_code} {r.text[:300]}")
+                # each agent starts within one interval of its own enrolment (its deadline,
+                # maximum_attestation_interval, runs from there), spread as a fleet booted at random
+                nursery.start_soon(a.run, rng.uniform(0, qi))
+            enrol_s = time.monotonic() - t0
+            ids = [s.agent_id for s in sims]
+            deadline = time.monotonic() + 30 + 0.2 * n
+            while time.monotonic() < deadline:
+                _t, recs = await _bulk(admin, url)
+                if all(recs.get(i, {}).get("attestation_count", 0) >= 1 for i in ids):
+                    break
+                await trio.sleep(1.0)
+            await trio.sleep(math.ceil(qi))
+            t_a, before = await _bulk(admin, url)
+            pids = [srv.pid]
+            cpu_a, ctl_a = fleet.usage(pids)[0], sum(os.times()[:2])
+            us_a = fleet._user_sys(pids)
+            w0 = time.monotonic()
+            await trio.sleep(seconds)
+            cpu_b, rss = fleet.usage(pids)
+            us_b, ctl_b = fleet._user_sys(pids), sum(os.times()[:2])
+            wall = time.monotonic() - w0
+            t_b, after = await _bulk(admin, url)
+            nursery.cancel_scope.cancel()
+        count = sum(after.get(i, {}).get("attestation_count", 0) - before.get(i, {}).get("attestation_count", 0)
+                    for i in ids)  # fmt: skip
+        states: dict[str, int] = {}
+        for i in ids:
+            st = str(after.get(i, {}).get("operational_state"))
+            states[st] = states.get(st, 0) + 1
+        errors: dict[str, int] = {}
+        first: dict[str, str] = {}
+        for a in agents:
+            for k, v in a.errors.items():
+                errors[k] = errors.get(k, 0) + v
+            first = {**a.first_error, **first}
+        rate = count / (t_b - t_a)
+        cpu_rate = (cpu_b - cpu_a) / wall
+        return {
+            "n": n, "mode": "push", "quote_interval": qi, "target_rate": n / math.ceil(qi), "achieved_rate": rate,
+            "polls": count, "window_s": wall, "cpu_s": cpu_b - cpu_a, "cpu_user_s": us_b[0] - us_a[0],
+            "cpu_sys_s": us_b[1] - us_a[1], "cpu_per_poll": cpu_rate / rate if rate else None, "rss_mb": rss,
+            "states": states, "agent_errors": errors, "first_errors": first, "enrol_s": enrol_s,
+            "agents_process_cpu_per_poll": (ctl_b - ctl_a) / count if count else None,
+            "agents_per_core_2s": 2.0 * rate / cpu_rate if cpu_rate else None,
+        }  # fmt: skip
+    finally:
+        srv.terminate()
+        try:
+            srv.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
