@@ -2,7 +2,7 @@
 
     python -m bench.sim_fleet --out DIR [--sizes 1000,5000] [--seconds 30] [--quote-interval S]
                               [--register 100] [--verifier-dir /dev/shm] [--upstream-dir UP_DIR --upstream-sizes 50]
-                              [--py-spy FILE] [--cprofile FILE]
+                              [--py-spy FILE] [--cprofile FILE] [--push]
 
 Processes (the verifier pinned to ``--cpu``, default the last CPU; everything else on the others):
 - one agents process (``python -m bench.sim_agent``): every simulated agent, its own RSA-2048
@@ -24,6 +24,11 @@ mask 0x400, PCR 16 always), wait for every agent's first attestation and one mor
 **Agents per core at 2 s** = 2 s ÷ CPU per poll: how many agents one fully used core would keep
 at a 2 s interval at that per-poll cost (polls cost the same at any interval: each is a fresh
 quote over a kept connection). The agents process's own CPU per poll is reported too.
+
+``--push``: per N also a push-mode row (bench.sim_push): N more simulated machines of their own
+keys (the first ``--register`` registered too), enrolled push-mode on a fresh keytrio verifier in
+``mode = push`` with the same policy and interval, each cycling session -> capabilities -> evidence
+from this process; verifier CPU per accepted (passed) attestation over the same kind of window.
 """
 
 from __future__ import annotations
