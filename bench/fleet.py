@@ -121,30 +121,29 @@ async def agents_main(root: Path, ca_dir: Path, policy_files: int) -> None:
         nursery.cancel_scope.cancel()
 
 
-class Agents:
-    """The controller's handle on the agents process (JSON lines over stdin/stdout)."""
+class ChildProcess:
+    """A bench child process driven by JSON lines over stdin/stdout (stderr to ``log``), pinned to ``cpus``."""
 
-    def __init__(self, root: Path, ca_dir: Path, policy_files: int, cpus: set[int], log: Path) -> None:
+    label = "child"
+
+    def __init__(self, argv: list[str], env: dict[str, str], cpus: set[int], log: Path) -> None:
         self._log = open(log, "w")
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.fleet", "agents", str(root), str(ca_dir), str(policy_files)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TSS2_LOG": "all+NONE"},
-            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+            [sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            bufsize=1, env={**os.environ, **env}, preexec_fn=lambda: os.sched_setaffinity(0, cpus),
         )  # fmt: skip
-        self._read()
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"fleet agents process exited; see {self.log}:\n{self.log.read_text()[-3000:]}")
+            raise RuntimeError(f"{self.label} process exited; see {self.log}:\n{self.log.read_text()[-3000:]}")
         return json.loads(line)
 
-    def grow(self, n: int) -> dict[str, Any]:
+    def send(self, cmd: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": "grow", "n": n}) + "\n")
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -158,6 +157,22 @@ class Agents:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+class Agents(ChildProcess):
+    """The controller's handle on the swtpm agents process."""
+
+    label = "fleet agents"
+
+    def __init__(self, root: Path, ca_dir: Path, policy_files: int, cpus: set[int], log: Path) -> None:
+        super().__init__(
+            ["-m", "bench.fleet", "agents", str(root), str(ca_dir), str(policy_files)],
+            {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TSS2_LOG": "all+NONE"}, cpus, log,
+        )
+        self._read()
+
+    def grow(self, n: int) -> dict[str, Any]:
+        return self.send({"op": "grow", "n": n})
 
 
 # --- process accounting ----------------------------------------------------------------------------------

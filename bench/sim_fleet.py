@@ -57,51 +57,29 @@ def auto_interval(n: int) -> float:
     return max(2.0, n / AUTO_RATE)
 
 
-class SimProcess:
-    """The controller's handle on ``python -m bench.sim_agent`` (JSON lines)."""
+class SimProcess(fleet.ChildProcess):
+    """The controller's handle on ``python -m bench.sim_agent``."""
+
+    label = "sim agents"
 
     def __init__(self, client_ca: Path, policy_files: int, max_agents: int, cpus: set[int], log: Path) -> None:
-        self._log = open(log, "w")
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.sim_agent", str(client_ca), str(policy_files), str(max_agents)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
-            env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=lambda: os.sched_setaffinity(0, cpus),
-        )  # fmt: skip
+        super().__init__(["-m", "bench.sim_agent", str(client_ca), str(policy_files), str(max_agents)],
+                         {"PYTHONPATH": str(REPO)}, cpus, log)
         self.hello = self._read()
         self.registered = 0
 
     def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"sim agents process exited; see {self.log}:\n{self.log.read_text()[-3000:]}")
-        reply = json.loads(line)
+        reply = super()._read()
         if "error" in reply:
             raise RuntimeError(f"sim agents: {reply['error']}")
         return reply
 
     def grow(self, n: int, registrar: str | None, register: int = 0) -> dict[str, Any]:
-        assert self.proc.stdin is not None
         upto = min(n, register)
-        cmd = {"op": "grow", "n": n, "registrar": registrar if upto > self.registered else None,
-               "registered": self.registered, "register_upto": upto}
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        reply = self._read()
+        reply = self.send({"op": "grow", "n": n, "registrar": registrar if upto > self.registered else None,
+                           "registered": self.registered, "register_upto": upto})
         self.registered += reply["registered"]
         return reply
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None and self.proc.stdin is not None:
-                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.proc.stdin.close()
-                self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
 
 
 def _start_registrar(ca: Path, data: Path, cpus: set[int], log: Any) -> tuple[subprocess.Popen[str], str]:
