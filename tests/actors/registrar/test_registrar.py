@@ -27,6 +27,7 @@ from keytrio.actors.registrar.config import default_config, load_config
 from keytrio.protocol import credential
 from keytrio.protocol.ekcert import trim_der as _trim_der
 from keytrio.protocol.versions import SERVER_VERSIONS
+from tests.actors.envelope_support import envelope
 from tests.actors.registrar_support import (
     AK_ATTRS,
     BAD_IDS,
@@ -41,25 +42,6 @@ from tests.actors.registrar_support import (
 
 A = "d432fbb3-d2f1-4a97-9ef7-75bd81c00000"
 B = "d432fbb3-d2f1-4a97-9ef7-75bd81c00001"
-
-
-@pytest.fixture(scope="module")
-def softs() -> list[SoftTpm]:
-    return [SoftTpm.new() for _ in range(3)]
-
-
-@pytest.fixture
-def config(pki, tmp_path):
-    return registrar_config(pki, tmp_path / "registrar")
-
-
-def envelope(r: httpx.Response, code: int) -> dict:
-    doc = r.json()
-    assert r.status_code == code, r.text
-    assert doc["code"] == code
-    assert isinstance(doc["status"], str) and doc["status"]
-    assert isinstance(doc["results"], dict)
-    return doc
 
 
 # --- the real round trip on swtpm ------------------------------------------------------------------

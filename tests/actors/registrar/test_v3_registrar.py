@@ -14,6 +14,7 @@ import pytest
 
 from keytrio.protocol import credential
 from keytrio.protocol.versions import SERVER_VERSIONS
+from tests.actors.envelope_support import envelope
 from tests.actors.registrar_support import EkCa, SoftTpm, b64, registrar_config, running_registrar
 
 A = "d432fbb3-d2f1-4a97-9ef7-75bd81c00000"
@@ -24,18 +25,6 @@ U = "d432fbb3-d2f1-4a97-9ef7-75bd81c0ffff"
 @pytest.fixture(scope="module")
 def softs() -> list[SoftTpm]:
     return [SoftTpm.new() for _ in range(2)]
-
-
-@pytest.fixture
-def config(pki, tmp_path):
-    return registrar_config(pki, tmp_path / "registrar")
-
-
-def envelope(r: httpx.Response, code: int) -> dict:
-    assert r.status_code == code, r.text
-    doc = r.json()
-    assert (doc["code"], isinstance(doc["status"], str), isinstance(doc["results"], dict)) == (code, True, True)
-    return doc
 
 
 def errors(r: httpx.Response, code: int) -> str:

@@ -20,6 +20,7 @@ from keytrio.actors.verifier import records
 from keytrio.actors.verifier.app import build_app
 from keytrio.actors.verifier.enrolment import REQUIRED_FIELDS
 from keytrio.actors.verifier.schema import agents, metadata
+from tests.actors.envelope_support import envelope
 from tests.actors.registrar_support import AK_ATTRS, BAD_IDS, GOOD_IDS, SoftTpm, ak_public, b64
 from tests.actors.verifier_support import PCR15_POLICY, soft_enrol_body
 
@@ -31,15 +32,6 @@ U = "d432fbb3-d2f1-4a97-9ef7-75bd81c0ffff"
 @pytest.fixture(scope="module")
 def soft() -> SoftTpm:
     return SoftTpm.new()
-
-
-def envelope(r: httpx.Response, code: int) -> dict:
-    assert r.status_code == code, r.text
-    doc = r.json()
-    assert doc["code"] == code
-    assert isinstance(doc["status"], str) and doc["status"]
-    assert isinstance(doc["results"], dict)
-    return doc
 
 
 @dataclass
