@@ -19,6 +19,13 @@ Opt-in (``[verifier] cluster = true``, PostgreSQL only). Each running verifier i
   poll. Past that (the database is gone or hangs), a separate task stops every monitor and the
   outbox delivery *before* the leases expire for the others. Wall clocks of the hosts must agree
   within ``margin`` (NTP), as the others compare ``expires_at`` with their own wall clock.
+- **Epoch-fenced writes**: the timing fence above depends on clocks and on a paused process
+  noticing; the database does not. A monitor is started under ``records.Fence(instance, epoch of
+  the claim)`` and each of its writes (success with counters and IMA progress, failure with its
+  notice, state changes) carries ``EXISTS (lease row: holder = me AND epoch = E)`` in its own
+  WHERE (records.py). An instance paused or partitioned past its lease writes nothing once another
+  instance claimed the agent (the claim raised the epoch): counters and progress never go back.
+  A monitor whose lease was re-claimed at a new epoch is restarted under the new one.
 - **Hand-over**: a dead instance's leases and heartbeat expire ``lease_ttl`` after its last
   renewal; the survivors' next tick (every ``renew_interval`` <= ``quote_interval``) claims them,
   and a monitor polls at once when it starts: its agents are polled again within
@@ -74,6 +81,7 @@ class Tick:
     """What one renewal transaction found: the leases held now and the agents to monitor."""
 
     held: set[str] = field(default_factory=set)
+    epochs: dict[str, int] = field(default_factory=dict)  # held agent -> the epoch of our claim
     active: set[str] = field(default_factory=set)
     outbox: bool = False
     release: set[str] = field(default_factory=set)  # held beyond the fair share: to give back
@@ -110,6 +118,7 @@ class Cluster:
             raise ValueError("renew_interval must be > 0 and below lease_ttl - margin")
         self._clock = clock
         self.held: set[str] = set()  # agent leases held (as of the last committed renewal)
+        self._epochs: dict[str, int] = {}  # running monitor -> the epoch it was started under
         self.holds_outbox = False
         self.valid_until = -math.inf  # trio time: polling stops here unless renewed
         self.fenced = 0  # times the fence fired (for tests and logs)
@@ -182,7 +191,7 @@ class Cluster:
             log.info("event=cluster.leases instance=%s held=%d gained=%d lost=%d live=%d share=%d",
                      self.instance_id, len(t.held), len(gained), len(lost), t.live, t.share)
         self.held = set(t.held)
-        self._apply(t.active - t.release, t.outbox)
+        self._apply(t.active - t.release, t.outbox, t.epochs)
         if t.release:
             # monitors stopped above first: the next holder never overlaps our polls
             ids = sorted(t.release)
@@ -191,11 +200,15 @@ class Cluster:
         self.last = t
         return t
 
-    def _apply(self, active: set[str], outbox: bool) -> None:
-        for aid in self.monitors.running - active:
-            self.monitors.stop(aid)
+    def _apply(self, active: set[str], outbox: bool, epochs: dict[str, int]) -> None:
+        for aid in self.monitors.running:
+            if aid not in active or self._epochs.get(aid) != epochs.get(aid):
+                self.monitors.stop(aid)  # lost, released, inactive, or re-claimed since it started
         for aid in sorted(active - self.monitors.running):
-            self.monitors.start(aid)
+            # the monitor's task inherits the fence: its writes apply only under this claim
+            with records.fenced(records.Fence(self.instance_id, epochs[aid])):
+                self.monitors.start(aid)
+            self._epochs[aid] = epochs[aid]
         if outbox and self._outbox_scope is None and self._outbox is not None and self._nursery is not None:
             self._outbox_scope = trio.CancelScope()
             self._nursery.start_soon(self._run_outbox, self._outbox_scope)
@@ -253,9 +266,10 @@ class Cluster:
         conn.execute(sa.delete(leases).where(leases.c.kind == AGENT, leases.c.verifier_id == vid,
                                              leases.c.name.not_in(mine)))
         group = sa.and_(leases.c.verifier_id == vid, leases.c.kind == AGENT)
-        held = set(conn.execute(
+        epochs = {n: int(e) for n, e in conn.execute(
             sa.update(leases).where(group, leases.c.holder == me).values(expires_at=exp)
-            .returning(leases.c.name)).scalars())
+            .returning(leases.c.name, leases.c.epoch))}
+        held = set(epochs)
         total = conn.execute(sa.select(sa.func.count()).select_from(leases).where(group)).scalar_one()
         share = math.ceil(total / max(live, 1))
         release: set[str] = set()
@@ -268,8 +282,10 @@ class Cluster:
                 .order_by(leases.c.name).limit(share - len(held))
                 .with_for_update(skip_locked=True)).scalars())
             if free:
-                conn.execute(sa.update(leases).where(group, leases.c.name.in_(free))
-                             .values(holder=me, expires_at=exp, epoch=leases.c.epoch + 1))
+                epochs.update((n, int(e)) for n, e in conn.execute(
+                    sa.update(leases).where(group, leases.c.name.in_(free))
+                    .values(holder=me, expires_at=exp, epoch=leases.c.epoch + 1)
+                    .returning(leases.c.name, leases.c.epoch)))
                 held |= set(free)
         box = sa.and_(leases.c.kind == OUTBOX, leases.c.name == vid)
         outbox = conn.execute(sa.update(leases).where(box, leases.c.holder == me).values(expires_at=exp)
@@ -288,7 +304,8 @@ class Cluster:
                 sa.select(agents.c.agent_id).where(agents.c.agent_id.in_(sorted(held)),
                                                    agents.c.operational_state.in_(ACTIVE),
                                                    agents.c.ip.isnot(None))).scalars())
-        return Tick(held=held, active=active, outbox=outbox, release=release, live=int(live), share=share)
+        return Tick(held=held, epochs=epochs, active=active, outbox=outbox, release=release, live=int(live),
+                    share=share)
 
     def _release(self, conn: Connection, ids: list[str]) -> None:
         conn.execute(sa.update(leases).where(leases.c.kind == AGENT, leases.c.verifier_id == self.verifier_id,

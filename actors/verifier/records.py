@@ -3,19 +3,30 @@
 Rows come back as plain dicts (column name -> value; JSON columns still as text: callers decode).
 Functions that address one agent return False/None when it does not exist, so a monitor racing a
 DELETE simply finds its row gone.
+
+Cluster mode (leases.py): a monitor's writes (:func:`record_success`, :func:`record_failure`,
+:func:`update_if_state`) are *fenced*: they apply only while this instance still holds the agent's
+lease at the epoch it claimed, tested in the write's own WHERE (``EXISTS`` on the lease row, taken
+``FOR KEY SHARE``: a claim by another instance, ``SELECT ... FOR UPDATE``, either waits for the
+write's commit or makes the write match no row). The fence is a context variable the cluster sets
+(:func:`fenced`) when it starts a monitor; the monitor's task and every task it spawns inherit it.
+Without one (single-process verifier, REST routes) the statements are the unfenced ones.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from keytrio.actors.common.store import Store
-from keytrio.actors.verifier.schema import agents, deliveries
+from keytrio.actors.verifier.schema import agents, deliveries, leases
 from keytrio.protocol.states import (  # noqa: F401 -- re-exported: the verifier reads records.GET_QUOTE etc.
     FAILED,
     GET_QUOTE,
@@ -37,6 +48,47 @@ class DuplicateAgent(Exception):
 
 def _where(agent_id: str) -> Any:
     return agents.c.agent_id == agent_id
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The lease a monitor runs under: its instance's id and the epoch of its claim."""
+
+    holder: str
+    epoch: int
+
+
+_FENCE: contextvars.ContextVar[Fence | None] = contextvars.ContextVar("keytrio_verifier_fence", default=None)
+
+
+@contextmanager
+def fenced(fence: Fence | None) -> Iterator[None]:
+    """Tasks started inside (``nursery.start_soon`` copies the context) write under ``fence``."""
+    token = _FENCE.set(fence)
+    try:
+        yield
+    finally:
+        _FENCE.reset(token)
+
+
+def current_fence() -> Fence | None:
+    return _FENCE.get()
+
+
+def _lease_held(holder: Any, epoch: Any) -> Any:
+    # FOR KEY SHARE: does not block the holder's own renewal (UPDATE of non-key columns), but a
+    # claim's SELECT ... FOR UPDATE skips the row until this write commits; a write that starts
+    # after a claim committed sees the new holder (READ COMMITTED re-reads it) and matches nothing.
+    return sa.exists(
+        sa.select(sa.literal_column("1")).select_from(leases)
+        .where(leases.c.kind == sa.literal_column("'agent'"), leases.c.name == agents.c.agent_id,
+               leases.c.holder == holder, leases.c.epoch == epoch)
+        .with_for_update(read=True, key_share=True)
+    )
+
+
+def _fence_cond(fence: Fence | None) -> Any:
+    return sa.true() if fence is None else _lease_held(fence.holder, fence.epoch)
 
 
 def _one(conn: Connection, agent_id: str) -> dict[str, Any] | None:
@@ -144,29 +196,36 @@ def _guard(agent_id: str, only_in_states: Collection[int] | None) -> Any:
 async def update_if_state(store: Store, agent_id: str, only_in_states: Collection[int], **values: Any) -> bool:
     """Like :func:`update`, but only while the agent's state is one of ``only_in_states``."""
 
+    fence = _FENCE.get()
+
     def txn(conn: Connection) -> int:
-        return conn.execute(sa.update(agents).where(_guard(agent_id, only_in_states)).values(**values)).rowcount
+        cond = _guard(agent_id, only_in_states)
+        if fence is not None:
+            cond = sa.and_(cond, _fence_cond(fence))
+        return conn.execute(sa.update(agents).where(cond).values(**values)).rowcount
 
     return bool(await store.write(txn))
 
 
-#: (dialect, columns set, guard states) -> (driver SQL, bind names in order or None for named style)
-_SUCCESS_SQL: dict[tuple[str, tuple[str, ...], tuple[int, ...] | None], tuple[str, tuple[str, ...] | None]] = {}
+#: (dialect, columns set, guard states, fenced) -> (driver SQL, bind names in order or None for named style)
+_SUCCESS_SQL: dict[tuple[str, tuple[str, ...], tuple[int, ...] | None, bool], tuple[str, tuple[str, ...] | None]] = {}
 
 
 def _success_sql(
-    dialect: sa.Dialect, columns: tuple[str, ...], states: tuple[int, ...] | None
+    dialect: sa.Dialect, columns: tuple[str, ...], states: tuple[int, ...] | None, fence: bool = False
 ) -> tuple[str, tuple[str, ...] | None]:
     """The success UPDATE for these columns, compiled once per dialect (the per-poll write is the
     hottest statement of the verifier: building and compiling it each time cost more than the
     rest of the poll's database work together)."""
-    key = (dialect.name, columns, states)
+    key = (dialect.name, columns, states, fence)
     hit = _SUCCESS_SQL.get(key)
     if hit is None:
         c = agents.c
         cond = c.agent_id == sa.bindparam("p_agent_id")
         if states is not None:  # literal ints: no "expanding" IN parameter to render per call
             cond = sa.and_(cond, c.operational_state.in_([sa.literal_column(str(int(x))) for x in states]))
+        if fence:
+            cond = sa.and_(cond, _lease_held(sa.bindparam("p_fence_holder"), sa.bindparam("p_fence_epoch")))
         values: dict[str, Any] = {"attestation_count": c.attestation_count + sa.literal_column("1")}
         values.update({name: sa.bindparam(f"p_{name}") for name in columns})
         compiled = sa.update(agents).where(cond).values(**values).compile(dialect=dialect)
@@ -214,9 +273,12 @@ async def record_success(
     params["p_agent_id"] = agent_id
     columns = tuple(k for k, v in optional.items() if v is not None)
     states = tuple(sorted(only_in_states)) if only_in_states is not None else None
+    fence = _FENCE.get()
+    if fence is not None:
+        params["p_fence_holder"], params["p_fence_epoch"] = fence.holder, fence.epoch
 
     def txn(conn: Connection) -> int:
-        sql, order = _success_sql(conn.dialect, columns, states)
+        sql, order = _success_sql(conn.dialect, columns, states, fence is not None)
         args = tuple(params[name] for name in order) if order is not None else params
         return conn.exec_driver_sql(sql, args).rowcount
 
@@ -239,7 +301,9 @@ async def record_failure(
     ``received_at`` is given when a quote did arrive (it counts as last_received_quote).
     ``also(conn)`` runs in the same transaction once the row was updated (the monitor stores the
     revocation notice there: the failure and its notice commit together or not at all).
+    Fenced (cluster mode): an instance that lost the lease records nothing and stages no notice.
     """
+    fence = _FENCE.get()
 
     def txn(conn: Connection) -> int:
         row = _one(conn, agent_id)
@@ -251,7 +315,8 @@ async def record_failure(
             values.update(severity_level=severity_level, last_event_id=event_id)
         if received_at is not None:
             values["last_received_quote"] = int(received_at)
-        count = conn.execute(sa.update(agents).where(_where(agent_id)).values(**values)).rowcount
+        cond = _where(agent_id) if fence is None else sa.and_(_where(agent_id), _fence_cond(fence))
+        count = conn.execute(sa.update(agents).where(cond).values(**values)).rowcount
         if count and also is not None:
             also(conn)
         return count
