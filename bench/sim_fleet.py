@@ -2,7 +2,7 @@
 
     python -m bench.sim_fleet --out DIR [--sizes 1000,5000] [--seconds 30] [--quote-interval S]
                               [--register 100] [--verifier-dir /dev/shm] [--upstream-dir UP_DIR --upstream-sizes 50]
-                              [--py-spy FILE] [--cprofile FILE] [--push]
+                              [--py-spy FILE] [--cprofile FILE] [--push [--upstream-push-dir UP_PUSH_DIR]]
 
 Processes (the verifier pinned to ``--cpu``, default the last CPU; everything else on the others):
 - one agents process (``python -m bench.sim_agent``): every simulated agent, its own RSA-2048
@@ -29,6 +29,8 @@ quote over a kept connection). The agents process's own CPU per poll is reported
 keys (the first ``--register`` registered too), enrolled push-mode on a fresh keytrio verifier in
 ``mode = push`` with the same policy and interval, each cycling session -> capabilities -> evidence
 from this process; verifier CPU per accepted (passed) attestation over the same kind of window.
+With ``--upstream-push-dir`` (an up.sh DIR in push mode, bench.sim_push_upstream) the same push
+agents also drive upstream's push verifier at ``--upstream-sizes``: an "upstream push" row.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
     others = set(os.sched_getaffinity(0)) - {cpu} or {cpu}
     sizes = [int(s) for s in str(args.sizes).split(",") if s]
-    up_sizes = [int(s) for s in str(args.upstream_sizes).split(",") if s] if args.upstream_dir else []
+    up_sizes = ([int(s) for s in str(args.upstream_sizes).split(",") if s]
+                if args.upstream_dir or (args.push and args.upstream_push_dir) else [])
     report: dict[str, Any] = {
         "sizes": sizes, "upstream_sizes": up_sizes, "seconds": args.seconds, "policy_files": args.policy_files,
         "files_per_agent": sim_agent.FILES_PER_AGENT, "verifier_cpu": cpu, "agents_cpus": sorted(others),
@@ -153,8 +156,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sims = SimProcess(ca / "cacert.crt", args.policy_files, max(sizes + up_sizes), others, out / "sim-agents.log")
         report["keys_s"] = time.monotonic() - t0
         pushers = None
+        up_push = None
         if args.push:  # the push agents live in this process (bench.sim_push), keys of their own
-            pool = sim_agent.sim_keys.PrimePool(sim_agent.keys_for(max(sizes)))
+            if args.upstream_push_dir:
+                from bench.sim_push_upstream import UpstreamPush
+
+                up_push = UpstreamPush(args.upstream_push_dir)
+                up_push.pin(cpu)
+                report["quote_interval_upstream_push"] = up_push.quote_interval
+            pool = sim_agent.sim_keys.PrimePool(sim_agent.keys_for(max(sizes + (up_sizes if up_push else []))))
             pushers = sim_agent.SimAgents(ca / "cacert.crt", pool, args.policy_files, Path(tmp) / "push")
             pushers.port = 9002  # registered, never listened on: push agents dial out only
         registrar = None
@@ -211,8 +221,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["push"] = _push_side(args, ca, Path(vtmp) / f"push-verifier-{k}", cpu, klog, ctx, n,
                                              args.quote_interval or auto_interval(n), body, pushers, registrar,
                                              report)  # fmt: skip
-                if n in up_sizes:
+                if n in up_sizes and args.upstream_dir:
                     row["upstream"] = _upstream_side(args, up_env, up_pgid, ctx, limits, agents, body, sims, report)
+                if up_push is not None and n in up_sizes:
+                    row["upstream push"] = _upstream_push_side(args, up_push, n, body, pushers, report)
                 report["rows"].append({**row, "loadavg": os.getloadavg()})
         finally:
             sims.close()
@@ -265,7 +277,7 @@ def _push_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, log
     async def side() -> dict[str, Any]:
         if registrar is not None:
             done = len(pushers.agents) - len(new)
-            await pushers.register(new[: max(0, min(n, args.register) - done)], registrar)
+            await sim_push.register(new[: max(0, min(n, args.register) - done)], registrar)  # no contact
         async with httpx.AsyncClient(verify=ctx, timeout=120.0) as admin:
             return await sim_push.push_side(admin, ca, data_dir, cpu, log, agents, body, qi, args.seconds)
 
@@ -275,6 +287,20 @@ def _push_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, log
         report["stopped"]["push"] = f"N={n}: {exc}"
         return None
     _say("keytrio push", r)
+    return r
+
+
+def _upstream_push_side(args: argparse.Namespace, up: Any, n: int, body: dict[str, Any], pushers: Any,
+                        report: dict[str, Any]) -> dict[str, Any] | None:
+    from bench import sim_push_upstream
+
+    pushers.grow(n, salt="push")
+    try:
+        r = trio.run(sim_push_upstream.upstream_push_side, up, pushers.agents[:n], body, args.seconds, args.register)
+    except (RuntimeError, httpx.HTTPError) as exc:
+        report["stopped"]["upstream push"] = f"N={n}: {exc}"
+        return None
+    _say("upstream push", r)
     return r
 
 
@@ -290,7 +316,7 @@ def tables(rep: dict[str, Any]) -> str:
             "agents per core at 2 s | verifier RSS MB | agents process CPU per poll | states at end |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rep["rows"]:
-        for name in ("keytrio", "push", "upstream"):
+        for name in ("keytrio", "push", "upstream", "upstream push"):
             r = row.get(name)
             if r is None:
                 continue
@@ -304,6 +330,8 @@ def tables(rep: dict[str, Any]) -> str:
                 f"{r['rss_mb']:.0f} | {fleet._fmt(per_agent and per_agent * 1e3, '.2f')} ms | "
                 f"{', '.join(f'{s}:{c}' for s, c in sorted(r['states'].items()))} |")
     stopped = "".join(f"\n- stopped: {name}: {why}" for name, why in rep["stopped"].items())
+    stopped += "".join(f"\n- N={row['n']:,} {name}: push agents' errors {row[name]['agent_errors'] or 'none'}"
+                       for row in rep["rows"] for name in ("push", "upstream push") if row.get(name))
     la0, la1 = rep["loadavg_start"], rep["loadavg_end"]
     return (f"### 4b. Simulated fleet (software RSA-2048 AKs, one agents process, {rep['policy_files']:,}-file "
             f"runtime policy, {rep['files_per_agent']} files + boot_aggregate per IMA log, {rep['seconds']:g} s "
@@ -330,6 +358,9 @@ def parser() -> argparse.ArgumentParser:
                     help="also a push-mode fleet (bench.sim_push: v3.0 agents in this process) per N, against a "
                          "fresh keytrio verifier in mode = push, next to the pull row")
     ap.add_argument("--upstream-dir", type=Path, default=None, help="a DIR running tests/interop/upstream/up.sh")
+    ap.add_argument("--upstream-push-dir", type=Path, default=None,
+                    help="with --push: a DIR running up.sh in push mode (bench.sim_push_upstream.UP_ENV); the same "
+                         "push agents drive it at --upstream-sizes")
     ap.add_argument("--upstream-sizes", default="50", help="N values for upstream's verifier")
     ap.add_argument("--py-spy", default=None, help="sample keytrio's verifier during the window (py-spy raw)")
     ap.add_argument("--cprofile", default=None, help="run keytrio's verifier under cProfile into this file")

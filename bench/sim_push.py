@@ -10,10 +10,12 @@ offset asked for) -> sleep ``meta.seconds_to_next_attestation``. 401/403 reopen 
 429/503 wait ``Retry-After``. Many agents share one httpx client (one keep-alive connection per
 agent, server-verified TLS, no client cert: the bearer token is the credential).
 
-``push_side`` (bench.sim_fleet ``--push``): a fresh keytrio verifier in ``mode = push`` pinned to the
-verifier CPU, N push agents in the controller process, the same window as bench.fleet (verifier
-utime + stime over Σ ``attestation_count`` deltas from the bulk GET; a push attestation counts
-once its evidence passed).
+``push_window``: enrol N push agents on a verifier (the fields ``keylime_tenant -c add --push-model``
+sends), run them in this process, and measure the window of bench.fleet (the verifier's utime +
+stime over Σ ``attestation_count`` deltas from the bulk GET; a push attestation counts once its
+evidence passed). ``push_side`` (bench.sim_fleet ``--push``) runs it against a fresh keytrio verifier
+in ``mode = push`` pinned to the verifier CPU; bench.sim_push_upstream against upstream's push
+verifier. ``register``: the push agent's registration (v2.x, no contact) with either registrar.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import random
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,66 +204,104 @@ async def _bulk(admin: httpx.AsyncClient, url: str) -> tuple[float, dict[str, An
         return await fleet._bulk(admin, url)
 
 
+async def register(agents: list[SimAgent], registrar: str, concurrency: int = 8) -> int:
+    """What a push agent sends its registrar (PUSH_MODEL_WIRE.md): ``POST /v2.1/agents/{id}`` with
+    EK and AK and no contact (no ``mtls_cert``, ``ip``, ``port``), ActivateCredential in software,
+    ``PUT .../activate``; -> how many activated. Upstream's registrar v3.0 routes answer 500, so both
+    registrars are spoken to in v2.x, as upstream's push agent falls back to."""
+    done = 0
+    it = iter(agents)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal done
+        for a in it:
+            url = f"{registrar.rstrip('/')}/v{fleet.API}/agents/{a.agent_id}"
+            r = await client.post(url, json={"ek_tpm": _b64(a.ek_public.marshal()), "ekcert": None,
+                                             "aik_tpm": _b64(a.ak_public.marshal())})  # fmt: skip
+            if r.status_code != 200:
+                raise RuntimeError(f"registration of {a.agent_id}: {r.status_code} {r.text[:200]}")
+            tag = a.activate(base64.b64decode(r.json()["results"]["blob"]))
+            r = await client.put(url + "/activate", json={"auth_tag": tag})
+            if r.status_code != 200:
+                raise RuntimeError(f"activation of {a.agent_id}: {r.status_code} {r.text[:200]}")
+            done += 1
+
+    async with httpx.AsyncClient(timeout=60.0) as client, trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker, client)
+    return done
+
+
+async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: Callable[[], list[int]],
+                      sims: list[SimAgent], qi: float, seconds: float) -> dict[str, Any]:
+    """Enrol ``sims`` push-mode on the verifier at ``url`` (its policy uploaded), run them, measure one
+    window of the CPU of ``pids()`` against the Σ ``attestation_count`` deltas of the bulk GET (a push
+    attestation counts once its evidence passed: both verifiers count it so); -> the table row."""
+    n = len(sims)
+    async with push_client(ca_file, n) as client, trio.open_nursery() as nursery:
+        agents = [PushAgent(s, url, client) for s in sims]
+        rng = random.Random(0)
+        t0 = time.monotonic()
+        for a in agents:
+            r = await admin.post(f"{url}/v{fleet.API}/agents/{a.sim.agent_id}", json=push_enrolment(a.sim))
+            if r.status_code != 200:
+                raise RuntimeError(f"push enrolment of {a.sim.agent_id}: {r.status_code} {r.text[:300]}")
+            # each agent starts within one interval of its own enrolment (its deadline,
+            # maximum_attestation_interval, runs from there), spread as a fleet booted at random
+            nursery.start_soon(a.run, rng.uniform(0, qi))
+        enrol_s = time.monotonic() - t0
+        ids = [s.agent_id for s in sims]
+        deadline = time.monotonic() + 30 + 0.2 * n
+        attested = 0
+        while time.monotonic() < deadline:
+            _t, recs = await _bulk(admin, url)
+            attested = sum(1 for i in ids if recs.get(i, {}).get("attestation_count", 0) >= 1)
+            if attested == n:
+                break
+            await trio.sleep(1.0)
+        await trio.sleep(math.ceil(qi))
+        t_a, before = await _bulk(admin, url)
+        cpu_a, ctl_a = fleet.usage(pids())[0], sum(os.times()[:2])
+        us_a = fleet._user_sys(pids())
+        w0 = time.monotonic()
+        await trio.sleep(seconds)
+        cpu_b, rss = fleet.usage(pids())
+        us_b, ctl_b = fleet._user_sys(pids()), sum(os.times()[:2])
+        wall = time.monotonic() - w0
+        t_b, after = await _bulk(admin, url)
+        nursery.cancel_scope.cancel()
+    count = sum(after.get(i, {}).get("attestation_count", 0) - before.get(i, {}).get("attestation_count", 0)
+                for i in ids)  # fmt: skip
+    states: dict[str, int] = {}
+    for i in ids:
+        st = str(after.get(i, {}).get("operational_state"))
+        states[st] = states.get(st, 0) + 1
+    errors: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for a in agents:
+        for k, v in a.errors.items():
+            errors[k] = errors.get(k, 0) + v
+        first = {**a.first_error, **first}
+    rate = count / (t_b - t_a)
+    cpu_rate = (cpu_b - cpu_a) / wall
+    return {
+        "n": n, "mode": "push", "quote_interval": qi, "target_rate": n / math.ceil(qi), "achieved_rate": rate,
+        "polls": count, "window_s": wall, "cpu_s": cpu_b - cpu_a, "cpu_user_s": us_b[0] - us_a[0],
+        "cpu_sys_s": us_b[1] - us_a[1], "cpu_per_poll": cpu_rate / rate if rate else None, "rss_mb": rss,
+        "states": states, "agent_errors": errors, "first_errors": first, "enrol_s": enrol_s,
+        "attested_at_start": attested, "evidence_sent": sum(a.sent for a in agents),
+        "agents_process_cpu_per_poll": (ctl_b - ctl_a) / count if count else None,
+        "agents_per_core_2s": 2.0 * rate / cpu_rate if cpu_rate else None,
+    }  # fmt: skip
+
+
 async def push_side(admin: httpx.AsyncClient, ca: Path, data_dir: Path, cpu: int, log: Any, sims: list[SimAgent],
                     body: dict[str, Any], qi: float, seconds: float) -> dict[str, Any]:
     """One window of N push agents against a fresh keytrio verifier in push mode (see the module doc)."""
     srv, url = fleet._start_keytrio(ca, data_dir, cpu, log, options={"quote_interval": qi, "mode": "push"})
     try:
         await fleet._upload(admin, url, body)
-        n = len(sims)
-        async with push_client(ca / "cacert.crt", n) as client, trio.open_nursery() as nursery:
-            agents = [PushAgent(s, url, client) for s in sims]
-            rng = random.Random(0)
-            t0 = time.monotonic()
-            for a in agents:
-                r = await admin.post(f"{url}/v{fleet.API}/agents/{a.sim.agent_id}", json=push_enrolment(a.sim))
-                if r.status_code != 200:
-                    raise RuntimeError(f"push enrolment of {a.sim.agent_id}: {r.status_code} {r.text[:300]}")
-                # each agent starts within one interval of its own enrolment (its deadline,
-                # maximum_attestation_interval, runs from there), spread as a fleet booted at random
-                nursery.start_soon(a.run, rng.uniform(0, qi))
-            enrol_s = time.monotonic() - t0
-            ids = [s.agent_id for s in sims]
-            deadline = time.monotonic() + 30 + 0.2 * n
-            while time.monotonic() < deadline:
-                _t, recs = await _bulk(admin, url)
-                if all(recs.get(i, {}).get("attestation_count", 0) >= 1 for i in ids):
-                    break
-                await trio.sleep(1.0)
-            await trio.sleep(math.ceil(qi))
-            t_a, before = await _bulk(admin, url)
-            pids = [srv.pid]
-            cpu_a, ctl_a = fleet.usage(pids)[0], sum(os.times()[:2])
-            us_a = fleet._user_sys(pids)
-            w0 = time.monotonic()
-            await trio.sleep(seconds)
-            cpu_b, rss = fleet.usage(pids)
-            us_b, ctl_b = fleet._user_sys(pids), sum(os.times()[:2])
-            wall = time.monotonic() - w0
-            t_b, after = await _bulk(admin, url)
-            nursery.cancel_scope.cancel()
-        count = sum(after.get(i, {}).get("attestation_count", 0) - before.get(i, {}).get("attestation_count", 0)
-                    for i in ids)  # fmt: skip
-        states: dict[str, int] = {}
-        for i in ids:
-            st = str(after.get(i, {}).get("operational_state"))
-            states[st] = states.get(st, 0) + 1
-        errors: dict[str, int] = {}
-        first: dict[str, str] = {}
-        for a in agents:
-            for k, v in a.errors.items():
-                errors[k] = errors.get(k, 0) + v
-            first = {**a.first_error, **first}
-        rate = count / (t_b - t_a)
-        cpu_rate = (cpu_b - cpu_a) / wall
-        return {
-            "n": n, "mode": "push", "quote_interval": qi, "target_rate": n / math.ceil(qi), "achieved_rate": rate,
-            "polls": count, "window_s": wall, "cpu_s": cpu_b - cpu_a, "cpu_user_s": us_b[0] - us_a[0],
-            "cpu_sys_s": us_b[1] - us_a[1], "cpu_per_poll": cpu_rate / rate if rate else None, "rss_mb": rss,
-            "states": states, "agent_errors": errors, "first_errors": first, "enrol_s": enrol_s,
-            "agents_process_cpu_per_poll": (ctl_b - ctl_a) / count if count else None,
-            "agents_per_core_2s": 2.0 * rate / cpu_rate if cpu_rate else None,
-        }  # fmt: skip
+        return await push_window(admin, url, ca / "cacert.crt", lambda: [srv.pid], sims, qi, seconds)
     finally:
         srv.terminate()
         try:

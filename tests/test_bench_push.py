@@ -1,27 +1,33 @@
-"""The push fleet's simulated agents (bench.sim_push) against keytrio's real registrar and verifier.
+"""The push fleet's simulated agents (bench.sim_push) against keytrio's real registrar and verifier,
+and (bench.sim_push_upstream) against upstream Keylime 7.14.3's registrar and verifier in push mode.
 
 Real sockets (HTTP to the registrar, TLS to the verifier's v3 routes), real SQLite, real RSA-2048
 keys in software: two agents register, are enrolled in push mode with the bench's named runtime
 policy, open a PoP session (software TPM2_Certify) and push one capabilities -> evidence cycle
-each, which passes; an agent whose IMA log has one forged line fails. The hang guard is a guard
-only; nothing here is timed.
+each, which passes; an agent whose IMA log has one forged line fails. The same on upstream's push
+verifier (tests/interop/upstream/up.sh, ``KL_VERIFIER_MODE=push``), then a tiny bench window there
+(N=2, a few attestations) so the upstream side of ``./scripts/bench --sim --push --upstream`` cannot
+rot. The hang guards are guards only; nothing here is timed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
-from bench import fleet, sim_agent, sim_keys, sim_push
+from bench import fleet, sim_agent, sim_keys, sim_push, sim_push_upstream
 from keytrio.actors.common import tls
 from keytrio.actors.registrar.actor import Registrar
 from keytrio.actors.registrar.config import load_config as registrar_config
 from keytrio.actors.verifier.actor import Verifier
 from keytrio.actors.verifier.config import load_config as verifier_config
 from keytrio.testbed.pki import make_cv_ca
+from tests.interop.support import Upstream, upstream_instance
 
 GUARD = 60.0  # seconds: a hang guard, never what the test asserts
 POLICY_FILES = 40
@@ -50,10 +56,10 @@ async def _push_verifier(nursery: trio.Nursery, ca: Path, data: Path) -> str:
     return f"https://{host}:{port}"
 
 
-async def _verdict(admin: httpx.AsyncClient, url: str, agent_id: str) -> dict[str, Any]:
+async def _verdict(admin: httpx.AsyncClient, url: str, agent_id: str, ok: int = 200) -> dict[str, Any]:
     while True:
         r = await admin.get(f"{url}/v3/agents/{agent_id}/attestations/latest")
-        assert r.status_code == 200, r.text
+        assert r.status_code == ok, r.text
         attrs = r.json()["data"]["attributes"]
         if attrs["stage"] == "verification_complete":
             return attrs
@@ -91,3 +97,58 @@ async def test_simulated_push_agents_attest_and_a_forged_log_fails(tmp_path: Pat
         counts = {i: rec["attestation_count"] for i, rec in r.json()["results"].items()}
         assert counts == {one.agent_id: 1, two.agent_id: 1, forged.agent_id: 0}, counts
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(scope="module")
+def push_upstream() -> Iterator[Upstream]:
+    with upstream_instance({**sim_push_upstream.UP_ENV, "KL_QUOTE_INTERVAL": "2"},
+                           prefix="keytrio-bench-push-") as up:
+        yield up
+
+
+def _sims(up: Upstream, tmp: Path, n: int, tamper: frozenset[int], salt: str) -> list[sim_agent.SimAgent]:
+    pool = sim_keys.PrimePool(sim_agent.keys_for(n))
+    sims = sim_agent.SimAgents(up.ca.dir / "cacert.crt", pool, POLICY_FILES, tmp / "sim")
+    return sims.grow(n, tamper=tamper, salt=salt)
+
+
+@pytest.mark.interop
+async def test_simulated_push_agents_on_upstreams_push_verifier(push_upstream: Upstream, tmp_path: Path) -> None:
+    up = sim_push_upstream.UpstreamPush(push_upstream.dir)
+    one, two, forged = await trio.to_thread.run_sync(_sims, push_upstream, tmp_path, 3, frozenset({2}), "up-push")
+    # upstream's registrar (v2.x: its v3.0 routes answer 500) takes them without a contact
+    assert await sim_push.register([one, two, forged], up.registrar) == 3
+    async with up.admin(20.0) as admin:
+        await fleet._upload(admin, up.url, fleet.policy_body(POLICY_FILES, {one.entries[0].digest.hex()}))
+        for a in (one, two, forged):
+            r = await admin.post(f"{up.url}/v{fleet.API}/agents/{a.agent_id}", json=sim_push.push_enrolment(a))
+            assert r.status_code == 200, r.text
+        async with sim_push.push_client(up.ca / "cacert.crt", 3) as client:
+            agents = [sim_push.PushAgent(a, up.url, client) for a in (one, two, forged)]
+            with trio.fail_after(GUARD):
+                for a in agents:
+                    wait = await a.cycle()
+                    assert a.token is not None and a.sent == 1 and not a.errors, (a.errors, a.first_error)
+                    assert wait == up.quote_interval  # upstream's seconds_to_next_attestation
+                # upstream answers an admin's GET of an attestation with 201 (PUSH_MODEL_WIRE.md item 3)
+                verdicts = [await _verdict(admin, up.url, a.sim.agent_id, ok=201) for a in agents]
+        # the forged line is a file digest outside the policy: upstream's policy check fails it
+        assert [v["evaluation"] for v in verdicts] == ["pass", "pass", "fail"], verdicts
+        _t, recs = await sim_push._bulk(admin, up.url)
+        counts = {i: recs[i]["attestation_count"] for i in (one.agent_id, two.agent_id, forged.agent_id)}
+        assert counts == {one.agent_id: 1, two.agent_id: 1, forged.agent_id: 0}, counts
+        assert await fleet._delete_all(admin, up.url, list(counts), timeout=GUARD)
+
+
+@pytest.mark.interop
+async def test_bench_window_on_upstreams_push_verifier(push_upstream: Upstream, tmp_path: Path) -> None:
+    up = sim_push_upstream.UpstreamPush(push_upstream.dir)
+    sims = await trio.to_thread.run_sync(_sims, push_upstream, tmp_path, 2, frozenset(), "up-bench")
+    body = fleet.policy_body(POLICY_FILES, {s.entries[0].digest.hex() for s in sims})
+    with trio.fail_after(GUARD * 3):
+        row = await sim_push_upstream.upstream_push_side(up, sims, body, seconds=3.0, register=1)
+    assert up.registered == {sims[0].agent_id}
+    assert row["n"] == 2 and row["attested_at_start"] == 2 and row["deleted_after"], row
+    assert row["agent_errors"] == {}, row["first_errors"]
+    assert row["polls"] > 0 and row["cpu_per_poll"] > 0 and row["processes"] >= 1, row
+    assert row["states"] == {"3": 2}, row  # GET_QUOTE: attesting, none failed
