@@ -41,7 +41,7 @@ from keytrio.actors.verifier import records
 from keytrio.actors.verifier.app import build_app
 from keytrio.actors.verifier.config import ACTOR, TLS_OPTIONS, Settings, resolve
 from keytrio.actors.verifier.ima import ImaHooks
-from keytrio.actors.verifier.leases import Cluster
+from keytrio.actors.verifier.leases import Cluster, PushTimers
 from keytrio.actors.verifier.metrics import VerifierMetrics
 from keytrio.actors.verifier.migrations import MIGRATIONS
 from keytrio.actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory, MonitorSet, MonitorSettings
@@ -49,6 +49,7 @@ from keytrio.actors.verifier.notify import ContextFactory, Outbox, agent_context
 from keytrio.actors.verifier.policies import PolicyStore
 from keytrio.actors.verifier.push.routes import register as register_push_routes
 from keytrio.actors.verifier.push.service import Hooks, PushService, PushSettings, is_push
+from keytrio.actors.verifier.push.store import forget_agent
 from keytrio.actors.verifier.schema import agents as agents_table
 
 log = logging.getLogger("keytrio.verifier")
@@ -104,7 +105,7 @@ class Verifier:
                 self.notifier = notifier = self._outbox(store, ready.contexts)
                 self.monitors = monitors = self._monitor_set(store, nursery, ready.contexts, notifier)
                 self.push = self._push_service(store, nursery, notifier)
-                self.cluster = self._cluster(store, monitors, notifier)
+                self.cluster = self._cluster(store, monitors, notifier, nursery)
                 self.app = app = self._app(store, monitors, policies)
                 bound = await nursery.start(partial(
                     serve, app, listeners=ready.api, ssl_context=ready.tls, graceful_timeout=cfg.graceful_timeout))
@@ -229,7 +230,7 @@ class Verifier:
         cfg = self.config
         hooks: Any = Hooks(monitors, self.push) if self.push is not None else None
         if self.cluster is not None:  # routes only kick the leases; the holder runs the monitor
-            hooks = self.cluster.hooks()
+            hooks = self.cluster.hooks(forget=partial(forget_agent, store) if self.push is not None else None)
         app = build_app(
             store,
             verifier_id=cfg.verifier_id,
@@ -254,12 +255,18 @@ class Verifier:
         app.require_client_eku = cfg.require_client_eku
         return app
 
-    def _cluster(self, store: Store, monitors: MonitorSet, notifier: Outbox) -> Cluster | None:
-        """cluster = true: the leases that decide which monitors (and whether the outbox) run here."""
+    def _cluster(self, store: Store, monitors: MonitorSet, notifier: Outbox, nursery: trio.Nursery) -> Cluster | None:
+        """cluster = true: the leases that decide which monitors, push timers (and whether the
+        outbox) run here."""
         cfg = self.config
         if not cfg.cluster:
             return None
-        return Cluster(store, verifier_id=cfg.verifier_id, monitors=monitors, outbox=notifier.run,
+        push = None
+        if self.push is not None:
+            push = PushTimers(store, nursery, service_deadlines=self.push.deadlines,
+                              max_interval=self.push.settings.max_interval, timed_out=self.push.verifier.timed_out,
+                              clock=self.clock)
+        return Cluster(store, verifier_id=cfg.verifier_id, monitors=monitors, push=push, outbox=notifier.run,
                        ttl=cfg.lease_ttl, clock=self.clock,
                        renew_interval=min(cfg.lease_ttl / 3, max(cfg.quote_interval, 0.1)))
 

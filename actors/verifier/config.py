@@ -189,8 +189,6 @@ def resolve(config: Config) -> Settings:
         check.problems.append("webhook_url: must be an http:// or https:// URL (or empty)")
     if config.cluster and not str(config.database_url).startswith("postgresql"):
         check.problems.append("cluster: needs a PostgreSQL database_url (leases use its row locks)")
-    if config.cluster and config.mode != "pull":
-        check.problems.append("cluster: only with mode = pull (push agents are not leased yet)")
     check.raise_problems()
     return Settings(
         config=config, database_url=check.database_url(ACTOR), data_dir=check.data_dir,

@@ -34,8 +34,10 @@ Opt-in (``[verifier] cluster = true``, PostgreSQL only). Each running verifier i
   ``verifier_id``: the pending deliveries a dead instance staged are delivered by a survivor.
 
 The instance holding an agent's lease runs its monitor while the agent is in an active state
-(pull agents only); routes on any instance just ``kick`` the next tick. A clean shutdown releases
-every lease and the heartbeat, so the others take over at their next tick.
+(pull agents), or its liveness deadline (push agents, :class:`PushTimers`: they may send their
+evidence to any instance, which verifies and records it; only the holder fails a silent one);
+routes on any instance just ``kick`` the next tick. A clean shutdown releases every lease and
+the heartbeat, so the others take over at their next tick.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from sqlalchemy.engine import Connection
 
 from keytrio.actors.common.store import Store
 from keytrio.actors.verifier import records
+from keytrio.actors.verifier.push.timer import Deadlines
 from keytrio.actors.verifier.schema import agents, leases, members
 
 log = logging.getLogger("keytrio.verifier.leases")
@@ -82,7 +85,8 @@ class Tick:
 
     held: set[str] = field(default_factory=set)
     epochs: dict[str, int] = field(default_factory=dict)  # held agent -> the epoch of our claim
-    active: set[str] = field(default_factory=set)
+    active: set[str] = field(default_factory=set)  # held pull agents in an active state
+    push_active: set[str] = field(default_factory=set)  # held push agents in an active state
     outbox: bool = False
     release: set[str] = field(default_factory=set)  # held beyond the fair share: to give back
     live: int = 1
@@ -98,6 +102,7 @@ class Cluster:
         *,
         verifier_id: str,
         monitors: Monitors,
+        push: Monitors | None = None,
         outbox: Callable[..., Awaitable[Any]] | None = None,
         ttl: float = 15.0,
         renew_interval: float | None = None,
@@ -109,6 +114,7 @@ class Cluster:
         self.verifier_id = verifier_id
         self.instance_id = instance_id or uuid.uuid4().hex
         self.monitors = monitors
+        self.push = push  # the push agents' liveness timers (PushTimers), mode push/both
         self._outbox = outbox  # an async run(task_status=...) of the notifier
         self.ttl = ttl
         self.renew_interval = renew_interval if renew_interval is not None else ttl / 3
@@ -132,9 +138,10 @@ class Cluster:
         """Tick soon (a route enrolled, stopped, reactivated or deleted an agent)."""
         self._kick.set()
 
-    def hooks(self) -> ClusterHooks:
-        """The enrolment API's hooks (routes_agents.AgentHooks) in cluster mode."""
-        return ClusterHooks(self)
+    def hooks(self, forget: Callable[[str], Awaitable[None]] | None = None) -> ClusterHooks:
+        """The enrolment API's hooks (routes_agents.AgentHooks) in cluster mode; ``forget``: what
+        a delete removes besides the row (push agents' sessions and history)."""
+        return ClusterHooks(self, forget)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Tick every ``renew_interval`` (or when kicked) until cancelled; started after the first."""
@@ -191,7 +198,7 @@ class Cluster:
             log.info("event=cluster.leases instance=%s held=%d gained=%d lost=%d live=%d share=%d",
                      self.instance_id, len(t.held), len(gained), len(lost), t.live, t.share)
         self.held = set(t.held)
-        self._apply(t.active - t.release, t.outbox, t.epochs)
+        self._apply(t.active - t.release, t.push_active - t.release, t.outbox, t.epochs)
         if t.release:
             # monitors stopped above first: the next holder never overlaps our polls
             ids = sorted(t.release)
@@ -200,15 +207,22 @@ class Cluster:
         self.last = t
         return t
 
-    def _apply(self, active: set[str], outbox: bool, epochs: dict[str, int]) -> None:
-        for aid in self.monitors.running:
-            if aid not in active or self._epochs.get(aid) != epochs.get(aid):
-                self.monitors.stop(aid)  # lost, released, inactive, or re-claimed since it started
-        for aid in sorted(active - self.monitors.running):
-            # the monitor's task inherits the fence: its writes apply only under this claim
-            with records.fenced(records.Fence(self.instance_id, epochs[aid])):
-                self.monitors.start(aid)
-            self._epochs[aid] = epochs[aid]
+    def _sets(self) -> list[Monitors]:
+        return [self.monitors] if self.push is None else [self.monitors, self.push]
+
+    def _running(self) -> set[str]:
+        return set().union(*(m.running for m in self._sets()))
+
+    def _apply(self, active: set[str], push_active: set[str], outbox: bool, epochs: dict[str, int]) -> None:
+        for monitors, want in zip(self._sets(), (active, push_active), strict=False):
+            for aid in monitors.running:
+                if aid not in want or self._epochs.get(aid) != epochs.get(aid):
+                    monitors.stop(aid)  # lost, released, inactive, or re-claimed since it started
+            for aid in sorted(want - monitors.running):
+                # the monitor's task inherits the fence: its writes apply only under this claim
+                with records.fenced(records.Fence(self.instance_id, epochs[aid])):
+                    monitors.start(aid)
+                self._epochs[aid] = epochs[aid]
         if outbox and self._outbox_scope is None and self._outbox is not None and self._nursery is not None:
             self._outbox_scope = trio.CancelScope()
             self._nursery.start_soon(self._run_outbox, self._outbox_scope)
@@ -227,11 +241,13 @@ class Cluster:
             self._outbox_scope = None
 
     def _drop_all(self, why: str) -> None:
-        if self.monitors.running or self._outbox_scope is not None:
+        running = self._running()
+        if running or self._outbox_scope is not None:
             log.warning("event=cluster.fenced instance=%s why=%s monitors=%d", self.instance_id, why,
-                        len(self.monitors.running))
-        for aid in list(self.monitors.running):
-            self.monitors.stop(aid)
+                        len(running))
+        for monitors in self._sets():
+            for aid in list(monitors.running):
+                monitors.stop(aid)
         self._stop_outbox()
         self.holds_outbox = False
 
@@ -239,7 +255,7 @@ class Cluster:
         while True:
             await trio.sleep_until(self.valid_until)
             if trio.current_time() >= self.valid_until:
-                if self.monitors.running or self._outbox_scope is not None:
+                if self._running() or self._outbox_scope is not None:
                     self.fenced += 1
                 self._drop_all("lease_unrenewed")
                 self.held = set()
@@ -299,13 +315,14 @@ class Cluster:
                                                                  epoch=leases.c.epoch + 1))
                 outbox = True
         active: set[str] = set()
+        push_active: set[str] = set()
         if held:
-            active = set(conn.execute(
-                sa.select(agents.c.agent_id).where(agents.c.agent_id.in_(sorted(held)),
-                                                   agents.c.operational_state.in_(ACTIVE),
-                                                   agents.c.ip.isnot(None))).scalars())
-        return Tick(held=held, epochs=epochs, active=active, outbox=outbox, release=release, live=int(live),
-                    share=share)
+            for aid, ip in conn.execute(
+                    sa.select(agents.c.agent_id, agents.c.ip).where(agents.c.agent_id.in_(sorted(held)),
+                                                                    agents.c.operational_state.in_(ACTIVE))):
+                (active if ip is not None else push_active).add(aid)  # push agents: no contact address
+        return Tick(held=held, epochs=epochs, active=active, push_active=push_active, outbox=outbox,
+                    release=release, live=int(live), share=share)
 
     def _release(self, conn: Connection, ids: list[str]) -> None:
         conn.execute(sa.update(leases).where(leases.c.kind == AGENT, leases.c.verifier_id == self.verifier_id,
@@ -320,23 +337,84 @@ class Cluster:
 
 
 class ClusterHooks:
-    """Routes on any instance: stop a monitor running here at once, let the lease holder decide."""
+    """Routes on any instance: stop a monitor (or push timer) running here at once, let the lease
+    holder decide."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, forget: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.cluster = cluster
+        self._forget = forget  # a deleted push agent's sessions and history (push/store.py)
+
+    def _stop_here(self, agent_id: str) -> None:
+        for monitors in self.cluster._sets():
+            monitors.stop(agent_id)
 
     def on_enrolled(self, agent_id: str) -> None:
         self.cluster.kick()
 
-    def on_deleted(self, agent_id: str) -> None:
-        self.cluster.monitors.stop(agent_id)
+    async def on_deleted(self, agent_id: str) -> None:
+        self._stop_here(agent_id)
         self.cluster.kick()
+        if self._forget is not None:
+            await self._forget(agent_id)
 
     def on_stop(self, agent_id: str) -> None:
-        self.cluster.monitors.stop(agent_id)
+        self._stop_here(agent_id)
         self.cluster.kick()
 
     def on_reactivate(self, agent_id: str) -> None:
-        # the route reset the row; the holder's next tick starts a fresh monitor
-        self.cluster.monitors.stop(agent_id)
+        # the route reset the row; the holder's next tick starts a fresh monitor (or timer)
+        self._stop_here(agent_id)
         self.cluster.kick()
+
+
+def _never(agent_id: str) -> bool:
+    return False
+
+
+class PushTimers:
+    """Cluster mode, push agents: the holder of an agent's lease runs its liveness deadline.
+
+    Push agents send their evidence to any instance, which verifies it and records it in the
+    agent's row (``last_received_quote``); no instance arms a deadline on evidence arrival
+    (``Deadlines.gate`` refuses all but these). The holder arms one when it claims the lease (a
+    full ``max_interval`` from the claim: a survivor never fails an agent for the time it spent
+    taking over) and, when it passes, re-reads the row: evidence received meanwhile (by any
+    instance) moves the deadline to ``last_received_quote + max_interval``; none fails the agent
+    (push/verify.py ``timed_out``), a write fenced by this claim, so two instances never both fail
+    or notify.
+    """
+
+    def __init__(self, store: Store, nursery: trio.Nursery, *, service_deadlines: Deadlines, max_interval: float,
+                 timed_out: Callable[[str], Awaitable[None]], clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.max_interval = max_interval
+        self._timed_out = timed_out
+        self._clock = clock
+        self._held: set[str] = set()
+        self.deadlines = Deadlines(nursery, self.expired)  # on expiry: the re-check below
+        service_deadlines.gate = _never  # evidence arrival arms nothing: only the holder's timer runs
+
+    @property
+    def running(self) -> set[str]:
+        return set(self._held)
+
+    def start(self, agent_id: str) -> None:
+        self._held.add(agent_id)
+        self.deadlines.arm(agent_id, self.max_interval)  # its task inherits the claim's fence
+
+    def stop(self, agent_id: str) -> None:
+        self._held.discard(agent_id)
+        self.deadlines.disarm(agent_id)
+
+    async def expired(self, agent_id: str) -> None:
+        row = await records.get(self.store, agent_id)
+        if agent_id not in self._held or row is None or row["operational_state"] not in ACTIVE:
+            self._held.discard(agent_id)
+            return
+        # whole seconds stored: one more second of slack, never an early failure
+        left = (row["last_received_quote"] or 0) + 1 + self.max_interval - self._clock()
+        if left > 0:
+            self.deadlines.arm(agent_id, left)  # from this task: the fence is inherited again
+            return
+        self._held.discard(agent_id)
+        await self._timed_out(agent_id)

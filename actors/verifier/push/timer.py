@@ -25,6 +25,8 @@ class Deadlines:
         self._on_expired = on_expired
         #: agent -> (the task's outer scope, for disarm; its timer scope, whose deadline moves)
         self._armed: dict[str, tuple[trio.CancelScope, trio.CancelScope]] = {}
+        #: cluster mode (leases.PushTimers): False = not this instance's agent, arm nothing
+        self.gate: Callable[[str], bool] | None = None
 
     @property
     def armed(self) -> set[str]:
@@ -37,6 +39,8 @@ class Deadlines:
 
     def arm(self, agent_id: str, seconds: float) -> None:
         """Fail ``agent_id`` unless :meth:`arm` or :meth:`disarm` is called within ``seconds``."""
+        if self.gate is not None and not self.gate(agent_id):
+            return
         at = trio.current_time() + max(seconds, 0.0)
         entry = self._armed.get(agent_id)
         if entry is not None and not entry[1].cancel_called:

@@ -261,12 +261,14 @@ async def test_dead_instance_pending_notice_is_delivered_by_a_survivor(
     assert [b["msg"] for b in webhook.bodies] == ["{}"] and webhook.bodies[0]["signature"] == ""
 
 
-def test_cluster_needs_postgresql_and_pull(tmp_path: Path) -> None:
-    for overrides, problem in (({"database_url": ""}, "needs a PostgreSQL"),
-                               ({"database_url": "postgresql+psycopg://u@h/db", "mode": "both"}, "mode = pull")):
-        with pytest.raises(ConfigError) as err:
-            resolve(load_config(overrides={"data_dir": str(tmp_path), "cluster": True, **overrides}))
-        assert problem in str(err.value)
+def test_cluster_needs_postgresql_in_any_mode(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve(load_config(overrides={"data_dir": str(tmp_path), "cluster": True, "database_url": ""}))
+    assert "needs a PostgreSQL" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # push agents are leased too: any mode (other problems only)
+        resolve(load_config(overrides={"data_dir": str(tmp_path), "cluster": True, "mode": "both",
+                                       "database_url": "postgresql+psycopg://u@h/db"}))
+    assert "cluster:" not in str(err.value)
     with pytest.raises(ConfigError) as err:  # off by default: no such complaint
         resolve(load_config(overrides={"data_dir": str(tmp_path)}))
     assert "cluster:" not in str(err.value)
