@@ -19,41 +19,12 @@ from keytrio.actors.verifier import records
 from keytrio.actors.verifier.leases import Cluster
 from keytrio.actors.verifier.migrations import MIGRATIONS
 from keytrio.actors.verifier.schema import agents as agents_table
-from tests.actors.verifier.test_leases import agent_row
+from tests.actors.verifier.cluster_support import TaskMonitors, agent_row
 from tests.pg import pg_admin_url, pg_url  # noqa: F401
 
 VID = "cluster"
 TTL, RENEW, MARGIN = 9.0, 3.0, 1.8
 T0 = 1_800_000_000.0
-
-
-class TaskMonitors:
-    """Starts one task per agent that parks until cancelled, keeping the fence it inherited."""
-
-    def __init__(self, nursery: trio.Nursery) -> None:
-        self.nursery = nursery
-        self.scopes: dict[str, trio.CancelScope] = {}
-        self.fences: dict[str, records.Fence | None] = {}
-
-    @property
-    def running(self) -> set[str]:
-        return set(self.scopes)
-
-    def start(self, agent_id: str) -> None:
-        scope = trio.CancelScope()
-        self.scopes[agent_id] = scope
-
-        async def monitor() -> None:
-            with scope:
-                self.fences[agent_id] = records.current_fence()
-                await trio.sleep_forever()
-
-        self.nursery.start_soon(monitor)
-
-    def stop(self, agent_id: str) -> None:
-        scope = self.scopes.pop(agent_id, None)
-        if scope is not None:
-            scope.cancel()
 
 
 async def count(store: Store, agent_id: str) -> int:

@@ -21,8 +21,7 @@ from keytrio.actors.verifier.migrations import MIGRATIONS
 from keytrio.actors.verifier.push.timer import Deadlines
 from keytrio.actors.verifier.push.verify import TIMEOUT, Verifier
 from keytrio.actors.verifier.schema import agents as agents_table
-from tests.actors.verifier.test_failover_fence import TaskMonitors
-from tests.actors.verifier.test_leases import agent_row
+from tests.actors.verifier.cluster_support import TaskMonitors, agent_row
 from tests.pg import pg_admin_url, pg_url  # noqa: F401
 
 VID = "cluster"

@@ -30,6 +30,7 @@ from keytrio.actors.verifier.notify import Outbox, SignedNotice
 from keytrio.actors.verifier.schema import agents as agents_table
 from keytrio.actors.verifier.schema import leases
 from keytrio.testbed.netproxy import NetProxy
+from tests.actors.verifier.cluster_support import agent_row
 from tests.actors.verifier_support import (
     Webhook,
     enrol,
@@ -92,16 +93,6 @@ class RecordingMonitors:
         self._running.discard(agent_id)
         if self.polls.by_agent.get(agent_id) == self.name:
             del self.polls.by_agent[agent_id]
-
-
-def agent_row(agent_id: str) -> dict[str, Any]:
-    filler = {sa.String: "x", sa.Text: "x", sa.Integer: 0, sa.Float: 0.0, sa.Boolean: False}
-    row: dict[str, Any] = {}
-    for col in agents_table.columns:
-        if not col.nullable and col.default is None and col.server_default is None:
-            row[col.name] = next(v for t, v in filler.items() if isinstance(col.type, t))
-    return {**row, "agent_id": agent_id, "verifier_id": VID, "ip": "127.0.0.1", "port": 9002,
-            "operational_state": records.GET_QUOTE}
 
 
 async def holders(store: Store) -> dict[str, tuple[str | None, float]]:
