@@ -12,6 +12,9 @@ delivers the notices of, its own ``verifier_id``.
 Cancelling ``run`` is a clean shutdown: monitors are cancelled, the listener stops (in-flight
 requests get ``graceful_timeout``), then the database is closed.
 
+``keytrio verifier`` with ``workers`` > 1 runs this actor in N processes (workers.py): each is
+given the listening sockets its supervisor bound (``listeners``) and runs as a cluster instance.
+
 With ``port = 0`` the bound port is reported by ``task_status``; the agent records' ``verifier_port``
 then show the configured value (0), as the app is built before the socket is bound.
 """
@@ -56,6 +59,26 @@ log = logging.getLogger("keytrio.verifier")
 
 
 @dataclass(frozen=True)
+class Listeners:
+    """Listening sockets bound (and shared) by the workers supervisor: the API's and the metrics'."""
+
+    api: list[trio.SocketListener]
+    metrics: list[trio.SocketListener]
+
+
+def load_tls(settings: Settings, config: Config) -> tuple[ReloadingServerContext, ContextFactory]:
+    """The server context and the agents' client-context factory; StartupError(TLS) if a file fails."""
+    s = settings
+    files = tls_files(config, TLS_OPTIONS)
+    tls = startup.load_tls(lambda: reloading_server_context(
+        s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional",
+        crl_files=[s.crl] if s.crl is not None else []), files)
+    # the agent contexts are made per agent; one made now proves the client cert and key load
+    startup.load_tls(lambda: client_context(s.trusted_server_ca, s.client_cert, s.client_key), files)
+    return tls, agent_context_factory(s.trusted_server_ca, s.client_cert, s.client_key)
+
+
+@dataclass(frozen=True)
 class _Ready:
     """What Verifier._start_up acquired; Verifier._shut_down releases it."""
 
@@ -76,8 +99,11 @@ class Verifier:
         *,
         clock: Callable[[], float] = time.time,
         ima_check_for: ImaCheckFactory | None = None,
+        listeners: Listeners | None = None,
     ) -> None:
         self.config = config
+        #: sockets bound by a supervisor (workers.py) instead of binding ``port``/``metrics_port`` here
+        self._inherited = listeners
         self.settings: Settings = resolve(config)  # raises ConfigError before anything starts
         self.clock = clock
         self.ima_check_for = ima_check_for
@@ -133,15 +159,12 @@ class Verifier:
         api: list[trio.SocketListener] = []
         metrics_listeners: list[trio.SocketListener] = []
         try:
-            files = tls_files(cfg, TLS_OPTIONS)
-            tls = startup.load_tls(lambda: reloading_server_context(
-                s.server_cert, s.server_key, client_ca_files=s.trusted_client_ca, mode="optional",
-                crl_files=[s.crl] if s.crl is not None else []), files)
-            # the agent contexts are made per agent; one made now proves the client cert and key load
-            startup.load_tls(lambda: client_context(s.trusted_server_ca, s.client_cert, s.client_key), files)
-            contexts = agent_context_factory(s.trusted_server_ca, s.client_cert, s.client_key)
-            api = await startup.bind(cfg.ip, cfg.port, option="port")
-            if cfg.metrics_port >= 0:
+            tls, contexts = load_tls(s, cfg)
+            if self._inherited is not None:
+                api, metrics_listeners = self._inherited.api, self._inherited.metrics
+            else:
+                api = await startup.bind(cfg.ip, cfg.port, option="port")
+            if cfg.metrics_port >= 0 and self._inherited is None:
                 metrics_listeners = await startup.bind(cfg.metrics_ip, cfg.metrics_port, option="metrics_port")
             pool_size, max_overflow = parse_pool(cfg.database_pool_sz_ovfl)
             store = await startup.open_store(s.database_url, pool_size=pool_size, max_overflow=max_overflow,
@@ -293,7 +316,7 @@ class Verifier:
 
     async def _serve_metrics(self, nursery: trio.Nursery, listeners: list[trio.SocketListener]) -> str:
         """Gauges and the metrics listener, if enabled; where it listens (for the log line)."""
-        if self.config.metrics_port < 0:
+        if self.config.metrics_port < 0 or (self._inherited is not None and not listeners):
             return "disabled"
         await self.refresh_gauges()
         nursery.start_soon(self._gauges)

@@ -9,11 +9,11 @@ from keytrio.actors.common.service_cli import ServiceParts, ServiceSpec, registe
 
 def _load() -> ServiceParts:
     from keytrio.actors.common.server_options import tls_files
-    from keytrio.actors.verifier.actor import Verifier
     from keytrio.actors.verifier.config import TLS_OPTIONS, default_config, load_config, resolve
     from keytrio.actors.verifier.migrations import MIGRATIONS
+    from keytrio.actors.verifier.workers import make_service
 
-    return ServiceParts(load_config, default_config, resolve, Verifier, MIGRATIONS,
+    return ServiceParts(load_config, default_config, resolve, make_service, MIGRATIONS,
                         tls_files=lambda config: tls_files(config, TLS_OPTIONS))
 
 

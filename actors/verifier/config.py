@@ -6,6 +6,7 @@ upstream's CA directory layout); absolute paths are used as they are.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,14 @@ OPTIONS: tuple[Option, ...] = (
            "Share the agents of verifier_id with the other verifiers of that verifier_id on the same\n"
            "PostgreSQL by leases (failover, fair share; docs/architecture.md). Off: this verifier\n"
            "monitors every agent of its verifier_id (SQLite or PostgreSQL).", ),
+    Option("workers", "int", 0,
+           "Processes of `keytrio verifier` (docs/architecture.md \"Workers\"): N > 1 runs N worker\n"
+           "processes that share the one API port (a socket bound once, inherited by each) and split\n"
+           "the agents of verifier_id by cluster leases. PostgreSQL and mode = pull only (push agents\n"
+           "across workers are untested). 0 = auto: the number of cores with a PostgreSQL database_url\n"
+           "and mode = pull, else 1: SQLite stays one process (one writer per file). Worker i serves\n"
+           "/metrics on metrics_port + i.",
+           minimum=0, maximum=256),
     Option("lease_ttl", "float", 15.0,
            "cluster: seconds an agent lease lasts unrenewed; a dead verifier's agents are polled again\n"
            "by the others within lease_ttl + quote_interval. Renewed every min(lease_ttl / 3,\n"
@@ -179,6 +188,16 @@ load_config = SPEC.load
 default_config = SPEC.default_text
 
 
+def worker_count(config: Config) -> int:
+    """How many processes ``keytrio verifier`` runs: ``workers``, or for 0 (auto) the cores this
+    process may use when the workers can share the agents (PostgreSQL, mode = pull), else 1."""
+    if config.workers > 0:
+        return int(config.workers)
+    if str(config.database_url).startswith("postgresql") and config.mode == "pull":
+        return max(len(os.sched_getaffinity(0)), 1)
+    return 1
+
+
 def resolve(config: Config) -> Settings:
     """Resolve paths and cross-check options; raises ConfigError listing every problem."""
     check = PathChecks(config)
@@ -189,6 +208,10 @@ def resolve(config: Config) -> Settings:
         check.problems.append("webhook_url: must be an http:// or https:// URL (or empty)")
     if config.cluster and not str(config.database_url).startswith("postgresql"):
         check.problems.append("cluster: needs a PostgreSQL database_url (leases use its row locks)")
+    if config.workers > 1 and not str(config.database_url).startswith("postgresql"):
+        check.problems.append("workers: more than 1 needs a PostgreSQL database_url (SQLite is one process)")
+    if config.workers > 1 and config.mode != "pull":
+        check.problems.append("workers: more than 1 only with mode = pull (the workers share agents by leases)")
     check.raise_problems()
     return Settings(
         config=config, database_url=check.database_url(ACTOR), data_dir=check.data_dir,

@@ -1,0 +1,311 @@
+"""``workers = N`` (actors/verifier/workers.py): ``keytrio verifier`` as a supervisor of N real
+worker processes on one real port and one real PostgreSQL, with real agents (swtpm).
+
+Which worker answers a connection is proven by stopping the other one (SIGSTOP): the supervisor
+never accepts, so an answer while worker B is stopped came from worker A. Waits are bounded rounds
+of polling under a hang guard (``fail_after``), never sleeps standing in for an outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import trio
+
+from keytrio.actors.common import tls
+from keytrio.actors.common.client import make_client
+from keytrio.actors.common.config import ConfigError
+from keytrio.actors.common.startup import Exit
+from keytrio.actors.verifier.config import load_config, resolve, worker_count
+from keytrio.actors.verifier.workers import BACKOFF_MAX, backoff
+from tests.actors.verifier_support import enrol_body, new_halves, start_test_agent
+from tests.pg import pg_admin_url, pg_url  # noqa: F401
+
+KEYTRIO = Path(sys.executable).with_name("keytrio")
+GUARD = 90.0  # hang guard of one wait (bounded rounds of polling inside)
+POLL = 0.2
+
+
+def free_port(consecutive: int = 1) -> int:
+    """A port p with p .. p + consecutive - 1 free right now."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + consecutive > 65535:
+            continue
+        try:
+            with contextmanager_bind(range(port + 1, port + consecutive)):
+                return port
+        except OSError:
+            continue
+
+
+@contextmanager
+def contextmanager_bind(ports: range) -> Iterator[None]:
+    socks = []
+    try:
+        for p in ports:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", p))
+        yield
+    finally:
+        for s in socks:
+            s.close()
+
+
+def options(pki: Any, data_dir: Path, **overrides: Any) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "ip": "127.0.0.1", "port": free_port(), "metrics_port": -1, "data_dir": str(data_dir),
+        "server_cert": str(pki.server.cert), "server_key": str(pki.server.key),
+        "client_cert": str(pki.client.cert), "client_key": str(pki.client.key),
+        "trusted_client_ca": [str(pki.ca)], "trusted_server_ca": [str(pki.ca)], "graceful_timeout": 0.5,
+    }
+    opts.update(overrides)
+    return opts
+
+
+def write_conf(tmp_path: Path, opts: dict[str, Any]) -> Path:
+    path = tmp_path / "verifier.toml"
+    path.write_text("[verifier]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in opts.items()))
+    return path
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTRIO_")}
+    env["KEYTRIO_CONFIG_DIR"] = "/nonexistent"
+    return env
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def state(pid: int) -> str:
+    """The process state letter of /proc/PID/stat (T: stopped), "" when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return ""
+
+
+async def until(pred: Callable[[], Any], what: str) -> Any:
+    """Poll ``pred`` (sync or async) until it returns something truthy; returns that."""
+    try:
+        with trio.fail_after(GUARD):
+            while True:
+                value = pred()
+                if hasattr(value, "__await__"):
+                    value = await value
+                if value:
+                    return value
+                await trio.sleep(POLL)
+    except trio.TooSlowError:
+        raise AssertionError(f"not within {GUARD} s: {what}") from None
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+def test_worker_count_defaults_to_cores_on_postgresql_and_one_on_sqlite(tmp_path: Path) -> None:
+    pg = "postgresql+psycopg://u@h/db"
+    cores = len(os.sched_getaffinity(0))
+    base = {"data_dir": str(tmp_path)}
+    assert worker_count(load_config(env={}, overrides=base)) == 1  # SQLite in data_dir
+    assert worker_count(load_config(env={}, overrides={**base, "database_url": pg})) == cores
+    assert worker_count(load_config(env={}, overrides={**base, "database_url": pg, "mode": "both"})) == 1
+    assert worker_count(load_config(env={}, overrides={**base, "database_url": pg, "workers": 3})) == 3
+    for overrides, problem in (({"workers": 2}, "needs a PostgreSQL"),
+                               ({"workers": 2, "database_url": pg, "mode": "push"}, "mode = pull")):
+        with pytest.raises(ConfigError) as err:
+            resolve(load_config(env={}, overrides={**base, **overrides}))
+        assert "workers: " in str(err.value) and problem in str(err.value)
+
+
+def test_restart_backoff_doubles_up_to_its_cap() -> None:
+    assert [backoff(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert backoff(30) == BACKOFF_MAX
+
+
+# --- start-up failures keep their exit codes -----------------------------------------------------
+
+
+def one_line(r: subprocess.CompletedProcess[str], code: Exit, *needles: str) -> None:
+    lines = r.stderr.splitlines()
+    assert (r.returncode, len(lines), r.stdout) == (code, 1, ""), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def run_verifier(conf: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(KEYTRIO), "verifier", "--config", str(conf)], capture_output=True, text=True,
+                          timeout=120, env=clean_env())
+
+
+def test_workers_start_up_failures_exit_codes(tmp_path: Path, pki: Any, pg_url: str) -> None:  # noqa: F811
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        taken = busy.getsockname()[1]
+        conf = write_conf(tmp_path, options(pki, tmp_path / "v", database_url=pg_url, workers=2, port=taken))
+        one_line(run_verifier(conf), Exit.PORT_IN_USE, f"port 127.0.0.1:{taken} is already in use")
+        # worker 1's metrics port (metrics_port + 1) is the one taken
+        conf = write_conf(tmp_path, options(pki, tmp_path / "v", database_url=pg_url, workers=2,
+                                            metrics_port=taken - 1))
+        one_line(run_verifier(conf), Exit.PORT_IN_USE, f"metrics_port 127.0.0.1:{taken}")
+    nowhere = f"postgresql+psycopg://keytrio:x@127.0.0.1:{free_port()}/keytrio"
+    conf = write_conf(tmp_path, options(pki, tmp_path / "v", database_url=nowhere, workers=2))
+    one_line(run_verifier(conf), Exit.DATABASE, "unreachable")
+    conf = write_conf(tmp_path, options(pki, tmp_path / "v", workers=2))  # SQLite
+    one_line(run_verifier(conf), Exit.CONFIG, "workers: more than 1 needs a PostgreSQL")
+
+
+# --- two workers, one port, real agents --------------------------------------------------------------
+
+
+class Service:
+    """``keytrio verifier`` (the supervisor process) and a client making one connection per call."""
+
+    def __init__(self, proc: trio.Process, url: str, pki: Any, db: str) -> None:
+        self.proc, self.url, self.pki = proc, url, pki
+        self.engine = sa.create_engine(db)
+
+    async def request(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        # a new client (and connection) each time: the kernel picks the worker per connection
+        async with make_client(tls.client_context([self.pki.ca], self.pki.client.cert, self.pki.client.key),
+                               timeout=20.0) as client:
+            return await client.request(method, self.url + path, json=body)
+
+    async def agent(self, agent_id: str) -> dict[str, Any] | None:
+        r = await self.request("GET", f"/agents/{agent_id}")
+        return r.json()["results"] if r.status_code == 200 else None
+
+    async def counts(self, ids: set[str]) -> dict[str, int]:
+        return {aid: ((await self.agent(aid)) or {}).get("attestation_count", -1) for aid in ids}
+
+    async def listed(self) -> set[str]:
+        r = await self.request("GET", "/agents/")
+        assert r.status_code == 200, r.text
+        return {a for sub in r.json()["results"]["uuids"] for a in sub}
+
+    async def answers(self) -> bool:
+        try:
+            return (await self.request("GET", "/agents/")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def holders(self) -> dict[str, set[str]]:
+        """Lease holder instance -> the agents it holds (rows of verifier_leases)."""
+        def q() -> dict[str, set[str]]:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.text("SELECT holder, name FROM verifier_leases WHERE kind = 'agent'"))
+                out: dict[str, set[str]] = {}
+                for holder, name in rows:
+                    out.setdefault(holder, set()).add(name)
+                return out
+        return q()
+
+    def workers(self) -> list[int]:
+        return children(self.proc.pid)
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def served_while_stopped(svc: Service, stop: int, ids: set[str]) -> None:
+    """With worker ``stop`` stopped, every fresh connection is answered by the other worker, and it
+    lists every agent."""
+    with stopped(stop):
+        await until(lambda: state(stop) == "T", "the worker is stopped")
+        for _ in range(3):
+            assert await svc.listed() == ids
+
+
+@pytest.mark.swtpm
+async def test_two_workers_share_one_port_split_agents_restart_and_stop(
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, swtpm_factory: Any, pg_url: str  # noqa: F811
+) -> None:
+    agents = []
+    for i in range(4):
+        tpm = await swtpm_factory(fresh=False)
+        agents.append(await start_test_agent(nursery, tmp_path / f"a{i}", pki, tpm.tcti, None))
+    ids = {a.agent_id for a in agents}
+    mport = free_port(consecutive=2)
+    opts = options(pki, tmp_path / "v", database_url=pg_url, workers=2, metrics_port=mport,
+                   verifier_id="workers", quote_interval=0.5, lease_ttl=4.0, retry_interval=0.2,
+                   database_pool_sz_ovfl="3,2", request_timeout=5.0)
+    conf = write_conf(tmp_path, opts)
+    log = open(tmp_path / "verifier.log", "wb")  # closed below
+    proc: trio.Process = await nursery.start(partial(
+        trio.run_process, [str(KEYTRIO), "verifier", "--config", str(conf)], stderr=log, check=False,
+        env=clean_env()))
+    svc = Service(proc, f"https://127.0.0.1:{opts['port']}/v2.1", pki, pg_url)
+    try:
+        first = await until(lambda: len(w := svc.workers()) == 2 and w, "two workers")
+        await until(svc.answers, "the port answers")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{(tmp_path / 'verifier.log').read_text()}") from None
+    for p in (mport, mport + 1):  # one metrics listener per worker
+        async with httpx.AsyncClient() as plain:
+            assert (await plain.get(f"http://127.0.0.1:{p}/metrics")).status_code == 200
+
+    for agent in agents:
+        r = await svc.request("POST", f"/agents/{agent.agent_id}", enrol_body(agent, v=new_halves().v))
+        assert r.status_code == 200, r.text
+    # the agents split between the two workers' lease instances, and each is attested
+    await until(lambda: sorted(len(v) for k, v in svc.holders().items() if k) == [2, 2], "a 2/2 split")
+
+    async def attested(at_least: dict[str, int]) -> bool:
+        now = await svc.counts(ids)
+        return all(now[a] >= at_least[a] for a in ids)
+
+    await until(partial(attested, dict.fromkeys(ids, 2)), "every agent attested")
+    # both workers serve the one port; each lists every agent
+    await served_while_stopped(svc, first[0], ids)
+    await served_while_stopped(svc, first[1], ids)
+
+    # kill -9 one worker: the supervisor starts a new one, and every agent is attested again
+    victim = first[0]
+    before = await svc.counts(ids)
+    os.kill(victim, signal.SIGKILL)
+    second = await until(lambda: len(w := svc.workers()) == 2 and victim not in w and w, "a restarted worker")
+    assert first[1] in second
+    await until(partial(attested, {a: before[a] + 2 for a in ids}), "attested again after the kill")
+    await until(lambda: sorted(len(v) for k, v in svc.holders().items() if k) == [2, 2], "2/2 again")
+
+    # SIGTERM to the supervisor: every worker stops cleanly and gives its leases back
+    proc.send_signal(signal.SIGTERM)
+    with trio.fail_after(GUARD):
+        await proc.wait()
+    log.close()
+    text = (tmp_path / "verifier.log").read_text()
+    assert proc.returncode == 0, text
+    await until(lambda: not any(state(p) for p in second), "the workers are gone")
+    assert set(svc.holders()) == {None}, svc.holders()
+    assert "Traceback" not in text and "event=verifier.workers_stopped workers=2" in text
+    assert text.count("event=verifier.stopped") == 2, text  # the two live workers; the killed one never
+    svc.engine.dispose()
