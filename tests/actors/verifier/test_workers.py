@@ -92,11 +92,14 @@ def clean_env() -> dict[str, str]:
 
 
 def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except FileNotFoundError:
-        return []
-    return [int(x) for x in text.split()]
+    """The child processes of ``pid`` (of any of its threads: trio spawns from a worker thread)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return sorted(out)
 
 
 def state(pid: int) -> str:
@@ -308,4 +311,38 @@ async def test_two_workers_share_one_port_split_agents_restart_and_stop(
     assert set(svc.holders()) == {None}, svc.holders()
     assert "Traceback" not in text and "event=verifier.workers_stopped workers=2" in text
     assert text.count("event=verifier.stopped") == 2, text  # the two live workers; the killed one never
+    svc.engine.dispose()
+
+
+async def test_any_free_port_and_workers_stop_when_the_supervisor_is_killed(
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, pg_url: str  # noqa: F811
+) -> None:
+    """port = 0 and metrics_port = 0: one shared free port, one free metrics port per worker (the
+    supervisor logs them); SIGKILL to the supervisor: each worker sees its stdin close and stops
+    cleanly by itself (no orphans left polling)."""
+    opts = options(pki, tmp_path / "v", database_url=pg_url, workers=2, port=0, metrics_port=0,
+                   verifier_id="orphans", lease_ttl=4.0)
+    conf = write_conf(tmp_path, opts)
+    logfile = tmp_path / "verifier.log"
+    with open(logfile, "wb") as log:
+        proc: trio.Process = await nursery.start(partial(
+            trio.run_process, [str(KEYTRIO), "verifier", "--config", str(conf)], stderr=log, check=False,
+            env=clean_env()))
+        started = await until(lambda: [ln for ln in logfile.read_text().splitlines()
+                                       if "event=verifier.workers_started" in ln], "the workers start")
+        fields = dict(f.split("=", 1) for f in started[0].split() if "=" in f)
+        port = int(fields["https"].rsplit(":", 1)[1])
+        metrics = [int(m.rsplit(":", 1)[1]) for m in fields["metrics"].split(",")]
+        assert port != 0 and len(set(metrics)) == 2 and 0 not in metrics
+        svc = Service(proc, f"https://127.0.0.1:{port}/v2.1", pki, pg_url)
+        assert await svc.answers()
+        workers = svc.workers()
+        assert len(workers) == 2
+        proc.kill()
+        with trio.fail_after(GUARD):
+            await proc.wait()
+        await until(lambda: not any(state(p) for p in workers), "the orphaned workers stop")
+    text = logfile.read_text()
+    assert text.count("event=verifier.worker_orphaned") == 2, text
+    assert text.count("event=verifier.stopped") == 2 and "Traceback" not in text, text
     svc.engine.dispose()
