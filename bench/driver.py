@@ -135,6 +135,8 @@ def interleave(workers: list[Worker], rounds: int, cmd_for: Any, what: str) -> d
 def bench_evidence(workers: list[Worker], inputs: dict[str, Any], quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"cases": []}
     for idx, case in enumerate(inputs["cases"]):
+        if case.get("extra"):
+            continue  # a body size of the evidence endpoint (bench.http_load), not a case here
         n = case["lines"]
         total = 40 if n <= 1000 else 12 if n <= 10_000 else 4
         if quick:
@@ -148,7 +150,8 @@ def bench_evidence(workers: list[Worker], inputs: dict[str, Any], quick: bool) -
     for w in workers:
         if inputs.get("tampered"):
             _check_valid(w.name, "tampered IMA line", w.call({"op": "evidence", "tamper": True}), expect=False)
-        wrong = w.call({"op": "evidence", "case": len(inputs["cases"]) - 1, "nonce": "X" * 20})
+        last = max(i for i, c in enumerate(inputs["cases"]) if not c.get("extra"))
+        wrong = w.call({"op": "evidence", "case": last, "nonce": "X" * 20})
         _check_valid(w.name, "wrong nonce", wrong, expect=False)
         controls[w.name] = {"tampered_ima_line": "invalid", "wrong_nonce": "invalid"}
     out["controls"] = controls
@@ -223,7 +226,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     import trio
 
-    inputs = trio.run(gen.generate, inputs_dir, sizes, args.polls, args.lines_per_poll)
+    extra = []
+    if args.upstream_dir and "http" in args.only:
+        from bench import http_load
+
+        extra = http_load.lines_for_bodies(args.http_bodies)
+    inputs = trio.run(gen.generate, inputs_dir, sizes, args.polls, args.lines_per_poll, extra)
     print(f"[bench] inputs ready in {time.monotonic() - t0:.1f}s ({inputs_dir})", file=sys.stderr)
     cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
     kl_python = upstream_python(Path(args.kl_venv))
@@ -277,6 +285,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--kl-venv", default=str(DEFAULT_KL_VENV))
     ap.add_argument("--upstream-dir", type=Path, default=None, help="a DIR running tests/interop/upstream/up.sh (HTTP benchmarks)")
     ap.add_argument("--http-seconds", type=float, default=None)
+    ap.add_argument("--http-bodies", default="15,1024",
+                    help="evidence endpoint body sizes in KiB, one IMA list (+ policy of its files) each")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--fleet-sizes", default=None, help="fleet N values (default 20 quick, 50,200,500 full)")
     ap.add_argument("--fleet-seconds", type=float, default=None, help="fleet measuring window per side and N")

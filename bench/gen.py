@@ -70,10 +70,14 @@ async def _quote(tpm: Tpm, ak: AttestationKey) -> tuple[str, str]:
     return n, build_quote(q.attest, q.signature, encode_pcr_blob(BANK, q.pcrs))
 
 
-async def generate(out: Path, sizes: list[int], polls: int, lines_per_poll: int) -> dict[str, Any]:
+async def generate(out: Path, sizes: list[int], polls: int, lines_per_poll: int,
+                   extra_sizes: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+    """``extra_sizes``: more checkpoints (cases flagged ``"extra": True``) that do not move the
+    steady-state base: the evidence endpoint's body sizes (bench.http_load)."""
     out.mkdir(parents=True, exist_ok=True)
-    sizes = sorted(set(sizes))
     base = max([s for s in sizes if s <= STEADY_BASE], default=0)
+    extra = set(extra_sizes) - set(sizes)
+    sizes = sorted(set(sizes) | extra)
     total = max(sizes[-1], base + polls * lines_per_poll)
     entries = [entry_for(i) for i in range(total)]
     lines = [ima.format_line(e) for e in entries]
@@ -105,7 +109,7 @@ async def generate(out: Path, sizes: list[int], polls: int, lines_per_poll: int)
                     await extend_to(size)
                     n, q = await _quote(tpm, ak)
                     if size in sizes:
-                        cases.append({"lines": size, "nonce": n, "quote": q})
+                        cases.append({"lines": size, "nonce": n, "quote": q, "extra": size in extra})
                     if size != base:
                         continue
                     steady = {"lines": size, "nonce": n, "quote": q}
@@ -133,7 +137,7 @@ async def generate(out: Path, sizes: list[int], polls: int, lines_per_poll: int)
     # tampered control: the first checkpoint >= 1 line with one file digest changed in the middle
     tampered = None
     for c in cases:
-        if c["lines"] > 0:
+        if c["lines"] > 0 and not c["extra"]:
             k = c["lines"] // 2
             e = entries[k]
             forged = ima.format_line(e).replace(e.digest.hex(), hashlib.sha256(b"evil").hexdigest())

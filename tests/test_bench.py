@@ -42,7 +42,7 @@ def test_quick_driver_on_tiny_inputs(tmp_path: Path, upstream: Upstream) -> None
     rc = driver.main([
         "--out", str(out), "--quick", "--sizes", "0,20,60", "--polls", "4", "--lines-per-poll", "2",
         "--kl-venv", str(KL_VENV), "--upstream-dir", str(upstream.dir), "--http-seconds", "1",
-        "--concurrency", "2", "--reg-rounds", "2", "--reg-per-round", "4", "--reg-concurrency", "2",
+        "--http-bodies", "4,6", "--concurrency", "2", "--reg-rounds", "2", "--reg-per-round", "4", "--reg-concurrency", "2",
         "--fleet-sizes", "2", "--fleet-seconds", "3", "--fleet-policy-files", "200",
     ])  # fmt: skip
     assert rc == 0, (out / "worker-upstream.log").read_text()[-3000:] if (out / "worker-upstream.log").exists() else ""
@@ -66,10 +66,12 @@ def test_quick_driver_on_tiny_inputs(tmp_path: Path, upstream: Upstream) -> None
     assert len(poll["samples"]["keytrio"]) == len(poll["samples"]["upstream"]) == 4
 
     http = report["http"]
-    assert http["rps"]["keytrio"] > 0 and http["rps"]["upstream"] > 0
-    assert http["controls"]["keytrio"]["valid"] in (False, 0) and http["controls"]["upstream"]["valid"] in (False, 0)
-    _summary_ok(http["latency"]["keytrio"])
-    _summary_ok(http["latency"]["upstream"])
+    assert [c["ima_lines"] for c in http["cases"]] == [3, 11]  # one case per --http-bodies size
+    for c in http["cases"]:
+        assert c["rps"]["keytrio"] > 0 and c["rps"]["upstream"] > 0
+        assert c["controls"]["keytrio"]["valid"] in (False, 0) and c["controls"]["upstream"]["valid"] in (False, 0)
+        _summary_ok(c["latency"]["keytrio"])
+        _summary_ok(c["latency"]["upstream"])
 
     reg = report["registration"]
     for phase in ("reg", "act"):

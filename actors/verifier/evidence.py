@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import hashlib
 import json
 from typing import Any
 
@@ -34,6 +36,7 @@ from keytrio.protocol import mb_policy, safejson, tpm2, validation
 from keytrio.protocol.errors import ProtocolError, ValidationError
 from keytrio.protocol.evidence import Evidence, Expectations, RefStateCheck, verify
 from keytrio.protocol.failures import Failure
+from keytrio.protocol.runtime_policy import RuntimePolicy
 
 EVIDENCE_FIELDS = (
     "nonce", "quote", "hash_alg", "tpm_ak", "tpm_ek", "tpm_policy", "runtime_policy", "mb_policy",
@@ -44,6 +47,32 @@ REQUIRED = ("nonce", "quote", "hash_alg", "tpm_ak")
 PRESENT = ("tpm_ek",)
 POLICIES = ("tpm_policy", "runtime_policy", "mb_policy")
 IDENTITY_PARAMS = ("agent_uuid", "quote", "nonce", "hash_alg")
+
+
+#: Parsed runtime policies of recent requests, by SHA-256 of the policy bytes: callers that check
+#: many quotes against one policy (a fleet's shared policy) pay its parse once. Bounded in entries
+#: and in the size of a policy worth keeping; only policies that parsed are kept (a refused one is
+#: parsed again and refused again, with the same failure).
+POLICY_CACHE_ENTRIES = 4
+POLICY_CACHE_MAX_BYTES = 16 << 20
+_policy_cache: dict[bytes, RuntimePolicy] = {}
+
+
+def _parsed_policy(raw: bytes) -> RuntimePolicy:
+    """``parse(raw)`` through the cache (thread-safe enough: a race parses twice, nothing worse)."""
+    if len(raw) > POLICY_CACHE_MAX_BYTES:
+        return parse(raw, None, require_signature=False)
+    key = hashlib.sha256(raw).digest()
+    policy = _policy_cache.pop(key, None)
+    if policy is None:
+        policy = parse(raw, None, require_signature=False)
+    _policy_cache[key] = policy  # (re)inserted last: dicts keep insertion order, so oldest first
+    while len(_policy_cache) > POLICY_CACHE_ENTRIES:
+        try:
+            del _policy_cache[next(iter(_policy_cache))]
+        except (KeyError, StopIteration, RuntimeError):  # another thread changed it meanwhile
+            break
+    return policy
 
 
 class EvidenceRejected(Exception):
@@ -106,13 +135,37 @@ def _tpm_policy(value: object) -> dict[str, Any]:
         raise EvidenceRejected([invalid_param("tpm_policy", exc.reason)]) from None
 
 
+@functools.lru_cache(maxsize=256)
+def _ak_of(value: str) -> tpm2.AkKey:
+    # parsing a TPM2B_PUBLIC costs more than checking the quote; a client checks many quotes of
+    # one AK (bounded; failures are not cached: they raise)
+    return tpm2.ak_key(base64.b64decode(value, validate=True))
+
+
 def _ak(value: object, field: str = "tpm_ak") -> tpm2.AkKey:
     try:
         if not isinstance(value, str):
             raise ValueError("not a string")
-        return tpm2.ak_key(base64.b64decode(value, validate=True))
+        if len(value) > 4096:  # no TPM2B_PUBLIC is this long; not worth a cache slot either
+            return tpm2.ak_key(base64.b64decode(value, validate=True))
+        return _ak_of(value)
     except (binascii.Error, ValueError, ProtocolError) as exc:
         raise EvidenceRejected([invalid_param(field, f"not a usable AK (base64 TPM2B_PUBLIC): {exc}")]) from None
+
+
+def inline_size(data: object) -> int:
+    """Characters of the parts of ``data`` whose checking cost grows with their size (the IMA
+    list, an inline runtime policy, the measured-boot log and policy); 0 when not a dict."""
+    if not isinstance(data, dict):
+        return 0
+    size = 0
+    for name in ("ima_measurement_list", "runtime_policy", "mb_log", "mb_policy"):
+        value = data.get(name)
+        if isinstance(value, str):
+            size += len(value)
+        elif value:  # an object (a policy given as JSON): no cheap size; assume large
+            return 1 << 62
+    return size
 
 
 def check_tpm_evidence(data: object, *, ignore_tomtou_errors: bool = False) -> list[Failure]:
@@ -159,7 +212,7 @@ def check_tpm_evidence(data: object, *, ignore_tomtou_errors: bool = False) -> l
     hook = None
     if has_runtime:
         try:
-            policy = parse(_runtime_policy_bytes(data["runtime_policy"]), None, require_signature=False)
+            policy = _parsed_policy(_runtime_policy_bytes(data["runtime_policy"]))
         except PolicyRefused as exc:
             raise EvidenceRejected([invalid_param("runtime_policy", exc.reason, field=exc.field)]) from None
         hook = AgentIma("evidence", FixedPolicy(policy), None, policy.checksum,
