@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import base64
 import datetime
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from keytrio.actors.common.store import Store
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.push import store as pstore
-from keytrio.protocol import evidence, pop, push_wire, tpm2
-from keytrio.protocol import mb_policy as mbp
+from keytrio.actors.verifier.push.evalstate import Enrolment, EvalStates
+from keytrio.protocol import pop, push_wire
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.push_wire import WireError
 
-IMA_PCR = 10
 #: boot_time values closer than this are the same boot (the agent derives it from its uptime)
 BOOT_TIME_SLACK = 60
 FAILED_STATES = frozenset({records.FAILED, records.INVALID_QUOTE, records.TENANT_FAILED, records.TERMINATED})
@@ -50,49 +50,24 @@ def boot_epoch(value: str | None) -> int | None:
     return int(dt.timestamp())
 
 
-def has_runtime_policy(row: dict[str, Any]) -> bool:
-    return bool(row.get("runtime_policy_name") or row.get("runtime_policy_checksum"))
-
-
-def has_mb_policy(row: dict[str, Any]) -> bool:
-    text = row.get("mb_policy")
-    return bool(text) and text not in ("null",) and not mbp.is_empty(text)
-
-
-def wanted_pcrs(row: dict[str, Any]) -> list[int]:
-    pcrs: set[int] = set(evidence.policy_pcrs(json.loads(row["tpm_policy"])))
-    raw = json.loads(row["tpm_policy"]).get("mask")
-    if isinstance(raw, str):
-        try:
-            mask = int(raw, 16) & 0xFFFFFF
-        except ValueError:
-            mask = 0
-        pcrs |= {p for p in range(24) if mask >> p & 1}
-    pcrs.discard(16)  # the pull model's NK binding: a push agent has no NK
-    if has_runtime_policy(row):
-        pcrs.add(IMA_PCR)
-    if has_mb_policy(row):
-        pcrs |= set(mbp.MEASUREDBOOT_PCRS)
-    return sorted(pcrs) or [IMA_PCR]
-
-
-def plan(row: dict[str, Any], caps: push_wire.Capabilities, challenge_b64: str) -> push_wire.Requested:
+def plan(row: dict[str, Any], caps: push_wire.Capabilities, challenge_b64: str,
+         enr: Enrolment | None = None) -> push_wire.Requested:
     """What to request from this agent (WireError 422 when it cannot provide it)."""
-    ak = tpm2.ak_key(base64.b64decode(row["ak_tpm"]))
+    enr = enr or Enrolment.of(row)
+    ak = enr.ak
     q = caps.quote
-    hash_alg = push_wire.choose_hash(ak.hash_alg, q.hash_algorithms, json.loads(row["accept_tpm_hash_algs"]),
-                                     q.available)
+    hash_alg = push_wire.choose_hash(ak.hash_alg, q.hash_algorithms, list(enr.hash_algs), q.available)
     if hash_alg is None:
         raise WireError(422, f"the quote must use {ak.hash_alg} (the AK's scheme hash): the agent must offer it "
                              "with a PCR bank, and the enrolment accept it")
-    if ak.sign_alg not in q.signature_schemes or ak.sign_alg not in json.loads(row["accept_tpm_signing_algs"]):
+    if ak.sign_alg not in q.signature_schemes or ak.sign_alg not in enr.sign_algs:
         raise WireError(422, f"the quote must be signed with {ak.sign_alg} (the AK's scheme)")
-    pcrs = wanted_pcrs(row)
+    pcrs = enr.pcrs
     missing = sorted(set(pcrs) - set(q.available.get(hash_alg, [])))
     if missing:
         raise WireError(422, f"the agent cannot quote the PCRs its policies need: {hash_alg} {missing}")
     logs: dict[str, int] = {}
-    if has_runtime_policy(row):
+    if enr.runtime:
         ima = caps.logs.get(push_wire.IMA_LOG)
         if ima is None:
             raise WireError(422, "the agent's runtime policy needs the ima_log")
@@ -104,7 +79,7 @@ def plan(row: dict[str, Any], caps: push_wire.Capabilities, challenge_b64: str) 
         if offset and not ima.supports_partial_access:
             offset = 0
         logs[push_wire.IMA_LOG] = offset
-    if has_mb_policy(row):
+    if enr.mb is not None:
         if push_wire.UEFI_LOG not in caps.logs:
             raise WireError(422, "the agent's measured-boot policy needs the uefi_log")
         logs[push_wire.UEFI_LOG] = 0
@@ -124,71 +99,122 @@ def retry_after(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
 
+#: ``admit(conn)``: the agent's row once its token and enrolment hold, else the refusal (service.py)
+Admit = Callable[[Connection], "dict[str, Any] | WireError"]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Evidence stored for verification: the agent's row and the attestation as that transaction
+    read them, and the evidence as parsed (the verifier needs no second read or parse)."""
+
+    row: dict[str, Any]
+    res: dict[str, Any]
+    evidence: push_wire.Evidence
+
+
 class Attestations:
-    def __init__(self, store: Store, settings: CycleSettings, clock: Callable[[], float]) -> None:
+    """The two phases, each ONE transaction (token, enrolment, latest attestation, write): every
+    check runs on what the database holds at that moment, and a refusal writes nothing."""
+
+    def __init__(self, store: Store, settings: CycleSettings, clock: Callable[[], float],
+                 states: EvalStates | None = None) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.states = states or EvalStates(None)
 
-    async def create(self, row: dict[str, Any], doc: object) -> dict[str, Any]:
-        """Phase 1. Returns the stored attestation (with ``index``)."""
-        agent_id = row["agent_id"]
-        if row["operational_state"] in FAILED_STATES:
-            raise WireError(403, "attestations are disabled for this agent (a previous failure or timeout): "
-                                 "the tenant must reactivate it")
+    async def create(self, admit: Admit, doc: object | WireError) -> dict[str, Any]:
+        """Phase 1. Returns the stored attestation (with ``index``). ``doc`` is the request's JSON,
+        or the refusal of an unreadable body (answered after the token and enrolment checks)."""
         now = self.clock()
-        last = await pstore.latest(self.store, agent_id)
-        if last is not None and last["stage"] == pstore.EVALUATING:
-            raise WireError(503, "the previous attestation is still being verified", retry_after=1)
-        if last is not None and last["evidence_received_at"] is not None:
-            wait = last["evidence_received_at"] + self.settings.quote_interval - now
-            if wait > 0:
-                raise WireError(429, f"premature attestation: the next one is due in {wait:.3g} s",
-                                code="premature_attestation", retry_after=retry_after(wait))
-        caps = push_wire.parse_capabilities(doc)
         challenge = base64.b64encode(pop.new_challenge()).decode("ascii")
-        try:
-            req = plan(row, caps, challenge)
-        except (ProtocolError, ValueError) as exc:
-            if isinstance(exc, WireError):
-                raise
-            raise WireError(422, f"the enrolment cannot be attested: {exc}") from None
-        values = {
-            "agent_id": agent_id, "stage": pstore.AWAITING, "evaluation": pstore.PENDING,
-            "challenge": challenge, "hash_alg": req.hash_alg,
-            "evidence_requested": push_wire.evidence_requested(req), "capabilities": caps.supported,
-            "system_info": caps.system_info, "capabilities_received_at": now,
-            "challenges_expire_at": now + self.settings.evidence_lifetime,
-        }
-        index = await pstore.add_attestation(self.store, values, history=self.settings.history)
-        if index is None:
-            raise WireError(503, "the previous attestation is still being verified", retry_after=1)
-        return {**values, "index": index, "failure_reason": None, "evidence": None,
-                "evidence_received_at": None, "verification_completed_at": None}
+        settings = self.settings
 
-    async def submit(self, row: dict[str, Any], which: str, doc: object) -> dict[str, Any]:
+        def txn(conn: Connection) -> dict[str, Any] | WireError:
+            row = admit(conn)
+            if isinstance(row, WireError):
+                return row
+            if isinstance(doc, WireError):
+                return doc
+            agent_id = row["agent_id"]
+            if row["operational_state"] in FAILED_STATES:
+                return WireError(403, "attestations are disabled for this agent (a previous failure or timeout): "
+                                      "the tenant must reactivate it")
+            last = pstore.latest_in(conn, agent_id)
+            if last is not None and last["stage"] == pstore.EVALUATING:
+                return WireError(503, "the previous attestation is still being verified", retry_after=1)
+            if last is not None and last["evidence_received_at"] is not None:
+                wait = last["evidence_received_at"] + settings.quote_interval - now
+                if wait > 0:
+                    return WireError(429, f"premature attestation: the next one is due in {wait:.3g} s",
+                                     code="premature_attestation", retry_after=retry_after(wait))
+            try:
+                caps = push_wire.parse_capabilities(doc)
+                req = plan(row, caps, challenge, self.states.enrolment(row))
+            except WireError as exc:
+                return exc
+            except (ProtocolError, ValueError) as exc:
+                return WireError(422, f"the enrolment cannot be attested: {exc}")
+            values = {
+                "agent_id": agent_id, "stage": pstore.AWAITING, "evaluation": pstore.PENDING,
+                "challenge": challenge, "hash_alg": req.hash_alg,
+                "evidence_requested": push_wire.evidence_requested(req), "capabilities": caps.supported,
+                "system_info": caps.system_info, "capabilities_received_at": now,
+                "challenges_expire_at": now + settings.evidence_lifetime,
+            }
+            index = pstore.insert_attestation(conn, values, last, history=settings.history)
+            return {**values, "index": index, "failure_reason": None, "evidence": None,
+                    "evidence_received_at": None, "verification_completed_at": None}
+
+        out = await self.store.write_grouped(txn)
+        if isinstance(out, WireError):
+            raise out
+        return out
+
+    async def submit(self, admit: Admit, which: str, doc: object | WireError) -> Accepted:
         """Phase 2: store the evidence of attestation ``which`` ("latest" or an index)."""
-        agent_id = row["agent_id"]
-        last = await pstore.latest(self.store, agent_id)
-        if which == "latest":
-            target = last
-        else:
-            target = await pstore.get_attestation(self.store, agent_id, parse_index(which))
-        if target is None:
-            raise WireError(404, "attestation not found")
-        if last is not None and target["index"] != last["index"]:
-            raise WireError(403, "evidence can only be submitted for the latest attestation")
-        if target["stage"] != pstore.AWAITING:
-            raise WireError(403, "evidence was already submitted for this attestation", code="evidence_immutable")
         now = self.clock()
-        if now > target["challenges_expire_at"]:
-            raise WireError(403, "the attestation's challenges have expired: start a new attestation")
-        ev = push_wire.parse_evidence(doc, target["evidence_requested"], target["hash_alg"])
-        del ev  # parsed to refuse bad input before anything is stored; verified from the stored copy
-        collected = doc["data"]["attributes"]["evidence_collected"]  # type: ignore[index]
-        if not await pstore.submit_evidence(self.store, agent_id, target["index"], collected, now):
-            raise WireError(403, "evidence was already submitted for this attestation", code="evidence_immutable")
-        return {**target, "stage": pstore.EVALUATING, "evidence": collected, "evidence_received_at": now}
+
+        def txn(conn: Connection) -> Accepted | WireError:
+            row = admit(conn)
+            if isinstance(row, WireError):
+                return row
+            if isinstance(doc, WireError):
+                return doc
+            agent_id = row["agent_id"]
+            last = pstore.latest_in(conn, agent_id)
+            if which == "latest":
+                target = last
+            else:
+                try:
+                    index = parse_index(which)
+                except WireError as exc:
+                    return exc
+                target = pstore.attestation_in(conn, agent_id, index)
+            if target is None:
+                return WireError(404, "attestation not found")
+            if last is not None and target["index"] != last["index"]:
+                return WireError(403, "evidence can only be submitted for the latest attestation")
+            if target["stage"] != pstore.AWAITING:
+                return WireError(403, "evidence was already submitted for this attestation", code="evidence_immutable")
+            if now > target["challenges_expire_at"]:
+                return WireError(403, "the attestation's challenges have expired: start a new attestation")
+            try:
+                # parsed to refuse bad input before anything is stored; the verifier uses it as is
+                ev = push_wire.parse_evidence(doc, target["evidence_requested"], target["hash_alg"])
+            except WireError as exc:
+                return exc
+            collected = doc["data"]["attributes"]["evidence_collected"]  # type: ignore[index]
+            if not pstore.set_evidence(conn, agent_id, target["index"], collected, now):
+                return WireError(403, "evidence was already submitted for this attestation", code="evidence_immutable")
+            res = {**target, "stage": pstore.EVALUATING, "evidence": collected, "evidence_received_at": now}
+            return Accepted(row, res, ev)
+
+        out = await self.store.write_grouped(txn)
+        if isinstance(out, WireError):
+            raise out
+        return out
 
 
 def parse_index(text: str) -> int:

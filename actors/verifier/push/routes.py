@@ -87,6 +87,15 @@ async def _body(*, surrogates: bool = False) -> dict[str, Any]:
     return await json_body(allow_surrogates=surrogates)
 
 
+async def _body_or_error(*, surrogates: bool = False) -> dict[str, Any] | WireError:
+    """The JSON body, or its refusal: the attestation cycle answers it only after the token and
+    enrolment checks (which run in its transaction), as when they ran before the body was read."""
+    try:
+        return await _body(surrogates=surrogates)
+    except ApiError as exc:
+        return WireError(exc.code, exc.status)
+
+
 def register(app: KeytrioApp, push: PushService) -> None:
     """Add the v3.0 routes to the verifier's ``app`` (served by ``push``)."""
     settings = push.settings
@@ -110,9 +119,8 @@ def register(app: KeytrioApp, push: PushService) -> None:
     async def create_attestation(agent_id: str) -> Response:
         """Phase 1: the agent's capabilities -> the evidence requested and its challenge."""
         aid = _agent_id(agent_id)
-        await push.sessions.authenticate(request.headers.get("Authorization"), aid, "submit_attestation")
-        row = await push.push_agent(aid)
-        res = await push.attestations.create(row, await _body())
+        admit = push.admit(request.headers.get("Authorization"), aid, "submit_attestation")
+        res = await push.attestations.create(admit, await _body_or_error())
         location = f"{_prefix()}/agents/{aid}/attestations/{res['index']}"
         return _json(201, resource(res, full=False), {"Location": location})
 
@@ -120,10 +128,10 @@ def register(app: KeytrioApp, push: PushService) -> None:
     async def submit_evidence(agent_id: str, which: str) -> Response:
         """Phase 2: evidence for the latest attestation -> 202, verified asynchronously."""
         aid = _agent_id(agent_id)
-        await push.sessions.authenticate(request.headers.get("Authorization"), aid, "submit_evidence")
-        row = await push.push_agent(aid)
-        res = await push.attestations.submit(row, which, await _body(surrogates=True))
-        push.evidence_accepted(aid, res["index"])
+        admit = push.admit(request.headers.get("Authorization"), aid, "submit_evidence")
+        accepted = await push.attestations.submit(admit, which, await _body_or_error(surrogates=True))
+        push.evidence_accepted(accepted)
+        res = accepted.res
         meta = {"seconds_to_next_attestation": retry_after(settings.quote_interval)}
         location = f"{_prefix()}/agents/{aid}/attestations/{res['index']}"
         return _json(202, resource(res, meta=meta), {"Location": location})

@@ -19,13 +19,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from sqlalchemy.engine import Connection
 
 from keytrio.actors.common.store import Store
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory, MonitorSet
 from keytrio.actors.verifier.push import store as pstore
-from keytrio.actors.verifier.push.attestations import Attestations, CycleSettings, retry_after
-from keytrio.actors.verifier.push.sessions import Sessions, SessionSettings
+from keytrio.actors.verifier.push.attestations import (
+    Accepted,
+    Admit,
+    Attestations,
+    CycleSettings,
+    retry_after,
+)
+from keytrio.actors.verifier.push.sessions import Sessions, SessionSettings, parse_bearer, token_error
 from keytrio.actors.verifier.push.timer import Deadlines
 from keytrio.actors.verifier.push.verify import Verifier
 from keytrio.protocol.push_wire import WireError
@@ -73,26 +80,52 @@ class PushService:
         self.clock = clock
         self._nursery = nursery
         self.sessions = Sessions(store, SessionSettings(settings.challenge_lifetime, settings.session_lifetime), clock)
-        self.attestations = Attestations(
-            store, CycleSettings(settings.quote_interval, settings.evidence_lifetime, settings.history), clock)
         self.verifier = Verifier(store, notifier=notifier, ima_check_for=ima_check_for, clock=clock,
                                  session_lifetime=settings.session_lifetime, max_interval=settings.max_interval)
+        # one kept state per agent, shared by the capabilities phase (what to ask for) and the check
+        self.attestations = Attestations(
+            store, CycleSettings(settings.quote_interval, settings.evidence_lifetime, settings.history), clock,
+            self.verifier.states)
         self.deadlines = Deadlines(nursery, self.verifier.timed_out)
         self.verifier.on_failed = self.deadlines.disarm
 
     async def push_agent(self, agent_id: str) -> dict[str, Any]:
         """The enrolled push agent's row; 404 when not enrolled, 403 for a pull agent."""
         row = await records.get(self.store, agent_id)
-        if row is None or row["verifier_id"] != self.verifier_id:
-            raise WireError(404, f"agent {agent_id} not found")
-        if not is_push(row):
-            raise WireError(403, "the agent is enrolled for pull-mode attestation")
+        err = self._not_push_agent(row, agent_id)
+        if err is not None:
+            raise err
+        assert row is not None
         return row
 
-    def evidence_accepted(self, agent_id: str, index: int) -> None:
+    def _not_push_agent(self, row: dict[str, Any] | None, agent_id: str) -> WireError | None:
+        if row is None or row["verifier_id"] != self.verifier_id:
+            return WireError(404, f"agent {agent_id} not found")
+        if not is_push(row):
+            return WireError(403, "the agent is enrolled for pull-mode attestation")
+        return None
+
+    def admit(self, authorization: str | None, agent_id: str, action: str) -> Admit:
+        """The attestation cycle's gate, run inside its transaction: the agent's own valid token
+        (a missing or malformed one is refused here, before any database work), then its
+        enrolment as a push agent of this verifier."""
+        bearer = parse_bearer(authorization, action)
+        now = self.clock()
+
+        def check(conn: Connection) -> dict[str, Any] | WireError:
+            err = token_error(pstore.session_row(conn, bearer.session_id), bearer, agent_id, action, now)
+            if err is not None:
+                return err
+            row = pstore.agent_row(conn, agent_id)
+            return self._not_push_agent(row, agent_id) or row  # type: ignore[return-value]
+
+        return check
+
+    def evidence_accepted(self, accepted: Accepted) -> None:
         """The 202 is on its way: the agent is alive, and its evidence gets verified."""
+        agent_id = accepted.row["agent_id"]
         self.deadlines.arm(agent_id, self.settings.max_interval)
-        self._nursery.start_soon(self.verifier.run, agent_id, index)
+        self._nursery.start_soon(self.verifier.run, agent_id, accepted.res["index"], accepted)
 
     def _arm_from(self, agent_id: str, since: float) -> None:
         self.deadlines.arm(agent_id, since + self.settings.max_interval - self.clock())
@@ -138,11 +171,13 @@ class Hooks:
     async def on_deleted(self, agent_id: str) -> None:
         self.monitors.stop(agent_id)
         self.push.deadlines.disarm(agent_id)
+        self.push.verifier.states.forget(agent_id)
         await pstore.forget_agent(self.push.store, agent_id)
 
     def on_stop(self, agent_id: str) -> None:
         self.monitors.stop(agent_id)
         self.push.deadlines.disarm(agent_id)
+        self.push.verifier.states.forget(agent_id)
 
     async def on_reactivate(self, agent_id: str) -> None:
         row = await records.get(self.push.store, agent_id)

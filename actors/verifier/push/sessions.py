@@ -7,7 +7,10 @@
   ``evaluation: "fail"`` (it retries, as upstream's agent does); a wrong proof gets 401.
 * :meth:`Sessions.authenticate` checks an ``Authorization`` header for one agent: missing -> 403
   (the "authentication required" signal upstream's agent waits for), malformed / unknown /
-  expired -> 401, another agent's token -> 403.
+  expired -> 401, another agent's token -> 403. The attestation cycle runs the same check
+  (:func:`parse_bearer`, then :func:`token_error` on the session row) inside its own transaction,
+  so a token revoked or expired in the database, by this verifier or another one on it, is
+  refused at once (nothing about tokens is cached in memory).
 """
 
 from __future__ import annotations
@@ -117,17 +120,42 @@ class Sessions:
 
     async def authenticate(self, authorization: str | None, agent_id: str, action: str) -> None:
         """Raise WireError unless ``authorization`` carries a valid token of ``agent_id``."""
-        if not authorization:
-            raise WireError(403, AUTH_REQUIRED.format(action=action))
-        scheme, _, token = authorization.strip().partition(" ")
-        m = _TOKEN.fullmatch(token.strip()) if scheme.lower() == "bearer" else None
-        if m is None:
-            raise WireError(401, "Invalid authentication token")
-        session = await pstore.get_session(self.store, m.group(1))
-        if (session is None or session["token_hash"] is None
-                or not hmac.compare_digest(session["token_hash"], token_hash(token.strip()))):
-            raise WireError(401, "Invalid authentication token")
-        if session["token_expires_at"] is None or self.clock() > session["token_expires_at"]:
-            raise WireError(401, "Authentication token expired")
-        if session["agent_id"] != agent_id:
-            raise WireError(403, f"Action {action} is not allowed for this agent's token")
+        bearer = parse_bearer(authorization, action)
+        session = await pstore.get_session(self.store, bearer.session_id)
+        err = token_error(session, bearer, agent_id, action, self.clock())
+        if err is not None:
+            raise err
+
+
+@dataclass(frozen=True)
+class Bearer:
+    """A well-formed bearer token (not yet checked against its session)."""
+
+    session_id: str
+    token: str
+
+
+def parse_bearer(authorization: str | None, action: str) -> Bearer:
+    """The token of an ``Authorization`` header: missing -> 403 (upstream's "authentication
+    required" signal), malformed -> 401. Checked against the store by :func:`token_error`."""
+    if not authorization:
+        raise WireError(403, AUTH_REQUIRED.format(action=action))
+    scheme, _, token = authorization.strip().partition(" ")
+    m = _TOKEN.fullmatch(token.strip()) if scheme.lower() == "bearer" else None
+    if m is None:
+        raise WireError(401, "Invalid authentication token")
+    return Bearer(m.group(1), token.strip())
+
+
+def token_error(session: dict[str, Any] | None, bearer: Bearer, agent_id: str, action: str,
+                now: float) -> WireError | None:
+    """Why ``bearer`` does not authenticate ``agent_id`` (``session``: its stored row), or None.
+    Unknown / wrong / expired -> 401, another agent's token -> 403."""
+    if (session is None or session["token_hash"] is None
+            or not hmac.compare_digest(session["token_hash"], token_hash(bearer.token))):
+        return WireError(401, "Invalid authentication token")
+    if session["token_expires_at"] is None or now > session["token_expires_at"]:
+        return WireError(401, "Authentication token expired")
+    if session["agent_id"] != agent_id:
+        return WireError(403, f"Action {action} is not allowed for this agent's token")
+    return None

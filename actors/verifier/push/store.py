@@ -1,7 +1,9 @@
 """Rows of the push model: PoP sessions and the attestation history (schema.py, migration v0004).
 
-Every write is one committed transaction; JSON columns are text (callers decode). Attestation rows
-come back as dicts with ``index`` (= ``idx``) and the JSON columns decoded.
+The ``async`` functions are one committed transaction each; the plain ones run in the caller's
+transaction (the attestation cycle checks token, agent and latest attestation and writes in ONE
+transaction per request: attestations.py). JSON columns are text (callers decode). Attestation
+rows come back as dicts with ``index`` (= ``idx``) and the JSON columns decoded.
 """
 
 from __future__ import annotations
@@ -51,12 +53,18 @@ async def add_session(store: Store, values: dict[str, Any], *, now: float, keep_
     return bool(await store.write(txn))
 
 
-async def get_session(store: Store, session_id: str) -> dict[str, Any] | None:
-    def q(conn: Connection) -> dict[str, Any] | None:
-        row = conn.execute(sa.select(push_sessions).where(S.session_id == session_id)).mappings().first()
-        return dict(row) if row is not None else None
+def session_row(conn: Connection, session_id: str) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(push_sessions).where(S.session_id == session_id)).mappings().first()
+    return dict(row) if row is not None else None
 
-    return await store.read(q)
+
+async def get_session(store: Store, session_id: str) -> dict[str, Any] | None:
+    return await store.read(lambda conn: session_row(conn, session_id))
+
+
+def agent_row(conn: Connection, agent_id: str) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(agents).where(agents.c.agent_id == agent_id)).mappings().first()
+    return dict(row) if row is not None else None
 
 
 async def prove_session(store: Store, session_id: str, *, token_hash: str, now: float, expires_at: float) -> bool:
@@ -97,23 +105,24 @@ def _decode(row: Any) -> dict[str, Any]:
     return out
 
 
-def _latest(conn: Connection, agent_id: str) -> dict[str, Any] | None:
+def latest_in(conn: Connection, agent_id: str) -> dict[str, Any] | None:
     row = conn.execute(sa.select(push_attestations).where(A.agent_id == agent_id)
                        .order_by(A.idx.desc()).limit(1)).mappings().first()
     return _decode(row) if row is not None else None
 
 
 async def latest(store: Store, agent_id: str) -> dict[str, Any] | None:
-    return await store.read(lambda conn: _latest(conn, agent_id))
+    return await store.read(lambda conn: latest_in(conn, agent_id))
+
+
+def attestation_in(conn: Connection, agent_id: str, index: int) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(push_attestations).where(A.agent_id == agent_id, A.idx == index)
+                       ).mappings().first()
+    return _decode(row) if row is not None else None
 
 
 async def get_attestation(store: Store, agent_id: str, index: int) -> dict[str, Any] | None:
-    def q(conn: Connection) -> dict[str, Any] | None:
-        row = conn.execute(sa.select(push_attestations).where(A.agent_id == agent_id, A.idx == index)
-                           ).mappings().first()
-        return _decode(row) if row is not None else None
-
-    return await store.read(q)
+    return await store.read(lambda conn: attestation_in(conn, agent_id, index))
 
 
 async def list_attestations(store: Store, agent_id: str) -> list[dict[str, Any]]:
@@ -143,28 +152,37 @@ async def add_attestation(store: Store, values: dict[str, Any], *, history: int)
     answers 503; checked in this transaction so two concurrent POSTs cannot both pass)."""
 
     def txn(conn: Connection) -> int | None:
-        last = _latest(conn, values["agent_id"])
+        last = latest_in(conn, values["agent_id"])
         if last is not None and last["stage"] == EVALUATING:
             return None
-        index = 0 if last is None else last["index"] + 1
-        row = {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in values.items()}
-        conn.execute(sa.insert(push_attestations).values(idx=index, **row))
-        conn.execute(sa.delete(push_attestations).where(
-            A.agent_id == values["agent_id"], A.idx <= index - max(history, 1)))
-        return index
+        return insert_attestation(conn, values, last, history=history)
 
     return await store.write(txn)
+
+
+def insert_attestation(conn: Connection, values: dict[str, Any], last: dict[str, Any] | None, *,
+                       history: int) -> int:
+    """Insert after ``last`` (the agent's latest, read in this transaction), trim to ``history``."""
+    index = 0 if last is None else last["index"] + 1
+    row = {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in values.items()}
+    conn.execute(sa.insert(push_attestations).values(idx=index, **row))
+    if index >= max(history, 1):
+        conn.execute(sa.delete(push_attestations).where(
+            A.agent_id == values["agent_id"], A.idx <= index - max(history, 1)))
+    return index
 
 
 async def submit_evidence(store: Store, agent_id: str, index: int, evidence: list[Any], now: float) -> bool:
     """awaiting_evidence -> evaluating_evidence with the evidence; False if no longer awaiting."""
 
-    def txn(conn: Connection) -> int:
-        return conn.execute(sa.update(push_attestations).where(
-            A.agent_id == agent_id, A.idx == index, A.stage == AWAITING,
-        ).values(stage=EVALUATING, evidence=json.dumps(evidence), evidence_received_at=now)).rowcount
+    return await store.write(lambda conn: set_evidence(conn, agent_id, index, evidence, now))
 
-    return bool(await store.write(txn))
+
+def set_evidence(conn: Connection, agent_id: str, index: int, evidence: list[Any], now: float) -> bool:
+    """awaiting_evidence -> evaluating_evidence (in the caller's transaction); False if not awaiting."""
+    return bool(conn.execute(sa.update(push_attestations).where(
+        A.agent_id == agent_id, A.idx == index, A.stage == AWAITING,
+    ).values(stage=EVALUATING, evidence=json.dumps(evidence), evidence_received_at=now)).rowcount)
 
 
 def complete(conn: Connection, agent_id: str, index: int, *, evaluation: str, now: float,

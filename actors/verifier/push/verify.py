@@ -18,7 +18,6 @@ the agent's IMA hook from its stored progress); every PCR requested must be in t
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 from collections.abc import Callable
@@ -35,9 +34,10 @@ from keytrio.actors.verifier.ima import AgentIma
 from keytrio.actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory
 from keytrio.actors.verifier.notify import Outbox, build_notice
 from keytrio.actors.verifier.push import store as pstore
-from keytrio.actors.verifier.push.attestations import boot_epoch, has_mb_policy, has_runtime_policy
+from keytrio.actors.verifier.push.attestations import Accepted, boot_epoch
+from keytrio.actors.verifier.push.evalstate import Enrolment, EvalStates
 from keytrio.actors.verifier.schema import agents
-from keytrio.protocol import evidence, push_wire, tpm2
+from keytrio.protocol import evidence, push_wire
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.failures import Failure, Severity, worst
 from keytrio.protocol.ima_eval import PCR_MISMATCH
@@ -76,17 +76,27 @@ def _requested(res: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 
 def check(row: dict[str, Any], res: dict[str, Any], ima_check_for: ImaCheckFactory | None) -> Outcome:
-    """Verify attestation ``res`` of agent ``row`` (pure apart from the IMA hook's progress)."""
-    doc = {"data": {"type": "attestation", "attributes": {"evidence_collected": res["evidence"]}}}
+    """Verify attestation ``res`` of agent ``row`` from scratch (no kept state; tests, tools)."""
+    return check_with(row, res, EvalStates(ima_check_for))[0]
+
+
+def check_with(row: dict[str, Any], res: dict[str, Any], states: EvalStates,
+               ev: push_wire.Evidence | None = None) -> tuple[Outcome, Enrolment | None, Any]:
+    """Verify attestation ``res`` of agent ``row`` with the agent's kept state (evalstate.py);
+    ``ev``: the evidence as parsed when it was accepted (None: parsed from ``res``). Returns the
+    outcome, and the enrolment and IMA hook used (for :meth:`EvalStates.passed`)."""
     try:
-        ev = push_wire.parse_evidence(doc, res["evidence_requested"], res["hash_alg"])
-        ak = tpm2.ak_key(base64.b64decode(row["ak_tpm"]))
+        if ev is None:
+            doc = {"data": {"type": "attestation", "attributes": {"evidence_collected": res["evidence"]}}}
+            ev = push_wire.parse_evidence(doc, res["evidence_requested"], res["hash_alg"])
+        enr = states.enrolment(row)
     except (ProtocolError, ValueError) as exc:
         f = Failure(INVALID_QUOTE, {"message": "stored evidence is unusable", "error": str(exc)[:200]},
                     Severity.EMERGENCY)
-        return Outcome([f], pstore.BROKEN_CHAIN, {})
+        return Outcome([f], pstore.BROKEN_CHAIN, {}), None, None
+    ak = enr.ak
     quote = push_wire.quote_text(ev)
-    hook = ima_check_for(row) if ima_check_for is not None and has_runtime_policy(row) else None
+    hook = states.take_hook(row, enr)
     previous: ClockInfo | None = None
     if row.get("tpm_clock_info"):
         try:
@@ -101,15 +111,13 @@ def check(row: dict[str, Any], res: dict[str, Any], ima_check_for: ImaCheckFacto
         hook.for_boot(None, _reset_count(ev.message))
     wanted = _requested(res, push_wire.TPM_QUOTE) or {}
     expect = evidence.Expectations(
-        ak=ak, nonce=res["challenge"], nonce_base64=True, tpm_policy=json.loads(row["tpm_policy"]),
-        accepted_hash_algs=tuple(json.loads(row["accept_tpm_hash_algs"])),
-        accepted_sign_algs=tuple(json.loads(row["accept_tpm_signing_algs"])),
+        ak=ak, nonce=res["challenge"], nonce_base64=True, tpm_policy=enr.tpm_policy,
+        accepted_hash_algs=enr.hash_algs, accepted_sign_algs=enr.sign_algs,
         # every PCR asked for must be quoted (else PCR 10 could be left out and IMA go unchecked)
         required_pcrs=tuple((wanted.get("selected_subjects") or {}).get(res["hash_alg"], [])),
         previous_clock=previous, nk_pem=None, ima=hook,
         # every push cycle sends the whole UEFI log: evaluated every time
-        measured_boot=evidence.RefStateCheck.from_text(row["mb_policy"]) if has_mb_policy(row) else None,
-        evaluate_boot_policy=True,
+        measured_boot=enr.mb, evaluate_boot_policy=True,
     )
     verdict = evidence.verify(expect, evidence.Evidence(
         quote=quote, hash_alg=res["hash_alg"], ima_list=ima_text if isinstance(ima_text, str) else None,
@@ -120,7 +128,7 @@ def check(row: dict[str, Any], res: dict[str, Any], ima_check_for: ImaCheckFacto
     if fails:
         reason = pstore.BROKEN_CHAIN if chain or any(f.event_id in _CHAIN_EVENTS for f in fails) \
             else pstore.POLICY_VIOLATION
-        return Outcome(fails, reason, {})
+        return Outcome(fails, reason, {}), enr, None
     assert verdict.check is not None
     values: dict[str, Any] = {
         "hash_alg": res["hash_alg"], "enc_alg": ak.enc_alg, "sign_alg": ak.sign_alg,
@@ -133,7 +141,7 @@ def check(row: dict[str, Any], res: dict[str, Any], ima_check_for: ImaCheckFacto
         values["next_ima_ml_entry"] = verdict.next_entry
         values["ima_progress"] = hook.progress_json()
         values["ima_pcr10"] = json.dumps(dict(hook.progress.pcrs), sort_keys=True)
-    return Outcome([], None, values)
+    return Outcome([], None, values), enr, hook
 
 
 class Verifier:
@@ -157,41 +165,52 @@ class Verifier:
         self.session_lifetime = session_lifetime
         self.max_interval = max_interval
         self.limiter = limiter or trio.CapacityLimiter(4)
+        self.states = EvalStates(ima_check_for)
         #: callbacks on a final failure (the service disarms the agent's deadline)
         self.on_failed: Callable[[str], None] = lambda agent_id: None
 
-    async def run(self, agent_id: str, index: int) -> None:
+    async def run(self, agent_id: str, index: int, accepted: Accepted | None = None) -> None:
+        """Verify attestation ``index``; ``accepted``: the row, attestation and parsed evidence of
+        the request that stored it (None after a restart: read back from the database)."""
         try:
-            await self._run(agent_id, index)
+            await self._run(agent_id, index, accepted)
         except Exception:  # fail closed: the attestation fails, the verifier carries on
             log.exception("agent=%s event=push_verification_error index=%d", agent_id, index)
+            self.states.forget(agent_id)
             f = Failure("internal.verifier.exception", {"message": "verification error"}, Severity.CRITICAL)
             await self._fail(agent_id, index, Outcome([f], pstore.BROKEN_CHAIN, {}), records.FAILED)
 
-    async def _run(self, agent_id: str, index: int) -> None:
-        row = await records.get(self.store, agent_id)
-        res = await pstore.get_attestation(self.store, agent_id, index)
+    async def _run(self, agent_id: str, index: int, accepted: Accepted | None) -> None:
+        if accepted is not None:
+            row, res, ev = accepted.row, accepted.res, accepted.evidence
+        else:
+            row = await records.get(self.store, agent_id)
+            res = await pstore.get_attestation(self.store, agent_id, index)
+            ev = None
         if row is None or res is None or res["stage"] != pstore.EVALUATING:
             return
         async with self.limiter:
-            outcome = await trio.to_thread.run_sync(
-                partial(check, row, res, self.ima_check_for))
+            outcome, enr, hook = await trio.to_thread.run_sync(partial(check_with, row, res, self.states, ev))
         if outcome.failures:
+            self.states.forget(agent_id)
             await self._fail(agent_id, index, outcome, records.INVALID_QUOTE)
             return
         now = self.clock()
         values = {k: v for k, v in outcome.values.items() if v is not None}
         lifetime = self.session_lifetime
 
-        def txn(conn: Connection) -> None:
-            conn.execute(sa.update(agents).where(
+        def txn(conn: Connection) -> bool:
+            done = conn.execute(sa.update(agents).where(
                 agents.c.agent_id == agent_id, agents.c.operational_state.in_(list(ACTIVE_STATES))
             ).values(attestation_count=agents.c.attestation_count + 1, last_received_quote=int(now),
-                     last_successful_attestation=int(now), operational_state=records.GET_QUOTE, **values))
+                     last_successful_attestation=int(now), operational_state=records.GET_QUOTE, **values)).rowcount
             pstore.complete(conn, agent_id, index, evaluation=pstore.PASS, now=now)
             pstore.extend_tokens(conn, agent_id, now, now + lifetime)
+            return bool(done)
 
-        await self.store.write(txn)
+        # group-committed with other agents' verdicts: one thread hop and one commit per group
+        if await self.store.write_grouped(txn) and enr is not None:
+            self.states.passed(row, enr, hook, values)
         log.info("agent=%s event=push_attestation_pass index=%d", agent_id, index)
 
     async def _fail(self, agent_id: str, index: int, outcome: Outcome, state: int) -> None:
