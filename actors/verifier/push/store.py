@@ -23,6 +23,27 @@ BROKEN_CHAIN, POLICY_VIOLATION = "broken_evidence_chain", "policy_violation"
 
 _JSON_COLUMNS = ("evidence_requested", "capabilities", "system_info", "evidence")
 S, A = push_sessions.c, push_attestations.c
+_bp = sa.bindparam
+
+# The statements of the attestation cycle, built once: SQLAlchemy then reuses their cache keys and
+# compiled forms (building and keying a statement per call cost more than running it).
+_SESSION = sa.select(push_sessions).where(S.session_id == _bp("p_sid"))
+_AGENT = sa.select(agents).where(agents.c.agent_id == _bp("p_aid"))
+_LATEST = sa.select(push_attestations).where(A.agent_id == _bp("p_aid")).order_by(A.idx.desc()).limit(1)
+_ATTESTATION = sa.select(push_attestations).where(A.agent_id == _bp("p_aid"), A.idx == _bp("p_idx"))
+_INSERT = sa.insert(push_attestations)
+_TRIM = sa.delete(push_attestations).where(A.agent_id == _bp("p_aid"), A.idx <= _bp("p_upto"))
+_SET_EVIDENCE = sa.update(push_attestations).where(
+    A.agent_id == _bp("p_aid"), A.idx == _bp("p_idx"), A.stage == AWAITING,
+).values(stage=EVALUATING, evidence=_bp("p_evidence"), evidence_received_at=_bp("p_now"))
+_COMPLETE = sa.update(push_attestations).where(
+    A.agent_id == _bp("p_aid"), A.idx == _bp("p_idx"), A.stage == EVALUATING,
+).values(stage=COMPLETE, evaluation=_bp("p_evaluation"), failure_reason=_bp("p_reason"),
+         failure_event=_bp("p_event"), verification_completed_at=_bp("p_now"))
+_EXTEND = sa.update(push_sessions).where(
+    S.agent_id == _bp("p_aid"), S.token_hash.isnot(None), S.token_expires_at >= _bp("p_now"),
+    S.token_expires_at < _bp("p_until"),
+).values(token_expires_at=_bp("p_until"))
 
 
 # --- sessions --------------------------------------------------------------------------------------
@@ -54,7 +75,7 @@ async def add_session(store: Store, values: dict[str, Any], *, now: float, keep_
 
 
 def session_row(conn: Connection, session_id: str) -> dict[str, Any] | None:
-    row = conn.execute(sa.select(push_sessions).where(S.session_id == session_id)).mappings().first()
+    row = conn.execute(_SESSION, {"p_sid": session_id}).mappings().first()
     return dict(row) if row is not None else None
 
 
@@ -63,7 +84,7 @@ async def get_session(store: Store, session_id: str) -> dict[str, Any] | None:
 
 
 def agent_row(conn: Connection, agent_id: str) -> dict[str, Any] | None:
-    row = conn.execute(sa.select(agents).where(agents.c.agent_id == agent_id)).mappings().first()
+    row = conn.execute(_AGENT, {"p_aid": agent_id}).mappings().first()
     return dict(row) if row is not None else None
 
 
@@ -88,9 +109,7 @@ async def mark_answered(store: Store, session_id: str, now: float) -> None:
 
 def extend_tokens(conn: Connection, agent_id: str, now: float, until: float) -> None:
     """Valid tokens of ``agent_id`` live until ``until`` (a passed attestation; in the caller's txn)."""
-    conn.execute(sa.update(push_sessions).where(
-        S.agent_id == agent_id, S.token_hash.isnot(None), S.token_expires_at >= now, S.token_expires_at < until,
-    ).values(token_expires_at=until))
+    conn.execute(_EXTEND, {"p_aid": agent_id, "p_now": now, "p_until": until})
 
 
 # --- attestations ----------------------------------------------------------------------------------
@@ -106,8 +125,7 @@ def _decode(row: Any) -> dict[str, Any]:
 
 
 def latest_in(conn: Connection, agent_id: str) -> dict[str, Any] | None:
-    row = conn.execute(sa.select(push_attestations).where(A.agent_id == agent_id)
-                       .order_by(A.idx.desc()).limit(1)).mappings().first()
+    row = conn.execute(_LATEST, {"p_aid": agent_id}).mappings().first()
     return _decode(row) if row is not None else None
 
 
@@ -116,8 +134,7 @@ async def latest(store: Store, agent_id: str) -> dict[str, Any] | None:
 
 
 def attestation_in(conn: Connection, agent_id: str, index: int) -> dict[str, Any] | None:
-    row = conn.execute(sa.select(push_attestations).where(A.agent_id == agent_id, A.idx == index)
-                       ).mappings().first()
+    row = conn.execute(_ATTESTATION, {"p_aid": agent_id, "p_idx": index}).mappings().first()
     return _decode(row) if row is not None else None
 
 
@@ -165,10 +182,9 @@ def insert_attestation(conn: Connection, values: dict[str, Any], last: dict[str,
     """Insert after ``last`` (the agent's latest, read in this transaction), trim to ``history``."""
     index = 0 if last is None else last["index"] + 1
     row = {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in values.items()}
-    conn.execute(sa.insert(push_attestations).values(idx=index, **row))
+    conn.execute(_INSERT, {"idx": index, **row})
     if index >= max(history, 1):
-        conn.execute(sa.delete(push_attestations).where(
-            A.agent_id == values["agent_id"], A.idx <= index - max(history, 1)))
+        conn.execute(_TRIM, {"p_aid": values["agent_id"], "p_upto": index - max(history, 1)})
     return index
 
 
@@ -180,18 +196,15 @@ async def submit_evidence(store: Store, agent_id: str, index: int, evidence: lis
 
 def set_evidence(conn: Connection, agent_id: str, index: int, evidence: list[Any], now: float) -> bool:
     """awaiting_evidence -> evaluating_evidence (in the caller's transaction); False if not awaiting."""
-    return bool(conn.execute(sa.update(push_attestations).where(
-        A.agent_id == agent_id, A.idx == index, A.stage == AWAITING,
-    ).values(stage=EVALUATING, evidence=json.dumps(evidence), evidence_received_at=now)).rowcount)
+    return bool(conn.execute(_SET_EVIDENCE, {"p_aid": agent_id, "p_idx": index, "p_evidence": json.dumps(evidence),
+                                             "p_now": now}).rowcount)
 
 
 def complete(conn: Connection, agent_id: str, index: int, *, evaluation: str, now: float,
              failure_reason: str | None = None, failure_event: str | None = None) -> None:
     """evaluating_evidence -> verification_complete (in the caller's transaction)."""
-    conn.execute(sa.update(push_attestations).where(
-        A.agent_id == agent_id, A.idx == index, A.stage == EVALUATING,
-    ).values(stage=COMPLETE, evaluation=evaluation, failure_reason=failure_reason, failure_event=failure_event,
-             verification_completed_at=now))
+    conn.execute(_COMPLETE, {"p_aid": agent_id, "p_idx": index, "p_evaluation": evaluation,
+                             "p_reason": failure_reason, "p_event": failure_event, "p_now": now})
 
 
 async def forget_agent(store: Store, agent_id: str) -> None:
@@ -202,3 +215,27 @@ async def forget_agent(store: Store, agent_id: str) -> None:
         conn.execute(sa.delete(push_attestations).where(A.agent_id == agent_id))
 
     await store.write(txn)
+
+
+#: the columns a pass writes -> its agents UPDATE (built once per column set)
+_PASSED: dict[tuple[str, ...], Any] = {}
+
+
+def record_pass(conn: Connection, agent_id: str, now: float, values: dict[str, Any],
+                active_states: tuple[int, ...], state: int) -> bool:
+    """The agent's row after a passed attestation (counter, times, progress ``values``), only while
+    it is in ``active_states``; False when it is not (stopped, failed or deleted meanwhile)."""
+    columns = tuple(sorted(values))
+    stmt = _PASSED.get(columns + tuple(map(str, active_states)))
+    if stmt is None:
+        c = agents.c
+        stmt = sa.update(agents).where(
+            c.agent_id == _bp("p_aid"),
+            c.operational_state.in_([sa.literal_column(str(int(x))) for x in active_states]),
+        ).values(attestation_count=c.attestation_count + sa.literal_column("1"),
+                 last_received_quote=_bp("p_now"), last_successful_attestation=_bp("p_now"),
+                 operational_state=sa.literal_column(str(int(state))),
+                 **{name: _bp(f"p_{name}") for name in columns})
+        _PASSED[columns + tuple(map(str, active_states))] = stmt
+    params = {f"p_{k}": v for k, v in values.items()}
+    return bool(conn.execute(stmt, {"p_aid": agent_id, "p_now": int(now), **params}).rowcount)

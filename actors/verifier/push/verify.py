@@ -3,7 +3,9 @@
 :meth:`Verifier.run` checks one attestation with the evidence core the pull monitor uses
 (``protocol.evidence.verify``: quote signature by the AK, nonce = the attestation's challenge,
 PCR selection and digest, clock against the last good quote, ``tpm_policy`` PCRs, measured boot,
-the agent's IMA hook from its stored progress); every PCR requested must be in the quote. The quote runs in a worker thread (CPU). Then, in ONE transaction:
+the agent's IMA hook, kept in memory between passes: evalstate.py); every PCR requested must be in
+the quote. A steady-state cycle is checked in the event loop, a large one (a whole IMA list, a UEFI
+log) in a worker thread. Then, in ONE transaction (group-committed with other agents' verdicts):
 
 * pass: the attestation -> ``verification_complete``/``pass``; the agent's counters and progress
   (IMA line, PCR 10, clock, boot time) as the monitor writes them; the agent's valid tokens extended
@@ -24,7 +26,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import sqlalchemy as sa
 import trio
 from sqlalchemy.engine import Connection
 
@@ -36,7 +37,6 @@ from keytrio.actors.verifier.notify import Outbox, build_notice
 from keytrio.actors.verifier.push import store as pstore
 from keytrio.actors.verifier.push.attestations import Accepted, boot_epoch
 from keytrio.actors.verifier.push.evalstate import Enrolment, EvalStates
-from keytrio.actors.verifier.schema import agents
 from keytrio.protocol import evidence, push_wire
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.failures import Failure, Severity, worst
@@ -45,6 +45,7 @@ from keytrio.protocol.quote import ClockInfo, decode_attest
 from keytrio.protocol.quote_check import INVALID_QUOTE, MISSING_PCRS, QUOTE_VALIDATION
 
 log = logging.getLogger("keytrio.verifier")
+_ACTIVE = tuple(sorted(ACTIVE_STATES))
 
 TIMEOUT = "internal.verifier.attestation_timeout"
 #: failures that mean the evidence itself does not hold together (the rest are policy violations)
@@ -144,6 +145,15 @@ def check_with(row: dict[str, Any], res: dict[str, Any], states: EvalStates,
     return Outcome([], None, values), enr, hook
 
 
+#: IMA text up to this size (≈ 50 ima-ng lines) is checked in the event loop (see Verifier._run)
+INLINE_IMA_BYTES = 8192
+
+
+def _small(ev: push_wire.Evidence) -> bool:
+    ima_text, _ = ev.logs.get(push_wire.IMA_LOG, ("", 0))
+    return push_wire.UEFI_LOG not in ev.logs and len(ima_text) <= INLINE_IMA_BYTES
+
+
 class Verifier:
     """Runs verifications and timeouts for one verifier's push agents."""
 
@@ -189,8 +199,13 @@ class Verifier:
             ev = None
         if row is None or res is None or res["stage"] != pstore.EVALUATING:
             return
-        async with self.limiter:
-            outcome, enr, hook = await trio.to_thread.run_sync(partial(check_with, row, res, self.states, ev))
+        if ev is not None and _small(ev):
+            # a steady-state cycle (a quote and a few new IMA lines) costs less than the hop to a
+            # worker thread and back; the pull monitor checks its polls in the event loop too
+            outcome, enr, hook = check_with(row, res, self.states, ev)
+        else:  # a first attestation (the whole IMA list), a UEFI log, or a re-read after a restart
+            async with self.limiter:
+                outcome, enr, hook = await trio.to_thread.run_sync(partial(check_with, row, res, self.states, ev))
         if outcome.failures:
             self.states.forget(agent_id)
             await self._fail(agent_id, index, outcome, records.INVALID_QUOTE)
@@ -200,13 +215,10 @@ class Verifier:
         lifetime = self.session_lifetime
 
         def txn(conn: Connection) -> bool:
-            done = conn.execute(sa.update(agents).where(
-                agents.c.agent_id == agent_id, agents.c.operational_state.in_(list(ACTIVE_STATES))
-            ).values(attestation_count=agents.c.attestation_count + 1, last_received_quote=int(now),
-                     last_successful_attestation=int(now), operational_state=records.GET_QUOTE, **values)).rowcount
+            done = pstore.record_pass(conn, agent_id, now, values, _ACTIVE, records.GET_QUOTE)
             pstore.complete(conn, agent_id, index, evaluation=pstore.PASS, now=now)
             pstore.extend_tokens(conn, agent_id, now, now + lifetime)
-            return bool(done)
+            return done
 
         # group-committed with other agents' verdicts: one thread hop and one commit per group
         if await self.store.write_grouped(txn) and enr is not None:
