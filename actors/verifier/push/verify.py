@@ -199,12 +199,12 @@ class Verifier:
             ev = None
         if row is None or res is None or res["stage"] != pstore.EVALUATING:
             return
-        if ev is not None and _small(ev):
-            # a steady-state cycle (a quote and a few new IMA lines) costs less than the hop to a
-            # worker thread and back; the pull monitor checks its polls in the event loop too
-            outcome, enr, hook = check_with(row, res, self.states, ev)
-        else:  # a first attestation (the whole IMA list), a UEFI log, or a re-read after a restart
-            async with self.limiter:
+        async with self.limiter:  # bounds the verifications running at once, in either place
+            if ev is not None and _small(ev):
+                # a steady-state cycle (a quote and a few new IMA lines) costs less than the hop to
+                # a worker thread and back; the pull monitor checks its polls in the event loop too
+                outcome, enr, hook = check_with(row, res, self.states, ev)
+            else:  # a first attestation (the whole IMA list), a UEFI log, a re-read after a restart
                 outcome, enr, hook = await trio.to_thread.run_sync(partial(check_with, row, res, self.states, ev))
         if outcome.failures:
             self.states.forget(agent_id)
