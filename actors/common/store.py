@@ -109,7 +109,12 @@ class Store:
         self.engine = engine
         self._limiter = limiter
         self._queue: list[_Job] = []  # write_grouped calls waiting for the next group
-        self._busy = False  # a write_grouped group is running
+        self._busy = False  # a write_grouped group is lingering or running
+        #: seconds the leader of a write_grouped group waits for more callers before it commits
+        #: (0: only calls that arrive while a commit runs share it). Callers that can afford the
+        #: wait (a monitor sleeps quote_interval after its write anyway) set it so that one thread
+        #: hop and one commit serve tens of writes instead of one.
+        self.group_linger = 0.0
 
     @classmethod
     async def open(
@@ -170,7 +175,8 @@ class Store:
         that arrive while a transaction is running are run together in the next one.
 
         For small, frequent, independent writes (the monitors' per-poll success records): one
-        thread hop, one transaction and one fsync per group instead of per call. ``fn`` must only
+        thread hop, one transaction and one fsync per group instead of per call. With
+        ``group_linger`` > 0 the leader first waits that long (trio clock) for more callers. ``fn`` must only
         touch ``conn`` (no side effects elsewhere): when one ``fn`` of a group raises, the group
         is rolled back and every ``fn`` of it runs again in a transaction of its own, so the
         error reaches only its caller. Cancelled before its group started, a call writes
@@ -196,6 +202,14 @@ class Store:
                 job.wake = trio.Event()
                 continue
             self._busy = True
+            if self.group_linger > 0:
+                try:
+                    await trio.sleep(self.group_linger)
+                except trio.Cancelled:  # nothing started yet: drop ours, hand the lead on
+                    self._busy = False
+                    self._queue.remove(job)
+                    self._pass_lead()
+                    raise
             group, self._queue = self._queue, []
             try:
                 with trio.CancelScope(shield=True):  # the group's callers wait for this outcome

@@ -227,6 +227,8 @@ class Verifier:
                 # seen before use, and a request that gets no reply byte is sent again once)
                 keepalive_expiry=max(4.0, cfg.quote_interval + 10.0),
                 measured_boot_evaluate=cfg.measured_boot_evaluate,
+                # success records of many polls share one thread hop and commit (docs/performance.md)
+                write_linger=min(0.25, cfg.quote_interval / 8),
             ),
             context_for=contexts,
             notifier=notifier,

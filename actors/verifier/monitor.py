@@ -67,6 +67,7 @@ from keytrio.actors.verifier import attest, records
 from keytrio.actors.verifier.attest import AgentTarget, AttestState
 from keytrio.actors.verifier.metrics import VerifierMetrics
 from keytrio.actors.verifier.notify import Notifier, build_notice
+from keytrio.actors.verifier.poll_timer import PollTimer
 from keytrio.protocol import tpm2
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.evidence import ImaHook
@@ -97,6 +98,9 @@ class MonitorSettings:
     max_response_size: int = 64 << 20
     keepalive_expiry: float = 4.0
     measured_boot_evaluate: str = "once"  # once (per boot) | always
+    # how long a success record may wait for others to share its commit (Store.group_linger);
+    # the next poll is due quote_interval after the verdict, so the wait does not lengthen the cycle
+    write_linger: float = 0.0
 
 
 #: agent row -> client SSL context (CA + pinned mtls_cert + our client cert)
@@ -175,6 +179,10 @@ class MonitorSet:
         self._clock = clock
         self._ima_check_for = ima_check_for
         self._scopes: dict[str, trio.CancelScope] = {}
+        if settings.write_linger > 0:
+            store.group_linger = settings.write_linger
+        # polls due within 2.5 % of an interval of each other share one timer wake-up
+        self.timer = PollTimer(nursery, slack=min(0.05, settings.quote_interval / 40))
 
     @property
     def running(self) -> set[str]:
@@ -310,6 +318,7 @@ class Monitor:
             while True:
                 failures = await self._poll(client, target, state)
                 now = self.ms.now()
+                due = trio.current_time() + self.s.quote_interval
                 if failures:
                     bad = worst(failures)
                     assert bad is not None
@@ -339,7 +348,8 @@ class Monitor:
                     assert v is not None and state.nk_pem is not None
                     await self._deliver_v(client, target, v, state.nk_pem)
                     v_delivered = True
-                await trio.sleep(self.s.quote_interval)
+                    due = trio.current_time() + self.s.quote_interval
+                await self.ms.timer.sleep_until(due)
         finally:
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True

@@ -136,3 +136,33 @@ async def test_grouped_writes_cancelled_callers(tmp_path):
     await store.write_grouped(lambda c: c.execute(ITEMS.insert().values(id=99, v="after")))  # still usable
     assert 99 in set(await store.read(lambda c: c.execute(sa.select(ITEMS.c.id)).scalars().all()))
     await store.close()
+
+
+async def test_grouped_writes_linger_collects_callers(tmp_path, autojump_clock):
+    # with group_linger the leader waits for callers arriving after it: one transaction for all;
+    # a caller cancelled while its leader lingers writes nothing and the group still commits
+    store = await Store.open(sqlite_url(tmp_path / "db.sqlite"), META)
+    store.group_linger = 0.5
+    commits = []
+    sa.event.listen(store.engine, "commit", lambda conn: commits.append(1))  # (worker thread)
+    returned: set[int] = set()
+
+    async def put(i: int, delay: float) -> None:
+        await trio.sleep(delay)
+        await store.write_grouped(lambda c: c.execute(ITEMS.insert().values(id=i, v=str(i))))
+        returned.add(i)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(put, 0, 0)  # the leader (cancelled during its linger below)
+        for i in range(1, 10):
+            n.start_soon(put, i, i * 0.04)
+        await trio.sleep(0.2)
+        n.cancel_scope.cancel()  # cancels the leader and the callers that had not arrived yet
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        for i in range(10, 20):
+            n.start_soon(put, i, (i - 10) * 0.04)
+    rows = set(await store.read(lambda c: c.execute(sa.select(ITEMS.c.id)).scalars().all()))
+    assert rows == returned == set(range(10, 20))
+    assert len(commits) == 1 and trio.current_time() - start >= 0.5 - 1e-9
+    await store.close()
