@@ -19,10 +19,10 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Literal, NamedTuple, TypeVar
 from urllib.parse import urlencode, urlsplit
 
-import h11
 import httpx
 import trio
 
+from keytrio.actors.common import http1
 from keytrio.protocol import safejson
 from keytrio.protocol.envelope import parse as parse_envelope
 from keytrio.protocol.errors import DecodeError
@@ -164,7 +164,7 @@ class KeepAliveClient:
     """One keep-alive HTTP/1.1 connection to one peer (the verifier's monitor: one per agent).
 
     What httpx gives the monitor, at a fraction of its per-request CPU (its pool, auth, cookie
-    and redirect layers cost ~1 ms a request; this is h11 over a trio SSL stream): requests go
+    and redirect layers cost ~1 ms a request; this is a strict HTTP/1.1 exchange (http1.py) over a trio SSL stream): requests go
     one at a time over a single connection, reused while its idle time is under
     ``keepalive_expiry`` and the peer did not close it; a request on a reused connection that
     fails before any response byte is retried once on a fresh one (the peer may have closed
@@ -180,7 +180,6 @@ class KeepAliveClient:
         self._timeout = timeout
         self._expiry = keepalive_expiry
         self._stream: trio.abc.Stream | None = None
-        self._conn: h11.Connection | None = None
         self._peer: tuple[str, str, int] | None = None
         self._idle_since = 0.0
 
@@ -194,7 +193,7 @@ class KeepAliveClient:
         await self.aclose()
 
     async def _drop(self) -> None:
-        stream, self._stream, self._conn = self._stream, None, None
+        stream, self._stream = self._stream, None
         if stream is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 try:
@@ -227,7 +226,6 @@ class KeepAliveClient:
         else:
             stream = await trio.open_tcp_stream(host, port)
         self._stream, self._peer = stream, peer
-        self._conn = h11.Connection(h11.CLIENT)
 
     async def request(self, method: str, url: str, *, body: bytes | None, max_response_bytes: int,
                       timeout: float | None = None) -> tuple[int, str, bytes]:
@@ -238,85 +236,50 @@ class KeepAliveClient:
         peer = (split.scheme, host, port)
         target = (split.path or "/") + (f"?{split.query}" if split.query else "")
         hostport = split.netloc.rsplit("@", 1)[-1]
-        headers = [("Host", hostport), ("Accept", "*/*"), ("User-Agent", "keytrio")]
-        if body is not None:
-            headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         try:
+            out = http1.request_bytes(method, target, hostport, body)
             with trio.fail_after(self._timeout if timeout is None else timeout):
                 reused = self._reusable(peer)
                 if not reused:
                     await self._connect(peer)
                 try:
-                    return await self._exchange(method, target, headers, body, max_response_bytes)
+                    return await self._exchange(out, max_response_bytes)
                 except _NothingReceived:
                     if not reused:
                         raise
                     await self._connect(peer)  # the idle connection died just now: once more
-                    return await self._exchange(method, target, headers, body, max_response_bytes)
+                    return await self._exchange(out, max_response_bytes)
         except BaseException as exc:
             await self._drop()
             if isinstance(exc, _NothingReceived):
                 exc = exc.cause
             if isinstance(exc, trio.TooSlowError):
                 raise CommunicationError("timeout", url, "request timed out") from exc
-            if isinstance(exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
-                                ssl.SSLError)):
+            if isinstance(exc, http1.BodyTooLarge):
+                raise ResponseTooLarge(exc.status, str(exc)) from exc
+            if isinstance(exc, http1.BadEncoding):
+                raise MalformedResponse(exc.status, str(exc)) from exc
+            if isinstance(exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                                http1.ProtocolViolation, ssl.SSLError)):
                 raise _classify(exc, url) from exc
             raise
 
-    async def _exchange(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes | None,
-                        limit: int) -> tuple[int, str, bytes]:
-        conn, stream = self._conn, self._stream
-        assert conn is not None and stream is not None
-        out = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
-        if body:
-            out += conn.send(h11.Data(data=body)) or b""
-        out += conn.send(h11.EndOfMessage()) or b""
-        got_any = False
+    async def _exchange(self, out: bytes, limit: int) -> tuple[int, str, bytes]:
+        stream = self._stream
+        assert stream is not None
+        reader = http1.Exchange(stream)
         try:
             await stream.send_all(out)
-            status, reason, chunks, size = 0, "", [], 0
-            eof = False
-            while True:
-                try:
-                    event = conn.next_event()
-                except h11.RemoteProtocolError:
-                    if eof:  # h11's own message names its internal states
-                        raise h11.RemoteProtocolError("connection closed before the response ended") from None
-                    raise
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    got_any, eof = got_any or bool(data), not data
-                    conn.receive_data(data)
-                    continue
-                if isinstance(event, h11.InformationalResponse):
-                    continue
-                if isinstance(event, h11.Response):
-                    status, reason = event.status_code, event.reason.decode("latin-1")
-                    for name, value in event.headers:
-                        if name == b"content-length" and _declared(value) > limit:
-                            raise ResponseTooLarge(status, f"Content-Length {value.decode()} > {limit} bytes")
-                        if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-                            raise MalformedResponse(status, f"unexpected Content-Encoding {value.decode()!r}")
-                elif isinstance(event, h11.Data):
-                    size += len(event.data)
-                    if size > limit:
-                        raise ResponseTooLarge(status, f"more than {limit} bytes")
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise h11.RemoteProtocolError("connection closed before the response ended")
-        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
-            if not got_any:
+            response = await reader.read(limit)
+        except (OSError, trio.BrokenResourceError, http1.ProtocolViolation) as exc:
+            if not reader.got_any:
                 raise _NothingReceived(exc) from exc
             raise
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
+        if response.reusable:
             self._idle_since = trio.current_time()
         else:
             await self._drop()
-        return status, reason, b"".join(chunks)
+        return response.status, response.reason, response.body
 
 
 class _NothingReceived(Exception):
@@ -335,7 +298,7 @@ def _transport_kind(exc: BaseException) -> CommunicationKind:
 
 def _classify(exc: BaseException, url: str) -> CommunicationError:
     kind = _transport_kind(exc)
-    if isinstance(exc, h11.ProtocolError):  # its context chain holds h11 internals (KeyError ...)
+    if isinstance(exc, http1.ProtocolViolation):
         return CommunicationError(kind, url, f"{type(exc).__name__}: {exc}")
     return CommunicationError(kind, url, _innermost_text(exc))
 
