@@ -162,6 +162,8 @@ def policy_pcrs(tpm_policy: Mapping[str, Any]) -> dict[int, list[str]]:
     """
     out: dict[int, list[str]] = {}
     for key, values in tpm_policy.items():
+        if key == "mask":  # metadata, not a PCR (and an exception per poll is not free)
+            continue
         try:
             pcr = validation.pcr_number(key)
         except ValidationError:

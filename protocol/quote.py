@@ -16,7 +16,7 @@ import base64
 import binascii
 import struct
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 from tpm2_pytss.types import TPMS_ATTEST, TPMT_SIGNATURE
@@ -45,6 +45,8 @@ _RSA_SIGS = (ALG_RSASSA, ALG_RSAPSS)
 _ECC_SIGS = (ALG_ECDSA, ALG_ECSCHNORR)
 
 _MAX_QUOTE_TEXT = 16384
+# TPMS_CLOCK_INFO, firmwareVersion and the TPML_PCR_SELECTION count in one unpack
+_CLOCK_FW_COUNT = struct.Struct(">QIIBQI")
 
 
 class _Reader:
@@ -168,9 +170,11 @@ def decode_attest(raw: bytes) -> QuoteAttest:
         raise DecodeError("TPMS_ATTEST: type is not TPM_ST_ATTEST_QUOTE")
     signer = r.tpm2b(_MAX_NAME, "qualifiedSigner")
     extra = r.tpm2b(_MAX_DATA, "extraData")
-    clock = ClockInfo(r.u64(), r.u32(), r.u32(), r.u8())
-    firmware = r.u64()
-    count = r.u32()
+    if r.pos + _CLOCK_FW_COUNT.size > len(r.buf):
+        raise DecodeError("TPMS_ATTEST: truncated")
+    clk, resets, restarts, safe, firmware, count = _CLOCK_FW_COUNT.unpack_from(r.buf, r.pos)
+    r.pos += _CLOCK_FW_COUNT.size
+    clock = ClockInfo(clk, resets, restarts, safe)
     if count > _MAX_BANKS:
         raise DecodeError(f"TPMS_ATTEST: {count} PCR selections exceed {_MAX_BANKS}")
     sels = []
@@ -269,9 +273,19 @@ def _b64(part: str, what: str) -> bytes:
 
 
 def parse_quote(text: str) -> ParsedQuote:
-    """Decode a Keylime quote string; any malformation is a DecodeError."""
+    """Decode a Keylime quote string; any malformation is a DecodeError.
+
+    The last few decoded strings are remembered (a poll looks at its quote twice: for the boot
+    identity before the checks, then in them); a ParsedQuote is immutable apart from its
+    ``pcrs`` dict, which callers copy before changing.
+    """
     if not isinstance(text, str):
         raise DecodeError("quote: expected a string")
+    return _parse_quote(text)
+
+
+@lru_cache(maxsize=8)
+def _parse_quote(text: str) -> ParsedQuote:
     if len(text) > _MAX_QUOTE_TEXT:
         raise DecodeError("quote: too long")
     if not text.startswith("r"):

@@ -94,10 +94,16 @@ def crypto_hash(name: str) -> hashes.HashAlgorithm:
     return _CRYPTO_HASHES[name]()
 
 
+_HASHLIB = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
+
+
 def digest(name: str, data: bytes) -> bytes:
     """H_name(data) with hashlib (the fast path for PCR and quote digests)."""
-    hash_alg_id(name)
-    return hashlib.new(name, data).digest()
+    hasher = _HASHLIB.get(name)
+    if hasher is None:
+        hash_alg_id(name)  # raises for an unknown name
+        return hashlib.new(name, data).digest()
+    return hasher(data).digest()
 
 
 # --- TPM2B_PUBLIC ----------------------------------------------------------------------------------

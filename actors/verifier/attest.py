@@ -70,6 +70,7 @@ class AgentTarget:
     mb_policy: str | None = None
     mb_evaluate: str = "once"
     _mb_check: RefStateCheck | None = field(default=None, init=False, repr=False)
+    _mask: str | None = field(default=None, init=False, repr=False)
 
     @property
     def mb_check(self) -> RefStateCheck | None:
@@ -129,7 +130,15 @@ def new_nonce() -> str:
 
 
 def quote_mask(target: AgentTarget) -> str:
-    """The mask to ask for: the policy's mask and PCRs | PCR 16 (| PCR 10 with a runtime policy)."""
+    """The mask to ask for: the policy's mask and PCRs | PCR 16 (| PCR 10 with a runtime policy).
+
+    Worked out once per target (its policies do not change while a monitor uses it)."""
+    if target._mask is None:
+        target._mask = _quote_mask(target)
+    return target._mask
+
+
+def _quote_mask(target: AgentTarget) -> str:
     mask = 0
     raw = target.tpm_policy.get("mask")
     if isinstance(raw, str):
