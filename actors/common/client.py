@@ -270,6 +270,11 @@ class KeepAliveClient:
         reader = http1.Exchange(stream)
         try:
             await stream.send_all(out)
+            # the reply cannot be there yet: wait for the socket first instead of a recv that
+            # fails with EAGAIN (a syscall and an exception per request inside trio)
+            sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+            if sock is not None:
+                await trio.lowlevel.wait_readable(sock)
             response = await reader.read(limit)
         except (OSError, trio.BrokenResourceError, http1.ProtocolViolation) as exc:
             if not reader.got_any:
