@@ -90,6 +90,46 @@ class _Ready:
     store: Store
 
 
+class PolicyReadyMonitors:
+    """The MonitorSet as the cluster leases drive it: a monitor starts once its agent's runtime
+    policy is loaded here. Another process (a worker, another instance) may have accepted the
+    policy at enrolment; without this the first poll here would fail the agent (policy missing)
+    until the next ``policy_refresh_interval``."""
+
+    def __init__(self, monitors: MonitorSet, store: Store, policies: PolicyStore, nursery: trio.Nursery) -> None:
+        self.monitors, self.store, self.policies, self.nursery = monitors, store, policies, nursery
+        self._pending: dict[str, trio.CancelScope] = {}
+
+    @property
+    def running(self) -> set[str]:
+        return self.monitors.running | set(self._pending)
+
+    def start(self, agent_id: str) -> None:
+        if agent_id in self.running:
+            return
+        scope = self._pending[agent_id] = trio.CancelScope()
+        self.nursery.start_soon(self._start, agent_id, scope)
+
+    def stop(self, agent_id: str) -> None:
+        scope = self._pending.pop(agent_id, None)
+        if scope is not None:
+            scope.cancel()
+        self.monitors.stop(agent_id)
+
+    async def _start(self, agent_id: str, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                row = await records.get(self.store, agent_id)
+                if row is not None:
+                    await self.policies.ensure(row.get("runtime_policy_name") or None,
+                                               row.get("runtime_policy_checksum") or None)
+            except Exception:  # the monitor starts anyway: a policy still missing fails closed
+                log.warning("event=verifier.policy_load_failed agent=%s", agent_id, exc_info=True)
+        if self._pending.get(agent_id) is scope:  # not stopped meanwhile
+            del self._pending[agent_id]
+            self.monitors.start(agent_id)
+
+
 class Verifier:
     """``Verifier(config).run()``; ``clock`` gives wall-clock epoch seconds (tests may pass their own)."""
 
@@ -291,7 +331,9 @@ class Verifier:
             push = PushTimers(store, nursery, service_deadlines=self.push.deadlines,
                               max_interval=self.push.settings.max_interval, timed_out=self.push.verifier.timed_out,
                               clock=self.clock)
-        return Cluster(store, verifier_id=cfg.verifier_id, monitors=monitors, push=push, outbox=notifier.run,
+        assert self.policies is not None
+        ready = PolicyReadyMonitors(monitors, store, self.policies, nursery)
+        return Cluster(store, verifier_id=cfg.verifier_id, monitors=ready, push=push, outbox=notifier.run,
                        ttl=cfg.lease_ttl, clock=self.clock,
                        renew_interval=min(cfg.lease_ttl / 3, max(cfg.quote_interval, 0.1)))
 

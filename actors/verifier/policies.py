@@ -211,6 +211,31 @@ class PolicyStore:
         self._names = names
         return changed
 
+    async def ensure(self, name: str | None, checksum: str | None) -> None:
+        """Load an agent's policy that another process (a worker, a cluster instance) accepted and
+        this one has not read yet, so that a monitor started here does not fail it as missing."""
+        if (not name and not checksum) or self.resolve(name, checksum) is not None:
+            return
+
+        def q(conn: Connection) -> tuple[str | None, dict[str, Any] | None]:
+            want = checksum
+            if name:
+                want = conn.execute(sa.select(allowlists.c.checksum).where(allowlists.c.name == name)).scalar()
+            row = None
+            if want and want not in self._parsed:
+                row = conn.execute(sa.select(runtime_policies).where(runtime_policies.c.checksum == want)).mappings().first()
+            return want, dict(row) if row is not None else None
+
+        want, row = await self.store.read(q)
+        if row is not None:
+            try:
+                key = decode_key(row["runtime_policy_key"])
+                self._parsed[row["checksum"]] = await self._parse(row["policy"].encode("utf-8"), key, verify=False)
+            except PolicyRefused as exc:  # fail closed, as after load()
+                log.error("event=stored_policy_unusable checksum=%s error=%s", row["checksum"], exc)
+        if name and want:
+            self._names[name] = want
+
     async def accept(self, raw: bytes, key_text: str | None) -> RuntimePolicy:
         """Validate an uploaded policy (signature rules apply); reuses the parsed index if known."""
         key = decode_key(key_text)

@@ -221,6 +221,7 @@ async def _enrol_policy(pstore: PolicyStore, values: dict[str, Any]) -> None:
             await pstore.store_inline(raw, policy, key, name)
             values["runtime_policy_checksum"] = policy.checksum
         elif name is not None:
+            await pstore.ensure(name, None)  # uploaded through another worker / instance: read it
             policy = pstore.by_name(name)
             if policy is None:
                 raise ApiError(404, f"Runtime policy {name} not found")

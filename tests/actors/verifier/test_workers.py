@@ -29,9 +29,19 @@ from keytrio.actors.common import tls
 from keytrio.actors.common.client import make_client
 from keytrio.actors.common.config import ConfigError
 from keytrio.actors.common.startup import Exit
+from keytrio.actors.verifier import records
 from keytrio.actors.verifier.config import load_config, resolve, worker_count
 from keytrio.actors.verifier.workers import BACKOFF_MAX, backoff
-from tests.actors.verifier_support import enrol_body, new_halves, start_test_agent
+from keytrio.testbed.ima_log import ImaLog
+from tests.actors.verifier_support import (
+    BANKS,
+    BASE,
+    doc_b64,
+    enrol_body,
+    new_halves,
+    policy_doc,
+    start_test_agent,
+)
 from tests.pg import pg_admin_url, pg_url  # noqa: F401
 
 KEYTRIO = Path(sys.executable).with_name("keytrio")
@@ -255,7 +265,12 @@ async def test_two_workers_share_one_port_split_agents_restart_and_stop(
     agents = []
     for i in range(4):
         tpm = await swtpm_factory(fresh=False)
-        agents.append(await start_test_agent(nursery, tmp_path / f"a{i}", pki, tpm.tcti, None))
+        agent = await start_test_agent(nursery, tmp_path / f"a{i}", pki, tpm.tcti, None)
+        assert agent.run.agent.tpm is not None
+        log = ImaLog(agent.run.ima_path, agent.run.agent.tpm.extend, BANKS)
+        for path, content in BASE.items():
+            await log.measure(path, content)
+        agents.append(agent)
     ids = {a.agent_id for a in agents}
     mport = free_port(consecutive=2)
     opts = options(pki, tmp_path / "v", database_url=pg_url, workers=2, metrics_port=mport,
@@ -276,8 +291,18 @@ async def test_two_workers_share_one_port_split_agents_restart_and_stop(
         async with httpx.AsyncClient() as plain:
             assert (await plain.get(f"http://127.0.0.1:{p}/metrics")).status_code == 200
 
-    for agent in agents:
-        r = await svc.request("POST", f"/agents/{agent.agent_id}", enrol_body(agent, v=new_halves().v))
+    # runtime policies accepted by whichever worker took the request, used by whichever polls:
+    # two agents name an uploaded policy, two bring theirs inline
+    r = await svc.request("POST", "/allowlists/base", {"runtime_policy": doc_b64(policy_doc(BASE)),
+                                                       "runtime_policy_key": "", "tpm_policy": ""})
+    assert r.status_code == 201, r.text
+    for i, agent in enumerate(agents):
+        body = enrol_body(agent, v=new_halves().v)
+        if i % 2:
+            body["runtime_policy_name"] = "base"
+        else:
+            body["runtime_policy"] = doc_b64(policy_doc({**BASE, f"/usr/bin/own{i}": b"own"}))
+        r = await svc.request("POST", f"/agents/{agent.agent_id}", body)
         assert r.status_code == 200, r.text
     # the agents split between the two workers' lease instances, and each is attested
     await until(lambda: sorted(len(v) for k, v in svc.holders().items() if k) == [2, 2], "a 2/2 split")
@@ -287,6 +312,8 @@ async def test_two_workers_share_one_port_split_agents_restart_and_stop(
         return all(now[a] >= at_least[a] for a in ids)
 
     await until(partial(attested, dict.fromkeys(ids, 2)), "every agent attested")
+    for aid in ids:
+        assert (await svc.agent(aid) or {}).get("operational_state") == records.GET_QUOTE, await svc.agent(aid)
     # both workers serve the one port; each lists every agent
     await served_while_stopped(svc, first[0], ids)
     await served_while_stopped(svc, first[1], ids)
@@ -346,3 +373,4 @@ async def test_any_free_port_and_workers_stop_when_the_supervisor_is_killed(
     assert text.count("event=verifier.worker_orphaned") == 2, text
     assert text.count("event=verifier.stopped") == 2 and "Traceback" not in text, text
     svc.engine.dispose()
+
