@@ -4,8 +4,11 @@
 :class:`JsonError` (a :class:`~keytrio.protocol.errors.DecodeError`, hence a ``ValueError``):
 
 * size: at most ``max_bytes`` bytes (UTF-8) of text;
-* nesting: at most ``max_depth`` open arrays/objects, checked by an iterative scan *before*
-  decoding (the C decoder recurses: ``"[" * 100_000`` would otherwise raise RecursionError);
+* nesting: at most ``max_depth`` open arrays/objects. Text with fewer brackets than that is
+  decoded at once; other text is decoded first (the C decoder guards its recursion with
+  RecursionError) and the decoded containers measured, which for big documents of long strings
+  costs a fraction of scanning the text; when decoding fails, the iterative scan of the text runs
+  first, so that too deep a text is always reported as such (``"[" * 100_000`` included);
 * numbers: integers of at most ``max_int_digits`` digits (Python refuses more than 4,300 only with
   a ValueError from deep inside, and converting long ones is quadratic), float literals of at most
   ``MAX_FLOAT_CHARS`` characters and finite; ``NaN``/``Infinity`` refused;
@@ -63,7 +66,7 @@ def loads(
 ) -> Any:
     """The JSON value of ``data``; :class:`JsonError` when it is not JSON within the bounds."""
     text = _text(data, max_bytes)
-    _check_depth(text, max_depth)
+    shallow = text.count("[") + text.count("{") <= max_depth  # cannot nest deeper than that
 
     def parse_int(s: str) -> int:
         if len(s) - (s[0] == "-") > max_int_digits:
@@ -79,11 +82,18 @@ def loads(
             object_pairs_hook=_unique_keys,
         )
     except JsonError:
+        if not shallow:
+            _check_depth(text, max_depth)
         raise
-    except RecursionError:  # the depth scan makes this unreachable; a last line all the same
-        raise JsonError("nested too deeply") from None
+    except RecursionError:
+        _check_depth(text, max_depth)
+        raise JsonError("nested too deeply") from None  # unreachable: the scan raises first
     except ValueError as exc:  # JSONDecodeError: position and reason, no content
+        if not shallow:
+            _check_depth(text, max_depth)
         raise JsonError(f"not JSON ({exc})") from None
+    if not shallow and _deeper_than(doc, max_depth):
+        raise JsonError(f"nested more than {max_depth} levels deep")
     if not allow_surrogates and _SURROGATE_ESCAPE.search(text):
         _check_surrogates(doc)
     return doc
@@ -130,6 +140,21 @@ def _text(data: bytes | bytearray | memoryview | str, max_bytes: int) -> str:
         return str(data, "utf-8")
     except UnicodeDecodeError as exc:
         raise JsonError(f"not UTF-8 (byte {exc.start})") from None
+
+
+def _deeper_than(doc: Any, max_depth: int) -> bool:
+    """Whether decoded ``doc`` nests more than ``max_depth`` arrays/objects (level by level)."""
+    level = [doc] if isinstance(doc, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > max_depth:
+            return True
+        below: list[Any] = []
+        for c in level:
+            below.extend(v for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, dict | list))
+        level = below
+    return False
 
 
 def _check_depth(text: str, max_depth: int) -> None:

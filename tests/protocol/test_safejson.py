@@ -69,3 +69,51 @@ def test_digits_accepts() -> None:
     assert safejson.digits("08080", "port", hi=65535) == 8080
     assert safejson.digits(23, "pcr", hi=23) == 23
     assert safejson.digits("9" * 20, "n") == int("9" * 20)
+
+
+def test_depth_verdict_equals_the_plain_token_scan() -> None:
+    """loads (decode first, then measure the containers; scan the text when decoding fails) says
+    "nested too deep" exactly when a plain left-to-right scan of string literals and brackets
+    does, on hostile bracket/quote soup and on well-formed nestings around the bound."""
+    import random
+    import re
+
+    tokens = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"|[\[\]{}]', re.S)
+
+    def reference(text: str, max_depth: int) -> bool:
+        depth = 0
+        for m in tokens.finditer(text):
+            if len(m.group()) != 1:
+                continue
+            if m.group() in "[{":
+                depth += 1
+                if depth > max_depth:
+                    return False
+            elif depth:
+                depth -= 1
+        return True
+
+    def checked(text: str, max_depth: int) -> bool:
+        try:
+            safejson.loads(text, max_depth=max_depth)
+        except safejson.JsonError as exc:
+            return not exc.reason.startswith("nested")
+        return True
+
+    rnd = random.Random(20)
+
+    def nested(d: int) -> str:
+        if d == 0:
+            return rnd.choice(['"x[{"', "1", '"\\"]"'])
+        inner = [nested(d - 1) for _ in range(rnd.randint(1, 3))]
+        if rnd.random() < 0.5:
+            return "[" + ",".join(inner) + "]"
+        return "{" + ",".join(f'"k{i}":{v}' for i, v in enumerate(inner)) + "}"
+
+    for _ in range(30_000):
+        text = "".join(rnd.choice('[]{}"\\a,') for _ in range(rnd.randint(0, 30)))
+        depth = rnd.randint(0, 6)
+        assert checked(text, depth) == reference(text, depth), (text, depth)
+    for _ in range(1_000):
+        text, depth = nested(rnd.randint(0, 8)), rnd.randint(0, 9)
+        assert checked(text, depth) == reference(text, depth), (text, depth)
