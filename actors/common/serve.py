@@ -50,7 +50,7 @@ import trio
 from cryptography import x509
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
-from hypercorn.events import Event, Updated
+from hypercorn.events import Event, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup
@@ -270,10 +270,34 @@ class _Pending:
 
 
 class _H11Only(H11Protocol):
-    """hypercorn's HTTP/1.1 protocol without the switch to HTTP/2 (h2c upgrade, PRI preface)."""
+    """hypercorn's HTTP/1.1 protocol without the switch to HTTP/2 (h2c upgrade, PRI preface), and
+    with a response's head sent together with its first body bytes.
+
+    hypercorn writes each h11 event on its own: head, body, and the (empty, with Content-Length)
+    end of message: three TLS records and syscalls for one small JSON answer. Here the head
+    waits for the next event of the response (hypercorn sends the body right after it) and an
+    empty write is skipped, so a whole answer is one write.
+    """
+
+    _held = b""
 
     async def _check_protocol(self, event: h11.Request) -> None:
         return None
+
+    async def _send_h11_event(self, event: Any) -> None:
+        try:
+            data = self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        if isinstance(event, h11.Response):
+            self._held += data
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
+        if data:
+            await self.send(RawData(data=data))
 
 
 class _Connection(TCPServer):
