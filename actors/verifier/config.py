@@ -210,6 +210,9 @@ def resolve(config: Config) -> Settings:
         check.problems.append("cluster: needs a PostgreSQL database_url (leases use its row locks)")
     if config.workers > 1 and not str(config.database_url).startswith("postgresql"):
         check.problems.append("workers: more than 1 needs a PostgreSQL database_url (SQLite is one process)")
+    if config.metrics_port > 0 and config.metrics_port + worker_count(config) - 1 > 65535:
+        check.problems.append(f"metrics_port: worker i serves metrics_port + i: {config.metrics_port} + "
+                              f"{worker_count(config) - 1} is past 65535")
     if config.workers > 1 and config.mode != "pull":
         check.problems.append("workers: more than 1 only with mode = pull (the workers share agents by leases)")
     check.raise_problems()

@@ -151,6 +151,9 @@ def test_worker_count_defaults_to_cores_on_postgresql_and_one_on_sqlite(tmp_path
         with pytest.raises(ConfigError) as err:
             resolve(load_config(env={}, overrides={**base, **overrides}))
         assert "workers: " in str(err.value) and problem in str(err.value)
+    with pytest.raises(ConfigError) as err:  # worker 1 would serve its metrics on 65536
+        resolve(load_config(env={}, overrides={**base, "database_url": pg, "workers": 2, "metrics_port": 65535}))
+    assert "metrics_port: worker i serves metrics_port + i: 65535 + 1 is past 65535" in str(err.value)
 
 
 def test_restart_backoff_doubles_up_to_its_cap() -> None:
