@@ -157,7 +157,10 @@ class Supervisor:
                 deliver_cancel=partial(_terminate, grace=self.config.graceful_timeout + 30.0)))
             w.pid, w.starts = proc.pid, w.starts + 1
             assert proc.stdin is not None and proc.stdout is not None
-            await proc.stdin.send_all(hello)  # stdin stays open: its EOF tells the worker we are gone
+            try:
+                await proc.stdin.send_all(hello)  # stdin stays open: its EOF tells the worker we are gone
+            except trio.BrokenResourceError:  # it died at once: its exit code tells the rest
+                pass
             async for line in _lines(proc.stdout):
                 if line == READY:
                     log.info("event=verifier.worker_ready worker=%d pid=%d", w.index, proc.pid)
