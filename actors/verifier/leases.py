@@ -145,11 +145,16 @@ class Cluster:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Tick every ``renew_interval`` (or when kicked) until cancelled; started after the first."""
+        log.info("event=cluster.joined instance=%s verifier_id=%s lease_ttl=%g renew_interval=%g",
+                 self.instance_id, self.verifier_id, self.ttl, self.renew_interval)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.guard)
             started = False
             while True:
                 self._kick = trio.Event()
+                # fixed rate: a slow renewal (a loaded host) does not push the next one later, so
+                # renewals stay renew_interval apart and the fence does not fire on a live database
+                due = trio.current_time() + self.renew_interval
                 try:
                     await self.tick()
                 except Exception:  # the database is unreachable: the fence decides, retry
@@ -157,7 +162,7 @@ class Cluster:
                 if not started:
                     task_status.started()
                     started = True
-                with trio.move_on_after(self.renew_interval):
+                with trio.move_on_at(due):
                     await self._kick.wait()
 
     async def guard(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
