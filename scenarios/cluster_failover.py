@@ -118,10 +118,16 @@ async def _drill(run: Run, tb: Testbed, cl: VerifierCluster, db: str) -> None:
             run.note(f"{dead} held {len(mine)} agents{' and the outbox' if holder == dead else ''}")
 
         async with run.step("the survivors attest its agents again within lease_ttl + quote_interval"):
-            await until("taken over", lambda: watch.handover(instance, killed) is not None)
-            h = watch.handover(instance, killed)
+            # the victim is polled by no one any more; CUT_OFF was unreachable until the kill (its
+            # last poll is old): it is reported apart
+            skip = frozenset({victim.agent_id, cut_off.agent_id})
+            await until("taken over", lambda: watch.handover(instance, killed, skip) is not None)
+            h = watch.handover(instance, killed, skip)
             assert h is not None
             run.note(describe(h, cl))
+            if cut_off.agent_id in mine:
+                await tb.wait_count(cut_off, 1 + (await tb.get(cut_off) or {})["attestation_count"], timeout=60)
+                run.note(f"{CUT_OFF} (unreachable until the kill, {dead}'s) attested again by a survivor")
             run.check(h.after_event <= TTL + INTERVAL + 1.0,
                       f"re-attested {h.after_event:.2f} s after the kill (bound {TTL + INTERVAL:g} s + 1 s of polling)")
             await until("spread over the three survivors", lambda: spread(watch, cl, 3))
@@ -140,12 +146,13 @@ async def _drill(run: Run, tb: Testbed, cl: VerifierCluster, db: str) -> None:
             mine = {a for a, h_ in before.holders.items() if h_ == instance}
             expiry = min(before.expires[a] for a in mine)
             cut_at = cl.cut(cut, "blackhole")
-            await until("taken over", lambda: watch.handover(instance, cut_at) is not None)
-            h = watch.handover(instance, cut_at)
+            skip = frozenset({victim.agent_id})  # failed: polled by no one
+            await until("taken over", lambda: watch.handover(instance, cut_at, skip) is not None)
+            h = watch.handover(instance, cut_at, skip)
             assert h is not None
             await trio.sleep(1.0)  # one more round of the counters (no verdict rests on it)
             last = watch.last_poll(cut)
-            first = min(first for _, first, _ in h.agents.values())
+            first = min((first for _, first, _ in h.agents.values()), default=cut_at + TTL)
             run.check(last is not None and last < expiry,
                       f"{cut} last polled at {last} and its leases expired at {expiry:.2f}")
             assert last is not None

@@ -196,10 +196,11 @@ class VerifierCluster:
         url = sa.engine.make_url(self.database_url)
         via_proxy = url.set(host="127.0.0.1", port=m.proxy.port).render_as_string(hide_password=False)
         ca = self.ca
+        # workers = 1: one process is one cluster instance (kill -9 takes exactly one instance away)
         values: dict[str, Any] = {
             "ip": "127.0.0.1", "port": 0, "metrics_ip": "127.0.0.1", "metrics_port": 0,
             "data_dir": str(m.dir), "database_url": via_proxy, "database_pool_sz_ovfl": "4,2",
-            "verifier_id": self.verifier_id, "cluster": True, "lease_ttl": self.lease_ttl,
+            "verifier_id": self.verifier_id, "cluster": True, "lease_ttl": self.lease_ttl, "workers": 1,
             "quote_interval": self.quote_interval, "retry_interval": 0.2, "max_retries": 100,
             "request_timeout": 2.0, "exponential_backoff": False, "graceful_timeout": 0.5,
             "server_cert": str(ca.server_cert), "server_key": str(ca.server_key),
@@ -302,12 +303,12 @@ class Handover:
     @property
     def seconds(self) -> float:
         """max over its agents of (first successful poll by a survivor - last poll by it)."""
-        return max(first - last for last, first, _ in self.agents.values())
+        return max((first - last for last, first, _ in self.agents.values()), default=0.0)
 
     @property
     def after_event(self) -> float:
         """max over its agents of (first successful poll by a survivor - the kill/cut)."""
-        return max(first - self.at for _, first, _ in self.agents.values())
+        return max((first - self.at for _, first, _ in self.agents.values()), default=0.0)
 
 
 class Watch:
@@ -374,18 +375,19 @@ class Watch:
                 out.append((cur.t, cur.holders.get(agent)))
         return out
 
-    def handover(self, instance: str, at: float) -> Handover | None:
-        """The hand-over of ``instance``'s agents after ``at``; None until every one of them was
-        attested by another instance."""
+    def handover(self, instance: str, at: float, skip: frozenset[str] = frozenset()) -> Handover | None:
+        """The hand-over of ``instance``'s agents after ``at`` (but ``skip``: agents that could not
+        be attested before, whose last poll says nothing about the hand-over); None until every
+        one of them was attested by another instance."""
         result: dict[str, tuple[float, float, str]] = {}
-        for agent in self.held_by(instance, at):
+        for agent in self.held_by(instance, at) - skip:
             incs = self.increments(agent)
             before = [t for t, h in incs if t <= at and h == instance]
             after = [(t, h) for t, h in incs if t > at and h is not None and h != instance]
             if not after:
                 return None
             result[agent] = (before[-1] if before else at, after[0][0], after[0][1] or "")
-        return Handover(result, at) if result else None
+        return Handover(result, at)
 
     def last_poll(self, name: str) -> float | None:
         """When ``name``'s ok-poll counter last grew (as sampled), None if never seen."""
