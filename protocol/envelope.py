@@ -5,6 +5,8 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+from keytrio.protocol.errors import DecodeError
+
 Envelope = dict[str, Any]
 
 
@@ -29,8 +31,6 @@ def error(code: int, status: str | None = None, results: dict[str, Any] | None =
 
 def parse(doc: Any) -> tuple[int, str, dict[str, Any]]:
     """Split a received envelope into (code, status, results); raise DecodeError if it is not one."""
-    from keytrio.protocol.errors import DecodeError
-
     if not isinstance(doc, dict):
         raise DecodeError("response is not a JSON object")
     code, status, results = doc.get("code"), doc.get("status"), doc.get("results", {})
