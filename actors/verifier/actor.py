@@ -264,8 +264,10 @@ class Verifier:
                 request_timeout=cfg.request_timeout,
                 max_response_size=cfg.max_response_size,
                 # reuse an agent's connection from one quote to the next (a closed one is
-                # seen before use, and a request that gets no reply byte is sent again once)
-                keepalive_expiry=max(4.0, cfg.quote_interval + 10.0),
+                # seen before use, and a request that gets no reply byte is sent again once);
+                # twice the interval, so that a verifier falling behind its interval does not
+                # add a TLS handshake to every poll just when it is short of CPU
+                keepalive_expiry=max(4.0, 2 * cfg.quote_interval + 10.0),
                 measured_boot_evaluate=cfg.measured_boot_evaluate,
                 # success records of many polls share one thread hop and commit (docs/performance.md)
                 write_linger=min(0.25, cfg.quote_interval / 8),
