@@ -24,6 +24,7 @@ from keytrio.actors.common.tls import client_cert_purpose
 from keytrio.actors.common.v3errors import V3Errors
 from keytrio.actors.verifier.push import store as pstore
 from keytrio.actors.verifier.push.attestations import evidence_items, parse_index, retry_after
+from keytrio.actors.verifier.push.fast import FastCycle
 from keytrio.actors.verifier.push.service import PushService
 from keytrio.protocol import push_wire
 from keytrio.protocol.push_wire import WireError
@@ -96,13 +97,45 @@ async def _body_or_error(*, surrogates: bool = False) -> dict[str, Any] | WireEr
         return WireError(exc.code, exc.status)
 
 
+def resource_document(res: dict[str, Any], prefix: str, *, meta: dict[str, Any] | None = None,
+                      full: bool = True) -> dict[str, Any]:
+    res = {**res, "evidence": evidence_items(res) if full else []}
+    return push_wire.attestation_document(res, prefix, meta=meta)
+
+
+class Cycle:
+    """The two requests of the attestation cycle, served the same way by the quart routes and
+    by :class:`~actors.verifier.push.fast.FastCycle` (which skips quart's request machinery)."""
+
+    def __init__(self, push: PushService) -> None:
+        self.push = push
+
+    async def capabilities(self, prefix: str, agent_id: str, authorization: str | None,
+                           doc: object | WireError) -> tuple[int, dict[str, Any], dict[str, str]]:
+        aid = _agent_id(agent_id)
+        admit = self.push.admit(authorization, aid, "submit_attestation")
+        res = await self.push.attestations.create(admit, doc)
+        location = f"{prefix}/agents/{aid}/attestations/{res['index']}"
+        return 201, resource_document(res, prefix, full=False), {"Location": location}
+
+    async def evidence(self, prefix: str, agent_id: str, which: str, authorization: str | None,
+                       doc: object | WireError) -> tuple[int, dict[str, Any], dict[str, str]]:
+        aid = _agent_id(agent_id)
+        admit = self.push.admit(authorization, aid, "submit_evidence")
+        accepted = await self.push.attestations.submit(admit, which, doc)
+        self.push.evidence_accepted(accepted)
+        res = accepted.res
+        meta = {"seconds_to_next_attestation": retry_after(self.push.settings.quote_interval)}
+        location = f"{prefix}/agents/{aid}/attestations/{res['index']}"
+        return 202, resource_document(res, prefix, meta=meta), {"Location": location}
+
+
 def register(app: KeytrioApp, push: PushService) -> None:
     """Add the v3.0 routes to the verifier's ``app`` (served by ``push``)."""
-    settings = push.settings
+    cycle = Cycle(push)
 
     def resource(res: dict[str, Any], *, meta: dict[str, Any] | None = None, full: bool = True) -> dict[str, Any]:
-        res = {**res, "evidence": evidence_items(res) if full else []}
-        return push_wire.attestation_document(res, _prefix(), meta=meta)
+        return resource_document(res, _prefix(), meta=meta, full=full)
 
     @jsonapi
     async def create_session() -> Response:
@@ -118,23 +151,17 @@ def register(app: KeytrioApp, push: PushService) -> None:
     @jsonapi
     async def create_attestation(agent_id: str) -> Response:
         """Phase 1: the agent's capabilities -> the evidence requested and its challenge."""
-        aid = _agent_id(agent_id)
-        admit = push.admit(request.headers.get("Authorization"), aid, "submit_attestation")
-        res = await push.attestations.create(admit, await _body_or_error())
-        location = f"{_prefix()}/agents/{aid}/attestations/{res['index']}"
-        return _json(201, resource(res, full=False), {"Location": location})
+        status, doc, headers = await cycle.capabilities(
+            _prefix(), agent_id, request.headers.get("Authorization"), await _body_or_error())
+        return _json(status, doc, headers)
 
     @jsonapi
     async def submit_evidence(agent_id: str, which: str) -> Response:
         """Phase 2: evidence for the latest attestation -> 202, verified asynchronously."""
-        aid = _agent_id(agent_id)
-        admit = push.admit(request.headers.get("Authorization"), aid, "submit_evidence")
-        accepted = await push.attestations.submit(admit, which, await _body_or_error(surrogates=True))
-        push.evidence_accepted(accepted)
-        res = accepted.res
-        meta = {"seconds_to_next_attestation": retry_after(settings.quote_interval)}
-        location = f"{_prefix()}/agents/{aid}/attestations/{res['index']}"
-        return _json(202, resource(res, meta=meta), {"Location": location})
+        status, doc, headers = await cycle.evidence(
+            _prefix(), agent_id, which, request.headers.get("Authorization"),
+            await _body_or_error(surrogates=True))
+        return _json(status, doc, headers)
 
     async def reader(agent_id: str, action: str) -> str:
         aid = _agent_id(agent_id)
@@ -184,5 +211,7 @@ def register(app: KeytrioApp, push: PushService) -> None:
             app.public_endpoints.add(endpoint)
             if limit is not None:
                 app.endpoint_body_limits[endpoint] = app.body_limits[limit]
+    # the cycle's two requests skip quart (inside BodyLimit: their bodies arrive whole, bounded)
+    app.fast_routes.app = FastCycle(app.fast_routes.app, cycle)
     # the app's own refusals on /v3 paths (client cert, 404, 405, 413, 500) as JSON:API errors
     app.asgi_app = V3Errors(app.asgi_app)  # type: ignore[method-assign]

@@ -1,0 +1,101 @@
+"""The push attestation cycle's two requests without quart's request machinery.
+
+``POST /v3[.0]/agents/{id}/attestations`` and ``PATCH /v3[.0]/agents/{id}/attestations/{n|latest}``
+are what every push agent sends every interval; quart's request context, routing and hooks cost
+about as much CPU as the rest of the cycle's work together. :class:`FastCycle` sits where
+common.app's FastRoutes does (inside BodyLimit: the body arrives whole and within the route's
+limit, the ``evidence`` limit for the PATCH since the quart routes stay registered) and answers
+exactly these two shapes itself with routes.Cycle, the code the quart views run: same
+content-type check, JSON decoding (protocol.safejson), JSON:API documents, ``Location`` and
+``Retry-After`` headers. Anything else (another method, a trailing slash, other paths) goes on to
+quart. Both routes are public at the TLS layer (the bearer token is the credential), so no
+client-certificate check is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+from keytrio.actors.common.app import ApiError, _decode_object, _mimetype, _unsupported_type
+from keytrio.actors.common.bodylimit import ASGIApp, Receive, Scope, Send
+from keytrio.protocol import push_wire
+from keytrio.protocol.push_wire import WireError
+
+if TYPE_CHECKING:
+    from keytrio.actors.verifier.push.routes import Cycle
+
+log = logging.getLogger("keytrio.verifier")
+
+_CAPABILITIES = re.compile(r"^(/v3(?:\.0)?)/agents/([^/]+)/attestations$")
+_EVIDENCE = re.compile(r"^(/v3(?:\.0)?)/agents/([^/]+)/attestations/([^/]+)$")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class FastCycle:
+    """ASGI layer: the cycle's two requests answered here, everything else passed to ``app``."""
+
+    def __init__(self, app: ASGIApp, cycle: Cycle) -> None:
+        self.app = app
+        self.cycle = cycle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope.get("method"), str(scope.get("path") or "")
+        m = None
+        if scope.get("type") == "http" and path.startswith("/v3"):
+            if method == "POST":
+                m = _CAPABILITIES.match(path)
+            elif method == "PATCH":
+                m = _EVIDENCE.match(path)
+        if m is None:
+            await self.app(scope, receive, send)
+            return
+        headers: dict[str, str] = {}
+        try:
+            doc = await self._body(scope, receive, surrogates=method == "PATCH")
+            if doc is None:
+                return  # the client went away
+            auth = _header(scope, b"authorization")
+            if method == "POST":
+                status, out, headers = await self.cycle.capabilities(m.group(1), m.group(2), auth, doc)
+            else:
+                status, out, headers = await self.cycle.evidence(m.group(1), m.group(2), m.group(3), auth, doc)
+        except WireError as exc:
+            status, out = exc.status, push_wire.error_document(exc.status, exc.detail, exc.code)
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+        except Exception as exc:  # the route's 500, as quart's handler gives it: logged, no text out
+            log.error("unhandled error in %s %s", method, path, exc_info=(type(exc), exc, exc.__traceback__))
+            status, out, headers = 500, push_wire.error_document(500, "Internal Server Error"), {}
+        body = json.dumps(out).encode()
+        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    @staticmethod
+    async def _body(scope: Scope, receive: Receive, *, surrogates: bool) -> dict[str, Any] | WireError | None:
+        """The JSON object, its refusal (answered after the token checks, as the quart route
+        does), or None when the client disconnected."""
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        try:
+            refused = _unsupported_type(_mimetype(scope.get("headers") or ()))
+            if refused is not None:
+                raise refused
+            return _decode_object(chunks[0] if len(chunks) == 1 else b"".join(chunks), surrogates)
+        except ApiError as exc:
+            return WireError(exc.code, exc.status)
