@@ -260,15 +260,18 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
                 break
             await trio.sleep(1.0)
         await trio.sleep(math.ceil(qi))
+        # CPU and counts over the same span, from the first bulk GET's answer to the second's: a
+        # saturated verifier (upstream's, at this machine's load) takes seconds to answer the bulk
+        # GET, which would otherwise put counts and CPU on different windows; the second GET's own
+        # CPU falls inside (one GET per window, on both sides)
         t_a, before = await _bulk(admin, url)
         cpu_a, ctl_a = fleet.usage(pids())[0], sum(os.times()[:2])
         us_a = fleet._user_sys(pids())
-        w0 = time.monotonic()
         await trio.sleep(seconds)
+        t_b, after = await _bulk(admin, url)
         cpu_b, rss = fleet.usage(pids())
         us_b, ctl_b = fleet._user_sys(pids()), sum(os.times()[:2])
-        wall = time.monotonic() - w0
-        t_b, after = await _bulk(admin, url)
+        wall = t_b - t_a
         nursery.cancel_scope.cancel()
     count = sum(after.get(i, {}).get("attestation_count", 0) - before.get(i, {}).get("attestation_count", 0)
                 for i in ids)  # fmt: skip
@@ -282,7 +285,7 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
         for k, v in a.errors.items():
             errors[k] = errors.get(k, 0) + v
         first = {**a.first_error, **first}
-    rate = count / (t_b - t_a)
+    rate = count / wall
     cpu_rate = (cpu_b - cpu_a) / wall
     return {
         "n": n, "mode": "push", "quote_interval": qi, "target_rate": n / math.ceil(qi), "achieved_rate": rate,
