@@ -330,7 +330,10 @@ def tables(rep: dict[str, Any]) -> str:
                 f"{r['rss_mb']:.0f} | {fleet._fmt(per_agent and per_agent * 1e3, '.2f')} ms | "
                 f"{', '.join(f'{s}:{c}' for s, c in sorted(r['states'].items()))} |")
     stopped = "".join(f"\n- stopped: {name}: {why}" for name, why in rep["stopped"].items())
-    stopped += "".join(f"\n- N={row['n']:,} {name}: push agents' errors {row[name]['agent_errors'] or 'none'}"
+    stopped += "".join(f"\n- N={row['n']:,} {name}: {row[name]['polls']} evidence submissions accepted in the "
+                       f"{row[name]['window_s']:.1f} s window, {row[name]['passed']} attestations passed over "
+                       f"{row[name]['passed_span_s']:.1f} s around it; push agents' errors "
+                       f"{row[name]['agent_errors'] or 'none'}"
                        for row in rep["rows"] for name in ("push", "upstream push") if row.get(name))
     la0, la1 = rep["loadavg_start"], rep["loadavg_end"]
     return (f"### 4b. Simulated fleet (software RSA-2048 AKs, one agents process, {rep['policy_files']:,}-file "

@@ -235,8 +235,9 @@ async def register(agents: list[SimAgent], registrar: str, concurrency: int = 8)
 async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: Callable[[], list[int]],
                       sims: list[SimAgent], qi: float, seconds: float) -> dict[str, Any]:
     """Enrol ``sims`` push-mode on the verifier at ``url`` (its policy uploaded), run them, measure one
-    window of the CPU of ``pids()`` against the Σ ``attestation_count`` deltas of the bulk GET (a push
-    attestation counts once its evidence passed: both verifiers count it so); -> the table row."""
+    window of the CPU of ``pids()`` against the evidence submissions it accepted (202) in that window,
+    with the attestations that passed (Σ ``attestation_count`` deltas of the bulk GETs around it) as
+    the check; -> the table row."""
     n = len(sims)
     async with push_client(ca_file, n) as client, trio.open_nursery() as nursery:
         agents = [PushAgent(s, url, client) for s in sims]
@@ -260,21 +261,24 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
                 break
             await trio.sleep(1.0)
         await trio.sleep(math.ceil(qi))
-        # CPU and counts over the same span, from the first bulk GET's answer to the second's: a
-        # saturated verifier (upstream's, at this machine's load) takes seconds to answer the bulk
-        # GET, which would otherwise put counts and CPU on different windows; the second GET's own
-        # CPU falls inside (one GET per window, on both sides)
+        # the window counts evidence the verifier accepted (202) as the agents see it, read at the
+        # same instants as the CPU: a bulk GET inside the window would add its own CPU, and a
+        # saturated verifier (upstream's at this machine's load) answers it seconds late, which
+        # would put counts and CPU on different spans. The bulk GETs just outside the window give
+        # the attestations that PASSED over it (the same as accepted unless one failed: states)
         t_a, before = await _bulk(admin, url)
-        cpu_a, ctl_a = fleet.usage(pids())[0], sum(os.times()[:2])
+        cpu_a, ctl_a, sent_a = fleet.usage(pids())[0], sum(os.times()[:2]), sum(a.sent for a in agents)
         us_a = fleet._user_sys(pids())
+        w0 = time.monotonic()
         await trio.sleep(seconds)
-        t_b, after = await _bulk(admin, url)
         cpu_b, rss = fleet.usage(pids())
-        us_b, ctl_b = fleet._user_sys(pids()), sum(os.times()[:2])
-        wall = t_b - t_a
+        us_b, ctl_b, sent_b = fleet._user_sys(pids()), sum(os.times()[:2]), sum(a.sent for a in agents)
+        wall = time.monotonic() - w0
+        t_b, after = await _bulk(admin, url)
         nursery.cancel_scope.cancel()
-    count = sum(after.get(i, {}).get("attestation_count", 0) - before.get(i, {}).get("attestation_count", 0)
-                for i in ids)  # fmt: skip
+    passed = sum(after.get(i, {}).get("attestation_count", 0) - before.get(i, {}).get("attestation_count", 0)
+                 for i in ids)  # fmt: skip
+    count = sent_b - sent_a
     states: dict[str, int] = {}
     for i in ids:
         st = str(after.get(i, {}).get("operational_state"))
@@ -289,10 +293,10 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
     cpu_rate = (cpu_b - cpu_a) / wall
     return {
         "n": n, "mode": "push", "quote_interval": qi, "target_rate": n / math.ceil(qi), "achieved_rate": rate,
-        "polls": count, "window_s": wall, "cpu_s": cpu_b - cpu_a, "cpu_user_s": us_b[0] - us_a[0],
+        "polls": count, "window_s": wall, "passed": passed, "passed_span_s": t_b - t_a, "cpu_s": cpu_b - cpu_a, "cpu_user_s": us_b[0] - us_a[0],
         "cpu_sys_s": us_b[1] - us_a[1], "cpu_per_poll": cpu_rate / rate if rate else None, "rss_mb": rss,
         "states": states, "agent_errors": errors, "first_errors": first, "enrol_s": enrol_s,
-        "attested_at_start": attested, "evidence_sent": sum(a.sent for a in agents),
+        "attested_at_start": attested, "evidence_sent": sent_b,
         "agents_process_cpu_per_poll": (ctl_b - ctl_a) / count if count else None,
         "agents_per_core_2s": 2.0 * rate / cpu_rate if cpu_rate else None,
     }  # fmt: skip
