@@ -17,6 +17,7 @@ Times are this host's wall clock (``time.time``), the clock the leases' ``expire
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import os
@@ -270,6 +271,16 @@ class VerifierCluster:
         self.members[name].proxy.set_mode(mode)
         return time.time()
 
+    def fenced_at(self, name: str, after: float) -> float | None:
+        """When ``name`` logged that its fence fired (leases unrenewed, monitors stopped) after
+        ``after``; None if it did not. Log times are this host's local time (logging's asctime)."""
+        for line in self.members[name].log.read_text(errors="replace").splitlines():
+            if "event=cluster.fenced" in line and "why=lease_unrenewed" in line:
+                at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                if at > after:
+                    return at
+        return None
+
     def by_instance(self) -> dict[str, str]:
         return {m.instance_id: m.name for m in self.members.values()}
 
@@ -304,6 +315,11 @@ class Handover:
     def seconds(self) -> float:
         """max over its agents of (first successful poll by a survivor - last poll by it)."""
         return max((first - last for last, first, _ in self.agents.values()), default=0.0)
+
+    def gap(self, skip: frozenset[str] = frozenset()) -> float | None:
+        """:attr:`seconds` over its agents but ``skip`` (None: no agent left)."""
+        gaps = [first - last for a, (last, first, _) in self.agents.items() if a not in skip]
+        return max(gaps) if gaps else None
 
     @property
     def after_event(self) -> float:
