@@ -7,7 +7,7 @@ requests get ``graceful_timeout`` seconds to finish, then the app's lifespan shu
 
 We keep hypercorn's HTTP/1.1 protocol code (h11 state machine, ASGI stream, lifespan) but own the
 accept loop and the per-connection task, because hypercorn 0.18's trio worker has four defects
-(STACK_NOTES.md), fixed here:
+(STACK_NOTES.md), fixed here (and one cost, 5.):
 
 1. one connection that raises takes down ``serve()`` and its nursery -> every connection runs in
    :meth:`_Server._handle_connection`, which logs and swallows anything it raises;
@@ -30,6 +30,13 @@ accept loop and the per-connection task, because hypercorn 0.18's trio worker ha
 
    On a plain-HTTP server the key is absent. A quart route reads it via ``request.scope``.
 
+5. (speed) every request pays hypercorn's per-request stream, app task and ASGI layers (~1 ms of
+   CPU) -> a small, whole request for one of the app's fast routes (an app with a
+   ``fast_routes`` attribute: common.app.FastRoutes) is parsed by the connection's own h11 state
+   machine and answered by the route directly (:meth:`_Connection._read_data`); anything else,
+   or a request whose rest does not arrive within a second, goes through hypercorn as before.
+   A response's head is also written together with its body (:class:`_H11Only`).
+
 HTTP/2 is never spoken: ALPN offers only http/1.1 and the h2c upgrade / prior-knowledge paths of
 hypercorn's h11 protocol are disabled, so requests are answered over HTTP/1.1.
 
@@ -50,7 +57,7 @@ import trio
 from cryptography import x509
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
-from hypercorn.events import Event, RawData, Updated
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup
@@ -131,6 +138,8 @@ class _Server:
         handshake_timeout: float,
     ) -> None:
         self.app = ASGIWrapper(app)
+        #: common.app.FastRoutes of a keytrio app: their small requests skip hypercorn (_FastPath)
+        self.fast_routes = getattr(app, "fast_routes", None)
         self.ssl_context = ssl_context
         self.keep_alive_timeout = keep_alive_timeout
         self.graceful_timeout = graceful_timeout
@@ -216,6 +225,7 @@ class _Server:
                     ConnectionState(self.lifespan_state.copy()),
                     stream,  # type: ignore[arg-type]
                     keep_alive_timeout=self.keep_alive_timeout,
+                    fast_routes=self.fast_routes,
                 )
                 self.connections.discard(pending)
                 self.connections.add(conn)
@@ -309,11 +319,109 @@ class _Connection(TCPServer):
     from quart-trio's already-cancelled request nursery.
     """
 
-    def __init__(self, *args: Any, keep_alive_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keep_alive_timeout: float, fast_routes: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.keep_alive_timeout = keep_alive_timeout
         self.scope = trio.CancelScope()
         self.idle = True
+        self.fast_routes = fast_routes
+
+    async def _read_data(self) -> None:
+        """hypercorn's read loop, plus the lean path: a small request for a fast route that is
+        here whole is parsed by the connection's own h11 state machine and answered by the
+        route (common.app.FastRoutes) directly, without hypercorn's per-request stream, task and
+        ASGI layers. Anything else, anything unsure, and a request whose rest does not arrive
+        within _FAST_WAIT is fed to hypercorn as before (its timeouts and limits then apply)."""
+        held = b""
+        while True:
+            try:
+                with trio.fail_after(self.config.read_timeout or math.inf):
+                    with trio.move_on_after(_FAST_WAIT if held else math.inf) as wait:
+                        data = bytes(await self.stream.receive_some(_MAX_RECV))
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            if wait.cancelled_caught:  # the rest is slow in coming: hypercorn's ordinary way
+                data, held = held, b""
+                await self.protocol.handle(RawData(data))
+                continue
+            if self.fast_routes is not None and data and (held or self._between_requests()):
+                held += data
+                verdict = _fast_candidate(held, self.fast_routes)
+                if verdict is _MORE_BODY or verdict is _MORE_HEAD:
+                    if verdict is _MORE_BODY:
+                        self._set_idle(False)  # a request is under way: no keep-alive deadline
+                    continue
+                if isinstance(verdict, str):
+                    data_all, held = held, b""
+                    if not await self._serve_fast(data_all, verdict):
+                        break
+                    continue
+                data, held = held, b""
+            elif held:  # end of stream while holding: hypercorn sees what came, then the end
+                await self.protocol.handle(RawData(held))
+                held = b""
+            await self.protocol.handle(RawData(data))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
+
+    def _between_requests(self) -> bool:
+        conn = getattr(self.protocol, "connection", None)
+        return (
+            isinstance(conn, h11.Connection)
+            and conn.our_state is h11.IDLE
+            and conn.their_state is h11.IDLE
+            and not conn.trailing_data[0]
+            and not self.context.terminated.is_set()
+        )
+
+    async def _serve_fast(self, data_all: bytes, route_path: str) -> bool:
+        """Answer one whole request (``data_all``); False when the connection must close."""
+        conn: h11.Connection = self.protocol.connection  # type: ignore[attr-defined]
+        self._set_idle(False)  # busy: a server shutdown lets this answer finish
+        conn.receive_data(data_all)
+        try:
+            request = conn.next_event()
+            chunks = []
+            while True:
+                event = conn.next_event()
+                if isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:  # the candidate check makes this unreachable: treat it as a bad request
+                    raise h11.RemoteProtocolError("incomplete request", error_status_hint=400)
+        except h11.RemoteProtocolError as error:  # as hypercorn answers it: status, then close
+            if conn.our_state in {h11.IDLE, h11.SEND_RESPONSE}:
+                await self.protocol._send_error_response(error.error_status_hint)  # type: ignore[attr-defined]
+            return False
+        assert isinstance(request, h11.Request)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        scope = {"type": "http", "method": "POST", "path": route_path, "headers": list(request.headers)}
+        answer: dict[str, Any] = {}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            answer[message["type"]] = message
+
+        await self.fast_routes(scope, receive, send)
+        start, payload = answer["http.response.start"], answer["http.response.body"]["body"]
+        headers = [*start["headers"], *self.config.response_headers("h11")]
+        out = conn.send(h11.Response(status_code=start["status"], headers=headers))
+        out += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
+        try:
+            await self.stream.send_all(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False  # Connection: close (h11 says MUST_CLOSE)
+        if self.context.terminated.is_set():
+            return False  # shutting down: no next request on this connection
+        conn.start_next_cycle()
+        self._set_idle(True)
+        return True
 
     async def run(self) -> None:
         stream: Any = self.stream
@@ -360,6 +468,45 @@ class _Connection(TCPServer):
         (hypercorn's h11 does not recycle once the worker context is terminated)."""
         if self.idle:
             self.scope.cancel()
+
+
+_MAX_RECV = 1 << 16
+_FAST_MAX = 64 << 10  # only small requests: for larger ones the HTTP layers are not the cost
+_FAST_WAIT = 1.0  # seconds the lean path waits for the rest of a request before handing it over
+_MORE_HEAD = object()
+_MORE_BODY = object()
+_FAST_LINE = re.compile(rb"POST (/v[0-9][0-9.]*/[A-Za-z/_-]+) HTTP/1\.1\r\n")
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*\r\n", re.I)
+_NOT_FAST_HEADER = re.compile(rb"\r\n(?:transfer-encoding|expect|upgrade)[ \t]*:", re.I)
+
+
+def _fast_candidate(held: bytes, fast_routes: Any) -> str | object | None:
+    """What the bytes of a new request are for the lean path: the route's path when they are
+    one whole POST for a fast route (head, exactly Content-Length body bytes, nothing after),
+    _MORE_HEAD / _MORE_BODY when they may become one, None when not (hypercorn takes them).
+    Only a candidate check: the connection's h11 parser still validates the request."""
+    m = _FAST_LINE.match(held)
+    if m is None:
+        return _MORE_HEAD if len(held) < 64 and b"\r\n" not in held and b"POST /v".startswith(held[:7]) else None
+    path = m.group(1).decode("ascii")
+    route = fast_routes.match({"type": "http", "method": "POST", "path": path})
+    if route is None:
+        return None
+    end = held.find(b"\r\n\r\n")
+    if end < 0:
+        return _MORE_HEAD if len(held) < 8192 else None
+    head = held[: end + 2]
+    lengths = _CONTENT_LENGTH.findall(head)
+    if len(lengths) != 1 or _NOT_FAST_HEADER.search(head):
+        return None
+    total = end + 4 + int(lengths[0])
+    if int(lengths[0]) > route.body_limit[0] or total > _FAST_MAX:
+        return None  # hypercorn + BodyLimit answer it (413, or the large body's own way)
+    if len(held) < total:
+        return _MORE_BODY
+    if len(held) > total:
+        return None  # pipelined requests: hypercorn keeps their order
+    return path
 
 
 class _WithTLS:

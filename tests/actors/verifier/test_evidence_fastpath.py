@@ -107,3 +107,62 @@ async def test_fast_route_matches_quart_route_and_caches_keep_verdicts(
     await public.aclose()
     await rv.stop()
     await a.run.stop()
+
+
+async def _raw(root: str, ctx: Any, payload: bytes, *, until_close: bool = True) -> bytes:
+    """``payload`` written at once on a new TLS connection; everything read until the server
+    closes (or the first complete answer when ``until_close`` is false)."""
+    host, port = root.split("//", 1)[1].rsplit(":", 1)
+    stream = await trio.open_ssl_over_tcp_stream(host, int(port), ssl_context=ctx, https_compatible=True)
+    await stream.send_all(payload)
+    got = b""
+    with trio.fail_after(20):
+        while True:
+            chunk = await stream.receive_some(1 << 16)
+            got += chunk
+            if not chunk or (not until_close and got.count(b"}}") and b"\r\n\r\n" in got):
+                break
+    await stream.aclose()
+    return got
+
+
+async def test_lean_http_path_keeps_http_semantics(nursery: trio.Nursery, tmp_path: Path, pki: Any) -> None:
+    """The small-request path of serve.py (fast routes without hypercorn's per-request layers)
+    answers malformed, closing and pipelined requests as hypercorn does."""
+    rv = await start_verifier(nursery, pki, tmp_path / "verifier")
+    root = rv.url.rsplit("/", 1)[0]
+    ctx = tls.client_context([pki.ca])
+    body = json.dumps({"type": "other", "data": {}}).encode()  # a 400 from the route itself
+
+    def request(path: str, extra: bytes = b"", content: bytes = body) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(content)}\r\n").encode() + extra + b"\r\n" + content
+
+    # Connection: close -> one answer, then the server closes (h11 adds the header)
+    got = await _raw(root, ctx, request("/v2.5/verify/evidence", b"Connection: close\r\n"))
+    assert got.startswith(b"HTTP/1.1 400 ") and got.count(b"HTTP/1.1") == 1
+    assert b"connection: close" in got.lower() and b"unsupported evidence type" in got
+    # two requests in one write: both answered, in order (hypercorn keeps pipelined order)
+    got = await _raw(root, ctx, request("/v2.5/verify/evidence") + request("/v2.4/verify/evidence",
+                                                                             b"Connection: close\r\n"))
+    assert got.count(b"HTTP/1.1 400 ") == 2
+    # a malformed header line: the same answer as on a path hypercorn parses (status + close)
+    bad = b"Bad Header\r\n"
+    lean = await _raw(root, ctx, request("/v2.5/verify/evidence", bad))
+    plain = await _raw(root, ctx, request("/v2.5/verify/identity", bad))
+    assert lean.split(b"\r\n", 1)[0] == plain.split(b"\r\n", 1)[0] and lean.startswith(b"HTTP/1.1 400")
+    # keep-alive: several answers on one connection, then a non-fast request on the same one
+    host, port = root.split("//", 1)[1].rsplit(":", 1)
+    stream = await trio.open_ssl_over_tcp_stream(host, int(port), ssl_context=ctx, https_compatible=True)
+    for path in ("/v2.5/verify/evidence", "/v2.5/verify/evidence", "/version"):
+        if path == "/version":
+            await stream.send_all(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        else:
+            await stream.send_all(request(path))
+        got = b""
+        with trio.fail_after(20):
+            while b"\r\n\r\n" not in got or not got.rstrip().endswith(b"}"):
+                got += await stream.receive_some(1 << 16)
+        assert got.startswith(b"HTTP/1.1 200 " if path == "/version" else b"HTTP/1.1 400 "), got[:200]
+    await stream.aclose()
+    await rv.stop()
