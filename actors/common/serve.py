@@ -139,7 +139,8 @@ class _Server:
     ) -> None:
         self.app = ASGIWrapper(app)
         #: common.app.FastRoutes of a keytrio app: their small requests skip hypercorn (_FastPath)
-        self.fast_routes = getattr(app, "fast_routes", None)
+        fast = getattr(app, "fast_routes", None)
+        self.fast_routes = fast if fast is not None and fast.routes else None  # routes are final by now
         self.ssl_context = ssl_context
         self.keep_alive_timeout = keep_alive_timeout
         self.graceful_timeout = graceful_timeout
