@@ -277,13 +277,20 @@ class Cluster:
                             .where(members.c.verifier_id == vid)).scalar_one()
         # a lease row for every agent of this verifier_id (and the outbox); none for deleted ones
         mine = sa.select(agents.c.agent_id).where(agents.c.verifier_id == vid)
+        # only rows that do not exist yet (seen in this statement's snapshot): an INSERT ... ON
+        # CONFLICT on a row another transaction is renewing waits for that transaction, and two
+        # instances doing so (one leaving, one ticking) deadlocked
+        missing = ~sa.exists(sa.select(sa.literal_column("1")).select_from(leases).where(
+            leases.c.kind == AGENT, leases.c.name == agents.c.agent_id))
         conn.execute(pg_insert(leases).from_select(
             ["kind", "name", "verifier_id", "holder", "expires_at", "epoch"],
             sa.select(sa.literal(AGENT), agents.c.agent_id, sa.literal(vid), sa.null(), sa.literal(0.0),
-                      sa.literal(0)).where(agents.c.verifier_id == vid),
+                      sa.literal(0)).where(agents.c.verifier_id == vid, missing),
         ).on_conflict_do_nothing())
-        conn.execute(pg_insert(leases).values(kind=OUTBOX, name=vid, verifier_id=vid, holder=None,
-                                              expires_at=0.0, epoch=0).on_conflict_do_nothing())
+        has_box = conn.execute(sa.select(leases.c.name).where(leases.c.kind == OUTBOX, leases.c.name == vid)).first()
+        if has_box is None:
+            conn.execute(pg_insert(leases).values(kind=OUTBOX, name=vid, verifier_id=vid, holder=None,
+                                                  expires_at=0.0, epoch=0).on_conflict_do_nothing())
         conn.execute(sa.delete(leases).where(leases.c.kind == AGENT, leases.c.verifier_id == vid,
                                              leases.c.name.not_in(mine)))
         group = sa.and_(leases.c.verifier_id == vid, leases.c.kind == AGENT)
