@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -288,6 +289,7 @@ def extend_value(bank: str, old: bytes, value_digest: bytes) -> bytes:
     return hashlib.new(bank, old + value_digest).digest()
 
 
+@functools.lru_cache(maxsize=4096)  # the verifier asks every poll with the same agent's NK
 def pcr16_binding_value(bank: str, nk_pubkey_pem: str) -> bytes:
     """What PCR 16 holds after reset + extend with H(NK PEM text): H(0...0 || H(pem))."""
     size = digest_size(bank)
