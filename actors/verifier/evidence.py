@@ -54,7 +54,7 @@ IDENTITY_PARAMS = ("agent_uuid", "quote", "nonce", "hash_alg")
 #: and in the size of a policy worth keeping; only policies that parsed are kept (a refused one is
 #: parsed again and refused again, with the same failure).
 POLICY_CACHE_ENTRIES = 4
-POLICY_CACHE_MAX_BYTES = 16 << 20
+POLICY_CACHE_MAX_BYTES = 2 << 20  # ~20,000 files; the route is public: what it keeps stays small
 _policy_cache: dict[bytes, RuntimePolicy] = {}
 
 
