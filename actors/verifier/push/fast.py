@@ -17,17 +17,26 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from keytrio.actors.common.app import ApiError, _decode_object, _mimetype, _unsupported_type
 from keytrio.actors.common.bodylimit import ASGIApp, Receive, Scope, Send
 from keytrio.protocol import push_wire
 from keytrio.protocol.push_wire import WireError
 
-if TYPE_CHECKING:
-    from keytrio.actors.verifier.push.routes import Cycle
-
 log = logging.getLogger("keytrio.verifier")
+
+Answer = tuple[int, dict[str, Any], dict[str, str]]
+
+
+class Cycle(Protocol):
+    """What the fast layer needs of routes.Cycle (a Protocol, so routes may import this module)."""
+
+    async def capabilities(self, prefix: str, agent_id: str, authorization: str | None,
+                           doc: object | WireError) -> Answer: ...
+
+    async def evidence(self, prefix: str, agent_id: str, which: str, authorization: str | None,
+                       doc: object | WireError) -> Answer: ...
 
 _CAPABILITIES = re.compile(r"^(/v3(?:\.0)?)/agents/([^/]+)/attestations$")
 _EVIDENCE = re.compile(r"^(/v3(?:\.0)?)/agents/([^/]+)/attestations/([^/]+)$")
