@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,7 @@ class PushService:
         notifier: Any,
         ima_check_for: ImaCheckFactory | None,
         clock: Callable[[], float] = time.time,
+        policy_ready: Callable[[str | None, str | None], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.verifier_id = verifier_id
@@ -81,7 +82,8 @@ class PushService:
         self._nursery = nursery
         self.sessions = Sessions(store, SessionSettings(settings.challenge_lifetime, settings.session_lifetime), clock)
         self.verifier = Verifier(store, notifier=notifier, ima_check_for=ima_check_for, clock=clock,
-                                 session_lifetime=settings.session_lifetime, max_interval=settings.max_interval)
+                                 session_lifetime=settings.session_lifetime, max_interval=settings.max_interval,
+                                 policy_ready=policy_ready)
         # one kept state per agent, shared by the capabilities phase (what to ask for) and the check
         self.attestations = Attestations(
             store, CycleSettings(settings.quote_interval, settings.evidence_lifetime, settings.history), clock,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -36,7 +36,7 @@ from keytrio.actors.verifier.monitor import ACTIVE_STATES, ImaCheckFactory
 from keytrio.actors.verifier.notify import Outbox, build_notice
 from keytrio.actors.verifier.push import store as pstore
 from keytrio.actors.verifier.push.attestations import Accepted, boot_epoch
-from keytrio.actors.verifier.push.evalstate import Enrolment, EvalStates
+from keytrio.actors.verifier.push.evalstate import Enrolment, EvalStates, has_runtime_policy
 from keytrio.protocol import evidence, push_wire
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.failures import Failure, Severity, worst
@@ -167,8 +167,12 @@ class Verifier:
         session_lifetime: float,
         max_interval: float,
         limiter: trio.CapacityLimiter | None = None,
+        policy_ready: Callable[[str | None, str | None], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
+        #: loads a runtime policy another process accepted (cluster, workers): without it the
+        #: instance that takes the evidence would fail the agent as ``ima.policy_missing``
+        self.policy_ready = policy_ready
         self.notifier = notifier
         self.ima_check_for = ima_check_for
         self.clock = clock
@@ -199,6 +203,8 @@ class Verifier:
             ev = None
         if row is None or res is None or res["stage"] != pstore.EVALUATING:
             return
+        if self.policy_ready is not None and has_runtime_policy(row):
+            await self.policy_ready(row.get("runtime_policy_name") or None, row.get("runtime_policy_checksum") or None)
         async with self.limiter:  # bounds the verifications running at once, in either place
             if ev is not None and _small(ev):
                 # a steady-state cycle (a quote and a few new IMA lines) costs less than the hop to

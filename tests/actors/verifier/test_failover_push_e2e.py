@@ -14,7 +14,16 @@ from trio.testing import MockClock
 
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.push.verify import TIMEOUT
-from tests.actors.verifier.push_support import A, agent, push_enrol_body, wait_next
+from tests.actors.verifier.push_support import (
+    PATHS,
+    A,
+    agent,
+    entry,
+    policy_for,
+    push_enrol_body,
+    verdict,
+    wait_next,
+)
 from tests.actors.verifier_support import start_verifier
 from tests.pg import pg_admin_url, pg_url  # noqa: F401
 
@@ -26,8 +35,6 @@ async def test_push_agent_attesting_to_the_non_holder_is_kept_then_failed_once(
                             "lease_ttl": 6.0, "verifier_id": "cluster", "database_pool_sz_ovfl": "3,2"}
     va = await start_verifier(nursery, pki, tmp_path / "va", clock=clock.current_time, **opts)
     vb = await start_verifier(nursery, pki, tmp_path / "vb", clock=clock.current_time, **opts)
-    # no runtime policy: an inline one accepted by va is not loaded by vb before it verifies
-    # evidence (push verification does not wait for it, pull monitors do): a known gap
     await va.call("POST", f"/agents/{A}", push_enrol_body("rsa"))
     ta, tb = (rv.verifier.cluster.push for rv in (va, vb))  # type: ignore[union-attr]
     assert ta is not None and tb is not None
@@ -54,5 +61,32 @@ async def test_push_agent_attesting_to_the_non_holder_is_kept_then_failed_once(
     assert rec["last_event_id"] == TIMEOUT  # type: ignore[index]
     await trio.sleep(20.0)
     assert [n.event_id for n in await va.notices(A)] == [TIMEOUT]
+    await va.stop()
+    await vb.stop()
+
+
+async def test_evidence_taken_by_an_instance_that_did_not_accept_the_inline_policy_is_judged_by_it(
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, clock: MockClock, pg_url: str  # noqa: F811
+) -> None:
+    """The inline runtime policy arrives with the enrolment at va; the agent sends its evidence to
+    vb, which never saw that policy: vb loads it from the database before judging (else the agent
+    would fail with ima.policy_missing until some refresh that inline policies do not get)."""
+    opts: dict[str, Any] = {"mode": "push", "quote_interval": 2.0, "database_url": pg_url, "cluster": True,
+                            "lease_ttl": 6.0, "verifier_id": "cluster", "database_pool_sz_ovfl": "3,2"}
+    va = await start_verifier(nursery, pki, tmp_path / "va", clock=clock.current_time, **opts)
+    vb = await start_verifier(nursery, pki, tmp_path / "vb", clock=clock.current_time, **opts)
+    await va.call("POST", f"/agents/{A}", push_enrol_body("rsa", policy_for(PATHS)))
+    a = agent(vb, pki)
+    assert (await a.open_session()).status_code == 200
+    for _ in range(2):
+        index, resp = await a.cycle()
+        assert resp.status_code == 202, resp.text
+        done = await verdict(vb, A, index)
+        assert done["attributes"]["evaluation"] == "pass", done
+        await wait_next(clock, resp)
+    a.entries.append(entry("/tmp/evil"))  # and the policy is really applied there
+    index, resp = await a.cycle()
+    done = await verdict(vb, A, index)
+    assert done["attributes"]["evaluation"] == "fail", done
     await va.stop()
     await vb.stop()
