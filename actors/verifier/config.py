@@ -62,9 +62,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", "int", 0,
            "Processes of `keytrio verifier` (docs/architecture.md \"Workers\"): N > 1 runs N worker\n"
            "processes that share the one API port (a socket bound once, inherited by each) and split\n"
-           "the agents of verifier_id by cluster leases. PostgreSQL and mode = pull only (push agents\n"
-           "across workers are untested). 0 = auto: the number of cores with a PostgreSQL database_url\n"
-           "and mode = pull, else 1: SQLite stays one process (one writer per file). Worker i serves\n"
+           "the agents of verifier_id by cluster leases (pull and push agents). PostgreSQL only.\n"
+           "0 = auto: the number of cores with a PostgreSQL database_url and mode = pull, else 1\n"
+           "(push: set N yourself); SQLite stays one process (one writer per file). Worker i serves\n"
            "/metrics on metrics_port + i.",
            minimum=0, maximum=256),
     Option("lease_ttl", "float", 15.0,
@@ -190,7 +190,8 @@ default_config = SPEC.default_text
 
 def worker_count(config: Config) -> int:
     """How many processes ``keytrio verifier`` runs: ``workers``, or for 0 (auto) the cores this
-    process may use when the workers can share the agents (PostgreSQL, mode = pull), else 1."""
+    process may use when the workers can share the agents (PostgreSQL, mode = pull), else 1.
+    Push and both modes run N workers when asked explicitly (push agents are leased too)."""
     if config.workers > 0:
         return int(config.workers)
     if str(config.database_url).startswith("postgresql") and config.mode == "pull":
@@ -213,8 +214,6 @@ def resolve(config: Config) -> Settings:
     if config.metrics_port > 0 and config.metrics_port + worker_count(config) - 1 > 65535:
         check.problems.append(f"metrics_port: worker i serves metrics_port + i: {config.metrics_port} + "
                               f"{worker_count(config) - 1} is past 65535")
-    if config.workers > 1 and config.mode != "pull":
-        check.problems.append("workers: more than 1 only with mode = pull (the workers share agents by leases)")
     check.raise_problems()
     return Settings(
         config=config, database_url=check.database_url(ACTOR), data_dir=check.data_dir,

@@ -181,10 +181,17 @@ class Cluster:
             self._drop_all("shutdown")
             self.held = set()
             with trio.CancelScope(shield=True), trio.move_on_after(5.0):
-                try:
-                    await self.store.write(self._leave)
-                except Exception:  # the others take over when the leases expire instead
-                    log.warning("event=cluster.leave_failed instance=%s", self.instance_id, exc_info=True)
+                for attempt in (1, 2, 3):  # PostgreSQL ends one side of a deadlock: try again
+                    try:
+                        await self.store.write(self._leave)
+                        break
+                    except sa.exc.OperationalError as exc:
+                        if attempt == 3:  # the others take over when the leases expire instead
+                            log.warning("event=cluster.leave_failed instance=%s error=%s", self.instance_id,
+                                        str(exc).splitlines()[0][:200])
+                    except Exception:
+                        log.warning("event=cluster.leave_failed instance=%s", self.instance_id, exc_info=True)
+                        break
 
     async def tick(self) -> Tick:
         """One renewal: heartbeat, renew, claim up to the fair share, release beyond it, apply."""
@@ -342,10 +349,12 @@ class Cluster:
                      .values(holder=None, expires_at=0.0))
 
     def _leave(self, conn: Connection) -> None:
+        # members first, then leases: the order a tick takes its locks in (the other order
+        # deadlocked two workers stopping together)
+        conn.execute(sa.delete(members).where(members.c.instance_id == self.instance_id))
         conn.execute(sa.update(leases).where(leases.c.verifier_id == self.verifier_id,
                                              leases.c.holder == self.instance_id)
                      .values(holder=None, expires_at=0.0))
-        conn.execute(sa.delete(members).where(members.c.instance_id == self.instance_id))
 
 
 class ClusterHooks:

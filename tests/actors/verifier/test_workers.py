@@ -33,6 +33,8 @@ from keytrio.actors.verifier import records
 from keytrio.actors.verifier.config import load_config, resolve, worker_count
 from keytrio.actors.verifier.workers import BACKOFF_MAX, backoff
 from keytrio.testbed.ima_log import ImaLog
+from tests.actors.verifier.push_support import PATHS, SoftAgent, policy_for, push_enrol_body
+from tests.actors.verifier.push_support import entry as push_entry
 from tests.actors.verifier_support import (
     BANKS,
     BASE,
@@ -45,6 +47,7 @@ from tests.actors.verifier_support import (
 from tests.pg import pg_admin_url, pg_url  # noqa: F401
 
 KEYTRIO = Path(sys.executable).with_name("keytrio")
+PA = "a0000000-0000-4000-8000-0000000000b1"
 GUARD = 90.0  # hang guard of one wait (bounded rounds of polling inside)
 POLL = 0.2
 
@@ -120,6 +123,10 @@ def state(pid: int) -> str:
         return ""
 
 
+def state_is(pid: int, letter: str) -> bool:
+    return state(pid) == letter
+
+
 async def until(pred: Callable[[], Any], what: str) -> Any:
     """Poll ``pred`` (sync or async) until it returns something truthy; returns that."""
     try:
@@ -146,11 +153,12 @@ def test_worker_count_defaults_to_cores_on_postgresql_and_one_on_sqlite(tmp_path
     assert worker_count(load_config(env={}, overrides={**base, "database_url": pg})) == cores
     assert worker_count(load_config(env={}, overrides={**base, "database_url": pg, "mode": "both"})) == 1
     assert worker_count(load_config(env={}, overrides={**base, "database_url": pg, "workers": 3})) == 3
-    for overrides, problem in (({"workers": 2}, "needs a PostgreSQL"),
-                               ({"workers": 2, "database_url": pg, "mode": "push"}, "mode = pull")):
-        with pytest.raises(ConfigError) as err:
-            resolve(load_config(env={}, overrides={**base, **overrides}))
-        assert "workers: " in str(err.value) and problem in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        resolve(load_config(env={}, overrides={**base, "workers": 2}))
+    assert "workers: more than 1 needs a PostgreSQL" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # only the missing TLS files here: push may run N workers
+        resolve(load_config(env={}, overrides={**base, "workers": 2, "database_url": pg, "mode": "push"}))
+    assert "workers" not in str(err.value) and "server_cert" in str(err.value)
     with pytest.raises(ConfigError) as err:  # worker 1 would serve its metrics on 65536
         resolve(load_config(env={}, overrides={**base, "database_url": pg, "workers": 2, "metrics_port": 65535}))
     assert "metrics_port: worker i serves metrics_port + i: 65535 + 1 is past 65535" in str(err.value)
@@ -377,3 +385,61 @@ async def test_any_free_port_and_workers_stop_when_the_supervisor_is_killed(
     assert text.count("event=verifier.stopped") == 2 and "Traceback" not in text, text
     svc.engine.dispose()
 
+
+
+async def test_push_agent_attests_through_either_worker(
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, pg_url: str  # noqa: F811
+) -> None:
+    """mode = push, workers = 2: the enrolment, the session and each cycle land on whichever worker
+    the kernel gives the connection; with one worker stopped in turn, every cycle is served and
+    judged by the other, and a file outside the policy still fails. (That the inline policy one
+    worker accepted is loaded by the other before judging is shown deterministically by
+    test_failover_push_e2e: here the policy refresh or the lease may have loaded it already.)"""
+    opts = options(pki, tmp_path / "v", database_url=pg_url, workers=2, mode="push", verifier_id="wpush",
+                   quote_interval=1.0, lease_ttl=4.0, database_pool_sz_ovfl="3,2")
+    conf = write_conf(tmp_path, opts)
+    log = open(tmp_path / "verifier.log", "wb")  # closed below
+    proc: trio.Process = await nursery.start(partial(
+        trio.run_process, [str(KEYTRIO), "verifier", "--config", str(conf)], stderr=log, check=False,
+        env=clean_env()))
+    svc = Service(proc, f"https://127.0.0.1:{opts['port']}/v2.1", pki, pg_url)
+    try:
+        workers = await until(lambda: len(w := svc.workers()) == 2 and w, "two workers")
+        await until(svc.answers, "the port answers")
+        r = await svc.request("POST", f"/agents/{PA}", push_enrol_body("rsa", policy_for(PATHS)))
+        assert r.status_code == 200, r.text
+        a = SoftAgent.make(PA, "rsa", "127.0.0.1", opts["port"], pki.ca, PATHS)
+        for k in range(5):
+            if k == 4:
+                a.entries.append(push_entry("/tmp/evil"))  # measured, not in the policy
+            held = workers[k % 2]
+            with stopped(held):
+                await until(partial(state_is, held, "T"), "the worker is stopped")
+                await a.client.aclose()  # a new connection: it can only reach the running worker
+                a.client = make_client(tls.client_context([pki.ca]), timeout=20.0)
+                if k == 0:
+                    assert (await a.open_session()).status_code == 200
+                index, resp = await a.cycle()
+                assert resp.status_code == 202, resp.text
+
+                async def judged(index: int = index) -> dict[str, Any] | None:
+                    got = await a.request("GET", f"/agents/{PA}/attestations/{index}")
+                    assert got.status_code == 200, got.text
+                    attrs = got.json()["data"]["attributes"]
+                    return attrs if attrs["stage"] == "verification_complete" else None
+
+                attrs = await until(judged, f"cycle {k} judged")
+                assert attrs["evaluation"] == ("fail" if k == 4 else "pass"), attrs
+            if k < 4:  # the verifier's pace (429 before it)
+                await trio.sleep(resp.json()["meta"]["seconds_to_next_attestation"])
+        await a.client.aclose()
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{(tmp_path / 'verifier.log').read_text()}") from None
+    proc.send_signal(signal.SIGTERM)
+    with trio.fail_after(GUARD):
+        await proc.wait()
+    log.close()
+    text = (tmp_path / "verifier.log").read_text()
+    assert proc.returncode == 0, text
+    assert "ima.policy_missing" not in text and "Traceback" not in text, text
+    svc.engine.dispose()
