@@ -184,6 +184,9 @@ def verifier_options(pki: Any, data_dir: Path, **overrides: Any) -> dict[str, An
         "trusted_client_ca": [str(pki.ca)],
         "trusted_server_ca": [str(pki.ca)],
         "quote_interval": 0.2,
+        # one process: auto would run a supervisor + one worker per core on PostgreSQL, and a test
+        # that SIGKILLs "the verifier" means this process (test_workers.py covers N workers)
+        "workers": 1,
         "retry_interval": 0.1,
         "max_retries": 3,
         "exponential_backoff": False,
