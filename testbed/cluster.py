@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,13 +42,9 @@ from keytrio.actors.tenant import Tenant
 from keytrio.actors.verifier.schema import agents, leases
 from keytrio.testbed.netproxy import Mode, NetProxy
 from keytrio.testbed.pki import CaFiles
+from keytrio.testbed.postgres import PostgresUnavailable, find_server
 from keytrio.testbed.world import POLL, Testbed
 
-DEFAULT_ADMIN_URL = "postgresql+psycopg://keytrio:keytrio@127.0.0.1:5432/postgres"
-ROLE_SQL = (
-    "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='keytrio') THEN "
-    "CREATE ROLE keytrio LOGIN CREATEDB PASSWORD 'keytrio'; END IF; END$$;"
-)
 STARTED = re.compile(r"event=verifier\.started .*https=([\d.]+):(\d+) metrics=([\d.]+):(\d+)")
 JOINED = re.compile(r"event=cluster\.joined instance=([0-9a-f]+)")
 POLLS_OK = re.compile(r'^keytrio_verifier_polls_total\{result="ok"\} ([0-9.e+]+)$', re.M)
@@ -61,47 +56,12 @@ class ClusterError(Exception):
 
 # --- PostgreSQL ------------------------------------------------------------------------------------
 
-def _try(url: str) -> str | None:
-    try:
-        engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-        try:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-        finally:
-            engine.dispose()
-    except sa.exc.OperationalError as exc:
-        return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-    return None
-
-
-def _start_local_cluster() -> str | None:
-    if os.geteuid() != 0 or shutil.which("pg_ctlcluster") is None:
-        return "no local PostgreSQL cluster we may start (apt-get install postgresql; run as root)"
-    versions = sorted(Path("/usr/lib/postgresql").glob("*"), key=lambda p: p.name)
-    if not versions:
-        return "postgresql is not installed (apt-get install postgresql)"
-    ver = versions[-1].name
-    start = subprocess.run(["pg_ctlcluster", ver, "main", "start"], capture_output=True, text=True, timeout=60)
-    if start.returncode not in (0, 2):  # 2: already running
-        return f"pg_ctlcluster {ver} main start failed: {(start.stderr or start.stdout).strip()[:200]}"
-    role = subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-qc", ROLE_SQL],
-                          capture_output=True, text=True, timeout=60)
-    if role.returncode != 0:
-        return f"could not create the keytrio role: {role.stderr.strip()[:200]}"
-    return None
-
-
 def ensure_postgres(url: str | None = None) -> str:
-    """An admin URL (may create databases) of a reachable server: ``url``, else
-    ``$KEYTRIO_TEST_PG_URL``, else the local default, whose cluster is started if it is down."""
-    url = url or os.environ.get("KEYTRIO_TEST_PG_URL", DEFAULT_ADMIN_URL)
-    problem = _try(url)
-    if problem is not None and url == DEFAULT_ADMIN_URL:
-        started = _start_local_cluster()
-        problem = _try(url) if started is None else started
-    if problem is not None:
-        raise ClusterError(f"PostgreSQL not available: {problem}")
-    return url
+    """An admin URL (may create databases) of a reachable server (testbed.postgres.find_server)."""
+    try:
+        return find_server(url)
+    except PostgresUnavailable as exc:
+        raise ClusterError(str(exc)) from None
 
 
 @asynccontextmanager
