@@ -120,7 +120,8 @@ def _unsupported_type(mimetype: str) -> ApiError | None:
     return None
 
 
-def _decode_object(raw: bytes, allow_surrogates: bool) -> dict[str, Any]:
+def decode_object(raw: bytes, allow_surrogates: bool) -> dict[str, Any]:
+    """A JSON body as an object (protocol.safejson), else an :class:`ApiError` 400."""
     try:
         doc = safejson.loads(raw, allow_surrogates=allow_surrogates)
     except safejson.JsonError as exc:
@@ -141,7 +142,7 @@ async def json_body(*, allow_surrogates: bool = False) -> dict[str, Any]:
         raise refused
     # cache=False: quart drops its buffer, so the body is held once (plus the decoded text)
     raw = await request.get_data(cache=False, as_text=False)
-    return _decode_object(raw, allow_surrogates)
+    return decode_object(raw, allow_surrogates)
 
 
 class _FastRoute:
@@ -180,20 +181,13 @@ class FastRoutes:
             return
         version = _VERSION_PREFIX.match(scope["path"]).group(1)  # type: ignore[union-attr]
         try:
-            refused = _unsupported_type(_mimetype(scope.get("headers") or ()))
+            refused = content_type_refusal(scope)
             if refused is not None:
                 raise refused
-            chunks = []
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-            raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            del chunks
-            results = await route.handler(_decode_object(raw, route.allow_surrogates), version)
+            raw = await receive_body(receive)
+            if raw is None:
+                return  # the client went away
+            results = await route.handler(decode_object(raw, route.allow_surrogates), version)
             del raw
             code, status = 200, "Success"
         except ApiError as exc:
@@ -201,18 +195,45 @@ class FastRoutes:
         except Exception as exc:  # the route's 500, as quart's handler gives it: log, no text out
             log.error("unhandled error in POST %s", scope.get("path"), exc_info=(type(exc), exc, exc.__traceback__))
             code, status, results = 500, None, None
-        body = json.dumps(envelope(code, status, results)).encode()
-        await send({"type": "http.response.start", "status": code, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_json(send, code, envelope(code, status, results))
 
 
-def _mimetype(headers: Iterable[tuple[bytes, bytes]]) -> str:
-    for name, value in headers:
-        if name.lower() == b"content-type":
-            return value.split(b";", 1)[0].strip().decode("latin-1").lower()
-    return ""
+# --- ASGI helpers of the fast layers (FastRoutes here, the push cycle's FastCycle) -----------------
 
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of request header ``name`` (lower-case bytes), None if absent."""
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def content_type_refusal(scope: Scope) -> ApiError | None:
+    """The 400 for a body that is not declared JSON (as json_body checks it), else None."""
+    value = header(scope, b"content-type") or ""
+    return _unsupported_type(value.split(";", 1)[0].strip().lower())
+
+
+async def receive_body(receive: Receive) -> bytes | None:
+    """The whole request body (BodyLimit has bounded it), None when the client went away."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def send_json(send: Send, status: int, doc: Any, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """A whole JSON response: status, content type and length, ``headers``, the body."""
+    body = json.dumps(doc).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 class _VersionConverter(BaseConverter):
     regex = r"\d+(?:\.\d+)*"

@@ -14,12 +14,18 @@ client-certificate check is skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from typing import Any, Protocol
 
-from keytrio.actors.common.app import ApiError, _decode_object, _mimetype, _unsupported_type
+from keytrio.actors.common.app import (
+    ApiError,
+    content_type_refusal,
+    decode_object,
+    header,
+    receive_body,
+    send_json,
+)
 from keytrio.actors.common.bodylimit import ASGIApp, Receive, Scope, Send
 from keytrio.protocol import push_wire
 from keytrio.protocol.push_wire import WireError
@@ -40,13 +46,6 @@ class Cycle(Protocol):
 
 _CAPABILITIES = re.compile(r"^(/v3(?:\.0)?)/agents/([^/]+)/attestations$")
 _EVIDENCE = re.compile(r"^(/v3(?:\.0)?)/agents/([^/]+)/attestations/([^/]+)$")
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers") or ():
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
 
 
 class FastCycle:
@@ -72,7 +71,7 @@ class FastCycle:
             doc = await self._body(scope, receive, surrogates=method == "PATCH")
             if doc is None:
                 return  # the client went away
-            auth = _header(scope, b"authorization")
+            auth = header(scope, b"authorization")
             if method == "POST":
                 status, out, headers = await self.cycle.capabilities(m.group(1), m.group(2), auth, doc)
             else:
@@ -83,28 +82,20 @@ class FastCycle:
         except Exception as exc:  # the route's 500, as quart's handler gives it: logged, no text out
             log.error("unhandled error in %s %s", method, path, exc_info=(type(exc), exc, exc.__traceback__))
             status, out, headers = 500, push_wire.error_document(500, "Internal Server Error"), {}
-        body = json.dumps(out).encode()
-        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_json(send, status, out,
+                        [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()])
 
     @staticmethod
     async def _body(scope: Scope, receive: Receive, *, surrogates: bool) -> dict[str, Any] | WireError | None:
         """The JSON object, its refusal (answered after the token checks, as the quart route
         does), or None when the client disconnected."""
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        raw = await receive_body(receive)
+        if raw is None:
+            return None
         try:
-            refused = _unsupported_type(_mimetype(scope.get("headers") or ()))
+            refused = content_type_refusal(scope)
             if refused is not None:
                 raise refused
-            return _decode_object(chunks[0] if len(chunks) == 1 else b"".join(chunks), surrogates)
+            return decode_object(raw, surrogates)
         except ApiError as exc:
             return WireError(exc.code, exc.status)
