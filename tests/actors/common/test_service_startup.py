@@ -8,7 +8,6 @@ port in use is found before the database is created or migrated, before the TPM 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,14 +20,7 @@ import pytest
 import trio
 
 from keytrio.actors.common.startup import NO_RESTART, DataDirLock, Exit
-
-KEYTRIO = Path(sys.executable).with_name("keytrio")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.actors.service_support import KEYTRIO, env, free_port, one_line, toml, verifier_options, write
 
 
 @contextmanager
@@ -40,42 +32,9 @@ def port_in_use() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-def toml(actor: str, options: dict[str, Any]) -> str:
-    lines = [f"[{actor}]"]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
-    return "\n".join(lines) + "\n"
-
-
-def env(**extra: str) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith("KEYTRIO_")}
-    out.update(extra)
-    return out
-
-
 def run(args: list[str], *, environ: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(KEYTRIO), *args], capture_output=True, text=True, timeout=timeout,
                           env=environ or env(KEYTRIO_CONFIG_DIR="/nonexistent"))
-
-
-def one_line(r: subprocess.CompletedProcess[str], code: Exit, *needles: str) -> str:
-    lines = r.stderr.splitlines()
-    assert (r.returncode, len(lines), r.stdout) == (code, 1, ""), r.stderr
-    line = lines[0]
-    assert " -- " in line, line  # what failed -- what to do
-    for needle in needles:
-        assert needle in line, line
-    return line
-
-
-def verifier_options(pki: Any, data_dir: Path, **overrides: Any) -> dict[str, Any]:
-    opts: dict[str, Any] = {
-        "ip": "127.0.0.1", "port": free_port(), "metrics_port": -1, "data_dir": str(data_dir),
-        "server_cert": str(pki.server.cert), "server_key": str(pki.server.key),
-        "client_cert": str(pki.client.cert), "client_key": str(pki.client.key),
-        "trusted_client_ca": [str(pki.ca)], "trusted_server_ca": [str(pki.ca)], "graceful_timeout": 0.5,
-    }
-    opts.update(overrides)
-    return opts
 
 
 def registrar_options(pki: Any, data_dir: Path, **overrides: Any) -> dict[str, Any]:
@@ -86,12 +45,6 @@ def registrar_options(pki: Any, data_dir: Path, **overrides: Any) -> dict[str, A
     }
     opts.update(overrides)
     return opts
-
-
-def write(tmp_path: Path, actor: str, options: dict[str, Any], name: str = "") -> Path:
-    path = tmp_path / f"{name or actor}.toml"
-    path.write_text(toml(actor, options))
-    return path
 
 
 def test_verifier_port_in_use_fails_before_the_database(tmp_path: Path, pki: Any) -> None:

@@ -8,12 +8,10 @@ of polling under a hang guard (``fail_after``), never sleeps standing in for an 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -33,6 +31,7 @@ from keytrio.actors.verifier import records
 from keytrio.actors.verifier.config import load_config, resolve, worker_count
 from keytrio.actors.verifier.workers import BACKOFF_MAX, backoff
 from keytrio.testbed.ima_log import ImaLog
+from tests.actors.service_support import KEYTRIO, clean_env, free_port, one_line, verifier_options, write
 from tests.actors.verifier.push_support import PATHS, SoftAgent, policy_for, push_enrol_body
 from tests.actors.verifier.push_support import entry as push_entry
 from tests.actors.verifier_support import (
@@ -46,62 +45,9 @@ from tests.actors.verifier_support import (
 )
 from tests.pg import pg_admin_url, pg_url  # noqa: F401
 
-KEYTRIO = Path(sys.executable).with_name("keytrio")
 PA = "a0000000-0000-4000-8000-0000000000b1"
 GUARD = 90.0  # hang guard of one wait (bounded rounds of polling inside)
 POLL = 0.2
-
-
-def free_port(consecutive: int = 1) -> int:
-    """A port p with p .. p + consecutive - 1 free right now."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + consecutive > 65535:
-            continue
-        try:
-            with contextmanager_bind(range(port + 1, port + consecutive)):
-                return port
-        except OSError:
-            continue
-
-
-@contextmanager
-def contextmanager_bind(ports: range) -> Iterator[None]:
-    socks = []
-    try:
-        for p in ports:
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.1", p))
-        yield
-    finally:
-        for s in socks:
-            s.close()
-
-
-def options(pki: Any, data_dir: Path, **overrides: Any) -> dict[str, Any]:
-    opts: dict[str, Any] = {
-        "ip": "127.0.0.1", "port": free_port(), "metrics_port": -1, "data_dir": str(data_dir),
-        "server_cert": str(pki.server.cert), "server_key": str(pki.server.key),
-        "client_cert": str(pki.client.cert), "client_key": str(pki.client.key),
-        "trusted_client_ca": [str(pki.ca)], "trusted_server_ca": [str(pki.ca)], "graceful_timeout": 0.5,
-    }
-    opts.update(overrides)
-    return opts
-
-
-def write_conf(tmp_path: Path, opts: dict[str, Any]) -> Path:
-    path = tmp_path / "verifier.toml"
-    path.write_text("[verifier]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in opts.items()))
-    return path
-
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTRIO_")}
-    env["KEYTRIO_CONFIG_DIR"] = "/nonexistent"
-    return env
 
 
 def children(pid: int) -> list[int]:
@@ -172,13 +118,6 @@ def test_restart_backoff_doubles_up_to_its_cap() -> None:
 # --- start-up failures keep their exit codes -----------------------------------------------------
 
 
-def one_line(r: subprocess.CompletedProcess[str], code: Exit, *needles: str) -> None:
-    lines = r.stderr.splitlines()
-    assert (r.returncode, len(lines), r.stdout) == (code, 1, ""), r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def run_verifier(conf: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(KEYTRIO), "verifier", "--config", str(conf)], capture_output=True, text=True,
                           timeout=120, env=clean_env())
@@ -189,16 +128,16 @@ def test_workers_start_up_failures_exit_codes(tmp_path: Path, pki: Any, pg_url: 
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         taken = busy.getsockname()[1]
-        conf = write_conf(tmp_path, options(pki, tmp_path / "v", database_url=pg_url, workers=2, port=taken))
+        conf = write(tmp_path, "verifier", verifier_options(pki, tmp_path / "v", database_url=pg_url, workers=2, port=taken))
         one_line(run_verifier(conf), Exit.PORT_IN_USE, f"port 127.0.0.1:{taken} is already in use")
         # worker 1's metrics port (metrics_port + 1) is the one taken
-        conf = write_conf(tmp_path, options(pki, tmp_path / "v", database_url=pg_url, workers=2,
+        conf = write(tmp_path, "verifier", verifier_options(pki, tmp_path / "v", database_url=pg_url, workers=2,
                                             metrics_port=taken - 1))
         one_line(run_verifier(conf), Exit.PORT_IN_USE, f"metrics_port 127.0.0.1:{taken}")
     nowhere = f"postgresql+psycopg://keytrio:x@127.0.0.1:{free_port()}/keytrio"
-    conf = write_conf(tmp_path, options(pki, tmp_path / "v", database_url=nowhere, workers=2))
+    conf = write(tmp_path, "verifier", verifier_options(pki, tmp_path / "v", database_url=nowhere, workers=2))
     one_line(run_verifier(conf), Exit.DATABASE, "unreachable")
-    conf = write_conf(tmp_path, options(pki, tmp_path / "v", workers=2))  # SQLite
+    conf = write(tmp_path, "verifier", verifier_options(pki, tmp_path / "v", workers=2))  # SQLite
     one_line(run_verifier(conf), Exit.CONFIG, "workers: more than 1 needs a PostgreSQL")
 
 
@@ -284,10 +223,10 @@ async def test_two_workers_share_one_port_split_agents_restart_and_stop(
         agents.append(agent)
     ids = {a.agent_id for a in agents}
     mport = free_port(consecutive=2)
-    opts = options(pki, tmp_path / "v", database_url=pg_url, workers=2, metrics_port=mport,
+    opts = verifier_options(pki, tmp_path / "v", database_url=pg_url, workers=2, metrics_port=mport,
                    verifier_id="workers", quote_interval=0.5, lease_ttl=4.0, retry_interval=0.2,
                    database_pool_sz_ovfl="3,2", request_timeout=5.0)
-    conf = write_conf(tmp_path, opts)
+    conf = write(tmp_path, "verifier", opts)
     log = open(tmp_path / "verifier.log", "wb")  # closed below
     proc: trio.Process = await nursery.start(partial(
         trio.run_process, [str(KEYTRIO), "verifier", "--config", str(conf)], stderr=log, check=False,
@@ -358,9 +297,9 @@ async def test_any_free_port_and_workers_stop_when_the_supervisor_is_killed(
     """port = 0 and metrics_port = 0: one shared free port, one free metrics port per worker (the
     supervisor logs them); SIGKILL to the supervisor: each worker sees its stdin close and stops
     cleanly by itself (no orphans left polling)."""
-    opts = options(pki, tmp_path / "v", database_url=pg_url, workers=2, port=0, metrics_port=0,
+    opts = verifier_options(pki, tmp_path / "v", database_url=pg_url, workers=2, port=0, metrics_port=0,
                    verifier_id="orphans", lease_ttl=4.0)
-    conf = write_conf(tmp_path, opts)
+    conf = write(tmp_path, "verifier", opts)
     logfile = tmp_path / "verifier.log"
     with open(logfile, "wb") as log:
         proc: trio.Process = await nursery.start(partial(
@@ -395,9 +334,9 @@ async def test_push_agent_attests_through_either_worker(
     judged by the other, and a file outside the policy still fails. (That the inline policy one
     worker accepted is loaded by the other before judging is shown deterministically by
     test_failover_push_e2e: here the policy refresh or the lease may have loaded it already.)"""
-    opts = options(pki, tmp_path / "v", database_url=pg_url, workers=2, mode="push", verifier_id="wpush",
+    opts = verifier_options(pki, tmp_path / "v", database_url=pg_url, workers=2, mode="push", verifier_id="wpush",
                    quote_interval=1.0, lease_ttl=4.0, database_pool_sz_ovfl="3,2")
-    conf = write_conf(tmp_path, opts)
+    conf = write(tmp_path, "verifier", opts)
     log = open(tmp_path / "verifier.log", "wb")  # closed below
     proc: trio.Process = await nursery.start(partial(
         trio.run_process, [str(KEYTRIO), "verifier", "--config", str(conf)], stderr=log, check=False,

@@ -1,0 +1,96 @@
+"""``keytrio <actor>`` as a real process in tests: free ports, the service config of a verifier,
+its TOML file, a clean environment, and the one-line start-up failure check."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from keytrio.actors.common.startup import Exit
+
+KEYTRIO = Path(sys.executable).with_name("keytrio")
+
+
+def free_port(consecutive: int = 1) -> int:
+    """A port p with p .. p + consecutive - 1 free right now."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if consecutive == 1:
+            return port
+        if port + consecutive > 65535:
+            continue
+        try:
+            with _bound(range(port + 1, port + consecutive)):
+                return port
+        except OSError:
+            continue
+
+
+@contextmanager
+def _bound(ports: range) -> Iterator[None]:
+    socks = []
+    try:
+        for p in ports:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", p))
+        yield
+    finally:
+        for s in socks:
+            s.close()
+
+
+def toml(actor: str, options: dict[str, Any]) -> str:
+    lines = [f"[{actor}]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write(tmp_path: Path, actor: str, options: dict[str, Any], name: str = "") -> Path:
+    path = tmp_path / f"{name or actor}.toml"
+    path.write_text(toml(actor, options))
+    return path
+
+
+def env(**extra: str) -> dict[str, str]:
+    """This process's environment without KEYTRIO_* variables, plus ``extra``."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith("KEYTRIO_")}
+    out.update(extra)
+    return out
+
+
+def clean_env() -> dict[str, str]:
+    """No KEYTRIO_* variables and no default config directory (/etc/keytrio is not read)."""
+    return env(KEYTRIO_CONFIG_DIR="/nonexistent")
+
+
+def one_line(r: subprocess.CompletedProcess[str], code: Exit, *needles: str) -> str:
+    """The single stderr line of a failed start (exit ``code``, nothing on stdout)."""
+    lines = r.stderr.splitlines()
+    assert (r.returncode, len(lines), r.stdout) == (code, 1, ""), r.stderr
+    line = lines[0]
+    assert " -- " in line, line  # what failed -- what to do
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+def verifier_options(pki: Any, data_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A `keytrio verifier` service config on a free port (no metrics listener)."""
+    opts: dict[str, Any] = {
+        "ip": "127.0.0.1", "port": free_port(), "metrics_port": -1, "data_dir": str(data_dir),
+        "server_cert": str(pki.server.cert), "server_key": str(pki.server.key),
+        "client_cert": str(pki.client.cert), "client_key": str(pki.client.key),
+        "trusted_client_ca": [str(pki.ca)], "trusted_server_ca": [str(pki.ca)], "graceful_timeout": 0.5,
+    }
+    opts.update(overrides)
+    return opts
