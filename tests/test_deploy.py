@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from keytrio.actors.agent import config as agent_config
 from keytrio.actors.registrar import config as registrar_config
 from keytrio.actors.tenant import config as tenant_config
 from keytrio.actors.verifier import config as verifier_config
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -54,11 +54,6 @@ def guide_blocks() -> list[Block]:
         out.append(Block(m.group(1), attrs, m.group(3)))
     return out
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_guide_blocks_parse() -> None:

@@ -1,52 +1,19 @@
-"""``keytrio <actor>`` as a real process in tests: free ports, the service config of a verifier,
+"""``keytrio <actor>`` as a real process in tests: the service config of a verifier,
 its TOML file, a clean environment, and the one-line start-up failure check."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from keytrio.actors.common.startup import Exit
+from tests.ports import free_port
 
 KEYTRIO = Path(sys.executable).with_name("keytrio")
-
-
-def free_port(consecutive: int = 1) -> int:
-    """A port p with p .. p + consecutive - 1 free right now."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if consecutive == 1:
-            return port
-        if port + consecutive > 65535:
-            continue
-        try:
-            with _bound(range(port + 1, port + consecutive)):
-                return port
-        except OSError:
-            continue
-
-
-@contextmanager
-def _bound(ports: range) -> Iterator[None]:
-    socks = []
-    try:
-        for p in ports:
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.1", p))
-        yield
-    finally:
-        for s in socks:
-            s.close()
 
 
 def toml(actor: str, options: dict[str, Any]) -> str:

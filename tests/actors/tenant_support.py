@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,11 +75,6 @@ async def world_running(pki: Any, tmp: Path) -> AsyncIterator[World]:
             yield World(reg, verifier, f"https://{host}:{port}", pki, tmp)
             nursery.cancel_scope.cancel()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tenant_parser() -> argparse.ArgumentParser:

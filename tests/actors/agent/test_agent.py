@@ -33,6 +33,7 @@ from tests.actors.agent_support import (
     start_agent,
     verify_quote,
 )
+from tests.ports import free_port
 
 pytestmark = pytest.mark.swtpm
 
@@ -287,13 +288,10 @@ async def test_persistent_ek_handle(nursery: trio.Nursery, tmp_path: Path, pki: 
 
 async def test_cli_process_serves_and_stops_on_sigterm(tmp_path: Path, pki: Any, swtpm: Any) -> None:
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     opts = agent_options(tmp_path, pki, swtpm.tcti, port=port)
     lines = ["[agent]"]
     for key, value in opts.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 from functools import partial
 
 import pytest
@@ -26,6 +25,7 @@ from keytrio.actors.common.client import (
 )
 from keytrio.actors.common.serve import serve
 from keytrio.actors.common.tls import client_context, server_context
+from tests.ports import free_port
 
 
 def build_app(pki):
@@ -71,11 +71,6 @@ async def start_tls(nursery, pki, cert=None, mode="required"):
     ctx = server_context(cert.cert, cert.key, client_ca_files=[pki.ca], mode=mode)
     return await nursery.start(partial(serve, build_app(pki), host="127.0.0.1", port=0, ssl_context=ctx))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_request_json_success_and_http_errors(nursery, pki):

@@ -20,7 +20,8 @@ import pytest
 import trio
 
 from keytrio.actors.common.startup import NO_RESTART, DataDirLock, Exit
-from tests.actors.service_support import KEYTRIO, env, free_port, one_line, toml, verifier_options, write
+from tests.actors.service_support import KEYTRIO, env, one_line, toml, verifier_options, write
+from tests.ports import free_port
 
 
 @contextmanager

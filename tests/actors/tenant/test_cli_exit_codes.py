@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ import trio
 from keytrio.testbed.swtpm_state import ek_ca_certs
 from tests.actors.registrar_support import EkCa
 from tests.actors.tenant_support import AGENT_ID, world_running
+from tests.ports import free_port
 
 KEYTRIO = Path(sys.executable).parent / "keytrio"
 UNKNOWN_ID = "0e0e0e0e-0000-4000-8000-0000000000ee"
@@ -46,11 +46,6 @@ def tls_dir(pki: Any, root: Path) -> Path:
     return d
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize("argv", [
     (),  # no verb
@@ -74,7 +69,7 @@ async def test_version_and_help_exit_0(tmp_path: Path) -> None:
 
 
 async def test_unreachable_servers_exit_3(tmp_path: Path, pki: Any) -> None:
-    port = closed_port()
+    port = free_port()
     code, out, err = await keytrio("tenant", "status", AGENT_ID, "--tls-dir", str(tls_dir(pki, tmp_path)),
                                    "--registrar", f"127.0.0.1:{port}", "--verifier", f"127.0.0.1:{port}",
                                    cwd=tmp_path)

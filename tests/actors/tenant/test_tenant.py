@@ -31,7 +31,8 @@ from tests.actors.registrar_support import (
     SoftTpm,
     b64,
 )
-from tests.actors.tenant_support import AGENT_ID, OTHER_ID, World, free_port
+from tests.actors.tenant_support import AGENT_ID, OTHER_ID, World
+from tests.ports import free_port
 
 pytestmark = pytest.mark.swtpm
 

@@ -14,7 +14,6 @@ import collections
 import gc
 import hashlib
 import json
-import socket
 import weakref
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from keytrio.actors.verifier.schema import deliveries
 from keytrio.actors.verifier.schema import notices as notices_table
 from keytrio.protocol import ima
 from keytrio.protocol.runtime_policy import load_policy, policy_document
+from tests.ports import free_port
 
 COLLECTIONS = (list, dict, set, frozenset, tuple, collections.deque, weakref.WeakValueDictionary)
 
@@ -39,11 +39,6 @@ def sizes(obj: object) -> dict[str, int]:
     """The length of every collection held directly by ``obj``."""
     return {name: len(v) for name, v in vars(obj).items() if isinstance(v, COLLECTIONS)}
 
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def count_rows(db: Path, table: sa.Table) -> int:
@@ -102,7 +97,7 @@ async def test_outbox_backlog_stays_bounded(tmp_path: Path, autojump_clock: trio
     store = await Store.open(sqlite_url(tmp_path / "verifier.sqlite"), migrations=MIGRATIONS)
     metrics = VerifierMetrics()
     outbox = Outbox(store, verifier_id="v", context_for=lambda row: None,  # type: ignore[arg-type,return-value]
-                    webhook_url=f"http://127.0.0.1:{closed_port()}/hook", retry_interval=0.5,
+                    webhook_url=f"http://127.0.0.1:{free_port()}/hook", retry_interval=0.5,
                     max_retry_interval=4.0, ttl=10.0, clock=autojump_clock.current_time, metrics=metrics, batch=batch)
     peak: dict[str, int] = {}
     t = notices_table

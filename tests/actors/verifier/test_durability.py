@@ -18,7 +18,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -52,17 +51,13 @@ from tests.actors.verifier_support import (
     verifier_options,
 )
 from tests.pg import db_url, pg_admin_url, pg_url  # noqa: F401
+from tests.ports import free_port
 
 pytestmark = pytest.mark.swtpm
 
 ZERO32 = "00" * 32
 REPO = Path(__file__).resolve().parents[3]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

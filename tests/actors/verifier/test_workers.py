@@ -31,7 +31,7 @@ from keytrio.actors.verifier import records
 from keytrio.actors.verifier.config import load_config, resolve, worker_count
 from keytrio.actors.verifier.workers import BACKOFF_MAX, backoff
 from keytrio.testbed.ima_log import ImaLog
-from tests.actors.service_support import KEYTRIO, clean_env, free_port, one_line, verifier_options, write
+from tests.actors.service_support import KEYTRIO, clean_env, one_line, verifier_options, write
 from tests.actors.verifier.push_support import PATHS, SoftAgent, policy_for, push_enrol_body
 from tests.actors.verifier.push_support import entry as push_entry
 from tests.actors.verifier_support import (
@@ -44,6 +44,7 @@ from tests.actors.verifier_support import (
     start_test_agent,
 )
 from tests.pg import pg_admin_url, pg_url  # noqa: F401
+from tests.ports import free_port
 
 PA = "a0000000-0000-4000-8000-0000000000b1"
 GUARD = 90.0  # hang guard of one wait (bounded rounds of polling inside)
