@@ -3,6 +3,7 @@ them: shared by the interop tests that drive upstream's tenant against keytrio's
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from keytrio.actors.registrar.actor import Registrar, RegistrarAddresses
 from keytrio.actors.verifier import config as verifier_config
 from keytrio.actors.verifier.actor import Verifier
 from keytrio.testbed.pki import CaFiles
-from tests.interop.support import Upstream, free_ports
+from tests.interop.support import Upstream, free_ports, run_tools
 
 
 @dataclass
@@ -88,3 +89,15 @@ ek_check_script =
 mb_refstate =
 """)
     return {**upstream.env, "KEYLIME_TENANT_CONFIG": str(conf), "KEYLIME_DIR": str(work)}
+
+
+async def registered_and_policy(upstream: Upstream, env: dict[str, str], agent_id: str, ima_path: Path,
+                                policy: Path, measured: str) -> None:
+    """Upstream's tenant lists the agent on our registrar (``reglist``) while its ``keylime-policy``
+    writes a runtime policy from the machine's IMA log to ``policy`` that holds ``measured``."""
+    reglist, _ = await run_tools(
+        ([*upstream.tool("keylime_tenant"), "-c", "reglist"], env),
+        ([*upstream.tool("keylime-policy"), "create", "runtime", "-m", str(ima_path), "-o", str(policy)], env),
+    )
+    assert agent_id in reglist.stdout, reglist.describe()
+    assert measured in json.loads(policy.read_text())["digests"], policy.read_text()

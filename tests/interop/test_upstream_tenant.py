@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from keytrio.actors.common import client as http
-from tests.interop.our_servers import our_servers, upstream_tenant_env
+from tests.interop.our_servers import our_servers, registered_and_policy, upstream_tenant_env
 from tests.interop.support import (
     GET_QUOTE,
     INVALID_QUOTE,
@@ -49,13 +49,7 @@ async def test_upstream_tenant_against_our_registrar_and_verifier(upstream: Upst
         tenant = upstream.tool("keylime_tenant")
 
         policy = tmp_path / "policy.json"
-        reglist, _ = await run_tools(
-            ([*tenant, "-c", "reglist"], env),
-            ([*upstream.tool("keylime-policy"), "create", "runtime", "-m", str(machine.ima_path), "-o", str(policy)],
-             env),
-        )
-        assert agent_id in reglist.stdout, reglist.describe()
-        assert "/usr/bin/tool0" in json.loads(policy.read_text())["digests"], policy.read_text()
+        await registered_and_policy(upstream, env, agent_id, machine.ima_path, policy, "/usr/bin/tool0")
 
         # add: upstream's --cert payload (cert package + --include autorun.sh; the revocation key goes
         # to OUR verifier), the runtime policy (inline, no name) made by keylime-policy, --verify

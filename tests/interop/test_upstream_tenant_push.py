@@ -21,8 +21,8 @@ import pytest
 import trio
 
 from keytrio.actors.common import client as http
-from tests.interop.our_servers import our_servers, upstream_tenant_env
-from tests.interop.support import Upstream, agent_record, run_tool, run_tools, running_machine, server_client
+from tests.interop.our_servers import our_servers, registered_and_policy, upstream_tenant_env
+from tests.interop.support import Upstream, agent_record, run_tool, running_machine, server_client
 
 pytestmark = [pytest.mark.interop, pytest.mark.swtpm]
 
@@ -64,13 +64,7 @@ async def test_upstream_tenant_enrols_our_push_agent_on_our_verifier(upstream: U
         env = upstream_tenant_env(upstream, servers, tmp_path / "tenant-work")
         tenant = upstream.tool("keylime_tenant")
         policy = tmp_path / "policy.json"
-        reglist, _ = await run_tools(
-            ([*tenant, "-c", "reglist"], env),
-            ([*upstream.tool("keylime-policy"), "create", "runtime", "-m", str(machine.ima_path), "-o", str(policy)],
-             env),
-        )
-        assert agent_id in reglist.stdout, reglist.describe()
-        assert "/usr/bin/good0" in json.loads(policy.read_text())["digests"], policy.read_text()
+        await registered_and_policy(upstream, env, agent_id, machine.ima_path, policy, "/usr/bin/good0")
 
         add = await run_tool([*tenant, "-c", "add", "--push-model", "-u", agent_id, "--runtime-policy", str(policy)],
                              env, timeout=120)
