@@ -23,6 +23,7 @@ import httpx
 import trio
 
 from keytrio.actors.common import http1
+from keytrio.actors.common.rawconn import RawConn
 from keytrio.protocol import safejson
 from keytrio.protocol.envelope import parse as parse_envelope
 from keytrio.protocol.errors import DecodeError
@@ -164,7 +165,8 @@ class KeepAliveClient:
     """One keep-alive HTTP/1.1 connection to one peer (the verifier's monitor: one per agent).
 
     What httpx gives the monitor, at a fraction of its per-request CPU (its pool, auth, cookie
-    and redirect layers cost ~1 ms a request; this is a strict HTTP/1.1 exchange (http1.py) over a trio SSL stream): requests go
+    and redirect layers cost ~1 ms a request; this is a strict HTTP/1.1 exchange (http1.py) over a :class:`RawConn`, TLS through an
+    SSLObject on the bare socket): requests go
     one at a time over a single connection, reused while its idle time is under
     ``keepalive_expiry`` and the peer did not close it; a request on a reused connection that
     fails before any response byte is retried once on a fresh one (the peer may have closed
@@ -179,7 +181,8 @@ class KeepAliveClient:
         self._ctx = ssl_context
         self._timeout = timeout
         self._expiry = keepalive_expiry
-        self._stream: trio.abc.Stream | None = None
+        self._stream: RawConn | None = None
+        self._bases: dict[str, tuple[tuple[str, str, int], str, str]] = {}
         self._peer: tuple[str, str, int] | None = None
         self._idle_since = 0.0
 
@@ -193,49 +196,45 @@ class KeepAliveClient:
         await self.aclose()
 
     async def _drop(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await stream.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+        conn, self._stream = self._stream, None
+        if conn is not None:
+            conn.close()
 
     def _reusable(self, peer: tuple[str, str, int]) -> bool:
         if self._stream is None or self._peer != peer:
             return False
         if trio.current_time() - self._idle_since > self._expiry:
             return False
-        stream = self._stream
-        sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
         # readable while idle: the peer closed (EOF) or sent garbage; either way not reusable
-        return sock is not None and not sock.is_readable()
+        return not self._stream.is_readable()
 
     async def _connect(self, peer: tuple[str, str, int]) -> None:
         await self._drop()
         scheme, host, port = peer
+        ctx = None
         if scheme == "https":
             ctx = self._ctx if self._ctx is not None else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            tcp = await trio.open_tcp_stream(host, port)
-            stream: trio.abc.Stream = trio.SSLStream(tcp, ctx, server_hostname=host, https_compatible=True)
-            try:
-                await stream.do_handshake()  # type: ignore[attr-defined]
-            except BaseException:
-                await tcp.aclose()
-                raise
-        else:
-            stream = await trio.open_tcp_stream(host, port)
-        self._stream, self._peer = stream, peer
+        self._stream, self._peer = await RawConn.connect(host, port, ctx), peer
+
+    def _split(self, url: str) -> tuple[tuple[str, str, int], str, str]:
+        """(peer, request target, Host value) of ``url``; the part before the query is parsed
+        once per client (a monitor asks one agent for the same path every poll)."""
+        base, sep, query = url.partition("?")
+        hit = self._bases.get(base)
+        if hit is None:
+            split = urlsplit(base)
+            host = split.hostname or ""
+            port = split.port or (443 if split.scheme == "https" else 80)
+            hit = ((split.scheme, host, port), split.path or "/", split.netloc.rsplit("@", 1)[-1])
+            if len(self._bases) < 16:
+                self._bases[base] = hit
+        peer, path, hostport = hit
+        return peer, (path + sep + query) if query else path, hostport
 
     async def request(self, method: str, url: str, *, body: bytes | None, max_response_bytes: int,
                       timeout: float | None = None) -> tuple[int, str, bytes]:
         """(status, reason, body) of one request; CommunicationError/ResponseTooLarge/MalformedResponse."""
-        split = urlsplit(url)
-        host = split.hostname or ""
-        port = split.port or (443 if split.scheme == "https" else 80)
-        peer = (split.scheme, host, port)
-        target = (split.path or "/") + (f"?{split.query}" if split.query else "")
-        hostport = split.netloc.rsplit("@", 1)[-1]
+        peer, target, hostport = self._split(url)
         try:
             out = http1.request_bytes(method, target, hostport, body)
             with trio.fail_after(self._timeout if timeout is None else timeout):
@@ -270,11 +269,6 @@ class KeepAliveClient:
         reader = http1.Exchange(stream)
         try:
             await stream.send_all(out)
-            # the reply cannot be there yet: wait for the socket first instead of a recv that
-            # fails with EAGAIN (a syscall and an exception per request inside trio)
-            sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
-            if sock is not None:
-                await trio.lowlevel.wait_readable(sock)
             response = await reader.read(limit)
         except (OSError, trio.BrokenResourceError, http1.ProtocolViolation) as exc:
             if not reader.got_any:

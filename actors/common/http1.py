@@ -1,5 +1,5 @@
 """The HTTP/1.1 client exchange of :class:`actors.common.client.KeepAliveClient`: bytes out, one
-response in, over any trio stream.
+response in, over any stream with ``receive_some``.
 
 The verifier's monitors send one fixed kind of request per poll and read one short reply; h11's
 general machinery (event objects, a state machine, header validation by regex on both sides)
@@ -17,9 +17,7 @@ after it) comes back with ``reusable`` False.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
-
-import trio
+from typing import NamedTuple, Protocol
 
 MAX_HEAD = 64 << 10
 _RECEIVE = 65536
@@ -28,6 +26,12 @@ _STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*
 _FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _BAD_REQUEST_CHARS = re.compile(r"[\x00-\x20\x7f]")
+
+
+class Receiver(Protocol):
+    """What :class:`Exchange` reads from (a trio stream, or :class:`~actors.common.rawconn.RawConn`)."""
+
+    async def receive_some(self, max_bytes: int) -> bytes: ...
 
 
 class ProtocolViolation(Exception):
@@ -73,7 +77,7 @@ class Exchange:
     """Reads one response from ``stream``; ``got_any`` tells whether any byte came back (a reused
     connection that the peer closed just before our request gets none: the caller may retry)."""
 
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+    def __init__(self, stream: Receiver) -> None:
         self._stream = stream
         self._buf = bytearray()
         self._eof = False

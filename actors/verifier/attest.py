@@ -71,6 +71,7 @@ class AgentTarget:
     mb_evaluate: str = "once"
     _mb_check: RefStateCheck | None = field(default=None, init=False, repr=False)
     _mask: str | None = field(default=None, init=False, repr=False)
+    _quotes_url: str | None = field(default=None, init=False, repr=False)
 
     @property
     def mb_check(self) -> RefStateCheck | None:
@@ -157,6 +158,13 @@ def _quote_mask(target: AgentTarget) -> str:
     return hex(mask)
 
 
+def quotes_url(target: AgentTarget) -> str:
+    """``.../quotes/integrity`` of this agent (built once per target)."""
+    if target._quotes_url is None:
+        target._quotes_url = target.base_url + "/quotes/integrity"
+    return target._quotes_url
+
+
 async def fetch_quote(
     client: httpx.AsyncClient | KeepAliveClient,
     target: AgentTarget,
@@ -167,19 +175,10 @@ async def fetch_quote(
 ) -> dict:
     """GET quotes/integrity; partial=0 until we hold the agent's NK (we need its pubkey)."""
     partial = "1" if state.nk_pem is not None else "0"
-    params = {
-        "nonce": nonce,
-        "mask": quote_mask(target),
-        "partial": partial,
-        "ima_ml_entry": str(state.ima_ml_entry),
-    }
-    reply = await request_json(
-        client,
-        "GET",
-        target.base_url + "/quotes/integrity",
-        params=params,
-        max_response_bytes=max_response_bytes,
-    )
+    # every value is URL-safe as it is (letters/digits nonce, hex mask, digits): no urlencode
+    url = (f"{quotes_url(target)}?nonce={nonce}&mask={quote_mask(target)}&partial={partial}"
+           f"&ima_ml_entry={int(state.ima_ml_entry)}")
+    reply = await request_json(client, "GET", url, max_response_bytes=max_response_bytes)
     return reply.results
 
 
