@@ -226,6 +226,25 @@ def group_pids(pgid: int) -> list[int]:
     return out
 
 
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants (keytrio's supervisor and its workers: each worker runs in
+    a session of its own, so the process group does not find them; the parent links do)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
 def usage(pids: list[int]) -> tuple[float, float]:
     """(CPU seconds, RSS MB) summed over ``pids`` (upstream's verifier is several processes)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -285,10 +304,14 @@ async def _bulk(client: httpx.AsyncClient, url: str) -> tuple[float, dict[str, A
 
 
 async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, Any]], pids: Any, interval: float,
-                  seconds: float, rss0: float, on_window: Any = None) -> dict[str, Any]:
-    """Enrol ``agents``, warm up, measure one window; -> the row of the table for one side.
+                  seconds: float, rss0: float, on_window: Any = None, concurrency: int = 8,
+                  side_pids: Any = None) -> dict[str, Any]:
+    """Enrol ``agents`` (``concurrency`` POSTs at a time), warm up, measure one window; -> the row of
+    the table for one side.
 
-    ``on_window()`` (optional) is called as the window opens (bench.fleet keytrio --py-spy)."""
+    ``on_window()`` (optional) is called as the window opens (bench.fleet keytrio --py-spy).
+    ``side_pids()`` (optional): processes working for the verifier but not part of it (its
+    PostgreSQL backends), whose CPU in the window is reported apart as ``side_cpu_s``."""
     ids = [a["id"] for a in agents]
     n = len(ids)
 
@@ -297,7 +320,7 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
         return r.status_code
 
     t0 = time.monotonic()
-    statuses = await _each(agents, enrol)
+    statuses = await _each(agents, enrol, concurrency)
     refused = [s for s in statuses if s != 200]
     if refused:
         raise RuntimeError(f"{url}: {len(refused)} of {n} enrolments refused (statuses {sorted(set(refused))})")
@@ -318,6 +341,7 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
         on_window()
     cpu_a, _rss = usage(pids())
     us_a = _user_sys(pids())
+    side_a = usage(side_pids())[0] if side_pids else 0.0
     w0 = time.monotonic()
     rss_peak = 0.0
     while time.monotonic() - w0 < seconds:
@@ -325,6 +349,7 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
         rss_peak = max(rss_peak, usage(pids())[1])
     cpu_b, rss = usage(pids())
     us_b = _user_sys(pids())
+    side_b = usage(side_pids())[0] if side_pids else 0.0
     wall = time.monotonic() - w0
     t_b, after = await _bulk(client, url)
     polls = 0
@@ -343,7 +368,7 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
         "cpu_s": cpu_b - cpu_a, "cpu_user_s": us_b[0] - us_a[0], "cpu_sys_s": us_b[1] - us_a[1], "cpu_per_s": cpu_rate, "cpu_per_poll": cpu_rate / rate if rate else None,
         "rss_mb": rss, "rss_peak_mb": max(rss_peak, rss), "rss0_mb": rss0,
         "rss_per_agent_kb": (rss - rss0) * 1024 / n, "attested_at_start": attested, "states": states,
-        "enrol_s": enrol_s, "warmup_s": warm_s,
+        "enrol_s": enrol_s, "warmup_s": warm_s, "side_cpu_s": side_b - side_a, "processes": len(pids()),
     }  # fmt: skip
 
 

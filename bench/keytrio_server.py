@@ -2,21 +2,26 @@
 
     python -m bench.keytrio_server CV_CA_DIR DATA_DIR [OVERRIDES_JSON]
 
-OVERRIDES_JSON: more verifier options (e.g. ``{"quote_interval": 1.0}``, bench.fleet soak). Prints ``PORT <n>`` on stdout once listening on 127.0.0.1; runs until killed. Both verifiers then
-present certificates of the same CA, so one client (one TLS configuration) talks to both.
+OVERRIDES_JSON: more verifier options (e.g. ``{"quote_interval": 1.0}``, bench.fleet soak; with
+``{"workers": 2, "database_url": "postgresql+psycopg://..."}`` the service runs as a supervisor and
+2 worker processes, as ``keytrio verifier`` does: actors/verifier/workers.py). Prints ``PORT <n>``
+on stdout once listening on 127.0.0.1; runs until SIGTERM/SIGINT (then stops cleanly: the workers
+too). Both verifiers then present certificates of the same CA, so one client (one TLS
+configuration) talks to both.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import trio
 
-from keytrio.actors.verifier.actor import Verifier
 from keytrio.actors.verifier.config import load_config
+from keytrio.actors.verifier.workers import make_service
 
 
 async def serve(ca_dir: Path, data_dir: Path, extra: dict[str, object]) -> None:
@@ -27,10 +32,14 @@ async def serve(ca_dir: Path, data_dir: Path, extra: dict[str, object]) -> None:
         "trusted_client_ca": [str(ca_dir / "cacert.crt")], "trusted_server_ca": [str(ca_dir / "cacert.crt")],
         "max_upload_size": 100 << 20, **extra,
     }  # fmt: skip
-    verifier = Verifier(load_config(env={}, overrides=opts))
-    async with trio.open_nursery() as nursery:
-        _host, port = await nursery.start(verifier.run)
-        print(f"PORT {port}", flush=True)
+    service = make_service(load_config(env={}, overrides=opts))
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            _host, port = await nursery.start(service.run)
+            print(f"PORT {port}", flush=True)
+            async for _ in signals:  # a clean stop: a supervisor stops (and waits for) its workers
+                break
+            nursery.cancel_scope.cancel()
 
 
 def main() -> None:

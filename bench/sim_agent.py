@@ -22,7 +22,9 @@ agent per poll. U/V halves are accepted (200) and dropped: no payloads.
 Simplifications (the verifier cannot tell): all agents of a process share one NK/mTLS cert; a
 ``tamper`` agent serves its last IMA line with a changed file digest (the PCR keeps the original).
 
-    python -m bench.sim_agent CV_CA_DIR POLICY_FILES   # JSON lines on stdin/stdout (bench.sim_fleet)
+    python -m bench.sim_agent CLIENT_CA_PEM POLICY_FILES MAX_AGENTS [OFFSET STRIDE]
+        # JSON lines on stdin/stdout (bench.sim_fleet); with OFFSET/STRIDE this process holds the
+        # fleet's agents OFFSET, OFFSET + STRIDE, ... (sim_fleet --agent-procs K: offsets 0..K-1, stride K)
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class SimAgent:
         self._clock0 = random.Random(self.agent_id).randrange(1 << 30)
 
     def describe(self, port: int, mtls_cert: str) -> dict[str, Any]:
-        return {"id": self.agent_id, "ip": self.ip, "port": port, "mtls_cert": mtls_cert,
+        return {"index": self.index, "id": self.agent_id, "ip": self.ip, "port": port, "mtls_cert": mtls_cert,
                 "ak_tpm": base64.b64encode(self.ak_public.marshal()).decode(),
                 "boot_aggregate": self.entries[0].digest.hex()}  # fmt: skip
 
@@ -209,7 +211,11 @@ def _envelope(code: int, status: str, results: Any) -> bytes:
 class SimAgents:
     """Many ``SimAgent``s behind one port, routed by the loopback address connected to."""
 
-    def __init__(self, client_ca: Path, pool: sim_keys.PrimePool, policy_files: int, workdir: Path) -> None:
+    def __init__(self, client_ca: Path, pool: sim_keys.PrimePool, policy_files: int, workdir: Path,
+                 offset: int = 0, stride: int = 1) -> None:
+        # fleet-wide agent indices offset, offset + stride, ...: K processes with offsets 0..K-1 and
+        # stride K share out one fleet (own loopback addresses and ids; keys from this process's pool)
+        self.offset, self.stride = offset, stride
         self.pool = pool
         self.policy_files = policy_files
         self.nk = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -230,16 +236,21 @@ class SimAgents:
         self.served = 0
 
     def grow(self, n: int, *, tamper: frozenset[int] = frozenset(), salt: str = "sim") -> list[SimAgent]:
-        """Agents ``len(agents)`` .. ``n - 1`` (keys: pool pairs 2i and 2i + 1)."""
+        """This process's agents of fleet indices below ``n`` (local ``j``: keys = pool pairs 2j, 2j + 1)."""
         new = []
-        for i in range(len(self.agents), n):
-            files = [gen.entry_for((i * FILES_PER_AGENT + j) % self.policy_files) for j in range(FILES_PER_AGENT)]
-            a = SimAgent(i, agent_uuid(i, salt), address(i), self.pool.key(2 * i), self.pool.key(2 * i + 1),
+        for j in range(len(self.agents), self.local_count(n)):
+            i = self.offset + j * self.stride
+            files = [gen.entry_for((i * FILES_PER_AGENT + f) % self.policy_files) for f in range(FILES_PER_AGENT)]
+            a = SimAgent(i, agent_uuid(i, salt), address(i), self.pool.key(2 * j), self.pool.key(2 * j + 1),
                          self.nk_pem, files, tamper=i in tamper)  # fmt: skip
             new.append(a)
             self.by_ip[a.ip] = a
         self.agents += new
         return new
+
+    def local_count(self, n: int) -> int:
+        """How many of the fleet's first ``n`` agents live in this process."""
+        return max(0, -(-(n - self.offset) // self.stride))
 
     # --- serving -----------------------------------------------------------------------------
 
@@ -358,11 +369,12 @@ class SimAgents:
 # --- the agents process (JSON lines on stdin/stdout) ----------------------------------------------------
 
 
-async def process_main(client_ca: Path, policy_files: int, pool_keys: int) -> None:
+async def process_main(client_ca: Path, policy_files: int, pool_keys: int, offset: int = 0, stride: int = 1) -> None:
     t0 = time.monotonic()
     pool = await trio.to_thread.run_sync(sim_keys.PrimePool, pool_keys)
     with tempfile.TemporaryDirectory(prefix="keytrio-sim-agents-") as tmp:
-        sims = SimAgents(client_ca, pool, policy_files, Path(tmp))
+        sims = SimAgents(client_ca, pool, policy_files, Path(tmp), offset, stride)
+        registered = 0  # this process's agents registered so far (the first ones)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(sims.serve)
             print(json.dumps({"ready": True, "port": port, "keys": len(pool), "mtls_cert": sims.mtls_cert,
@@ -376,15 +388,17 @@ async def process_main(client_ca: Path, policy_files: int, pool_keys: int) -> No
                 if cmd["op"] == "quit":
                     break
                 if cmd["op"] == "grow":
-                    if 2 * int(cmd["n"]) > len(pool):
-                        print(json.dumps({"error": f"{cmd['n']} agents need {2 * int(cmd['n'])} keys; the "
+                    local = sims.local_count(int(cmd["n"]))
+                    if 2 * local > len(pool):
+                        print(json.dumps({"error": f"{local} agents need {2 * local} keys; the "
                                           f"pool makes {len(pool)}"}), flush=True)  # fmt: skip
                         continue
                     sims.grow(int(cmd["n"]))
                     reg = 0
-                    if cmd.get("registrar"):
-                        todo = sims.agents[int(cmd.get("registered", 0)):int(cmd.get("register_upto", len(sims.agents)))]
+                    if cmd.get("registrar"):  # the fleet's first register_upto agents register
+                        todo = sims.agents[registered:sims.local_count(int(cmd.get("register_upto", cmd["n"])))]
                         reg = await sims.register(todo, cmd["registrar"])
+                        registered += reg
                     print(json.dumps({"agents": [a.describe(port, sims.mtls_cert) for a in sims.agents], "registered": reg,
                                       "mtls_cert": sims.mtls_cert, "seconds": time.monotonic() - t}), flush=True)
                 elif cmd["op"] == "served":
@@ -402,9 +416,11 @@ def keys_for(agents: int) -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    if len(sys.argv) != 4:
-        raise SystemExit("usage: python -m bench.sim_agent CLIENT_CA_PEM POLICY_FILES MAX_AGENTS")
-    trio.run(process_main, Path(sys.argv[1]), int(sys.argv[2]), keys_for(int(sys.argv[3])))
+    if len(sys.argv) not in (4, 6):
+        raise SystemExit("usage: python -m bench.sim_agent CLIENT_CA_PEM POLICY_FILES MAX_AGENTS [OFFSET STRIDE]")
+    offset, stride = (int(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) == 6 else (0, 1)
+    local = max(1, -(-(int(sys.argv[3]) - offset) // stride))
+    trio.run(process_main, Path(sys.argv[1]), int(sys.argv[2]), keys_for(local), offset, stride)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,24 @@
 
     python -m bench.sim_fleet --out DIR [--sizes 1000,5000] [--seconds 30] [--quote-interval S]
                               [--register 100] [--verifier-dir /dev/shm] [--upstream-dir UP_DIR --upstream-sizes 50]
+                              [--agent-procs K] [--workers 1,2 [--database postgresql] [--pg-url URL]]
+                              [--enrol-concurrency 32]
                               [--py-spy FILE] [--cprofile FILE] [--push [--upstream-push-dir UP_PUSH_DIR]]
 
 Processes (the verifier pinned to ``--cpu``, default the last CPU; everything else on the others):
-- one agents process (``python -m bench.sim_agent``): every simulated agent, its own RSA-2048
-  EK and AK, one port, one loopback address per agent;
+- ``--agent-procs`` K agents processes (``python -m bench.sim_agent``, default 1): process p holds
+  the agents p, p + K, ..., each its own RSA-2048 EK and AK and loopback address, one port per
+  process; K > 1 when one process cannot sign every quote asked for;
 - keytrio's registrar (``bench.registration serve``, SQLite): the first ``--register`` agents
   (default 100) register and activate (ActivateCredential in software) before the enrolments;
   every agent could (the test does it), but at this machine's ~10-150 registrations/s (benchmark 5)
   thousands would take minutes that measure the registrar, not the verifier;
-- keytrio's verifier (``bench.keytrio_server``, SQLite), a fresh one per N, with ``quote_interval``
+- keytrio's verifier (``bench.keytrio_server``), a fresh one per N and per ``--workers`` count:
+  1 worker on SQLite (unless ``--database postgresql``), N workers as a supervisor and N worker
+  processes (actors/verifier/workers.py) on a fresh PostgreSQL database (``--pg-url``, else the
+  server testbed/postgres.py finds or starts), all pinned to ``--cpu``; its CPU is that of the
+  supervisor and every worker, its PostgreSQL backends' CPU (pg_stat_activity) is reported apart;
+  ``quote_interval``
   = ``--quote-interval`` (default: 2 s up to 400 agents, else N / 200 s, so that the one-core
   agents process can sign every quote asked for: ~1 ms of RSA-2048 per quote);
 - with ``--upstream-dir``: upstream's verifier from tests/interop/upstream/up.sh (its process group,
@@ -36,6 +44,7 @@ agents also drive upstream's push verifier at ``--upstream-sizes``: an "upstream
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -60,28 +69,73 @@ def auto_interval(n: int) -> float:
 
 
 class SimProcess(fleet.ChildProcess):
-    """The controller's handle on ``python -m bench.sim_agent``."""
+    """The controller's handle on one ``python -m bench.sim_agent`` (agents offset, offset + stride, ...)."""
 
     label = "sim agents"
 
-    def __init__(self, client_ca: Path, policy_files: int, max_agents: int, cpus: set[int], log: Path) -> None:
-        super().__init__(["-m", "bench.sim_agent", str(client_ca), str(policy_files), str(max_agents)],
-                         {"PYTHONPATH": str(REPO)}, cpus, log)
-        self.hello = self._read()
-        self.registered = 0
+    def __init__(self, client_ca: Path, policy_files: int, max_agents: int, cpus: set[int], log: Path,
+                 offset: int = 0, stride: int = 1) -> None:
+        super().__init__(["-m", "bench.sim_agent", str(client_ca), str(policy_files), str(max_agents),
+                          str(offset), str(stride)], {"PYTHONPATH": str(REPO)}, cpus, log)  # fmt: skip
+        self.label = f"sim agents {offset}"
 
     def _read(self) -> dict[str, Any]:
         reply = super()._read()
         if "error" in reply:
-            raise RuntimeError(f"sim agents: {reply['error']}")
+            raise RuntimeError(f"{self.label}: {reply['error']}")
         return reply
+
+    def post(self, cmd: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+
+class SimFleet:
+    """``k`` agents processes sharing out one fleet: process ``p`` holds the agents ``p``, ``p + k``, ...
+    (each its own port, its loopback addresses, its keys); they generate keys, register and serve in
+    parallel, so the agents side is not one core's worth of RSA signatures."""
+
+    def __init__(self, k: int, client_ca: Path, policy_files: int, max_agents: int, cpus: set[int],
+                 out: Path) -> None:
+        self.procs: list[SimProcess] = []
+        try:
+            for p in range(k):
+                log = out / ("sim-agents.log" if k == 1 else f"sim-agents-{p}.log")
+                self.procs.append(SimProcess(client_ca, policy_files, max_agents, cpus, log, p, k))
+            self.hello = [sp._read() for sp in self.procs]  # key pools made at the same time
+        except BaseException:
+            self.close()
+            raise
+        self.registered = 0
+
+    def pids(self) -> list[int]:
+        return [sp.proc.pid for sp in self.procs]
+
+    def cpu(self) -> float:
+        return fleet.usage(self.pids())[0]
+
+    def _all(self, cmd: dict[str, Any]) -> list[dict[str, Any]]:
+        for sp in self.procs:
+            sp.post(cmd)
+        return [sp._read() for sp in self.procs]
 
     def grow(self, n: int, registrar: str | None, register: int = 0) -> dict[str, Any]:
         upto = min(n, register)
-        reply = self.send({"op": "grow", "n": n, "registrar": registrar if upto > self.registered else None,
-                           "registered": self.registered, "register_upto": upto})
-        self.registered += reply["registered"]
-        return reply
+        replies = self._all({"op": "grow", "n": n, "registrar": registrar if upto > self.registered else None,
+                             "register_upto": upto})  # fmt: skip
+        reg = sum(r["registered"] for r in replies)
+        self.registered += reg
+        agents = sorted((a for r in replies for a in r["agents"]), key=lambda a: a["index"])
+        return {"agents": agents, "registered": reg, "seconds": max(r["seconds"] for r in replies)}
+
+    def served(self) -> list[int]:
+        """Integrity quotes each process has signed so far."""
+        return [r["served"] for r in self._all({"op": "served"})]
+
+    def close(self) -> None:
+        for sp in self.procs:
+            sp.close()
 
 
 def _start_registrar(ca: Path, data: Path, cpus: set[int], log: Any) -> tuple[subprocess.Popen[str], str]:
@@ -115,8 +169,112 @@ def _stop(srv: subprocess.Popen[str], cprofile: bool = False) -> None:
 
 def _row_extra(r: dict[str, Any], agents_cpu_s: float) -> dict[str, Any]:
     cpp = r["cpu_per_poll"]
+    side = r["side_cpu_s"] / r["polls"] if r["polls"] and r.get("side_cpu_s") else None
     return {"agents_per_core_2s": 2.0 / cpp if cpp else None,
-            "agents_process_cpu_per_poll": agents_cpu_s / r["polls"] if r["polls"] else None}  # fmt: skip
+            "agents_process_cpu_per_poll": agents_cpu_s / r["polls"] if r["polls"] else None,
+            "db_cpu_per_poll": side,
+            "agents_per_core_2s_with_db": 2.0 / (cpp + side) if cpp and side else None}  # fmt: skip
+
+
+def keytrio_sides(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """(workers, database) of each keytrio row: ``--workers`` in order; more than one worker needs
+    PostgreSQL, one worker runs on SQLite (the default setup) unless ``--database postgresql``."""
+    return [(w, "postgresql" if w > 1 or args.database == "postgresql" else "sqlite")
+            for w in (int(x) for x in str(args.workers).split(",") if x)]  # fmt: skip
+
+
+def side_name(workers: int, database: str) -> str:
+    return f"keytrio {workers} worker{'s' if workers > 1 else ''} ({'PostgreSQL' if database == 'postgresql' else 'SQLite'})"
+
+
+def upstream_workers(up_dir: Path) -> int | None:
+    """``max_workers`` of an up.sh instance's verifier.conf (KL_MAX_WORKERS)."""
+    for line in (up_dir / "conf" / "verifier.conf").read_text().splitlines():
+        if line.replace(" ", "").startswith("max_workers="):
+            return int(line.split("=", 1)[1])
+    return None
+
+
+class PgDatabase:
+    """A fresh PostgreSQL database for one keytrio verifier, dropped (WITH (FORCE)) on exit; its
+    backends' pids come from pg_stat_activity (the verifier's own connections, not the server's
+    background writer, WAL writer and checkpointer)."""
+
+    def __init__(self, admin_url: str) -> None:
+        import sqlalchemy as sa
+
+        self.name = f"keytrio_bench_{os.urandom(6).hex()}"
+        self.admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self.url = sa.engine.make_url(admin_url).set(database=self.name).render_as_string(hide_password=False)
+
+    def __enter__(self) -> PgDatabase:
+        import sqlalchemy as sa
+
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{self.name}"'))
+        return self
+
+    def backends(self) -> list[int]:
+        import sqlalchemy as sa
+
+        with self.admin.connect() as conn:
+            rows = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = :d"), {"d": self.name})
+            return [int(r[0]) for r in rows]
+
+    def __exit__(self, *exc: object) -> None:
+        import sqlalchemy as sa
+
+        try:
+            with self.admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+        finally:
+            self.admin.dispose()
+
+
+def _keytrio_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, klog: Any, ctx: Any, limits: Any,
+                  agents: list[dict[str, Any]], body: dict[str, Any], qi: float, sims: SimFleet, workers: int,
+                  database: str) -> dict[str, Any]:
+    """A fresh keytrio verifier of ``workers`` processes on ``database`` (pinned to ``cpu``, the
+    workers too); its CPU is that of the supervisor and all its workers (fleet.tree_pids)."""
+    options: dict[str, Any] = {"quote_interval": qi, "workers": workers}
+    with contextlib.ExitStack() as stack:
+        pg = None
+        if database == "postgresql":
+            from keytrio.testbed.postgres import find_server
+
+            pg = stack.enter_context(PgDatabase(find_server(args.pg_url)))
+            options["database_url"] = pg.url
+
+        async def side() -> dict[str, Any]:
+            async with httpx.AsyncClient(verify=ctx, timeout=120.0, limits=limits) as client:
+                srv, url = fleet._start_keytrio(ca, data_dir, cpu, klog, args.cprofile, options=options)
+                spy: list[subprocess.Popen[bytes]] = []
+                sims_cpu: list[float] = []
+
+                def start_spy() -> None:
+                    sims_cpu.append(sims.cpu())
+                    if args.py_spy:
+                        spy.append(subprocess.Popen(
+                            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                             str(srv.pid), "--format", "raw", "--rate", "100", "--nonblocking",
+                             "-d", str(int(args.seconds)), "-o", args.py_spy, *(["--subprocesses"] if workers > 1 else [])],
+                            stdout=klog, stderr=klog))  # fmt: skip
+
+                try:
+                    await fleet._upload(client, url, body)
+                    await trio.sleep(0.5)
+                    rss0 = fleet.usage(fleet.tree_pids(srv.pid))[1]
+                    r = await fleet._window(client, url, agents, lambda: fleet.tree_pids(srv.pid), qi, args.seconds,
+                                            rss0, on_window=start_spy, concurrency=args.enrol_concurrency,
+                                            side_pids=pg.backends if pg else None)  # fmt: skip
+                    return {**r, "quote_interval": qi, "workers": workers, "database": database,
+                            "pg_database": pg.name if pg else None, **_row_extra(r, sims.cpu() - sims_cpu[0])}
+                finally:
+                    for p in spy:
+                        p.wait()
+                    _stop(srv, bool(args.cprofile))
+
+        return trio.run(side)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,7 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "sizes": sizes, "upstream_sizes": up_sizes, "seconds": args.seconds, "policy_files": args.policy_files,
         "files_per_agent": sim_agent.FILES_PER_AGENT, "verifier_cpu": cpu, "agents_cpus": sorted(others),
-        "registered": args.register, "rows": [], "stopped": {}, "loadavg_start": os.getloadavg(),
+        "registered": args.register, "agent_procs": args.agent_procs, "enrol_concurrency": args.enrol_concurrency,
+        "workers": keytrio_sides(args), "rows": [], "stopped": {}, "loadavg_start": os.getloadavg(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "verifier_dir": args.verifier_dir or tempfile.gettempdir(),
     }  # fmt: skip
     up_env: dict[str, str] = {}
@@ -144,6 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         up_pgid = int((args.upstream_dir / "run" / "verifier.pid").read_text().strip())
         pin_group(up_pgid, cpu)
         report["quote_interval_upstream"] = fleet._upstream_interval(args.upstream_dir)
+        report["upstream_workers"] = upstream_workers(args.upstream_dir)
     os.sched_setaffinity(0, others)
     with tempfile.TemporaryDirectory(prefix="keytrio-bench-sim-") as tmp, \
             tempfile.TemporaryDirectory(prefix="keytrio-bench-sim-verifier-", dir=args.verifier_dir) as vtmp, \
@@ -153,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ctx = tls.client_context([ca / "cacert.crt"], ca / "client-cert.crt", ca / "client-private.pem")
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
         t0 = time.monotonic()
-        sims = SimProcess(ca / "cacert.crt", args.policy_files, max(sizes + up_sizes), others, out / "sim-agents.log")
+        sims = SimFleet(args.agent_procs, ca / "cacert.crt", args.policy_files, max(sizes + up_sizes), others, out)
         report["keys_s"] = time.monotonic() - t0
         pushers = None
         up_push = None
@@ -181,42 +341,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row: dict[str, Any] = {"n": n, "grow_s": grown["seconds"]}
                 if n in sizes:
                     qi = args.quote_interval if args.quote_interval else auto_interval(n)
-
-                    async def keytrio_side(agents: list[dict[str, Any]] = agents, body: dict[str, Any] = body,
-                                           k: int = k, qi: float = qi) -> dict[str, Any]:
-                        async with httpx.AsyncClient(verify=ctx, timeout=120.0, limits=limits) as client:
-                            srv, url = fleet._start_keytrio(ca, Path(vtmp) / f"verifier-{k}", cpu, klog,
-                                                            args.cprofile, options={"quote_interval": qi})
-                            spy: list[subprocess.Popen[bytes]] = []
-
-                            def start_spy() -> None:
-                                sims_cpu.append(fleet.usage([sims.proc.pid])[0])
-                                if args.py_spy:
-                                    spy.append(subprocess.Popen(
-                                        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
-                                         str(srv.pid), "--format", "raw", "--rate", "100", "--nonblocking",
-                                         "-d", str(int(args.seconds)), "-o", args.py_spy],
-                                        stdout=klog, stderr=klog))  # fmt: skip
-
-                            sims_cpu: list[float] = []
-                            try:
-                                await fleet._upload(client, url, body)
-                                await trio.sleep(0.5)
-                                rss0 = fleet.usage([srv.pid])[1]
-                                r = await fleet._window(client, url, agents, lambda: [srv.pid], qi, args.seconds,
-                                                        rss0, on_window=start_spy)
-                                return {**r, "quote_interval": qi,
-                                        **_row_extra(r, fleet.usage([sims.proc.pid])[0] - sims_cpu[0])}
-                            finally:
-                                for p in spy:
-                                    p.wait()
-                                _stop(srv, bool(args.cprofile))
-
-                    try:
-                        row["keytrio"] = trio.run(keytrio_side)
-                        _say("keytrio", row["keytrio"])
-                    except (RuntimeError, httpx.HTTPError) as exc:
-                        report["stopped"]["keytrio"] = f"N={n}: {exc}"
+                    for w, db in keytrio_sides(args):
+                        name = side_name(w, db)
+                        try:
+                            row[name] = _keytrio_side(args, ca, Path(vtmp) / f"verifier-{k}-{w}-{db}", cpu, klog, ctx,
+                                                      limits, agents, body, qi, sims, w, db)  # fmt: skip
+                            _say(name, row[name])
+                        except (RuntimeError, httpx.HTTPError, OSError) as exc:
+                            report["stopped"][name] = f"N={n}: {exc}"
                 if args.push and n in sizes:
                     row["push"] = _push_side(args, ca, Path(vtmp) / f"push-verifier-{k}", cpu, klog, ctx, n,
                                              args.quote_interval or auto_interval(n), body, pushers, registrar,
@@ -225,7 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["upstream"] = _upstream_side(args, up_env, up_pgid, ctx, limits, agents, body, sims, report)
                 if up_push is not None and n in up_sizes:
                     row["upstream push"] = _upstream_push_side(args, up_push, n, body, pushers, report)
-                report["rows"].append({**row, "loadavg": os.getloadavg()})
+                report["rows"].append({**row, "loadavg": os.getloadavg(), "served_per_agents_process": sims.served()})
         finally:
             sims.close()
             if registrar is not None:
@@ -237,7 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _upstream_side(args: argparse.Namespace, env: dict[str, str], pgid: int, ctx: Any, limits: Any,
-                   agents: list[dict[str, Any]], body: dict[str, Any], sims: SimProcess,
+                   agents: list[dict[str, Any]], body: dict[str, Any], sims: SimFleet,
                    report: dict[str, Any]) -> dict[str, Any] | None:
     qi = report["quote_interval_upstream"]
     url = env["KL_VERIFIER_URL"]
@@ -250,9 +382,10 @@ def _upstream_side(args: argparse.Namespace, env: dict[str, str], pgid: int, ctx
             sims_cpu: list[float] = []
             try:
                 r = await fleet._window(client, url, agents, lambda: fleet.group_pids(pgid), qi, args.seconds, rss0,
-                                        on_window=lambda: sims_cpu.append(fleet.usage([sims.proc.pid])[0]))
-                return {**r, "quote_interval": qi, "processes": len(fleet.group_pids(pgid)),
-                        **_row_extra(r, fleet.usage([sims.proc.pid])[0] - sims_cpu[0])}
+                                        on_window=lambda: sims_cpu.append(sims.cpu()),
+                                        concurrency=args.enrol_concurrency)
+                return {**r, "quote_interval": qi, "workers": report.get("upstream_workers"),
+                        **_row_extra(r, sims.cpu() - sims_cpu[0])}
             finally:
                 if not await fleet._delete_all(client, url, [a["id"] for a in agents], timeout=60 + 0.2 * len(agents)):
                     report["stopped"]["upstream"] = f"agents of N={len(agents)} not deleted within the timeout"
@@ -311,22 +444,33 @@ def _say(name: str, r: dict[str, Any]) -> None:
           f"{r['agents_per_core_2s'] or 0:.0f} agents/core at 2 s, {r['rss_mb']:.0f} MB", file=sys.stderr)
 
 
+def _label(name: str, r: dict[str, Any]) -> str:
+    if name.startswith("upstream") and r.get("processes"):
+        return f"{name} (max_workers {r.get('workers')}: {r['processes']} processes)"
+    if name.startswith("keytrio") and r.get("workers", 1) > 1:
+        return f"{name}: {r.get('processes')} processes"
+    return name
+
+
 def tables(rep: dict[str, Any]) -> str:
-    rows = ["| N | side | quote interval | target polls/s | achieved polls/s | verifier CPU per poll (user + sys) | "
-            "agents per core at 2 s | verifier RSS MB | agents process CPU per poll | states at end |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| N | side | quote interval | enrol s | target polls/s | achieved polls/s | "
+            "verifier CPU per poll (user + sys) | its PostgreSQL backends' CPU per poll | agents per core at 2 s "
+            "(with the backends) | verifier RSS MB | agents processes' CPU per poll | states at end |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rep["rows"]:
-        for name in ("keytrio", "push", "upstream", "upstream push"):
-            r = row.get(name)
-            if r is None:
+        for name, r in row.items():
+            if not isinstance(r, dict) or "cpu_per_poll" not in r:
                 continue
-            cpp, per_agent = r["cpu_per_poll"], r["agents_process_cpu_per_poll"]
+            cpp, per_agent = r["cpu_per_poll"], r.get("agents_process_cpu_per_poll")
             split = (f" ({r['cpu_user_s'] / r['polls'] * 1e3:.2f} + {r['cpu_sys_s'] / r['polls'] * 1e3:.2f})"
-                     if r["polls"] else "")
+                     if r["polls"] and "cpu_user_s" in r else "")
+            db = r.get("db_cpu_per_poll")
+            with_db = f" ({fleet._fmt(r.get('agents_per_core_2s_with_db'), ',.0f')})" if db else ""
             rows.append(
-                f"| {r['n']:,} | {name}{' (' + str(r['processes']) + ' processes)' if 'processes' in r else ''} | "
-                f"{r['quote_interval']:g} s | {r['target_rate']:.1f} | {r['achieved_rate']:.1f} | "
-                f"{fleet._fmt(cpp and cpp * 1e3, '.3f')} ms{split} | {fleet._fmt(r['agents_per_core_2s'], ',.0f')} | "
+                f"| {r['n']:,} | {_label(name, r)} | {r['quote_interval']:g} s | {fleet._fmt(r.get('enrol_s'), '.0f')} | "
+                f"{r['target_rate']:.1f} | {r['achieved_rate']:.1f} | "
+                f"{fleet._fmt(cpp and cpp * 1e3, '.3f')} ms{split} | {fleet._fmt(db and db * 1e3, '.3f')} ms | "
+                f"{fleet._fmt(r.get('agents_per_core_2s'), ',.0f')}{with_db} | "
                 f"{r['rss_mb']:.0f} | {fleet._fmt(per_agent and per_agent * 1e3, '.2f')} ms | "
                 f"{', '.join(f'{s}:{c}' for s, c in sorted(r['states'].items()))} |")
     stopped = "".join(f"\n- stopped: {name}: {why}" for name, why in rep["stopped"].items())
@@ -336,7 +480,7 @@ def tables(rep: dict[str, Any]) -> str:
                        f"{row[name]['agent_errors'] or 'none'}"
                        for row in rep["rows"] for name in ("push", "upstream push") if row.get(name))
     la0, la1 = rep["loadavg_start"], rep["loadavg_end"]
-    return (f"### 4b. Simulated fleet (software RSA-2048 AKs, one agents process, {rep['policy_files']:,}-file "
+    return (f"### 4b. Simulated fleet (software RSA-2048 AKs, {rep['agent_procs']} agents process(es), {rep['policy_files']:,}-file "
             f"runtime policy, {rep['files_per_agent']} files + boot_aggregate per IMA log, {rep['seconds']:g} s "
             f"window; verifier pinned to CPU {rep['verifier_cpu']}, its database under {rep['verifier_dir']}; the first {rep['registered']:,} agents registered with keytrio's registrar; "
             f"load average {la0[0]:.1f} at start, {la1[0]:.1f} at end)\n\n" + "\n".join(rows) + stopped)
@@ -353,7 +497,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--policy-files", type=int, default=10_000)
     ap.add_argument("--register", type=int, default=100,
                     help="how many agents register with keytrio's registrar first (0: none; all are enrolled)")
-    ap.add_argument("--cpu", type=int, default=None, help="CPU the verifier is pinned to (default: the last)")
+    ap.add_argument("--cpu", type=int, default=None,
+                    help="CPU the verifier is pinned to, all its worker processes too (default: the last)")
+    ap.add_argument("--agent-procs", type=int, default=1,
+                    help="agents processes sharing out the fleet (process p: agents p, p + K, ...; own port, "
+                         "loopback addresses and keys); they run on the CPUs other than --cpu")
+    ap.add_argument("--enrol-concurrency", type=int, default=32, help="enrolment POSTs in flight at once")
+    ap.add_argument("--workers", default="1",
+                    help="comma-separated keytrio rows by worker processes ([verifier] workers), e.g. 1,2; "
+                         "more than 1 runs on PostgreSQL (a fresh database per row)")
+    ap.add_argument("--database", choices=("auto", "postgresql"), default="auto",
+                    help="auto: 1 worker on SQLite, N on PostgreSQL; postgresql: every row on PostgreSQL")
+    ap.add_argument("--pg-url", default=None,
+                    help="admin URL of a PostgreSQL server (a role that may create databases); default "
+                         "$KEYTRIO_TEST_PG_URL or the local server, started if down (testbed/postgres.py)")
     ap.add_argument("--verifier-dir", default=None,
                     help="where keytrio's verifier keeps its SQLite database (default: the system's temporary "
                          "directory; /dev/shm takes fsync latency out of enrolment, not CPU out of a poll)")

@@ -9,11 +9,15 @@ forged line must fail. The hang guard is a guard only; nothing here is timed.
 from __future__ import annotations
 
 import base64
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 import trio
 
 from bench import fleet, sim_agent, sim_keys
@@ -24,9 +28,11 @@ from keytrio.actors.verifier.actor import Verifier
 from keytrio.actors.verifier.config import load_config as verifier_config
 from keytrio.protocol import credential, states
 from keytrio.testbed.pki import make_cv_ca
+from tests.pg import pg_admin_url  # noqa: F401
 
 GUARD = 60.0  # seconds: a hang guard, never what the test asserts
 POLICY_FILES = 40
+REPO = Path(__file__).resolve().parents[1]
 
 
 async def _start_registrar(nursery: trio.Nursery, ca: Path, data: Path) -> str:
@@ -110,3 +116,35 @@ async def test_simulated_agents_register_and_attest_and_a_forged_log_fails(tmp_p
         assert bad["last_event_id"].startswith("ima."), bad  # the forged line, not the quote
         assert sims.served >= 4  # every attestation was a quote this process signed
         nursery.cancel_scope.cancel()
+
+
+def test_sim_fleet_agent_procs_and_workers_rows(tmp_path: Path, pg_admin_url: str) -> None:  # noqa: F811
+    """``bench.sim_fleet --agent-procs 2 --workers 1,2`` at a tiny size, as ``./scripts/bench --sim`` runs it:
+    two agents processes each serve their share of the fleet, and there is one keytrio row per worker
+    count, the 2-worker one measured over the supervisor and both workers on a fresh PostgreSQL database
+    (dropped afterwards)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bench.sim_fleet", "--out", str(out), "--sizes", "6", "--seconds", "2",
+           "--quote-interval", "1", "--register", "2", "--policy-files", str(POLICY_FILES), "--agent-procs", "2",
+           "--workers", "1,2", "--pg-url", pg_admin_url, "--enrol-concurrency", "4"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=GUARD * 5)  # a hang guard only
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    report = json.loads((out / "sim_fleet.json").read_text())
+    assert report["agent_procs"] == 2 and report["stopped"] == {}
+    (row,) = report["rows"]
+    served = row["served_per_agents_process"]
+    assert len(served) == 2 and all(s > 0 for s in served), served  # both processes signed quotes
+    one, two = row["keytrio 1 worker (SQLite)"], row["keytrio 2 workers (PostgreSQL)"]
+    for r in (one, two):
+        assert r["n"] == 6 and r["states"] == {str(states.GET_QUOTE): 6}, r  # six distinct agents, all attested
+        assert r["polls"] > 0 and r["cpu_per_poll"] is not None, r
+    assert one["processes"] == 1 and one["database"] == "sqlite" and one["side_cpu_s"] == 0
+    assert two["processes"] == 3 and two["workers"] == 2 and two["database"] == "postgresql"  # supervisor + 2
+    assert "keytrio 2 workers (PostgreSQL): 3 processes" in done.stdout
+    admin = sa.create_engine(pg_admin_url)
+    try:
+        with admin.connect() as conn:
+            left = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": two["pg_database"]})
+            assert left.first() is None  # the bench's database is dropped
+    finally:
+        admin.dispose()
