@@ -110,6 +110,11 @@ class ClockInfo:
             "safe": self.safe,
         }
 
+    def json_text(self) -> str:
+        """``json.dumps(self.to_json(), sort_keys=True)``, without the encoder (once per poll)."""
+        return (f'{{"clock": {int(self.clock)}, "resetcount": {int(self.reset_count)}, '
+                f'"restartcount": {int(self.restart_count)}, "safe": {int(self.safe)}}}')
+
     @classmethod
     def from_json(cls, data: Any) -> ClockInfo:
         try:

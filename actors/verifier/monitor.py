@@ -347,7 +347,7 @@ class Monitor:
                     ima_pcr10=dict(progress.pcrs) if progress is not None and new_progress else None,
                     ima_progress=ima_hook.progress_json() if ima_hook is not None and new_progress else None,
                     boottime=state.boottime if new_algs else None,
-                    clock_info=state.clock.to_json() if state.clock is not None else None,
+                    clock_info=state.clock,
                     state=next_state if next_state != self.db_state else None,
                     only_in_states=ACTIVE_STATES,
                 ))

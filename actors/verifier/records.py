@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection
 
 from keytrio.actors.common.store import Store
 from keytrio.actors.verifier.schema import agents, deliveries, leases
+from keytrio.protocol.quote import ClockInfo
 from keytrio.protocol.states import (  # noqa: F401 -- re-exported: the verifier reads records.GET_QUOTE etc.
     FAILED,
     GET_QUOTE,
@@ -234,6 +235,20 @@ def _success_sql(
     return hit
 
 
+_STATES_KEYS: dict[frozenset[int], tuple[int, ...]] = {}
+
+
+def _states_key(only_in_states: Collection[int] | None) -> tuple[int, ...] | None:
+    if only_in_states is None:
+        return None
+    if isinstance(only_in_states, frozenset):  # the monitor's ACTIVE_STATES: sorted once
+        hit = _STATES_KEYS.get(only_in_states)
+        if hit is None:
+            hit = _STATES_KEYS[only_in_states] = tuple(sorted(only_in_states))
+        return hit
+    return tuple(sorted(only_in_states))
+
+
 async def record_success(
     store: Store,
     agent_id: str,
@@ -246,7 +261,7 @@ async def record_success(
     ima_pcr10: dict[str, str] | None = None,
     ima_progress: str | None = None,
     boottime: int | None = None,
-    clock_info: dict[str, Any] | None = None,
+    clock_info: ClockInfo | dict[str, Any] | None = None,
     state: int | None = None,
     only_in_states: Collection[int] | None = None,
 ) -> bool:
@@ -256,23 +271,28 @@ async def record_success(
     One UPDATE, committed before this returns; concurrent calls (other agents' polls) share one
     transaction (``Store.write_grouped``): one thread hop and one fsync per group.
     """
-    optional = {
-        "last_received_quote": int(now),
-        "last_successful_attestation": int(now),
-        "hash_alg": hash_alg,
-        "enc_alg": enc_alg,
-        "sign_alg": sign_alg,
-        "next_ima_ml_entry": next_ima_ml_entry,
-        "ima_pcr10": json.dumps(ima_pcr10, sort_keys=True) if ima_pcr10 is not None else None,
-        "ima_progress": ima_progress,
-        "boottime": boottime,
-        "tpm_clock_info": json.dumps(clock_info, sort_keys=True) if clock_info is not None else None,
-        "operational_state": state,
-    }
-    params = {f"p_{k}": v for k, v in optional.items() if v is not None}
+    stamp = int(now)
+    if isinstance(clock_info, ClockInfo):
+        clock_text: str | None = clock_info.json_text()
+    else:
+        clock_text = json.dumps(clock_info, sort_keys=True) if clock_info is not None else None
+    optional = (
+        ("last_received_quote", stamp),
+        ("last_successful_attestation", stamp),
+        ("hash_alg", hash_alg),
+        ("enc_alg", enc_alg),
+        ("sign_alg", sign_alg),
+        ("next_ima_ml_entry", next_ima_ml_entry),
+        ("ima_pcr10", json.dumps(ima_pcr10, sort_keys=True) if ima_pcr10 is not None else None),
+        ("ima_progress", ima_progress),
+        ("boottime", boottime),
+        ("tpm_clock_info", clock_text),
+        ("operational_state", state),
+    )
+    params = {f"p_{k}": v for k, v in optional if v is not None}
     params["p_agent_id"] = agent_id
-    columns = tuple(k for k, v in optional.items() if v is not None)
-    states = tuple(sorted(only_in_states)) if only_in_states is not None else None
+    columns = tuple(k for k, v in optional if v is not None)
+    states = _states_key(only_in_states)
     fence = _FENCE.get()
     if fence is not None:
         params["p_fence_holder"], params["p_fence_epoch"] = fence.holder, fence.epoch
@@ -280,7 +300,14 @@ async def record_success(
     def txn(conn: Connection) -> int:
         sql, order = _success_sql(conn.dialect, columns, states, fence is not None)
         args = tuple(params[name] for name in order) if order is not None else params
-        return conn.exec_driver_sql(sql, args).rowcount
+        # the driver's own cursor: the statement is already compiled for this dialect's
+        # paramstyle, and SQLAlchemy's execute path per row cost four times the UPDATE itself
+        cur = conn.connection.cursor()
+        try:
+            cur.execute(sql, args)
+            return cur.rowcount
+        finally:
+            cur.close()
 
     return bool(await store.write_grouped(txn))
 
