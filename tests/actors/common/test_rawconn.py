@@ -1,0 +1,38 @@
+"""RawConn.is_readable on sockets numbered past select()'s FD_SETSIZE (a verifier of 1,000+ agents)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from keytrio.actors.common.rawconn import RawConn
+
+HIGH_FD = 1500  # past FD_SETSIZE (1024): select() refuses such descriptors
+
+
+def _high(sock: socket.socket) -> socket.socket:
+    fd = os.dup2(sock.fileno(), HIGH_FD)
+    sock.close()
+    return socket.socket(fileno=fd)
+
+
+def test_is_readable_past_fd_setsize() -> None:
+    mine, peer = socket.socketpair()
+    conn = RawConn(_high(mine))
+    try:
+        assert not conn.is_readable()  # idle: reusable
+        peer.send(b"x")
+        assert conn.is_readable()  # something unasked waits: not reusable
+    finally:
+        conn.close(notify=False)
+        peer.close()
+
+
+def test_is_readable_at_eof_past_fd_setsize() -> None:
+    mine, peer = socket.socketpair()
+    conn = RawConn(_high(mine))
+    try:
+        peer.close()
+        assert conn.is_readable()  # the peer closed it
+    finally:
+        conn.close(notify=False)
