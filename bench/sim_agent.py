@@ -234,6 +234,7 @@ class SimAgents:
         self.by_ip: dict[str, SimAgent] = {}
         self.port = 0
         self.served = 0
+        self.connections = 0  # accepted for an agent: > served / a few means the verifier reconnects (TLS handshakes)
 
     def grow(self, n: int, *, tamper: frozenset[int] = frozenset(), salt: str = "sim") -> list[SimAgent]:
         """This process's agents of fleet indices below ``n`` (local ``j``: keys = pool pairs 2j, 2j + 1)."""
@@ -267,6 +268,7 @@ class SimAgents:
         if agent is None:
             await tcp.aclose()
             return
+        self.connections += 1
         stream = trio.SSLStream(tcp, self.ssl, server_side=True, https_compatible=True)
         try:
             await self._http(stream, agent)
@@ -402,7 +404,7 @@ async def process_main(client_ca: Path, policy_files: int, pool_keys: int, offse
                     print(json.dumps({"agents": [a.describe(port, sims.mtls_cert) for a in sims.agents], "registered": reg,
                                       "mtls_cert": sims.mtls_cert, "seconds": time.monotonic() - t}), flush=True)
                 elif cmd["op"] == "served":
-                    print(json.dumps({"served": sims.served}), flush=True)
+                    print(json.dumps({"served": sims.served, "connections": sims.connections}), flush=True)
             nursery.cancel_scope.cancel()
 
 

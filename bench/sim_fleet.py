@@ -129,9 +129,9 @@ class SimFleet:
         agents = sorted((a for r in replies for a in r["agents"]), key=lambda a: a["index"])
         return {"agents": agents, "registered": reg, "seconds": max(r["seconds"] for r in replies)}
 
-    def served(self) -> list[int]:
-        """Integrity quotes each process has signed so far."""
-        return [r["served"] for r in self._all({"op": "served"})]
+    def served(self) -> list[dict[str, int]]:
+        """Per process: integrity quotes signed and connections accepted so far."""
+        return self._all({"op": "served"})
 
     def close(self) -> None:
         for sp in self.procs:
@@ -357,7 +357,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["upstream"] = _upstream_side(args, up_env, up_pgid, ctx, limits, agents, body, sims, report)
                 if up_push is not None and n in up_sizes:
                     row["upstream push"] = _upstream_push_side(args, up_push, n, body, pushers, report)
-                report["rows"].append({**row, "loadavg": os.getloadavg(), "served_per_agents_process": sims.served()})
+                served = sims.served()
+                report["rows"].append({**row, "loadavg": os.getloadavg(),
+                                       "served_per_agents_process": [s["served"] for s in served],
+                                       "connections_per_agents_process": [s["connections"] for s in served]})
         finally:
             sims.close()
             if registrar is not None:
