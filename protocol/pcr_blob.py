@@ -16,8 +16,10 @@ the split tpm2-tools writes. Upstream Keylime's push verifier requires exactly t
 
 from __future__ import annotations
 
+import operator
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from keytrio.protocol import validation
 from keytrio.protocol.errors import DecodeError, ValidationError
@@ -128,9 +130,74 @@ def decode(raw: bytes) -> Banks:
 
 
 def decode_single(raw: bytes) -> tuple[str, dict[int, bytes]]:
-    """(bank, {pcr: value}) of a blob that selects exactly one bank (what a quote of one bank writes)."""
+    """(bank, {pcr: value}) of a blob that selects exactly one bank (what a quote of one bank writes).
+
+    An agent sends the same selection every poll: the layout of a blob that decoded is kept
+    (keyed by its selection and list count, i.e. the first 136 bytes), and a later blob with the
+    same head is taken apart by one ``struct`` unpack whose count and size fields must equal the
+    layout's; anything else (another split of the values, a bad size) goes through :func:`decode`.
+    """
+    raw = bytes(raw)
+    head = raw[: SELECTION_SIZE + 4]
+    layout = _LAYOUTS.get(head)
+    if layout is not None and len(raw) == layout.size:
+        fields = layout.struct.unpack(raw)
+        if layout.structure(fields) == layout.expected:
+            return layout.bank, dict(zip(layout.pcrs, layout.values(fields), strict=True))
     banks = decode(raw)
     if len(banks) != 1:
         raise DecodeError(f"pcr blob: {len(banks)} PCR banks selected, expected 1")
     ((bank, pcrs),) = banks.items()
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.clear()
+    layout = _Layout.of(bank, tuple(pcrs))
+    if layout is not None and layout.size == len(raw):
+        _LAYOUTS[head] = layout
     return bank, pcrs
+
+
+class _Layout:
+    """How :func:`encode` lays out the values of one bank's selection: one ``struct`` for the blob,
+    the indices of its count/size fields (with the values they must have) and of the values."""
+
+    __slots__ = ("bank", "expected", "pcrs", "size", "struct", "structure", "values")
+    values: Callable[[tuple[Any, ...]], tuple[bytes, ...]]
+
+    def __init__(self, bank: str, pcrs: tuple[int, ...], fmt: str, structure: list[int],
+                 expected: tuple[int, ...], values: list[int]) -> None:
+        self.bank, self.pcrs = bank, pcrs
+        self.struct = struct.Struct(fmt)
+        self.size = self.struct.size
+        self.structure = operator.itemgetter(*structure)
+        self.expected = expected
+        # itemgetter of one index returns the item itself, not a 1-tuple
+        self.values = operator.itemgetter(*values) if len(values) > 1 else (lambda t, i=values[0]: (t[i],))
+
+    @classmethod
+    def of(cls, bank: str, pcrs: tuple[int, ...]) -> _Layout | None:
+        if not pcrs:
+            return None
+        size = DIGEST_SIZES[bank]
+        fmt = [f"<{SELECTION_SIZE}xI"]
+        nlists = -(-len(pcrs) // DIGESTS_PER_LIST)
+        structure, expected, values = [0], [nlists], []
+        at = 1
+        for start in range(0, len(pcrs), DIGESTS_PER_LIST):
+            n = min(DIGESTS_PER_LIST, len(pcrs) - start)
+            fmt.append("I")
+            structure.append(at)
+            expected.append(n)
+            at += 1
+            for _ in range(n):
+                fmt.append(f"H{size}s{DIGEST_SLOT - 2 - size}x")
+                structure.append(at)
+                expected.append(size)
+                values.append(at + 1)
+                at += 2
+            if n < DIGESTS_PER_LIST:
+                fmt.append(f"{DIGEST_SLOT * (DIGESTS_PER_LIST - n)}x")
+        return cls(bank, pcrs, "".join(fmt), structure, tuple(expected), values)
+
+
+_MAX_LAYOUTS = 64
+_LAYOUTS: dict[bytes, _Layout] = {}
