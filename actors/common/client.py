@@ -237,7 +237,9 @@ class KeepAliveClient:
         peer, target, hostport = self._split(url)
         try:
             out = http1.request_bytes(method, target, hostport, body)
-            with trio.fail_after(self._timeout if timeout is None else timeout):
+            # a bare scope rather than fail_after (its generator wrapper was a tenth of the
+            # scheduler's share of a poll); falling out of it means its deadline passed
+            with trio.CancelScope(deadline=trio.current_time() + (self._timeout if timeout is None else timeout)):
                 reused = self._reusable(peer)
                 if not reused:
                     await self._connect(peer)
@@ -248,6 +250,7 @@ class KeepAliveClient:
                         raise
                     await self._connect(peer)  # the idle connection died just now: once more
                     return await self._exchange(out, max_response_bytes)
+            raise trio.TooSlowError
         except BaseException as exc:
             await self._drop()
             if isinstance(exc, _NothingReceived):

@@ -24,6 +24,8 @@ _RECEIVE = 65536
 
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
 _FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+_FIELDS = re.compile(rb"(?:" + _FIELD.pattern + rb"\r\n)*" + _FIELD.pattern)
+_FIELD_LINE = re.compile(_FIELD.pattern + rb"(?:\r\n|\Z)")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _BAD_REQUEST_CHARS = re.compile(r"[\x00-\x20\x7f]")
 
@@ -199,12 +201,10 @@ class Exchange:
 
 
 def _fields(block: bytes) -> list[tuple[bytes, bytes]]:
-    out = []
     if not block:
-        return out
-    for line in block.split(b"\r\n"):
-        m = _FIELD.fullmatch(line)
-        if m is None:
-            raise ProtocolViolation("malformed header field")
-        out.append((m[1].lower(), m[2]))
-    return out
+        return []
+    # one C pass checks every line, one more takes them apart (a value cannot span lines: CR and
+    # LF are outside its class)
+    if _FIELDS.fullmatch(block) is None:
+        raise ProtocolViolation("malformed header field")
+    return [(name.lower(), value) for name, value in _FIELD_LINE.findall(block)]
