@@ -23,7 +23,7 @@ import httpx
 import trio
 
 from keytrio.actors.common import http1
-from keytrio.actors.common.rawconn import RawConn
+from keytrio.actors.common.rawconn import RawConn, watchdog
 from keytrio.protocol import safejson
 from keytrio.protocol.envelope import parse as parse_envelope
 from keytrio.protocol.errors import DecodeError
@@ -237,19 +237,27 @@ class KeepAliveClient:
         peer, target, hostport = self._split(url)
         try:
             out = http1.request_bytes(method, target, hostport, body)
-            # a bare scope rather than fail_after (its generator wrapper was a tenth of the
-            # scheduler's share of a poll); falling out of it means its deadline passed
-            with trio.CancelScope(deadline=trio.current_time() + (self._timeout if timeout is None else timeout)):
-                reused = self._reusable(peer)
-                if not reused:
-                    await self._connect(peer)
+            deadline = trio.current_time() + (self._timeout if timeout is None else timeout)
+            conn = self._stream
+            if conn is not None and self._reusable(peer):
+                # the poll's usual case: the deadline is watched by the run's Watchdog, not by a
+                # cancel scope of this request (up to Watchdog.SLACK late)
+                entry = watchdog().arm(deadline, conn)
                 try:
                     return await self._exchange(out, max_response_bytes)
                 except _NothingReceived:
-                    if not reused:
-                        raise
-                    await self._connect(peer)  # the idle connection died just now: once more
-                    return await self._exchange(out, max_response_bytes)
+                    if conn.expired:
+                        raise trio.TooSlowError from None
+                    # the idle connection died just now: once more on a fresh one, below
+                except trio.ClosedResourceError:
+                    if conn.expired:
+                        raise trio.TooSlowError from None
+                    raise
+                finally:
+                    entry[2] = None
+            with trio.CancelScope(deadline=deadline):  # falling out of it: the deadline passed
+                await self._connect(peer)
+                return await self._exchange(out, max_response_bytes)
             raise trio.TooSlowError
         except BaseException as exc:
             await self._drop()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import secrets
 import ssl
 import string
 from collections.abc import Iterable
@@ -113,18 +112,18 @@ def agent_ssl_context(
     return tls.client_context(ca_files, client_cert, client_key, pinned_server_cert_pem=mtls_cert_pem)
 
 
-_NONCE_SPACE = len(_NONCE_CHARS) ** NONCE_LEN
+# byte b < 248 -> _NONCE_CHARS[b % 62] (248 = 4 x 62: every letter equally likely); 248-255 dropped
+_NONCE_TABLE = bytes(ord(_NONCE_CHARS[b % len(_NONCE_CHARS)]) if b < 248 else 0 for b in range(256))
+_NONCE_DROP = bytes(range(248, 256))
 
 
 def new_nonce() -> str:
-    """NONCE_LEN uniform random letters/digits from ONE CSPRNG draw (per-character
-    ``secrets.choice`` reads the OS RNG 20 times: a measurable share of a poll)."""
-    n = secrets.randbelow(_NONCE_SPACE)
-    out = []
-    for _ in range(NONCE_LEN):
-        n, d = divmod(n, len(_NONCE_CHARS))
-        out.append(_NONCE_CHARS[d])
-    return "".join(out)
+    """NONCE_LEN uniform random letters/digits from the OS CSPRNG: random bytes mapped in C
+    (rejection of the 8 byte values that would bias it), not a Python loop per character."""
+    while True:
+        chars = os.urandom(2 * NONCE_LEN).translate(_NONCE_TABLE, _NONCE_DROP)
+        if len(chars) >= NONCE_LEN:  # 40 bytes lose more than 20 with probability ~1e-17
+            return chars[:NONCE_LEN].decode("ascii")
 
 
 # --- one round -----------------------------------------------------------------------------------

@@ -110,3 +110,37 @@ async def test_caps_and_encodings(nursery: trio.Nursery) -> None:
     async with KeepAliveClient(None, timeout=5) as client:  # a target that would split the request
         with pytest.raises(CommunicationError):
             await request_json(client, "GET", f"{base}/x y\r\nEvil: 1")
+
+
+async def test_a_reused_connection_times_out_through_the_watchdog(nursery: trio.Nursery, autojump_clock) -> None:
+    """A request on a kept connection has no cancel scope of its own: the run's Watchdog
+    (actors/common/rawconn.py) expires it, no earlier than its timeout and at most SLACK later."""
+    del autojump_clock  # real sockets; the virtual clock jumps while the server stays silent
+    from keytrio.actors.common.rawconn import Watchdog
+
+    heads: list[bytes] = []
+
+    async def first_then_silent(stream: trio.SocketStream) -> None:
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                buf += await stream.receive_some(65536)
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            heads.append(head)
+            if len(heads) == 1:
+                await stream.send_all(ok())
+            else:
+                await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, first_then_silent, 0, host="127.0.0.1"))
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    with trio.fail_after(100):  # without the watchdog the second request would wait for ever
+        async with KeepAliveClient(None, timeout=5) as client:
+            assert (await request_json(client, "GET", f"{base}/a")).results == {"n": 1}
+            start = trio.current_time()
+            with pytest.raises(CommunicationError) as info:
+                await request_json(client, "GET", f"{base}/b")
+            assert info.value.kind == "timeout"
+            assert 5 <= trio.current_time() - start <= 5 + Watchdog.SLACK + 0.01
+            assert client._stream is None  # a timed-out connection is not kept
+    assert len(heads) == 2  # the second request went over the kept connection
