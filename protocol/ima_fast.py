@@ -33,11 +33,12 @@ Pure: strings in, bytes out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
-from operator import contains, itemgetter
+from operator import add, contains
 from typing import Any
 
 from keytrio.protocol.ima import KERNEL_DIGEST_SIZES
@@ -52,9 +53,17 @@ _PREFIXES: dict[str, tuple[bytes, int]] = {
     alg: (_U32(len(alg) + 2 + size) + alg.encode("ascii") + b":\0", size)
     for alg, size in KERNEL_DIGEST_SIZES.items()
 }
+#: u32le(n) for the name lengths a chunk can take whole (longer names: line by line)
+_LEN_PREFIX = tuple(_U32(n) for n in range(4097))
 _CHUNK_MIN = 16  # first column chunk after line-by-line stretches; doubles while chunks pass whole
 _CHUNK_MAX = 512
 _COOL = 64  # lines taken one by one after the column pass met a line it could not accept
+
+
+@functools.lru_cache(maxsize=64)
+def _splitter(size: int, n: int) -> Callable[[bytes], tuple[bytes, ...]]:
+    """Cuts n * size bytes into n digests in one call (struct builds the n bytes objects)."""
+    return struct.Struct(f"{size}s" * n).unpack
 
 
 class FastNg:
@@ -117,11 +126,17 @@ class FastNg:
         """The column pass over ``lines[start:stop]``; None when the chunk is not uniform."""
         seg = lines[start:stop]
         n = len(seg)
-        # exactly four spaces per line: joining with a space then gives five aligned columns
-        if list(map(str.count, seg, repeat(" "))).count(4) != n:
-            return None
-        f = " ".join(seg).split(" ")
-        if f[0::5].count("10") != n or f[2::5].count("ima-ng") != n:
+        # Five fields per line, checked without looking at each line: the text holds no NUL (the
+        # caller's guarantee), so after joining with " \0" exactly the n - 1 fields that begin a
+        # line after the first start with NUL; all of them at 5, 10, ... and 5 n fields in all
+        # means every line split into exactly five.
+        f = " \0".join(seg).split(" ")
+        if (
+            len(f) != 5 * n
+            or f[0] != "10"
+            or f[5::5].count("\x0010") != n - 1
+            or f[2::5].count("ima-ng") != n
+        ):
             return None
         dngs = f[3::5]
         alg, sep, _ = dngs[0].partition(":")
@@ -130,22 +145,29 @@ class FastNg:
             return None
         pre, size = entry
         head = alg + ":"
-        # same algorithm everywhere and exact hex length (bytes.fromhex would skip whitespace)
-        if list(map(str.startswith, dngs, repeat(head))).count(True) != n:
-            return None
+        # Every digest field is exactly ``head`` + 2 size hex digits, checked on the joined
+        # column: n fields of that length whose concatenation splits at ``head`` into n pieces of
+        # 2 size characters (``head`` holds ":", never a hex digit, so the cuts are the fields'
+        # starts); one fromhex of all pieces yielding n size bytes proves them hex without
+        # whitespace (fromhex would skip it and come out short).
         if list(map(len, dngs)).count(len(head) + 2 * size) != n:
+            return None
+        hexes = "".join(dngs).split(head)
+        if len(hexes) != n + 1 or list(map(len, hexes)).count(2 * size) != n:
             return None
         paths = f[4::5]
         try:
-            digests = list(map(bytes.fromhex, map(itemgetter(slice(len(head), None)), dngs)))
+            blob = bytes.fromhex("".join(hexes))
             # each name with its NUL; names hold no "\n" and their UTF-8 no 0x0a byte
             names = ("\0\n".join(paths) + "\0").encode("utf-8", "surrogateescape").split(b"\n")
-        except ValueError:  # bad hex somewhere, or an unencodable name (UnicodeEncodeError)
+            lens = list(map(_LEN_PREFIX.__getitem__, map(len, names)))
+        except (ValueError, IndexError):  # bad hex, an unencodable name, a name past _LEN_PREFIX
             return None
-        if list(map(len, digests)).count(size) != n:
+        if len(blob) != n * size:
             return None
+        digests = _splitter(size, n)(blob)
         htype = self._hash_type
-        data = list(map(b"".join, zip(repeat(pre), digests, map(_U32, map(len, names)), names)))
+        data = list(map(b"".join, zip(repeat(pre), digests, lens, names)))
         exts = list(map(htype.digest, map(self._bank_hash, data)))
         # the first line that fails a check ends the run (the general path takes it)
         bad = n
@@ -160,12 +182,16 @@ class FastNg:
             ok = list(map(contains, map(self._digests.get, paths, repeat(frozenset())), digests))
             if False in ok:
                 bad = min(bad, ok.index(False))
-        bank_hash = self._bank_hash
-        for k in range(bad):
-            value = bank_hash(value + exts[k]).digest()
-            if value == target:
-                return value, start + k + 1, True
-        return value, start + bad, False
+        # The PCR 10 chain without a Python loop: ``vals`` is extended from a map that reads
+        # ``vals`` itself (a list iterator sees items appended while it runs), so value k + 1 is
+        # H(value k || ext k), all in C. Values past a match cost a hash each and are dropped.
+        vals = [value]
+        vals.extend(map(htype.digest, map(self._bank_hash, map(add, vals, exts[:bad]))))
+        try:
+            k = vals.index(target, 1)
+        except ValueError:
+            return vals[-1], start + bad, False
+        return target, start + k, True
 
     def _lines(
         self, lines: Sequence[str], start: int, stop: int, value: bytes, target: bytes

@@ -181,6 +181,17 @@ class _Log:
         cut = a.rindex(" ")
         return [a[:cut], a[cut + 1 :] + " " + b]
 
+    def split_digest(self) -> list[str]:
+        """Two lines whose digest fields hold ``sha256:<hex>sha256:`` and ``<hex>``: joined, the
+        column still reads as n whole digests (the per-field length check must catch it)."""
+        a = self._line(self._entry(self._name())).split(" ")
+        b = self._line(self._entry(self._name())).split(" ")
+        a[3], b[3] = a[3] + "sha256:", b[3][len("sha256:") :]
+        return [" ".join(a), " ".join(b)]
+
+    def long_name(self) -> list[str]:  # longer than the column pass's length table: line by line
+        return [self._line(self._entry(self._name("/usr/" + "n" * 5000 + "/f")))]
+
     def policy(self) -> RuntimePolicy:
         doc = policy_document(digests=self.digests, excludes=["/tmp/x", "^/tmp/nomatch"])
         doc["ima"]["log_hash_alg"] = self.log_alg
@@ -192,6 +203,7 @@ KINDS = [k for k in vars(_Log) if not k.startswith("_") and k not in ("policy", 
 ACCEPTED = {
     "boot_aggregate_listed",
     "escaped_name",
+    "long_name",
     "other_alg",
     "sha512",
     "space_in_path",
