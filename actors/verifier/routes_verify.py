@@ -52,7 +52,7 @@ def install(app: KeytrioApp, store: Store, *, ignore_tomtou_errors: bool) -> Non
 
     # the fast route answers /v<version>/verify/evidence itself; the quart view the variants
     @app.api.route("/verify/evidence", methods=("POST",), public=True, body_limit="evidence",
-                   fast=check_evidence, allow_surrogates=True)
+                   fast=check_evidence, allow_surrogates=True, fast_echo="claims")
     async def verify_evidence() -> Response:
         return ok(await check_evidence(await json_body(allow_surrogates=True), g.api_version))
 

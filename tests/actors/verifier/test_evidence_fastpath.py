@@ -96,6 +96,27 @@ async def test_fast_route_matches_quart_route_and_caches_keep_verdicts(
     r = await public.post(f"{root}/v9.9/verify/evidence", content=body(good))
     assert r.status_code == 400 and r.json()["status"].startswith("API version not supported")
 
+    # the answer echoes the body's own bytes of ``data`` (no second encoding) when it is the last
+    # member of an ASCII body; other layouts are encoded: every layout gives the same JSON
+    spaced = b'{ "type" :"tpm" ,\t"data"\r\n: ' + json.dumps(good, indent=1).encode() + b" \n}\n"
+    escaped = json.dumps({"type": "tpm", "data": {**good, "tpm_ek": "A\u00e9/\ud800"}}).encode()
+    escaped = escaped.replace(b"/", b"\\/")  # an escape json.dumps would not write
+    for content, spliced in (
+        (spaced, True),
+        (escaped, True),
+        # compact: the encoded answer (default separators) does not hold these bytes of data
+        (json.dumps({"data": good, "type": "tpm"}, separators=(",", ":")).encode(), False),  # data not last
+        (json.dumps({"type": "tpm", "data": good}, ensure_ascii=False).encode().replace(b'""', '"\u00e9"'.encode(), 1),
+         False),  # not ASCII (the empty tpm_ek becomes a raw e-acute)
+        (json.dumps({"type": "tpm", "pad": "x" * 5000, "data": good}, separators=(",", ":")).encode(),
+         False),  # the members before data run past the window
+    ):
+        code, doc = await both(content)
+        assert code == 200 and doc["results"]["valid"] is True, doc
+        assert doc["results"]["claims"] == json.loads(content)["data"]
+        r = await public.post(f"{root}/v2.5/verify/evidence", content=content)
+        data_text = content[content.index(b'"data"') + 6:].lstrip(b" \t\r\n:").rstrip(b" \t\r\n}")
+        assert (data_text in r.content) is spliced, content[:80]
     # evidence too large to check inline runs in a worker thread: same verdicts
     padded_policy = policy_doc({**BASE, **{f"/opt/pad/{i}": b"x" for i in range(2000)}})
     big = {**good, "runtime_policy": json.dumps(padded_policy)}
