@@ -325,7 +325,7 @@ class ParsedQuote:
 def _b64(part: str, what: str) -> bytes:
     # strict_mode checks the alphabet and padding in C (validate=True runs a regex first)
     try:
-        return binascii.a2b_base64(part.encode("ascii"), strict_mode=True)
+        return binascii.a2b_base64(part, strict_mode=True)  # a str must be ASCII (ValueError)
     except (binascii.Error, ValueError) as exc:
         raise DecodeError(f"quote: {what} is not base64 ({exc})") from None
 

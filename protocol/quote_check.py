@@ -136,6 +136,9 @@ def nonce_matches(extra_data: bytes, nonce: str, *, allow_base64: bool = False) 
         return False
 
 
+_PKCS1V15 = padding.PKCS1v15()  # stateless: one for every verify
+
+
 def _verify_signature(ak: tpm2.AkKey, sig_alg: int, bank_hash: str, q: ParsedQuote) -> str | None:
     """None if the signature over the TPMS_ATTEST bytes verifies, else why not."""
     h = tpm2.crypto_hash(bank_hash)
@@ -145,7 +148,7 @@ def _verify_signature(ak: tpm2.AkKey, sig_alg: int, bank_hash: str, q: ParsedQuo
             if not isinstance(ak.key, rsa.RSAPublicKey):
                 return "RSA signature but the AK is not an RSA key"
             if sig_alg == ALG_RSASSA:
-                pad: padding.AsymmetricPadding = padding.PKCS1v15()
+                pad: padding.AsymmetricPadding = _PKCS1V15
             else:
                 # the TPM uses the largest salt that fits; AUTO recovers any salt length
                 pad = padding.PSS(padding.MGF1(h), padding.PSS.AUTO)

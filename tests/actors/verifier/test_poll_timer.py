@@ -62,3 +62,49 @@ async def test_cancelled_sleeper_and_restart(autojump_clock: trio.testing.MockCl
         assert len(n.child_tasks) == 0  # the timer's task ended with its last sleeper
         n.start_soon(sleeper, "c", 3.0, trio.CancelScope())  # and starts again for a new one
     assert out[-1] == "c"
+
+
+
+async def test_request_slots_bound_hand_over_and_cancel() -> None:
+    """The monitors' request bound (monitor.RequestSlots): at most n holders; a release hands its
+    slot to the first waiter; a waiter cancelled before that takes none."""
+    from keytrio.actors.verifier.monitor import RequestSlots
+
+    slots = RequestSlots(2)
+    holding: list[str] = []
+    release = {n: trio.Event() for n in ("a", "b", "c", "d")}
+
+    async def hold(name: str) -> None:
+        await slots.acquire()
+        holding.append(name)
+        await release[name].wait()
+        holding.remove(name)
+        slots.release()
+
+    async with trio.open_nursery() as nursery:
+        for n in "abc":
+            nursery.start_soon(hold, n)
+            await trio.testing.wait_all_tasks_blocked()
+        assert holding == ["a", "b"]  # c waits
+        nursery.start_soon(hold, "d")  # waits behind c ...
+        await trio.testing.wait_all_tasks_blocked()
+        waiter = trio.CancelScope()
+
+        async def cancelled_waiter() -> None:
+            with waiter:
+                await slots.acquire()
+                holding.append("cancelled")
+
+        nursery.start_soon(cancelled_waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        waiter.cancel()  # ... and one more, cancelled while waiting
+        await trio.testing.wait_all_tasks_blocked()
+        release["a"].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert holding == ["b", "c"]  # a's slot went to c, the first waiter
+        release["b"].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert holding == ["c", "d"]  # b's slot went to the next waiter, not the cancelled one
+        release["c"].set()
+        release["d"].set()
+    assert holding == [] and slots._free == 2
