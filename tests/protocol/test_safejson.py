@@ -117,3 +117,11 @@ def test_depth_verdict_equals_the_plain_token_scan() -> None:
     for _ in range(1_000):
         text, depth = nested(rnd.randint(0, 8)), rnd.randint(0, 9)
         assert checked(text, depth) == reference(text, depth), (text, depth)
+    # large texts (past the size up to which loads counts brackets first): the same verdicts
+    pad = '"' + "p" * (70 << 10) + '"'
+    for _ in range(200):
+        d = rnd.randint(0, 8)
+        text, depth = "[" + pad + "," + nested(d) + "]", rnd.randint(0, 9)
+        assert checked(text, depth) == reference(text, depth), (text[-200:], depth)
+        broken = text[:-1] + rnd.choice(["", "]]", ",", "}"])
+        assert checked(broken, depth) == reference(broken, depth), (broken[-200:], depth)
