@@ -212,6 +212,21 @@ class FastRoutes:
         self.app = app
         #: unversioned rule ("/verify/evidence") -> route; POST only
         self.routes: dict[str, _FastRoute] = {}
+        #: layers below this one that answer requests of their own without quart (the push
+        #: cycle's FastCycle): ``lean_limit(method, path) -> body limit | None``, see lean_limit
+        self.lean: list[Any] = []
+
+    def lean_limit(self, method: str, path: str) -> int | None:
+        """The body limit of a request this layer (or one of ``lean``) answers without quart,
+        None when quart must: serve.py's lean path takes only such requests."""
+        route = self.match({"type": "http", "method": method, "path": path})
+        if route is not None:
+            return route.body_limit[0]
+        for layer in self.lean:
+            limit = layer.lean_limit(method, path)
+            if limit is not None:
+                return int(limit)
+        return None
 
     def match(self, scope: Scope) -> _FastRoute | None:
         if not self.routes or scope.get("method") != "POST" or scope.get("type") != "http":

@@ -31,8 +31,9 @@ accept loop and the per-connection task, because hypercorn 0.18's trio worker ha
    On a plain-HTTP server the key is absent. A quart route reads it via ``request.scope``.
 
 5. (speed) every request pays hypercorn's per-request stream, app task and ASGI layers (~1 ms of
-   CPU) -> a small, whole request for one of the app's fast routes (an app with a
-   ``fast_routes`` attribute: common.app.FastRoutes) is parsed by the connection's own h11 state
+   CPU) -> a small, whole request that the app answers without quart (an app with a
+   ``fast_routes`` attribute, common.app.FastRoutes: its fast POST routes and the layers in its
+   ``lean`` list, e.g. the push cycle's POST and PATCH) is parsed by the connection's own h11 state
    machine and answered by the route directly (:meth:`_Connection._read_data`); anything else,
    or a request whose rest does not arrive within a second, goes through hypercorn as before.
    A response's head is also written together with its body (:class:`_H11Only`).
@@ -140,7 +141,8 @@ class _Server:
         self.app = ASGIWrapper(app)
         #: common.app.FastRoutes of a keytrio app: their small requests skip hypercorn (_FastPath)
         fast = getattr(app, "fast_routes", None)
-        self.fast_routes = fast if fast is not None and fast.routes else None  # routes are final by now
+        # routes are final by now; an app without any keeps hypercorn's plain read loop
+        self.fast_routes = fast if fast is not None and (fast.routes or getattr(fast, "lean", None)) else None
         self.ssl_context = ssl_context
         self.keep_alive_timeout = keep_alive_timeout
         self.graceful_timeout = graceful_timeout
@@ -334,14 +336,20 @@ class _Connection(TCPServer):
         ASGI layers. Anything else, anything unsure, and a request whose rest does not arrive
         within _FAST_WAIT is fed to hypercorn as before (its timeouts and limits then apply)."""
         held = b""
+        read_timeout = self.config.read_timeout
         while True:
+            slow = False
             try:
-                with trio.fail_after(self.config.read_timeout or math.inf):
-                    with trio.move_on_after(_FAST_WAIT if held else math.inf) as wait:
-                        data = bytes(await self.stream.receive_some(_MAX_RECV))
+                if held or read_timeout:
+                    with trio.fail_after(read_timeout or math.inf):
+                        with trio.move_on_after(_FAST_WAIT if held else math.inf) as wait:
+                            data = bytes(await self.stream.receive_some(_MAX_RECV))
+                    slow = wait.cancelled_caught
+                else:  # the common case: no deadline to set up (two cancel scopes per read)
+                    data = bytes(await self.stream.receive_some(_MAX_RECV))
             except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
                 break
-            if wait.cancelled_caught:  # the rest is slow in coming: hypercorn's ordinary way
+            if slow:  # the rest is slow in coming: hypercorn's ordinary way
                 data, held = held, b""
                 await self.protocol.handle(RawData(data))
                 continue
@@ -398,7 +406,8 @@ class _Connection(TCPServer):
             return False
         assert isinstance(request, h11.Request)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        scope = {"type": "http", "method": "POST", "path": route_path, "headers": list(request.headers)}
+        method = request.method.decode("ascii")
+        scope = {"type": "http", "method": method, "path": route_path, "headers": list(request.headers)}
         answer: dict[str, Any] = {}
 
         async def receive() -> dict[str, Any]:
@@ -476,22 +485,27 @@ _FAST_MAX = 64 << 10  # only small requests: for larger ones the HTTP layers are
 _FAST_WAIT = 1.0  # seconds the lean path waits for the rest of a request before handing it over
 _MORE_HEAD = object()
 _MORE_BODY = object()
-_FAST_LINE = re.compile(rb"POST (/v[0-9][0-9.]*/[A-Za-z/_-]+) HTTP/1\.1\r\n")
+# no "%" (hypercorn's scope path is the percent-decoded one), no query string: those go to hypercorn
+_FAST_LINE = re.compile(rb"(POST|PATCH) (/v[0-9][0-9.]*/[A-Za-z0-9/_.~-]+) HTTP/1\.1\r\n")
+_FAST_STARTS = (b"POST /v", b"PATCH /v")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*\r\n", re.I)
 _NOT_FAST_HEADER = re.compile(rb"\r\n(?:transfer-encoding|expect|upgrade)[ \t]*:", re.I)
 
 
 def _fast_candidate(held: bytes, fast_routes: Any) -> str | object | None:
     """What the bytes of a new request are for the lean path: the route's path when they are
-    one whole POST for a fast route (head, exactly Content-Length body bytes, nothing after),
+    one whole request the app answers without quart (``fast_routes.lean_limit``: its fast POST
+    routes, the push cycle's POST and PATCH) with head, exactly Content-Length body bytes, nothing after;
     _MORE_HEAD / _MORE_BODY when they may become one, None when not (hypercorn takes them).
     Only a candidate check: the connection's h11 parser still validates the request."""
     m = _FAST_LINE.match(held)
     if m is None:
-        return _MORE_HEAD if len(held) < 64 and b"\r\n" not in held and b"POST /v".startswith(held[:7]) else None
-    path = m.group(1).decode("ascii")
-    route = fast_routes.match({"type": "http", "method": "POST", "path": path})
-    if route is None:
+        if len(held) < 64 and b"\r\n" not in held and any(s.startswith(held[: len(s)]) for s in _FAST_STARTS):
+            return _MORE_HEAD
+        return None
+    path = m.group(2).decode("ascii")
+    limit = fast_routes.lean_limit(m.group(1).decode("ascii"), path)
+    if limit is None:
         return None
     end = held.find(b"\r\n\r\n")
     if end < 0:
@@ -501,7 +515,7 @@ def _fast_candidate(held: bytes, fast_routes: Any) -> str | object | None:
     if len(lengths) != 1 or _NOT_FAST_HEADER.search(head):
         return None
     total = end + 4 + int(lengths[0])
-    if int(lengths[0]) > route.body_limit[0] or total > _FAST_MAX:
+    if int(lengths[0]) > limit or total > _FAST_MAX:
         return None  # hypercorn + BodyLimit answer it (413, or the large body's own way)
     if len(held) < total:
         return _MORE_BODY

@@ -51,9 +51,20 @@ _EVIDENCE = re.compile(r"^(/v3(?:\.0)?)/agents/([^/]+)/attestations/([^/]+)$")
 class FastCycle:
     """ASGI layer: the cycle's two requests answered here, everything else passed to ``app``."""
 
-    def __init__(self, app: ASGIApp, cycle: Cycle) -> None:
+    def __init__(self, app: ASGIApp, cycle: Cycle, limits: tuple[int, int] = (1 << 20, 1 << 20)) -> None:
         self.app = app
         self.cycle = cycle
+        #: body limits of the capabilities POST and the evidence PATCH (BodyLimit's, per route)
+        self.limits = limits
+
+    def lean_limit(self, method: str, path: str) -> int | None:
+        """The body limit when this layer answers ``method path`` (serve.py's lean path may then
+        hand it here whole, without hypercorn's stream and quart), else None."""
+        if method == "POST" and _CAPABILITIES.match(path):
+            return self.limits[0]
+        if method == "PATCH" and _EVIDENCE.match(path):
+            return self.limits[1]
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope.get("method"), str(scope.get("path") or "")

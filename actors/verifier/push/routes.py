@@ -212,6 +212,8 @@ def register(app: KeytrioApp, push: PushService) -> None:
             if limit is not None:
                 app.endpoint_body_limits[endpoint] = app.body_limits[limit]
     # the cycle's two requests skip quart (inside BodyLimit: their bodies arrive whole, bounded)
-    app.fast_routes.app = FastCycle(app.fast_routes.app, cycle)
+    fast = FastCycle(app.fast_routes.app, cycle, (app.default_body_limit[0], app.body_limits["evidence"][0]))
+    app.fast_routes.app = fast
+    app.fast_routes.lean.append(fast)  # and serve.py's lean path hands whole small ones straight here
     # the app's own refusals on /v3 paths (client cert, 404, 405, 413, 500) as JSON:API errors
     app.asgi_app = V3Errors(app.asgi_app)  # type: ignore[method-assign]
