@@ -141,7 +141,7 @@ class Attestations:
             if row["operational_state"] in FAILED_STATES:
                 return WireError(403, "attestations are disabled for this agent (a previous failure or timeout): "
                                       "the tenant must reactivate it")
-            last = pstore.latest_in(conn, agent_id)
+            last = pstore.latest_head_in(conn, agent_id)
             if last is not None and last["stage"] == pstore.EVALUATING:
                 return WireError(503, "the previous attestation is still being verified", retry_after=1)
             if last is not None and last["evidence_received_at"] is not None:
