@@ -68,9 +68,13 @@ class PushAgent:
         self.sent = 0  # evidence submissions answered 202
         self.errors: dict[str, int] = {}
         self.first_error: dict[str, str] = {}  # error kind -> its first response body (diagnosis)
+        #: monotonic instants for the ramp-up diagnosis: enrolled (set by push_window), each phase's
+        #: first success, the first error of each kind
+        self.times: dict[str, float] = {}
 
     def _err(self, what: str, r: httpx.Response | None = None) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
+        self.times.setdefault(f"error {what}", time.monotonic())
         if r is not None:
             self.first_error.setdefault(what, r.text[:300])
 
@@ -108,6 +112,7 @@ class PushAgent:
             self._err(f"pop {r.status_code}")
             return False
         self.token = attrs["token"]
+        self.times.setdefault("token", time.monotonic())
         return True
 
     def capabilities(self) -> dict[str, Any]:
@@ -168,6 +173,7 @@ class PushAgent:
         if r.status_code != 201:
             self._err(f"capabilities {r.status_code}", r)
             return float(r.headers.get("Retry-After", 1))
+        self.times.setdefault("capabilities", time.monotonic())
         requested = r.json()["data"]["attributes"]["evidence_requested"]
         r = await self._req("PATCH", f"/agents/{aid}/attestations/latest", self.evidence(requested))
         if r.status_code != 202:
@@ -176,10 +182,12 @@ class PushAgent:
             self._err(f"evidence {r.status_code}", r)
             return float(r.headers.get("Retry-After", 1))
         self.sent += 1
+        self.times.setdefault("accepted", time.monotonic())
         return float(r.json().get("meta", {}).get("seconds_to_next_attestation", 1))
 
     async def run(self, first_delay: float = 0.0) -> None:
         await trio.sleep(first_delay)
+        self.times.setdefault("start", time.monotonic())
         while True:
             try:
                 wait = await self.cycle()
@@ -232,6 +240,22 @@ async def register(agents: list[SimAgent], registrar: str, concurrency: int = 8)
     return done
 
 
+def ramp(agents: list[PushAgent], t0: float) -> dict[str, Any]:
+    """The ramp-up, per phase: seconds from each agent's enrolment to its first success (start of
+    its loop, token, capabilities 201, evidence 202) and to its first error of each kind, as
+    min / median / max / count; and when (seconds from the first enrolment) the phase was reached."""
+    out: dict[str, Any] = {}
+    kinds = sorted({k for a in agents for k in a.times if k != "enrolled"})
+    for kind in kinds:
+        since = sorted(a.times[kind] - a.times["enrolled"] for a in agents if kind in a.times and "enrolled" in a.times)
+        at = sorted(a.times[kind] - t0 for a in agents if kind in a.times)
+        if since:
+            out[kind] = {"count": len(since), "after_enrolment_s": [round(since[0], 2), round(since[len(since) // 2], 2),
+                                                                    round(since[-1], 2)],
+                         "since_first_enrolment_s": [round(at[0], 2), round(at[-1], 2)]}  # fmt: skip
+    return out
+
+
 async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: Callable[[], list[int]],
                       sims: list[SimAgent], qi: float, seconds: float) -> dict[str, Any]:
     """Enrol ``sims`` push-mode on the verifier at ``url`` (its policy uploaded), run them, measure one
@@ -247,6 +271,7 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
             r = await admin.post(f"{url}/v{fleet.API}/agents/{a.sim.agent_id}", json=push_enrolment(a.sim))
             if r.status_code != 200:
                 raise RuntimeError(f"push enrolment of {a.sim.agent_id}: {r.status_code} {r.text[:300]}")
+            a.times["enrolled"] = time.monotonic()
             # each agent starts within one interval of its own enrolment (its deadline,
             # maximum_attestation_interval, runs from there), spread as a fleet booted at random
             nursery.start_soon(a.run, rng.uniform(0, qi))
@@ -299,6 +324,7 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
         "attested_at_start": attested, "evidence_sent": sent_b,
         "agents_process_cpu_per_poll": (ctl_b - ctl_a) / count if count else None,
         "agents_per_core_2s": 2.0 * rate / cpu_rate if cpu_rate else None,
+        "ramp": ramp(agents, t0),
     }  # fmt: skip
 
 
