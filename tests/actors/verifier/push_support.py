@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 import trio
 from trio.testing import MockClock
 
 from keytrio.actors.common import tls
 from keytrio.actors.common.client import make_client
+from keytrio.actors.verifier.schema import push_attestations, push_sessions
 from keytrio.protocol import ima, pcr_blob
 from tests.actors.verifier_support import RunningVerifier, start_verifier
 from tests.protocol.quote_support import make_attest, make_pop, sign_attest
@@ -221,3 +223,12 @@ async def verdict(rv: RunningVerifier, agent_id: str, index: int) -> dict[str, A
 
 async def wait_next(clock: MockClock, resp: Any) -> None:
     await trio.sleep(resp.json()["meta"]["seconds_to_next_attestation"])
+
+
+async def rows(rv: Any) -> tuple[int, int]:
+    """How many push sessions and attestations the verifier's database holds."""
+    def q(conn: sa.Connection) -> tuple[int, int]:
+        return (conn.execute(sa.select(sa.func.count()).select_from(push_sessions)).scalar_one(),
+                conn.execute(sa.select(sa.func.count()).select_from(push_attestations)).scalar_one())
+
+    return await rv.verifier.store.read(q)

@@ -12,16 +12,8 @@ import sqlalchemy as sa
 import trio
 from trio.testing import MockClock
 
-from keytrio.actors.verifier.schema import push_attestations, push_sessions
-from tests.actors.verifier.push_support import JSONAPI, A, B, SoftAgent, agent, enrolled, start, verdict
-
-
-async def rows(rv: Any) -> tuple[int, int]:
-    def q(conn: sa.Connection) -> tuple[int, int]:
-        return (conn.execute(sa.select(sa.func.count()).select_from(push_sessions)).scalar_one(),
-                conn.execute(sa.select(sa.func.count()).select_from(push_attestations)).scalar_one())
-
-    return await rv.verifier.store.read(q)
+from keytrio.actors.verifier.schema import push_sessions
+from tests.actors.verifier.push_support import JSONAPI, A, B, SoftAgent, agent, enrolled, rows, start, verdict
 
 
 def error(resp: Any, status: int) -> dict[str, Any]:

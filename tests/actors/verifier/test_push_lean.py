@@ -18,8 +18,7 @@ import trio
 from trio.testing import MockClock
 
 from keytrio.actors.common import serve
-from tests.actors.verifier.push_support import JSONAPI, A, enrolled, start, verdict
-from tests.actors.verifier.test_push_auth import rows
+from tests.actors.verifier.push_support import JSONAPI, A, enrolled, rows, start, verdict
 
 
 @pytest.fixture
