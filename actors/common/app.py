@@ -158,6 +158,7 @@ class _FastRoute:
 
 
 _JSON_WS = " \t\n\r"
+_JSON_WS_BYTES = _JSON_WS.encode()
 _ECHO_PREFIX_MAX = 4096  # the members before the echoed one must lie within this many bytes
 _SCAN = json.JSONDecoder()
 
@@ -168,14 +169,21 @@ def _skip_ws(text: str, i: int) -> int:
     return i
 
 
-def echoed_text(raw: bytes, doc: dict[str, Any], key: str) -> bytes | None:
+def _rstrip_ws(raw: bytes, end: int) -> int:
+    """``end`` moved left past JSON whitespace (no copy of a large body, as rstrip would make)."""
+    while end and raw[end - 1] in _JSON_WS_BYTES:
+        end -= 1
+    return end
+
+
+def echoed_text(raw: bytes, doc: dict[str, Any], key: str) -> memoryview | None:
     """The bytes of ``doc[key]`` as ``raw`` (the body ``doc`` was decoded from) carries them, or
     None when that is not cheap to find: ``key`` must be the body's last member (its value then
     runs to the closing brace) and the body ASCII (byte and character positions agree); the
     members before it are skipped with the JSON scanner within the first few KiB."""
     if not doc or next(reversed(doc)) != key or not raw.isascii():
         return None
-    end = len(raw.rstrip(_JSON_WS.encode()))  # the object's closing brace is the last byte
+    end = _rstrip_ws(raw, len(raw))  # the object's closing brace is the last byte
     window = raw[:_ECHO_PREFIX_MAX].decode("ascii")
     try:
         i = _skip_ws(window, 0)
@@ -192,8 +200,8 @@ def echoed_text(raw: bytes, doc: dict[str, Any], key: str) -> bytes | None:
                 return None
             i = _skip_ws(window, i + 1)
             if name == key:
-                span = raw[i : end - 1].rstrip(_JSON_WS.encode())
-                return span if span else None
+                stop = _rstrip_ws(raw, end - 1)
+                return memoryview(raw)[i:stop] if stop > i else None
             _, i = _SCAN.raw_decode(window, i)
             i = _skip_ws(window, i)
             if window[i] != ",":
