@@ -21,7 +21,9 @@
   answered by :class:`FastRoutes` without quart's request machinery (request context, routing,
   hooks: ~1 ms of CPU a request), with the same body limit, content-type check, JSON decoding,
   envelope, ApiError and 500 handling; anything else (a trailing slash, another method or
-  version) still goes through quart and its route.
+  version) still goes through quart and its route. ``fast_echo="claims"``: the handler returns
+  the body's ``data`` object itself in ``results["claims"]``; the answer then carries the body's
+  own bytes of it (:func:`echoed_text`) instead of encoding it a second time.
 """
 
 from __future__ import annotations
