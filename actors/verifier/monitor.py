@@ -364,7 +364,8 @@ class Monitor:
                 algs = (state.hash_alg, state.enc_alg, state.sign_alg, state.boottime)
                 progress = ima_hook.progress if ima_hook is not None else None
                 new_algs = algs != written_algs
-                new_progress = progress is not None and progress != written_progress
+                new_progress = progress is not None and progress is not written_progress \
+                    and progress != written_progress
                 await self._write(records.record_success(
                     self.ms.store,
                     self.agent_id,
