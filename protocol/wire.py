@@ -43,6 +43,8 @@ class ReplyError(ProtocolError):
 
 
 def _bounded(value: object) -> int | None:
+    if type(value) is int:  # the usual case (JSON numbers; never a bool): no exception machinery
+        return value if 0 <= value <= MAX_STORED_INT else None
     try:
         return validation.integer(value, "value", lo=0, hi=MAX_STORED_INT)
     except ValidationError:
