@@ -129,6 +129,10 @@ class SimFleet:
         agents = sorted((a for r in replies for a in r["agents"]), key=lambda a: a["index"])
         return {"agents": agents, "registered": reg, "seconds": max(r["seconds"] for r in replies)}
 
+    def connections(self) -> int:
+        """Connections the agents have accepted so far (each one a TLS handshake)."""
+        return sum(r["connections"] for r in self.served())
+
     def served(self) -> list[dict[str, int]]:
         """Per process: integrity quotes signed and connections accepted so far."""
         return self._all({"op": "served"})
@@ -165,6 +169,13 @@ def _stop(srv: subprocess.Popen[str], cprofile: bool = False) -> None:
     except subprocess.TimeoutExpired:
         srv.kill()
         srv.wait()
+
+
+def _handshakes(r: dict[str, Any], connections: int) -> dict[str, Any]:
+    """Connections the verifier opened to agents in the window, per poll (0 when every poll reuses a
+    kept-alive connection; near 1 when every poll pays a TLS handshake on both sides)."""
+    return {"connections_in_window": connections,
+            "handshakes_per_poll": connections / r["polls"] if r["polls"] else None}  # fmt: skip
 
 
 def _row_extra(r: dict[str, Any], agents_cpu_s: float) -> dict[str, Any]:
@@ -250,9 +261,11 @@ def _keytrio_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, 
                 srv, url = fleet._start_keytrio(ca, data_dir, cpu, klog, args.cprofile, options=options)
                 spy: list[subprocess.Popen[bytes]] = []
                 sims_cpu: list[float] = []
+                conns: list[int] = []
 
                 def start_spy() -> None:
                     sims_cpu.append(sims.cpu())
+                    conns.append(sims.connections())
                     if args.py_spy:
                         spy.append(subprocess.Popen(
                             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
@@ -268,7 +281,8 @@ def _keytrio_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, 
                                             rss0, on_window=start_spy, concurrency=args.enrol_concurrency,
                                             side_pids=pg.backends if pg else None)  # fmt: skip
                     return {**r, "quote_interval": qi, "workers": workers, "database": database,
-                            "pg_database": pg.name if pg else None, **_row_extra(r, sims.cpu() - sims_cpu[0])}
+                            "pg_database": pg.name if pg else None, **_row_extra(r, sims.cpu() - sims_cpu[0]),
+                            **_handshakes(r, sims.connections() - conns[0])}
                 finally:
                     for p in spy:
                         p.wait()
@@ -383,12 +397,14 @@ def _upstream_side(args: argparse.Namespace, env: dict[str, str], pgid: int, ctx
             await trio.sleep(0.5)
             rss0 = fleet.usage(fleet.group_pids(pgid))[1]
             sims_cpu: list[float] = []
+            conns: list[int] = []
             try:
                 r = await fleet._window(client, url, agents, lambda: fleet.group_pids(pgid), qi, args.seconds, rss0,
-                                        on_window=lambda: sims_cpu.append(sims.cpu()),
+                                        on_window=lambda: (sims_cpu.append(sims.cpu()),
+                                                           conns.append(sims.connections())),
                                         concurrency=args.enrol_concurrency)
                 return {**r, "quote_interval": qi, "workers": report.get("upstream_workers"),
-                        **_row_extra(r, sims.cpu() - sims_cpu[0])}
+                        **_row_extra(r, sims.cpu() - sims_cpu[0]), **_handshakes(r, sims.connections() - conns[0])}
             finally:
                 if not await fleet._delete_all(client, url, [a["id"] for a in agents], timeout=60 + 0.2 * len(agents)):
                     report["stopped"]["upstream"] = f"agents of N={len(agents)} not deleted within the timeout"
@@ -458,8 +474,8 @@ def _label(name: str, r: dict[str, Any]) -> str:
 def tables(rep: dict[str, Any]) -> str:
     rows = ["| N | side | quote interval | enrol s | target polls/s | achieved polls/s | "
             "verifier CPU per poll (user + sys) | its PostgreSQL backends' CPU per poll | agents per core at 2 s "
-            "(with the backends) | verifier RSS MB | agents processes' CPU per poll | states at end |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "(with the backends) | verifier RSS MB | agents processes' CPU per poll | handshakes per poll | states at end |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rep["rows"]:
         for name, r in row.items():
             if not isinstance(r, dict) or "cpu_per_poll" not in r:
@@ -475,7 +491,7 @@ def tables(rep: dict[str, Any]) -> str:
                 f"{fleet._fmt(cpp and cpp * 1e3, '.3f')} ms{split} | {fleet._fmt(db and db * 1e3, '.3f')} ms | "
                 f"{fleet._fmt(r.get('agents_per_core_2s'), ',.0f')}{with_db} | "
                 f"{r['rss_mb']:.0f} | {fleet._fmt(per_agent and per_agent * 1e3, '.2f')} ms | "
-                f"{', '.join(f'{s}:{c}' for s, c in sorted(r['states'].items()))} |")
+                f"{fleet._fmt(r.get('handshakes_per_poll'), '.3f')} | {', '.join(f'{s}:{c}' for s, c in sorted(r['states'].items()))} |")
     stopped = "".join(f"\n- stopped: {name}: {why}" for name, why in rep["stopped"].items())
     stopped += "".join(f"\n- N={row['n']:,} {name}: {row[name]['polls']} evidence submissions accepted in the "
                        f"{row[name]['window_s']:.1f} s window, {row[name]['passed']} attestations passed over "
