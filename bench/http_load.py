@@ -90,6 +90,35 @@ def server_process(module_args: list[str], log_path: Path, cpu: int, ready: str)
             os.sched_setaffinity(0, others | {cpu})
 
 
+def group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system, every thread) the processes of group ``pgid`` have used so far:
+    a server's own cost per request, which a busy shared machine does not inflate as it does the
+    requests per second (waiting for the CPU is not counted)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _pgid_of(marker: str) -> int:
+    """The process group of the process whose command line holds ``marker`` (keytrio's server)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    return os.getpgid(int(entry.name))
+            except OSError:
+                continue
+    raise RuntimeError(f"no process with {marker!r} on its command line")
+
+
 def pin_group(pgid: int, cpu: int) -> list[int]:
     """Pin every process of process group ``pgid`` (up.sh starts each server in its own session)."""
     pinned = []
@@ -205,7 +234,7 @@ async def _load(ctx: ssl.SSLContext, url: str, payload: bytes, concurrency: int,
 
 
 async def _bench(urls: dict[str, str], ca: Path, body: dict[str, Any], bad: dict[str, Any], concurrency: int,
-                 seconds: float) -> dict[str, Any]:
+                 seconds: float, pgids: dict[str, int]) -> dict[str, Any]:
     ctx = tls.client_context([ca / "cacert.crt"], ca / "client-cert.crt", ca / "client-private.pem")
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     out: dict[str, Any] = {}
@@ -216,15 +245,17 @@ async def _bench(urls: dict[str, str], ca: Path, body: dict[str, Any], bad: dict
                 raise RuntimeError(f"{name}: evidence not valid: {good}")
             if wrong[1] not in (False, 0):
                 raise RuntimeError(f"{name}: evidence with a wrong nonce not invalid: {wrong}")
-            out[name] = {"latencies": [], "requests": 0, "errors": 0, "seconds": 0.0,
+            out[name] = {"latencies": [], "requests": 0, "errors": 0, "seconds": 0.0, "cpu": 0.0,
                          "control_wrong_nonce": {"status": wrong[0], "valid": wrong[1]}}
         payload = json.dumps(body).encode()
         rounds = 4
         names = list(urls)
         for r in range(rounds):
             for name in names if r % 2 == 0 else reversed(names):
+                cpu0 = group_cpu(pgids[name])
                 lat, errors, took = await _load(ctx, urls[name], payload, concurrency, seconds / rounds)
                 o = out[name]
+                o["cpu"] += group_cpu(pgids[name]) - cpu0
                 o["latencies"] += lat
                 o["requests"] += len(lat)
                 o["errors"] += errors
@@ -244,10 +275,11 @@ def run(args: argparse.Namespace, inputs_dir: Path, inputs: dict[str, Any], cpu:
                            cpu, "PORT") as ports:
         urls = {"keytrio": f"https://127.0.0.1:{int(ports[0])}/v2.5/verify/evidence",
                 "upstream": f"{env['KL_VERIFIER_URL']}/v2.5/verify/evidence"}
+        pgids = {"keytrio": _pgid_of(data_dir), "upstream": up_pgid}
         for lines in lines_for_bodies(args.http_bodies):
             body = evidence_body(inputs_dir, inputs, lines)
             bad = evidence_body(inputs_dir, inputs, lines, nonce="X" * 20)
-            res = trio.run(_bench, urls, ca, body, bad, args.concurrency, args.http_seconds)
+            res = trio.run(_bench, urls, ca, body, bad, args.concurrency, args.http_seconds, pgids)
             cases.append(_case(res, lines, len(json.dumps(body))))
     return {"concurrency": args.concurrency, "seconds_per_side": args.http_seconds, "upstream_pids_pinned": pinned,
             "cases": cases}
@@ -259,6 +291,9 @@ def _case(res: dict[str, Any], lines: int, body_bytes: int) -> dict[str, Any]:
     return {
         "ima_lines": lines, "body_bytes": body_bytes,
         "rps": rps, "rps_speedup": rps["keytrio"] / rps["upstream"] if rps["upstream"] else float("nan"),
+        # server CPU seconds per answered request (clock-tick resolution over each side's windows)
+        "cpu_per_request": {name: o["cpu"] / o["requests"] if o["requests"] else float("nan")
+                            for name, o in res.items()},
         "latency": stats.compare(k["latencies"], u["latencies"]) if k["latencies"] and u["latencies"] else None,
         "errors": {name: o["errors"] for name, o in res.items()},
         "controls": {name: o["control_wrong_nonce"] for name, o in res.items()},
@@ -268,16 +303,19 @@ def _case(res: dict[str, Any], lines: int, body_bytes: int) -> dict[str, Any]:
 
 def tables(http: dict[str, Any]) -> str:
     rows = [
-        "| body | side | requests/s | latency median | p10 | p90 | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| body | side | requests/s | server CPU/request | latency median | p10 | p90 | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in http["cases"]:
         label = f"{c['body_bytes'] / 1024:,.0f} KiB ({c['ima_lines']:,} lines)"
         lat = c["latency"]
         for side in ("keytrio", "upstream"):
             q = [stats.fmt_time(lat[side][k]) if lat else "" for k in ("median", "p10", "p90")]
-            rows.append(f"| {label} | {side} | {c['rps'][side]:.1f} | {' | '.join(q)} | {c['errors'][side]} |")
+            cpu = stats.fmt_time(c["cpu_per_request"][side])
+            rows.append(f"| {label} | {side} | {c['rps'][side]:.1f} | {cpu} | {' | '.join(q)} | {c['errors'][side]} |")
         ratio = [f"{lat['keytrio'][k] / lat['upstream'][k]:.3f}" if lat else "" for k in ("median", "p10", "p90")]
-        rows.append(f"| {label} | keytrio/upstream | **{c['rps_speedup']:.2f}** | {' | '.join(ratio)} | |")
+        cpu_k, cpu_u = c["cpu_per_request"]["keytrio"], c["cpu_per_request"]["upstream"]
+        cpu_ratio = f"{cpu_k / cpu_u:.3f} ({cpu_u / cpu_k:.2f}x)" if cpu_k > 0 and cpu_u > 0 else ""
+        rows.append(f"| {label} | keytrio/upstream | **{c['rps_speedup']:.2f}** | {cpu_ratio} | {' | '.join(ratio)} | |")
     return (f"### 3. Evidence endpoint (POST /v2.5/verify/evidence, {http['concurrency']} concurrent, keep-alive, "
             f"{http['seconds_per_side']:.0f} s per side and body)\n\n" + "\n".join(rows))
