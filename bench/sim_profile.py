@@ -21,6 +21,9 @@ from pathlib import Path
 RULES: list[tuple[str, str, str]] = [
     (WAIT := "event-loop wait (epoll_wait; on a loaded machine also the wait for a CPU after it)",
      r"trio/_core/_io_epoll\.py", r"get_events"),
+    # an idle trio worker thread blocked on its job lock (acquire with a timeout): py-spy's idle
+    # detection misses that wait; it is no CPU either
+    (IDLE := "idle worker thread (waiting for a job; not counted)", r"trio/_core/_thread_cache\.py", r"^WorkerThread\._work$"),
     ("signature check (RSA verify)", r"protocol/quote_check\.py", r"_verify_signature"),
     ("logging", r"(^|/)logging/|actors/common/logs\.py", r".*"),
     ("metrics", r"prometheus_client|actors/common/metrics\.py|verifier/metrics\.py", r".*"),
@@ -76,11 +79,12 @@ def table(buckets: Counter[str], total: int, cpu_per_poll_us: float | None) -> s
     event-loop wait (a thread that epoll woke but that waits for a CPU is 'running' to py-spy
     while it uses none, so that bucket is not counted as CPU)."""
     head = "| bucket | share of samples | µs per poll |\n|---|---|---|"
-    busy = total - buckets.get(WAIT, 0)
+    busy = total - buckets.get(WAIT, 0) - buckets.get(IDLE, 0)
     rows = []
     for name, n in buckets.most_common():
-        us = f"{n / busy * cpu_per_poll_us:.0f}" if cpu_per_poll_us and name != WAIT and busy else ""
-        rows.append(f"| {name} | {n / total:.1%} | {us or '(not counted)' if name == WAIT else us} |")
+        waits = name in (WAIT, IDLE)
+        us = f"{n / busy * cpu_per_poll_us:.0f}" if cpu_per_poll_us and not waits and busy else ""
+        rows.append(f"| {name} | {n / total:.1%} | {'(not counted)' if waits else us} |")
     tail = f"| total ({total:,} samples) | 100% | {cpu_per_poll_us:.0f} |" if cpu_per_poll_us else ""
     return "\n".join([head, *rows, tail])
 
