@@ -187,6 +187,15 @@ def _row_extra(r: dict[str, Any], agents_cpu_s: float) -> dict[str, Any]:
             "agents_per_core_2s_with_db": 2.0 / (cpp + side) if cpp and side else None}  # fmt: skip
 
 
+def _commit() -> str | None:
+    """The checked-out commit of this tree (which code a recorded figure measured)."""
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def keytrio_sides(args: argparse.Namespace) -> list[tuple[int, str]]:
     """(workers, database) of each keytrio row: ``--workers`` in order; more than one worker needs
     PostgreSQL, one worker runs on SQLite (the default setup) unless ``--database postgresql``."""
@@ -307,7 +316,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "files_per_agent": sim_agent.FILES_PER_AGENT, "verifier_cpu": cpu, "agents_cpus": sorted(others),
         "registered": args.register, "agent_procs": args.agent_procs, "enrol_concurrency": args.enrol_concurrency,
         "workers": keytrio_sides(args), "rows": [], "stopped": {}, "loadavg_start": os.getloadavg(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "verifier_dir": args.verifier_dir or tempfile.gettempdir(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": _commit(), "verifier_dir": args.verifier_dir or tempfile.gettempdir(),
     }  # fmt: skip
     up_env: dict[str, str] = {}
     if args.upstream_dir:
