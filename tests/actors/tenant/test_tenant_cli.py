@@ -31,13 +31,13 @@ from tests.actors.tenant_support import (
     OTHER_ID,
     Cli,
     World,
-    free_port,
     make_cli,
     tenant_parser,
     tls_layout,
     write_config,
 )
 from tests.actors.tools.policy_support import policy
+from tests.ports import free_port
 
 UPSTREAM = Path(__file__).resolve().parents[2] / "protocol" / "data" / "keylime"
 
