@@ -4,7 +4,7 @@ pyproject.toml holds the metadata; only the package layout is computed here, bec
 static configuration cannot list "every subpackage of actors/ as keytrio.actors.*".
 """
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 ROOTS = ("actors", "protocol", "testbed", "scenarios", "deploy")
 
@@ -19,4 +19,17 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data={"keytrio.deploy": ["*.service", "*.toml", "*.md"]},
+    # The IMA fast path's line loop in C (protocol/ima_fast.py uses it when importable, its own
+    # Python otherwise). optional: a machine without a compiler or libssl-dev still installs;
+    # CI fails instead (tests/protocol/test_ima_fast_c.py). An editable install builds it in
+    # place, next to protocol/ima_fast.py.
+    ext_modules=[
+        Extension(
+            "keytrio.protocol._ima_fast",
+            sources=["protocol/_ima_fast.c"],
+            libraries=["crypto"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        )
+    ],
 )
