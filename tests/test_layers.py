@@ -9,6 +9,7 @@ each other in a circle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,24 @@ def test_arrows_point_down(root: str):
             if (root == "actors" and parts[1] == "actors" and len(rel.parts) > 2 and rel.parts[1] in ACTORS
                     and len(parts) > 2 and parts[2] in ACTORS and parts[2] != rel.parts[1]):
                 bad.append(f"{rel}:{line}: actor {rel.parts[1]} imports actor {parts[2]} ({mod})")
+    assert not bad, "\n".join(bad)
+
+
+#: what a C extension in protocol/ may include: the interpreter's API, libcrypto's digests and the C
+#: library's integer and memory headers; no stdio, files, sockets, threads or clocks
+PROTOCOL_C_INCLUDES = {"Python.h", "openssl/evp.h", "openssl/err.h", "stdint.h", "string.h"}
+
+
+def _c_includes(path: Path) -> list[tuple[int, str]]:
+    return [(n, m.group(1)) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if (m := re.match(r'\s*#\s*include\s*[<"]([^>"]+)[>"]', line))]
+
+
+def test_protocol_c_sources_stay_pure():
+    sources = sorted((REPO / "protocol").rglob("*.c"))
+    assert sources and all(("Python.h" in dict(_c_includes(p)).values()) for p in sources)  # the check reads them
+    bad = [f"{p.relative_to(REPO)}:{n} includes {h}" for p in sources for n, h in _c_includes(p)
+           if h not in PROTOCOL_C_INCLUDES]
     assert not bad, "\n".join(bad)
 
 

@@ -53,6 +53,8 @@ def test_the_wheel_carries_every_module_units_and_samples(wheel: zipfile.ZipFile
         assert f"keytrio/deploy/{unit}" in names
     for sample in ("agent.toml", "registrar.toml", "verifier.toml", "tenant.toml"):
         assert f"keytrio/deploy/{sample}" in names
+    # the IMA fast path's C extension is built by a plain (not editable) build too
+    assert any(n.startswith("keytrio/protocol/_ima_fast.") and n.endswith(".so") for n in names), names
 
 
 def test_the_wheel_declares_the_command_and_the_plugin_verbs(wheel: zipfile.ZipFile):
