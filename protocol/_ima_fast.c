@@ -237,6 +237,10 @@ static PyObject *run(PyObject *self, PyObject *args) {
         line = PyList_GET_ITEM(lines, i);
         Py_INCREF(line);
         if (!PyUnicode_Check(line)) break;
+#if PY_VERSION_HEX < 0x030C0000
+        /* a str made through the old wchar_t API may not have its compact form yet */
+        if (PyUnicode_READY(line) < 0) goto done;
+#endif
         const char *s;
         Py_ssize_t sp[4];
         if (!read_prefix(line, pbuf, &s, sp)) break;
