@@ -90,21 +90,25 @@ def server_process(module_args: list[str], log_path: Path, cpu: int, ready: str)
             os.sched_setaffinity(0, others | {cpu})
 
 
-def group_cpu(pgid: int) -> float:
-    """CPU seconds (user + system, every thread) the processes of group ``pgid`` have used so far:
-    a server's own cost per request, which a busy shared machine does not inflate as it does the
-    requests per second (waiting for the CPU is not counted)."""
-    total = 0
+def _group_stats(pgid: int) -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/pid/stat after the command name) of every process of group ``pgid``."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            continue
+            continue  # the process ended meanwhile
         if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-    return total / os.sysconf("SC_CLK_TCK")
+            yield int(entry.name), fields
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system, every thread) the processes of group ``pgid`` have used so far:
+    a server's own cost per request, which a busy shared machine does not inflate as it does the
+    requests per second (waiting for the CPU is not counted)."""
+    ticks = sum(int(fields[11]) + int(fields[12]) for _, fields in _group_stats(pgid))  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _pgid_of(marker: str) -> int:
@@ -122,21 +126,13 @@ def _pgid_of(marker: str) -> int:
 def pin_group(pgid: int, cpu: int) -> list[int]:
     """Pin every process of process group ``pgid`` (up.sh starts each server in its own session)."""
     pinned = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid, _ in _group_stats(pgid):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), {cpu})
+            pinned.append(pid)
         except OSError:
             continue
-        if int(fields[2]) == pgid:
-            pid = int(entry.name)
-            try:
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    os.sched_setaffinity(int(tid), {cpu})
-                pinned.append(pid)
-            except OSError:
-                continue
     return pinned
 
 
