@@ -36,7 +36,8 @@ quote over a kept connection). The agents process's own CPU per poll is reported
 ``--push``: per N also a push-mode row (bench.sim_push): N more simulated machines of their own
 keys (the first ``--register`` registered too), enrolled push-mode on a fresh keytrio verifier in
 ``mode = push`` with the same policy and interval, each cycling session -> capabilities -> evidence
-from this process; verifier CPU per accepted (passed) attestation over the same kind of window.
+from this process (``--push-client``: lean per-agent connections by default, or httpx); verifier
+CPU per accepted (passed) attestation over the same kind of window.
 With ``--upstream-push-dir`` (an up.sh DIR in push mode, bench.sim_push_upstream) the same push
 agents also drive upstream's push verifier at ``--upstream-sizes``: an "upstream push" row.
 """
@@ -440,7 +441,8 @@ def _push_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, log
             done = len(pushers.agents) - len(new)
             await sim_push.register(new[: max(0, min(n, args.register) - done)], registrar)  # no contact
         async with httpx.AsyncClient(verify=ctx, timeout=120.0) as admin:
-            return await sim_push.push_side(admin, ca, data_dir, cpu, log, agents, body, qi, args.seconds)
+            return await sim_push.push_side(admin, ca, data_dir, cpu, log, agents, body, qi, args.seconds,
+                                            args.push_client == "lean")
 
     try:
         r = trio.run(side)
@@ -545,6 +547,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--push", action="store_true",
                     help="also a push-mode fleet (bench.sim_push: v3.0 agents in this process) per N, against a "
                          "fresh keytrio verifier in mode = push, next to the pull row")
+    ap.add_argument("--push-client", choices=("lean", "httpx"), default="lean",
+                    help="the push agents' HTTP client against keytrio's push verifier: lean (a kept "
+                         "RawConn per agent, as lean as the pull agents' side) or httpx (before 2026-12-04: "
+                         "the controller's CPU per attestation slowed the agents, see docs/performance.md 4c.3)")
     ap.add_argument("--upstream-dir", type=Path, default=None, help="a DIR running tests/interop/upstream/up.sh")
     ap.add_argument("--upstream-push-dir", type=Path, default=None,
                     help="with --push: a DIR running up.sh in push mode (bench.sim_push_upstream.UP_ENV); the same "

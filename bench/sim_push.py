@@ -26,18 +26,22 @@ import json
 import math
 import os
 import random
+import ssl
 import struct
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 from bench import fleet
 from bench.sim_agent import _ATTEST_HEAD, _PKCS1, _SHA256, _SIG_HEAD, BANK, BOOTTIME, SimAgent, _tpm2b
+from keytrio.actors.common import tls
+from keytrio.actors.common.rawconn import RawConn
 from keytrio.protocol import pcr_blob, pop
 
 JSONAPI = "application/vnd.api+json"
@@ -59,11 +63,134 @@ def push_enrolment(a: SimAgent) -> dict[str, Any]:
     }  # fmt: skip
 
 
+class LeanError(Exception):
+    """The verifier's answer is not one LeanConn reads (no Content-Length, a bad head, cut short)."""
+
+
+class LeanReply:
+    """The part of an httpx.Response that PushAgent reads."""
+
+    __slots__ = ("content", "headers", "status_code")
+
+    def __init__(self, status_code: int, headers: dict[str, str], content: bytes) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.content = content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class LeanConn:
+    """One push agent's kept TLS connection, as lean as the pull side's client (rawconn.RawConn).
+
+    httpx (pool, auth, cookies, its h11 state machine) cost the bench's one controller process
+    most of its 7-18 ms of CPU per attestation (docs/performance.md 4c.2), enough that at N >= 50
+    its agents reached the verifier late and the row measured the client. This reads exactly what
+    the verifier sends: a status line, header fields, a body of one Content-Length; anything else
+    (chunked, no length, Connection: close) closes the connection after the answer or fails the
+    request (LeanError), which the agent counts as an error like a transport failure. A request
+    on a reused connection that gets no byte back is retried once on a new one (the verifier
+    closes idle connections after its keep-alive timeout).
+    """
+
+    def __init__(self, base: str, ctx: ssl.SSLContext | None, timeout: float = 60.0) -> None:
+        split = urlsplit(base)
+        self.host = split.hostname or "127.0.0.1"
+        self.port = split.port or (443 if split.scheme == "https" else 80)
+        self.hostport = split.netloc
+        self.ctx = ctx if split.scheme == "https" else None
+        self.timeout = timeout
+        self.conn: RawConn | None = None
+        self.buf = b""
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        self.buf = b""
+        if conn is not None:
+            conn.close()
+
+    async def request(self, method: str, path: str, body: bytes, token: str | None) -> LeanReply:
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.hostport}\r\nContent-Type: {JSONAPI}\r\n"
+                f"Content-Length: {len(body)}\r\n" + (f"Authorization: Bearer {token}\r\n" if token else "") + "\r\n")
+        out = head.encode("latin-1") + body
+        with trio.fail_after(self.timeout):
+            for attempt in (0, 1):
+                reused = self.conn is not None
+                if self.conn is None:
+                    self.conn = await RawConn.connect(self.host, self.port, self.ctx)
+                    self.buf = b""
+                try:
+                    await self.conn.send_all(out)
+                    return await self._read()
+                except _NoAnswer:
+                    self.close()
+                    if not reused or attempt:
+                        raise LeanError("connection closed before an answer") from None
+                except BaseException:
+                    self.close()
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _more(self, first: bool) -> None:
+        assert self.conn is not None
+        data = await self.conn.receive_some(65536)
+        if not data:
+            raise _NoAnswer() if first and not self.buf else LeanError("connection closed mid-answer")
+        self.buf += data
+
+    async def _read(self) -> LeanReply:
+        first = True
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            if len(self.buf) > 65536:
+                raise LeanError("answer head too large")
+            await self._more(first)
+            first = False
+        lines = self.buf[:end].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise LeanError(f"bad status line {lines[0][:80]!r}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise LeanError(f"bad header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+        length = headers.get("content-length", "")
+        if not length.isdigit() or "transfer-encoding" in headers:
+            raise LeanError("answer without a Content-Length")
+        need = end + 4 + int(length)
+        while len(self.buf) < need:
+            await self._more(False)
+        content, self.buf = self.buf[end + 4 : need], self.buf[need:]
+        if self.buf or headers.get("connection", "").lower() == "close" or parts[0] != "HTTP/1.1":
+            self.close()  # stray bytes or the server's close: not reusable
+        return LeanReply(int(parts[1]), {"Retry-After": headers.get("retry-after", "1")}, content)
+
+
+class _NoAnswer(Exception):
+    pass
+
+
+#: what a push agent's request may fail with, on either client (the run loop counts it and waits)
+TRANSPORT_ERRORS = (httpx.HTTPError, LeanError, OSError, ssl.SSLError, trio.TooSlowError,
+                    trio.BrokenResourceError, trio.ClosedResourceError)
+
+
 class PushAgent:
-    def __init__(self, sim: SimAgent, base: str, client: httpx.AsyncClient) -> None:
+    """One simulated push agent; ``client`` an httpx client shared by many agents, or an SSL
+    context (None for plain HTTP) for a LeanConn of its own."""
+
+    def __init__(self, sim: SimAgent, base: str, client: httpx.AsyncClient | ssl.SSLContext | None) -> None:
         self.sim = sim
         self.base = base.rstrip("/") + "/v3"
-        self.client = client
+        self.client = client if isinstance(client, httpx.AsyncClient) else None
+        self.lean = None if isinstance(client, httpx.AsyncClient) else LeanConn(base, client)
+        self.path = urlsplit(self.base).path
         self.token: str | None = None
         self.sent = 0  # evidence submissions answered 202
         self.errors: dict[str, int] = {}
@@ -72,13 +199,17 @@ class PushAgent:
         #: first success, the first error of each kind
         self.times: dict[str, float] = {}
 
-    def _err(self, what: str, r: httpx.Response | None = None) -> None:
+    def _err(self, what: str, r: httpx.Response | LeanReply | None = None) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
         self.times.setdefault(f"error {what}", time.monotonic())
         if r is not None:
             self.first_error.setdefault(what, r.text[:300])
 
-    async def _req(self, method: str, path: str, body: dict[str, Any], auth: bool = True) -> httpx.Response:
+    async def _req(self, method: str, path: str, body: dict[str, Any], auth: bool = True) -> httpx.Response | LeanReply:
+        if self.lean is not None:
+            return await self.lean.request(method, self.path + path, json.dumps(body).encode(),
+                                           self.token if auth else None)
+        assert self.client is not None
         headers = {"Content-Type": JSONAPI}
         if auth and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -188,18 +319,20 @@ class PushAgent:
     async def run(self, first_delay: float = 0.0) -> None:
         await trio.sleep(first_delay)
         self.times.setdefault("start", time.monotonic())
-        while True:
-            try:
-                wait = await self.cycle()
-            except httpx.HTTPError as exc:
-                self._err(type(exc).__name__)
-                wait = 1.0
-            await trio.sleep(wait)
+        try:
+            while True:
+                try:
+                    wait = await self.cycle()
+                except TRANSPORT_ERRORS as exc:
+                    self._err(type(exc).__name__)
+                    wait = 1.0
+                await trio.sleep(wait)
+        finally:
+            if self.lean is not None:
+                self.lean.close()
 
 
 def push_client(ca_file: Path, n: int) -> httpx.AsyncClient:
-    from keytrio.actors.common import tls
-
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     return httpx.AsyncClient(verify=tls.client_context([ca_file]), timeout=60.0, limits=limits)
 
@@ -257,14 +390,17 @@ def ramp(agents: list[PushAgent], t0: float) -> dict[str, Any]:
 
 
 async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: Callable[[], list[int]],
-                      sims: list[SimAgent], qi: float, seconds: float) -> dict[str, Any]:
+                      sims: list[SimAgent], qi: float, seconds: float, lean: bool = True) -> dict[str, Any]:
     """Enrol ``sims`` push-mode on the verifier at ``url`` (its policy uploaded), run them, measure one
     window of the CPU of ``pids()`` against the evidence submissions it accepted (202) in that window,
     with the attestations that passed (Σ ``attestation_count`` deltas of the bulk GETs around it) as
     the check; -> the table row."""
     n = len(sims)
     async with push_client(ca_file, n) as client, trio.open_nursery() as nursery:
-        agents = [PushAgent(s, url, client) for s in sims]
+        # lean: each agent its own LeanConn (the pull fleet's agents are as lean); httpx: the one
+        # shared client of before, kept for upstream's push verifier (its answers' framing untested here)
+        transport = tls.client_context([ca_file]) if lean else client
+        agents = [PushAgent(s, url, transport) for s in sims]
         rng = random.Random(0)
         t0 = time.monotonic()
         for a in agents:
@@ -324,17 +460,17 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
         "attested_at_start": attested, "evidence_sent": sent_b,
         "agents_process_cpu_per_poll": (ctl_b - ctl_a) / count if count else None,
         "agents_per_core_2s": 2.0 * rate / cpu_rate if cpu_rate else None,
-        "ramp": ramp(agents, t0),
+        "ramp": ramp(agents, t0), "client": "lean" if lean else "httpx",
     }  # fmt: skip
 
 
 async def push_side(admin: httpx.AsyncClient, ca: Path, data_dir: Path, cpu: int, log: Any, sims: list[SimAgent],
-                    body: dict[str, Any], qi: float, seconds: float) -> dict[str, Any]:
+                    body: dict[str, Any], qi: float, seconds: float, lean: bool = True) -> dict[str, Any]:
     """One window of N push agents against a fresh keytrio verifier in push mode (see the module doc)."""
     srv, url = fleet._start_keytrio(ca, data_dir, cpu, log, options={"quote_interval": qi, "mode": "push"})
     try:
         await fleet._upload(admin, url, body)
-        return await push_window(admin, url, ca / "cacert.crt", lambda: [srv.pid], sims, qi, seconds)
+        return await push_window(admin, url, ca / "cacert.crt", lambda: [srv.pid], sims, qi, seconds, lean)
     finally:
         srv.terminate()
         try:

@@ -79,7 +79,7 @@ async def upstream_push_side(up: UpstreamPush, sims: list[SimAgent], body: dict[
         await fleet._upload(admin, up.url, body)
         try:
             row = await sim_push.push_window(admin, up.url, up.ca / "cacert.crt", up.pids, sims, up.quote_interval,
-                                             seconds)  # fmt: skip
+                                             seconds, lean=False)  # fmt: skip
         finally:
             deleted = await fleet._delete_all(admin, up.url, [s.agent_id for s in sims], timeout=60 + 0.2 * len(sims))
     return {**row, "processes": len(up.pids()), "deleted_after": deleted}

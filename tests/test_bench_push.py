@@ -66,7 +66,8 @@ async def _verdict(admin: httpx.AsyncClient, url: str, agent_id: str, ok: int = 
         await trio.sleep(0.1)
 
 
-async def test_simulated_push_agents_attest_and_a_forged_log_fails(tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["lean", "httpx"])
+async def test_simulated_push_agents_attest_and_a_forged_log_fails(tmp_path: Path, client: str) -> None:
     ca = make_cv_ca(tmp_path / "cv_ca").dir
     pool = await trio.to_thread.run_sync(sim_keys.PrimePool, 2)  # 6 keys: three agents
     sims = sim_agent.SimAgents(ca / "cacert.crt", pool, POLICY_FILES, tmp_path / "sim")
@@ -84,14 +85,22 @@ async def test_simulated_push_agents_attest_and_a_forged_log_fails(tmp_path: Pat
             r = await admin.post(f"{url}/v2.1/agents/{a.agent_id}", json=sim_push.push_enrolment(a))
             assert r.status_code == 200, r.text
 
-        async with sim_push.push_client(ca / "cacert.crt", 3) as client:
-            agents = [sim_push.PushAgent(a, url, client) for a in (one, two, forged)]
+        async with sim_push.push_client(ca / "cacert.crt", 3) as shared:
+            transport = tls.client_context([ca / "cacert.crt"]) if client == "lean" else shared
+            agents = [sim_push.PushAgent(a, url, transport) for a in (one, two, forged)]
             with trio.fail_after(GUARD):
                 for a in agents:
                     wait = await a.cycle()
                     assert a.token is not None and a.sent == 1 and not a.errors, a.errors
                     assert wait >= 1  # the verifier's seconds_to_next_attestation
+                # at once another cycle on the kept connection: 429 premature_attestation, and the
+                # wait is its Retry-After (the lean client's reuse path and its header reading)
+                wait = await agents[0].cycle()
+                assert agents[0].errors == {"capabilities 429": 1} and wait >= 1, (agents[0].errors, wait)
                 verdicts = [await _verdict(admin, url, a.sim.agent_id) for a in agents]
+                for a in agents:
+                    if a.lean is not None:
+                        a.lean.close()
         assert [v["evaluation"] for v in verdicts] == ["pass", "pass", "fail"], verdicts
         r = await admin.get(f"{url}/v2.1/agents/", params={"verifier": "", "bulk": "1"})
         counts = {i: rec["attestation_count"] for i, rec in r.json()["results"].items()}
