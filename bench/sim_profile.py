@@ -42,22 +42,44 @@ RULES: list[tuple[str, str, str]] = [
     ("verifier API (the bench's bulk GETs)", r"quart|hypercorn|werkzeug|verifier/app\.py|verifier/routes", r".*"),
     ("trio scheduler (tasks, deadlines, cancel scopes)", r"(^|/)trio/|(^|/)outcome/|(^|/)contextlib\.py", r".*"),
 ]
+#: with ``--push`` (a push-mode verifier's profile: it serves the cycle, it is not a client), these
+#: go before the "HTTP client" rule, so h11 counts as the server's and verifier/push code has names
+PUSH_RULES: list[tuple[str, str, str]] = [
+    ("store (push/store.py statements, SQLite)", r"verifier/push/store\.py", r".*"),
+    ("HTTP server (serve.py lean path, h11, hypercorn, FastCycle, ASGI layers)",
+     r"actors/common/(serve|app|bodylimit|v3errors)\.py|(^|/)h11/|hypercorn|verifier/push/fast\.py", r".*"),
+    ("check (evidence.verify, push verify.py, evalstate)",
+     r"protocol/(evidence|quote_check|ima_eval|mb)\w*\.py|verifier/push/(verify|evalstate)\.py", r".*"),
+    ("cycle logic (admit, plan, sessions, documents, push_wire)",
+     r"verifier/push/|protocol/push_wire\.py|protocol/pop\.py", r".*"),
+]
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
-_COMPILED = [(name, re.compile(f), re.compile(fn)) for name, f, fn in RULES]
+Compiled = list[tuple[str, re.Pattern[str], re.Pattern[str]]]
 
 
-def bucket_of(stack: list[str]) -> str:
+def compile_rules(push: bool = False) -> Compiled:
+    rules = list(RULES)
+    if push:
+        at = next(i for i, r in enumerate(rules) if r[0].startswith("HTTP client"))
+        rules[at:at] = PUSH_RULES
+    return [(name, re.compile(f), re.compile(fn)) for name, f, fn in rules]
+
+
+_COMPILED = compile_rules()
+
+
+def bucket_of(stack: list[str], rules: Compiled | None = None) -> str:
     for frame in reversed(stack):
         m = _FRAME.match(frame.strip())
         if m is None:
             continue
-        for name, file_re, func_re in _COMPILED:
+        for name, file_re, func_re in rules or _COMPILED:
             if file_re.search(m["file"]) and func_re.search(m["func"]):
                 return name
     return "other"
 
 
-def fold(text: str) -> tuple[Counter[str], Counter[str], int]:
+def fold(text: str, rules: Compiled | None = None) -> tuple[Counter[str], Counter[str], int]:
     """(samples per bucket, samples per innermost frame, total samples) of a py-spy raw file."""
     buckets: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
@@ -68,7 +90,7 @@ def fold(text: str) -> tuple[Counter[str], Counter[str], int]:
             continue
         count = int(count_text)
         stack = stack_text.split(";")
-        buckets[bucket_of(stack)] += count
+        buckets[bucket_of(stack, rules)] += count
         leaves[stack[-1].strip()] += count
         total += count
     return buckets, leaves, total
@@ -95,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("raw", type=Path)
     ap.add_argument("--cpu-per-poll-us", type=float, default=None)
     ap.add_argument("--top", type=int, default=25, help="also list the N hottest innermost frames")
+    ap.add_argument("--push", action="store_true", help="a push-mode verifier's profile (PUSH_RULES)")
     args = ap.parse_args(argv)
-    buckets, leaves, total = fold(args.raw.read_text())
+    buckets, leaves, total = fold(args.raw.read_text(), compile_rules(args.push))
     if not total:
         raise SystemExit(f"{args.raw}: no samples")
     print(table(buckets, total, args.cpu_per_poll_us))
