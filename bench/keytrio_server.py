@@ -12,10 +12,13 @@ configuration) talks to both.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -42,10 +45,39 @@ async def serve(ca_dir: Path, data_dir: Path, extra: dict[str, object]) -> None:
             nursery.cancel_scope.cancel()
 
 
+class GcStats:
+    """Garbage-collection time per generation (KEYTRIO_BENCH_GC_STATS=1): a profiler charges a
+    collection to whatever frame allocated when it struck, so only a gc callback can tell it."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.count = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.collected = [0, 0, 0]
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        g = info["generation"]
+        self.count[g] += 1
+        self.seconds[g] += time.perf_counter() - self.started
+        self.collected[g] += info["collected"]
+
+    def report(self) -> str:
+        return "GC " + " ".join(f"gen{g}: {self.count[g]} runs {self.seconds[g] * 1e3:.1f} ms "
+                                f"{self.collected[g]} collected" for g in range(3)) + f" (objects now {len(gc.get_objects())})"
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    stats = GcStats() if os.environ.get("KEYTRIO_BENCH_GC_STATS") else None
+    if stats is not None:
+        gc.callbacks.append(stats)
     trio.run(serve, Path(sys.argv[1]), Path(sys.argv[2]), extra)
+    if stats is not None:
+        print(stats.report(), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

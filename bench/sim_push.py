@@ -7,8 +7,10 @@ TPM2_Certify of its AK (qualifyingData = the challenge, signed RSASSA/SHA-256 by
 then forever ``POST /agents/{id}/attestations`` (capabilities) -> ``PATCH .../latest`` (a quote
 over exactly the PCRs chosen, ``tpm2_quote``'s PCR blob as subject_data, the IMA tail from the
 offset asked for) -> sleep ``meta.seconds_to_next_attestation``. 401/403 reopen the session;
-429/503 wait ``Retry-After``. Many agents share one httpx client (one keep-alive connection per
-agent, server-verified TLS, no client cert: the bearer token is the credential).
+429/503 wait ``Retry-After``. Each agent keeps one TLS connection of its own (``LeanConn``,
+server-verified TLS, no client cert: the bearer token is the credential); with an httpx client
+instead (``push_window(lean=False)``, upstream's side) many agents share it, one keep-alive
+connection per agent.
 
 ``push_window``: enrol N push agents on a verifier (the fields ``keylime_tenant -c add --push-model``
 sends), run them in this process, and measure the window of bench.fleet (the verifier's utime +
