@@ -165,6 +165,11 @@ def _verify_signature(ak: tpm2.AkKey, sig_alg: int, bank_hash: str, q: ParsedQuo
     return None
 
 
+#: the public name of the one signature check, for callers that check a quote in one pass (the
+#: verifier's steady-state poll); the function keeps its name so profiles still find it
+signature_error = _verify_signature
+
+
 def _as_ak(ak_public: TPM2B_PUBLIC | bytes | tpm2.AkKey) -> tpm2.AkKey:
     if isinstance(ak_public, tpm2.AkKey):
         return ak_public
