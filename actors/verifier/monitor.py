@@ -419,9 +419,11 @@ class Monitor:
                 failures = await attest.attest_once(
                     client, target, state, max_response_bytes=self.s.max_response_size)
                 result = "failed" if failures else "ok"
-                # lines evaluated this poll; a smaller entry means the log restarted (reboot)
-                m.ima_lines.inc(max(state.ima_ml_entry - entry if state.ima_ml_entry >= entry
-                                    else state.ima_ml_entry, 0))
+                # lines evaluated this poll; a smaller entry means the log restarted (reboot).
+                # Most polls have none: adding 0 would still take the counter's lock
+                lines = state.ima_ml_entry - entry if state.ima_ml_entry >= entry else state.ima_ml_entry
+                if lines > 0:
+                    m.ima_lines.inc(lines)
                 return failures
             except (CommunicationError, HttpError):
                 result = "comm_error"
