@@ -17,13 +17,13 @@ Errors: ``OSError`` from the socket, ``ssl.SSLError`` from TLS (certificate, ale
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import socket
 import ssl
 from typing import Any
 
 import trio
+
+from keytrio.actors.common.deadline_heap import DeadlineHeap
 
 _RECEIVE = 65536
 
@@ -182,7 +182,7 @@ class RawConn:
             sock.close()
 
 
-class Watchdog:
+class Watchdog(DeadlineHeap):
     """The deadlines of requests on kept connections, one task for all of them (per trio run).
 
     A per-request cancel scope with a deadline (enter, deadline registration, close) was the
@@ -196,37 +196,17 @@ class Watchdog:
     SLACK = 0.5
 
     def __init__(self) -> None:
-        self._heap: list[list[Any]] = []
-        self._seq = itertools.count()
-        self._scope: trio.CancelScope | None = None
+        super().__init__(self.SLACK)
 
     def arm(self, deadline: float, conn: RawConn) -> list[Any]:
         """Watch ``conn`` until ``deadline``; set ``entry[2] = None`` when the request is over."""
-        entry = [deadline, next(self._seq), conn]
-        heapq.heappush(self._heap, entry)
-        if self._scope is None:
-            self._scope = trio.CancelScope(deadline=deadline + self.SLACK)
-            trio.lowlevel.spawn_system_task(self._run, self._scope, name="keytrio.rawconn.watchdog")
-        elif deadline + self.SLACK < self._scope.deadline:
-            self._scope.deadline = deadline + self.SLACK
-        return entry
+        return self._push(deadline, conn)
 
-    async def _run(self, scope: trio.CancelScope) -> None:
-        heap = self._heap
-        try:
-            while heap:
-                with scope:
-                    await trio.sleep_forever()
-                now = trio.current_time()
-                while heap and heap[0][0] <= now:
-                    conn = heapq.heappop(heap)[2]
-                    if conn is not None:
-                        conn.expire()
-                if heap:
-                    scope = trio.CancelScope(deadline=max(heap[0][0], now) + self.SLACK)
-                    self._scope = scope
-        finally:
-            self._scope = None
+    def _spawn(self, fn: Any, scope: trio.CancelScope) -> None:
+        trio.lowlevel.spawn_system_task(fn, scope, name="keytrio.rawconn.watchdog")
+
+    def _due(self, conn: RawConn) -> None:
+        conn.expire()
 
 
 _WATCHDOG: trio.lowlevel.RunVar[Watchdog] = trio.lowlevel.RunVar("keytrio_rawconn_watchdog")

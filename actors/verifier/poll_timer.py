@@ -15,30 +15,21 @@ A sleeper cancelled meanwhile (a tenant stop, shutdown) gets Cancelled at once, 
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from typing import Any
 
 import trio
 
+from keytrio.actors.common.deadline_heap import DeadlineHeap
 
-class PollTimer:
+
+class PollTimer(DeadlineHeap):
     def __init__(self, nursery: trio.Nursery, *, slack: float = 0.0) -> None:
+        super().__init__(slack)
         self._nursery = nursery
-        self._slack = max(0.0, slack)
-        self._heap: list[list[Any]] = []  # [deadline, seq, task or None (cancelled)]
-        self._seq = itertools.count()
-        self._scope: trio.CancelScope | None = None  # the timer task's wait, while it runs
 
     async def sleep_until(self, deadline: float) -> None:
         """Like ``trio.sleep_until(deadline)`` (a checkpoint; Cancelled when cancelled)."""
-        entry = [deadline, next(self._seq), trio.lowlevel.current_task()]
-        heapq.heappush(self._heap, entry)
-        if self._scope is None:
-            self._scope = trio.CancelScope(deadline=deadline + self._slack)
-            self._nursery.start_soon(self._run, self._scope)
-        elif deadline + self._slack < self._scope.deadline:
-            self._scope.deadline = deadline + self._slack  # an earlier one: re-arm
+        entry = self._push(deadline, trio.lowlevel.current_task())
 
         def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
             entry[2] = None
@@ -46,26 +37,17 @@ class PollTimer:
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
-    async def _run(self, scope: trio.CancelScope) -> None:
-        heap = self._heap
-        try:
-            while heap:
-                with scope:
-                    await trio.sleep_forever()
-                now = trio.current_time()
-                while heap and heap[0][0] <= now:
-                    task = heapq.heappop(heap)[2]
-                    if task is not None:
-                        trio.lowlevel.reschedule(task)
-                if heap:
-                    scope = trio.CancelScope(deadline=max(heap[0][0] + self._slack, now))
-                    self._scope = scope
-        finally:
-            self._scope = None
-            # whoever still sleeps (only if this task was cancelled: the nursery is closing and
-            # cancels them too) is woken so that nothing is left parked
-            for entry in heap:
-                if entry[2] is not None:
-                    trio.lowlevel.reschedule(entry[2])
-                    entry[2] = None
-            heap.clear()
+    def _spawn(self, fn: Any, scope: trio.CancelScope) -> None:
+        self._nursery.start_soon(fn, scope)
+
+    def _due(self, task: Any) -> None:
+        trio.lowlevel.reschedule(task)
+
+    def _closing(self, heap: list[list[Any]]) -> None:
+        # whoever still sleeps (only if the timer task was cancelled: the nursery is closing and
+        # cancels them too) is woken so that nothing is left parked
+        for entry in heap:
+            if entry[2] is not None:
+                trio.lowlevel.reschedule(entry[2])
+                entry[2] = None
+        heap.clear()

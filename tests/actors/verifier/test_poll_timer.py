@@ -64,6 +64,26 @@ async def test_cancelled_sleeper_and_restart(autojump_clock: trio.testing.MockCl
     assert out[-1] == "c"
 
 
+async def test_sleepers_outlive_a_cancelled_timer(autojump_clock: trio.testing.MockClock) -> None:
+    """The timer's task runs in its own nursery: when that is cancelled, sleepers parked from
+    other tasks are woken (early) instead of being left parked for ever."""
+    woke: list[float] = []
+
+    async def sleeper(timer: PollTimer) -> None:
+        await timer.sleep_until(trio.current_time() + 100.0)
+        woke.append(trio.current_time())
+
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as timer_nursery:
+                timer = PollTimer(timer_nursery)
+                outer.start_soon(sleeper, timer)
+                outer.start_soon(sleeper, timer)
+                await trio.sleep(1.0)
+                timer_nursery.cancel_scope.cancel()
+    assert woke == [1.0, 1.0]  # at the cancellation, not at the deadline (101.0)
+
+
 
 async def test_request_slots_bound_hand_over_and_cancel() -> None:
     """The monitors' request bound (monitor.RequestSlots): at most n holders; a release hands its
