@@ -183,6 +183,10 @@ class KeepAliveClient:
         self._expiry = keepalive_expiry
         self._stream: RawConn | None = None
         self._bases: dict[str, tuple[tuple[str, str, int], str, str]] = {}
+        # the head this peer's replies have had (http1.KnownHead); a peer whose heads differ every
+        # time (e.g. a Date field) stops being learnt from after a few misses in a row
+        self._known: http1.KnownHead | None = None
+        self._head_misses = 0
         self._peer: tuple[str, str, int] | None = None
         self._idle_since = 0.0
 
@@ -277,7 +281,8 @@ class KeepAliveClient:
     async def _exchange(self, out: bytes, limit: int) -> tuple[int, str, bytes]:
         stream = self._stream
         assert stream is not None
-        reader = http1.Exchange(stream)
+        known = self._known
+        reader = http1.Exchange(stream, known, learn=self._head_misses < 3)
         try:
             await stream.send_all(out)
             response = await reader.read(limit)
@@ -285,6 +290,9 @@ class KeepAliveClient:
             if not reader.got_any:
                 raise _NothingReceived(exc) from exc
             raise
+        if known is not None:
+            self._head_misses = 0 if reader.hit else self._head_misses + 1
+        self._known = reader.known
         if response.reusable:
             self._idle_since = trio.current_time()
         else:

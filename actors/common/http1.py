@@ -75,15 +75,86 @@ def request_bytes(method: str, target: str, hostport: str, body: bytes | None) -
     return head.encode("ascii") + body
 
 
+class KnownHead:
+    """The head of a response the general parser read, as ``prefix + <Content-Length digits> +
+    suffix``, with what the parser concluded from it.
+
+    A given peer (the verifier's monitor: one agent) sends the same head every time but for the
+    Content-Length value; parsing it field by field was most of a poll's HTTP exchange. A head that
+    is byte for byte ``prefix``, 1-19 ASCII digits, ``suffix`` gets the same conclusions as the one
+    the parser read, because the parser's verdict depends on nothing else: every other byte is the
+    same, and the value is checked here as the parser checks it (digits, within the caller's
+    limit). Anything else (another field, a Date that changed, a 1xx first, a reply not all
+    arrived yet, a larger body than the limit) goes to the general parser, before a byte is
+    consumed.
+    """
+
+    __slots__ = ("prefix", "reason", "status", "suffix")
+
+    def __init__(self, prefix: bytes, suffix: bytes, status: int, reason: str) -> None:
+        self.prefix = prefix
+        self.suffix = suffix  # from the CRLF after the value through the head's closing CRLFCRLF
+        self.status = status
+        self.reason = reason
+
+    def match(self, buf: bytearray, limit: int) -> tuple[int, int] | None:
+        """(head length, body size) when ``buf`` starts with this head, else None."""
+        if not buf.startswith(self.prefix):
+            return None
+        start = len(self.prefix)
+        end = buf.find(b"\r\n", start, start + 21)
+        if end < 0:
+            return None
+        digits = buf[start:end]
+        if not digits.isdigit():  # bytes: ASCII 0-9 only; empty is not
+            return None
+        stop = end + len(self.suffix)
+        if buf[end:stop] != self.suffix:
+            return None
+        size = int(digits)
+        if size > limit:
+            return None  # the general parser raises BodyTooLarge as it always does
+        return stop, size
+
+
+def _known_head(head: bytes, fields_at: int, status: int, reason: str) -> KnownHead | None:
+    """The KnownHead of a head the parser accepted with one Content-Length field, or None when
+    its value is not alone between the colon's whitespace and the CRLF, or the head is long (the
+    general path's MAX_HEAD rule then stays the only one)."""
+    if len(head) > 4096:
+        return None
+    at = fields_at
+    while at < len(head):
+        end = head.find(b"\r\n", at)
+        if end < 0:
+            end = len(head)
+        colon = head.find(b":", at, end)
+        if colon > at and head[at:colon].lower() == b"content-length":
+            raw = head[colon + 1:end]
+            start = colon + 1 + len(raw) - len(raw.lstrip(b" \t"))
+            if not 0 < end - start <= 19 or not head[start:end].isdigit():
+                return None  # e.g. whitespace after the value: such heads stay with the parser
+            return KnownHead(head[:start], head[end:] + b"\r\n\r\n", status, reason)
+        at = end + 2
+    return None
+
+
 class Exchange:
     """Reads one response from ``stream``; ``got_any`` tells whether any byte came back (a reused
-    connection that the peer closed just before our request gets none: the caller may retry)."""
+    connection that the peer closed just before our request gets none: the caller may retry).
 
-    def __init__(self, stream: Receiver) -> None:
+    ``known``: the head the previous response of this peer had (see :class:`KnownHead`); ``hit``
+    tells whether this response had it. With ``learn``, after :meth:`read` ``known`` is this
+    response's head when it can serve as one (else unchanged)."""
+
+    def __init__(self, stream: Receiver, known: KnownHead | None = None, *, learn: bool = True) -> None:
         self._stream = stream
         self._buf = bytearray()
         self._eof = False
         self.got_any = False
+        self.known = known
+        self.hit = False
+        self._learn = learn
 
     async def _more(self) -> None:
         if self._eof:
@@ -110,6 +181,20 @@ class Exchange:
             await self._more()
 
     async def read(self, limit: int) -> Response:
+        known = self.known
+        if known is not None:
+            if not self._buf:
+                await self._more()  # the general path would wait for the first bytes the same way
+            hit = known.match(self._buf, limit)
+            if hit is not None:
+                head_len, size = hit
+                del self._buf[:head_len]
+                while len(self._buf) < size:
+                    await self._more()
+                body = bytes(self._buf[:size])
+                del self._buf[:size]
+                self.hit = True
+                return Response(known.status, known.reason, body, not self._buf)
         while True:
             head = await self._line_block(b"\r\n\r\n")
             status_line, _, fields_block = head.partition(b"\r\n")
@@ -153,6 +238,9 @@ class Exchange:
                 await self._more()
             body = bytes(self._buf[:size])
             del self._buf[:size]
+            if self._learn and reusable and len(lengths) == 1 \
+                    and status_line.startswith(b"HTTP/1.1 "):
+                self.known = _known_head(head, len(status_line) + 2, status, reason) or self.known
         else:  # delimited by the end of the connection
             while not self._eof:
                 if len(self._buf) > limit:
