@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import operator
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -235,6 +236,44 @@ def _success_sql(
     return hit
 
 
+#: record_success's values, in the order of its ``values`` tuple (p_<name> in the statement)
+_SUCCESS_VALUES = ("last_received_quote", "last_successful_attestation", "hash_alg", "enc_alg", "sign_alg",
+                   "next_ima_ml_entry", "ima_pcr10", "ima_progress", "boottime", "tpm_clock_info",
+                   "operational_state", "agent_id", "fence_holder", "fence_epoch")
+_SUCCESS_OPTIONAL = _SUCCESS_VALUES[2:11]
+_SUCCESS_AT = {f"p_{name}": i for i, name in enumerate(_SUCCESS_VALUES)}
+#: (dialect, optional columns set, guard states, fenced) -> (driver SQL, values tuple -> driver parameters)
+_SUCCESS_STATEMENTS: dict[tuple[str, tuple[bool, ...], tuple[int, ...] | None, bool],
+                          tuple[str, Callable[[tuple[Any, ...]], Any]]] = {}
+
+
+def _success_statement(
+    dialect: sa.Dialect, present: tuple[bool, ...], states: tuple[int, ...] | None, fenced: bool
+) -> tuple[str, Callable[[tuple[Any, ...]], Any]]:
+    """The success UPDATE for the optional columns set in ``present`` and how to take its driver
+    parameters out of record_success's values tuple: positionally, one C call in the statement's
+    order (building a dict per poll and a tuple out of it was most of the write's Python), or
+    for a named paramstyle a dict of the names the statement has."""
+    key = (dialect.name, present, states, fenced)
+    hit = _SUCCESS_STATEMENTS.get(key)
+    if hit is None:
+        columns = _SUCCESS_VALUES[:2] + tuple(name for name, on in zip(_SUCCESS_OPTIONAL, present, strict=True) if on)
+        sql, order = _success_sql(dialect, columns, states, fenced)
+        if order is not None:
+            at = [_SUCCESS_AT[name] for name in order]
+            getter = operator.itemgetter(*at)
+            pick: Callable[[tuple[Any, ...]], Any] = getter if len(at) > 1 else (lambda v: (getter(v),))
+        else:
+            named = [(f"p_{name}", _SUCCESS_AT[f"p_{name}"]) for name in (*columns, "agent_id")]
+            if fenced:
+                named += [(n, _SUCCESS_AT[n]) for n in ("p_fence_holder", "p_fence_epoch")]
+
+            def pick(v: tuple[Any, ...], named: list[tuple[str, int]] = named) -> Any:
+                return {name: v[i] for name, i in named}
+        hit = _SUCCESS_STATEMENTS[key] = (sql, pick)
+    return hit
+
+
 _STATES_KEYS: dict[frozenset[int], tuple[int, ...]] = {}
 
 
@@ -276,35 +315,25 @@ async def record_success(
         clock_text: str | None = clock_info.json_text()
     else:
         clock_text = json.dumps(clock_info, sort_keys=True) if clock_info is not None else None
-    optional = (
-        ("last_received_quote", stamp),
-        ("last_successful_attestation", stamp),
-        ("hash_alg", hash_alg),
-        ("enc_alg", enc_alg),
-        ("sign_alg", sign_alg),
-        ("next_ima_ml_entry", next_ima_ml_entry),
-        ("ima_pcr10", json.dumps(ima_pcr10, sort_keys=True) if ima_pcr10 is not None else None),
-        ("ima_progress", ima_progress),
-        ("boottime", boottime),
-        ("tpm_clock_info", clock_text),
-        ("operational_state", state),
-    )
-    params = {f"p_{k}": v for k, v in optional if v is not None}
-    params["p_agent_id"] = agent_id
-    columns = tuple(k for k, v in optional if v is not None)
-    states = _states_key(only_in_states)
+    pcr10_text = json.dumps(ima_pcr10, sort_keys=True) if ima_pcr10 is not None else None
     fence = _FENCE.get()
-    if fence is not None:
-        params["p_fence_holder"], params["p_fence_epoch"] = fence.holder, fence.epoch
+    # the values in _SUCCESS_VALUES' order; which optional columns are set picks the statement
+    values = (stamp, stamp, hash_alg, enc_alg, sign_alg, next_ima_ml_entry, pcr10_text, ima_progress, boottime,
+              clock_text, state, agent_id, None if fence is None else fence.holder,
+              None if fence is None else fence.epoch)
+    present = (hash_alg is not None, enc_alg is not None, sign_alg is not None, next_ima_ml_entry is not None,
+               pcr10_text is not None, ima_progress is not None, boottime is not None, clock_text is not None,
+               state is not None)
+    states = _states_key(only_in_states)
+    fenced = fence is not None
 
     def txn(conn: Connection) -> int:
-        sql, order = _success_sql(conn.dialect, columns, states, fence is not None)
-        args = tuple(params[name] for name in order) if order is not None else params
+        sql, pick = _success_statement(conn.dialect, present, states, fenced)
         # the driver's own cursor: the statement is already compiled for this dialect's
         # paramstyle, and SQLAlchemy's execute path per row cost four times the UPDATE itself
         cur = conn.connection.cursor()
         try:
-            cur.execute(sql, args)
+            cur.execute(sql, pick(values))
             return cur.rowcount
         finally:
             cur.close()
