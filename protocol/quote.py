@@ -353,8 +353,23 @@ def _parse_quote(text: str) -> ParsedQuote:
         raise DecodeError(f"quote: expected 3 ':'-separated parts, got {len(parts)}")
     attest_raw = _b64(parts[0], "TPMS_ATTEST")
     sig_raw = _b64(parts[1], "TPMT_SIGNATURE")
-    blob = _b64(parts[2], "pcr blob")
+    known = _BLOBS.get(parts[2])
+    blob = _b64(parts[2], "pcr blob") if known is None else known[0]
     info = decode_attest(attest_raw)
     sig = decode_signature(sig_raw)
+    if known is not None:
+        return ParsedQuote(attest_raw, sig_raw, blob, info, sig, known[1], dict(known[2]))
     bank, pcrs = decode_pcr_blob(blob)
+    if len(_BLOBS) >= _BLOBS_MAX:
+        _BLOBS.clear()
+    _BLOBS[parts[2]] = (blob, bank, dict(pcrs))
     return ParsedQuote(attest_raw, sig_raw, blob, info, sig, bank, pcrs)
+
+
+#: The PCR-blob part of recent quotes (its base64 text) -> (blob, bank, values). An agent's PCR
+#: values change rarely, so its blob text comes again poll after poll while the attest and the
+#: signature never do: its base64 and decode were a third of a quote's parse. Only blobs that
+#: decoded are kept (a pure function of the text, so the same errors arise in the same order);
+#: callers get their own dict. Bounded (about 2 KB an entry), emptied when full.
+_BLOBS: dict[str, tuple[bytes, str, dict[int, bytes]]] = {}
+_BLOBS_MAX = 8192

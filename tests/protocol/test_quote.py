@@ -319,3 +319,59 @@ def test_clock_info_json():
     ):
         with pytest.raises(DecodeError):
             quote.ClockInfo.from_json(bad)
+
+
+def _parse_uncached(text: str) -> object:
+    """parse_quote as it was before the PCR-blob memo: every part decoded, in this order."""
+    try:
+        if len(text) > 16384 or not text.startswith("r") or len(parts := text[1:].split(":")) != 3:
+            return quote._parse_quote.__wrapped__(text)  # refused before any part is looked at
+        raw = [quote._b64(part, what) for part, what in zip(parts, ("TPMS_ATTEST", "TPMT_SIGNATURE", "pcr blob"),
+                                                            strict=True)]
+        info, sig = quote.decode_attest(raw[0]), quote.decode_signature(raw[1])
+        return quote.ParsedQuote(*raw, info, sig, *quote.decode_pcr_blob(raw[2]))
+    except DecodeError as exc:
+        return ("raised", str(exc))
+
+
+def _parse_known_blob(text: str) -> object:
+    """parse_quote with the text's blob part already remembered (when it decodes at all)."""
+    parts = text[1:].split(":")
+    if len(parts) == 3:
+        try:
+            blob = base64.b64decode(parts[2], validate=True)
+            quote._BLOBS[parts[2]] = (blob, *quote.decode_pcr_blob(blob))
+        except (ValueError, ProtocolError):
+            pass
+    try:
+        return quote._parse_quote.__wrapped__(text)
+    except DecodeError as exc:
+        return ("raised", str(exc))
+
+
+def test_a_remembered_pcr_blob_parses_as_a_new_one():
+    """The blob memo gives the same ParsedQuote or the same first error as decoding every part,
+    on good quotes and on quotes broken in one or two parts (the error order across parts holds:
+    a bad attest is named before a good blob, a bad blob's base64 before a bad attest)."""
+    pcrs = pcr_values("sha256", [0, 10, 16])
+    attest = make_attest(pcrs=pcrs)
+    good = quote.build_quote(attest, sign_attest(attest, "rsa"), quote.encode_pcr_blob("sha256", pcrs))
+    _, a, s, p = ("r", *good[1:].split(":"))
+    bad_attest = base64.b64encode(b"\x00" + base64.b64decode(a)[1:]).decode()
+    bad_blob = base64.b64encode(base64.b64decode(p)[:-3]).decode()
+    texts = [good, f"r{bad_attest}:{s}:{p}", f"r{a}:{s}:{bad_blob}", f"r{bad_attest}:{s}:{bad_blob}",
+             f"r{bad_attest}:{s}:{p}!", f"r{a}!:{s}:{p}", f"r{a}:AAAA:{p}", f"r{a}:{s}:"]
+    for text in texts:
+        assert _parse_known_blob(text) == _parse_uncached(text), text
+    # each caller gets its own values dict: a change to one does not reach the next parse
+    quote._BLOBS.clear()
+    first = quote._parse_quote.__wrapped__(good)
+    first.pcrs[10] = b"changed"
+    again = quote._parse_quote.__wrapped__(good)
+    assert again.pcrs == pcrs and again == _parse_uncached(good)
+    again.pcrs[10] = b"changed"
+    assert quote._parse_quote.__wrapped__(good).pcrs == pcrs
+    # bounded: full, it starts again
+    quote._BLOBS.update({str(i): quote._BLOBS[p] for i in range(quote._BLOBS_MAX)})
+    quote._parse_quote.__wrapped__(f"r{a}:{s}:{base64.b64encode(quote.encode_pcr_blob('sha256', pcr_values('sha256', [1]))).decode()}")
+    assert len(quote._BLOBS) == 1
