@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
+import gc
 import os
 import ssl
 from collections.abc import Callable, Iterable
@@ -275,3 +276,14 @@ async def open_store(url: str, **kwargs: Any) -> Any:
                                "check that data_dir is writable and the file is a keytrio database") from exc
         raise StartupError(Exit.DATABASE, f"database {shown} unreachable: {reason}",
                            "start the database server or fix database_url (host, port, credentials)") from exc
+
+
+def freeze_heap() -> None:
+    """Move everything alive now (modules, compiled SQL, the app, the TLS contexts) out of the
+    collector's reach: a service process calls this once it serves, so that later full
+    collections scan only what the requests allocate (one 82 ms full collection was seen in a push
+    verifier's run, ≈ 130,000 objects, nearly all from start-up). Garbage is collected first so
+    that none of it is kept for the process's life. Process-wide: only an entry point that owns
+    its process calls it, never a library or a test run of an actor."""
+    gc.collect()
+    gc.freeze()

@@ -160,6 +160,9 @@ class Verifier:
         self.metrics_address: tuple[str, int] | None = None  # None while not serving / disabled
         #: seconds between two recounts of the gauges (agents per state, pending notices)
         self.gauge_interval = 1.0
+        #: freeze the start-up heap once serving (startup.freeze_heap): set by the process entry
+        #: points (make_service, the worker), which own their process; tests and embedders do not
+        self.freeze_heap = False
 
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -182,6 +185,8 @@ class Verifier:
                 metrics_at = await self._serve_metrics(nursery, ready.metrics)
                 log.info("event=verifier.started verifier_id=%s https=%s:%d metrics=%s crl=%s resumed=%d",
                          cfg.verifier_id, *bound, metrics_at, self.settings.crl or "none", resumed)
+                if self.freeze_heap:
+                    startup.freeze_heap()
                 task_status.started(self.address)
         finally:
             await self._shut_down(ready)

@@ -59,7 +59,11 @@ BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.5, 30.0, 60.0
 def make_service(config: Config) -> Verifier | Supervisor:
     """What ``keytrio verifier`` runs: a Verifier, or a Supervisor of ``worker_count`` workers."""
     n = worker_count(config)
-    return Supervisor(config, n) if n > 1 else Verifier(config)
+    if n > 1:
+        return Supervisor(config, n)
+    verifier = Verifier(config)
+    verifier.freeze_heap = True  # this process is the verifier's own (keytrio verifier, bench)
+    return verifier
 
 
 def backoff(failures: int) -> float:
@@ -250,6 +254,7 @@ def worker_main() -> int:
     logs.setup(hello["log"]["level"], hello["log"]["format"])
     config = load_config(None, env={}, overrides=hello["config"])
     verifier = Verifier(config, listeners=Listeners(_listeners(hello["api_fds"]), _listeners(hello["metrics_fds"])))
+    verifier.freeze_heap = True
     try:
         trio.run(_serve, verifier)
     except BaseException as exc:
