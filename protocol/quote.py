@@ -179,6 +179,14 @@ def decode_attest(raw: bytes) -> QuoteAttest:
     (Field by field with ``struct`` at running offsets: this runs once per poll.)"""
     buf = bytes(raw)
     end = len(buf)
+    if end >= 8:
+        shape = _SHAPES.get(buf[:10 + _U16.unpack_from(buf, 6)[0]])
+        if shape is not None and end == shape[0] and buf[shape[3]:shape[4]] == shape[5]:
+            _, head, clock_at, _, digest_at, _, count, signer, sels = shape
+            clk, resets, restarts, safe, firmware, n = _CLOCK_FW_COUNT.unpack_from(buf, clock_at)
+            if n == count:
+                return QuoteAttest(signer, buf[head:clock_at], ClockInfo(clk, resets, restarts, safe), firmware, sels,
+                                   buf[digest_at:])
 
     def truncated() -> DecodeError:
         return DecodeError("TPMS_ATTEST: truncated")
@@ -239,7 +247,27 @@ def decode_attest(raw: bytes) -> QuoteAttest:
     pos += size
     if pos != end:
         raise DecodeError(f"TPMS_ATTEST: {end - pos} trailing bytes")
-    return QuoteAttest(signer, extra, clock, firmware, tuple(sels), pcr_digest)
+    head = 10 + len(signer)
+    clock_at = head + len(extra)
+    sel_at = clock_at + _CLOCK_FW_COUNT.size
+    digest_at = end - len(pcr_digest)
+    if len(_SHAPES) >= _SHAPES_MAX:
+        _SHAPES.clear()
+    _SHAPES[buf[:head]] = (end, head, clock_at, sel_at, digest_at, buf[sel_at:digest_at], count, signer,
+                           sels := tuple(sels))
+    return QuoteAttest(signer, extra, clock, firmware, sels, pcr_digest)
+
+
+#: The layouts of recently decoded TPMS_ATTESTs, by their bytes up to extraData's size (magic,
+#: type, the signer's name, the nonce's size): a given AK quotes with the same signer, nonce size,
+#: selection and digest size every time; only the nonce, clock, firmware version and digest
+#: change. A TPMS_ATTEST of that key, of the same length, whose selection bytes and digest size
+#: are those of the layout and whose selection count is too, decodes as the layout says (the
+#: fields in between are read as the full decoder reads them, unchecked there as well); anything
+#: else takes the full decoder. (total length, extraData at, clock at, selection at, digest at,
+#: selection bytes + digest size, selection count, signer, selections). Bounded, emptied when full.
+_SHAPES: dict[bytes, tuple[int, int, int, int, int, bytes, int, bytes, tuple[PcrSelection, ...]]] = {}
+_SHAPES_MAX = 8192
 
 
 def decode_signature(raw: bytes) -> Signature:

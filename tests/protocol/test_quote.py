@@ -375,3 +375,46 @@ def test_a_remembered_pcr_blob_parses_as_a_new_one():
     quote._BLOBS.update({str(i): quote._BLOBS[p] for i in range(quote._BLOBS_MAX)})
     quote._parse_quote.__wrapped__(f"r{a}:{s}:{base64.b64encode(quote.encode_pcr_blob('sha256', pcr_values('sha256', [1]))).decode()}")
     assert len(quote._BLOBS) == 1
+
+
+def _decode(raw: bytes, *, known: bytes | None) -> object:
+    """decode_attest with only ``known``'s layout remembered (None: none, the full decoder)."""
+    quote._SHAPES.clear()
+    if known is not None:
+        quote.decode_attest(known)
+    try:
+        return quote.decode_attest(raw)
+    except DecodeError as exc:
+        return ("raised", str(exc))
+    finally:
+        quote._SHAPES.clear()
+
+
+def test_a_remembered_attest_layout_decodes_as_the_full_decoder():
+    """The layout memo gives the same QuoteAttest or the same error as the full decoder: on
+    attests of the same layout with other nonces, clocks, firmware and digests (and that it is
+    taken for them), and on every byte of the attest replaced, truncations and extensions, other
+    signers, nonce sizes, selections and digest sizes."""
+    good = make_attest()
+    same_layout = [make_attest(nonce=b"z" * 20, clock=(1 << 63, 2**32 - 1, 0, 255)),
+                   make_attest(pcrs=pcr_values("sha256", [0, 1, 2, 10, 16]) | {10: b"\x07" * 32}),
+                   good[:-32] + bytes(32)]
+    for raw in same_layout:
+        fast = _decode(raw, known=good)
+        assert fast == _decode(raw, known=None)
+        quote._SHAPES.clear()
+        quote.decode_attest(good)
+        assert quote.decode_attest(raw).qualified_signer is quote._SHAPES[good[:10 + 34]][7]  # taken
+    other_layouts = [make_attest(nonce=b"short"), make_attest(signer=b"\x00\x0b" + bytes(range(1, 33))),
+                     make_attest(pcrs=pcr_values("sha256", [0, 10, 16])), make_attest(bank="sha1"),
+                     make_attest(select=("sha1", [0, 1, 2, 10, 16])), make_attest(digest_alg="sha384")]
+    mutated = [good[:at] + bytes([v]) + good[at + 1:] for at in range(len(good)) for v in (0, 1, 0x7F, 0xFF)
+               if good[at] != v]
+    cut = [good[:n] for n in range(len(good))] + [good + b"\x00", good + good[-3:], b""]
+    for raw in other_layouts + mutated + cut:
+        assert _decode(raw, known=good) == _decode(raw, known=None), raw.hex()
+    # bounded: full, it starts again
+    quote._SHAPES.update({bytes([i % 256, i // 256]): quote._SHAPES.get(b"", ()) for i in range(quote._SHAPES_MAX)})
+    quote.decode_attest(good)
+    assert len(quote._SHAPES) == 1
+    quote._SHAPES.clear()
