@@ -385,9 +385,60 @@ class _Connection(TCPServer):
         )
 
     async def _serve_fast(self, data_all: bytes, route_path: str) -> bool:
-        """Answer one whole request (``data_all``); False when the connection must close."""
+        """Answer one whole request (``data_all``); False when the connection must close.
+
+        A request in the narrow shape :func:`_lean_request` accepts is read without h11 and
+        answered from a template (:func:`_lean_response`); h11's state machine then never sees it
+        and stays between requests. Anything outside that shape is parsed by h11 as before (and
+        a bad one answered as hypercorn answers it); an answer the template will not write is
+        written by h11, after h11 has been given the request."""
         conn: h11.Connection = self.protocol.connection  # type: ignore[attr-defined]
         self._set_idle(False)  # busy: a server shutdown lets this answer finish
+        lean = _lean_request(data_all)
+        if lean is not None:
+            headers_in, body = lean
+        else:
+            parsed = await self._h11_request(conn, data_all)
+            if parsed is None:
+                return False
+            headers_in, body = parsed
+        method = data_all[: data_all.index(b" ")].decode("ascii")
+        scope = {"type": "http", "method": method, "path": route_path, "headers": headers_in}
+        answer: dict[str, Any] = {}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            answer[message["type"]] = message
+
+        await self.fast_routes(scope, receive, send)
+        start, payload = answer["http.response.start"], answer["http.response.body"]["body"]
+        headers = [*start["headers"], *self.config.response_headers("h11")]
+        out = _lean_response(start["status"], headers, payload) if lean is not None else None
+        if out is None:
+            if lean is not None and await self._h11_request(conn, data_all) is None:
+                return False  # unreachable: h11 accepts whatever _lean_request does
+            out = conn.send(h11.Response(status_code=start["status"], headers=headers))
+            out += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
+            lean = None
+        try:
+            await self.stream.send_all(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        if lean is None:
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return False  # Connection: close (h11 says MUST_CLOSE)
+        if self.context.terminated.is_set():
+            return False  # shutting down: no next request on this connection
+        if lean is None:
+            conn.start_next_cycle()
+        self._set_idle(True)
+        return True
+
+    async def _h11_request(self, conn: h11.Connection, data_all: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+        """The request's headers and body as h11 parses them; None (after hypercorn's error
+        answer) when h11 refuses it."""
         conn.receive_data(data_all)
         try:
             request = conn.next_event()
@@ -403,35 +454,9 @@ class _Connection(TCPServer):
         except h11.RemoteProtocolError as error:  # as hypercorn answers it: status, then close
             if conn.our_state in {h11.IDLE, h11.SEND_RESPONSE}:
                 await self.protocol._send_error_response(error.error_status_hint)  # type: ignore[attr-defined]
-            return False
+            return None
         assert isinstance(request, h11.Request)
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        method = request.method.decode("ascii")
-        scope = {"type": "http", "method": method, "path": route_path, "headers": list(request.headers)}
-        answer: dict[str, Any] = {}
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            answer[message["type"]] = message
-
-        await self.fast_routes(scope, receive, send)
-        start, payload = answer["http.response.start"], answer["http.response.body"]["body"]
-        headers = [*start["headers"], *self.config.response_headers("h11")]
-        out = conn.send(h11.Response(status_code=start["status"], headers=headers))
-        out += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
-        try:
-            await self.stream.send_all(out)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-            return False  # Connection: close (h11 says MUST_CLOSE)
-        if self.context.terminated.is_set():
-            return False  # shutting down: no next request on this connection
-        conn.start_next_cycle()
-        self._set_idle(True)
-        return True
+        return list(request.headers), chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def run(self) -> None:
         stream: Any = self.stream
@@ -522,6 +547,77 @@ def _fast_candidate(held: bytes, fast_routes: Any) -> str | object | None:
     if len(held) > total:
         return None  # pipelined requests: hypercorn keeps their order
     return path
+
+
+# The lean request shape (a subset of what h11 accepts): header lines of a token name, a colon and
+# a value of visible ASCII with inner spaces/tabs; no obs-fold, no obs-text, no bare CR/LF.
+_LEAN_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?)[ \t]*")
+_LEAN_HEAD_MAX = 8192
+# headers that change the framing or the connection: h11 decides those
+_LEAN_REFUSED = frozenset({b"connection", b"transfer-encoding", b"expect", b"upgrade", b"te", b"keep-alive",
+                           b"http2-settings", b"trailer"})
+
+
+def _lean_request(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+    """Headers (names lower-cased, values trimmed: what h11 gives) and body of a whole request
+    that :func:`_fast_candidate` accepted, when it is in the lean shape: every header line
+    strict, exactly one Host, exactly one Content-Length equal to the body's length, none of
+    :data:`_LEAN_REFUSED`, a head of at most 8 KiB. None for anything else: h11 parses it then."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or end > _LEAN_HEAD_MAX:
+        return None
+    lines = data[:end].split(b"\r\n")
+    if _FAST_LINE.fullmatch(lines[0] + b"\r\n") is None:
+        return None
+    body = data[end + 4:]
+    headers: list[tuple[bytes, bytes]] = []
+    hosts = lengths = 0
+    for line in lines[1:]:
+        m = _LEAN_HEADER.fullmatch(line)
+        if m is None:
+            return None
+        name, value = m.group(1).lower(), m.group(2)
+        if name in _LEAN_REFUSED:
+            return None
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
+            lengths += 1
+            if not value.isdigit() or int(value) != len(body):
+                return None
+        headers.append((name, value))
+    if hosts != 1 or lengths != 1:
+        return None
+    return headers, body
+
+
+def _lean_response(status: int, headers: list[tuple[bytes, bytes]], payload: bytes) -> bytes | None:
+    """The response h11 would write for a request it had parsed in the lean shape (keep-alive,
+    not HEAD): status line without reason phrase, the headers as given, the body. None when the
+    answer is outside what the template may write (a status h11 would treat otherwise, a header
+    that is not strict, no or a wrong Content-Length, framing/connection headers): h11 writes it."""
+    if not 200 <= status <= 999 or status in (204, 304):  # h11 frames those bodies its own way
+        return None
+    parts = [b"HTTP/1.1 %d \r\n" % status]
+    lengths = 0
+    for name, value in headers:
+        line = name + b": " + value
+        m = _LEAN_HEADER.fullmatch(line)
+        if m is None or m.group(2) != value:
+            return None
+        low = name.lower()
+        if low in _LEAN_REFUSED:
+            return None
+        if low == b"content-length":
+            lengths += 1
+            if not value.isdigit() or int(value) != len(payload):
+                return None
+        parts.append(line + b"\r\n")
+    if lengths != 1:
+        return None
+    parts.append(b"\r\n")
+    parts.append(payload)
+    return b"".join(parts)
 
 
 class _WithTLS:
