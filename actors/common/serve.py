@@ -33,10 +33,13 @@ accept loop and the per-connection task, because hypercorn 0.18's trio worker ha
 5. (speed) every request pays hypercorn's per-request stream, app task and ASGI layers (~1 ms of
    CPU) -> a small, whole request that the app answers without quart (an app with a
    ``fast_routes`` attribute, common.app.FastRoutes: its fast POST routes and the layers in its
-   ``lean`` list, e.g. the push cycle's POST and PATCH) is parsed by the connection's own h11 state
-   machine and answered by the route directly (:meth:`_Connection._read_data`); anything else,
-   or a request whose rest does not arrive within a second, goes through hypercorn as before.
-   A response's head is also written together with its body (:class:`_H11Only`).
+   ``lean`` list, e.g. the push cycle's POST and PATCH) is answered by the route directly
+   (:meth:`_Connection._read_data`): read by a strict parser of our own and answered from a
+   template when it is in a narrow shape (:func:`_lean_request`, a subset of what h11 accepts,
+   read to the same headers and body), else parsed by the connection's own h11 state machine;
+   anything else, or a request whose rest does not arrive within a second, goes through
+   hypercorn as before. A response's head is also written together with its body
+   (:class:`_H11Only`).
 
 HTTP/2 is never spoken: ALPN offers only http/1.1 and the h2c upgrade / prior-knowledge paths of
 hypercorn's h11 protocol are disabled, so requests are answered over HTTP/1.1.
