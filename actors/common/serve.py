@@ -78,6 +78,11 @@ log = logging.getLogger("keytrio.serve")
 DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
 DEFAULT_GRACEFUL_TIMEOUT = 3.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# From a request's first byte to the end of its answer. Without it a client that sends a head and
+# part of a body, then nothing, held its connection (a task, a file descriptor) for ever: the idle
+# timer stops while a request is under way and hypercorn sets no read timeout. Every answer of
+# these servers takes well under a second; a minute leaves room for slow links and hardware TPMs.
+DEFAULT_REQUEST_TIMEOUT = 60.0
 
 # accept() errors that mean "out of resources right now", not "the listener is broken"
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -93,6 +98,7 @@ async def serve(
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
     graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -103,7 +109,8 @@ async def serve(
     ReloadingServerContext gives each new connection the context of the files as they are now.
     ``listeners``: sockets the caller bound already (startup.bind, so that a port in use fails
     the start before anything else happened); ``host``/``port`` are then ignored. They are closed
-    when serving ends.
+    when serving ends. A connection whose request (read, handled, answered) takes longer than
+    ``request_timeout`` is closed without an answer; one idle for ``keep_alive_timeout`` too.
     """
     server = _Server(
         app,
@@ -111,6 +118,7 @@ async def serve(
         keep_alive_timeout=keep_alive_timeout,
         graceful_timeout=graceful_timeout,
         handshake_timeout=handshake_timeout,
+        request_timeout=request_timeout,
     )
     if listeners is None:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -140,6 +148,7 @@ class _Server:
         keep_alive_timeout: float,
         graceful_timeout: float,
         handshake_timeout: float,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self.app = ASGIWrapper(app)
         #: common.app.FastRoutes of a keytrio app: their small requests skip hypercorn (_FastPath)
@@ -150,6 +159,7 @@ class _Server:
         self.keep_alive_timeout = keep_alive_timeout
         self.graceful_timeout = graceful_timeout
         self.handshake_timeout = handshake_timeout
+        self.request_timeout = request_timeout
         self.config = Config()
         self.config.keep_alive_timeout = keep_alive_timeout
         self.config.graceful_timeout = graceful_timeout
@@ -231,6 +241,7 @@ class _Server:
                     ConnectionState(self.lifespan_state.copy()),
                     stream,  # type: ignore[arg-type]
                     keep_alive_timeout=self.keep_alive_timeout,
+                    request_timeout=self.request_timeout,
                     fast_routes=self.fast_routes,
                 )
                 self.connections.discard(pending)
@@ -320,14 +331,16 @@ class _Connection(TCPServer):
     """hypercorn's trio TCPServer with a working idle timer and no HTTP/2.
 
     The idle timer is the deadline of ``self.scope``, the cancel scope the whole connection runs
-    in: ``Updated(idle=True)`` sets it to now + keep_alive_timeout, ``Updated(idle=False)`` to
-    infinity. Moving a deadline never checkpoints, so it also works when hypercorn sends the event
+    in: ``Updated(idle=True)`` sets it to now + keep_alive_timeout, ``Updated(idle=False)`` (a
+    request under way) to now + request_timeout. Moving a deadline never checkpoints, so it also works when hypercorn sends the event
     from quart-trio's already-cancelled request nursery.
     """
 
-    def __init__(self, *args: Any, keep_alive_timeout: float, fast_routes: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keep_alive_timeout: float, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+                 fast_routes: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.keep_alive_timeout = keep_alive_timeout
+        self.request_timeout = request_timeout
         self.scope = trio.CancelScope()
         self.idle = True
         self.fast_routes = fast_routes
@@ -361,7 +374,7 @@ class _Connection(TCPServer):
                 verdict = _fast_candidate(held, self.fast_routes)
                 if verdict is _MORE_BODY or verdict is _MORE_HEAD:
                     if verdict is _MORE_BODY:
-                        self._set_idle(False)  # a request is under way: no keep-alive deadline
+                        self._set_idle(False)  # a request is under way: its deadline, not the keep-alive one
                     continue
                 if isinstance(verdict, str):
                     data_all, held = held, b""
@@ -498,8 +511,10 @@ class _Connection(TCPServer):
         await super().protocol_send(event)
 
     def _set_idle(self, idle: bool) -> None:
+        if not idle and not self.idle:
+            return  # a request under way keeps the deadline set when it began (no slow-drip resets)
         self.idle = idle
-        self.scope.deadline = trio.current_time() + self.keep_alive_timeout if idle else math.inf
+        self.scope.deadline = trio.current_time() + (self.keep_alive_timeout if idle else self.request_timeout)
 
     def shutdown(self) -> None:
         """Server shutdown: drop an idle connection now; a busy one closes after its response

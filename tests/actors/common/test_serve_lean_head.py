@@ -324,16 +324,62 @@ async def test_a_head_that_stops_half_way_is_not_answered_lean(nursery: trio.Nur
             pass
     await stream.aclose()
     # a body shorter than its Content-Length, then silence: never answered (the lean path hands
-    # it to hypercorn after _FAST_WAIT, which waits for the rest as it does for any request; it
-    # has no body deadline of its own: read_timeout is unset, as before this change)
+    # it to hypercorn after _FAST_WAIT, which waits for the rest); the request deadline closes it
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     await stream.send_all(echo(b'{"n": 1}').replace(b"Content-Length: 8", b"Content-Length: 9"))
-    with trio.move_on_after(60):
-        assert await stream.receive_some(65536) == b"never"
-    await stream.aclose()
+    await closed_unanswered(stream, serve_mod.DEFAULT_REQUEST_TIMEOUT)
     assert lean_calls == []
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     await stream.send_all(echo())
     assert await read_answer(stream, bytearray()) is not None
     assert lean_calls == [True]
+    await stream.aclose()
+
+
+async def closed_unanswered(stream: trio.SocketStream, within: float) -> None:
+    """The server closes ``stream`` without a byte of answer, at most ``within`` (virtual)
+    seconds from now."""
+    t0 = trio.current_time()
+    with trio.fail_after(10 * within):  # a guard: without a deadline the server never closes it
+        got = await stream.receive_some(65536)
+    assert got == b""
+    assert trio.current_time() - t0 <= within + 1
+    await stream.aclose()
+
+
+async def test_a_request_that_never_ends_is_closed_by_its_deadline(nursery: trio.Nursery,
+                                                                   autojump_clock: Any) -> None:
+    """Slowloris past the head: a client that sends a head and part of a body, then nothing (or a
+    byte now and then) holds its connection only until the request deadline, on the lean path and
+    on hypercorn's; the server still serves the next client."""
+    port = await start(nursery)
+    timeout = serve_mod.DEFAULT_REQUEST_TIMEOUT
+    slow = (b"POST /v1/other HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    # hypercorn's path (not a fast route), silence after part of the body
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(slow)
+    await closed_unanswered(stream, timeout)
+    # the lean path, a byte every few seconds: each byte would have kept it waiting for ever
+    body = b'{"n": "' + b"a" * 120 + b'"}'
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    t0 = trio.current_time()
+    request = echo(body)
+    head_end = request.index(b"\r\n\r\n") + 4
+    await stream.send_all(request[:head_end + 1])
+    try:
+        for i in range(head_end + 1, len(request) - 1):
+            await trio.sleep(0.9 * serve_mod._FAST_WAIT)
+            await stream.send_all(request[i:i + 1])
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    with trio.fail_after(10 * timeout):
+        while await stream.receive_some(65536):
+            raise AssertionError("an unfinished request was answered")
+    # the client notices the close at its next send or two (a byte every 0.9 s); with a deadline
+    # renewed by every byte it would take the whole drip (≈ 110 s) and a timeout more
+    assert trio.current_time() - t0 <= timeout + 5
+    await stream.aclose()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(echo())
+    assert await read_answer(stream, bytearray()) is not None
     await stream.aclose()
