@@ -22,38 +22,12 @@ import trio
 
 from bench import fleet, sim_agent, sim_keys, sim_push, sim_push_upstream
 from keytrio.actors.common import tls
-from keytrio.actors.registrar.actor import Registrar
-from keytrio.actors.registrar.config import load_config as registrar_config
-from keytrio.actors.verifier.actor import Verifier
-from keytrio.actors.verifier.config import load_config as verifier_config
 from keytrio.testbed.pki import make_cv_ca
+from tests.bench_actors import start_registrar, start_verifier
 from tests.interop.support import Upstream, upstream_instance
 
 GUARD = 60.0  # seconds: a hang guard, never what the test asserts
 POLICY_FILES = 40
-
-
-async def _registrar(nursery: trio.Nursery, ca: Path, data: Path) -> str:
-    opts = {
-        "ip": "127.0.0.1", "port": 0, "tls_port": 0, "data_dir": str(data), "metrics_port": -1,
-        "server_cert": str(ca / "server-cert.crt"), "server_key": str(ca / "server-private.pem"),
-        "trusted_client_ca": [str(ca / "cacert.crt")], "graceful_timeout": 0.5,
-    }  # fmt: skip
-    addrs = await nursery.start(Registrar(registrar_config(None, env={}, overrides=opts)).run)
-    return f"http://127.0.0.1:{addrs.http[1]}"
-
-
-async def _push_verifier(nursery: trio.Nursery, ca: Path, data: Path) -> str:
-    opts = {
-        "ip": "127.0.0.1", "port": 0, "metrics_port": -1, "data_dir": str(data), "quote_interval": 2.0,
-        "mode": "push",
-        "server_cert": str(ca / "server-cert.crt"), "server_key": str(ca / "server-private.pem"),
-        "client_cert": str(ca / "client-cert.crt"), "client_key": str(ca / "client-private.pem"),
-        "trusted_client_ca": [str(ca / "cacert.crt")], "trusted_server_ca": [str(ca / "cacert.crt")],
-        "graceful_timeout": 0.5,
-    }  # fmt: skip
-    host, port = await nursery.start(Verifier(verifier_config(env={}, overrides=opts)).run)
-    return f"https://{host}:{port}"
 
 
 async def _verdict(admin: httpx.AsyncClient, url: str, agent_id: str, ok: int = 200) -> dict[str, Any]:
@@ -75,9 +49,9 @@ async def test_simulated_push_agents_attest_and_a_forged_log_fails(tmp_path: Pat
     one, two, forged = sims.grow(3, tamper=frozenset({2}), salt="push")
     ctx = tls.client_context([ca / "cacert.crt"], ca / "client-cert.crt", ca / "client-private.pem")
     async with trio.open_nursery() as nursery, httpx.AsyncClient(verify=ctx, timeout=20.0) as admin:
-        registrar = await _registrar(nursery, ca, tmp_path / "registrar")
+        registrar = await start_registrar(nursery, ca, tmp_path / "registrar")
         assert await sims.register([one, two, forged], registrar) == 3
-        url = await _push_verifier(nursery, ca, tmp_path / "verifier")
+        url = await start_verifier(nursery, ca, tmp_path / "verifier", quote_interval=2.0, mode="push")
         r = await admin.post(f"{url}/v2.1/allowlists/{fleet.POLICY_NAME}",
                              json=fleet.policy_body(POLICY_FILES, {one.entries[0].digest.hex()}))
         assert r.status_code in (200, 201), r.text

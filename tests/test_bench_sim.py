@@ -22,39 +22,14 @@ import trio
 
 from bench import fleet, sim_agent, sim_keys
 from keytrio.actors.common import tls
-from keytrio.actors.registrar.actor import Registrar
-from keytrio.actors.registrar.config import load_config as registrar_config
-from keytrio.actors.verifier.actor import Verifier
-from keytrio.actors.verifier.config import load_config as verifier_config
 from keytrio.protocol import credential, states
 from keytrio.testbed.pki import make_cv_ca
+from tests.bench_actors import start_registrar, start_verifier
 from tests.pg import pg_admin_url  # noqa: F401
 
 GUARD = 60.0  # seconds: a hang guard, never what the test asserts
 POLICY_FILES = 40
 REPO = Path(__file__).resolve().parents[1]
-
-
-async def _start_registrar(nursery: trio.Nursery, ca: Path, data: Path) -> str:
-    opts = {
-        "ip": "127.0.0.1", "port": 0, "tls_port": 0, "data_dir": str(data), "metrics_port": -1,
-        "server_cert": str(ca / "server-cert.crt"), "server_key": str(ca / "server-private.pem"),
-        "trusted_client_ca": [str(ca / "cacert.crt")], "graceful_timeout": 0.5,
-    }  # fmt: skip
-    addrs = await nursery.start(Registrar(registrar_config(None, env={}, overrides=opts)).run)
-    return f"http://127.0.0.1:{addrs.http[1]}"
-
-
-async def _start_verifier(nursery: trio.Nursery, ca: Path, data: Path) -> str:
-    opts = {
-        "ip": "127.0.0.1", "port": 0, "metrics_port": -1, "data_dir": str(data), "quote_interval": 0.2,
-        "server_cert": str(ca / "server-cert.crt"), "server_key": str(ca / "server-private.pem"),
-        "client_cert": str(ca / "client-cert.crt"), "client_key": str(ca / "client-private.pem"),
-        "trusted_client_ca": [str(ca / "cacert.crt")], "trusted_server_ca": [str(ca / "cacert.crt")],
-        "retry_interval": 0.1, "max_retries": 2, "exponential_backoff": False, "graceful_timeout": 0.5,
-    }  # fmt: skip
-    host, port = await nursery.start(Verifier(verifier_config(env={}, overrides=opts)).run)
-    return f"https://{host}:{port}"
 
 
 async def _record(client: httpx.AsyncClient, url: str, agent_id: str) -> dict[str, Any]:
@@ -86,7 +61,7 @@ async def test_simulated_agents_register_and_attest_and_a_forged_log_fails(tmp_p
     ctx = tls.client_context([ca / "cacert.crt"], ca / "client-cert.crt", ca / "client-private.pem")
     async with trio.open_nursery() as nursery, httpx.AsyncClient(verify=ctx, timeout=20.0) as client:
         port = await nursery.start(sims.serve)
-        registrar = await _start_registrar(nursery, ca, tmp_path / "registrar")
+        registrar = await start_registrar(nursery, ca, tmp_path / "registrar")
         assert await sims.register([good, forged], registrar) == 2
         # the registrar holds them as activated, with the AK the agent will sign with
         async with httpx.AsyncClient() as plain:
@@ -94,7 +69,8 @@ async def test_simulated_agents_register_and_attest_and_a_forged_log_fails(tmp_p
                 r = await plain.put(f"{registrar}/v2.1/agents/{a.agent_id}/activate", json={"auth_tag": "00" * 48})
                 assert r.status_code == 400, r.text  # a wrong tag is refused; the right one was accepted above
 
-        url = await _start_verifier(nursery, ca, tmp_path / "verifier")
+        url = await start_verifier(nursery, ca, tmp_path / "verifier", quote_interval=0.2, retry_interval=0.1,
+                                   max_retries=2, exponential_backoff=False)
         body = fleet.policy_body(POLICY_FILES, {good.entries[0].digest.hex()})
         r = await client.post(f"{url}/v2.1/allowlists/{fleet.POLICY_NAME}", json=body)
         assert r.status_code in (200, 201), r.text
