@@ -209,31 +209,22 @@ async def update_if_state(store: Store, agent_id: str, only_in_states: Collectio
     return bool(await store.write(txn))
 
 
-#: (dialect, columns set, guard states, fenced) -> (driver SQL, bind names in order or None for named style)
-_SUCCESS_SQL: dict[tuple[str, tuple[str, ...], tuple[int, ...] | None, bool], tuple[str, tuple[str, ...] | None]] = {}
-
-
 def _success_sql(
-    dialect: sa.Dialect, columns: tuple[str, ...], states: tuple[int, ...] | None, fence: bool = False
+    dialect: sa.Dialect, columns: tuple[str, ...], states: tuple[int, ...] | None, fence: bool
 ) -> tuple[str, tuple[str, ...] | None]:
-    """The success UPDATE for these columns, compiled once per dialect (the per-poll write is the
-    hottest statement of the verifier: building and compiling it each time cost more than the
-    rest of the poll's database work together)."""
-    key = (dialect.name, columns, states, fence)
-    hit = _SUCCESS_SQL.get(key)
-    if hit is None:
-        c = agents.c
-        cond = c.agent_id == sa.bindparam("p_agent_id")
-        if states is not None:  # literal ints: no "expanding" IN parameter to render per call
-            cond = sa.and_(cond, c.operational_state.in_([sa.literal_column(str(int(x))) for x in states]))
-        if fence:
-            cond = sa.and_(cond, _lease_held(sa.bindparam("p_fence_holder"), sa.bindparam("p_fence_epoch")))
-        values: dict[str, Any] = {"attestation_count": c.attestation_count + sa.literal_column("1")}
-        values.update({name: sa.bindparam(f"p_{name}") for name in columns})
-        compiled = sa.update(agents).where(cond).values(**values).compile(dialect=dialect)
-        order = tuple(compiled.positiontup or ()) if compiled.positional else None
-        hit = _SUCCESS_SQL[key] = (compiled.string, order)
-    return hit
+    """The success UPDATE for these columns, compiled for ``dialect``: the driver SQL and its bind
+    names in order (None for a named paramstyle). :func:`_success_statement` keeps the result,
+    since building and compiling it per poll cost more than the rest of the poll's database work."""
+    c = agents.c
+    cond = c.agent_id == sa.bindparam("p_agent_id")
+    if states is not None:  # literal ints: no "expanding" IN parameter to render per call
+        cond = sa.and_(cond, c.operational_state.in_([sa.literal_column(str(int(x))) for x in states]))
+    if fence:
+        cond = sa.and_(cond, _lease_held(sa.bindparam("p_fence_holder"), sa.bindparam("p_fence_epoch")))
+    values: dict[str, Any] = {"attestation_count": c.attestation_count + sa.literal_column("1")}
+    values.update({name: sa.bindparam(f"p_{name}") for name in columns})
+    compiled = sa.update(agents).where(cond).values(**values).compile(dialect=dialect)
+    return compiled.string, tuple(compiled.positiontup or ()) if compiled.positional else None
 
 
 #: record_success's values, in the order of its ``values`` tuple (p_<name> in the statement)
@@ -242,7 +233,8 @@ _SUCCESS_VALUES = ("last_received_quote", "last_successful_attestation", "hash_a
                    "operational_state", "agent_id", "fence_holder", "fence_epoch")
 _SUCCESS_OPTIONAL = _SUCCESS_VALUES[2:11]
 _SUCCESS_AT = {f"p_{name}": i for i, name in enumerate(_SUCCESS_VALUES)}
-#: (dialect, optional columns set, guard states, fenced) -> (driver SQL, values tuple -> driver parameters)
+#: (dialect, optional columns set, guard states, fenced) -> (driver SQL, values tuple -> driver
+#: parameters): the success UPDATE is compiled once per key
 _SUCCESS_STATEMENTS: dict[tuple[str, tuple[bool, ...], tuple[int, ...] | None, bool],
                           tuple[str, Callable[[tuple[Any, ...]], Any]]] = {}
 
