@@ -78,9 +78,10 @@ log = logging.getLogger("keytrio.serve")
 DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
 DEFAULT_GRACEFUL_TIMEOUT = 3.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-# From a request's first byte to the end of its answer. Without it a client that sends a head and
-# part of a body, then nothing, held its connection (a task, a file descriptor) for ever: the idle
-# timer stops while a request is under way and hypercorn sets no read timeout. Every answer of
+# From the moment a request is under way (its head read; until then the keep-alive timer runs) to
+# the end of its answer. Without it a client that sends a head and part of a body, then nothing,
+# held its connection (a task, a file descriptor) for ever: the idle timer stops while a request
+# is under way and hypercorn sets no read timeout. Every answer of
 # these servers takes well under a second; a minute leaves room for slow links and hardware TPMs.
 DEFAULT_REQUEST_TIMEOUT = 60.0
 
