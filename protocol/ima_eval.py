@@ -138,6 +138,43 @@ class ImaProgress:
         )
 
 
+def nothing_new(
+    progress: ImaProgress,
+    list_text: str | None,
+    first_entry: int,
+    boottime: int | None,
+    reset_count: int | None,
+    quoted_pcr10: object,
+    bank: str,
+) -> bool:
+    """Whether a poll brings nothing to judge: no new line, the same boot, PCR 10 where the
+    progress left it.
+
+    True only when ``evaluate_ima(list_text, first_entry, quoted_pcr10, bank, <any policy>,
+    progress.for_boot(boottime, reset_count))`` (``check_unquoted`` off) would give no failure, no
+    warning, 0 lines parsed and a progress equal to ``progress``: the caller may then keep
+    ``progress`` as it is and skip both calls (a quiet machine's every poll). Anything else
+    (another boot, a reset or backwards ``first_entry``, a lag to catch up, another bank, a PCR 10
+    that moved, a progress whose PCR text the general path would rewrite) is False: ask those two.
+    """
+    pcrs = progress.pcrs
+    return (
+        not list_text
+        and first_entry == progress.count
+        and progress.lag == 0
+        # for_boot keeps the progress only when neither side changed; a value where the progress
+        # had None is written into it (a different progress), so it is "not the same" here
+        and (boottime is None or boottime == progress.boottime)
+        and (reset_count is None or reset_count == progress.reset_count)
+        # evaluate_ima's own shortcut keeps the progress only as exactly {bank: lower-case hex};
+        # None (PCR 10 not quoted) and other types are the general path's to judge
+        and type(quoted_pcr10) is bytes
+        and len(quoted_pcr10) == tpm2.DIGEST_SIZES.get(bank)
+        and len(pcrs) == 1
+        and pcrs.get(bank) == quoted_pcr10.hex()
+    )
+
+
 @dataclass(frozen=True)
 class ImaResult:
     failures: list[Failure]

@@ -29,7 +29,7 @@ from keytrio.protocol import safejson
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.failures import Failure, Severity
 from keytrio.protocol.ima import IMA_PCR
-from keytrio.protocol.ima_eval import PCR_MISMATCH, ImaProgress, evaluate_ima
+from keytrio.protocol.ima_eval import PCR_MISMATCH, ImaProgress, evaluate_ima, nothing_new
 from keytrio.protocol.runtime_policy import ImaKey, KeyTypeError, RuntimePolicy, parse_ima_key
 
 log = logging.getLogger("keytrio.verifier")
@@ -119,6 +119,30 @@ class AgentIma:
         if before and not self.progress.count:
             log.info("agent=%s event=ima_new_boot boottime=%s reset_count=%s", self.agent_id, boottime,
                      reset_count)
+
+    def nothing_new(
+        self, list_text: str | None, first_entry: int, boottime: int | None, reset_count: int | None,
+        pcr10: bytes | None, bank: str,
+    ) -> bool:
+        """:meth:`for_boot` and the call for a poll with nothing new, when it is one: True when it
+        took the poll (no failure; the next entry is ``progress.count``), False when it did nothing
+        and the caller makes those two calls.
+
+        A steady poll has no line, the same boot and PCR 10 unchanged; the general path would then
+        build a new progress equal to the old one and set up an evaluation for an empty tail. Here
+        the progress stays the same object (the monitor sees it unchanged by identity rather than
+        by equality: it writes neither way), and the rest of the call's effects happen as there:
+        the policy must still resolve, the poll is observed as 0 lines, the warnings are cleared.
+        """
+        if self.check_unquoted or not nothing_new(self.progress, list_text, first_entry, boottime, reset_count,
+                                                  pcr10, bank):
+            return False
+        if self.policy() is None:
+            return False  # the general path names the missing policy
+        if self._lines_per_poll is not None:
+            self._lines_per_poll.observe(0)
+        self.warnings = []
+        return True
 
     def progress_json(self) -> str:
         return json.dumps(self.progress.to_json(), sort_keys=True)
