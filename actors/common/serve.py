@@ -53,6 +53,7 @@ import errno
 import logging
 import math
 import re
+import socket
 import ssl
 from typing import Any
 
@@ -220,6 +221,7 @@ class _Server:
 
     async def _handle_connection(self, sock_stream: trio.SocketStream) -> None:
         peer = _peer(sock_stream)
+        tls_stream: TLSServerStream | None = None
         pending = _Pending()
         self.connections.add(pending)
         try:
@@ -230,10 +232,12 @@ class _Server:
                     context = self.ssl_context
                     if isinstance(context, ReloadingServerContext):
                         context = context.current()
-                    ssl_stream = trio.SSLStream(sock_stream, context, server_side=True, https_compatible=True)
-                    if not await self._handshake(ssl_stream, peer):
+                    # the fd leaves trio's SocketStream (TCP_NODELAY that trio set stays); the
+                    # TLS stream owns and closes it
+                    tls_stream = TLSServerStream(socket.socket(fileno=sock_stream.socket.detach()), context)
+                    if not await self._handshake(tls_stream, peer):
                         return
-                    stream, tls = ssl_stream, _tls_extension(ssl_stream)
+                    stream, tls = tls_stream, _tls_extension(tls_stream)
                 app = _WithTLS(self.app, tls) if tls is not None else self.app
                 conn = _Connection(
                     app,
@@ -255,9 +259,11 @@ class _Server:
             log.exception("connection from %s failed", peer)
         finally:
             self.connections.discard(pending)
+            if tls_stream is not None:
+                await trio.aclose_forcefully(tls_stream)
             await trio.aclose_forcefully(sock_stream)
 
-    async def _handshake(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> bool:
+    async def _handshake(self, stream: TLSServerStream, peer: str) -> bool:
         try:
             with trio.fail_after(self.handshake_timeout):
                 await stream.do_handshake()
@@ -268,23 +274,191 @@ class _Server:
             return False
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.warning("TLS handshake from %s rejected: %s", peer, _ssl_reason(exc))
-            await _flush_alert(stream)
             return False
         return True
 
 
-async def _flush_alert(stream: trio.SSLStream[trio.SocketStream]) -> None:
-    """Best effort: send the TLS alert OpenSSL produced for the failed handshake (trio drops it),
-    so the client learns why (e.g. "certificate required") instead of seeing a bare EOF."""
-    outgoing = getattr(stream, "_outgoing", None)  # trio's private MemoryBIO
-    data = outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
-    if not data:
-        return
-    with trio.move_on_after(1.0):
+class TLSServerStream:
+    """The server side of one TLS connection: ``ssl.SSLObject`` over two ``MemoryBIO``s on the
+    bare non-blocking socket, in place of ``trio.SSLStream`` (what rawconn.RawConn does for the
+    pull client).
+
+    Why: trio.SSLStream pays per read and per write for conflict detectors, an inner lock and a
+    checkpoint around every transport call, and trio.SocketStream a ``recv`` that fails with
+    EAGAIN before it waits; a push attestation is two small exchanges on a kept connection. Here
+    a read waits for the socket once (:func:`trio.lowlevel.wait_readable`) and decrypts what
+    came; a write the kernel takes at once is one ``send`` and no task switch.
+
+    The same as ``trio.SSLStream(..., server_side=True, https_compatible=True)`` where callers can
+    see it: the handshake (the context's client-certificate rules) raises
+    ``trio.BrokenResourceError`` from the ssl/OS error; a peer's close_notify, or EOF without it,
+    is read as EOF (b""); any other TLS or socket error is ``trio.BrokenResourceError`` and the
+    stream stays broken; ``aclose`` sends no close_notify (https_compatible) and closes the
+    socket, waking a task that waits on it with ``trio.ClosedResourceError``. A read and a write
+    may run in two tasks at once (hypercorn's read loop and its app task); writes are serialised
+    here so that TLS records leave in the order they were made.
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._ssl_object = context.wrap_bio(self._in, self._out, server_side=True)
+        self._broken: BaseException | None = None
+        self._closed = False
+        self._sending = False  # a task is sending _out's bytes; others wait on _sent
+        self._sent = trio.lowlevel.ParkingLot()
+        self._more_ready = False  # the last recv filled its buffer: try again before waiting
+
+    # -- the attributes _tls_extension and _Connection read (as on trio.SSLStream) --
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return self._ssl_object.getpeercert(binary_form)
+
+    def cipher(self) -> Any:
+        return self._ssl_object.cipher()
+
+    def version(self) -> str | None:
+        return self._ssl_object.version()
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._ssl_object.selected_alpn_protocol()
+
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("connection closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError("TLS connection broken") from self._broken
+
+    def _break(self, exc: BaseException) -> trio.BrokenResourceError:
+        self._broken = exc
+        err = trio.BrokenResourceError(str(exc))
+        err.__cause__ = exc
+        return err
+
+    async def do_handshake(self) -> None:
+        """The TLS handshake; BrokenResourceError (from the ssl or OS error) when it fails. The
+        alert OpenSSL made for a refused handshake (e.g. "certificate required") is sent on a
+        best-effort basis, so that the client learns why."""
+        self._check()
+        while True:
+            try:
+                self._ssl_object.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                err = self._break(exc)
+                self._alert()
+                raise err from exc
+            await self._flush()
+            await self._feed()
+        await self._flush()  # Finished, and TLS 1.3's session tickets
+
+    def _alert(self) -> None:
+        if self._out.pending and not self._closed:
+            try:
+                self.socket.send(self._out.read())
+            except OSError:
+                pass
+
+    async def _feed(self) -> None:
+        """Read what the socket has (waiting for it once) into the incoming BIO."""
+        sock = self.socket
         try:
-            await stream.transport_stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
-            pass
+            if not self._more_ready:
+                await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    data = sock.recv(_MAX_RECV)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+        except trio.ClosedResourceError:
+            raise
+        except OSError as exc:  # reset, or the socket closed under us
+            if self._closed:
+                raise trio.ClosedResourceError("connection closed") from exc
+            raise self._break(exc) from exc
+        self._more_ready = len(data) == _MAX_RECV
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()  # the next read or handshake step reports the EOF
+
+    async def _flush(self) -> None:
+        """Send every TLS byte queued in the outgoing BIO, in order, before returning."""
+        if self._sending:  # another task is sending: it also sends ours; wait until it is done
+            await self._sent.park()
+            self._check()
+            return
+        if not self._out.pending:
+            return
+        self._sending = True
+        try:
+            while self._out.pending:
+                view = memoryview(self._out.read())
+                while view:
+                    try:
+                        sent = self.socket.send(view)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(self.socket)
+                        continue
+                    view = view[sent:]
+        except trio.ClosedResourceError:
+            raise
+        except OSError as exc:
+            if self._closed:
+                raise trio.ClosedResourceError("connection closed") from exc
+            raise self._break(exc) from exc
+        except BaseException as exc:  # cancelled mid-record: the byte stream is cut, as in trio
+            self._broken = self._broken or exc
+            raise
+        finally:
+            self._sending = False
+            self._sent.unpark_all()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Some bytes of the peer's data; b"" at EOF (close_notify or not)."""
+        self._check()
+        max_bytes = max_bytes or _MAX_RECV
+        while True:
+            try:
+                data = self._ssl_object.read(max_bytes)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                raise self._break(exc) from exc
+            else:
+                # data that was waiting decrypted without a wait: still honour a cancellation
+                await trio.lowlevel.checkpoint_if_cancelled()
+                return data
+            await self._flush()  # e.g. the answer to a key update
+            await self._feed()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._check()
+        try:
+            self._ssl_object.write(data)
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise self._break(exc) from exc
+        await self._flush()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check()
+        await trio.lowlevel.wait_writable(self.socket)
+
+    async def aclose(self) -> None:
+        """Close the socket (no close_notify: https_compatible, as before); a task waiting on it
+        wakes with ClosedResourceError."""
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+            self._sent.unpark_all()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 class _Pending:
@@ -477,8 +651,8 @@ class _Connection(TCPServer):
 
     async def run(self) -> None:
         stream: Any = self.stream
-        if isinstance(stream, trio.SSLStream):
-            sock, is_ssl = stream.transport_stream.socket, True
+        if isinstance(stream, TLSServerStream):
+            sock, is_ssl = stream.socket, True
         else:
             sock, is_ssl = stream.socket, False
         with self.scope:
@@ -652,7 +826,7 @@ class _WithTLS:
         await self.app(scope, receive, send, sync_spawn, call_soon)
 
 
-def _tls_extension(stream: trio.SSLStream[trio.SocketStream]) -> dict[str, Any]:
+def _tls_extension(stream: TLSServerStream) -> dict[str, Any]:
     chain = _verified_chain(stream)
     leaf = stream.getpeercert(binary_form=True)
     if leaf and not chain:
@@ -677,7 +851,7 @@ def _tls_extension(stream: trio.SSLStream[trio.SocketStream]) -> dict[str, Any]:
     }
 
 
-def _verified_chain(stream: trio.SSLStream[trio.SocketStream]) -> list[bytes]:
+def _verified_chain(stream: TLSServerStream) -> list[bytes]:
     """The verified client chain (leaf first) as DER; [] when the client sent no cert.
 
     Python 3.13 has ``SSLObject.get_verified_chain()``; 3.11/3.12 have it only on the private
