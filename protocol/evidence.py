@@ -29,7 +29,7 @@ from keytrio.protocol.errors import ProtocolError, ValidationError
 from keytrio.protocol.failures import Failure, Severity
 from keytrio.protocol.ima import IMA_PCR
 from keytrio.protocol.ima_eval import ImaProgress
-from keytrio.protocol.quote import ClockInfo
+from keytrio.protocol.quote import ClockInfo, ParsedQuote
 from keytrio.protocol.quote_check import (
     INVALID_ENC_ALG,
     INVALID_QUOTE,
@@ -120,9 +120,10 @@ class Expectations:
 
 @dataclass(frozen=True)
 class Evidence:
-    """What the agent sent: the quote string, its claims and the logs."""
+    """What the agent sent: the quote string (or the quote already decoded from the same bytes,
+    push_wire.parsed_quote), its claims and the logs."""
 
-    quote: str
+    quote: str | ParsedQuote
     hash_alg: str
     enc_alg: str | None = None
     ima_list: str | None = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keytrio.protocol import pcr_blob, tpm2, validation
+from keytrio.protocol import quote as tpm_quote
 from keytrio.protocol.errors import ProtocolError
 
 JSONAPI = {"version": "1.1"}
@@ -421,6 +422,28 @@ def attestation_document(res: Mapping[str, Any], prefix: str, *, meta: dict[str,
         out["meta"] = meta
     out["jsonapi"] = dict(JSONAPI)
     return out
+
+
+def _b64_len(n: int) -> int:
+    return 4 * ((n + 2) // 3)
+
+
+def parsed_quote(ev: Evidence) -> tpm_quote.ParsedQuote | None:
+    """The quote of ``ev`` decoded from its bytes, equal to ``parse_quote(quote_text(ev))``
+    without the base64 round trip (the evidence arrived as base64, was decoded once by
+    :func:`parse_evidence`, and the check would encode and decode it again). None when that
+    parse would fail (too long, or a part that does not decode): the caller then passes
+    :func:`quote_text` so that the failure is reported exactly as the text path reports it."""
+    length = 3 + _b64_len(len(ev.message)) + _b64_len(len(ev.signature)) + _b64_len(len(ev.pcr_blob))
+    if length > tpm_quote._MAX_QUOTE_TEXT:
+        return None
+    try:
+        info = tpm_quote.decode_attest(ev.message)
+        sig = tpm_quote.decode_signature(ev.signature)
+        bank, pcrs = tpm_quote.decode_pcr_blob(ev.pcr_blob)
+    except ProtocolError:
+        return None
+    return tpm_quote.ParsedQuote(bytes(ev.message), bytes(ev.signature), bytes(ev.pcr_blob), info, sig, bank, dict(pcrs))
 
 
 def quote_text(ev: Evidence) -> str:

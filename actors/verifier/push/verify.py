@@ -41,7 +41,7 @@ from keytrio.protocol import evidence, push_wire
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.failures import Failure, Severity, worst
 from keytrio.protocol.ima_eval import PCR_MISMATCH
-from keytrio.protocol.quote import ClockInfo, decode_attest
+from keytrio.protocol.quote import ClockInfo, ParsedQuote, decode_attest
 from keytrio.protocol.quote_check import INVALID_QUOTE, MISSING_PCRS, QUOTE_VALIDATION
 
 log = logging.getLogger("keytrio.verifier")
@@ -96,7 +96,10 @@ def check_with(row: dict[str, Any], res: dict[str, Any], states: EvalStates,
                     Severity.EMERGENCY)
         return Outcome([f], pstore.BROKEN_CHAIN, {}), None, None
     ak = enr.ak
-    quote = push_wire.quote_text(ev)
+    # decoded from the evidence's bytes (no base64 round trip); the text only when that fails,
+    # so that a bad quote is reported exactly as the text path reports it
+    parsed = push_wire.parsed_quote(ev)
+    quote: str | ParsedQuote = parsed if parsed is not None else push_wire.quote_text(ev)
     hook = states.take_hook(row, enr)
     previous: ClockInfo | None = None
     if row.get("tpm_clock_info"):
@@ -109,7 +112,7 @@ def check_with(row: dict[str, Any], res: dict[str, Any], states: EvalStates,
     uefi, _ = ev.logs.get(push_wire.UEFI_LOG, (b"", 0))
     if isinstance(hook, AgentIma):
         # a new TPM boot (resetCount) starts the IMA progress again at line 0
-        hook.for_boot(None, _reset_count(ev.message))
+        hook.for_boot(None, parsed.info.clock.reset_count if parsed is not None else _reset_count(ev.message))
     wanted = _requested(res, push_wire.TPM_QUOTE) or {}
     expect = evidence.Expectations(
         ak=ak, nonce=res["challenge"], nonce_base64=True, tpm_policy=enr.tpm_policy,
