@@ -41,6 +41,12 @@ accept loop and the per-connection task, because hypercorn 0.18's trio worker ha
    hypercorn as before. A response's head is also written together with its body
    (:class:`_H11Only`).
 
+6. (speed) trio.SSLStream pays per read and per write for conflict detectors, a lock and a
+   checkpoint around every transport call -> TLS runs through :class:`TLSServerStream`
+   (``ssl.SSLObject`` + two ``MemoryBIO``s on the bare non-blocking socket, as the pull client's
+   rawconn.RawConn), for hypercorn's connections and the lean path alike; what callers see is
+   what ``trio.SSLStream(server_side=True, https_compatible=True)`` gave them.
+
 HTTP/2 is never spoken: ALPN offers only http/1.1 and the h2c upgrade / prior-knowledge paths of
 hypercorn's h11 protocol are disabled, so requests are answered over HTTP/1.1.
 
