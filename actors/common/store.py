@@ -110,6 +110,8 @@ class Store:
         self._limiter = limiter
         self._queue: list[_Job] = []  # write_grouped calls waiting for the next group
         self._busy = False  # a write_grouped group is lingering or running
+        self._committing = False  # a committer task (submit_grouped's nursery) runs the groups
+        self._wanted = trio.Event()  # wakes the committer: a write was queued or a leader ended
         #: seconds the leader of a write_grouped group waits for more callers before it commits
         #: (0: only calls that arrive while a commit runs share it). Callers that can afford the
         #: wait (a monitor sleeps quote_interval after its write anyway) set it so that one thread
@@ -183,16 +185,37 @@ class Store:
         nothing; once started, it completes (committed or not) before Cancelled is raised,
         as with :meth:`write`.
         """
+        return await self.collect(self.submit_grouped(fn))
+
+    def submit_grouped(self, fn: Callable[[Connection], T], nursery: trio.Nursery | None = None) -> GroupedWrite:
+        """Queue ``fn`` for the next group without waiting (no checkpoint); :meth:`collect` gives
+        its result, :meth:`drop` takes it back while its group has not started.
+
+        With ``nursery``, a committer task is started there when none runs: it runs the groups
+        (lingering as a leader would) until the queue is empty, so nobody has to wait for a
+        queued write to be committed. Without one, the write is run by whichever caller leads
+        next (a :meth:`write_grouped` or the :meth:`collect` of this write)."""
         job = _Job(fn)
         self._queue.append(job)
+        if self._committing:
+            self._wanted.set()
+        elif nursery is not None:  # it waits for a leader's group under way to end
+            self._wanted = trio.Event()
+            nursery.start_soon(self._committer)  # a closed nursery raises: no committer then
+            self._committing = True
+        return job
+
+    async def collect(self, job: GroupedWrite) -> Any:
+        """The result of a :meth:`submit_grouped` write: at once when its group has committed
+        (no checkpoint), else once it has (leading the group when no one else runs it).
+        Cancelled: as :meth:`write_grouped` (dropped if not started, else awaited, shielded)."""
         while not job.done:
-            if self._busy:  # another caller leads the running group: wait for ours or the lead
+            if self._busy or self._committing:  # someone else runs the groups: wait for ours
+                job.waiting = True
                 try:
                     await job.wake.wait()
                 except trio.Cancelled:
-                    if job in self._queue:  # not started: drop it, pass on the lead if we had it
-                        self._queue.remove(job)
-                        self._pass_lead()
+                    if self.drop(job):  # not started: dropped, the lead passed on if it was ours
                         raise
                     with trio.CancelScope(shield=True):  # started: its outcome comes soon
                         while not job.done:
@@ -207,8 +230,7 @@ class Store:
                     await trio.sleep(self.group_linger)
                 except trio.Cancelled:  # nothing started yet: drop ours, hand the lead on
                     self._busy = False
-                    self._queue.remove(job)
-                    self._pass_lead()
+                    self.drop(job)
                     raise
             group, self._queue = self._queue, []
             try:
@@ -216,16 +238,70 @@ class Store:
                     await self._run(partial(self._commit_group, group))
             finally:
                 self._busy = False
-                for j in group:
-                    j.done = True
-                    j.wake.set()
+                self._finish(group)
                 self._pass_lead()
         return job.outcome.unwrap()
 
+    def drop(self, job: GroupedWrite) -> bool:
+        """Take back a queued write whose group has not started (True); False once it has (it
+        then completes, committed or not)."""
+        try:
+            self._queue.remove(job)
+        except ValueError:
+            return False
+        job.outcome = outcome.Error(Dropped())
+        job.done = True  # nobody may wait for a write that will not run
+        if job.waiting:
+            job.wake.set()
+        self._pass_lead()
+        return True
+
+    async def _committer(self) -> None:
+        # runs groups while there are queued writes, then ends (a nursery whose users all ended
+        # can close); one wake-up per group instead of one per write
+        try:
+            while self._queue:
+                if self._busy:  # a caller leads the group under way: its end wakes us
+                    self._wanted = trio.Event()
+                    await self._wanted.wait()
+                    continue
+                self._busy = True
+                group: list[_Job] = []
+                try:
+                    if self.group_linger > 0:
+                        await trio.sleep(self.group_linger)  # cancelled here: nothing started
+                    group, self._queue = self._queue, []
+                    with trio.CancelScope(shield=True):  # started writes complete
+                        await self._run(partial(self._commit_group, group))
+                except Exception as exc:  # the hand-off itself failed: every writer of the group
+                    # gets the error (nothing of ours may reach the nursery's owner)
+                    for j in group:
+                        j.outcome = outcome.Error(exc)
+                finally:
+                    self._busy = False
+                    self._finish(group)
+        finally:
+            self._committing = False
+            self._pass_lead()
+
+    @staticmethod
+    def _finish(group: list[_Job]) -> None:
+        for j in group:
+            j.done = True
+            if j.waiting:
+                j.wake.set()
+
     def _pass_lead(self) -> None:
-        # the next waiting caller runs the next group (no background task needed)
-        if not self._busy and self._queue:
-            self._queue[0].wake.set()
+        # the committer, or else the first caller waiting for its write, runs the next group
+        if self._busy or not self._queue:
+            return
+        if self._committing:
+            self._wanted.set()
+            return
+        for j in self._queue:
+            if j.waiting:
+                j.wake.set()
+                return
 
     def _commit_group(self, group: list[_Job]) -> None:
         """(worker thread) All of ``group`` in one transaction; one by one if any of them fails."""
@@ -250,16 +326,26 @@ class Store:
         await trio.to_thread.run_sync(self.engine.dispose)
 
 
-class _Job:
-    """One call of :meth:`Store.write_grouped`: its function, outcome and wake-up event."""
+class Dropped(Exception):
+    """The outcome of a queued write taken back by :meth:`Store.drop` (it wrote nothing)."""
 
-    __slots__ = ("done", "fn", "outcome", "wake")
+
+class _Job:
+    """One queued write of :meth:`Store.submit_grouped`: its function, outcome and wake-up event
+    (set only when someone waits for it)."""
+
+    __slots__ = ("done", "fn", "outcome", "waiting", "wake")
 
     def __init__(self, fn: Callable[[Connection], Any]) -> None:
         self.fn = fn
         self.outcome: outcome.Outcome[Any] = outcome.Error(RuntimeError("write_grouped: not run"))
         self.done = False
+        self.waiting = False
         self.wake = trio.Event()
+
+
+#: a write queued by :meth:`Store.submit_grouped` (``.done``: its group has run)
+GroupedWrite = _Job
 
 
 def db_command(action: str, url: str, migrations: Migrations, *, data_dir: Path | None = None) -> str:

@@ -62,7 +62,7 @@ from keytrio.actors.common.client import (
     is_retryable,
     retry_delay,
 )
-from keytrio.actors.common.store import Store
+from keytrio.actors.common.store import Dropped, GroupedWrite, Store
 from keytrio.actors.verifier import attest, records
 from keytrio.actors.verifier.attest import AgentTarget, AttestState
 from keytrio.actors.verifier.metrics import VerifierMetrics
@@ -208,6 +208,8 @@ class MonitorSet:
         self._clock = clock
         self._ima_check_for = ima_check_for
         self._scopes: dict[str, trio.CancelScope] = {}
+        # agent -> its monitor's success record handed to the group committer, not yet collected
+        self._queued: dict[str, GroupedWrite] = {}
         if settings.write_linger > 0:
             store.group_linger = settings.write_linger
         # polls due within 2.5 % of an interval of each other share one timer wake-up
@@ -229,6 +231,12 @@ class MonitorSet:
         scope = self._scopes.pop(agent_id, None)
         if scope is not None:
             scope.cancel()
+        # a record queued by the monitor and not started yet is taken back now, not when the
+        # cancelled task next runs: a group started meanwhile would land it after what the caller
+        # writes next (reactivate's reset, a new monitor's records)
+        queued = self._queued.pop(agent_id, None)
+        if queued is not None:
+            self.store.drop(queued)
 
     def stop_all(self) -> None:
         for aid in list(self._scopes):
@@ -265,6 +273,10 @@ class MonitorSet:
             log.exception("agent=%s event=record_failure_failed", agent_id)
 
     # used by Monitor
+    @property
+    def nursery(self) -> trio.Nursery:
+        return self._nursery
+
     @property
     def limiter(self) -> RequestSlots:
         return self._limiter
@@ -321,6 +333,7 @@ class Monitor:
         self.agent_id = agent_id
         self.s = ms.settings
         self.db_state: int | None = None  # last operational_state this monitor wrote/read
+        self.queued: GroupedWrite | None = None  # last success record, handed over, not collected
 
     async def run(self) -> None:
         row = await records.get(self.ms.store, self.agent_id)
@@ -347,6 +360,8 @@ class Monitor:
         written_progress: Any = None
         try:
             while True:
+                if self.queued is not None:
+                    await self._collect()
                 failures = await self._poll(client, target, state)
                 now = self.ms.now()
                 due = trio.current_time() + self.s.quote_interval
@@ -355,7 +370,7 @@ class Monitor:
                     assert bad is not None
                     log.warning("agent=%s event=quote_failed failures=%s", self.agent_id,
                                 ",".join(f.event_id for f in failures))
-                    await fail(self.ms, self.agent_id, records.INVALID_QUOTE, bad, received=True)
+                    await self._fail(records.INVALID_QUOTE, bad, received=True)
                     return
                 need_v = not v_delivered and v is not None
                 next_state = records.PROVIDE_V if need_v else records.GET_QUOTE
@@ -366,9 +381,14 @@ class Monitor:
                 new_algs = algs != written_algs
                 new_progress = progress is not None and progress is not written_progress \
                     and progress != written_progress
-                await self._write(records.record_success(
+                if trio.current_effective_deadline() == -math.inf:
+                    # stopped while this step ran (stop() found nothing of ours to take back):
+                    # hand nothing over, end at this checkpoint
+                    await trio.lowlevel.checkpoint()
+                record = records.submit_success(
                     self.ms.store,
                     self.agent_id,
+                    nursery=self.ms.nursery,
                     now=now,
                     hash_alg=state.hash_alg if new_algs else None,
                     enc_alg=state.enc_alg if new_algs else None,
@@ -380,7 +400,15 @@ class Monitor:
                     clock_info=state.clock,
                     state=next_state if next_state != self.db_state else None,
                     only_in_states=ACTIVE_STATES,
-                ))
+                )
+                if need_v or next_state != self.db_state:
+                    # what follows (V delivery, a state change) needs the record committed first
+                    await self._write(self.ms.store.collect(record))
+                else:
+                    # steady state: the committer task commits it while we sleep; its outcome is
+                    # collected before this monitor's next write or poll (_collect), so a record
+                    # that was refused or failed still ends the monitor before it polls again
+                    self._hand_over(record)
                 written_algs, written_progress = algs, progress
                 self.db_state = next_state
                 if need_v:
@@ -390,11 +418,56 @@ class Monitor:
                     due = trio.current_time() + self.s.quote_interval
                 await self.ms.timer.sleep_until(due)
         finally:
+            if self.queued is not None:
+                # as a cancelled write_grouped: a record not started is dropped, a started one
+                # completes before this monitor ends (and before _guarded may record a failure)
+                record, self.queued = self.queued, None
+                self._forget(record)
+                if not self.ms.store.drop(record) and not record.done:
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await self.ms.store.collect(record)
+                        except Exception:  # the monitor ends anyway: what it raised is logged
+                            log.warning("agent=%s event=queued_record_failed", self.agent_id, exc_info=True)
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
                 await client.aclose()
 
+    def _hand_over(self, record: GroupedWrite) -> None:
+        # in _queued too: MonitorSet.stop() takes it back at once
+        self.queued = self.ms._queued[self.agent_id] = record
+
+    def _forget(self, record: GroupedWrite) -> None:
+        if self.ms._queued.get(self.agent_id) is record:
+            del self.ms._queued[self.agent_id]
+
+    async def _collect(self) -> None:
+        """The outcome of the success record handed over last poll (no checkpoint once its group
+        committed, the steady state): not written (stopped, deleted, reactivated or fenced
+        meanwhile) ends the monitor, an error is raised here as it was by the write itself."""
+        record, self.queued = self.queued, None
+        assert record is not None
+        try:
+            # left in _queued while waiting: a stop() meanwhile still takes it back at once
+            written = record.outcome.unwrap() if record.done else await self.ms.store.collect(record)
+        except Dropped:  # taken back by stop(): this monitor is cancelled
+            await trio.lowlevel.checkpoint()  # raises Cancelled
+            raise _Ended from None
+        finally:
+            self._forget(record)
+        if not written:
+            raise _Ended  # deleted, stopped or reactivated meanwhile: this monitor is stale
+
     async def _write(self, pending: Any) -> None:
+        """Await ``pending`` (a coroutine of this agent's write, not started yet); not written:
+        the monitor ends. A success record still queued is collected first: a later write of
+        this agent never overtakes it."""
+        if self.queued is not None:
+            try:
+                await self._collect()
+            except BaseException:
+                pending.close()
+                raise
         if not await pending:
             raise _Ended  # deleted, stopped or reactivated meanwhile: this monitor is stale
 
@@ -475,7 +548,12 @@ class Monitor:
                 await self._fail_now(COMM_MALFORMED, exc)
             await trio.sleep(delay)
 
+    async def _fail(self, state: int, failure: Failure, *, received: bool = False) -> None:
+        if self.queued is not None:  # the success queued before it lands first
+            await self._collect()
+        await fail(self.ms, self.agent_id, state, failure, received=received)
+
     async def _fail_now(self, event_id: str, exc: Exception, **context: Any) -> NoReturn:
         ctx = {"message": str(exc)[:500], **{k: v for k, v in context.items() if v is not None}}
-        await fail(self.ms, self.agent_id, records.FAILED, Failure(event_id, ctx, Severity.CRITICAL))
+        await self._fail(records.FAILED, Failure(event_id, ctx, Severity.CRITICAL))
         raise _Ended

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+import trio
 from sqlalchemy.engine import Connection
 
-from keytrio.actors.common.store import Store
+from keytrio.actors.common.store import GroupedWrite, Store
 from keytrio.actors.verifier.schema import agents, deliveries, leases
 from keytrio.protocol.quote import ClockInfo
 from keytrio.protocol.states import (  # noqa: F401 -- re-exported: the verifier reads records.GET_QUOTE etc.
@@ -280,10 +281,11 @@ def _states_key(only_in_states: Collection[int] | None) -> tuple[int, ...] | Non
     return tuple(sorted(only_in_states))
 
 
-async def record_success(
+def submit_success(
     store: Store,
     agent_id: str,
     *,
+    nursery: trio.Nursery | None = None,
     now: float,
     hash_alg: str | None = None,
     enc_alg: str | None = None,
@@ -295,13 +297,10 @@ async def record_success(
     clock_info: ClockInfo | dict[str, Any] | None = None,
     state: int | None = None,
     only_in_states: Collection[int] | None = None,
-) -> bool:
-    """A quote verified: count it and keep the monitor's progress (None = leave unchanged).
-
-    ``only_in_states``: write nothing (return False) unless the row is in one of these states.
-    One UPDATE, committed before this returns; concurrent calls (other agents' polls) share one
-    transaction (``Store.write_grouped``): one thread hop and one fsync per group.
-    """
+) -> GroupedWrite:
+    """:func:`record_success` queued without waiting (``Store.submit_grouped``, committer task in
+    ``nursery``): ``await store.collect(w)`` gives its rowcount (0: not written), ``store.drop(w)``
+    takes it back while its group has not started. The fence is the caller's, taken now."""
     stamp = int(now)
     if isinstance(clock_info, ClockInfo):
         clock_text: str | None = clock_info.json_text()
@@ -330,7 +329,35 @@ async def record_success(
         finally:
             cur.close()
 
-    return bool(await store.write_grouped(txn))
+    return store.submit_grouped(txn, nursery)
+
+
+async def record_success(
+    store: Store,
+    agent_id: str,
+    *,
+    now: float,
+    hash_alg: str | None = None,
+    enc_alg: str | None = None,
+    sign_alg: str | None = None,
+    next_ima_ml_entry: int | None = None,
+    ima_pcr10: dict[str, str] | None = None,
+    ima_progress: str | None = None,
+    boottime: int | None = None,
+    clock_info: ClockInfo | dict[str, Any] | None = None,
+    state: int | None = None,
+    only_in_states: Collection[int] | None = None,
+) -> bool:
+    """A quote verified: count it and keep the monitor's progress (None = leave unchanged).
+
+    ``only_in_states``: write nothing (return False) unless the row is in one of these states.
+    One UPDATE, committed before this returns; concurrent calls (other agents' polls) share one
+    transaction (``Store.write_grouped``): one thread hop and one fsync per group.
+    """
+    return bool(await store.collect(submit_success(
+        store, agent_id, now=now, hash_alg=hash_alg, enc_alg=enc_alg, sign_alg=sign_alg,
+        next_ima_ml_entry=next_ima_ml_entry, ima_pcr10=ima_pcr10, ima_progress=ima_progress,
+        boottime=boottime, clock_info=clock_info, state=state, only_in_states=only_in_states)))
 
 
 async def record_failure(
