@@ -332,32 +332,15 @@ def submit_success(
     return store.submit_grouped(txn, nursery)
 
 
-async def record_success(
-    store: Store,
-    agent_id: str,
-    *,
-    now: float,
-    hash_alg: str | None = None,
-    enc_alg: str | None = None,
-    sign_alg: str | None = None,
-    next_ima_ml_entry: int | None = None,
-    ima_pcr10: dict[str, str] | None = None,
-    ima_progress: str | None = None,
-    boottime: int | None = None,
-    clock_info: ClockInfo | dict[str, Any] | None = None,
-    state: int | None = None,
-    only_in_states: Collection[int] | None = None,
-) -> bool:
-    """A quote verified: count it and keep the monitor's progress (None = leave unchanged).
+async def record_success(store: Store, agent_id: str, **fields: Any) -> bool:
+    """A quote verified: count it and keep the monitor's progress (a field None or left out =
+    leave unchanged); ``fields`` are :func:`submit_success`'s keywords.
 
     ``only_in_states``: write nothing (return False) unless the row is in one of these states.
     One UPDATE, committed before this returns; concurrent calls (other agents' polls) share one
     transaction (``Store.write_grouped``): one thread hop and one fsync per group.
     """
-    return bool(await store.collect(submit_success(
-        store, agent_id, now=now, hash_alg=hash_alg, enc_alg=enc_alg, sign_alg=sign_alg,
-        next_ima_ml_entry=next_ima_ml_entry, ima_pcr10=ima_pcr10, ima_progress=ima_progress,
-        boottime=boottime, clock_info=clock_info, state=state, only_in_states=only_in_states)))
+    return bool(await store.collect(submit_success(store, agent_id, **fields)))
 
 
 async def record_failure(
