@@ -435,7 +435,7 @@ def parsed_quote(ev: Evidence) -> tpm_quote.ParsedQuote | None:
     parse would fail (too long, or a part that does not decode): the caller then passes
     :func:`quote_text` so that the failure is reported exactly as the text path reports it."""
     length = 3 + _b64_len(len(ev.message)) + _b64_len(len(ev.signature)) + _b64_len(len(ev.pcr_blob))
-    if length > tpm_quote._MAX_QUOTE_TEXT:
+    if length > tpm_quote.MAX_QUOTE_TEXT:
         return None
     try:
         info = tpm_quote.decode_attest(ev.message)

@@ -44,7 +44,9 @@ ALG_ECSCHNORR = 0x001C
 _RSA_SIGS = (ALG_RSASSA, ALG_RSAPSS)
 _ECC_SIGS = (ALG_ECDSA, ALG_ECSCHNORR)
 
-_MAX_QUOTE_TEXT = 16384
+# the longest quote text parse_quote takes; push_wire.parsed_quote keeps the same bound on the
+# bytes it decodes, so that the two paths cannot part there
+MAX_QUOTE_TEXT = 16384
 # TPMS_CLOCK_INFO, firmwareVersion and the TPML_PCR_SELECTION count in one unpack
 _CLOCK_FW_COUNT = struct.Struct(">QIIBQI")
 
@@ -372,7 +374,7 @@ def parse_quote(text: str) -> ParsedQuote:
 
 @lru_cache(maxsize=8)
 def _parse_quote(text: str) -> ParsedQuote:
-    if len(text) > _MAX_QUOTE_TEXT:
+    if len(text) > MAX_QUOTE_TEXT:
         raise DecodeError("quote: too long")
     if not text.startswith("r"):
         raise DecodeError("quote: must start with 'r'")

@@ -71,7 +71,7 @@ def test_the_quote_text_limit_is_the_same() -> None:
     """Around parse_quote's length limit (a long signature part: the text grows by 4 per 3 bytes)."""
     ev = good()
     base = len(push_wire.quote_text(ev))
-    limit = quote._MAX_QUOTE_TEXT
+    limit = quote.MAX_QUOTE_TEXT
     seen = set()
     for extra in range((limit - base) // 4 * 3 - 6, (limit - base) // 4 * 3 + 7):
         padded = push_wire.Evidence(ev.message, ev.signature + b"\x00" * extra, ev.pcr_blob, {})
