@@ -32,7 +32,7 @@ import trio.testing
 from keytrio.actors.common import serve as serve_mod
 from keytrio.actors.common.serve import TLSServerStream, serve
 from keytrio.actors.common.tls import client_context, server_context
-from tests.actors.common.test_serve_lean_head import _App, echo, read_answer
+from tests.actors.common.serve_support import _App, echo, read_answer
 
 # ---- a scripted TLS client: each write is its own TLS record, raw bytes on demand ---------------
 

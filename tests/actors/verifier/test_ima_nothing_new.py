@@ -29,7 +29,7 @@ from keytrio.protocol.evidence import PCR10_CHECKED, PCR10_NOT_CHECKED
 from keytrio.protocol.failures import Failure, Severity
 from keytrio.protocol.ima_eval import ImaProgress
 from keytrio.protocol.runtime_policy import RuntimePolicy, load_policy, parse_ima_key, policy_document
-from tests.actors.verifier.test_attest_fast import (
+from tests.actors.verifier.attest_support import (
     GOOD_PCRS,
     NONCE,
     _good_attest,
