@@ -380,8 +380,6 @@ class TLSServerStream:
                     break
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(sock)
-        except trio.ClosedResourceError:
-            raise
         except OSError as exc:  # reset, or the socket closed under us
             if self._closed:
                 raise trio.ClosedResourceError("connection closed") from exc

@@ -449,7 +449,7 @@ class Monitor:
         assert record is not None
         try:
             # left in _queued while waiting: a stop() meanwhile still takes it back at once
-            written = record.outcome.unwrap() if record.done else await self.ms.store.collect(record)
+            written = await self.ms.store.collect(record)  # no checkpoint once its group ran
         except Dropped:  # taken back by stop(): this monitor is cancelled
             await trio.lowlevel.checkpoint()  # raises Cancelled
             raise _Ended from None
