@@ -26,6 +26,9 @@ import trio
 from keytrio.actors.common.deadline_heap import DeadlineHeap
 
 _RECEIVE = 65536
+#: the idle-connection peek's flags as a plain int: ``MSG_PEEK | MSG_DONTWAIT`` is an IntFlag
+#: operation (an enum construction, ≈ 0.8 µs) on every poll; the int is the same bits
+_PEEK_FLAGS = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 class RawConn:
@@ -155,7 +158,7 @@ class RawConn:
         # a peek, not select(): a verifier of 1,000+ agents holds sockets past FD_SETSIZE (1024),
         # where select() raises "filedescriptor out of range" (the fleet benchmark found it)
         try:
-            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            sock.recv(1, _PEEK_FLAGS)
         except BlockingIOError:
             return False
         except OSError:
