@@ -212,6 +212,8 @@ class Store:
         while not job.done:
             if self._busy or self._committing:  # someone else runs the groups: wait for ours
                 job.waiting = True
+                if job.wake is None:  # made when first waited for: most writes never are
+                    job.wake = trio.Event()
                 try:
                     await job.wake.wait()
                 except trio.Cancelled:
@@ -240,6 +242,8 @@ class Store:
                 self._busy = False
                 self._finish(group)
                 self._pass_lead()
+        if job.outcome is None:  # its group ran but did not get to it (the hand-off failed)
+            job.outcome = outcome.Error(RuntimeError("write_grouped: not run"))
         return job.outcome.unwrap()
 
     def drop(self, job: GroupedWrite) -> bool:
@@ -332,16 +336,17 @@ class Dropped(Exception):
 
 class _Job:
     """One queued write of :meth:`Store.submit_grouped`: its function, outcome and wake-up event
-    (set only when someone waits for it)."""
+    (set only when someone waits for it). The outcome (None: not run) and the event are made
+    when needed, not per write: an exception, an Outcome and an Event cost ≈ 1.7 µs a poll."""
 
     __slots__ = ("done", "fn", "outcome", "waiting", "wake")
 
     def __init__(self, fn: Callable[[Connection], Any]) -> None:
         self.fn = fn
-        self.outcome: outcome.Outcome[Any] = outcome.Error(RuntimeError("write_grouped: not run"))
+        self.outcome: outcome.Outcome[Any] | None = None
         self.done = False
         self.waiting = False
-        self.wake = trio.Event()
+        self.wake: trio.Event | None = None
 
 
 #: a write queued by :meth:`Store.submit_grouped` (``.done``: its group has run)

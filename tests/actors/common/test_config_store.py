@@ -166,3 +166,44 @@ async def test_grouped_writes_linger_collects_callers(tmp_path, autojump_clock):
     assert rows == returned == set(range(10, 20))
     assert len(commits) == 1 and trio.current_time() - start >= 0.5 - 1e-9
     await store.close()
+
+
+async def test_grouped_write_whose_group_broke_off_gets_not_run(tmp_path, autojump_clock):
+    # a write of a group whose hand-off failed before it ran (here the leader's fn raises a
+    # BaseException, which the group's one-by-one retry does not catch) is "not run", with its
+    # own error each time (the outcome and the wake-up event of a write are made when needed)
+    store = await Store.open(sqlite_url(tmp_path / "db.sqlite"), META)
+    store.group_linger = 0.5
+    got: dict[str, object] = {}
+
+    def stop(c):
+        raise SystemExit(3)
+
+    async def leader() -> None:
+        try:
+            await store.write_grouped(stop)
+        except SystemExit as exc:
+            got["leader"] = exc.code
+
+    async def follower(name: str, i: int) -> None:
+        await trio.sleep(0.1)
+        try:
+            got[name] = await store.write_grouped(lambda c: c.execute(ITEMS.insert().values(id=i, v=name)))
+        except RuntimeError as exc:
+            got[name] = exc
+
+    async with trio.open_nursery() as n:
+        n.start_soon(leader)
+        n.start_soon(follower, "a", 1)
+        n.start_soon(follower, "b", 2)
+    assert got["leader"] == 3
+    assert [str(got[k]) for k in "ab"] == ["write_grouped: not run"] * 2
+    assert got["a"] is not got["b"]
+    assert await store.read(lambda c: c.execute(sa.select(ITEMS.c.id)).scalars().all()) == []
+    # queued and committed by a committer task: the outcome arrives without a wait
+    async with trio.open_nursery() as n:
+        job = store.submit_grouped(lambda c: c.execute(ITEMS.insert().values(id=5, v="x")).rowcount, n)
+        assert job.wake is None and job.outcome is None
+    assert job.done and job.wake is None  # nobody waited: no event was ever made
+    assert await store.collect(job) == 1
+    await store.close()
