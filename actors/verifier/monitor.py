@@ -138,6 +138,19 @@ class RequestSlots:
         self.release()
 
 
+def _cancelled() -> bool:
+    """``trio.current_effective_deadline() == -math.inf`` (this task is cancelled: by its own
+    scope, e.g. a tenant stop, or an enclosing one, e.g. shutdown) without its walk up every
+    enclosing scope (≈ 3 µs a poll at a monitor's depth): the task's cancel status already knows.
+    A deadline set to -inf and not processed yet is the one case only the walk sees; nothing
+    here sets one (trio cancels a scope whose deadline passed at its next scheduling pass, and
+    this answers False for it either way). trio versions without the attribute take the walk."""
+    status = getattr(trio.lowlevel.current_task(), "_cancel_status", None)
+    if status is None:
+        return trio.current_effective_deadline() == -math.inf
+    return status.effectively_cancelled is True
+
+
 class _Ended(Exception):
     """The monitor's agent reached a final state (or vanished); stop quietly."""
 
@@ -381,7 +394,7 @@ class Monitor:
                 new_algs = algs != written_algs
                 new_progress = progress is not None and progress is not written_progress \
                     and progress != written_progress
-                if trio.current_effective_deadline() == -math.inf:
+                if _cancelled():
                     # stopped while this step ran (stop() found nothing of ours to take back):
                     # hand nothing over, end at this checkpoint
                     await trio.lowlevel.checkpoint()
