@@ -295,7 +295,8 @@ class Verifier:
             settings=PushSettings(quote_interval=cfg.quote_interval, session_lifetime=cfg.session_lifetime,
                                   history=cfg.attestation_history),
             ima_check_for=self._ima_check_for(), clock=self.clock,
-            policy_ready=self.policies.ensure if self.policies is not None else None)
+            policy_ready=self.policies.ensure if self.policies is not None else None,
+            policy_loaded=self.policies.loaded if self.policies is not None else None)
 
     def _app(self, store: Store, monitors: MonitorSet, policies: PolicyStore) -> KeytrioApp:
         """The REST app; with a push service its hooks tell push agents from pull ones, and its

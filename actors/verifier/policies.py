@@ -140,6 +140,11 @@ class PolicyStore:
             return self.by_name(name)
         return self.by_checksum(checksum)
 
+    def loaded(self, name: str | None, checksum: str | None) -> bool:
+        """Nothing for :meth:`ensure` to load (sync, thread-safe reads: the push verifier asks
+        this inside the evidence transaction before it checks there)."""
+        return (not name and not checksum) or self.resolve(name, checksum) is not None
+
     def names(self) -> list[str]:
         return sorted(self._names)
 
@@ -214,7 +219,7 @@ class PolicyStore:
     async def ensure(self, name: str | None, checksum: str | None) -> None:
         """Load an agent's policy that another process (a worker, a cluster instance) accepted and
         this one has not read yet, so that a monitor started here does not fail it as missing."""
-        if (not name and not checksum) or self.resolve(name, checksum) is not None:
+        if self.loaded(name, checksum):
             return
 
         def q(conn: Connection) -> tuple[str | None, dict[str, Any] | None]:

@@ -111,6 +111,14 @@ class Accepted:
     row: dict[str, Any]
     res: dict[str, Any]
     evidence: push_wire.Evidence
+    #: the check run in that transaction (verify.Settled; None: not checked there): for a pass
+    #: ``res`` is the completed attestation, whose verdict that transaction wrote
+    settled: Any = None
+
+
+#: ``settle(conn, row, res, evidence, now)``, run in the evidence transaction once the evidence
+#: is stored (verify.Verifier.settle): the check of a steady-state cycle, and its pass written
+Settle = Callable[[Connection, dict[str, Any], dict[str, Any], push_wire.Evidence, float], Any]
 
 
 class Attestations:
@@ -123,6 +131,7 @@ class Attestations:
         self.settings = settings
         self.clock = clock
         self.states = states or EvalStates(None)
+        self.settle: Settle | None = None
 
     async def create(self, admit: Admit, doc: object | WireError) -> dict[str, Any]:
         """Phase 1. Returns the stored attestation (with ``index``). ``doc`` is the request's JSON,
@@ -175,6 +184,7 @@ class Attestations:
     async def submit(self, admit: Admit, which: str, doc: object | WireError) -> Accepted:
         """Phase 2: store the evidence of attestation ``which`` ("latest" or an index)."""
         now = self.clock()
+        settle = self.settle
 
         def txn(conn: Connection) -> Accepted | WireError:
             row = admit(conn)
@@ -209,7 +219,11 @@ class Attestations:
             if not pstore.set_evidence(conn, agent_id, target["index"], collected, now):
                 return WireError(403, "evidence was already submitted for this attestation", code="evidence_immutable")
             res = {**target, "stage": pstore.EVALUATING, "evidence": collected, "evidence_received_at": now}
-            return Accepted(row, res, ev)
+            settled = settle(conn, row, res, ev, now) if settle is not None else None
+            if settled is not None and settled.passed:  # what pstore.complete wrote
+                res = {**res, "stage": pstore.COMPLETE, "evaluation": pstore.PASS, "failure_reason": None,
+                       "failure_event": None, "verification_completed_at": now}
+            return Accepted(row, res, ev, settled)
 
         out = await self.store.write_grouped(txn)
         if isinstance(out, WireError):

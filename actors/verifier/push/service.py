@@ -74,6 +74,7 @@ class PushService:
         ima_check_for: ImaCheckFactory | None,
         clock: Callable[[], float] = time.time,
         policy_ready: Callable[[str | None, str | None], Awaitable[None]] | None = None,
+        policy_loaded: Callable[[str | None, str | None], bool] | None = None,
     ) -> None:
         self.store = store
         self.verifier_id = verifier_id
@@ -83,11 +84,13 @@ class PushService:
         self.sessions = Sessions(store, SessionSettings(settings.challenge_lifetime, settings.session_lifetime), clock)
         self.verifier = Verifier(store, notifier=notifier, ima_check_for=ima_check_for, clock=clock,
                                  session_lifetime=settings.session_lifetime, max_interval=settings.max_interval,
-                                 policy_ready=policy_ready)
+                                 policy_ready=policy_ready, policy_loaded=policy_loaded)
         # one kept state per agent, shared by the capabilities phase (what to ask for) and the check
         self.attestations = Attestations(
             store, CycleSettings(settings.quote_interval, settings.evidence_lifetime, settings.history), clock,
             self.verifier.states)
+        # a steady-state cycle is checked, and its pass written, in its evidence transaction
+        self.attestations.settle = self.verifier.settle
         self.deadlines = Deadlines(nursery, self.verifier.timed_out)
         self.verifier.on_failed = self.deadlines.disarm
 
@@ -124,9 +127,14 @@ class PushService:
         return check
 
     def evidence_accepted(self, accepted: Accepted) -> None:
-        """The 202 is on its way: the agent is alive, and its evidence gets verified."""
+        """The 202 is on its way: the agent is alive, and its evidence gets verified (a pass found
+        in the evidence transaction is already written: nothing more to run for it)."""
         agent_id = accepted.row["agent_id"]
         self.deadlines.arm(agent_id, self.settings.max_interval)
+        settled = accepted.settled
+        if settled is not None and settled.passed:
+            self.verifier.committed(accepted.row, accepted.res["index"], settled)
+            return
         self._nursery.start_soon(self.verifier.run, agent_id, accepted.res["index"], accepted)
 
     def _arm_from(self, agent_id: str, since: float) -> None:

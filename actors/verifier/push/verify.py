@@ -157,6 +157,33 @@ def _small(ev: push_wire.Evidence) -> bool:
     return push_wire.UEFI_LOG not in ev.logs and len(ima_text) <= INLINE_IMA_BYTES
 
 
+class Settled:
+    """A steady-state cycle checked inside its evidence transaction (:meth:`Verifier.settle`):
+    the outcome, and for a pass what :meth:`EvalStates.passed` needs once it is committed; for a
+    failure the state the failure path puts the agent in (nothing of the failure is written yet)."""
+
+    __slots__ = ("done", "enr", "hook", "outcome", "state", "values")
+
+    def __init__(self, outcome: Outcome, state: int, enr: Enrolment | None = None, hook: Any = None,
+                 values: dict[str, Any] | None = None, done: bool = False) -> None:
+        self.outcome = outcome
+        self.state = state
+        self.enr = enr
+        self.hook = hook
+        self.values = values or {}
+        #: the pass was written to the agent's row (it was active)
+        self.done = done
+
+    @property
+    def passed(self) -> bool:
+        return not self.outcome.failures
+
+
+def _error_outcome() -> Outcome:
+    f = Failure("internal.verifier.exception", {"message": "verification error"}, Severity.CRITICAL)
+    return Outcome([f], pstore.BROKEN_CHAIN, {})
+
+
 class Verifier:
     """Runs verifications and timeouts for one verifier's push agents."""
 
@@ -171,11 +198,15 @@ class Verifier:
         max_interval: float,
         limiter: trio.CapacityLimiter | None = None,
         policy_ready: Callable[[str | None, str | None], Awaitable[None]] | None = None,
+        policy_loaded: Callable[[str | None, str | None], bool] | None = None,
     ) -> None:
         self.store = store
         #: loads a runtime policy another process accepted (cluster, workers): without it the
         #: instance that takes the evidence would fail the agent as ``ima.policy_missing``
         self.policy_ready = policy_ready
+        #: whether ``policy_ready`` has nothing to load (sync): :meth:`settle` checks in the
+        #: evidence transaction only then (without it, never for an agent with a runtime policy)
+        self.policy_loaded = policy_loaded
         self.notifier = notifier
         self.ima_check_for = ima_check_for
         self.clock = clock
@@ -194,10 +225,61 @@ class Verifier:
         except Exception:  # fail closed: the attestation fails, the verifier carries on
             log.exception("agent=%s event=push_verification_error index=%d", agent_id, index)
             self.states.forget(agent_id)
-            f = Failure("internal.verifier.exception", {"message": "verification error"}, Severity.CRITICAL)
-            await self._fail(agent_id, index, Outcome([f], pstore.BROKEN_CHAIN, {}), records.FAILED)
+            await self._fail(agent_id, index, _error_outcome(), records.FAILED)
+
+    def settle(self, conn: Connection, row: dict[str, Any], res: dict[str, Any], ev: push_wire.Evidence,
+               now: float) -> Settled | None:
+        """(In the evidence transaction, in the store's thread, right after the evidence is stored.)
+        A steady-state cycle (what :func:`_small` accepts) is checked here, and its pass written in
+        this same transaction, as :meth:`_run` writes it; the 202 then follows a finished check.
+        A failure is returned unwritten: after the commit it takes the failure path of every
+        failure (:meth:`run` with it in ``accepted.settled``: the agent, the attestation and the
+        notice in one transaction of their own). None: nothing checked (large evidence, or a runtime
+        policy this process has not loaded: loading it needs an await): :meth:`run` verifies after
+        the 202, as before.
+
+        The store may run this more than once (its group rolled back, a failed commit): nothing
+        but the transaction is written; the IMA hook taken by the first run is dropped and the next
+        run rebuilds one from the row it reads, and :meth:`EvalStates.passed` runs only after the
+        commit (:meth:`committed`)."""
+        if not _small(ev):
+            return None
+        if self.policy_ready is not None and has_runtime_policy(row) and (
+                self.policy_loaded is None or not self.policy_loaded(
+                    row.get("runtime_policy_name") or None, row.get("runtime_policy_checksum") or None)):
+            return None
+        agent_id, index = row["agent_id"], res["index"]
+        try:
+            outcome, enr, hook = check_with(row, res, self.states, ev)
+        except Exception:  # fail closed, as run() does
+            log.exception("agent=%s event=push_verification_error index=%d", agent_id, index)
+            return Settled(_error_outcome(), records.FAILED)
+        if outcome.failures:
+            return Settled(outcome, records.INVALID_QUOTE)
+        values = {k: v for k, v in outcome.values.items() if v is not None}
+        done = self._write_pass(conn, agent_id, index, now, values)
+        return Settled(outcome, records.GET_QUOTE, enr, hook, values, done)
+
+    def committed(self, row: dict[str, Any], index: int, settled: Settled) -> None:
+        """A pass written by :meth:`settle` is committed: keep the agent's state for its next check."""
+        if settled.done and settled.enr is not None:
+            self.states.passed(row, settled.enr, settled.hook, settled.values)
+        log.info("agent=%s event=push_attestation_pass index=%d", row["agent_id"], index)
+
+    def _write_pass(self, conn: Connection, agent_id: str, index: int, now: float, values: dict[str, Any]) -> bool:
+        done = pstore.record_pass(conn, agent_id, now, values, _ACTIVE, records.GET_QUOTE)
+        pstore.complete(conn, agent_id, index, evaluation=pstore.PASS, now=now)
+        pstore.extend_tokens(conn, agent_id, now, now + self.session_lifetime)
+        return done
 
     async def _run(self, agent_id: str, index: int, accepted: Accepted | None) -> None:
+        if accepted is not None and accepted.settled is not None:
+            # checked in the evidence transaction and failed there: the failure path, as below
+            settled: Settled = accepted.settled
+            assert not settled.passed
+            self.states.forget(agent_id)
+            await self._fail(agent_id, index, settled.outcome, settled.state)
+            return
         if accepted is not None:
             row, res, ev = accepted.row, accepted.res, accepted.evidence
         else:
@@ -221,13 +303,9 @@ class Verifier:
             return
         now = self.clock()
         values = {k: v for k, v in outcome.values.items() if v is not None}
-        lifetime = self.session_lifetime
 
         def txn(conn: Connection) -> bool:
-            done = pstore.record_pass(conn, agent_id, now, values, _ACTIVE, records.GET_QUOTE)
-            pstore.complete(conn, agent_id, index, evaluation=pstore.PASS, now=now)
-            pstore.extend_tokens(conn, agent_id, now, now + lifetime)
-            return done
+            return self._write_pass(conn, agent_id, index, now, values)
 
         # group-committed with other agents' verdicts: one thread hop and one commit per group
         if await self.store.write_grouped(txn) and enr is not None:

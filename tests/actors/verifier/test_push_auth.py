@@ -13,7 +13,7 @@ import trio
 from trio.testing import MockClock
 
 from keytrio.actors.verifier.schema import push_sessions
-from tests.actors.verifier.push_support import JSONAPI, A, B, SoftAgent, agent, enrolled, rows, start, verdict
+from tests.actors.verifier.push_support import JSONAPI, A, B, SoftAgent, agent, enrolled, entry, rows, start, verdict
 
 
 def error(resp: Any, status: int) -> dict[str, Any]:
@@ -93,7 +93,9 @@ async def test_cycle_rules_429_403_503(nursery: trio.Nursery, tmp_path: Path, pk
     err = error(premature, 429)
     assert err["code"] == "premature_attestation" and 1 <= int(premature.headers["Retry-After"]) <= 30
     await trio.sleep(30)
-    # 503 while the previous evidence is still being verified (its verification held back here)
+    # 503 while the previous evidence is still being verified (its verification held back here;
+    # large evidence, so verified after the 202: a steady-state cycle is checked before it)
+    a.entries += [entry("/usr/bin/ls")] * 80
     limiter = rv.verifier.push.verifier.limiter  # type: ignore[union-attr]
     holders = [object() for _ in range(int(limiter.total_tokens))]
     for h in holders:

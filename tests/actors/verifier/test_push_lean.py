@@ -86,7 +86,9 @@ async def test_cycle_requests_answer_the_same_on_the_lean_path(
     # too early for the next one: 429 with Retry-After on both paths
     lean = await a.post_capabilities()
     plain = await a.request("POST", f"/agents/{A}/attestations?via=hypercorn", caps)
-    assert lean.status_code == plain.status_code == 429 and lean.headers["Retry-After"] == plain.headers["Retry-After"]
+    assert lean.status_code == plain.status_code == 429
+    # the seconds left (the mock clock may jump between the two while the test idles)
+    assert 1 <= int(plain.headers["Retry-After"]) <= int(lean.headers["Retry-After"]) <= 2
     assert json.loads(lean.text)["errors"][0]["code"] == "premature_attestation"
     assert await rows(rv) == before
     await rv.stop()

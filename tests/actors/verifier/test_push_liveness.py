@@ -12,7 +12,7 @@ from trio.testing import MockClock
 
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.push.verify import TIMEOUT
-from tests.actors.verifier.push_support import A, B, enrolled, start, verdict, wait_next
+from tests.actors.verifier.push_support import A, B, enrolled, entry, start, verdict, wait_next
 
 
 async def wait_failed(rv: Any, agent_id: str) -> dict[str, Any]:
@@ -77,7 +77,9 @@ async def test_restart_keeps_sessions_history_and_unverified_evidence(
     _, resp = await a.cycle()
     assert (await verdict(rv, A, 0))["attributes"]["evaluation"] == "pass"
     await wait_next(clock, resp)
-    # evidence accepted (202) but held back from verification, then the verifier stops
+    # evidence accepted (202) but held back from verification, then the verifier stops (large
+    # evidence: a steady-state cycle's verdict is written before its 202)
+    a.entries += [entry("/usr/bin/ls")] * 80
     limiter = rv.verifier.push.verifier.limiter  # type: ignore[union-attr]
     holders = [object() for _ in range(int(limiter.total_tokens))]
     for h in holders:
