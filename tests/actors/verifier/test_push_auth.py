@@ -13,7 +13,18 @@ import trio
 from trio.testing import MockClock
 
 from keytrio.actors.verifier.schema import push_sessions
-from tests.actors.verifier.push_support import JSONAPI, A, B, SoftAgent, agent, enrolled, entry, rows, start, verdict
+from tests.actors.verifier.push_support import (
+    JSONAPI,
+    A,
+    B,
+    SoftAgent,
+    agent,
+    enrolled,
+    entry,
+    rows,
+    start,
+    verdict,
+)
 
 
 def error(resp: Any, status: int) -> dict[str, Any]:
