@@ -157,7 +157,8 @@ def register(app: KeytrioApp, push: PushService) -> None:
 
     @jsonapi
     async def submit_evidence(agent_id: str, which: str) -> Response:
-        """Phase 2: evidence for the latest attestation -> 202, verified asynchronously."""
+        """Phase 2: evidence for the latest attestation -> 202 (a steady-state cycle's pass is
+        written before it; anything else is verified asynchronously)."""
         status, doc, headers = await cycle.evidence(
             _prefix(), agent_id, which, request.headers.get("Authorization"),
             await _body_or_error(surrogates=True))

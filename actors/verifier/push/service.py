@@ -1,7 +1,8 @@
 """The verifier's push model (API v3.0) service: sessions, attestations, verification, deadlines.
 
-One :class:`PushService` per verifier, living in the verifier's nursery: verifications run there
-after the 202 (``start_soon``), and so do the agents' deadline tasks (timer.py). A push agent is
+One :class:`PushService` per verifier, living in the verifier's nursery: verifications that are
+not done in the evidence transaction (verify.Verifier.settle: a steady-state pass) run there after
+the 202 (``start_soon``), and so do the agents' deadline tasks (timer.py). A push agent is
 an enrolled agent without a contact address (``ip`` NULL). :meth:`PushService.resume` runs at
 start-up: every active push agent gets a deadline a full interval away (the time the verifier was
 down does not count against an agent that could not reach it), and evidence that was accepted but not verified when the previous process stopped is

@@ -1,11 +1,18 @@
-"""Verification of accepted push evidence (after the 202), and the push agents' failures.
+"""Verification of accepted push evidence, and the push agents' failures.
+
+A steady-state cycle (what :func:`_small` accepts, with the agent's runtime policy loaded here) is
+checked inside the transaction that stores its evidence (:meth:`Verifier.settle`, called by
+attestations.py in the store's thread), and a pass is written there: the 202 follows the verdict.
+Everything else (a failure found there, large evidence, a policy to load first, evidence left
+unverified by a restart) goes through :meth:`Verifier.run` after the 202.
 
 :meth:`Verifier.run` checks one attestation with the evidence core the pull monitor uses
 (``protocol.evidence.verify``: quote signature by the AK, nonce = the attestation's challenge,
 PCR selection and digest, clock against the last good quote, ``tpm_policy`` PCRs, measured boot,
 the agent's IMA hook, kept in memory between passes: evalstate.py); every PCR requested must be in
-the quote. A steady-state cycle is checked in the event loop, a large one (a whole IMA list, a UEFI
-log) in a worker thread. Then, in ONE transaction (group-committed with other agents' verdicts):
+the quote. A small one (re-read after a restart, or after its policy was loaded) is checked in the
+event loop, a large one (a whole IMA list, a UEFI log) in a worker thread. Then, in ONE transaction
+(group-committed with other agents' verdicts):
 
 * pass: the attestation -> ``verification_complete``/``pass``; the agent's counters and progress
   (IMA line, PCR 10, clock, boot time) as the monitor writes them; the agent's valid tokens extended

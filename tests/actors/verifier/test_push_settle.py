@@ -119,6 +119,9 @@ async def test_pass_in_the_evidence_transaction_writes_what_the_two_steps_wrote(
         assert done_b["attributes"]["evaluation"] == "pass"
         assert body_a["meta"] == body_b["meta"]
     assert runs.tasks == []
+    # the IMA hook of the last pass is kept for the next check (once committed), as after a task's
+    assert A in new.verifier.push.verifier.states._hooks  # type: ignore[union-attr]
+    assert B in old.verifier.push.verifier.states._hooks  # type: ignore[union-attr]
     got, want = await snapshot(new, A), await snapshot(old, B)
     assert got == want
     assert got["row"]["attestation_count"] == 4 and got["row"]["operational_state"] == records.GET_QUOTE
@@ -300,3 +303,28 @@ async def test_restart_leaves_no_small_evidence_unverified_and_resumes_a_large_o
     rec = await records.get(rv.verifier.store, A)  # type: ignore[arg-type]
     assert rec is not None and rec["attestation_count"] == 3 and rec["next_ima_ml_entry"] == len(a.entries)
     await rv.stop()
+
+
+async def test_an_error_in_the_check_fails_the_agent_as_before(
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, clock: MockClock
+) -> None:
+    """The check itself raises (here the IMA check factory): fail closed as the task did, the
+    agent Failed with internal.verifier.exception and its notice; the evidence stays stored."""
+    def broken(row: dict[str, Any]) -> Any:
+        raise RuntimeError("no IMA check today")
+
+    url = sqlite_url(tmp_path / "shared.sqlite")
+    new, old = await two(nursery, tmp_path, pki, clock, url, ima_check_for=broken)
+    runs = Runs(new)
+    a, b = await enrolled(new, pki, A), await enrolled(old, pki, B)
+    for rv, x in ((new, a), (old, b)):
+        index, resp = await x.cycle()
+        assert resp.status_code == 202 and resp.json()["data"]["attributes"]["stage"] == "evaluating_evidence"
+        assert (await verdict(rv, x.agent_id, index))["attributes"]["evaluation"] == "fail"
+        await rv.wait_state(x.agent_id, records.FAILED)
+    assert runs.tasks == [(0, True)]
+    got, want = await snapshot(new, A), await snapshot(old, B)
+    assert got == want and got["row"]["last_event_id"] == "internal.verifier.exception"
+    assert got["notices"] == ["internal.verifier.exception"]
+    await new.stop()
+    await old.stop()
