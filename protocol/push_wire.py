@@ -54,8 +54,35 @@ def error_document(status: int, detail: str, code: str | None = None) -> dict[st
     return {"errors": [err]}
 
 
+#: epoch -> its timestamp() text: an attestation's times are rendered again and again (the 201's
+#: two in the 202, evidence_received_at = verification_completed_at); cleared when full
+_STAMPS: dict[float, str] = {}
+_MAX_STAMPS = 4096
+
+
 def timestamp(epoch: float | None) -> str | None:
     """ISO 8601 UTC with microseconds, as upstream renders its times (None stays None)."""
+    if epoch is None:
+        return None
+    text = _STAMPS.get(epoch)
+    if text is not None:
+        return text
+    dt = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    if dt.year >= 1000:
+        # the same text as the strftime below ("+00:00" cut), at half its cost; strftime's %Y does
+        # not pad a year below 1000 to four digits, isoformat does
+        text = dt.isoformat(timespec="microseconds")[:-6] + "Z"
+    else:
+        text = dt.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+    if len(_STAMPS) >= _MAX_STAMPS:
+        _STAMPS.clear()
+    _STAMPS[epoch] = text
+    return text
+
+
+def timestamp_general(epoch: float | None) -> str | None:
+    """:func:`timestamp` as it was written first (strftime, no memo): the reference its tests
+    compare against."""
     if epoch is None:
         return None
     dt = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
@@ -329,16 +356,25 @@ class Evidence:
     pcr_blob: bytes  # tpm2-tools blob (built from the documented object form when sent so)
     #: log type -> (entries as sent: IMA text, or the decoded UEFI bytes; entry count)
     logs: dict[str, tuple[str | bytes, int]]
+    #: the blob as :func:`parse_evidence` decoded it, ``pcr_blob.decode_single(pcr_blob)``, when
+    #: it was sent as base64 and selects one bank (else None): :func:`parsed_quote` uses it instead
+    #: of decoding the blob again. Not part of equality (it follows from ``pcr_blob``).
+    blob_pcrs: tuple[str, dict[int, bytes]] | None = field(default=None, compare=False, repr=False)
 
 
-def _subject_blob(value: object, hash_alg: str) -> bytes:
+def _subject_blob(value: object, hash_alg: str) -> tuple[bytes, tuple[str, dict[int, bytes]] | None]:
+    """The PCR blob and, when it selects one bank, its decode (kept for :func:`parsed_quote`)."""
     if isinstance(value, str):
         blob = _b64(value, "tpm_quote.data.subject_data")
+        try:
+            return blob, pcr_blob.decode_single(blob)
+        except ProtocolError:
+            pass  # not one bank, or malformed: the validation as always, by the full decode
         try:
             pcr_blob.decode(blob)
         except ProtocolError as exc:
             raise WireError(422, f"tpm_quote.data.subject_data: {exc}") from None
-        return blob
+        return blob, None
     if isinstance(value, dict):  # the documented {"<pcr>": "<hex value>"} of the chosen bank
         pcrs: dict[int, bytes] = {}
         try:
@@ -347,7 +383,7 @@ def _subject_blob(value: object, hash_alg: str) -> bytes:
                 if not isinstance(hexval, str):
                     raise WireError(422, f"tpm_quote.data.subject_data.{key} must be a hex string")
                 pcrs[pcr] = bytes.fromhex(hexval.lower().removeprefix("0x"))
-            return pcr_blob.encode({hash_alg: pcrs})
+            return pcr_blob.encode({hash_alg: pcrs}), None
         except (ValueError, ProtocolError) as exc:
             if isinstance(exc, WireError):
                 raise
@@ -366,6 +402,7 @@ def parse_evidence(doc: object, requested: list[dict[str, Any]], hash_alg: str) 
     if len(collected) != len(requested):
         raise WireError(422, f"evidence_collected has {len(collected)} items, {len(requested)} were requested")
     message = signature = blob = b""
+    blob_pcrs: tuple[str, dict[int, bytes]] | None = None
     logs: dict[str, tuple[str | bytes, int]] = {}
     for i, (item, want) in enumerate(zip(collected, requested, strict=True)):
         where = f"evidence_collected[{i}]"
@@ -378,7 +415,7 @@ def parse_evidence(doc: object, requested: list[dict[str, Any]], hash_alg: str) 
         if kind == TPM_QUOTE:
             message = _b64(data.get("message"), "tpm_quote.data.message")
             signature = _b64(data.get("signature"), "tpm_quote.data.signature")
-            blob = _subject_blob(data.get("subject_data"), hash_alg)
+            blob, blob_pcrs = _subject_blob(data.get("subject_data"), hash_alg)
         elif kind == IMA_LOG:
             entries = data.get("entries", "")
             if not isinstance(entries, str):
@@ -391,7 +428,7 @@ def parse_evidence(doc: object, requested: list[dict[str, Any]], hash_alg: str) 
             raw = data.get("entries", "")
             log = _b64(raw, "uefi_log.data.entries", limit=1 << 26) if raw else b""
             logs[kind] = (log, len(log))
-    return Evidence(message, signature, blob, logs)
+    return Evidence(message, signature, blob, logs, blob_pcrs)
 
 
 # --- the attestation resource ----------------------------------------------------------------------
@@ -440,7 +477,7 @@ def parsed_quote(ev: Evidence) -> tpm_quote.ParsedQuote | None:
     try:
         info = tpm_quote.decode_attest(ev.message)
         sig = tpm_quote.decode_signature(ev.signature)
-        bank, pcrs = tpm_quote.decode_pcr_blob(ev.pcr_blob)
+        bank, pcrs = ev.blob_pcrs if ev.blob_pcrs is not None else tpm_quote.decode_pcr_blob(ev.pcr_blob)
     except ProtocolError:
         return None
     return tpm_quote.ParsedQuote(bytes(ev.message), bytes(ev.signature), bytes(ev.pcr_blob), info, sig, bank, dict(pcrs))
