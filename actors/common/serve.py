@@ -61,7 +61,9 @@ import math
 import re
 import socket
 import ssl
+import time
 from typing import Any
+from wsgiref.handlers import format_date_time
 
 import h11
 import trio
@@ -282,6 +284,27 @@ class _Server:
             log.warning("TLS handshake from %s rejected: %s", peer, _ssl_reason(exc))
             return False
         return True
+
+
+#: [config, second, headers]: the last answer of :func:`response_headers`
+_HEADERS_MEMO: list[Any] = [None, None, ()]
+
+
+def response_headers(config: Config) -> tuple[tuple[bytes, bytes], ...]:
+    """``config.response_headers("h11")`` (what hypercorn adds to an answer: Date, Server),
+    kept for the rest of the second: the Date header (``format_date_time(time())``, a whole
+    second) is its only part that changes. The headers of a new second are hypercorn's with the
+    Date made from the same clock reading as the memo's key, so that the two cannot disagree."""
+    now = time.time()
+    second = math.floor(now)  # format_date_time renders time.gmtime(now), which floors too
+    memo = _HEADERS_MEMO
+    if memo[0] is config and memo[1] == second:
+        return memo[2]  # type: ignore[no-any-return]
+    date = format_date_time(now).encode("ascii")
+    headers = tuple((name, date) if name == b"date" else (name, value)
+                    for name, value in config.response_headers("h11"))
+    memo[:] = [config, second, headers]
+    return headers
 
 
 class TLSServerStream:
@@ -609,7 +632,7 @@ class _Connection(TCPServer):
 
         await self.fast_routes(scope, receive, send)
         start, payload = answer["http.response.start"], answer["http.response.body"]["body"]
-        headers = [*start["headers"], *self.config.response_headers("h11")]
+        headers = [*start["headers"], *response_headers(self.config)]
         out = _lean_response(start["status"], headers, payload) if lean is not None else None
         if out is None:
             if lean is not None and await self._h11_request(conn, data_all) is None:
