@@ -88,6 +88,11 @@ def check(row: dict[str, Any], res: dict[str, Any], ima_check_for: ImaCheckFacto
     return check_with(row, res, EvalStates(ima_check_for))[0]
 
 
+#: json.dumps(obj, sort_keys=True) without building an encoder per call (dumps builds one
+#: whenever it is given an option): the same encoder, so the same text
+_dumps_sorted = json.JSONEncoder(sort_keys=True).encode
+
+
 def check_with(row: dict[str, Any], res: dict[str, Any], states: EvalStates,
                ev: push_wire.Evidence | None = None) -> tuple[Outcome, Enrolment | None, Any]:
     """Verify attestation ``res`` of agent ``row`` with the agent's kept state (evalstate.py);
@@ -143,7 +148,7 @@ def check_with(row: dict[str, Any], res: dict[str, Any], states: EvalStates,
     assert verdict.check is not None
     values: dict[str, Any] = {
         "hash_alg": res["hash_alg"], "enc_alg": ak.enc_alg, "sign_alg": ak.sign_alg,
-        "tpm_clock_info": json.dumps(verdict.check.clock.to_json(), sort_keys=True) if verdict.check.clock else None,
+        "tpm_clock_info": _dumps_sorted(verdict.check.clock.to_json()) if verdict.check.clock else None,
     }
     boot = boot_epoch((res.get("system_info") or {}).get("boot_time"))
     if boot is not None:
@@ -151,7 +156,7 @@ def check_with(row: dict[str, Any], res: dict[str, Any], states: EvalStates,
     if isinstance(hook, AgentIma) and verdict.next_entry is not None:
         values["next_ima_ml_entry"] = verdict.next_entry
         values["ima_progress"] = hook.progress_json()
-        values["ima_pcr10"] = json.dumps(dict(hook.progress.pcrs), sort_keys=True)
+        values["ima_pcr10"] = _dumps_sorted(dict(hook.progress.pcrs))
     return Outcome([], None, values), enr, hook
 
 
