@@ -180,16 +180,3 @@ def test_timestamp_memo_is_bounded_and_stays_right() -> None:
         assert len(push_wire._STAMPS) <= push_wire._MAX_STAMPS
     assert push_wire.timestamp(base) == push_wire.timestamp_general(base)
 
-
-# --- the push verifier's sorted JSON ---------------------------------------------------------------
-
-
-def test_dumps_sorted_equals_json_dumps_sort_keys() -> None:
-    import json
-
-    from keytrio.actors.verifier.push import verify
-
-    values = [{"clock": 1, "reset_count": 2, "restart_count": 0, "safe": True},
-              {10: "ab" * 32, 0: "00" * 32, 7: "ff" * 32}, {"b": [1, {"z": 1, "a": None}], "a": 1.5, "é": "ü"}, {}, []]
-    for value in values:
-        assert verify._dumps_sorted(value) == json.dumps(value, sort_keys=True)
