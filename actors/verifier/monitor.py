@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import logging
 import math
@@ -149,6 +150,10 @@ def _cancelled() -> bool:
     if status is None:
         return trio.current_effective_deadline() == -math.inf
     return status.effectively_cancelled is True
+
+
+#: what Monitor._with_retries handles (retries or fails on); anything else propagates
+_RETRY_HANDLED = (CommunicationError, HttpError, MalformedResponse, binascii.Error, ValueError, ProtocolError)
 
 
 class _Ended(Exception):
@@ -375,7 +380,18 @@ class Monitor:
             while True:
                 if self.queued is not None:
                     await self._collect()
-                failures = await self._poll(client, target, state)
+                # the poll's first attempt, awaited here (a steady poll builds no closure and
+                # enters no _with_retries frame); what the retry loop handles is handed to it as
+                # that attempt's outcome: its retries, backoff and failures; anything else
+                # (Cancelled included) propagates from here as it did from the loop
+                first: BaseException | None = None
+                try:
+                    failures = await self._attempt(client, target, state)
+                except _RETRY_HANDLED as exc:
+                    first = exc
+                if first is not None:
+                    failures = await self._with_retries(
+                        functools.partial(self._attempt, client, target, state), records.GET_QUOTE_RETRY, first)
                 now = self.ms.now()
                 due = trio.current_time() + self.s.quote_interval
                 if failures:
@@ -491,42 +507,38 @@ class Monitor:
             self.ms.store, self.agent_id, ACTIVE_STATES, operational_state=new, **values))
         self.db_state = new
 
-    async def _poll(self, client: KeepAliveClient, target: AgentTarget, state: AttestState) -> list[Failure]:
+    async def _attempt(self, client: KeepAliveClient, target: AgentTarget, state: AttestState) -> list[Failure]:
+        """One request for a quote and its verdict, counted in the poll metrics."""
         m = self.ms.metrics
-
         slots = self.ms.limiter
-
-        async def once() -> list[Failure]:
-            # a free slot is taken without a checkpoint (the request that follows has plenty)
-            await slots.acquire()
-            start, entry = trio.current_time(), state.ima_ml_entry
-            result: str | None = "error"
-            try:
-                failures = await attest.attest_once(
-                    client, target, state, max_response_bytes=self.s.max_response_size)
-                result = "failed" if failures else "ok"
-                # lines evaluated this poll; a smaller entry means the log restarted (reboot).
-                # Most polls have none: adding 0 would still take the counter's lock
-                lines = state.ima_ml_entry - entry if state.ima_ml_entry >= entry else state.ima_ml_entry
-                if lines > 0:
-                    m.ima_lines.inc(lines)
-                return failures
-            except (CommunicationError, HttpError):
-                result = "comm_error"
-                raise
-            except MalformedResponse:
-                result = "malformed"
-                raise
-            except trio.Cancelled:
-                result = None  # shutdown or tenant stop: not a poll outcome
-                raise
-            finally:
-                slots.release()
-                if result is not None:
-                    m.poll_results[result].inc()
-                    m.poll_seconds.observe(trio.current_time() - start)
-
-        return await self._with_retries(once, records.GET_QUOTE_RETRY)
+        # a free slot is taken without a checkpoint (the request that follows has plenty)
+        await slots.acquire()
+        start, entry = trio.current_time(), state.ima_ml_entry
+        result: str | None = "error"
+        try:
+            failures = await attest.attest_once(
+                client, target, state, max_response_bytes=self.s.max_response_size)
+            result = "failed" if failures else "ok"
+            # lines evaluated this poll; a smaller entry means the log restarted (reboot).
+            # Most polls have none: adding 0 would still take the counter's lock
+            lines = state.ima_ml_entry - entry if state.ima_ml_entry >= entry else state.ima_ml_entry
+            if lines > 0:
+                m.ima_lines.inc(lines)
+            return failures
+        except (CommunicationError, HttpError):
+            result = "comm_error"
+            raise
+        except MalformedResponse:
+            result = "malformed"
+            raise
+        except trio.Cancelled:
+            result = None  # shutdown or tenant stop: not a poll outcome
+            raise
+        finally:
+            slots.release()
+            if result is not None:
+                m.poll_results[result].inc()
+                m.poll_seconds.observe(trio.current_time() - start)
 
     async def _deliver_v(self, client: KeepAliveClient, target: AgentTarget, v: bytes, nk_pem: str) -> None:
         async def once() -> None:
@@ -537,10 +549,16 @@ class Monitor:
         await self._set_state(records.GET_QUOTE, v_delivered=True)
         log.info("agent=%s event=v_delivered", self.agent_id)
 
-    async def _with_retries(self, fn: Callable[[], Any], retry_state: int) -> Any:
+    async def _with_retries(self, fn: Callable[[], Any], retry_state: int,
+                            first: BaseException | None = None) -> Any:
+        """``fn()`` until it returns, retrying what is retryable; ``first``: what the first
+        attempt, already made by the caller, raised (one of ``_RETRY_HANDLED``)."""
         attempt = 0
         while True:
             try:
+                if first is not None:
+                    exc, first = first, None
+                    raise exc
                 return await fn()
             except (CommunicationError, HttpError) as exc:
                 if not is_retryable(exc):
