@@ -14,6 +14,7 @@ own cancel check). Min of the rounds, µs per iteration. Run it from two worktre
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from types import SimpleNamespace
@@ -78,7 +79,7 @@ async def _run(n: int, rounds: int, out: list[float]) -> None:
 
         ms.timer.sleep_until = sleep_until  # type: ignore[method-assign]
         nursery.start_soon(monitor.Monitor(ms, "a1").run)
-    out.extend((b - a) / n * 1e6 for a, b in zip(marks, marks[1:], strict=False))
+    out.extend((b - a) / n * 1e6 for a, b in itertools.pairwise(marks))
 
 
 def main(n: int = 20_000, rounds: int = 7) -> None:
