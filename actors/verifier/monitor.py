@@ -152,10 +152,6 @@ def _cancelled() -> bool:
     return status.effectively_cancelled is True
 
 
-#: what Monitor._with_retries handles (retries or fails on); anything else propagates
-_RETRY_HANDLED = (CommunicationError, HttpError, MalformedResponse, binascii.Error, ValueError, ProtocolError)
-
-
 class _Ended(Exception):
     """The monitor's agent reached a final state (or vanished); stop quietly."""
 
@@ -385,13 +381,13 @@ class Monitor:
                 if self.queued is not None:
                     await self._collect()
                 # the poll's first attempt, awaited here (a steady poll builds no closure and
-                # enters no _with_retries frame); what the retry loop handles is handed to it as
-                # that attempt's outcome: its retries, backoff and failures; anything else
-                # (Cancelled included) propagates from here as it did from the loop
-                first: BaseException | None = None
+                # enters no _with_retries frame); an exception is handed to the retry loop as that
+                # attempt's outcome, so its clauses alone decide (retry, back off, fail, or let it
+                # propagate); Cancelled is no Exception and propagates from here at once
+                first: Exception | None = None
                 try:
                     failures = await self._attempt(client, target, state)
-                except _RETRY_HANDLED as exc:
+                except Exception as exc:
                     first = exc
                 if first is not None:
                     failures = await self._with_retries(
@@ -559,9 +555,9 @@ class Monitor:
         log.info("agent=%s event=v_delivered", self.agent_id)
 
     async def _with_retries(self, fn: Callable[[], Any], retry_state: int,
-                            first: BaseException | None = None) -> Any:
+                            first: Exception | None = None) -> Any:
         """``fn()`` until it returns, retrying what is retryable; ``first``: what the first
-        attempt, already made by the caller, raised (one of ``_RETRY_HANDLED``)."""
+        attempt, already made by the caller, raised (handled as if ``fn()`` had raised it)."""
         attempt = 0
         while True:
             try:
