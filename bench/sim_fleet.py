@@ -4,7 +4,8 @@
                               [--register 100] [--verifier-dir /dev/shm] [--upstream-dir UP_DIR --upstream-sizes 50]
                               [--agent-procs K] [--workers 1,2 [--database postgresql] [--pg-url URL]]
                               [--enrol-concurrency 32]
-                              [--py-spy FILE] [--cprofile FILE] [--push [--upstream-push-dir UP_PUSH_DIR]]
+                              [--py-spy FILE [--py-spy-of pull|push]] [--cprofile FILE]
+                              [--push [--upstream-push-dir UP_PUSH_DIR]]
 
 Processes (the verifier pinned to ``--cpu``, default the last CPU; everything else on the others):
 - ``--agent-procs`` K agents processes (``python -m bench.sim_agent``, default 1): process p holds
@@ -276,7 +277,7 @@ def _keytrio_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, 
                 def start_spy() -> None:
                     sims_cpu.append(sims.cpu())
                     conns.append(sims.connections())
-                    if args.py_spy:
+                    if args.py_spy and args.py_spy_of == "pull":
                         spy.append(subprocess.Popen(
                             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
                              str(srv.pid), "--format", "raw", "--rate", "100", "--nonblocking",
@@ -435,6 +436,15 @@ def _push_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, log
 
     new = pushers.grow(n, salt="push")
     agents = pushers.agents[:n]
+    spy: list[subprocess.Popen[bytes]] = []
+
+    def start_spy(pid: int) -> None:
+        # the push verifier is one process (mode = push: one worker); --gil: the samples of the
+        # thread that runs Python (event loop or store thread), as docs/performance.md 4c.7 took them
+        spy.append(subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--gil", "--format", "raw",
+             "--rate", "300", "--nonblocking", "-d", str(int(args.seconds)), "-o", args.py_spy],
+            stdout=log, stderr=log))  # fmt: skip
 
     async def side() -> dict[str, Any]:
         if registrar is not None:
@@ -442,13 +452,17 @@ def _push_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, log
             await sim_push.register(new[: max(0, min(n, args.register) - done)], registrar)  # no contact
         async with httpx.AsyncClient(verify=ctx, timeout=120.0) as admin:
             return await sim_push.push_side(admin, ca, data_dir, cpu, log, agents, body, qi, args.seconds,
-                                            args.push_client == "lean")
+                                            args.push_client == "lean",
+                                            on_window=start_spy if args.py_spy and args.py_spy_of == "push" else None)
 
     try:
         r = trio.run(side)
     except (RuntimeError, httpx.HTTPError) as exc:
         report["stopped"]["push"] = f"N={n}: {exc}"
         return None
+    finally:
+        for p in spy:
+            p.wait()
     _say("keytrio push", r)
     return r
 
@@ -557,6 +571,10 @@ def parser() -> argparse.ArgumentParser:
                          "push agents drive it at --upstream-sizes")
     ap.add_argument("--upstream-sizes", default="50", help="N values for upstream's verifier")
     ap.add_argument("--py-spy", default=None, help="sample keytrio's verifier during the window (py-spy raw)")
+    ap.add_argument("--py-spy-of", choices=("pull", "push"), default="pull",
+                    help="which keytrio verifier --py-spy samples: the pull row's (rate 100, every worker) or, "
+                         "with --push, the push row's (--gil, rate 300, as docs/performance.md 4c.7; fold it with "
+                         "python -m bench.sim_profile FILE --push)")
     ap.add_argument("--cprofile", default=None, help="run keytrio's verifier under cProfile into this file")
     return ap
 

@@ -392,11 +392,13 @@ def ramp(agents: list[PushAgent], t0: float) -> dict[str, Any]:
 
 
 async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: Callable[[], list[int]],
-                      sims: list[SimAgent], qi: float, seconds: float, lean: bool = True) -> dict[str, Any]:
+                      sims: list[SimAgent], qi: float, seconds: float, lean: bool = True,
+                      on_window: Callable[[], None] | None = None) -> dict[str, Any]:
     """Enrol ``sims`` push-mode on the verifier at ``url`` (its policy uploaded), run them, measure one
     window of the CPU of ``pids()`` against the evidence submissions it accepted (202) in that window,
     with the attestations that passed (Σ ``attestation_count`` deltas of the bulk GETs around it) as
-    the check; -> the table row."""
+    the check; -> the table row. ``on_window()`` (optional) is called as the window opens
+    (bench.sim_fleet ``--py-spy-of push``)."""
     n = len(sims)
     async with push_client(ca_file, n) as client, trio.open_nursery() as nursery:
         # lean: each agent its own LeanConn (the pull fleet's agents are as lean); httpx: the one
@@ -433,6 +435,8 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
         cpu_a, ctl_a, sent_a = fleet.usage(pids())[0], sum(os.times()[:2]), sum(a.sent for a in agents)
         us_a = fleet._user_sys(pids())
         w0 = time.monotonic()
+        if on_window is not None:
+            on_window()
         await trio.sleep(seconds)
         cpu_b, rss = fleet.usage(pids())
         us_b, ctl_b, sent_b = fleet._user_sys(pids()), sum(os.times()[:2]), sum(a.sent for a in agents)
@@ -467,12 +471,15 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
 
 
 async def push_side(admin: httpx.AsyncClient, ca: Path, data_dir: Path, cpu: int, log: Any, sims: list[SimAgent],
-                    body: dict[str, Any], qi: float, seconds: float, lean: bool = True) -> dict[str, Any]:
-    """One window of N push agents against a fresh keytrio verifier in push mode (see the module doc)."""
+                    body: dict[str, Any], qi: float, seconds: float, lean: bool = True,
+                    on_window: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """One window of N push agents against a fresh keytrio verifier in push mode (see the module doc);
+    ``on_window(pid)`` (optional): called with the verifier's pid as the window opens."""
     srv, url = fleet._start_keytrio(ca, data_dir, cpu, log, options={"quote_interval": qi, "mode": "push"})
     try:
         await fleet._upload(admin, url, body)
-        return await push_window(admin, url, ca / "cacert.crt", lambda: [srv.pid], sims, qi, seconds, lean)
+        return await push_window(admin, url, ca / "cacert.crt", lambda: [srv.pid], sims, qi, seconds, lean,
+                                 on_window=(lambda: on_window(srv.pid)) if on_window is not None else None)
     finally:
         srv.terminate()
         try:
