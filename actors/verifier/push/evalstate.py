@@ -14,6 +14,11 @@ Validity, checked on every use against the row read in the request's own transac
   ``next_ima_ml_entry`` written then; it is reused only while the row still holds exactly those
   (a restart, a failure, a reset or another verifier's progress starts again from the row).
 
+The TPM clock of the agent's last good quote (the row's ``tpm_clock_info`` text) is parsed once:
+:meth:`EvalStates.previous_clock` keeps the text and what it parses to, and is used only for that
+exact text (:meth:`EvalStates.clock_text` keeps the text a pass writes with the clock it came
+from, so the next check finds it without parsing).
+
 Named runtime policies are resolved by the hook at every check, so a policy PUT applies to the
 next attestation. Entries go when the agent fails, stops or is deleted; the map is bounded.
 """
@@ -28,6 +33,8 @@ from typing import Any
 from keytrio.actors.verifier.monitor import ImaCheckFactory
 from keytrio.protocol import evidence, tpm2
 from keytrio.protocol import mb_policy as mbp
+from keytrio.protocol.errors import ProtocolError
+from keytrio.protocol.quote import ClockInfo
 
 IMA_PCR = 10
 #: rows fields an Enrolment derives from
@@ -105,6 +112,8 @@ class EvalStates:
         self._enrolments: dict[str, Enrolment] = {}
         #: agent -> (the enrolment key, the row's hook key it is valid for, the hook)
         self._hooks: dict[str, tuple[tuple[Any, ...], tuple[Any, ...], Any]] = {}
+        #: agent -> (a ``tpm_clock_info`` text, what it parses to: None when unusable)
+        self._clocks: dict[str, tuple[str, ClockInfo | None]] = {}
 
     def enrolment(self, row: dict[str, Any]) -> Enrolment:
         agent_id = row["agent_id"]
@@ -135,9 +144,41 @@ class EvalStates:
             self._hooks.clear()
         self._hooks[row["agent_id"]] = (enr.key, _hook_key(after), hook)
 
+    def previous_clock(self, agent_id: str, text: str) -> ClockInfo | None:
+        """``ClockInfo.from_json(json.loads(text))`` (None when that fails), parsed once per text:
+        the row's clock is the one the agent's last pass wrote, the same text check after check."""
+        kept = self._clocks.get(agent_id)
+        if kept is not None and kept[0] == text:
+            return kept[1]
+        try:
+            clock: ClockInfo | None = ClockInfo.from_json(json.loads(text))
+        except (ValueError, ProtocolError):
+            clock = None
+        self._keep_clock(agent_id, text, clock)
+        return clock
+
+    def clock_text(self, agent_id: str, clock: ClockInfo) -> str:
+        """The ``tpm_clock_info`` text a pass writes for ``clock`` (``json.dumps(clock.to_json(),
+        sort_keys=True)``, as :meth:`ClockInfo.json_text` spells it), kept with the clock: if it is
+        committed, the next check reads this text and :meth:`previous_clock` need not parse it."""
+        # json_text is that text, and parsing it gives back an equal clock, for non-negative plain
+        # ints (what a quote decodes to); anything else is spelled by json and parsed from the row
+        if not all(type(v) is int and v >= 0 for v in (clock.clock, clock.reset_count, clock.restart_count,
+                                                       clock.safe)):
+            return json.dumps(clock.to_json(), sort_keys=True)
+        text = clock.json_text()
+        self._keep_clock(agent_id, text, clock)
+        return text
+
+    def _keep_clock(self, agent_id: str, text: str, clock: ClockInfo | None) -> None:
+        if len(self._clocks) >= MAX_ENTRIES and agent_id not in self._clocks:
+            self._clocks.clear()
+        self._clocks[agent_id] = (text, clock)
+
     def forget(self, agent_id: str) -> None:
         self._enrolments.pop(agent_id, None)
         self._hooks.pop(agent_id, None)
+        self._clocks.pop(agent_id, None)
 
     def __len__(self) -> int:
         return len(self._enrolments)

@@ -48,7 +48,7 @@ from keytrio.protocol import evidence, push_wire
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.failures import Failure, Severity, worst
 from keytrio.protocol.ima_eval import PCR_MISMATCH
-from keytrio.protocol.quote import ClockInfo, ParsedQuote, decode_attest
+from keytrio.protocol.quote import ParsedQuote, decode_attest
 from keytrio.protocol.quote_check import INVALID_QUOTE, MISSING_PCRS, QUOTE_VALIDATION
 
 log = logging.getLogger("keytrio.verifier")
@@ -113,12 +113,8 @@ def check_with(row: dict[str, Any], res: dict[str, Any], states: EvalStates,
     parsed = push_wire.parsed_quote(ev)
     quote: str | ParsedQuote = parsed if parsed is not None else push_wire.quote_text(ev)
     hook = states.take_hook(row, enr)
-    previous: ClockInfo | None = None
-    if row.get("tpm_clock_info"):
-        try:
-            previous = ClockInfo.from_json(json.loads(row["tpm_clock_info"]))
-        except (ValueError, ProtocolError):
-            previous = None
+    clock_text = row.get("tpm_clock_info")
+    previous = states.previous_clock(row["agent_id"], clock_text) if clock_text else None
     ima = _requested(res, push_wire.IMA_LOG)
     ima_text, _ = ev.logs.get(push_wire.IMA_LOG, (None, 0))
     uefi, _ = ev.logs.get(push_wire.UEFI_LOG, (b"", 0))
@@ -148,7 +144,7 @@ def check_with(row: dict[str, Any], res: dict[str, Any], states: EvalStates,
     assert verdict.check is not None
     values: dict[str, Any] = {
         "hash_alg": res["hash_alg"], "enc_alg": ak.enc_alg, "sign_alg": ak.sign_alg,
-        "tpm_clock_info": _dumps_sorted(verdict.check.clock.to_json()) if verdict.check.clock else None,
+        "tpm_clock_info": states.clock_text(row["agent_id"], verdict.check.clock) if verdict.check.clock else None,
     }
     boot = boot_epoch((res.get("system_info") or {}).get("boot_time"))
     if boot is not None:
