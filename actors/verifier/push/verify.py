@@ -187,6 +187,16 @@ class Settled:
         return not self.outcome.failures
 
 
+def _policy_ref(row: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The agent's runtime policy reference as policy_ready/policy_loaded take it."""
+    return row.get("runtime_policy_name") or None, row.get("runtime_policy_checksum") or None
+
+
+def _written(outcome: Outcome) -> dict[str, Any]:
+    """What a pass writes to the agent's row: the outcome's values that are set."""
+    return {k: v for k, v in outcome.values.items() if v is not None}
+
+
 def _error_outcome() -> Outcome:
     f = Failure("internal.verifier.exception", {"message": "verification error"}, Severity.CRITICAL)
     return Outcome([f], pstore.BROKEN_CHAIN, {})
@@ -253,8 +263,7 @@ class Verifier:
         if not _small(ev):
             return None
         if self.policy_ready is not None and has_runtime_policy(row) and (
-                self.policy_loaded is None or not self.policy_loaded(
-                    row.get("runtime_policy_name") or None, row.get("runtime_policy_checksum") or None)):
+                self.policy_loaded is None or not self.policy_loaded(*_policy_ref(row))):
             return None
         agent_id, index = row["agent_id"], res["index"]
         try:
@@ -264,7 +273,7 @@ class Verifier:
             return Settled(_error_outcome(), records.FAILED)
         if outcome.failures:
             return Settled(outcome, records.INVALID_QUOTE)
-        values = {k: v for k, v in outcome.values.items() if v is not None}
+        values = _written(outcome)
         done = self._write_pass(conn, agent_id, index, now, values)
         return Settled(outcome, records.GET_QUOTE, enr, hook, values, done)
 
@@ -297,7 +306,7 @@ class Verifier:
         if row is None or res is None or res["stage"] != pstore.EVALUATING:
             return
         if self.policy_ready is not None and has_runtime_policy(row):
-            await self.policy_ready(row.get("runtime_policy_name") or None, row.get("runtime_policy_checksum") or None)
+            await self.policy_ready(*_policy_ref(row))
         async with self.limiter:  # bounds the verifications running at once, in either place
             if ev is not None and _small(ev):
                 # a steady-state cycle (a quote and a few new IMA lines) costs less than the hop to
@@ -310,7 +319,7 @@ class Verifier:
             await self._fail(agent_id, index, outcome, records.INVALID_QUOTE)
             return
         now = self.clock()
-        values = {k: v for k, v in outcome.values.items() if v is not None}
+        values = _written(outcome)
 
         def txn(conn: Connection) -> bool:
             return self._write_pass(conn, agent_id, index, now, values)
