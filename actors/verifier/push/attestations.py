@@ -116,8 +116,9 @@ class Accepted:
     settled: Any = None
 
 
-#: ``settle(conn, row, res, evidence, now)``, run in the evidence transaction once the evidence
-#: is stored (verify.Verifier.settle): the check of a steady-state cycle, and its pass written
+#: ``settle(conn, row, res, evidence, now)``, run in the evidence transaction before the evidence
+#: is stored (verify.Verifier.settle): the check of a steady-state cycle (verify.Settled: a pass's
+#: completed columns are stored with the evidence, then ``Settled.write`` writes the rest)
 Settle = Callable[[Connection, dict[str, Any], dict[str, Any], push_wire.Evidence, float], Any]
 
 
@@ -216,13 +217,16 @@ class Attestations:
             except WireError as exc:
                 return exc
             collected = doc["data"]["attributes"]["evidence_collected"]  # type: ignore[index]
-            if not pstore.set_evidence(conn, agent_id, target["index"], collected, now):
-                return WireError(403, "evidence was already submitted for this attestation", code="evidence_immutable")
             res = {**target, "stage": pstore.EVALUATING, "evidence": collected, "evidence_received_at": now}
+            # checked before it is stored, so that a pass stores evidence and verdict in one
+            # statement; the stage condition of that statement still refuses evidence sent twice
             settled = settle(conn, row, res, ev, now) if settle is not None else None
-            if settled is not None and settled.passed:  # what pstore.complete wrote
-                res = {**res, "stage": pstore.COMPLETE, "evaluation": pstore.PASS, "failure_reason": None,
-                       "failure_event": None, "verification_completed_at": now}
+            completed = settled.completed if settled is not None and settled.passed else None
+            if not pstore.set_evidence(conn, agent_id, target["index"], collected, now, completed=completed):
+                return WireError(403, "evidence was already submitted for this attestation", code="evidence_immutable")
+            if completed is not None:
+                settled.write(conn)
+                res = {**res, **completed}  # the columns the statement wrote
             return Accepted(row, res, ev, settled)
 
         out = await self.store.write_grouped(txn)

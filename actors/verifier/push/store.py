@@ -39,10 +39,16 @@ _TRIM = sa.delete(push_attestations).where(A.agent_id == _bp("p_aid"), A.idx <= 
 _SET_EVIDENCE = sa.update(push_attestations).where(
     A.agent_id == _bp("p_aid"), A.idx == _bp("p_idx"), A.stage == AWAITING,
 ).values(stage=EVALUATING, evidence=_bp("p_evidence"), evidence_received_at=_bp("p_now"))
+#: the columns :func:`complete` writes (their values: :func:`completed`), bound as ``p_<column>``
+_COMPLETED = ("stage", "evaluation", "failure_reason", "failure_event", "verification_completed_at")
 _COMPLETE = sa.update(push_attestations).where(
     A.agent_id == _bp("p_aid"), A.idx == _bp("p_idx"), A.stage == EVALUATING,
-).values(stage=COMPLETE, evaluation=_bp("p_evaluation"), failure_reason=_bp("p_reason"),
-         failure_event=_bp("p_event"), verification_completed_at=_bp("p_now"))
+).values(**{k: _bp(f"p_{k}") for k in _COMPLETED})
+# the evidence stored and the attestation completed in one statement (a pass settled in the
+# evidence transaction): _SET_EVIDENCE's condition and values, then _COMPLETE's values
+_SET_EVIDENCE_COMPLETE = sa.update(push_attestations).where(
+    A.agent_id == _bp("p_aid"), A.idx == _bp("p_idx"), A.stage == AWAITING,
+).values(evidence=_bp("p_evidence"), evidence_received_at=_bp("p_now"), **{k: _bp(f"p_{k}") for k in _COMPLETED})
 _EXTEND = sa.update(push_sessions).where(
     S.agent_id == _bp("p_aid"), S.token_hash.isnot(None), S.token_expires_at >= _bp("p_now"),
     S.token_expires_at < _bp("p_until"),
@@ -121,6 +127,7 @@ def lean(conn: Connection) -> bool:
 _L_SESSION, _L_AGENT, _L_LATEST, _L_ATTESTATION = _Lean(_SESSION), _Lean(_AGENT), _Lean(_LATEST), _Lean(_ATTESTATION)
 _L_INSERT, _L_TRIM, _L_SET_EVIDENCE = _Lean(_INSERT), _Lean(_TRIM), _Lean(_SET_EVIDENCE)
 _L_COMPLETE, _L_EXTEND, _L_LATEST_HEAD = _Lean(_COMPLETE), _Lean(_EXTEND), _Lean(_LATEST_HEAD)
+_L_SET_EVIDENCE_COMPLETE = _Lean(_SET_EVIDENCE_COMPLETE)
 
 
 # --- sessions --------------------------------------------------------------------------------------
@@ -304,19 +311,35 @@ async def submit_evidence(store: Store, agent_id: str, index: int, evidence: lis
     return await store.write(lambda conn: set_evidence(conn, agent_id, index, evidence, now))
 
 
-def set_evidence(conn: Connection, agent_id: str, index: int, evidence: list[Any], now: float) -> bool:
-    """awaiting_evidence -> evaluating_evidence (in the caller's transaction); False if not awaiting."""
+def set_evidence(conn: Connection, agent_id: str, index: int, evidence: list[Any], now: float,
+                 completed: dict[str, Any] | None = None) -> bool:
+    """awaiting_evidence -> evaluating_evidence (in the caller's transaction); False if not awaiting.
+    ``completed`` (what :func:`completed` gives): straight on to verification_complete with those
+    columns in the same statement, as :func:`complete` would write them right after."""
     params = {"p_aid": agent_id, "p_idx": index, "p_evidence": json.dumps(evidence), "p_now": now}
+    if completed is not None:
+        params.update({f"p_{k}": completed[k] for k in _COMPLETED})
+        if lean(conn):
+            return bool(_L_SET_EVIDENCE_COMPLETE.rowcount(conn, params))
+        return bool(conn.execute(_SET_EVIDENCE_COMPLETE, params).rowcount)
     if lean(conn):
         return bool(_L_SET_EVIDENCE.rowcount(conn, params))
     return bool(conn.execute(_SET_EVIDENCE, params).rowcount)
 
 
+def completed(evaluation: str, now: float, failure_reason: str | None = None,
+              failure_event: str | None = None) -> dict[str, Any]:
+    """The columns of a completed attestation (what :func:`complete` writes; an answer that shows
+    the attestation after it takes them from here)."""
+    return {"stage": COMPLETE, "evaluation": evaluation, "failure_reason": failure_reason,
+            "failure_event": failure_event, "verification_completed_at": now}
+
+
 def complete(conn: Connection, agent_id: str, index: int, *, evaluation: str, now: float,
              failure_reason: str | None = None, failure_event: str | None = None) -> None:
     """evaluating_evidence -> verification_complete (in the caller's transaction)."""
-    params = {"p_aid": agent_id, "p_idx": index, "p_evaluation": evaluation,
-              "p_reason": failure_reason, "p_event": failure_event, "p_now": now}
+    columns = completed(evaluation, now, failure_reason, failure_event)
+    params = {"p_aid": agent_id, "p_idx": index, **{f"p_{k}": columns[k] for k in _COMPLETED}}
     if lean(conn):
         _L_COMPLETE.rowcount(conn, params)
         return

@@ -167,24 +167,36 @@ def _small(ev: push_wire.Evidence) -> bool:
 
 class Settled:
     """A steady-state cycle checked inside its evidence transaction (:meth:`Verifier.settle`):
-    the outcome, and for a pass what :meth:`EvalStates.passed` needs once it is committed; for a
-    failure the state the failure path puts the agent in (nothing of the failure is written yet)."""
+    the outcome, and for a pass the attestation's completed columns (``completed``: stored with
+    the evidence, attestations.py), the rest of the pass to write (:meth:`write`) and what
+    :meth:`EvalStates.passed` needs once it is committed; for a failure the state the failure
+    path puts the agent in (nothing of the failure is written yet)."""
 
-    __slots__ = ("done", "enr", "hook", "outcome", "state", "values")
+    __slots__ = ("_write", "completed", "done", "enr", "hook", "outcome", "state", "values")
 
     def __init__(self, outcome: Outcome, state: int, enr: Enrolment | None = None, hook: Any = None,
-                 values: dict[str, Any] | None = None, done: bool = False) -> None:
+                 values: dict[str, Any] | None = None, completed: dict[str, Any] | None = None,
+                 write: Callable[[Connection], bool] | None = None) -> None:
         self.outcome = outcome
         self.state = state
         self.enr = enr
         self.hook = hook
         self.values = values or {}
+        #: a pass: the attestation's columns once complete (pstore.completed)
+        self.completed = completed
+        self._write = write
         #: the pass was written to the agent's row (it was active)
-        self.done = done
+        self.done = False
 
     @property
     def passed(self) -> bool:
         return not self.outcome.failures
+
+    def write(self, conn: Connection) -> None:
+        """(A pass, in the evidence transaction, once its evidence is stored completed.) The
+        agent's row and tokens, as :meth:`Verifier._run` writes them with the attestation's."""
+        assert self._write is not None
+        self.done = self._write(conn)
 
 
 def _policy_ref(row: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -247,19 +259,23 @@ class Verifier:
 
     def settle(self, conn: Connection, row: dict[str, Any], res: dict[str, Any], ev: push_wire.Evidence,
                now: float) -> Settled | None:
-        """(In the evidence transaction, in the store's thread, right after the evidence is stored.)
-        A steady-state cycle (what :func:`_small` accepts) is checked here, and its pass written in
-        this same transaction, as :meth:`_run` writes it; the 202 then follows a finished check.
-        A failure is returned unwritten: after the commit it takes the failure path of every
-        failure (:meth:`run` with it in ``accepted.settled``: the agent, the attestation and the
-        notice in one transaction of their own). None: nothing checked (large evidence, or a runtime
-        policy this process has not loaded: loading it needs an await): :meth:`run` verifies after
-        the 202, as before.
+        """(In the evidence transaction, in the store's thread, before the evidence is stored;
+        ``res`` is the attestation as it will be once stored.) A steady-state cycle (what
+        :func:`_small` accepts) is checked here; for a pass, attestations.py stores the evidence
+        with the attestation completed (``Settled.completed``) in one statement and then
+        :meth:`Settled.write` writes the agent's row and tokens, in this same transaction, as
+        :meth:`_run` writes a pass; the 202 then follows a finished check. A failure is returned
+        unwritten: the evidence is stored as evaluating and after the commit it takes the failure
+        path of every failure (:meth:`run` with it in ``accepted.settled``: the agent, the
+        attestation and the notice in one transaction of their own). None: nothing checked (large
+        evidence, or a runtime policy this process has not loaded: loading it needs an await):
+        :meth:`run` verifies after the 202, as before.
 
-        The store may run this more than once (its group rolled back, a failed commit): nothing
-        but the transaction is written; the IMA hook taken by the first run is dropped and the next
-        run rebuilds one from the row it reads, and :meth:`EvalStates.passed` runs only after the
-        commit (:meth:`committed`)."""
+        The store may run this more than once (its group rolled back, a failed commit), and the
+        evidence may turn out to be stored already (evidence_immutable: nothing is written): the
+        IMA hook taken by a check that is not committed is dropped and the next check rebuilds one
+        from the row it reads, and :meth:`EvalStates.passed` runs only after the commit
+        (:meth:`committed`)."""
         if not _small(ev):
             return None
         if self.policy_ready is not None and has_runtime_policy(row) and (
@@ -274,8 +290,8 @@ class Verifier:
         if outcome.failures:
             return Settled(outcome, records.INVALID_QUOTE)
         values = _written(outcome)
-        done = self._write_pass(conn, agent_id, index, now, values)
-        return Settled(outcome, records.GET_QUOTE, enr, hook, values, done)
+        return Settled(outcome, records.GET_QUOTE, enr, hook, values, pstore.completed(pstore.PASS, now),
+                       partial(self._write_agent_pass, agent_id=agent_id, now=now, values=values))
 
     def committed(self, row: dict[str, Any], index: int, settled: Settled) -> None:
         """A pass written by :meth:`settle` is committed: keep the agent's state for its next check."""
@@ -284,8 +300,13 @@ class Verifier:
         log.info("agent=%s event=push_attestation_pass index=%d", row["agent_id"], index)
 
     def _write_pass(self, conn: Connection, agent_id: str, index: int, now: float, values: dict[str, Any]) -> bool:
-        done = pstore.record_pass(conn, agent_id, now, values, _ACTIVE, records.GET_QUOTE)
         pstore.complete(conn, agent_id, index, evaluation=pstore.PASS, now=now)
+        return self._write_agent_pass(conn, agent_id=agent_id, now=now, values=values)
+
+    def _write_agent_pass(self, conn: Connection, *, agent_id: str, now: float, values: dict[str, Any]) -> bool:
+        """A pass's writes besides the attestation's: the agent's row (False: it is no longer
+        active) and its tokens extended."""
+        done = pstore.record_pass(conn, agent_id, now, values, _ACTIVE, records.GET_QUOTE)
         pstore.extend_tokens(conn, agent_id, now, now + self.session_lifetime)
         return done
 

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from keytrio.actors.verifier.push import store as pstore
 from keytrio.actors.verifier.schema import agents, metadata, push_attestations, push_sessions
+from tests.pg import db_url, pg_admin_url, pg_url  # noqa: F401
 
 AID = "a0000000-0000-4000-8000-00000000000a"
 
@@ -90,3 +91,68 @@ def test_lean_statements_match_sqlalchemy(tmp_path: Path, monkeypatch: pytest.Mo
             assert type(got["v_delivered"]) is bool  # Boolean columns come back as bool, as SQLAlchemy gives them
     assert len(lean_seen[-1]) == 5  # history bound kept
     assert {r["evaluation"] for r in lean_seen[-1]} == {pstore.PASS, pstore.FAIL}
+
+
+def _settle_cycle(engine: sa.Engine, one_statement: bool) -> list[Any]:
+    """Evidence stored and a pass completed: by set_evidence(completed=) (one statement) or by
+    set_evidence then complete (two, the general path); refused when not awaiting either way."""
+    seen: list[Any] = []
+    row = _agent()
+    for c in agents.c:  # within PostgreSQL's varchar lengths
+        if isinstance(row[c.name], str) and getattr(c.type, "length", None):
+            row[c.name] = row[c.name][: c.type.length]
+    with engine.begin() as conn:
+        conn.execute(sa.insert(agents).values(**row))
+    for i in range(4):
+        with engine.begin() as conn:
+            last = pstore.latest_in(conn, AID)
+            values = {"agent_id": AID, "stage": pstore.AWAITING, "evaluation": pstore.PENDING,
+                      "challenge": f"c{i}", "hash_alg": "sha256", "evidence_requested": [{"i": i}],
+                      "capabilities": [{"caps": True}], "system_info": {"boot_time": None},
+                      "capabilities_received_at": float(i), "challenges_expire_at": i + 100.0}
+            index = pstore.insert_attestation(conn, values, last, history=3)
+        with engine.begin() as conn:
+            evidence = [{"quote": i, "text": "é\u2028"}]
+            fail = ((pstore.FAIL, i + 0.25, pstore.POLICY_VIOLATION, "ima.x") if i == 2
+                    else (pstore.PASS, i + 0.25, None, None))
+            if one_statement:
+                done = pstore.completed(*fail)
+                seen.append(pstore.set_evidence(conn, AID, index, evidence, i + 0.5, completed=done))
+                # sent twice (the immutable race): refused by the stage condition, nothing written
+                seen.append(pstore.set_evidence(conn, AID, index, [{"quote": -1}], 99.0, completed=done))
+                seen.append(pstore.set_evidence(conn, AID, index, [{"quote": -1}], 99.0))
+            else:
+                seen.append(pstore.set_evidence(conn, AID, index, evidence, i + 0.5))
+                pstore.complete(conn, AID, index, evaluation=fail[0], now=fail[1], failure_reason=fail[2],
+                                failure_event=fail[3])
+                seen.append(pstore.set_evidence(conn, AID, index, [{"quote": -1}], 99.0))
+                seen.append(pstore.set_evidence(conn, AID, index, [{"quote": -1}], 99.0))
+            seen.append(pstore.attestation_in(conn, AID, index))
+    with engine.connect() as conn:
+        seen.append([dict(r) for r in conn.execute(
+            sa.select(push_attestations).order_by(*push_attestations.primary_key)).mappings()])
+    return seen
+
+
+def test_evidence_and_verdict_in_one_statement_match_the_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str  # noqa: F811
+) -> None:
+    """set_evidence(completed=pstore.completed(...)) writes the row set_evidence + complete wrote,
+    and returns what they returned (SQLite: lean and through SQLAlchemy; PostgreSQL)."""
+    for lean in ((True, False) if db_url.startswith("sqlite") else (False,)):
+        results = []
+        for n, one in enumerate((True, False)):
+            url = f"sqlite:///{tmp_path / f'{lean}-{n}'}.db" if db_url.startswith("sqlite") else db_url
+            engine = sa.create_engine(url)
+            metadata.drop_all(engine)
+            metadata.create_all(engine)
+            if db_url.startswith("sqlite"):
+                monkeypatch.setattr(pstore, "lean", lambda conn, lean=lean: lean)
+            results.append(_settle_cycle(engine, one))
+            engine.dispose()
+        one_seen, two_seen = results
+        assert one_seen == two_seen
+        assert one_seen[:3] == [True, False, False]
+        assert [r["stage"] for r in one_seen[-1]] == [pstore.COMPLETE] * 3
+        assert [r["evaluation"] for r in one_seen[-1]] == [pstore.PASS, pstore.FAIL, pstore.PASS]
+
