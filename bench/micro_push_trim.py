@@ -9,8 +9,9 @@ alternating within each round:
   ``ClockInfo.from_json``) and the new clock's text written (``json.dumps(to_json(),
   sort_keys=True)`` by the kept encoder), against EvalStates.previous_clock (the text the previous
   pass wrote, kept) and EvalStates.clock_text (a fresh clock each call, as each quote has);
-- a settled pass's attestation writes (push/store.py on a real SQLite file, lean path, one open
-  transaction): an attestation inserted (in both, its cost included), then
+- the cycle's gate reads (push/store.py on a real SQLite file, lean path, one open transaction):
+  session_row + agent_row against session_and_agent (once per request, two per attestation);
+- a settled pass's attestation writes: an attestation inserted (in both, its cost included), then
   set_evidence + complete against set_evidence(completed=) (once per attestation).
 """
 
@@ -101,6 +102,9 @@ def main() -> None:
 
     cases = [
         ("the stored TPM clock of one passed check (read + write)", clock_general, clock_new),
+        ("the gate's reads of one request (session, agent)",
+         lambda: (pstore.session_row(conn, "s" * 32), pstore.agent_row(conn, agent)),
+         lambda: pstore.session_and_agent(conn, "s" * 32, agent)),
         ("a settled pass's attestation writes (+ an insert in both)", writes_general, writes_new),
     ]
     for name, general, new in cases:

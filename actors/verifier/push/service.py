@@ -119,10 +119,11 @@ class PushService:
         now = self.clock()
 
         def check(conn: Connection) -> dict[str, Any] | WireError:
-            err = token_error(pstore.session_row(conn, bearer.session_id), bearer, agent_id, action, now)
+            # one statement for both rows: the token is still judged before the agent
+            session, row = pstore.session_and_agent(conn, bearer.session_id, agent_id)
+            err = token_error(session, bearer, agent_id, action, now)
             if err is not None:
                 return err
-            row = pstore.agent_row(conn, agent_id)
             return self._not_push_agent(row, agent_id) or row  # type: ignore[return-value]
 
         return check

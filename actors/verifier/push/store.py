@@ -29,6 +29,13 @@ _bp = sa.bindparam
 # compiled forms (building and keying a statement per call cost more than running it).
 _SESSION = sa.select(push_sessions).where(S.session_id == _bp("p_sid"))
 _AGENT = sa.select(agents).where(agents.c.agent_id == _bp("p_aid"))
+# the cycle's gate (service.PushService.admit) reads the token's session and the agent together: the
+# session's columns by name, the agent's prefixed (both have agent_id); the agent's are NULL when
+# there is no agent of that id, and there is no row when there is no such session
+_AGENT_PREFIX = "agent__"
+_SESSION_AGENT = (sa.select(*push_sessions.c, *[c.label(_AGENT_PREFIX + c.key) for c in agents.c])
+                  .select_from(push_sessions.outerjoin(agents, agents.c.agent_id == _bp("p_aid")))
+                  .where(S.session_id == _bp("p_sid")))
 _LATEST = sa.select(push_attestations).where(A.agent_id == _bp("p_aid")).order_by(A.idx.desc()).limit(1)
 # what the capabilities phase needs of the previous attestation (not its evidence, decoded for nothing)
 _LATEST_HEAD = (sa.select(A.idx, A.stage, A.evidence_received_at).where(A.agent_id == _bp("p_aid"))
@@ -127,7 +134,9 @@ def lean(conn: Connection) -> bool:
 _L_SESSION, _L_AGENT, _L_LATEST, _L_ATTESTATION = _Lean(_SESSION), _Lean(_AGENT), _Lean(_LATEST), _Lean(_ATTESTATION)
 _L_INSERT, _L_TRIM, _L_SET_EVIDENCE = _Lean(_INSERT), _Lean(_TRIM), _Lean(_SET_EVIDENCE)
 _L_COMPLETE, _L_EXTEND, _L_LATEST_HEAD = _Lean(_COMPLETE), _Lean(_EXTEND), _Lean(_LATEST_HEAD)
-_L_SET_EVIDENCE_COMPLETE = _Lean(_SET_EVIDENCE_COMPLETE)
+_L_SET_EVIDENCE_COMPLETE, _L_SESSION_AGENT = _Lean(_SET_EVIDENCE_COMPLETE), _Lean(_SESSION_AGENT)
+_SESSION_KEYS = tuple(c.key for c in push_sessions.c)
+_AGENT_KEYS = tuple((_AGENT_PREFIX + c.key, c.key) for c in agents.c)
 
 
 # --- sessions --------------------------------------------------------------------------------------
@@ -174,6 +183,25 @@ def agent_row(conn: Connection, agent_id: str) -> dict[str, Any] | None:
         return _L_AGENT.first(conn, {"p_aid": agent_id})
     row = conn.execute(_AGENT, {"p_aid": agent_id}).mappings().first()
     return dict(row) if row is not None else None
+
+
+def session_and_agent(conn: Connection, session_id: str,
+                      agent_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """``(session_row(conn, session_id), agent_row(conn, agent_id))`` in one statement, except that
+    without the session the agent is not read (None): the token is refused before the agent is
+    looked at (service.PushService.admit)."""
+    params = {"p_sid": session_id, "p_aid": agent_id}
+    if lean(conn):
+        got = _L_SESSION_AGENT.first(conn, params)
+    else:
+        row = conn.execute(_SESSION_AGENT, params).mappings().first()
+        got = dict(row) if row is not None else None
+    if got is None:
+        return None, None
+    session = {k: got[k] for k in _SESSION_KEYS}
+    if got[_AGENT_PREFIX + "agent_id"] is None:  # the primary key: NULL only when no agent joined
+        return session, None
+    return session, {k: got[label] for label, k in _AGENT_KEYS}
 
 
 async def prove_session(store: Store, session_id: str, *, token_hash: str, now: float, expires_at: float) -> bool:

@@ -156,3 +156,45 @@ def test_evidence_and_verdict_in_one_statement_match_the_two(
         assert [r["stage"] for r in one_seen[-1]] == [pstore.COMPLETE] * 3
         assert [r["evaluation"] for r in one_seen[-1]] == [pstore.PASS, pstore.FAIL, pstore.PASS]
 
+
+def test_session_and_agent_in_one_statement_match_the_two_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str  # noqa: F811
+) -> None:
+    """session_and_agent = (session_row, agent_row) (the agent None without the session) for a
+    session of the agent, of another agent, of no agent enrolled, and no session (SQLite: lean and
+    through SQLAlchemy; PostgreSQL)."""
+    other = "b0000000-0000-4000-8000-00000000000b"
+    for lean in ((True, False) if db_url.startswith("sqlite") else (False,)):
+        url = f"sqlite:///{tmp_path / f'join-{lean}'}.db" if db_url.startswith("sqlite") else db_url
+        engine = sa.create_engine(url)
+        metadata.drop_all(engine)
+        metadata.create_all(engine)
+        if db_url.startswith("sqlite"):
+            monkeypatch.setattr(pstore, "lean", lambda conn, lean=lean: lean)
+        row = _agent()
+        for c in agents.c:  # within PostgreSQL's varchar lengths
+            if isinstance(row[c.name], str) and getattr(c.type, "length", None):
+                row[c.name] = row[c.name][: c.type.length]
+        with engine.begin() as conn:
+            conn.execute(sa.insert(agents).values(**row))
+            conn.execute(sa.insert(agents).values(**{**row, "agent_id": other, "v_delivered": False,
+                                                     "ip": "10.0.0.1", "boottime": 5}))
+            for sid, aid in (("s1", AID), ("s2", other), ("s3", "c0000000-0000-4000-8000-00000000000c")):
+                conn.execute(sa.insert(push_sessions).values(
+                    session_id=sid, agent_id=aid, challenge="n", challenges_expire_at=10.0, created_at=1.0,
+                    token_hash=None if sid == "s3" else "h" + sid, token_expires_at=50.0, response_received_at=2.0))
+        seen = 0
+        with engine.begin() as conn:
+            for sid in ("s1", "s2", "s3", "missing"):
+                for aid in (AID, other, "c0000000-0000-4000-8000-00000000000c"):
+                    session, agent = pstore.session_and_agent(conn, sid, aid)
+                    want_session = pstore.session_row(conn, sid)
+                    want_agent = pstore.agent_row(conn, aid) if want_session is not None else None
+                    assert session == want_session and agent == want_agent
+                    assert list(session or {}) == list(want_session or {})
+                    assert list(agent or {}) == list(want_agent or {})
+                    if agent is not None:
+                        assert type(agent["v_delivered"]) is bool
+                        seen += 1
+        assert seen == 6
+        engine.dispose()
