@@ -12,6 +12,7 @@ rot. The hang guards are guards only; nothing here is timed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,3 +136,29 @@ async def test_bench_window_on_upstreams_push_verifier(push_upstream: Upstream, 
     assert row["agent_errors"] == {}, row["first_errors"]
     assert row["polls"] > 0 and row["cpu_per_poll"] > 0 and row["processes"] >= 1, row
     assert row["states"] == {"3": 2}, row  # GET_QUOTE: attesting, none failed
+
+
+async def test_push_side_hands_the_push_verifiers_pid_to_the_window_hook(tmp_path: Path) -> None:
+    """``bench.sim_fleet --py-spy FILE --py-spy-of push`` attaches py-spy through push_side's
+    ``on_window``: called once, as the window opens, with the pid of the push-mode verifier that
+    push_side started (running then), and the window is measured as without it."""
+    ca = make_cv_ca(tmp_path / "cv_ca").dir
+    pool = await trio.to_thread.run_sync(sim_keys.PrimePool, 1)
+    sims = sim_agent.SimAgents(ca / "cacert.crt", pool, POLICY_FILES, tmp_path / "sim")
+    sims.port = 9002
+    agents = sims.grow(2, salt="push")
+    body = fleet.policy_body(POLICY_FILES, {a.entries[0].digest.hex() for a in agents})
+    seen: list[tuple[int, str]] = []
+
+    def on_window(pid: int) -> None:
+        seen.append((pid, Path(f"/proc/{pid}/cmdline").read_bytes().decode().replace("\0", " ")))
+
+    ctx = tls.client_context([ca / "cacert.crt"], ca / "client-cert.crt", ca / "client-private.pem")
+    with (tmp_path / "verifier.log").open("w") as log, trio.fail_after(GUARD * 3):
+        async with httpx.AsyncClient(verify=ctx, timeout=20.0) as admin:
+            row = await sim_push.push_side(admin, ca, tmp_path / "verifier", max(os.sched_getaffinity(0)), log,
+                                           agents, body, 1.0, 2.0, on_window=on_window)
+    assert len(seen) == 1, seen
+    _pid, cmdline = seen[0]
+    assert "keytrio_server" in cmdline and '"mode": "push"' in cmdline, cmdline
+    assert row["mode"] == "push" and row["polls"] > 0 and row["passed"] > 0, row
