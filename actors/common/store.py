@@ -112,10 +112,13 @@ class Store:
         self._busy = False  # a write_grouped group is lingering or running
         self._committing = False  # a committer task (submit_grouped's nursery) runs the groups
         self._wanted = trio.Event()  # wakes the committer: a write was queued or a leader ended
+        self._urgent = False  # an urgent write is queued: the next group does not linger
+        self._cut: trio.Event | None = None  # set to end the linger under way (None: no linger)
         #: seconds the leader of a write_grouped group waits for more callers before it commits
         #: (0: only calls that arrive while a commit runs share it). Callers that can afford the
         #: wait (a monitor sleeps quote_interval after its write anyway) set it so that one thread
-        #: hop and one commit serve tens of writes instead of one.
+        #: hop and one commit serve tens of writes instead of one; an ``urgent`` write (someone
+        #: waits for it with a client on the other end) ends a linger and skips the next one.
         self.group_linger = 0.0
 
     @classmethod
@@ -172,31 +175,41 @@ class Store:
 
         return await self._run(work)
 
-    async def write_grouped(self, fn: Callable[[Connection], T]) -> T:
+    async def write_grouped(self, fn: Callable[[Connection], T], *, urgent: bool = False) -> T:
         """Like :meth:`write` (``fn`` committed before this returns), but group-committed: calls
         that arrive while a transaction is running are run together in the next one.
 
         For small, frequent, independent writes (the monitors' per-poll success records): one
         thread hop, one transaction and one fsync per group instead of per call. With
-        ``group_linger`` > 0 the leader first waits that long (trio clock) for more callers. ``fn`` must only
+        ``group_linger`` > 0 the leader first waits that long (trio clock) for more callers, unless
+        the group holds an ``urgent`` write: one that a request waits for (a client on the other
+        end) ends the linger under way at once, and the group after a running commit does not
+        linger when it holds one (it still takes every write queued by then). ``fn`` must only
         touch ``conn`` (no side effects elsewhere): when one ``fn`` of a group raises, the group
         is rolled back and every ``fn`` of it runs again in a transaction of its own, so the
         error reaches only its caller. Cancelled before its group started, a call writes
         nothing; once started, it completes (committed or not) before Cancelled is raised,
         as with :meth:`write`.
         """
-        return await self.collect(self.submit_grouped(fn))
+        return await self.collect(self.submit_grouped(fn, urgent=urgent))
 
-    def submit_grouped(self, fn: Callable[[Connection], T], nursery: trio.Nursery | None = None) -> GroupedWrite:
+    def submit_grouped(
+        self, fn: Callable[[Connection], T], nursery: trio.Nursery | None = None, *, urgent: bool = False
+    ) -> GroupedWrite:
         """Queue ``fn`` for the next group without waiting (no checkpoint); :meth:`collect` gives
         its result, :meth:`drop` takes it back while its group has not started.
 
         With ``nursery``, a committer task is started there when none runs: it runs the groups
         (lingering as a leader would) until the queue is empty, so nobody has to wait for a
         queued write to be committed. Without one, the write is run by whichever caller leads
-        next (a :meth:`write_grouped` or the :meth:`collect` of this write)."""
-        job = _Job(fn)
+        next (a :meth:`write_grouped` or the :meth:`collect` of this write). ``urgent``: as for
+        :meth:`write_grouped` (its group commits without lingering)."""
+        job = _Job(fn, urgent)
         self._queue.append(job)
+        if urgent:
+            self._urgent = True
+            if self._cut is not None:  # a leader or the committer lingers: it commits now
+                self._cut.set()
         if self._committing:
             self._wanted.set()
         elif nursery is not None:  # it waits for a leader's group under way to end
@@ -227,14 +240,13 @@ class Store:
                 job.wake = trio.Event()
                 continue
             self._busy = True
-            if self.group_linger > 0:
-                try:
-                    await trio.sleep(self.group_linger)
-                except trio.Cancelled:  # nothing started yet: drop ours, hand the lead on
-                    self._busy = False
-                    self.drop(job)
-                    raise
-            group, self._queue = self._queue, []
+            try:
+                await self._linger()
+            except trio.Cancelled:  # nothing started yet: drop ours, hand the lead on
+                self._busy = False
+                self.drop(job)
+                raise
+            group = self._take()
             try:
                 with trio.CancelScope(shield=True):  # the group's callers wait for this outcome
                     await self._run(partial(self._commit_group, group))
@@ -255,6 +267,8 @@ class Store:
             return False
         job.outcome = outcome.Error(Dropped())
         job.done = True  # nobody may wait for a write that will not run
+        if job.urgent:  # the next group lingers again unless another urgent write is queued
+            self._urgent = any(j.urgent for j in self._queue)
         if job.waiting:
             job.wake.set()
         self._pass_lead()
@@ -272,9 +286,8 @@ class Store:
                 self._busy = True
                 group: list[_Job] = []
                 try:
-                    if self.group_linger > 0:
-                        await trio.sleep(self.group_linger)  # cancelled here: nothing started
-                    group, self._queue = self._queue, []
+                    await self._linger()  # cancelled here: nothing started
+                    group = self._take()
                     with trio.CancelScope(shield=True):  # started writes complete
                         await self._run(partial(self._commit_group, group))
                 except Exception as exc:  # the hand-off itself failed: every writer of the group
@@ -287,6 +300,25 @@ class Store:
         finally:
             self._committing = False
             self._pass_lead()
+
+    async def _linger(self) -> None:
+        # the leader's (or committer's) wait for more writes; an urgent write ends it (a fresh
+        # event per linger: a set one from an earlier linger must not cut this one short).
+        # Cancelled from outside: raised as trio.sleep would (move_on_after catches only its own)
+        if self.group_linger <= 0 or self._urgent:
+            return
+        self._cut = cut = trio.Event()
+        try:
+            with trio.move_on_after(self.group_linger):
+                await cut.wait()
+        finally:
+            self._cut = None
+
+    def _take(self) -> list[_Job]:
+        # the queue becomes the group under way; urgent writes queued after this go into the next
+        group, self._queue = self._queue, []
+        self._urgent = False
+        return group
 
     @staticmethod
     def _finish(group: list[_Job]) -> None:
@@ -339,10 +371,11 @@ class _Job:
     (set only when someone waits for it). The outcome (None: not run) and the event are made
     when needed, not per write: an exception, an Outcome and an Event cost ≈ 1.7 µs a poll."""
 
-    __slots__ = ("done", "fn", "outcome", "waiting", "wake")
+    __slots__ = ("done", "fn", "outcome", "urgent", "waiting", "wake")
 
-    def __init__(self, fn: Callable[[Connection], Any]) -> None:
+    def __init__(self, fn: Callable[[Connection], Any], urgent: bool = False) -> None:
         self.fn = fn
+        self.urgent = urgent  # someone waits for it: its group does not linger
         self.outcome: outcome.Outcome[Any] | None = None
         self.done = False
         self.waiting = False
