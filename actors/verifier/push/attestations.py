@@ -177,7 +177,9 @@ class Attestations:
             return {**values, "index": index, "failure_reason": None, "evidence": None,
                     "evidence_received_at": None, "verification_completed_at": None}
 
-        out = await self.store.write_grouped(txn)
+        # urgent: the agent waits for the 201 on its connection, so this must not wait the
+        # linger meant for the pull monitor's success records (it still shares a running commit)
+        out = await self.store.write_grouped(txn, urgent=True)
         if isinstance(out, WireError):
             raise out
         return out
@@ -229,7 +231,9 @@ class Attestations:
                 res = {**res, **completed}  # the columns the statement wrote
             return Accepted(row, res, ev, settled)
 
-        out = await self.store.write_grouped(txn)
+        # urgent: the agent waits for the 202 on its connection (and its next cycle starts
+        # after it): no linger, as for the capabilities above
+        out = await self.store.write_grouped(txn, urgent=True)
         if isinstance(out, WireError):
             raise out
         return out
