@@ -5,7 +5,8 @@ What the monitors rely on: every queued write is committed once (count +1 per wr
 outcome is collected without a checkpoint once its group ran, a write taken back before its group
 started writes nothing (and nobody waits for it forever), one taken back too late completes, a
 cancelled collect follows write_grouped's rules, an error in a group reaches only its writer, and
-the committer ends when the queue is empty (its nursery can close).
+the committer ends when the queue is empty (its nursery can close). An urgent write (one a request
+waits for) ends a linger under way and its group does not linger, with the same guarantees.
 """
 
 from __future__ import annotations
@@ -194,5 +195,184 @@ async def test_callers_that_wait_and_a_committer_share_the_queue(
             assert [await store.collect(j) for j in queued] == [1, 1, 1, 1]
         assert sum((await _counts(store)).values()) == 8
         assert not store._committing and not store._busy and not store._queue
+    finally:
+        await store.close()
+
+
+# --- urgent writes (a request waits for them): no linger ------------------------------------------
+# Time is the MockClock's (autojump at once when every task waits): the store's linger is the only
+# deadline these tests leave pending, so a write that waited it moves the clock by exactly LONG,
+# and one that did not leaves trio.current_time() where it was.
+
+LONG = 10.0  # the linger: far longer than any of these tests' writes take
+
+
+def counting(store: Store) -> list[int]:
+    """Commits of the store's engine from now on (one per transaction that committed)."""
+    commits: list[int] = []
+    sa.event.listen(store.engine, "commit", lambda conn: commits.append(1))  # (worker thread)
+    return commits
+
+
+def held_write(i: int) -> tuple[Callable[[Any], int], threading.Event, threading.Event]:
+    """A write that stays in its transaction (worker thread) until ``gate`` is set."""
+    started, gate = threading.Event(), threading.Event()
+
+    def fn(conn: Any) -> int:
+        started.set()
+        gate.wait(30)
+        return inc(i)(conn)
+
+    return fn, started, gate
+
+
+async def test_an_urgent_write_ends_a_leaders_linger_and_takes_the_queued_writes_along(
+    db_url: str, autojump_clock: trio.testing.MockClock  # noqa: F811
+) -> None:
+    store = await _open(db_url, linger=LONG)
+    commits = counting(store)
+    try:
+        async with trio.open_nursery() as nursery:
+            async def background(i: int) -> None:
+                assert await store.write_grouped(inc(i)) == 1
+
+            start = trio.current_time()
+            nursery.start_soon(background, 0)  # leads the group and lingers
+            nursery.start_soon(background, 1)  # queued behind it
+            await trio.testing.wait_all_tasks_blocked()
+            assert store._busy and len(store._queue) == 2
+            assert await store.write_grouped(inc(2), urgent=True) == 1
+            assert trio.current_time() == start  # nobody waited the linger
+        assert trio.current_time() == start
+        assert len(commits) == 1  # the two background writes went in the urgent write's transaction
+        assert await store.write_grouped(inc(3)) == 1  # the next linger is a whole one again
+        assert trio.current_time() == pytest.approx(start + LONG)
+        assert await _counts(store) == {0: 1, 1: 1, 2: 1, 3: 1, **{i: 0 for i in range(4, N)}}
+    finally:
+        await store.close()
+
+
+async def test_an_urgent_write_ends_the_committers_linger(
+    db_url: str, autojump_clock: trio.testing.MockClock  # noqa: F811
+) -> None:
+    store = await _open(db_url, linger=LONG)
+    commits = counting(store)
+    try:
+        async with trio.open_nursery() as nursery:
+            start = trio.current_time()
+            queued = [store.submit_grouped(inc(i), nursery) for i in range(2)]
+            await trio.testing.wait_all_tasks_blocked()
+            assert store._committing and store._busy  # the committer lingers
+            job = store.submit_grouped(inc(2), nursery, urgent=True)
+            assert await store.collect(job) == 1
+            assert trio.current_time() == start
+            assert all(j.done for j in queued) and [await store.collect(j) for j in queued] == [1, 1]
+        assert trio.current_time() == start and len(commits) == 1
+        assert not store._committing and not store._queue  # the committer ended as before
+        async with trio.open_nursery() as nursery:  # the next linger is a whole one again
+            job = store.submit_grouped(inc(3), nursery)
+        assert await store.collect(job) == 1 and trio.current_time() == pytest.approx(start + LONG)
+    finally:
+        await store.close()
+
+
+async def test_the_group_after_a_running_commit_does_not_linger_for_an_urgent_write_then_lingering_resumes(
+    db_url: str, autojump_clock: trio.testing.MockClock  # noqa: F811
+) -> None:
+    """An urgent write that arrives while a commit runs goes into the next group, which commits
+    as soon as that commit ends (with the background writes queued meanwhile); the group after
+    it, background writes only, lingers again (once with a leader, once with the committer)."""
+    store = await _open(db_url, linger=LONG)
+    commits = counting(store)
+    held, started, gate = held_write(0)
+    try:
+        async with trio.open_nursery() as nursery:
+            start = trio.current_time()
+
+            async def write(fn: Callable[[Any], int], urgent: bool) -> None:
+                assert await store.write_grouped(fn, urgent=urgent) == 1
+
+            nursery.start_soon(write, held, True)  # urgent: its group starts at once
+            await trio.to_thread.run_sync(started.wait)
+            nursery.start_soon(write, inc(1), False)  # both queued behind the running commit
+            nursery.start_soon(write, inc(2), True)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(store._queue) == 2
+            gate.set()
+        assert trio.current_time() == start
+        assert len(commits) == 2  # the held group, then the other two in one transaction
+        # no urgent write queued any more: background writes linger as before
+        assert await store.write_grouped(inc(3)) == 1
+        assert trio.current_time() == pytest.approx(start + LONG)
+        async with trio.open_nursery() as nursery:
+            job = store.submit_grouped(inc(4), nursery)
+        assert await store.collect(job) == 1
+        assert trio.current_time() == pytest.approx(start + 2 * LONG)
+        assert await _counts(store) == {0: 1, 1: 1, 2: 1, 3: 1, 4: 1, 5: 0}
+    finally:
+        gate.set()
+        await store.close()
+
+
+async def test_an_urgent_write_cancelled_before_its_group_is_dropped_and_lingering_resumes(
+    db_url: str, autojump_clock: trio.testing.MockClock  # noqa: F811
+) -> None:
+    """Cancelled while queued behind a running commit: it writes nothing, and the next group
+    (background writes only now) lingers as if it had never come."""
+    store = await _open(db_url, linger=LONG)
+    held, started, gate = held_write(0)
+    done_at: dict[str, float] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            async def write(name: str, fn: Callable[[Any], int], urgent: bool) -> None:
+                assert await store.write_grouped(fn, urgent=urgent) == 1
+                done_at[name] = trio.current_time()
+
+            nursery.start_soon(write, "held", held, True)
+            await trio.to_thread.run_sync(started.wait)
+            nursery.start_soon(write, "background", inc(1), False)
+            with trio.CancelScope() as scope:
+                async def cancel_when_queued() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    scope.cancel()
+
+                nursery.start_soon(cancel_when_queued)
+                await store.write_grouped(inc(2), urgent=True)
+                pytest.fail("the cancelled urgent write returned")  # pragma: no cover
+            assert scope.cancelled_caught
+            assert len(store._queue) == 1 and not store._urgent
+            released = trio.current_time()
+            gate.set()
+        assert done_at["held"] == released
+        assert done_at["background"] == pytest.approx(released + LONG)  # lingered
+        assert await _counts(store) == {0: 1, 1: 1, **{i: 0 for i in range(2, N)}}
+    finally:
+        gate.set()
+        await store.close()
+
+
+async def test_an_urgent_group_with_a_failing_write_runs_again_one_by_one_without_lingering(
+    db_url: str, autojump_clock: trio.testing.MockClock  # noqa: F811
+) -> None:
+    store = await _open(db_url, linger=LONG)
+    commits = counting(store)
+    got: dict[str, Any] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            async def write(name: str, fn: Callable[[Any], int], urgent: bool = False) -> None:
+                try:
+                    got[name] = await store.write_grouped(fn, urgent=urgent)
+                except ValueError as exc:
+                    got[name] = exc
+
+            start = trio.current_time()
+            nursery.start_soon(write, "leader", inc(0))  # lingers
+            nursery.start_soon(write, "boom", boom)
+            await trio.testing.wait_all_tasks_blocked()
+            await write("urgent", inc(1), True)
+            assert trio.current_time() == start
+        assert got["leader"] == 1 and got["urgent"] == 1 and str(got["boom"]) == "boom"
+        assert len(commits) == 2  # the group rolled back, then the two good writes alone
+        assert await _counts(store) == {0: 1, 1: 1, **{i: 0 for i in range(2, N)}}
     finally:
         await store.close()
