@@ -29,6 +29,7 @@ import math
 import os
 import random
 import ssl
+import statistics
 import struct
 import subprocess
 import time
@@ -200,6 +201,9 @@ class PushAgent:
         #: monotonic instants for the ramp-up diagnosis: enrolled (set by push_window), each phase's
         #: first success, the first error of each kind
         self.times: dict[str, float] = {}
+        #: per request kind, (answered at, seconds from sending it to its answer) of each success
+        #: (201, 202), monotonic: the latency an agent sees (push_window's ``latency_ms``)
+        self.answers: dict[str, list[tuple[float, float]]] = {"capabilities": [], "evidence": []}
 
     def _err(self, what: str, r: httpx.Response | LeanReply | None = None) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
@@ -298,6 +302,7 @@ class PushAgent:
         if self.token is None and not await self.open_session():
             return 2.0
         aid = self.sim.agent_id
+        sent = time.monotonic()
         r = await self._req("POST", f"/agents/{aid}/attestations", self.capabilities())
         if r.status_code in (401, 403):
             self.token = None
@@ -306,16 +311,22 @@ class PushAgent:
         if r.status_code != 201:
             self._err(f"capabilities {r.status_code}", r)
             return float(r.headers.get("Retry-After", 1))
-        self.times.setdefault("capabilities", time.monotonic())
+        now = time.monotonic()
+        self.answers["capabilities"].append((now, now - sent))
+        self.times.setdefault("capabilities", now)
         requested = r.json()["data"]["attributes"]["evidence_requested"]
-        r = await self._req("PATCH", f"/agents/{aid}/attestations/latest", self.evidence(requested))
+        body = self.evidence(requested)  # the quote is signed before the clock starts
+        sent = time.monotonic()
+        r = await self._req("PATCH", f"/agents/{aid}/attestations/latest", body)
         if r.status_code != 202:
             if r.status_code in (401, 403):
                 self.token = None
             self._err(f"evidence {r.status_code}", r)
             return float(r.headers.get("Retry-After", 1))
         self.sent += 1
-        self.times.setdefault("accepted", time.monotonic())
+        now = time.monotonic()
+        self.answers["evidence"].append((now, now - sent))
+        self.times.setdefault("accepted", now)
         return float(r.json().get("meta", {}).get("seconds_to_next_attestation", 1))
 
     async def run(self, first_delay: float = 0.0) -> None:
@@ -373,6 +384,16 @@ async def register(agents: list[SimAgent], registrar: str, concurrency: int = 8)
         for _ in range(concurrency):
             nursery.start_soon(worker, client)
     return done
+
+
+def latency_ms(agents: list[PushAgent], start: float, end: float) -> dict[str, float | None]:
+    """Per request kind, the median milliseconds from sending a request to its success answer
+    over the requests answered within [start, end] (monotonic), all agents together."""
+    out: dict[str, float | None] = {}
+    for kind in ("capabilities", "evidence"):
+        xs = [s for a in agents for at, s in a.answers[kind] if start <= at <= end]
+        out[kind] = round(1000 * statistics.median(xs), 2) if xs else None
+    return out
 
 
 def ramp(agents: list[PushAgent], t0: float) -> dict[str, Any]:
@@ -467,6 +488,7 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
         "agents_process_cpu_per_poll": (ctl_b - ctl_a) / count if count else None,
         "agents_per_core_2s": 2.0 * rate / cpu_rate if cpu_rate else None,
         "ramp": ramp(agents, t0), "client": "lean" if lean else "httpx",
+        "latency_ms": latency_ms(agents, w0, w0 + wall),
     }  # fmt: skip
 
 

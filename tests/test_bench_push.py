@@ -13,8 +13,10 @@ rot. The hang guards are guards only; nothing here is timed.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -64,6 +66,7 @@ async def test_simulated_push_agents_attest_and_a_forged_log_fails(tmp_path: Pat
             transport = tls.client_context([ca / "cacert.crt"]) if client == "lean" else shared
             agents = [sim_push.PushAgent(a, url, transport) for a in (one, two, forged)]
             with trio.fail_after(GUARD):
+                start = time.monotonic()
                 for a in agents:
                     wait = await a.cycle()
                     assert a.token is not None and a.sent == 1 and not a.errors, a.errors
@@ -72,6 +75,11 @@ async def test_simulated_push_agents_attest_and_a_forged_log_fails(tmp_path: Pat
                 # wait is its Retry-After (the lean client's reuse path and its header reading)
                 wait = await agents[0].cycle()
                 assert agents[0].errors == {"capabilities 429": 1} and wait >= 1, (agents[0].errors, wait)
+                # each success answer's latency is kept (the 429 is not one), as the window reports it
+                assert [(len(a.answers["capabilities"]), len(a.answers["evidence"])) for a in agents] == [(1, 1)] * 3
+                lat = sim_push.latency_ms(agents, start, time.monotonic())
+                assert all(v is not None and 0 < v < GUARD * 1000 for v in lat.values()), lat
+                assert sim_push.latency_ms(agents, start - 10, start) == {"capabilities": None, "evidence": None}
                 verdicts = [await _verdict(admin, url, a.sim.agent_id) for a in agents]
                 for a in agents:
                     if a.lean is not None:
@@ -81,6 +89,16 @@ async def test_simulated_push_agents_attest_and_a_forged_log_fails(tmp_path: Pat
         counts = {i: rec["attestation_count"] for i, rec in r.json()["results"].items()}
         assert counts == {one.agent_id: 1, two.agent_id: 1, forged.agent_id: 0}, counts
         nursery.cancel_scope.cancel()
+
+
+def test_latency_is_the_median_of_the_answers_within_the_window() -> None:
+    def agent(caps: list[tuple[float, float]], ev: list[tuple[float, float]]) -> Any:
+        return SimpleNamespace(answers={"capabilities": caps, "evidence": ev})
+
+    agents = [agent([(1.0, 0.5), (5.0, 0.010), (9.0, 0.050)], [(5.1, 0.002)]),
+              agent([(6.0, 0.020)], [(6.1, 0.004), (6.2, 0.009), (20.0, 9.0)])]
+    assert sim_push.latency_ms(agents, 5.0, 9.0) == {"capabilities": 20.0, "evidence": 4.0}
+    assert sim_push.latency_ms(agents, 10.0, 19.0) == {"capabilities": None, "evidence": None}
 
 
 @pytest.fixture(scope="module")
