@@ -778,6 +778,26 @@ _LEAN_REFUSED = frozenset({b"connection", b"transfer-encoding", b"expect", b"upg
                            b"http2-settings", b"trailer"})
 
 
+def _lean_line(line: bytes) -> tuple[bytes, bytes] | None:
+    """One request header line in the lean shape as (lower-cased name, trimmed value), None when
+    it is not strict or names a header of :data:`_LEAN_REFUSED`."""
+    m = _LEAN_HEADER.fullmatch(line)
+    if m is None:
+        return None
+    name = m.group(1).lower()
+    return None if name in _LEAN_REFUSED else (name, m.group(2))
+
+
+# _lean_line's answers by line: a push agent repeats the same Host, Content-Type and (for a
+# session's life) Authorization lines every cycle, and a dict look-up costs a fraction of the
+# regex match. Only short lines are kept and the memo is emptied when full, so a client sending
+# ever new lines costs at most _LINE_MEMO_MAX x _LINE_MEMO_LEN bytes here (1 MiB).
+_LINE_MEMO_MAX = 4096
+_LINE_MEMO_LEN = 256
+_REQUEST_LINES: dict[bytes, tuple[bytes, bytes] | None] = {}
+_MISS = object()
+
+
 def _lean_request(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
     """Headers (names lower-cased, values trimmed: what h11 gives) and body of a whole request
     that :func:`_fast_candidate` accepted, when it is in the lean shape: every header line
@@ -792,20 +812,25 @@ def _lean_request(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] | None
     body = data[end + 4:]
     headers: list[tuple[bytes, bytes]] = []
     hosts = lengths = 0
+    memo = _REQUEST_LINES
     for line in lines[1:]:
-        m = _LEAN_HEADER.fullmatch(line)
-        if m is None:
+        pair = memo.get(line, _MISS)
+        if pair is _MISS:
+            pair = _lean_line(line)
+            if len(line) <= _LINE_MEMO_LEN:
+                if len(memo) >= _LINE_MEMO_MAX:
+                    memo.clear()
+                memo[line] = pair
+        if pair is None:
             return None
-        name, value = m.group(1).lower(), m.group(2)
-        if name in _LEAN_REFUSED:
-            return None
+        name, value = pair  # type: ignore[misc]
         if name == b"host":
             hosts += 1
         elif name == b"content-length":
             lengths += 1
             if not value.isdigit() or int(value) != len(body):
                 return None
-        headers.append((name, value))
+        headers.append(pair)  # type: ignore[arg-type]
     if hosts != 1 or lengths != 1:
         return None
     return headers, body
