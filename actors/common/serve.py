@@ -836,6 +836,24 @@ def _lean_request(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] | None
     return headers, body
 
 
+def _response_line(name: bytes, value: bytes) -> tuple[bytes, bytes] | None:
+    """A response header as the template writes it (``name: value`` and CRLF) with its lower-cased
+    name; None when the template may not write it (not strict, or a header of
+    :data:`_LEAN_REFUSED`)."""
+    line = name + b": " + value
+    m = _LEAN_HEADER.fullmatch(line)
+    if m is None or m.group(2) != value:
+        return None
+    low = name.lower()
+    return None if low in _LEAN_REFUSED else (line + b"\r\n", low)
+
+
+# _response_line's answers by (name, value): an answer's headers are the content type, its
+# length, hypercorn's Date (one per second) and Server, and now and then a Location or a
+# Retry-After; bounded as _REQUEST_LINES is.
+_RESPONSE_LINES: dict[tuple[bytes, bytes], tuple[bytes, bytes] | None] = {}
+
+
 def _lean_response(status: int, headers: list[tuple[bytes, bytes]], payload: bytes) -> bytes | None:
     """The response h11 would write for a request it had parsed in the lean shape (keep-alive,
     not HEAD): status line without reason phrase, the headers as given, the body. None when the
@@ -845,19 +863,27 @@ def _lean_response(status: int, headers: list[tuple[bytes, bytes]], payload: byt
         return None
     parts = [b"HTTP/1.1 %d \r\n" % status]
     lengths = 0
+    memo = _RESPONSE_LINES
     for name, value in headers:
-        line = name + b": " + value
-        m = _LEAN_HEADER.fullmatch(line)
-        if m is None or m.group(2) != value:
+        if type(name) is bytes and type(value) is bytes:  # hashable: the memo's keys
+            key = (name, value)
+            kept = memo.get(key, _MISS)
+            if kept is _MISS:
+                kept = _response_line(name, value)
+                if len(name) + len(value) <= _LINE_MEMO_LEN:
+                    if len(memo) >= _LINE_MEMO_MAX:
+                        memo.clear()
+                    memo[key] = kept
+        else:
+            kept = _response_line(name, value)
+        if kept is None:
             return None
-        low = name.lower()
-        if low in _LEAN_REFUSED:
-            return None
+        line, low = kept  # type: ignore[misc]
         if low == b"content-length":
             lengths += 1
             if not value.isdigit() or int(value) != len(payload):
                 return None
-        parts.append(line + b"\r\n")
+        parts.append(line)
     if lengths != 1:
         return None
     parts.append(b"\r\n")
