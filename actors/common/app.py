@@ -238,6 +238,18 @@ class FastRoutes:
                 return int(limit)
         return None
 
+    def direct(self, method: str, path: str) -> Any | None:
+        """The layer of ``lean`` that answers ``method path`` when it is the one this layer would
+        pass the request to (``self.app``, nothing in between) and no fast route of this layer
+        takes it: serve.py's lean path then calls its ``answer`` without the ASGI messages.
+        None: the request goes through ``__call__`` as before."""
+        app = self.app
+        if app not in self.lean or app.lean_limit(method, path) is None:
+            return None
+        if self.match({"type": "http", "method": method, "path": path}) is not None:
+            return None
+        return app
+
     def match(self, scope: Scope) -> _FastRoute | None:
         if not self.routes or scope.get("method") != "POST" or scope.get("type") != "http":
             return None
@@ -331,9 +343,14 @@ async def send_json(send: Send, status: int, doc: Any, headers: Iterable[tuple[b
 
 async def send_json_bytes(send: Send, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
     """:func:`send_json` for an answer already encoded."""
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.start", "status": status, "headers": json_head(body, headers)})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def json_head(body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> list[tuple[bytes, bytes]]:
+    """The headers of a JSON answer of ``body``: content type and length, then ``headers``
+    (:func:`send_json_bytes`'s, and those of a lean layer's direct answer, see FastRoutes.direct)."""
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
 
 class _VersionConverter(BaseConverter):
     regex = r"\d+(?:\.\d+)*"

@@ -546,6 +546,9 @@ class _Connection(TCPServer):
         self.scope = trio.CancelScope()
         self.idle = True
         self.fast_routes = fast_routes
+        #: FastRoutes.direct: the layer whose ``answer`` a lean request may be given without the
+        #: ASGI messages (None: every lean request goes through ``fast_routes(scope, ...)``)
+        self._direct = getattr(fast_routes, "direct", None)
 
     async def _read_data(self) -> None:
         """hypercorn's read loop, plus the lean path: a small request for a fast route that is
@@ -621,23 +624,28 @@ class _Connection(TCPServer):
                 return False
             headers_in, body = parsed
         method = data_all[: data_all.index(b" ")].decode("ascii")
-        scope = {"type": "http", "method": method, "path": route_path, "headers": headers_in}
-        answer: dict[str, Any] = {}
+        direct = self._direct(method, route_path) if self._direct is not None else None
+        if direct is not None:  # the push cycle's layer, called without the ASGI dicts and closures
+            status, headers, payload = await direct.answer(method, route_path, headers_in, body)
+            headers = [*headers, *response_headers(self.config)]
+        else:
+            scope = {"type": "http", "method": method, "path": route_path, "headers": headers_in}
+            answer: dict[str, Any] = {}
 
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": body, "more_body": False}
 
-        async def send(message: dict[str, Any]) -> None:
-            answer[message["type"]] = message
+            async def send(message: dict[str, Any]) -> None:
+                answer[message["type"]] = message
 
-        await self.fast_routes(scope, receive, send)
-        start, payload = answer["http.response.start"], answer["http.response.body"]["body"]
-        headers = [*start["headers"], *response_headers(self.config)]
-        out = _lean_response(start["status"], headers, payload) if lean is not None else None
+            await self.fast_routes(scope, receive, send)
+            start, payload = answer["http.response.start"], answer["http.response.body"]["body"]
+            status, headers = start["status"], [*start["headers"], *response_headers(self.config)]
+        out = _lean_response(status, headers, payload) if lean is not None else None
         if out is None:
             if lean is not None and await self._h11_request(conn, data_all) is None:
                 return False  # unreachable: h11 accepts whatever _lean_request does
-            out = conn.send(h11.Response(status_code=start["status"], headers=headers))
+            out = conn.send(h11.Response(status_code=status, headers=headers))
             out += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
             lean = None
         try:

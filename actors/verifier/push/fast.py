@@ -14,6 +14,7 @@ client-certificate check is skipped.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any, Protocol
@@ -23,8 +24,9 @@ from keytrio.actors.common.app import (
     content_type_refusal,
     decode_object,
     header,
+    json_head,
     receive_body,
-    send_json,
+    send_json_bytes,
 )
 from keytrio.actors.common.bodylimit import ASGIApp, Receive, Scope, Send
 from keytrio.protocol import push_wire
@@ -77,12 +79,36 @@ class FastCycle:
         if m is None:
             await self.app(scope, receive, send)
             return
+        answer = await self._answer(method, path, m, scope.get("headers") or (), None, receive)
+        if answer is None:
+            return  # the client went away
+        status, headers, payload = answer
+        await send_json_bytes(send, status, payload, headers)
+
+    async def answer(self, method: str, path: str, headers: list[tuple[bytes, bytes]],
+                     body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """serve.py's lean path: the answer to a whole request that :meth:`lean_limit` accepted
+        (``method path``; FastRoutes.direct checked that nothing sits between) as status, headers
+        and JSON body: what ``__call__`` sends in its two ASGI messages."""
+        m = (_CAPABILITIES if method == "POST" else _EVIDENCE).match(path)
+        assert m is not None  # lean_limit matched the same
+        answer = await self._answer(method, path, m, headers, body, None)
+        assert answer is not None  # only a receive can find the client gone
+        status, extra, payload = answer
+        return status, json_head(payload, extra), payload
+
+    async def _answer(self, method: str, path: str, m: re.Match[str], headers_in: Any, raw: bytes | None,
+                      receive: Receive | None) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """The answer to the request (its body ``raw``, or read from ``receive`` inside the same
+        ``try`` as before, so an error there is the route's 500 too); None when the client went away."""
         headers: dict[str, str] = {}
         try:
-            doc = await self._body(scope, receive, surrogates=method == "PATCH")
-            if doc is None:
-                return  # the client went away
-            auth = header(scope, b"authorization")
+            if raw is None:
+                raw = await receive_body(receive)  # type: ignore[arg-type]
+                if raw is None:
+                    return None
+            doc = self._decode({"headers": headers_in}, raw, surrogates=method == "PATCH")
+            auth = header({"headers": headers_in}, b"authorization")
             if method == "POST":
                 status, out, headers = await self.cycle.capabilities(m.group(1), m.group(2), auth, doc)
             else:
@@ -93,16 +119,13 @@ class FastCycle:
         except Exception as exc:  # the route's 500, as quart's handler gives it: logged, no text out
             log.error("unhandled error in %s %s", method, path, exc_info=(type(exc), exc, exc.__traceback__))
             status, out, headers = 500, push_wire.error_document(500, "Internal Server Error"), {}
-        await send_json(send, status, out,
-                        [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()])
+        return status, [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()], \
+            json.dumps(out).encode()
 
     @staticmethod
-    async def _body(scope: Scope, receive: Receive, *, surrogates: bool) -> dict[str, Any] | WireError | None:
-        """The JSON object, its refusal (answered after the token checks, as the quart route
-        does), or None when the client disconnected."""
-        raw = await receive_body(receive)
-        if raw is None:
-            return None
+    def _decode(scope: Scope, raw: bytes, *, surrogates: bool) -> dict[str, Any] | WireError:
+        """The JSON object or its refusal (answered after the token checks, as the quart route
+        does)."""
         try:
             refused = content_type_refusal(scope)
             if refused is not None:

@@ -18,6 +18,7 @@ import trio
 from trio.testing import MockClock
 
 from keytrio.actors.common import serve
+from keytrio.actors.verifier.push.fast import FastCycle
 from tests.actors.verifier.push_support import JSONAPI, A, enrolled, rows, start, verdict
 
 
@@ -35,6 +36,20 @@ def lean_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     return seen
 
 
+@pytest.fixture
+def direct_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(method, path) of every request serve.py handed to FastCycle.answer (no ASGI messages)."""
+    seen: list[tuple[str, str]] = []
+    original = FastCycle.answer
+
+    async def spy(self: Any, method: str, path: str, headers: Any, body: bytes) -> Any:
+        seen.append((method, path))
+        return await original(self, method, path, headers, body)
+
+    monkeypatch.setattr(FastCycle, "answer", spy)
+    return seen
+
+
 def _same(lean: Any, plain: Any) -> None:
     assert lean.status_code == plain.status_code, (lean.status_code, plain.status_code, lean.text, plain.text)
     assert lean.json() == plain.json(), (lean.text, plain.text)
@@ -43,7 +58,8 @@ def _same(lean: Any, plain: Any) -> None:
 
 
 async def test_cycle_requests_answer_the_same_on_the_lean_path(
-    nursery: trio.Nursery, tmp_path: Path, pki: Any, clock: MockClock, lean_log: list[tuple[str, str]]
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, clock: MockClock, lean_log: list[tuple[str, str]],
+    direct_log: list[tuple[str, str]],
 ) -> None:
     rv = await start(nursery, tmp_path, pki, clock)
     a = await enrolled(rv, pki)
@@ -79,6 +95,7 @@ async def test_cycle_requests_answer_the_same_on_the_lean_path(
     resp = await a.send_evidence(good)
     assert resp.status_code == 202 and resp.headers["Location"].endswith("/attestations/0"), resp.text
     assert lean_log[-2:] == [("POST", f"/v3/agents/{A}/attestations"), ("PATCH", f"/v3/agents/{A}/attestations/latest")]
+    assert direct_log == lean_log  # every lean one straight to FastCycle.answer, none via the ASGI call
     assert (await verdict(rv, A, 0))["attributes"]["evaluation"] == "pass"
     # evidence sent twice: 403 evidence_immutable on both paths, nothing changed
     before = await rows(rv)
