@@ -112,14 +112,19 @@ class Store:
         self._busy = False  # a write_grouped group is lingering or running
         self._committing = False  # a committer task (submit_grouped's nursery) runs the groups
         self._wanted = trio.Event()  # wakes the committer: a write was queued or a leader ended
-        self._urgent = False  # an urgent write is queued: the next group does not linger
+        #: the time by which the group holding the queued urgent writes commits (None: none queued)
+        self._urgent_by: float | None = None
         self._cut: trio.Event | None = None  # set to end the linger under way (None: no linger)
         #: seconds the leader of a write_grouped group waits for more callers before it commits
         #: (0: only calls that arrive while a commit runs share it). Callers that can afford the
         #: wait (a monitor sleeps quote_interval after its write anyway) set it so that one thread
         #: hop and one commit serve tens of writes instead of one; an ``urgent`` write (someone
-        #: waits for it with a client on the other end) ends a linger and skips the next one.
+        #: waits for it with a client on the other end) cuts a linger down to ``urgent_linger``.
         self.group_linger = 0.0
+        #: seconds an urgent write may wait for others to share its commit (never longer than
+        #: ``group_linger``). 0: it commits at once, alone unless writes queued meanwhile; more
+        #: lets concurrent requests share a commit (and its fsync) at that much latency each.
+        self.urgent_linger = 0.0
 
     @classmethod
     async def open(
@@ -183,8 +188,9 @@ class Store:
         thread hop, one transaction and one fsync per group instead of per call. With
         ``group_linger`` > 0 the leader first waits that long (trio clock) for more callers, unless
         the group holds an ``urgent`` write: one that a request waits for (a client on the other
-        end) ends the linger under way at once, and the group after a running commit does not
-        linger when it holds one (it still takes every write queued by then). ``fn`` must only
+        end) cuts the linger under way down to ``urgent_linger`` from its arrival (0: ended at
+        once), and so does the group after a running commit that holds one (it still takes every
+        write queued by then). ``fn`` must only
         touch ``conn`` (no side effects elsewhere): when one ``fn`` of a group raises, the group
         is rolled back and every ``fn`` of it runs again in a transaction of its own, so the
         error reaches only its caller. Cancelled before its group started, a call writes
@@ -203,13 +209,15 @@ class Store:
         (lingering as a leader would) until the queue is empty, so nobody has to wait for a
         queued write to be committed. Without one, the write is run by whichever caller leads
         next (a :meth:`write_grouped` or the :meth:`collect` of this write). ``urgent``: as for
-        :meth:`write_grouped` (its group commits without lingering)."""
-        job = _Job(fn, urgent)
+        :meth:`write_grouped` (its group lingers at most ``urgent_linger``)."""
+        job = _Job(fn)
         self._queue.append(job)
         if urgent:
-            self._urgent = True
-            if self._cut is not None:  # a leader or the committer lingers: it commits now
-                self._cut.set()
+            job.urgent_by = by = trio.current_time() + self.urgent_linger
+            if self._urgent_by is None or by < self._urgent_by:
+                self._urgent_by = by
+                if self._cut is not None:  # a leader or the committer lingers: it ends sooner
+                    self._cut.set()
         if self._committing:
             self._wanted.set()
         elif nursery is not None:  # it waits for a leader's group under way to end
@@ -267,8 +275,8 @@ class Store:
             return False
         job.outcome = outcome.Error(Dropped())
         job.done = True  # nobody may wait for a write that will not run
-        if job.urgent:  # the next group lingers again unless another urgent write is queued
-            self._urgent = any(j.urgent for j in self._queue)
+        if job.urgent_by is not None:  # the next group lingers as the urgent writes left say
+            self._urgent_by = min((j.urgent_by for j in self._queue if j.urgent_by is not None), default=None)
         if job.waiting:
             job.wake.set()
         self._pass_lead()
@@ -302,22 +310,32 @@ class Store:
             self._pass_lead()
 
     async def _linger(self) -> None:
-        # the leader's (or committer's) wait for more writes; an urgent write ends it (a fresh
-        # event per linger: a set one from an earlier linger must not cut this one short).
-        # Cancelled from outside: raised as trio.sleep would (move_on_after catches only its own)
-        if self.group_linger <= 0 or self._urgent:
+        # the leader's (or committer's) wait for more writes, until group_linger or the queued
+        # urgent writes' time, whichever comes first; an urgent write that brings that time
+        # forward wakes it (a fresh event per wait: a set one from an earlier wait must not cut
+        # this one short). Cancelled from outside: raised as trio.sleep would (move_on_at catches
+        # only its own). An urgent time already reached returns without a checkpoint.
+        if self.group_linger <= 0:
             return
-        self._cut = cut = trio.Event()
-        try:
-            with trio.move_on_after(self.group_linger):
-                await cut.wait()
-        finally:
-            self._cut = None
+        end = trio.current_time() + self.group_linger
+        while True:
+            if self._urgent_by is not None and self._urgent_by < end:
+                end = self._urgent_by
+                if end <= trio.current_time():
+                    return
+            self._cut = cut = trio.Event()
+            try:
+                with trio.move_on_at(end):
+                    await cut.wait()
+            finally:
+                self._cut = None
+            if not cut.is_set():  # the time ran out
+                return
 
     def _take(self) -> list[_Job]:
         # the queue becomes the group under way; urgent writes queued after this go into the next
         group, self._queue = self._queue, []
-        self._urgent = False
+        self._urgent_by = None
         return group
 
     @staticmethod
@@ -371,11 +389,12 @@ class _Job:
     (set only when someone waits for it). The outcome (None: not run) and the event are made
     when needed, not per write: an exception, an Outcome and an Event cost ≈ 1.7 µs a poll."""
 
-    __slots__ = ("done", "fn", "outcome", "urgent", "waiting", "wake")
+    __slots__ = ("done", "fn", "outcome", "urgent_by", "waiting", "wake")
 
-    def __init__(self, fn: Callable[[Connection], Any], urgent: bool = False) -> None:
+    def __init__(self, fn: Callable[[Connection], Any]) -> None:
         self.fn = fn
-        self.urgent = urgent  # someone waits for it: its group does not linger
+        #: urgent (someone waits for it): the time by which its group commits; None: background
+        self.urgent_by: float | None = None
         self.outcome: outcome.Outcome[Any] | None = None
         self.done = False
         self.waiting = False

@@ -6,7 +6,8 @@ outcome is collected without a checkpoint once its group ran, a write taken back
 started writes nothing (and nobody waits for it forever), one taken back too late completes, a
 cancelled collect follows write_grouped's rules, an error in a group reaches only its writer, and
 the committer ends when the queue is empty (its nursery can close). An urgent write (one a request
-waits for) ends a linger under way and its group does not linger, with the same guarantees.
+waits for) cuts a linger under way, and its group's, down to urgent_linger from its arrival (0:
+at once), with the same guarantees.
 """
 
 from __future__ import annotations
@@ -340,7 +341,7 @@ async def test_an_urgent_write_cancelled_before_its_group_is_dropped_and_lingeri
                 await store.write_grouped(inc(2), urgent=True)
                 pytest.fail("the cancelled urgent write returned")  # pragma: no cover
             assert scope.cancelled_caught
-            assert len(store._queue) == 1 and not store._urgent
+            assert len(store._queue) == 1 and store._urgent_by is None
             released = trio.current_time()
             gate.set()
         assert done_at["held"] == released
@@ -374,5 +375,84 @@ async def test_an_urgent_group_with_a_failing_write_runs_again_one_by_one_withou
         assert got["leader"] == 1 and got["urgent"] == 1 and str(got["boom"]) == "boom"
         assert len(commits) == 2  # the group rolled back, then the two good writes alone
         assert await _counts(store) == {0: 1, 1: 1, **{i: 0 for i in range(2, N)}}
+    finally:
+        await store.close()
+
+
+# --- urgent_linger > 0: an urgent write may wait a little for others to share its commit ---------
+
+SHORT = 0.5  # the urgent linger set here
+
+
+async def test_an_urgent_write_cuts_a_linger_down_to_the_urgent_linger_and_a_later_one_does_not_extend_it(
+    db_url: str, autojump_clock: trio.testing.MockClock  # noqa: F811
+) -> None:
+    store = await _open(db_url, linger=LONG)
+    store.urgent_linger = SHORT
+    commits = counting(store)
+    done_at: dict[int, float] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            async def write(i: int, urgent: bool, after: float = 0.0) -> None:
+                await trio.sleep(after)
+                assert await store.write_grouped(inc(i), urgent=urgent) == 1
+                done_at[i] = trio.current_time()
+
+            start = trio.current_time()
+            nursery.start_soon(write, 0, False)  # leads the group and lingers LONG
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(write, 1, True)  # cuts the linger to start + SHORT
+            nursery.start_soon(write, 2, True, SHORT / 2)  # its own time is later: no extension
+            nursery.start_soon(write, 3, False, SHORT / 4)  # a background write still joins
+        assert done_at == {i: pytest.approx(start + SHORT) for i in range(4)}
+        assert len(commits) == 1
+        assert await store.write_grouped(inc(4)) == 1  # the next linger is a whole one again
+        assert trio.current_time() == pytest.approx(start + SHORT + LONG)
+    finally:
+        await store.close()
+
+
+async def test_the_committers_linger_and_the_group_after_a_running_commit_wait_the_urgent_linger(
+    db_url: str, autojump_clock: trio.testing.MockClock  # noqa: F811
+) -> None:
+    store = await _open(db_url, linger=LONG)
+    store.urgent_linger = SHORT
+    held, started, gate = held_write(0)
+    try:
+        async with trio.open_nursery() as nursery:
+            start = trio.current_time()
+            queued = store.submit_grouped(inc(1), nursery)  # the committer lingers LONG
+            await trio.testing.wait_all_tasks_blocked()
+            job = store.submit_grouped(inc(2), nursery, urgent=True)
+            assert await store.collect(job) == 1 and queued.done
+            assert trio.current_time() == pytest.approx(start + SHORT)
+
+            async def first() -> None:
+                assert await store.write_grouped(held, urgent=True) == 1
+
+            nursery.start_soon(first)  # lingers SHORT, then runs (held) in the worker thread
+            await trio.to_thread.run_sync(started.wait)
+            running = trio.current_time()
+            job = store.submit_grouped(inc(3), nursery, urgent=True)  # behind the running commit
+            await trio.sleep(SHORT / 2)  # (the commit still runs)
+            later = store.submit_grouped(inc(4), nursery, urgent=True)  # does not put it off
+            gate.set()
+            assert await store.collect(job) == 1 and await store.collect(later) == 1
+            assert trio.current_time() == pytest.approx(running + SHORT)  # lingered SHORT, not LONG
+        assert await _counts(store) == {0: 1, 1: 1, 2: 1, 3: 1, 4: 1, 5: 0}
+    finally:
+        gate.set()
+        await store.close()
+
+
+async def test_the_urgent_linger_never_makes_a_group_wait_longer_than_group_linger(
+    db_url: str, autojump_clock: trio.testing.MockClock  # noqa: F811
+) -> None:
+    store = await _open(db_url, linger=SHORT / 5)
+    store.urgent_linger = SHORT
+    try:
+        start = trio.current_time()
+        assert await store.write_grouped(inc(0), urgent=True) == 1
+        assert trio.current_time() == pytest.approx(start + SHORT / 5)
     finally:
         await store.close()
