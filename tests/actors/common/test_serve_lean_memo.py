@@ -1,6 +1,6 @@
 """serve.py's lean head and template with their header-line memos (``_REQUEST_LINES``,
-``_RESPONSE_LINES``) against the code they replaced, kept here verbatim as the reference
-(``reference_request`` / ``reference_response``: one regex match per line, no memo).
+``_RESPONSE_LINES``) against the code they replaced, kept verbatim as the reference in bench/micro_push_serve.py
+(``before_request`` / ``before_response``: one regex match per line, no memo).
 
 Every request and answer is given cold (memos emptied), warm (the same again) and after the memos
 were filled by other lines, and must give exactly what the reference gives: accepted or refused,
@@ -13,72 +13,14 @@ bounded and must not keep long lines.
 from __future__ import annotations
 
 import itertools
-import re
 
 import pytest
 
+# the code the memos replaced, verbatim (one copy, the microbenchmark's "before" side)
+from bench.micro_push_serve import before_request as reference_request
+from bench.micro_push_serve import before_response as reference_response
 from keytrio.actors.common import serve as serve_mod
 from keytrio.actors.common.serve import _lean_request, _lean_response
-
-_FAST_LINE = re.compile(rb"(POST|PATCH) (/v[0-9][0-9.]*/[A-Za-z0-9/_.~-]+) HTTP/1\.1\r\n")
-_LEAN_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?)[ \t]*")
-_LEAN_REFUSED = frozenset({b"connection", b"transfer-encoding", b"expect", b"upgrade", b"te", b"keep-alive",
-                           b"http2-settings", b"trailer"})
-
-
-def reference_request(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
-    end = data.find(b"\r\n\r\n")
-    if end < 0 or end > 8192:
-        return None
-    lines = data[:end].split(b"\r\n")
-    if _FAST_LINE.fullmatch(lines[0] + b"\r\n") is None:
-        return None
-    body = data[end + 4:]
-    headers: list[tuple[bytes, bytes]] = []
-    hosts = lengths = 0
-    for line in lines[1:]:
-        m = _LEAN_HEADER.fullmatch(line)
-        if m is None:
-            return None
-        name, value = m.group(1).lower(), m.group(2)
-        if name in _LEAN_REFUSED:
-            return None
-        if name == b"host":
-            hosts += 1
-        elif name == b"content-length":
-            lengths += 1
-            if not value.isdigit() or int(value) != len(body):
-                return None
-        headers.append((name, value))
-    if hosts != 1 or lengths != 1:
-        return None
-    return headers, body
-
-
-def reference_response(status: int, headers: list[tuple[bytes, bytes]], payload: bytes) -> bytes | None:
-    if not 200 <= status <= 999 or status in (204, 304):
-        return None
-    parts = [b"HTTP/1.1 %d \r\n" % status]
-    lengths = 0
-    for name, value in headers:
-        line = name + b": " + value
-        m = _LEAN_HEADER.fullmatch(line)
-        if m is None or m.group(2) != value:
-            return None
-        low = name.lower()
-        if low in _LEAN_REFUSED:
-            return None
-        if low == b"content-length":
-            lengths += 1
-            if not value.isdigit() or int(value) != len(payload):
-                return None
-        parts.append(line + b"\r\n")
-    if lengths != 1:
-        return None
-    parts.append(b"\r\n")
-    parts.append(payload)
-    return b"".join(parts)
-
 
 GOOD = (b"PATCH /v3/agents/a1/attestations/latest HTTP/1.1\r\n"
         b"Host: 127.0.0.1:8881\r\n"
