@@ -119,12 +119,17 @@ class RequestSlots:
         self._free = n
         self._lot = trio.lowlevel.ParkingLot()
 
-    async def acquire(self) -> None:
-        """Take a slot; no checkpoint when one is free (the caller's request has its own)."""
+    def take_free(self) -> bool:
+        """Take a free slot at once (no checkpoint, no coroutine); False when none is free."""
         if self._free > 0:
             self._free -= 1
-            return
-        await self._lot.park()  # woken by release() with its slot
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Take a slot; no checkpoint when one is free (the caller's request has its own)."""
+        if not self.take_free():
+            await self._lot.park()  # woken by release() with its slot
 
     def release(self) -> None:
         if self._lot:
@@ -511,11 +516,9 @@ class Monitor:
         """One request for a quote and its verdict, counted in the poll metrics."""
         m = self.ms.metrics
         slots = self.ms.limiter
-        # a free slot is taken without a checkpoint (the request that follows has plenty):
-        # RequestSlots.acquire's first branch, here without a coroutine; a full set parks there
-        if slots._free > 0:
-            slots._free -= 1
-        else:
+        # a free slot is taken without a checkpoint (the request that follows has plenty) and
+        # without a coroutine; a full set parks in acquire
+        if not slots.take_free():
             await slots.acquire()
         now = self._time
         start, entry = now(), state.ima_ml_entry

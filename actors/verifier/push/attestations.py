@@ -177,8 +177,8 @@ class Attestations:
             return {**values, "index": index, "failure_reason": None, "evidence": None,
                     "evidence_received_at": None, "verification_completed_at": None}
 
-        # urgent: the agent waits for the 201 on its connection, so this must not wait the
-        # linger meant for the pull monitor's success records (it still shares a running commit)
+        # urgent: the agent waits for the 201 on its connection, so this waits at most the
+        # store's urgent_linger, not the linger meant for the pull monitor's success records
         out = await self.store.write_grouped(txn, urgent=True)
         if isinstance(out, WireError):
             raise out
@@ -232,7 +232,7 @@ class Attestations:
             return Accepted(row, res, ev, settled)
 
         # urgent: the agent waits for the 202 on its connection (and its next cycle starts
-        # after it): no linger, as for the capabilities above
+        # after it): as for the capabilities above
         out = await self.store.write_grouped(txn, urgent=True)
         if isinstance(out, WireError):
             raise out
