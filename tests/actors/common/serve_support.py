@@ -9,6 +9,15 @@ import trio
 
 from keytrio.actors.common.app import send_json
 
+#: a request in the lean shape (the push cycle's PATCH): the base of the lean head's tests
+GOOD = (b"PATCH /v3/agents/a1/attestations/latest HTTP/1.1\r\n"
+        b"Host: 127.0.0.1:8881\r\n"
+        b"Authorization: Bearer abc.def\r\n"
+        b"Content-Type: application/vnd.api+json\r\n"
+        b"Content-Length: 11\r\n"
+        b"\r\n"
+        b'{"data": 1}')
+
 
 class _Fast:
     """A fast route for /v1/echo: answers with the body and the headers it was given."""

@@ -22,15 +22,7 @@ import trio
 
 from keytrio.actors.common import serve as serve_mod
 from keytrio.actors.common.serve import _lean_request, _lean_response, serve
-from tests.actors.common.serve_support import _App, echo, read_answer
-
-GOOD = (b"PATCH /v3/agents/a1/attestations/latest HTTP/1.1\r\n"
-        b"Host: 127.0.0.1:8881\r\n"
-        b"Authorization: Bearer abc.def\r\n"
-        b"Content-Type: application/vnd.api+json\r\n"
-        b"Content-Length: 11\r\n"
-        b"\r\n"
-        b'{"data": 1}')
+from tests.actors.common.serve_support import GOOD, _App, echo, read_answer
 
 
 def h11_parse(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
