@@ -190,10 +190,9 @@ class Store:
         the group holds an ``urgent`` write: one that a request waits for (a client on the other
         end) cuts the linger under way down to ``urgent_linger`` from its arrival (0: ended at
         once), and so does the group after a running commit that holds one (it still takes every
-        write queued by then). ``fn`` must only
-        touch ``conn`` (no side effects elsewhere): when one ``fn`` of a group raises, the group
-        is rolled back and every ``fn`` of it runs again in a transaction of its own, so the
-        error reaches only its caller. Cancelled before its group started, a call writes
+        write queued by then). ``fn`` must only touch ``conn`` (no side effects elsewhere): when
+        one ``fn`` of a group raises, the group is rolled back and every ``fn`` of it runs again
+        in a transaction of its own, so the error reaches only its caller. Cancelled before its group started, a call writes
         nothing; once started, it completes (committed or not) before Cancelled is raised,
         as with :meth:`write`.
         """
