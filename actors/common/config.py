@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: the value of a ``float_or_auto`` option that lets the actor derive it (0 is a value of its own)
+AUTO = "auto"
+
 
 class ConfigError(Exception):
     """The configuration has problems; ``problems`` lists each one."""
@@ -27,7 +30,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Option:
     name: str
-    kind: str  # str | int | float | bool | list | path | choice | int_or_str
+    kind: str  # str | int | float | float_or_auto | bool | list | path | choice | int_or_str
     default: Any
     help: str
     choices: tuple[str, ...] = ()
@@ -152,7 +155,7 @@ def _from_env(opt: Option, text: str) -> Any:
         except json.JSONDecodeError:
             raise ValueError("must be a JSON list, e.g. [\"a\", \"b\"]") from None
         return value
-    if opt.kind in ("int", "float", "int_or_str"):
+    if opt.kind in ("int", "float", "float_or_auto", "int_or_str"):
         return text.strip()
     return text
 
@@ -161,17 +164,22 @@ def _coerce(opt: Option, value: Any) -> Any:
     if value is None:
         return None
     kind = opt.kind
+    if kind == "float_or_auto":  # a number, or "auto" (the actor derives the value; 0 stays a value)
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        kind = "float"
     if kind == "bool":
         if isinstance(value, bool):
             return value
         raise ValueError("must be true or false")
     if kind in ("int", "float"):
+        number = f'a number or "{AUTO}"' if opt.kind == "float_or_auto" else "a number"
         if isinstance(value, bool):
-            raise ValueError(f"must be a number, not {value!r}")
+            raise ValueError(f"must be {number}, not {value!r}")
         try:
             num: int | float = int(value) if kind == "int" else float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"must be {'an integer' if kind == 'int' else 'a number'}, not {value!r}") from None
+            raise ValueError(f"must be {'an integer' if kind == 'int' else number}, not {value!r}") from None
         if kind == "int" and isinstance(value, float) and value != int(value):
             raise ValueError(f"must be an integer, not {value!r}")
         if opt.minimum is not None and num < opt.minimum:

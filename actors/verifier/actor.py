@@ -42,7 +42,7 @@ from keytrio.actors.common.store import Store, parse_pool
 from keytrio.actors.common.tls import ReloadingServerContext, client_context, reloading_server_context
 from keytrio.actors.verifier import records
 from keytrio.actors.verifier.app import build_app
-from keytrio.actors.verifier.config import ACTOR, TLS_OPTIONS, Settings, resolve
+from keytrio.actors.verifier.config import ACTOR, TLS_OPTIONS, Settings, commit_lingers, resolve
 from keytrio.actors.verifier.ima import ImaHooks
 from keytrio.actors.verifier.leases import Cluster, PushTimers
 from keytrio.actors.verifier.metrics import VerifierMetrics
@@ -274,8 +274,9 @@ class Verifier:
                 # add a TLS handshake to every poll just when it is short of CPU
                 keepalive_expiry=max(4.0, 2 * cfg.quote_interval + 10.0),
                 measured_boot_evaluate=cfg.measured_boot_evaluate,
-                # success records of many polls share one thread hop and commit (docs/performance.md)
-                write_linger=min(0.25, cfg.quote_interval / 8),
+                # success records of many polls share one thread hop and commit (docs/performance.md):
+                # commit_linger, auto min(0.25 s, quote_interval / 8)
+                write_linger=commit_lingers(cfg)[0],
             ),
             context_for=contexts,
             notifier=notifier,
@@ -290,11 +291,11 @@ class Verifier:
         cfg = self.config
         if cfg.mode == "pull":
             return None
-        # a push request's write (urgent: its agent waits) may wait this long for others to share
-        # its commit and fsync: at most 5 % of the interval, twice per cycle (docs/performance.md
+        # a push request's write (urgent: its agent waits) may wait push_commit_linger for others to
+        # share its commit and fsync, twice per cycle; auto: at most 5 % of the interval (docs/performance.md
         # 4c.8: at 100 ms the cycle stays within 10 % of the interval, and the CPU per attestation
         # is ≈ 1.3 ms below a lone commit per request and ≈ 0.2 ms above the full linger at 50 agents)
-        store.urgent_linger = min(0.1, cfg.quote_interval / 20)
+        store.urgent_linger = commit_lingers(cfg)[1]
         return PushService(
             store, verifier_id=cfg.verifier_id, nursery=nursery, notifier=notifier,
             settings=PushSettings(quote_interval=cfg.quote_interval, session_lifetime=cfg.session_lifetime,

@@ -6,12 +6,13 @@ upstream's CA directory layout); absolute paths are used as they are.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from keytrio.actors.common.bodylimit import DEFAULT_MAX_UPLOAD_SIZE
-from keytrio.actors.common.config import ActorOptions, Config, Option
+from keytrio.actors.common.config import AUTO, ActorOptions, Config, Option
 from keytrio.actors.common.server_options import (
     PathChecks,
     ServerSettings,
@@ -31,6 +32,14 @@ TLS_OPTIONS = (
 #: 100,000 ima-ng lines of ~210 bytes (sha256 digests, 86-byte mean path) plus a runtime policy
 DEFAULT_MAX_EVIDENCE_SIZE = 64 << 20
 DEFAULT_MAX_POLICY_SIZE = 32 << 20
+#: the longest commit_linger / push_commit_linger accepted (seconds): beyond, a setting is a mistake
+MAX_COMMIT_LINGER = 10.0
+
+
+def _linger(value: float | str) -> str | None:
+    if value != AUTO and not math.isfinite(value):  # NaN passes the minimum and maximum
+        return f"must be a number of seconds or \"{AUTO}\", not {value!r}"
+    return None
 
 
 def _verifier_id(value: str) -> str | None:
@@ -126,6 +135,21 @@ OPTIONS: tuple[Option, ...] = (
         "Agent requests in flight at once across all agents.",
         minimum=1,
     ),
+    Option("commit_linger", "float_or_auto", AUTO,
+           "Seconds a store write that nobody waits for (a pull poll's success record, a push\n"
+           "verdict after its 202) may wait for others to share its commit and fsync: more saves CPU\n"
+           "per record (one thread hop and commit serve every write of that window), at the cost of\n"
+           "storing the verdict that much later. auto = min(0.25, quote_interval / 8); 0 = commit at\n"
+           f"once (alone unless writes queued meanwhile); at most {MAX_COMMIT_LINGER:g}.",
+           minimum=0.0, maximum=MAX_COMMIT_LINGER, check=_linger),
+    Option("push_commit_linger", "float_or_auto", AUTO,
+           "mode push/both: seconds a write that a push agent waits for (its 201 to the capabilities,\n"
+           "its 202 to the evidence) may wait for other writes to share its commit and fsync. Each\n"
+           "push request waits up to this, twice per attestation cycle: more saves CPU per\n"
+           "attestation under load (docs/performance.md 4c.8), less answers sooner. auto =\n"
+           "min(0.1, quote_interval / 20, commit_linger); 0 = commit at once; at most commit_linger\n"
+           "(a group never waits longer than that).",
+           minimum=0.0, maximum=MAX_COMMIT_LINGER, check=_linger),
     Option(
         "require_allow_list_signatures",
         "bool",
@@ -199,6 +223,17 @@ def worker_count(config: Config) -> int:
     return 1
 
 
+def commit_lingers(config: Config) -> tuple[float, float]:
+    """The store's two group-commit lingers in seconds: ``commit_linger`` (Store.group_linger, the
+    writes nobody waits for) and ``push_commit_linger`` (Store.urgent_linger, a push request's),
+    each derived from quote_interval when "auto". An explicit push_commit_linger above the first
+    is refused by :func:`resolve` (the store never lets a group wait longer than group_linger)."""
+    interval = float(config.quote_interval)
+    group = min(0.25, interval / 8) if config.commit_linger == AUTO else float(config.commit_linger)
+    urgent = min(0.1, interval / 20, group) if config.push_commit_linger == AUTO else float(config.push_commit_linger)
+    return group, urgent
+
+
 def resolve(config: Config) -> Settings:
     """Resolve paths and cross-check options; raises ConfigError listing every problem."""
     check = PathChecks(config)
@@ -214,6 +249,11 @@ def resolve(config: Config) -> Settings:
     if config.metrics_port > 0 and config.metrics_port + worker_count(config) - 1 > 65535:
         check.problems.append(f"metrics_port: worker i serves metrics_port + i: {config.metrics_port} + "
                               f"{worker_count(config) - 1} is past 65535")
+    group, urgent = commit_lingers(config)
+    if config.push_commit_linger != AUTO and urgent > group:
+        check.problems.append(f"push_commit_linger: must not exceed commit_linger ({group:g} s"
+                              f"{' = auto' if config.commit_linger == AUTO else ''}): a push request's "
+                              f"commit never waits longer than the store's group linger, not {urgent:g}")
     check.raise_problems()
     return Settings(
         config=config, database_url=check.database_url(ACTOR), data_dir=check.data_dir,
