@@ -1,5 +1,5 @@
 """A push request's transaction does not wait the store's group linger (Store.write_grouped's
-``urgent``; it waits at most Store.urgent_linger, 100 ms as shipped): the linger is for the pull
+``urgent``; it waits at most Store.urgent_linger, push_commit_linger: 100 ms by default): the linger is for the pull
 monitor's success records, which nobody waits for, while a push agent waits on its connection for
 the 201 and the 202. A real Verifier actor (SQLite and
 PostgreSQL), a software push agent over HTTPS, time on trio's MockClock (it jumps after 0.3 s of
@@ -26,8 +26,8 @@ async def test_capabilities_and_evidence_answer_without_waiting_the_linger(
     rv = await start(nursery, tmp_path, pki, clock, database_url=db_url)
     store = rv.verifier.store
     assert store is not None
-    assert store.group_linger == 0.25  # as shipped: min(0.25, quote_interval / 8), for pull records
-    assert store.urgent_linger == 0.1  # as shipped: min(0.1, quote_interval / 20), for requests
+    assert store.group_linger == 0.25  # commit_linger auto: min(0.25, quote_interval / 8), pull records
+    assert store.urgent_linger == 0.1  # push_commit_linger auto: min(0.1, quote_interval / 20), requests
     store.group_linger = LONG
     a = await enrolled(rv, pki)
 
