@@ -8,6 +8,7 @@ Keylime's where a concept is shared (DESIGN.md "Conventions").
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -178,8 +179,12 @@ def _coerce(opt: Option, value: Any) -> Any:
             raise ValueError(f"must be {number}, not {value!r}")
         try:
             num: int | float = int(value) if kind == "int" else float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf) (TOML has inf)
             raise ValueError(f"must be {'an integer' if kind == 'int' else number}, not {value!r}") from None
+        # TOML and float() accept nan and inf; nan passes every comparison below, and no option
+        # means anything by an infinite value
+        if not math.isfinite(num):
+            raise ValueError(f"must be a finite number, not {value!r}")
         if kind == "int" and isinstance(value, float) and value != int(value):
             raise ValueError(f"must be an integer, not {value!r}")
         if opt.minimum is not None and num < opt.minimum:

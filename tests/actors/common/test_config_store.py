@@ -45,6 +45,22 @@ def test_every_problem_reported_at_once(tmp_path):
     assert len(info.value.problems) == 6
 
 
+def test_non_finite_numbers_are_refused_not_crashed_on(tmp_path):
+    # TOML has nan and inf: nan passes any minimum/maximum comparison, and int(inf) raises
+    # OverflowError, which once escaped the loader as a traceback (`port = inf`)
+    f = tmp_path / "v.toml"
+    f.write_text("quote_interval = nan\nmax_retries = inf\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load("verifier", OPTIONS, f, env={})
+    assert info.value.problems == ["quote_interval: must be a finite number, not nan",
+                                   "max_retries: must be an integer, not inf"]
+    for value in ("inf", "-inf", "nan", "Infinity"):
+        with pytest.raises(config.ConfigError, match="quote_interval: must be a finite number"):
+            config.load("verifier", OPTIONS, None, env={"KEYTRIO_VERIFIER_QUOTE_INTERVAL": value})
+    with pytest.raises(config.ConfigError, match="max_retries: must be an integer, not -inf"):
+        config.load("verifier", OPTIONS, None, env={}, overrides={"max_retries": float("-inf")})
+
+
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(config.ConfigError, match="no such file"):
         config.load("verifier", OPTIONS, tmp_path / "nope.toml", env={})

@@ -65,8 +65,8 @@ def test_explicit_values_from_file_and_environment(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value,problem", [
     (-0.01, "must be >= 0, not -0.01"),
-    (float("nan"), 'must be a number of seconds or "auto", not nan'),
-    (float("inf"), "must be <= 10, not inf"),
+    (float("nan"), "must be a finite number, not nan"),
+    (float("inf"), "must be a finite number, not inf"),
     (10.5, "must be <= 10, not 10.5"),
     ("soon", "must be a number or \"auto\", not 'soon'"),
     (True, 'must be a number or "auto", not True'),
@@ -84,8 +84,8 @@ def test_bad_values_from_the_file_and_the_environment(tmp_path: Path) -> None:
     f.write_text("[verifier]\ncommit_linger = nan\npush_commit_linger = -inf\n")  # TOML has both
     with pytest.raises(ConfigError) as err:
         load_config(f, env={})
-    assert err.value.problems == ['commit_linger: must be a number of seconds or "auto", not nan',
-                                  "push_commit_linger: must be >= 0, not -inf"]
+    assert err.value.problems == ["commit_linger: must be a finite number, not nan",
+                                  "push_commit_linger: must be a finite number, not -inf"]
     with pytest.raises(ConfigError) as err:
         load_config(env={"KEYTRIO_VERIFIER_COMMIT_LINGER": "automatic", "KEYTRIO_VERIFIER_PUSH_COMMIT_LINGER": "1e9"})
     assert err.value.problems == ["commit_linger: must be a number or \"auto\", not 'automatic'",
