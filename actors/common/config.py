@@ -203,7 +203,10 @@ def _coerce(opt: Option, value: Any) -> Any:
     if kind == "path":
         if not isinstance(value, str | Path) or not str(value):
             raise ValueError("must be a path")
-        return Path(value).expanduser()
+        try:
+            return Path(value).expanduser()
+        except RuntimeError:  # ~name of a user this machine does not have (or no home for ~)
+            raise ValueError(f"cannot expand {str(value)!r}: no such user or home directory") from None
     if kind == "int_or_str":
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -109,6 +109,23 @@ class ServerSettings:
     crl: Path | None = None
 
 
+def is_file(path: Path) -> bool:
+    """``path.is_file()``, False where that raises (a name too long for the file system, ...):
+    for a configuration that is "no such file", not a traceback."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def is_dir(path: Path) -> bool:
+    """``path.is_dir()``, False where that raises (as :func:`is_file`)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 class PathChecks:
     """Resolves a server's file options (TLS ones against ``tls_dir``) and collects every problem,
     so that one ConfigError lists them all (:meth:`raise_problems`)."""
@@ -122,7 +139,7 @@ class PathChecks:
     def file(self, name: str) -> Path:
         """The TLS file of option ``name``: it must exist; a ``*_key`` must be private too."""
         path = self.in_tls_dir(self.config[name])
-        if not path.is_file():
+        if not is_file(path):
             self.problems.append(f"{name}: no such file {path}")
         elif name.endswith("_key") and (exposed := private_key_problem(path)) is not None:
             self.problems.append(f"{name}: {exposed}")
@@ -134,13 +151,13 @@ class PathChecks:
         if not paths:
             self.problems.append(f"{name}: at least one CA is needed" + (f" {purpose}" if purpose else ""))
         for p in paths:
-            if not p.is_file():
+            if not is_file(p):
                 self.problems.append(f"{name}: no such file {p}")
         return paths
 
     def crl(self) -> Path | None:
         crl = self.in_tls_dir(self.config.crl) if self.config.crl else None
-        if crl is not None and not crl.is_file():
+        if crl is not None and not is_file(crl):
             self.problems.append(f"crl: no such file {crl}")
         return crl
 

@@ -14,6 +14,7 @@ from keytrio.actors.common.config import ActorOptions, Config, Option
 from keytrio.actors.common.server_options import (
     PathChecks,
     ServerSettings,
+    is_dir,
     service_options,
     storage_options,
     tls_server_options,
@@ -98,7 +99,7 @@ def resolve(config: Config) -> Settings:
     cas = check.cas("trusted_client_ca", "for the HTTPS API")
     crl = check.crl()
     store = Path(config.tpm_cert_store) if config.tpm_cert_store is not None else None
-    if store is not None and not store.is_dir():
+    if store is not None and not is_dir(store):
         check.problems.append(f"tpm_cert_store: no such directory {store}")
     if config.require_ek_cert and store is None:
         check.problems.append("require_ek_cert needs tpm_cert_store (the TPM vendor CAs)")

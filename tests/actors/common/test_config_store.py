@@ -61,6 +61,26 @@ def test_non_finite_numbers_are_refused_not_crashed_on(tmp_path):
         config.load("verifier", OPTIONS, None, env={}, overrides={"max_retries": float("-inf")})
 
 
+def test_paths_resolve_checks_and_names_too_long(tmp_path):
+    # a name longer than the file system's NAME_MAX: is_file raises ENAMETOOLONG, resolve says
+    # "no such file" like for any missing TLS file
+    from keytrio.actors.registrar.config import load_config as registrar_config
+    from keytrio.actors.registrar.config import resolve as resolve_registrar
+    from keytrio.actors.verifier.config import load_config, resolve
+
+    long = str(tmp_path / ("a" * 300))  # in a directory that exists (else ENOENT comes first)
+    cfg = load_config(env={}, overrides={"data_dir": str(tmp_path), "server_cert": long, "crl": long,
+                                         "trusted_client_ca": [long]})
+    with pytest.raises(config.ConfigError) as info:
+        resolve(cfg)
+    assert [p.split(" ", 1)[0] for p in info.value.problems if long in p] == [
+        "server_cert:", "trusted_client_ca:", "crl:"]
+    cfg = registrar_config(env={}, overrides={"data_dir": str(tmp_path), "tpm_cert_store": long})
+    with pytest.raises(config.ConfigError) as info:
+        resolve_registrar(cfg)
+    assert f"tpm_cert_store: no such directory {long}" in info.value.problems
+
+
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(config.ConfigError, match="no such file"):
         config.load("verifier", OPTIONS, tmp_path / "nope.toml", env={})

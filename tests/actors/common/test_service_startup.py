@@ -178,6 +178,20 @@ def test_bad_configuration_and_json_format(tmp_path: Path) -> None:
     assert doc["exit_code"] == Exit.CONFIG and "no such file" in doc["message"] and doc["level"] == "CRITICAL"
 
 
+def test_unexpandable_paths_and_non_finite_numbers_are_configuration_errors(tmp_path: Path, pki: Any) -> None:
+    """What TOML lets an operator write that once ended a start in a traceback: ``~user`` of a user
+    the machine does not have (pathlib raises RuntimeError), ``port = inf`` (int(inf) raises
+    OverflowError); and ``nan``, which every minimum/maximum check let through."""
+    for actor in ("registrar", "verifier", "agent"):
+        conf = write(tmp_path, actor, {"data_dir": "~keytrio-no-such-user/x"})
+        one_line(run([actor, "--config", str(conf)]), Exit.CONFIG,
+                 "data_dir: cannot expand '~keytrio-no-such-user/x': no such user or home directory")
+    conf = tmp_path / "verifier-nan.toml"
+    conf.write_text("[verifier]\nport = inf\nquote_interval = nan\n")
+    one_line(run(["verifier", "--config", str(conf)]), Exit.CONFIG,
+             "port: must be an integer, not inf", "quote_interval: must be a finite number, not nan")
+
+
 def test_default_config_file_is_read(tmp_path: Path, pki: Any) -> None:
     """Without --config the actor reads $KEYTRIO_CONFIG_DIR/<actor>.toml (default /etc/keytrio)."""
     with port_in_use() as port:
