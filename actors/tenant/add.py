@@ -32,7 +32,7 @@ from keytrio.actors.tenant.errors import Refused, UsageError, VerificationFailed
 from keytrio.actors.tenant.payload import REVOCATION_CERT, add_files, make_payload
 from keytrio.actors.tenant.quotecheck import check_identity_quote
 from keytrio.protocol import payload as pl
-from keytrio.protocol import states, validation
+from keytrio.protocol import safejson, states, validation
 from keytrio.protocol.errors import ProtocolError
 from keytrio.protocol.wire import KeyVerify, ReplyError, UKey
 
@@ -306,9 +306,9 @@ def _tpm_policy_text(policy: Mapping[str, Any] | str | None, *, ima: bool = Fals
         policy = {"mask": "0x0"}
     if isinstance(policy, str):
         try:
-            policy = json.loads(policy)
-        except ValueError as exc:
-            raise UsageError(f"tpm_policy is not JSON: {exc}") from exc
+            policy = safejson.loads(policy)
+        except safejson.JsonError as exc:
+            raise UsageError(f"tpm_policy: {exc.reason}") from exc
     if not isinstance(policy, Mapping):
         raise UsageError("tpm_policy must be an object: PCR -> [hex values], plus 'mask'")
     doc = {str(k): v for k, v in policy.items()}
@@ -345,9 +345,9 @@ def _runtime_policy_b64(policy: bytes | str | None) -> str:
         return ""
     raw = policy.encode("utf-8") if isinstance(policy, str) else bytes(policy)
     try:
-        json.loads(raw)
-    except ValueError as exc:
-        raise UsageError(f"runtime_policy is not JSON: {exc}") from exc
+        safejson.loads(raw)
+    except safejson.JsonError as exc:
+        raise UsageError(f"runtime_policy: {exc.reason}") from exc
     return base64.b64encode(raw).decode("ascii")
 
 

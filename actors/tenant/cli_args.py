@@ -8,7 +8,6 @@ changes nothing anywhere.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -19,6 +18,7 @@ from keytrio.actors.tenant import ekcheck, mbpolicies, policies
 from keytrio.actors.tenant.add import AddRequest
 from keytrio.actors.tenant.errors import UsageError
 from keytrio.actors.tenant.payload import make_payload
+from keytrio.protocol import safejson
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -171,9 +171,9 @@ def tpm_policy_from(pcrs: list[str], path: Path | None) -> dict[str, Any] | None
     doc: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = json.loads(read_text(path, "--tpm-policy"))
-        except ValueError as exc:
-            raise UsageError(f"--tpm-policy {path}: not JSON ({exc})") from exc
+            loaded = safejson.loads(read_text(path, "--tpm-policy"))
+        except safejson.JsonError as exc:  # also a nesting deeper than any policy has
+            raise UsageError(f"--tpm-policy {path}: {exc.reason}") from exc
         if not isinstance(loaded, dict):
             raise UsageError(f"--tpm-policy {path}: must be a JSON object")
         doc.update(loaded)
@@ -283,9 +283,9 @@ def _metadata(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
     try:
-        meta = json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"--metadata: not JSON ({exc})") from exc
+        meta = safejson.loads(text)
+    except safejson.JsonError as exc:
+        raise UsageError(f"--metadata: {exc.reason}") from exc
     if not isinstance(meta, dict):
         raise UsageError("--metadata must be a JSON object")
     return meta

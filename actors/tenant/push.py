@@ -14,7 +14,6 @@ connection: a JSON:API document, not the v2 envelope, so it is read here rather 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ from keytrio.actors.tenant.add import AddRequest, _Registration, check_request, 
 from keytrio.actors.tenant.context import TenantContext
 from keytrio.actors.tenant.ekcheck import check_ek
 from keytrio.actors.tenant.errors import ConnectionProblem, Refused, UsageError
+from keytrio.protocol import safejson
 
 #: ``supported_version`` of a push enrolment: the API the agent speaks (nothing calls it back)
 PUSH_AGENT_VERSION = "3.0"
@@ -86,8 +86,8 @@ async def _get_v3(t: TenantContext, path: str, *, missing_ok: bool = False) -> A
     except httpx.HTTPError as exc:
         raise ConnectionProblem(peer.name, f"{type(exc).__name__}: {exc}") from exc
     try:
-        doc = json.loads(r.content)
-    except ValueError:
+        doc = safejson.loads(r.content)
+    except safejson.JsonError:  # not JSON, or nested deeper than any answer (a hostile server)
         doc = None
     if r.status_code == 404 and missing_ok:
         return None

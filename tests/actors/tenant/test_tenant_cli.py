@@ -224,6 +224,13 @@ async def test_cli_failure_modes(world: World, pki: Any, tmp_path: Path) -> None
     await cli.fails(2, "add", AGENT_ID, "--no-ek-check", "--pcr", "7=xyz", match="--pcr")
     await cli.fails(2, "add", AGENT_ID, "--no-ek-check", "--payload", tmp_path / "missing", match="payload")
     await cli.fails(2, "add", AGENT_ID, "--no-ek-check", "--metadata", "[1]", match="--metadata")
+    # nested past any real document: once a RecursionError traceback (json.loads), now a usage error
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    line = await cli.fails(2, "add", AGENT_ID, "--no-ek-check", "--tpm-policy", deep, match="--tpm-policy")
+    assert "nested more than 64 levels deep" in line
+    await cli.fails(2, "add", AGENT_ID, "--no-ek-check", "--metadata", '{"a":' * 5_000, match="--metadata: nested")
+    await cli.fails(2, "add", AGENT_ID, "--no-ek-check", "--metadata", '{"a": 1, "a": 2}', match="--metadata")
     await cli.fails(2, "add", AGENT_ID, "--no-ek-check", "--runtime-policy", UPSTREAM / "allowlist.txt",
                     match="runtime policy")
     await cli.fails(2, "list", "--registrar", "nohostport", match="HOST:PORT")
