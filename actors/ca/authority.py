@@ -62,6 +62,15 @@ class Issued:
     key: Path
 
 
+#: the longest validity asked of ``--days`` (X.509's GeneralizedTime ends in 9999; this is a mistake long before)
+MAX_DAYS = 36500
+
+
+def _check_days(days: int) -> None:
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+        raise CaError(f"--days {days!r}: a validity of 1 to {MAX_DAYS} days")
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -95,7 +104,8 @@ def make_leaf(ca_cert: x509.Certificate, ca_key: Any, name: str, kind: Kind, *,
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(_now() - datetime.timedelta(minutes=5))
-        .not_valid_after(_now() + datetime.timedelta(days=days))
+        # never past the CA's own end (a leaf for the CA's whole life, issued a moment after it)
+        .not_valid_after(min(_now() + datetime.timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
                        critical=False)  # type: ignore[arg-type]
@@ -131,6 +141,7 @@ class Authority:
              default_layout: bool = True, server_ips: tuple[str, ...] = ("127.0.0.1",),
              server_dns: tuple[str, ...] = ("localhost",)) -> Authority:
         """Create a CA; with ``default_layout`` also upstream's server, client and notifier pairs."""
+        _check_days(days)
         d = Path(directory)
         if (d / CA_CERT).exists():
             raise CaError(f"{d}: a CA already exists")
@@ -157,10 +168,11 @@ class Authority:
         (d / INDEX).write_text("[]\n")
         ca = cls(d)
         ca.write_crl()
-        if default_layout:
-            ca.issue("server", "server", ips=server_ips, dns=server_dns)
-            ca.issue("client", "client")
-            ca.issue("RevocationNotifier", "revocation")
+        if default_layout:  # the usual 825 days, or the CA's own validity when that is shorter
+            leaf_days = min(825, days)
+            ca.issue("server", "server", ips=server_ips, dns=server_dns, days=leaf_days)
+            ca.issue("client", "client", days=leaf_days)
+            ca.issue("RevocationNotifier", "revocation", days=leaf_days)
         return ca
 
     # -- index ----------------------------------------------------------------------------------
@@ -189,6 +201,13 @@ class Authority:
             raise CaError(f"a certificate named {name!r} exists (revoke it first)")
         if kind == "server" and not (ips or dns):
             raise CaError("a server certificate needs at least one --ip or --dns")
+        _check_days(days)
+        ca_until = self.cert.not_valid_after_utc
+        # a day's slack: "as long as the CA" asked right after it was made is capped (make_leaf)
+        if _now() + datetime.timedelta(days=days) > ca_until + datetime.timedelta(days=1):
+            left = max((ca_until - _now()).days, 0)
+            raise CaError(f"--days {days}: the CA itself is valid until {ca_until:%Y-%m-%d} ({left} days): "
+                          "a certificate it issues must not outlive it")
         cert, key = make_leaf(self.cert, self._key, name, kind, ips=ips, dns=dns, days=days)
         serial = cert.serial_number
         cert_path, key_path = self.dir / f"{name}-cert.crt", self.dir / f"{name}-private.pem"

@@ -8,6 +8,7 @@ changes nothing anywhere.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -73,7 +74,18 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="a push-mode agent (API v3.0): enrolled with no contact address; nothing is sent to "
                         "the agent, which attests on its own (see `tenant attestations`)")
     p.add_argument("--verify", action="store_true", help="after Get Quote, check that the agent derived K")
-    p.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for Get Quote (default wait_timeout)")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="seconds to wait for Get Quote (default wait_timeout)")
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (float() takes nan and inf, which no wait means)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
 
 
 def build_parser(subparsers: argparse._SubParsersAction, func: Callable[[argparse.Namespace], int]) -> None:

@@ -245,6 +245,11 @@ async def test_cli_failure_modes(world: World, pki: Any, tmp_path: Path) -> None
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         tenant_parser().parse_args(["tenant", "add", AGENT_ID, "--runtime-policy", "a", "--runtime-policy-name", "b"])
+    for bad in ("nan", "inf", "-1", "0"):  # float() takes them; no wait means them (nan broke trio's timeout)
+        with pytest.raises(SystemExit) as exc:
+            tenant_parser().parse_args(["tenant", "add", AGENT_ID, f"--timeout={bad}"])
+        assert exc.value.code == 2
+    assert tenant_parser().parse_args(["tenant", "add", AGENT_ID, "--timeout", "2.5"]).timeout == 2.5
     # still nothing enrolled
     assert json.loads((await cli("list", "--json"))[1]) == {"registrar": [AGENT_ID], "verifier": []}
 

@@ -69,6 +69,30 @@ def test_cli_init_issue_list_revoke(tmp_path: Path, capsys):
         Authority(d).issue("../evil", "client")
 
 
+def test_validity_days_are_checked(tmp_path: Path, capsys):
+    """--days out of range once ended in a traceback (cryptography's ValueError for <= 0,
+    OverflowError past year 9999); a certificate outliving its CA is refused too."""
+    d = tmp_path / "cv_ca"
+    assert main(["ca", "init", "--dir", str(d)]) == 0
+    capsys.readouterr()
+    for days in ("-5", "0", "99999999", "36501"):
+        assert main(["ca", "issue", "--dir", str(d), "--client", f"c{days}", "--days", days]) == 2
+        assert capsys.readouterr().err.strip() == f"keytrio ca: --days {days}: a validity of 1 to 36500 days"
+    assert main(["ca", "issue", "--dir", str(d), "--client", "long", "--days", "3652"]) == 2
+    assert "a certificate it issues must not outlive it" in capsys.readouterr().err
+    assert main(["ca", "issue", "--dir", str(d), "--client", "short", "--days", "1"]) == 0
+    assert main(["ca", "issue", "--dir", str(d), "--client", "whole", "--days", "3650"]) == 0  # the CA's life
+    assert [i.name for i in Authority(d).list() if i.kind == "client"] == ["client", "short", "whole"]
+    whole = x509.load_pem_x509_certificate((d / "whole-cert.crt").read_bytes())
+    assert whole.not_valid_after_utc <= Authority(d).cert.not_valid_after_utc
+    with pytest.raises(CaError, match="a validity of 1 to 36500 days"):
+        Authority.init(tmp_path / "other", days=0)
+    assert not (tmp_path / "other").exists()
+    short = Authority.init(tmp_path / "short", days=30)  # its default pairs live as long as it
+    leaf = x509.load_pem_x509_certificate((tmp_path / "short" / "client-cert.crt").read_bytes())
+    assert leaf.not_valid_after_utc <= short.cert.not_valid_after_utc
+
+
 async def test_server_with_crl_refuses_revoked_client(tmp_path: Path):
     ca = Authority.init(tmp_path / "cv_ca")
     good = ca.issue("tenant-a", "client")
