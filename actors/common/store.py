@@ -125,6 +125,13 @@ class Store:
         #: ``group_linger``). 0: it commits at once, alone unless writes queued meanwhile; more
         #: lets concurrent requests share a commit (and its fsync) at that much latency each.
         self.urgent_linger = 0.0
+        #: what the grouped writes (write_grouped, submit_grouped; not :meth:`write`) committed,
+        #: counted in the trio thread as a group is taken (a couple of adds per group, none per
+        #: write): groups by what they hold (background writes only, urgent only, both) and writes
+        #: by kind. A group whose transaction fails counts once (its writes then run one by one).
+        self.groups_background = self.groups_urgent = self.groups_mixed = 0
+        self.writes_background = self.writes_urgent = 0
+        self._urgent_queued = 0  # urgent writes in the queue (the next group's share of them)
 
     @classmethod
     async def open(
@@ -212,6 +219,7 @@ class Store:
         job = _Job(fn)
         self._queue.append(job)
         if urgent:
+            self._urgent_queued += 1
             job.urgent_by = by = trio.current_time() + self.urgent_linger
             if self._urgent_by is None or by < self._urgent_by:
                 self._urgent_by = by
@@ -275,6 +283,7 @@ class Store:
         job.outcome = outcome.Error(Dropped())
         job.done = True  # nobody may wait for a write that will not run
         if job.urgent_by is not None:  # the next group lingers as the urgent writes left say
+            self._urgent_queued -= 1
             self._urgent_by = min((j.urgent_by for j in self._queue if j.urgent_by is not None), default=None)
         if job.waiting:
             job.wake.set()
@@ -335,6 +344,19 @@ class Store:
         # the queue becomes the group under way; urgent writes queued after this go into the next
         group, self._queue = self._queue, []
         self._urgent_by = None
+        urgent, n = self._urgent_queued, len(group)
+        if not urgent:
+            if n:  # (the committer's queue may have been dropped whole while it lingered)
+                self.groups_background += 1
+                self.writes_background += n
+        else:
+            self._urgent_queued = 0
+            self.writes_urgent += urgent
+            if urgent == n:
+                self.groups_urgent += 1
+            else:
+                self.groups_mixed += 1
+                self.writes_background += n - urgent
         return group
 
     @staticmethod

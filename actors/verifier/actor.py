@@ -167,7 +167,7 @@ class Verifier:
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         ready = await self._start_up()
-        self.store = store = ready.store
+        self.store = self.metrics.store = store = ready.store
         try:
             policies = await self._load_policies(store)
             async with trio.open_nursery() as nursery:

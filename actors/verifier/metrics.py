@@ -4,8 +4,16 @@ revocation outbox and the actor's gauges; its own module so that none of them im
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
 from keytrio.actors.common.metrics import Metrics
 from keytrio.actors.verifier import records
+
+if TYPE_CHECKING:
+    from keytrio.actors.common.store import Store
 
 #: lines per poll: 0 (caught up), a few (the steady tail), a whole log (first poll, reboot)
 IMA_LINE_BUCKETS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
@@ -25,7 +33,11 @@ class VerifierMetrics:
 
     ``polls_total{result}``: ok (quote good), failed (quote checks failed), comm_error (unreachable or
     a retryable/non-retryable HTTP status), malformed, error (anything else). ``failures_total``
-    counts recorded failure events by ``event_id``.
+    counts recorded failure events by ``event_id``. ``store_commits_total{kind}`` and
+    ``store_writes_total{kind}``: the store's group commits (:attr:`store`'s counters, read at each
+    scrape), groups by what they held (background: writes nobody waits on, the pull monitors' success
+    records; urgent: push requests' writes only; mixed: both) and writes by kind; background writes
+    per background or mixed group is the mean size of the groups the pull monitors' records went into.
     """
 
     def __init__(self) -> None:
@@ -50,7 +62,40 @@ class VerifierMetrics:
         self.poll_results = {r: self.polls.labels(r) for r in ("ok", "failed", "comm_error", "malformed", "error")}
         for state in STATE_NAMES.values():  # every state shows, with 0, from the first scrape
             self.agents.labels(state).set(0)
+        #: the running verifier's store (set by the actor): its group-commit counters are exported
+        self.store: Store | None = None
+        m.registry.register(_StoreCounts(self))
 
     def set_agents(self, counts: dict[int, int]) -> None:
         for state, name in STATE_NAMES.items():
             self.agents.labels(name).set(counts.get(state, 0))
+
+
+class _StoreCounts:
+    """Collector of the store's group-commit counters: plain ints the store adds to per group
+    (Store.groups_*, writes_*), read at scrape time, so the hot path pays no Prometheus call."""
+
+    def __init__(self, owner: VerifierMetrics) -> None:
+        self._owner = owner
+        self._commits = owner.metrics._name("store_commits_total")
+        self._writes = owner.metrics._name("store_writes_total")
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self._commits, "", labels=("kind",)),
+                CounterMetricFamily(self._writes, "", labels=("kind",))]  # fmt: skip
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._owner.store
+        commits = CounterMetricFamily(
+            self._commits, "Group commits of the store (one transaction and fsync each) by what they held: "
+            "background (writes nobody waits on: the pull monitors' success records), urgent (push "
+            "requests' writes only), mixed (both).", labels=("kind",))
+        writes = CounterMetricFamily(
+            self._writes, "Writes committed in the store's group commits by kind: background, urgent.", labels=("kind",))
+        commits.add_metric(("background",), s.groups_background if s else 0)
+        commits.add_metric(("urgent",), s.groups_urgent if s else 0)
+        commits.add_metric(("mixed",), s.groups_mixed if s else 0)
+        writes.add_metric(("background",), s.writes_background if s else 0)
+        writes.add_metric(("urgent",), s.writes_urgent if s else 0)
+        yield commits
+        yield writes

@@ -456,3 +456,70 @@ async def test_the_urgent_linger_never_makes_a_group_wait_longer_than_group_ling
         assert trio.current_time() == pytest.approx(start + SHORT / 5)
     finally:
         await store.close()
+
+
+# --- the group counters (the verifier's store_commits_total / store_writes_total) ----------------
+
+
+def tally(store: Store) -> tuple[int, int, int, int, int]:
+    """(background, urgent, mixed) groups, then (background, urgent) writes, as counted so far."""
+    return (store.groups_background, store.groups_urgent, store.groups_mixed,
+            store.writes_background, store.writes_urgent)  # fmt: skip
+
+
+async def test_the_counters_count_groups_by_what_they_hold_and_writes_by_kind(
+    db_url: str, autojump_clock: trio.testing.MockClock  # noqa: F811
+) -> None:
+    """Background writes lingering together are one group; an urgent write that cuts their linger
+    makes the group mixed; a lone urgent write is an urgent group; an urgent write taken back before
+    its group does not count (its group is background only); a group that fails counts once."""
+    store = await _open(db_url, linger=LONG)
+    held, started, gate = held_write(0)
+    try:
+        assert tally(store) == (0, 0, 0, 0, 0)
+        async with trio.open_nursery() as nursery:  # three background writes linger together
+            jobs = [store.submit_grouped(inc(i), nursery) for i in range(3)]
+        assert all(j.done for j in jobs) and tally(store) == (1, 0, 0, 3, 0)
+
+        async with trio.open_nursery() as nursery:  # two background writes, an urgent one cuts in
+            async def background(i: int) -> None:
+                assert await store.write_grouped(inc(i)) == 1
+
+            nursery.start_soon(background, 0)
+            nursery.start_soon(background, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert await store.write_grouped(inc(2), urgent=True) == 1
+        assert tally(store) == (1, 0, 1, 5, 1)
+
+        assert await store.write_grouped(inc(3), urgent=True) == 1  # alone
+        assert tally(store) == (1, 1, 1, 5, 2)
+
+        async with trio.open_nursery() as nursery:  # an urgent write taken back before its group
+            async def write(fn: Callable[[Any], int], urgent: bool) -> None:
+                assert await store.write_grouped(fn, urgent=urgent) == 1
+
+            nursery.start_soon(write, held, True)  # its group runs (held) in the worker thread
+            await trio.to_thread.run_sync(started.wait)
+            assert tally(store) == (1, 2, 1, 5, 3)  # counted as it was taken
+            nursery.start_soon(write, inc(1), False)
+            with trio.CancelScope() as scope:
+                async def cancel_when_queued() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    scope.cancel()
+
+                nursery.start_soon(cancel_when_queued)
+                await store.write_grouped(inc(2), urgent=True)
+            assert scope.cancelled_caught
+            gate.set()
+        assert tally(store) == (2, 2, 1, 6, 3)  # the background write's group: background only
+
+        async with trio.open_nursery() as nursery:  # a failing group counts once, whatever reruns
+            nursery.start_soon(write, inc(4), False)  # leads and lingers
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(ValueError, match="boom"):
+                await store.write_grouped(boom, urgent=True)
+        assert tally(store) == (2, 2, 2, 7, 4)
+        assert await _counts(store) == {0: 3, 1: 3, 2: 2, 3: 1, 4: 1, 5: 0}
+    finally:
+        gate.set()
+        await store.close()

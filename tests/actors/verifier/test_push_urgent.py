@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
 from trio.testing import MockClock
 
 from tests.actors.verifier.push_support import enrolled, start
@@ -53,4 +55,65 @@ async def test_capabilities_and_evidence_answer_without_waiting_the_linger(
     assert resp.json()["data"]["attributes"]["evaluation"] == "pass"
     assert trio.current_time() - after_caps < LONG
     assert job.done and await store.collect(job) == 1
+    await rv.stop()
+
+
+async def store_counts(address: tuple[str, int] | None) -> dict[str, float]:
+    """The store counters of the verifier's ``GET /metrics`` (Prometheus text over HTTP):
+    ``commits <kind>`` and ``writes <kind>``."""
+    assert address is not None
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.get(f"http://{address[0]}:{address[1]}/metrics")
+    assert r.status_code == 200
+    out = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            if s.name in ("keytrio_verifier_store_commits_total", "keytrio_verifier_store_writes_total"):
+                out[f"{s.name.split('_')[3]} {s.labels['kind']}"] = s.value
+    return out
+
+
+def grew(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+async def test_metrics_count_the_groups_a_push_request_cuts_short(
+    nursery: trio.Nursery, tmp_path: Path, pki: Any, clock: MockClock, db_url: str  # noqa: F811
+) -> None:
+    """mode = both: a lingering background write (as a pull success record) taken along by the
+    201's and by the 202's urgent write is a mixed group each time, a lone urgent write an urgent
+    group, background writes lingering together one background group; /metrics carries each."""
+    rv = await start(nursery, tmp_path, pki, clock, database_url=db_url, mode="both")
+    store = rv.verifier.store
+    assert store is not None
+    store.group_linger = LONG
+    at = rv.verifier.metrics_address
+    start_counts = await store_counts(at)
+    assert set(start_counts) == {"commits background", "commits urgent", "commits mixed",
+                                 "writes background", "writes urgent"}
+    a = await enrolled(rv, pki)
+
+    before = await store_counts(at)
+    job = store.submit_grouped(lambda conn: 1, nursery)  # lingers in the committer
+    await trio.testing.wait_all_tasks_blocked()
+    caps = await a.post_capabilities()
+    assert caps.status_code == 201, caps.text
+    assert job.done
+    counts = await store_counts(at)
+    assert grew(before, counts) == {"commits mixed": 1, "writes background": 1, "writes urgent": 1}
+
+    requested = caps.json()["data"]["attributes"]["evidence_requested"]
+    before = counts
+    resp = await a.send_evidence(a.evidence(requested))  # alone: an urgent group
+    assert resp.status_code == 202 and resp.json()["data"]["attributes"]["evaluation"] == "pass", resp.text
+    counts = await store_counts(at)
+    assert grew(before, counts) == {"commits urgent": 1, "writes urgent": 1}
+
+    before = counts
+    async with trio.open_nursery() as inner:  # three background writes: one group, after LONG
+        jobs = [store.submit_grouped(lambda conn: 1, inner) for _ in range(3)]
+    assert all(j.done for j in jobs)
+    counts = await store_counts(at)
+    assert grew(before, counts) == {"commits background": 1, "writes background": 3}
+    assert counts["writes urgent"] == store.writes_urgent >= 2
     await rv.stop()
