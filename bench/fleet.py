@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -303,15 +304,59 @@ async def _bulk(client: httpx.AsyncClient, url: str) -> tuple[float, dict[str, A
     return time.monotonic(), r.json()["results"]
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a child's listener: the bench reads its /metrics)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+#: the store counters of keytrio's verifier on /metrics (actors/verifier/metrics.py)
+STORE_COUNTERS = ("keytrio_verifier_store_commits_total", "keytrio_verifier_store_writes_total")
+
+
+async def store_counts(port: int) -> dict[str, float]:
+    """The store's group-commit counters from keytrio's verifier's ``GET /metrics`` on ``port``:
+    ``{"commits background": n, "commits urgent": n, "commits mixed": n, "writes background": n,
+    "writes urgent": n}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(timeout=30.0) as c:
+        r = await c.get(f"http://127.0.0.1:{port}/metrics")
+    r.raise_for_status()
+    return {f"{s.name.split('_')[3]} {s.labels['kind']}": s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples if s.name in STORE_COUNTERS}  # fmt: skip
+
+
+def store_delta(a: dict[str, float] | None, b: dict[str, float] | None) -> dict[str, Any] | None:
+    """What the store committed between two :func:`store_counts`: group commits by what they held
+    (background, urgent, mixed), writes by kind, and the mean groups: background writes per commit
+    holding any (the pull monitors' records: ``pull_group``), urgent writes per commit holding any
+    (``push_group``), writes per commit (``all``)."""
+    if a is None or b is None:
+        return None
+    d = {k: int(b[k] - a[k]) for k in b}
+    bg, urgent, mixed = d["commits background"], d["commits urgent"], d["commits mixed"]
+    wb, wu = d["writes background"], d["writes urgent"]
+    commits = bg + urgent + mixed
+    return {"commits": {"background": bg, "urgent": urgent, "mixed": mixed, "all": commits},
+            "writes": {"background": wb, "urgent": wu},
+            "mean_group": {"pull_group": wb / (bg + mixed) if bg + mixed else None,
+                           "push_group": wu / (urgent + mixed) if urgent + mixed else None,
+                           "all": (wb + wu) / commits if commits else None}}  # fmt: skip
+
+
 async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, Any]], pids: Any, interval: float,
                   seconds: float, rss0: float, on_window: Any = None, concurrency: int = 8,
-                  side_pids: Any = None) -> dict[str, Any]:
+                  side_pids: Any = None, counts: Any = None) -> dict[str, Any]:
     """Enrol ``agents`` (``concurrency`` POSTs at a time), warm up, measure one window; -> the row of
     the table for one side.
 
     ``on_window()`` (optional) is called as the window opens (bench.fleet keytrio --py-spy).
     ``side_pids()`` (optional): processes working for the verifier but not part of it (its
-    PostgreSQL backends), whose CPU in the window is reported apart as ``side_cpu_s``."""
+    PostgreSQL backends), whose CPU in the window is reported apart as ``side_cpu_s``.
+    ``counts()`` (optional, async: :func:`store_counts`) is read just before and just after the
+    window: the store's group commits in it (:func:`store_delta`) are the row's ``store``."""
     ids = [a["id"] for a in agents]
     n = len(ids)
 
@@ -339,6 +384,7 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
     t_a, before = await _bulk(client, url)
     if on_window is not None:
         on_window()
+    store_a = await counts() if counts is not None else None
     cpu_a, _rss = usage(pids())
     us_a = _user_sys(pids())
     side_a = usage(side_pids())[0] if side_pids else 0.0
@@ -351,6 +397,7 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
     us_b = _user_sys(pids())
     side_b = usage(side_pids())[0] if side_pids else 0.0
     wall = time.monotonic() - w0
+    store_b = await counts() if counts is not None else None
     t_b, after = await _bulk(client, url)
     polls = 0
     rate = 0.0
@@ -369,6 +416,7 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
         "rss_mb": rss, "rss_peak_mb": max(rss_peak, rss), "rss0_mb": rss0,
         "rss_per_agent_kb": (rss - rss0) * 1024 / n, "attested_at_start": attested, "states": states,
         "enrol_s": enrol_s, "warmup_s": warm_s, "side_cpu_s": side_b - side_a, "processes": len(pids()),
+        "store": store_delta(store_a, store_b),
     }  # fmt: skip
 
 

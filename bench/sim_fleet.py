@@ -5,7 +5,7 @@
                               [--agent-procs K] [--workers 1,2 [--database postgresql] [--pg-url URL]]
                               [--enrol-concurrency 32]
                               [--py-spy FILE [--py-spy-of pull|push]] [--cprofile FILE]
-                              [--push [--upstream-push-dir UP_PUSH_DIR]]
+                              [--push [--upstream-push-dir UP_PUSH_DIR]] [--mixed]
 
 Processes (the verifier pinned to ``--cpu``, default the last CPU; everything else on the others):
 - ``--agent-procs`` K agents processes (``python -m bench.sim_agent``, default 1): process p holds
@@ -41,6 +41,18 @@ from this process (``--push-client``: lean per-agent connections by default, or 
 CPU per accepted (passed) attestation over the same kind of window.
 With ``--upstream-push-dir`` (an up.sh DIR in push mode, bench.sim_push_upstream) the same push
 agents also drive upstream's push verifier at ``--upstream-sizes``: an "upstream push" row.
+
+``--mixed``: per N also a "mixed" row: a fresh keytrio verifier (1 worker, SQLite) in ``mode = both``
+driven by the N pull agents and N push agents together (enrolled as in the two rows above, the
+window the same), reporting its CPU over the window against the pull polls (Σ
+``attestation_count`` deltas of the pull agents) and push attestations (202s) counted apart, CPU
+per (poll + attestation), the push agents' latency, and the store's group commits in the window
+(``store``: commits by what they held, writes by kind, ``mean_group.pull_group`` = background
+writes per commit holding any) read from the verifier's /metrics just before and after it; and
+``model``: the CPU that polls x the pull row's CPU per poll + attestations x the push row's CPU
+per attestation of the same run would predict (with ``--push``). With ``--mixed`` every 1-worker
+keytrio row of the run serves /metrics (a gauge recount a second, alike in each row) and reports
+its ``store`` counts the same way.
 """
 
 from __future__ import annotations
@@ -48,12 +60,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +273,9 @@ def _keytrio_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, 
     """A fresh keytrio verifier of ``workers`` processes on ``database`` (pinned to ``cpu``, the
     workers too); its CPU is that of the supervisor and all its workers (fleet.tree_pids)."""
     options: dict[str, Any] = {"quote_interval": qi, "workers": workers}
+    mport = fleet.free_port() if args.mixed and workers == 1 else None  # the store's counts
+    if mport is not None:
+        options.update(metrics_ip="127.0.0.1", metrics_port=mport)
     with contextlib.ExitStack() as stack:
         pg = None
         if database == "postgresql":
@@ -290,7 +307,8 @@ def _keytrio_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, 
                     rss0 = fleet.usage(fleet.tree_pids(srv.pid))[1]
                     r = await fleet._window(client, url, agents, lambda: fleet.tree_pids(srv.pid), qi, args.seconds,
                                             rss0, on_window=start_spy, concurrency=args.enrol_concurrency,
-                                            side_pids=pg.backends if pg else None)  # fmt: skip
+                                            side_pids=pg.backends if pg else None,
+                                            counts=partial(fleet.store_counts, mport) if mport else None)  # fmt: skip
                     return {**r, "quote_interval": qi, "workers": workers, "database": database,
                             "pg_database": pg.name if pg else None, **_row_extra(r, sims.cpu() - sims_cpu[0]),
                             **_handshakes(r, sims.connections() - conns[0])}
@@ -342,8 +360,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["keys_s"] = time.monotonic() - t0
         pushers = None
         up_push = None
-        if args.push:  # the push agents live in this process (bench.sim_push), keys of their own
-            if args.upstream_push_dir:
+        if args.push or args.mixed:  # the push agents live in this process (bench.sim_push), keys of their own
+            if args.push and args.upstream_push_dir:
                 from bench.sim_push_upstream import UpstreamPush
 
                 up_push = UpstreamPush(args.upstream_push_dir)
@@ -378,6 +396,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["push"] = _push_side(args, ca, Path(vtmp) / f"push-verifier-{k}", cpu, klog, ctx, n,
                                              args.quote_interval or auto_interval(n), body, pushers, registrar,
                                              report)  # fmt: skip
+                if args.mixed and n in sizes:
+                    row["mixed"] = _mixed_side(args, ca, Path(vtmp) / f"mixed-verifier-{k}", cpu, klog, ctx, limits,
+                                               agents, body, args.quote_interval or auto_interval(n), sims, pushers,
+                                               registrar, report)  # fmt: skip
+                    if row["mixed"] is not None:
+                        row["mixed"]["model"] = mixed_model(row["mixed"], row.get(side_name(1, "sqlite")),
+                                                            row.get("push"))
+                        _say_mixed(row["mixed"])
                 if n in up_sizes and args.upstream_dir:
                     row["upstream"] = _upstream_side(args, up_env, up_pgid, ctx, limits, agents, body, sims, report)
                 if up_push is not None and n in up_sizes:
@@ -434,8 +460,7 @@ def _push_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, log
                report: dict[str, Any]) -> dict[str, Any] | None:
     from bench import sim_push
 
-    new = pushers.grow(n, salt="push")
-    agents = pushers.agents[:n]
+    agents, new = _push_agents(n, pushers)
     spy: list[subprocess.Popen[bytes]] = []
 
     def start_spy(pid: int) -> None:
@@ -447,13 +472,12 @@ def _push_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, log
             stdout=log, stderr=log))  # fmt: skip
 
     async def side() -> dict[str, Any]:
-        if registrar is not None:
-            done = len(pushers.agents) - len(new)
-            await sim_push.register(new[: max(0, min(n, args.register) - done)], registrar)  # no contact
+        await _register_push(args, n, pushers, new, registrar)
         async with httpx.AsyncClient(verify=ctx, timeout=120.0) as admin:
             return await sim_push.push_side(admin, ca, data_dir, cpu, log, agents, body, qi, args.seconds,
                                             args.push_client == "lean",
-                                            on_window=start_spy if args.py_spy and args.py_spy_of == "push" else None)
+                                            on_window=start_spy if args.py_spy and args.py_spy_of == "push" else None,
+                                            metrics_port=fleet.free_port() if args.mixed else None)
 
     try:
         r = trio.run(side)
@@ -465,6 +489,169 @@ def _push_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, log
             p.wait()
     _say("keytrio push", r)
     return r
+
+
+def _push_agents(n: int, pushers: Any) -> tuple[list[Any], list[Any]]:
+    """The first ``n`` push agents (made when missing) and those just made."""
+    new = pushers.grow(n, salt="push")
+    return pushers.agents[:n], new
+
+
+async def _register_push(args: argparse.Namespace, n: int, pushers: Any, new: list[Any], registrar: str | None) -> None:
+    """Register (no contact) the ones of ``new`` among the first ``--register`` push agents."""
+    from bench import sim_push
+
+    if registrar is not None:
+        done = len(pushers.agents) - len(new)
+        await sim_push.register(new[: max(0, min(n, args.register) - done)], registrar)
+
+
+async def mixed_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: Any, pull: list[dict[str, Any]],
+                       push: list[Any], qi: float, seconds: float, counts: Any, concurrency: int = 8,
+                       lean: bool = True) -> dict[str, Any]:
+    """Enrol the ``pull`` agents (as fleet._window) and the ``push`` agents (as sim_push.push_window,
+    started as enrolled) on one verifier in mode = both, wait until every one attested once and one
+    interval more, then measure one window of the CPU of ``pids()``: pull polls (Σ
+    ``attestation_count`` deltas of the pull agents over the bulk GETs around the window, per second
+    of their span, as the pull row) and push attestations (202s in the window, per second of it, as
+    the push row) apart; ``counts()`` (fleet.store_counts) read just before and after the window."""
+    from bench import sim_push
+
+    n_pull, n_push = len(pull), len(push)
+    pull_ids, push_ids = [a["id"] for a in pull], [s.agent_id for s in push]
+
+    async def enrol(a: dict[str, Any]) -> int:
+        return (await admin.post(f"{url}/v{fleet.API}/agents/{a['id']}", json=fleet.enrolment(a))).status_code
+
+    async with sim_push.push_client(ca_file, n_push) as client, trio.open_nursery() as nursery:
+        t0 = time.monotonic()
+        refused = [st for st in await fleet._each(pull, enrol, concurrency) if st != 200]
+        if refused:
+            raise RuntimeError(f"{url}: {len(refused)} of {n_pull} pull enrolments refused ({sorted(set(refused))})")
+        agents = [sim_push.PushAgent(s, url, tls_client(ca_file) if lean else client) for s in push]
+        await sim_push.start_agents(admin, url, agents, qi, nursery)
+        enrol_s = time.monotonic() - t0
+        ids = pull_ids + push_ids
+        deadline = time.monotonic() + 30 + 0.2 * len(ids)
+        attested = 0
+        while time.monotonic() < deadline:
+            _t, recs = await sim_push._bulk(admin, url)
+            attested = sum(1 for i in ids if recs.get(i, {}).get("attestation_count", 0) >= 1)
+            if attested == len(ids):
+                break
+            await trio.sleep(1.0)
+        await trio.sleep(math.ceil(qi))
+        t_a, before = await sim_push._bulk(admin, url)
+        store_a = await counts()
+        cpu_a, sent_a = fleet.usage(pids())[0], sum(a.sent for a in agents)
+        us_a = fleet._user_sys(pids())
+        w0 = time.monotonic()
+        await trio.sleep(seconds)
+        cpu_b, rss = fleet.usage(pids())
+        us_b, sent_b = fleet._user_sys(pids()), sum(a.sent for a in agents)
+        wall = time.monotonic() - w0
+        store_b = await counts()
+        t_b, after = await sim_push._bulk(admin, url)
+        nursery.cancel_scope.cancel()
+
+    def delta(i: str) -> int:
+        return after.get(i, {}).get("attestation_count", 0) - before.get(i, {}).get("attestation_count", 0)
+
+    states: dict[str, int] = {}
+    for i in ids:
+        st = str(after.get(i, {}).get("operational_state"))
+        states[st] = states.get(st, 0) + 1
+    polls = sum(delta(i) for i in pull_ids)
+    attestations = sent_b - sent_a
+    pull_rate, push_rate = polls / (t_b - t_a), attestations / wall
+    cpu_rate = (cpu_b - cpu_a) / wall
+    per = cpu_rate / (pull_rate + push_rate) if pull_rate + push_rate else None
+    errors, first = sim_push.agent_errors(agents)
+    return {
+        "n": n_pull, "n_push": n_push, "mode": "both", "quote_interval": qi, "enrol_s": enrol_s,
+        "attested_at_start": attested, "window_s": wall, "polls_span_s": t_b - t_a,
+        "pull_polls": polls, "push_attestations": attestations, "push_passed": sum(delta(i) for i in push_ids),
+        "pull_rate": pull_rate, "push_rate": push_rate,
+        "target_rate": (n_pull + n_push) / qi, "achieved_rate": pull_rate + push_rate,
+        "polls": polls + attestations, "cpu_s": cpu_b - cpu_a, "cpu_user_s": us_b[0] - us_a[0],
+        "cpu_sys_s": us_b[1] - us_a[1], "cpu_per_s": cpu_rate, "cpu_per_poll": per,
+        "agents_per_core_2s": 2.0 / per if per else None, "rss_mb": rss, "states": states,
+        "latency_ms": sim_push.latency_ms(agents, w0, w0 + wall), "agent_errors": errors,
+        "first_errors": first, "store": fleet.store_delta(store_a, store_b),
+    }  # fmt: skip
+
+
+def tls_client(ca_file: Path) -> Any:
+    from keytrio.actors.common import tls
+
+    return tls.client_context([ca_file])
+
+
+def mixed_model(mixed: dict[str, Any], pull: dict[str, Any] | None, push: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The mixed verifier's CPU against what the same run's pull and push rows predict: its pull
+    polls/s x the pull row's CPU per poll + its push attestations/s x the push row's CPU per
+    attestation (CPU seconds per second of window); and the pull CPU per poll the mixed CPU implies
+    if push attestations cost what they cost alone (``implied_pull_cpu_per_poll``)."""
+    if not pull or not push or not pull.get("cpu_per_poll") or not push.get("cpu_per_poll"):
+        return None
+    pull_part = mixed["pull_rate"] * pull["cpu_per_poll"]
+    push_part = mixed["push_rate"] * push["cpu_per_poll"]
+    predicted = pull_part + push_part
+    implied = (mixed["cpu_per_s"] - push_part) / mixed["pull_rate"] if mixed["pull_rate"] else None
+    return {"predicted_cpu_per_s": predicted, "measured_cpu_per_s": mixed["cpu_per_s"],
+            "measured_over_predicted": mixed["cpu_per_s"] / predicted if predicted else None,
+            "pull_cpu_per_poll": pull["cpu_per_poll"], "push_cpu_per_attestation": push["cpu_per_poll"],
+            "implied_pull_cpu_per_poll": implied,
+            "implied_over_pull_row": implied / pull["cpu_per_poll"] if implied is not None else None}  # fmt: skip
+
+
+def _mixed_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, log: Any, ctx: Any, limits: Any,
+                agents: list[dict[str, Any]], body: dict[str, Any], qi: float, sims: SimFleet, pushers: Any,
+                registrar: str | None, report: dict[str, Any]) -> dict[str, Any] | None:
+    """``--mixed``: a fresh keytrio verifier in mode = both (1 worker, SQLite, pinned to ``cpu``), the
+    N pull agents of ``sims`` and N push agents of ``pushers`` together (mixed_window)."""
+    n = len(agents)
+    push, new = _push_agents(n, pushers)
+    mport = fleet.free_port()
+
+    async def side() -> dict[str, Any]:
+        await _register_push(args, n, pushers, new, registrar)
+        srv, url = fleet._start_keytrio(ca, data_dir, cpu, log, options={
+            "quote_interval": qi, "mode": "both", "metrics_ip": "127.0.0.1", "metrics_port": mport})  # fmt: skip
+        try:
+            async with httpx.AsyncClient(verify=ctx, timeout=120.0, limits=limits) as admin:
+                await fleet._upload(admin, url, body)
+                await trio.sleep(0.5)
+                served = sims.cpu()
+                r = await mixed_window(admin, url, ca / "cacert.crt", lambda: [srv.pid], agents, push, qi,
+                                       args.seconds, partial(fleet.store_counts, mport), args.enrol_concurrency,
+                                       args.push_client == "lean")  # fmt: skip
+                return {**r, "agents_process_cpu_s": sims.cpu() - served}
+        finally:
+            _stop(srv)
+
+    try:
+        return trio.run(side)
+    except (RuntimeError, httpx.HTTPError, OSError) as exc:
+        report["stopped"]["mixed"] = f"N={n}: {exc}"
+        return None
+
+
+def _say_mixed(r: dict[str, Any]) -> None:
+    st, m, lat = r.get("store") or {}, r.get("model"), r.get("latency_ms") or {}
+    group = (st.get("mean_group") or {}).get("pull_group")
+    commits, writes = st.get("commits") or {}, st.get("writes") or {}
+    model = (f", {m['measured_over_predicted']:.2f}x the pull + push rows' prediction (pull CPU per poll implied "
+             f"{m['implied_pull_cpu_per_poll'] * 1e3:.3f} ms vs {m['pull_cpu_per_poll'] * 1e3:.3f} ms)"
+             if m and m.get("implied_pull_cpu_per_poll") is not None else "")
+    print(f"[bench] sim keytrio mixed N={r['n']}+{r['n_push']} (interval {r['quote_interval']:g} s): "
+          f"{r['pull_rate']:.1f} polls/s + {r['push_rate']:.1f} attestations/s, "
+          f"{(r['cpu_per_poll'] or 0) * 1e3:.3f} ms verifier CPU per poll or attestation "
+          f"(user {r['cpu_user_s']:.2f} s, sys {r['cpu_sys_s']:.2f} s in {r['window_s']:.1f} s){model}; "
+          f"pull group {fleet._fmt(group, '.1f')} records per commit, commits background/urgent/mixed "
+          f"{commits.get('background')}/{commits.get('urgent')}/{commits.get('mixed')}, writes background/urgent "
+          f"{writes.get('background')}/{writes.get('urgent')}; push latency capabilities {lat.get('capabilities')} ms, "
+          f"evidence {lat.get('evidence')} ms; {r['rss_mb']:.0f} MB", file=sys.stderr)
 
 
 def _upstream_push_side(args: argparse.Namespace, up: Any, n: int, body: dict[str, Any], pushers: Any,
@@ -485,7 +672,16 @@ def _say(name: str, r: dict[str, Any]) -> None:
     print(f"[bench] sim {name} N={r['n']} (interval {r['quote_interval']:g} s): {r['achieved_rate']:.1f}/"
           f"{r['target_rate']:.1f} polls/s, {(r['cpu_per_poll'] or 0) * 1e3:.3f} ms verifier CPU/poll "
           f"(user {r['cpu_user_s']:.2f} s, sys {r['cpu_sys_s']:.2f} s in {r['window_s']:.1f} s), "
-          f"{r['agents_per_core_2s'] or 0:.0f} agents/core at 2 s, {r['rss_mb']:.0f} MB", file=sys.stderr)
+          f"{r['agents_per_core_2s'] or 0:.0f} agents/core at 2 s, {r['rss_mb']:.0f} MB{_groups(r)}", file=sys.stderr)
+
+
+def _groups(r: dict[str, Any]) -> str:
+    st = r.get("store")
+    if not st:
+        return ""
+    g = st["mean_group"]
+    return (f", {st['commits']['all']} commits ({fleet._fmt(g['pull_group'], '.1f')} background, "
+            f"{fleet._fmt(g['push_group'], '.1f')} urgent writes per commit holding any)")
 
 
 def _label(name: str, r: dict[str, Any]) -> str:
@@ -561,6 +757,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--push", action="store_true",
                     help="also a push-mode fleet (bench.sim_push: v3.0 agents in this process) per N, against a "
                          "fresh keytrio verifier in mode = push, next to the pull row")
+    ap.add_argument("--mixed", action="store_true",
+                    help="also a mode = both row per N: a fresh keytrio verifier (1 worker, SQLite) driven by the "
+                         "N pull agents and N push agents together; its CPU per (poll + attestation), the store's "
+                         "group commits (pull group size, urgent/background writes from its /metrics) and, with "
+                         "--push, the CPU the pull and push rows predict. Every 1-worker keytrio row then serves "
+                         "/metrics and reports its store counts")
     ap.add_argument("--push-client", choices=("lean", "httpx"), default="lean",
                     help="the push agents' HTTP client against keytrio's push verifier: lean (a kept "
                          "RawConn per agent, as lean as the pull agents' side) or httpx (before 2026-12-04: "

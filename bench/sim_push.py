@@ -33,7 +33,7 @@ import statistics
 import struct
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -412,30 +412,49 @@ def ramp(agents: list[PushAgent], t0: float) -> dict[str, Any]:
     return out
 
 
+async def start_agents(admin: httpx.AsyncClient, url: str, agents: list[PushAgent], qi: float,
+                       nursery: trio.Nursery) -> None:
+    """Enrol each of ``agents`` push-mode on the verifier at ``url`` and start its loop in ``nursery``."""
+    rng = random.Random(0)
+    for a in agents:
+        r = await admin.post(f"{url}/v{fleet.API}/agents/{a.sim.agent_id}", json=push_enrolment(a.sim))
+        if r.status_code != 200:
+            raise RuntimeError(f"push enrolment of {a.sim.agent_id}: {r.status_code} {r.text[:300]}")
+        a.times["enrolled"] = time.monotonic()
+        # each agent starts within one interval of its own enrolment (its deadline,
+        # maximum_attestation_interval, runs from there), spread as a fleet booted at random
+        nursery.start_soon(a.run, rng.uniform(0, qi))
+
+
+def agent_errors(agents: list[PushAgent]) -> tuple[dict[str, int], dict[str, str]]:
+    """The agents' errors by kind, and the first answer body of each kind."""
+    errors: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for a in agents:
+        for k, v in a.errors.items():
+            errors[k] = errors.get(k, 0) + v
+        first = {**a.first_error, **first}
+    return errors, first
+
+
 async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: Callable[[], list[int]],
                       sims: list[SimAgent], qi: float, seconds: float, lean: bool = True,
-                      on_window: Callable[[], None] | None = None) -> dict[str, Any]:
+                      on_window: Callable[[], None] | None = None,
+                      counts: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Enrol ``sims`` push-mode on the verifier at ``url`` (its policy uploaded), run them, measure one
     window of the CPU of ``pids()`` against the evidence submissions it accepted (202) in that window,
     with the attestations that passed (Σ ``attestation_count`` deltas of the bulk GETs around it) as
     the check; -> the table row. ``on_window()`` (optional) is called as the window opens
-    (bench.sim_fleet ``--py-spy-of push``)."""
+    (bench.sim_fleet ``--py-spy-of push``); ``counts()`` (optional: the verifier's store counters,
+    bench.sim_fleet ``--mixed``) is read just before and just after the window: ``store`` in the row."""
     n = len(sims)
     async with push_client(ca_file, n) as client, trio.open_nursery() as nursery:
         # lean: each agent its own LeanConn (the pull fleet's agents are as lean); httpx: the one
         # shared client of before, kept for upstream's push verifier (its answers' framing untested here)
         transport = tls.client_context([ca_file]) if lean else client
         agents = [PushAgent(s, url, transport) for s in sims]
-        rng = random.Random(0)
         t0 = time.monotonic()
-        for a in agents:
-            r = await admin.post(f"{url}/v{fleet.API}/agents/{a.sim.agent_id}", json=push_enrolment(a.sim))
-            if r.status_code != 200:
-                raise RuntimeError(f"push enrolment of {a.sim.agent_id}: {r.status_code} {r.text[:300]}")
-            a.times["enrolled"] = time.monotonic()
-            # each agent starts within one interval of its own enrolment (its deadline,
-            # maximum_attestation_interval, runs from there), spread as a fleet booted at random
-            nursery.start_soon(a.run, rng.uniform(0, qi))
+        await start_agents(admin, url, agents, qi, nursery)
         enrol_s = time.monotonic() - t0
         ids = [s.agent_id for s in sims]
         deadline = time.monotonic() + 30 + 0.2 * n
@@ -453,6 +472,7 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
         # would put counts and CPU on different spans. The bulk GETs just outside the window give
         # the attestations that PASSED over it (the same as accepted unless one failed: states)
         t_a, before = await _bulk(admin, url)
+        store_a = await counts() if counts is not None else None
         cpu_a, ctl_a, sent_a = fleet.usage(pids())[0], sum(os.times()[:2]), sum(a.sent for a in agents)
         us_a = fleet._user_sys(pids())
         w0 = time.monotonic()
@@ -462,6 +482,7 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
         cpu_b, rss = fleet.usage(pids())
         us_b, ctl_b, sent_b = fleet._user_sys(pids()), sum(os.times()[:2]), sum(a.sent for a in agents)
         wall = time.monotonic() - w0
+        store_b = await counts() if counts is not None else None
         t_b, after = await _bulk(admin, url)
         nursery.cancel_scope.cancel()
     passed = sum(after.get(i, {}).get("attestation_count", 0) - before.get(i, {}).get("attestation_count", 0)
@@ -471,12 +492,7 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
     for i in ids:
         st = str(after.get(i, {}).get("operational_state"))
         states[st] = states.get(st, 0) + 1
-    errors: dict[str, int] = {}
-    first: dict[str, str] = {}
-    for a in agents:
-        for k, v in a.errors.items():
-            errors[k] = errors.get(k, 0) + v
-        first = {**a.first_error, **first}
+    errors, first = agent_errors(agents)
     rate = count / wall
     cpu_rate = (cpu_b - cpu_a) / wall
     return {
@@ -489,19 +505,25 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
         "agents_per_core_2s": 2.0 * rate / cpu_rate if cpu_rate else None,
         "ramp": ramp(agents, t0), "client": "lean" if lean else "httpx",
         "latency_ms": latency_ms(agents, w0, w0 + wall),
+        "store": fleet.store_delta(store_a, store_b),
     }  # fmt: skip
 
 
 async def push_side(admin: httpx.AsyncClient, ca: Path, data_dir: Path, cpu: int, log: Any, sims: list[SimAgent],
                     body: dict[str, Any], qi: float, seconds: float, lean: bool = True,
-                    on_window: Callable[[int], None] | None = None) -> dict[str, Any]:
+                    on_window: Callable[[int], None] | None = None, metrics_port: int | None = None) -> dict[str, Any]:
     """One window of N push agents against a fresh keytrio verifier in push mode (see the module doc);
-    ``on_window(pid)`` (optional): called with the verifier's pid as the window opens."""
-    srv, url = fleet._start_keytrio(ca, data_dir, cpu, log, options={"quote_interval": qi, "mode": "push"})
+    ``on_window(pid)`` (optional): called with the verifier's pid as the window opens; ``metrics_port``
+    (optional): the verifier serves /metrics there and the row has its store counts (``store``)."""
+    options: dict[str, Any] = {"quote_interval": qi, "mode": "push"}
+    if metrics_port is not None:
+        options.update(metrics_ip="127.0.0.1", metrics_port=metrics_port)
+    srv, url = fleet._start_keytrio(ca, data_dir, cpu, log, options=options)
     try:
         await fleet._upload(admin, url, body)
         return await push_window(admin, url, ca / "cacert.crt", lambda: [srv.pid], sims, qi, seconds, lean,
-                                 on_window=(lambda: on_window(srv.pid)) if on_window is not None else None)
+                                 on_window=(lambda: on_window(srv.pid)) if on_window is not None else None,
+                                 counts=(lambda: fleet.store_counts(metrics_port)) if metrics_port else None)
     finally:
         srv.terminate()
         try:

@@ -124,3 +124,36 @@ def test_sim_fleet_agent_procs_and_workers_rows(tmp_path: Path, pg_admin_url: st
             assert left.first() is None  # the bench's database is dropped
     finally:
         admin.dispose()
+
+
+def test_sim_fleet_mixed_row_counts_pull_polls_push_attestations_and_the_stores_groups(tmp_path: Path) -> None:
+    """``bench.sim_fleet --push --mixed`` at a tiny size: a "mixed" row per N from one verifier in
+    mode = both driven by the pull and the push agents together (polls and attestations apart, all
+    of them attesting), its store's group commits read from its /metrics (pull records lingering in
+    background groups, push requests' urgent writes), the model from the same run's pull and push
+    rows, and the store counts of those rows too (the pull row's writes all background)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bench.sim_fleet", "--out", str(out), "--sizes", "4", "--seconds", "2",
+           "--quote-interval", "1", "--register", "2", "--policy-files", str(POLICY_FILES), "--push", "--mixed",
+           "--enrol-concurrency", "4"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=GUARD * 5)  # a hang guard only
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    (row,) = json.loads((out / "sim_fleet.json").read_text())["rows"]
+    mixed, pull, push = row["mixed"], row["keytrio 1 worker (SQLite)"], row["push"]
+    assert mixed["mode"] == "both" and mixed["n"] == 4 and mixed["n_push"] == 4, mixed
+    assert mixed["states"] == {str(states.GET_QUOTE): 8}, mixed  # pull and push agents all attesting
+    assert mixed["pull_polls"] > 0 and mixed["push_attestations"] > 0 and mixed["push_passed"] > 0, mixed
+    assert mixed["polls"] == mixed["pull_polls"] + mixed["push_attestations"] and mixed["cpu_per_poll"] > 0
+    assert mixed["agent_errors"] == {} and mixed["latency_ms"]["evidence"] is not None, mixed
+    store = mixed["store"]
+    assert store["writes"]["background"] > 0 and store["writes"]["urgent"] > 0, store
+    assert store["commits"]["all"] == sum(store["commits"][k] for k in ("background", "urgent", "mixed")) > 0
+    assert store["mean_group"]["pull_group"] >= 1 and store["mean_group"]["push_group"] >= 1, store
+    model = mixed["model"]
+    assert model["pull_cpu_per_poll"] == pull["cpu_per_poll"] and model["push_cpu_per_attestation"] == push["cpu_per_poll"]
+    assert model["predicted_cpu_per_s"] > 0 and model["measured_over_predicted"] > 0, model
+    assert pull["store"]["writes"]["background"] > 0 and pull["store"]["writes"]["urgent"] == 0, pull["store"]
+    assert push["store"]["writes"]["urgent"] > 0, push["store"]
+    assert "[bench] sim keytrio mixed N=4+4" in done.stderr
+    assert "--mixed" in subprocess.run([sys.executable, "-m", "bench.sim_fleet", "--help"], cwd=REPO,
+                                       capture_output=True, text=True, timeout=GUARD).stdout  # fmt: skip
