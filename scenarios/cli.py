@@ -47,6 +47,21 @@ def _scenario_run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+#: the most machines ``testbed up`` starts (each is an swtpm process and an agent); the simulated
+#: agents of bench.sim_fleet are the way to thousands
+MAX_MACHINES = 1000
+
+
+def _machine_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= MAX_MACHINES:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_MACHINES}, not {value}")
+    return value
+
+
 def _testbed_up(args: argparse.Namespace) -> int:
     import json
 
@@ -123,7 +138,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
         description="Start a CA, registrar, verifier and N agents (swtpm) and keep them running until "
                     "Ctrl-C. Writes DIR/tenant.toml (with the EK trust store DIR/ek-trust-store) and "
                     "prints the tenant commands that use it, e.g. keytrio tenant add -c DIR/tenant.toml ID.")
-    up.add_argument("--agents", type=int, default=1, help="number of machines (default %(default)s)")
+    up.add_argument("--agents", type=_machine_count, default=1,
+                    help=f"number of machines, 0 to {MAX_MACHINES} (default %(default)s)")
     up.add_argument("--dir", type=Path, required=True, help="the testbed's directory (kept)")
     up.add_argument("--seed", type=int, default=0, help="seed of machine contents and agent ids")
     up.set_defaults(func=_testbed_up)

@@ -35,3 +35,15 @@ def test_second_testbed_up_on_a_used_directory(tmp_path: Path) -> None:
     finally:
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=60) == 0
+
+
+def test_machine_count_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    # -1 once started a testbed of no machines, 100000000 one that tried to start them all
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTRIO_")}
+    for count, why in (("-1", "must be 0 to 1000, not -1"), ("1001", "must be 0 to 1000, not 1001"),
+                       ("many", "not a whole number: 'many'")):
+        r = subprocess.run([str(KEYTRIO), "testbed", "up", "--dir", str(tmp_path / "tb"), "--agents", count],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr
+        assert r.stderr.splitlines()[-1] == f"keytrio testbed up: error: argument --agents: {why}"
+        assert not (tmp_path / "tb").exists()  # nothing started, nothing written
