@@ -10,6 +10,7 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -62,6 +63,12 @@ def _machine_count(text: str) -> int:
     return value
 
 
+async def _cancel_on_signal(signals: Any, scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
+
+
 def _testbed_up(args: argparse.Namespace) -> int:
     import json
 
@@ -71,17 +78,17 @@ def _testbed_up(args: argparse.Namespace) -> int:
         tb = Testbed(args.dir, machines=args.agents, seed=args.seed)
         # SIGINT (Ctrl-C) and SIGTERM both tear the testbed down through cancellation, so agents
         # stop, every swtpm gets TPM2_Shutdown(CLEAR) and databases close.
+        # The signals are watched from the first moment: a Ctrl-C while the machines start (many
+        # swtpms take a while) cancels the start, which tears down what was started.
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
                 await nursery.start(tb.run)
                 print(json.dumps(tb.describe(), indent=2), flush=True)
                 print(f"tenant configuration: {tb.tenant_config}; for example:", file=sys.stderr)
                 for line in tb.tenant_commands():
                     print(f"  {line}", file=sys.stderr)
                 print("testbed running; Ctrl-C tears it down", file=sys.stderr, flush=True)
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
         print("testbed stopped", file=sys.stderr, flush=True)
 
     try:

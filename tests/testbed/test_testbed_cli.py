@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from keytrio.actors.common.startup import Exit
@@ -47,3 +48,30 @@ def test_machine_count_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
         assert (r.returncode, r.stdout) == (2, ""), r.stderr
         assert r.stderr.splitlines()[-1] == f"keytrio testbed up: error: argument --agents: {why}"
         assert not (tmp_path / "tb").exists()  # nothing started, nothing written
+
+
+def test_ctrl_c_while_the_machines_start_tears_down(tmp_path: Path) -> None:
+    """SIGINT during the start (signals were read only once every machine ran, so a start of many
+    swtpms could not be stopped) ends the process, and nothing it started is left running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTRIO_")}
+    proc = subprocess.Popen([str(KEYTRIO), "testbed", "up", "--dir", str(tmp_path), "--agents", "6"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        machines = tmp_path / "machines"
+        for _ in range(600):  # the first machine's directory: the start is under way
+            if machines.is_dir() and any(machines.iterdir()):
+                break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.1)  # another process's progress: polled
+        assert machines.is_dir() and any(machines.iterdir())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "testbed running" not in err and err.splitlines()[-1] == "testbed stopped", err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert left == [], left  # no swtpm or agent of this testbed outlives it
