@@ -8,14 +8,24 @@ from pathlib import Path
 from typing import Any
 
 from keytrio.actors.common.config import Config, ConfigError, Option
-from keytrio.actors.common.store import parse_pool, sqlite_url
+from keytrio.actors.common.store import parse_pool, sqlite_file, sqlite_url
 from keytrio.actors.common.tls import private_key_problem
 
 
 def _database_url(value: str) -> str | None:
     if value and "://" not in value:
         return "must be empty (SQLite in data_dir) or a URL like sqlite:///path or postgresql://…"
+    if value.startswith("sqlite") and _in_memory(value):
+        return ("an in-memory SQLite database loses every agent and record at each restart: give a file "
+                "(sqlite:////absolute/path) or leave it empty (SQLite in data_dir)")
     return None
+
+
+def _in_memory(url: str) -> bool:
+    try:
+        return sqlite_file(url) is None
+    except Exception:  # unparsable: reported when the database is opened, with the driver's words
+        return False
 
 
 def _pool(value: str) -> str | None:
@@ -39,8 +49,9 @@ def storage_options(actor: str) -> tuple[Option, ...]:
             "database_url",
             "str",
             "",
-            f"SQLAlchemy URL of the database; empty = sqlite:///<data_dir>/{actor}.sqlite.\n"
-            "PostgreSQL: postgresql+psycopg://user:password@host/db",
+            f"SQLAlchemy URL of the database; empty = sqlite:///<data_dir>/{actor}.sqlite (in-memory\n"
+            "SQLite is refused: a restart would lose everything). PostgreSQL:\n"
+            "postgresql+psycopg://user:password@host/db",
             check=_database_url,
         ),
         Option(

@@ -95,7 +95,7 @@ def config_failure(actor: str, path: Path | None, exc: ConfigError) -> StartupEr
 
 
 def _db_main(spec: ServiceSpec, args: argparse.Namespace) -> int:
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
     from keytrio.actors.common.migrations import SchemaOutOfDate
     from keytrio.actors.common.store import db_command
@@ -114,6 +114,13 @@ def _db_main(spec: ServiceSpec, args: argparse.Namespace) -> int:
     except SchemaOutOfDate as exc:
         what, _, fix = str(exc).partition(": ")
         return fail(prog, StartupError(Exit.SCHEMA, what, fix), args.log_format)
+    except (ModuleNotFoundError, NoSuchModuleError) as exc:
+        return fail(prog, StartupError(Exit.CONFIG, f"no database driver for database_url ({exc})",
+                                       "install it (PostgreSQL: pip install 'keytrio[postgresql]') or fix "
+                                       "database_url"), args.log_format)
+    except OSError as exc:  # the SQLite file's own checks: a directory, a name too long, no access
+        return fail(prog, StartupError(Exit.DATABASE, f"cannot open the SQLite database: {exc}",
+                                       "check the path of database_url (or data_dir)"), args.log_format)
     except SQLAlchemyError as exc:
         reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
         return fail(prog, StartupError(Exit.DATABASE, f"database unreachable: {reason}",

@@ -269,6 +269,9 @@ async def open_store(url: str, **kwargs: Any) -> Any:
                            "install it (PostgreSQL: pip install 'keytrio[postgresql]') or fix database_url") from exc
     except sa_exc.ArgumentError as exc:
         raise StartupError(Exit.CONFIG, f"database_url {shown}: {exc}", "fix database_url") from exc
+    except OSError as exc:  # the SQLite file's own checks: a directory, a name too long, no access
+        raise StartupError(Exit.DATABASE, f"cannot open the SQLite database {shown}: {exc.strerror or exc}",
+                           "check that data_dir is writable and the file is a keytrio database") from exc
     except sa_exc.DBAPIError as exc:
         reason = " ".join(str(exc.orig).split()) if exc.orig is not None else type(exc).__name__
         if url.startswith("sqlite"):

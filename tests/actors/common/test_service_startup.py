@@ -93,6 +93,25 @@ def test_unreachable_postgresql(tmp_path: Path, pki: Any) -> None:
     assert "s3cret" not in line  # the password is never printed
 
 
+def test_database_urls_that_cannot_work(tmp_path: Path, pki: Any) -> None:
+    """The service and its `db` command on database_urls that once ended in a traceback (a
+    directory, a name too long: OSError from the file checks; `db` on a missing driver) or that
+    ran a verifier whose every agent a restart loses (in-memory SQLite): one line each."""
+    (tmp_path / "a_dir").mkdir()
+    cases = [
+        (f"sqlite:///{tmp_path / 'a_dir'}", Exit.DATABASE, "Is a directory"),
+        (f"sqlite:///{tmp_path / ('a' * 300)}", Exit.DATABASE, "File name too long"),
+        ("mysql://u@h/x", Exit.CONFIG, "no database driver"),
+        ("sqlite://", Exit.CONFIG, "database_url: an in-memory SQLite database loses every agent"),
+        ("sqlite:///:memory:", Exit.CONFIG, "database_url: an in-memory SQLite database loses every agent"),
+    ]
+    for url, code, needle in cases:
+        conf = write(tmp_path, "verifier", verifier_options(pki, tmp_path / "v", database_url=url))
+        one_line(run(["verifier", "--config", str(conf)]), code, needle)
+        one_line(run(["verifier", "--config", str(conf), "db", "upgrade"]), code, needle)
+    assert not (tmp_path / "v" / "verifier.sqlite").exists()
+
+
 def test_locked_data_dir_and_quiet_start(tmp_path: Path, pki: Any) -> None:
     """A verifier runs; a second one on the same data dir (another port) fails in one line."""
     data = tmp_path / "verifier"
