@@ -49,18 +49,19 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
-    def _name(self, name: str) -> str:
+    def full_name(self, name: str) -> str:
+        """The exported name of metric ``name`` (``keytrio_<actor>_<name>``)."""
         return f"keytrio_{self.actor}_{name}"
 
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-        return Counter(self._name(name), doc, labels, registry=self.registry)
+        return Counter(self.full_name(name), doc, labels, registry=self.registry)
 
     def gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
-        return Gauge(self._name(name), doc, labels, registry=self.registry)
+        return Gauge(self.full_name(name), doc, labels, registry=self.registry)
 
     def histogram(self, name: str, doc: str, labels: tuple[str, ...] = (),
                   buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
-        return Histogram(self._name(name), doc, labels, registry=self.registry, buckets=buckets)
+        return Histogram(self.full_name(name), doc, labels, registry=self.registry, buckets=buckets)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

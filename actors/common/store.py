@@ -199,9 +199,9 @@ class Store:
         once), and so does the group after a running commit that holds one (it still takes every
         write queued by then). ``fn`` must only touch ``conn`` (no side effects elsewhere): when
         one ``fn`` of a group raises, the group is rolled back and every ``fn`` of it runs again
-        in a transaction of its own, so the error reaches only its caller. Cancelled before its group started, a call writes
-        nothing; once started, it completes (committed or not) before Cancelled is raised,
-        as with :meth:`write`.
+        in a transaction of its own, so the error reaches only its caller. Cancelled before its
+        group started, a call writes nothing; once started, it completes (committed or not)
+        before Cancelled is raised, as with :meth:`write`.
         """
         return await self.collect(self.submit_grouped(fn, urgent=urgent))
 

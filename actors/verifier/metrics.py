@@ -77,8 +77,8 @@ class _StoreCounts:
 
     def __init__(self, owner: VerifierMetrics) -> None:
         self._owner = owner
-        self._commits = owner.metrics._name("store_commits_total")
-        self._writes = owner.metrics._name("store_writes_total")
+        self._commits = owner.metrics.full_name("store_commits_total")
+        self._writes = owner.metrics.full_name("store_writes_total")
 
     def describe(self) -> list[Metric]:
         return [CounterMetricFamily(self._commits, "", labels=("kind",)),
