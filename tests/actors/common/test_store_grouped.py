@@ -37,6 +37,21 @@ def boom(conn: Any) -> int:
     raise ValueError("boom")
 
 
+async def urgent_write_cancelled_while_queued(store: Store, nursery: trio.Nursery,
+                                              fn: Callable[[Any], int]) -> None:
+    """An urgent ``write_grouped(fn)`` cancelled once every task is blocked (it is queued behind
+    the group under way): asserts that it was cancelled, not answered."""
+    with trio.CancelScope() as scope:
+        async def cancel_when_queued() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+
+        nursery.start_soon(cancel_when_queued)
+        await store.write_grouped(fn, urgent=True)
+        pytest.fail("the cancelled urgent write returned")  # pragma: no cover
+    assert scope.cancelled_caught
+
+
 async def _open(url: str, linger: float = 0.25) -> Store:
     store = await Store.open(url, meta)
     await store.write(lambda c: c.execute(sa.insert(t), [{"id": i, "n": 0} for i in range(N)]))
@@ -332,15 +347,7 @@ async def test_an_urgent_write_cancelled_before_its_group_is_dropped_and_lingeri
             nursery.start_soon(write, "held", held, True)
             await trio.to_thread.run_sync(started.wait)
             nursery.start_soon(write, "background", inc(1), False)
-            with trio.CancelScope() as scope:
-                async def cancel_when_queued() -> None:
-                    await trio.testing.wait_all_tasks_blocked()
-                    scope.cancel()
-
-                nursery.start_soon(cancel_when_queued)
-                await store.write_grouped(inc(2), urgent=True)
-                pytest.fail("the cancelled urgent write returned")  # pragma: no cover
-            assert scope.cancelled_caught
+            await urgent_write_cancelled_while_queued(store, nursery, inc(2))
             assert len(store._queue) == 1 and store._urgent_by is None
             released = trio.current_time()
             gate.set()
@@ -502,14 +509,7 @@ async def test_the_counters_count_groups_by_what_they_hold_and_writes_by_kind(
             await trio.to_thread.run_sync(started.wait)
             assert tally(store) == (1, 2, 1, 5, 3)  # counted as it was taken
             nursery.start_soon(write, inc(1), False)
-            with trio.CancelScope() as scope:
-                async def cancel_when_queued() -> None:
-                    await trio.testing.wait_all_tasks_blocked()
-                    scope.cancel()
-
-                nursery.start_soon(cancel_when_queued)
-                await store.write_grouped(inc(2), urgent=True)
-            assert scope.cancelled_caught
+            await urgent_write_cancelled_while_queued(store, nursery, inc(2))
             gate.set()
         assert tally(store) == (2, 2, 1, 6, 3)  # the background write's group: background only
 
