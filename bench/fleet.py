@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid as uuidlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +347,23 @@ def store_delta(a: dict[str, float] | None, b: dict[str, float] | None) -> dict[
                            "all": (wb + wu) / commits if commits else None}}  # fmt: skip
 
 
+async def wait_attested(client: httpx.AsyncClient, url: str, ids: list[str], *, pause: float = 1.0,
+                        bulk: Callable[[httpx.AsyncClient, str], Awaitable[tuple[float, dict[str, Any]]]] | None = None,
+                        ) -> int:
+    """Warm-up: bulk GETs ``pause`` s apart until every agent of ``ids`` was attested once (its
+    ``attestation_count`` >= 1), for at most 30 s + 0.2 s per agent; returns how many were."""
+    bulk = bulk or _bulk
+    deadline = time.monotonic() + 30 + 0.2 * len(ids)
+    attested = 0
+    while time.monotonic() < deadline:
+        _t, recs = await bulk(client, url)
+        attested = sum(1 for i in ids if recs.get(i, {}).get("attestation_count", 0) >= 1)
+        if attested == len(ids):
+            break
+        await trio.sleep(pause)
+    return attested
+
+
 async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, Any]], pids: Any, interval: float,
                   seconds: float, rss0: float, on_window: Any = None, concurrency: int = 8,
                   side_pids: Any = None, counts: Any = None) -> dict[str, Any]:
@@ -371,14 +389,8 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
         raise RuntimeError(f"{url}: {len(refused)} of {n} enrolments refused (statuses {sorted(set(refused))})")
     enrol_s = time.monotonic() - t0
     # warm-up: every agent attested once (first poll: the whole IMA log + V), then one more interval
-    deadline = time.monotonic() + 30 + 0.2 * n
-    attested = 0
-    while time.monotonic() < deadline:
-        _t, recs = await _bulk(client, url)
-        attested = sum(1 for i in ids if recs.get(i, {}).get("attestation_count", 0) >= 1)
-        if attested == n:
-            break
-        await trio.sleep(max(1.0, n / 500))  # a bulk GET of thousands of agents is verifier CPU too
+    # a bulk GET of thousands of agents is verifier CPU too: fewer of them for a large fleet
+    attested = await wait_attested(client, url, ids, pause=max(1.0, n / 500))
     warm_s = time.monotonic() - t0
     await trio.sleep(interval)
     t_a, before = await _bulk(client, url)

@@ -532,14 +532,7 @@ async def mixed_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: 
         await sim_push.start_agents(admin, url, agents, qi, nursery)
         enrol_s = time.monotonic() - t0
         ids = pull_ids + push_ids
-        deadline = time.monotonic() + 30 + 0.2 * len(ids)
-        attested = 0
-        while time.monotonic() < deadline:
-            _t, recs = await sim_push._bulk(admin, url)
-            attested = sum(1 for i in ids if recs.get(i, {}).get("attestation_count", 0) >= 1)
-            if attested == len(ids):
-                break
-            await trio.sleep(1.0)
+        attested = await fleet.wait_attested(admin, url, ids, bulk=sim_push._bulk)
         await trio.sleep(math.ceil(qi))
         t_a, before = await sim_push._bulk(admin, url)
         store_a = await counts()

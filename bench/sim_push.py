@@ -457,14 +457,7 @@ async def push_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: C
         await start_agents(admin, url, agents, qi, nursery)
         enrol_s = time.monotonic() - t0
         ids = [s.agent_id for s in sims]
-        deadline = time.monotonic() + 30 + 0.2 * n
-        attested = 0
-        while time.monotonic() < deadline:
-            _t, recs = await _bulk(admin, url)
-            attested = sum(1 for i in ids if recs.get(i, {}).get("attestation_count", 0) >= 1)
-            if attested == n:
-                break
-            await trio.sleep(1.0)
+        attested = await fleet.wait_attested(admin, url, ids, bulk=_bulk)
         await trio.sleep(math.ceil(qi))
         # the window counts evidence the verifier accepted (202) as the agents see it, read at the
         # same instants as the CPU: a bulk GET inside the window would add its own CPU, and a
