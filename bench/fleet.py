@@ -366,7 +366,7 @@ async def wait_attested(client: httpx.AsyncClient, url: str, ids: list[str], *, 
 
 async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, Any]], pids: Any, interval: float,
                   seconds: float, rss0: float, on_window: Any = None, concurrency: int = 8,
-                  side_pids: Any = None, counts: Any = None) -> dict[str, Any]:
+                  side_pids: Any = None, counts: Any = None, served: Any = None) -> dict[str, Any]:
     """Enrol ``agents`` (``concurrency`` POSTs at a time), warm up, measure one window; -> the row of
     the table for one side.
 
@@ -374,7 +374,14 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
     ``side_pids()`` (optional): processes working for the verifier but not part of it (its
     PostgreSQL backends), whose CPU in the window is reported apart as ``side_cpu_s``.
     ``counts()`` (optional, async: :func:`store_counts`) is read just before and just after the
-    window: the store's group commits in it (:func:`store_delta`) are the row's ``store``."""
+    window: the store's group commits in it (:func:`store_delta`) are the row's ``store``.
+    ``served()`` (optional: the quotes the agents have served so far, bench.sim_fleet's simulated
+    agents) is read right next to the CPU at both ends: the polls are then those served in the CPU's
+    own window. Without it the polls are Σ ``attestation_count`` deltas of the bulk GETs around the
+    window, which count each agent's polls in whole cycles: an agent polled 14 or 15 times in a 30 s
+    window of 2.07 s cycles, and a fleet enrolled within a second polls in step, so the count moved
+    by up to one cycle in 14.5 (±3.5 %) with where the window's ends fell, and the store's commit
+    lag moved those ends (docs/performance.md 4c.13). Both counts are in the row."""
     ids = [a["id"] for a in agents]
     n = len(ids)
 
@@ -397,6 +404,7 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
     if on_window is not None:
         on_window()
     store_a = await counts() if counts is not None else None
+    served_a = served() if served is not None else 0
     cpu_a, _rss = usage(pids())
     us_a = _user_sys(pids())
     side_a = usage(side_pids())[0] if side_pids else 0.0
@@ -407,23 +415,27 @@ async def _window(client: httpx.AsyncClient, url: str, agents: list[dict[str, An
         rss_peak = max(rss_peak, usage(pids())[1])
     cpu_b, rss = usage(pids())
     us_b = _user_sys(pids())
+    served_b = served() if served is not None else 0
     side_b = usage(side_pids())[0] if side_pids else 0.0
     wall = time.monotonic() - w0
     store_b = await counts() if counts is not None else None
     t_b, after = await _bulk(client, url)
-    polls = 0
-    rate = 0.0
+    committed = 0
     states: dict[str, int] = {}
     for i in ids:
         a, b = before.get(i, {}), after.get(i, {})
-        d = b.get("attestation_count", 0) - a.get("attestation_count", 0)
-        polls += d
-        rate += d / (t_b - t_a)
+        committed += b.get("attestation_count", 0) - a.get("attestation_count", 0)
         st = str(b.get("operational_state"))
         states[st] = states.get(st, 0) + 1
+    if served is not None:
+        polls, rate = served_b - served_a, (served_b - served_a) / wall
+    else:
+        polls, rate = committed, committed / (t_b - t_a)
     cpu_rate = (cpu_b - cpu_a) / wall
     return {
         "n": n, "target_rate": n / interval, "achieved_rate": rate, "polls": polls, "window_s": wall,
+        "polls_counted_by": "served" if served is not None else "committed",
+        "polls_committed": committed, "polls_committed_span_s": t_b - t_a,
         "cpu_s": cpu_b - cpu_a, "cpu_user_s": us_b[0] - us_a[0], "cpu_sys_s": us_b[1] - us_a[1], "cpu_per_s": cpu_rate, "cpu_per_poll": cpu_rate / rate if rate else None,
         "rss_mb": rss, "rss_peak_mb": max(rss_peak, rss), "rss0_mb": rss0,
         "rss_per_agent_kb": (rss - rss0) * 1024 / n, "attested_at_start": attested, "states": states,

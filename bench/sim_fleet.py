@@ -29,7 +29,9 @@ Processes (the verifier pinned to ``--cpu``, default the last CPU; everything el
 Per side and N the window of bench.fleet: enrol (the fields upstream's tenant POSTs, a named
 runtime policy of ``--policy-files`` files covering each agent's ``boot_aggregate`` + 5 files, PCR
 mask 0x400, PCR 16 always), wait for every agent's first attestation and one more interval, then
-``--seconds`` of verifier CPU (utime + stime from /proc) against Σ ``attestation_count`` deltas.
+``--seconds`` of verifier CPU (utime + stime from /proc) against the integrity quotes the agents
+served in that same window (read next to the CPU; Σ ``attestation_count`` deltas of bulk GETs
+around the window are in the row as ``polls_committed``, the count before 2026-12-05).
 **Agents per core at 2 s** = 2 s ÷ CPU per poll: how many agents one fully used core would keep
 at a 2 s interval at that per-poll cost (polls cost the same at any interval: each is a fresh
 quote over a kept connection). The agents process's own CPU per poll is reported too.
@@ -152,6 +154,11 @@ class SimFleet:
     def served(self) -> list[dict[str, int]]:
         """Per process: integrity quotes signed and connections accepted so far."""
         return self._all({"op": "served"})
+
+    def quotes_served(self) -> int:
+        """Integrity quotes the agents have signed so far: the polls of whichever verifier runs
+        (fleet._window's ``served``)."""
+        return sum(r["served"] for r in self.served())
 
     def close(self) -> None:
         for sp in self.procs:
@@ -308,7 +315,8 @@ def _keytrio_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, 
                     r = await fleet._window(client, url, agents, lambda: fleet.tree_pids(srv.pid), qi, args.seconds,
                                             rss0, on_window=start_spy, concurrency=args.enrol_concurrency,
                                             side_pids=pg.backends if pg else None,
-                                            counts=partial(fleet.store_counts, mport) if mport else None)  # fmt: skip
+                                            counts=partial(fleet.store_counts, mport) if mport else None,
+                                            served=sims.quotes_served)  # fmt: skip
                     return {**r, "quote_interval": qi, "workers": workers, "database": database,
                             "pg_database": pg.name if pg else None, **_row_extra(r, sims.cpu() - sims_cpu[0]),
                             **_handshakes(r, sims.connections() - conns[0])}
@@ -439,7 +447,7 @@ def _upstream_side(args: argparse.Namespace, env: dict[str, str], pgid: int, ctx
                 r = await fleet._window(client, url, agents, lambda: fleet.group_pids(pgid), qi, args.seconds, rss0,
                                         on_window=lambda: (sims_cpu.append(sims.cpu()),
                                                            conns.append(sims.connections())),
-                                        concurrency=args.enrol_concurrency)
+                                        concurrency=args.enrol_concurrency, served=sims.quotes_served)
                 return {**r, "quote_interval": qi, "workers": report.get("upstream_workers"),
                         **_row_extra(r, sims.cpu() - sims_cpu[0]), **_handshakes(r, sims.connections() - conns[0])}
             finally:
@@ -508,13 +516,14 @@ async def _register_push(args: argparse.Namespace, n: int, pushers: Any, new: li
 
 async def mixed_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: Any, pull: list[dict[str, Any]],
                        push: list[Any], qi: float, seconds: float, counts: Any, concurrency: int = 8,
-                       lean: bool = True) -> dict[str, Any]:
+                       lean: bool = True, served: Any = None) -> dict[str, Any]:
     """Enrol the ``pull`` agents (as fleet._window) and the ``push`` agents (as sim_push.push_window,
     started as enrolled) on one verifier in mode = both, wait until every one attested once and one
-    interval more, then measure one window of the CPU of ``pids()``: pull polls (Σ
-    ``attestation_count`` deltas of the pull agents over the bulk GETs around the window, per second
-    of their span, as the pull row) and push attestations (202s in the window, per second of it, as
-    the push row) apart; ``counts()`` (fleet.store_counts) read just before and after the window."""
+    interval more, then measure one window of the CPU of ``pids()``: pull polls (the quotes the
+    pull agents served in the window, ``served()`` read next to the CPU as fleet._window does; without
+    it Σ ``attestation_count`` deltas of the pull agents over the bulk GETs around the window, per
+    second of their span) and push attestations (202s in the window, per second of it, as the push
+    row) apart; ``counts()`` (fleet.store_counts) read just before and after the window."""
     from bench import sim_push
 
     n_pull, n_push = len(pull), len(push)
@@ -536,12 +545,14 @@ async def mixed_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: 
         await trio.sleep(math.ceil(qi))
         t_a, before = await sim_push._bulk(admin, url)
         store_a = await counts()
+        served_a = served() if served is not None else 0
         cpu_a, sent_a = fleet.usage(pids())[0], sum(a.sent for a in agents)
         us_a = fleet._user_sys(pids())
         w0 = time.monotonic()
         await trio.sleep(seconds)
         cpu_b, rss = fleet.usage(pids())
         us_b, sent_b = fleet._user_sys(pids()), sum(a.sent for a in agents)
+        served_b = served() if served is not None else 0
         wall = time.monotonic() - w0
         store_b = await counts()
         t_b, after = await sim_push._bulk(admin, url)
@@ -554,16 +565,22 @@ async def mixed_window(admin: httpx.AsyncClient, url: str, ca_file: Path, pids: 
     for i in ids:
         st = str(after.get(i, {}).get("operational_state"))
         states[st] = states.get(st, 0) + 1
-    polls = sum(delta(i) for i in pull_ids)
+    committed = sum(delta(i) for i in pull_ids)
     attestations = sent_b - sent_a
-    pull_rate, push_rate = polls / (t_b - t_a), attestations / wall
+    if served is not None:
+        polls, pull_rate = served_b - served_a, (served_b - served_a) / wall
+    else:
+        polls, pull_rate = committed, committed / (t_b - t_a)
+    push_rate = attestations / wall
     cpu_rate = (cpu_b - cpu_a) / wall
     per = cpu_rate / (pull_rate + push_rate) if pull_rate + push_rate else None
     errors, first = sim_push.agent_errors(agents)
     return {
         "n": n_pull, "n_push": n_push, "mode": "both", "quote_interval": qi, "enrol_s": enrol_s,
         "attested_at_start": attested, "window_s": wall, "polls_span_s": t_b - t_a,
-        "pull_polls": polls, "push_attestations": attestations, "push_passed": sum(delta(i) for i in push_ids),
+        "pull_polls": polls, "pull_polls_counted_by": "served" if served is not None else "committed",
+        "pull_polls_committed": committed, "push_attestations": attestations,
+        "push_passed": sum(delta(i) for i in push_ids),
         "pull_rate": pull_rate, "push_rate": push_rate,
         "target_rate": (n_pull + n_push) / qi, "achieved_rate": pull_rate + push_rate,
         "polls": polls + attestations, "cpu_s": cpu_b - cpu_a, "cpu_user_s": us_b[0] - us_a[0],
@@ -618,7 +635,7 @@ def _mixed_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, lo
                 served = sims.cpu()
                 r = await mixed_window(admin, url, ca / "cacert.crt", lambda: [srv.pid], agents, push, qi,
                                        args.seconds, partial(fleet.store_counts, mport), args.enrol_concurrency,
-                                       args.push_client == "lean")  # fmt: skip
+                                       args.push_client == "lean", served=sims.quotes_served)  # fmt: skip
                 return {**r, "agents_process_cpu_s": sims.cpu() - served}
         finally:
             _stop(srv)

@@ -114,6 +114,10 @@ def test_sim_fleet_agent_procs_and_workers_rows(tmp_path: Path, pg_admin_url: st
     for r in (one, two):
         assert r["n"] == 6 and r["states"] == {str(states.GET_QUOTE): 6}, r  # six distinct agents, all attested
         assert r["polls"] > 0 and r["cpu_per_poll"] is not None, r
+        # polls counted as the quotes the agents served in the CPU's window; the committed count of
+        # the bulk GETs around it is the check (the two windows' ends differ by the commit lag)
+        assert r["polls_counted_by"] == "served" and r["achieved_rate"] == r["polls"] / r["window_s"], r
+        assert r["polls_committed"] > 0 and abs(r["polls"] - r["polls_committed"]) <= 2 * r["n"], r
     assert one["processes"] == 1 and one["database"] == "sqlite" and one["side_cpu_s"] == 0
     assert two["processes"] == 3 and two["workers"] == 2 and two["database"] == "postgresql"  # supervisor + 2
     assert "keytrio 2 workers (PostgreSQL): 3 processes" in done.stdout
@@ -144,6 +148,8 @@ def test_sim_fleet_mixed_row_counts_pull_polls_push_attestations_and_the_stores_
     assert mixed["states"] == {str(states.GET_QUOTE): 8}, mixed  # pull and push agents all attesting
     assert mixed["pull_polls"] > 0 and mixed["push_attestations"] > 0 and mixed["push_passed"] > 0, mixed
     assert mixed["polls"] == mixed["pull_polls"] + mixed["push_attestations"] and mixed["cpu_per_poll"] > 0
+    assert mixed["pull_polls_counted_by"] == "served" and mixed["pull_polls_committed"] > 0, mixed
+    assert abs(mixed["pull_polls"] - mixed["pull_polls_committed"]) <= 2 * mixed["n"], mixed
     assert mixed["agent_errors"] == {} and mixed["latency_ms"]["evidence"] is not None, mixed
     store = mixed["store"]
     assert store["writes"]["background"] > 0 and store["writes"]["urgent"] > 0, store
