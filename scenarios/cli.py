@@ -51,6 +51,10 @@ def _scenario_run(args: argparse.Namespace) -> int:
 #: the most machines ``testbed up`` starts (each is an swtpm process and an agent); the simulated
 #: agents of bench.sim_fleet are the way to thousands
 MAX_MACHINES = 1000
+#: the verifier's quote_interval when ``testbed up`` runs push agents (the push scenarios' too)
+PUSH_QUOTE_INTERVAL = 1.0
+#: seconds between a waiting push agent's retries at most (it waits for `tenant add --push`)
+PUSH_BACKOFF_MAX = 5.0
 
 
 def _machine_count(text: str) -> int:
@@ -72,10 +76,19 @@ async def _cancel_on_signal(signals: Any, scope: trio.CancelScope) -> None:
 def _testbed_up(args: argparse.Namespace) -> int:
     import json
 
+    if args.agents + args.push_agents > MAX_MACHINES:
+        print(f"keytrio testbed up: error: --agents and --push-agents: {args.agents + args.push_agents} "
+              f"machines, at most {MAX_MACHINES} together", file=sys.stderr)
+        return 2
+
     from keytrio.testbed.world import Testbed
 
+    # push agents: a verifier serving both models at the push scenarios' interval (a push agent is
+    # told to wait whole seconds, at least 1, whatever the interval)
+    push = {"verifier_options": {"mode": "both"}, "quote_interval": PUSH_QUOTE_INTERVAL} if args.push_agents else {}
+
     async def up() -> None:
-        tb = Testbed(args.dir, machines=args.agents, seed=args.seed)
+        tb = Testbed(args.dir, machines=args.agents, seed=args.seed, **push)
         # SIGINT (Ctrl-C) and SIGTERM both tear the testbed down through cancellation, so agents
         # stop, every swtpm gets TPM2_Shutdown(CLEAR) and databases close.
         # The signals are watched from the first moment: a Ctrl-C while the machines start (many
@@ -84,6 +97,11 @@ def _testbed_up(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
                 await nursery.start(tb.run)
+                if args.push_agents:
+                    # a push agent retries until it is enrolled: at most every PUSH_BACKOFF_MAX s here
+                    # (the testbed's own 1 s would print a line a second per agent while you type)
+                    await tb.add_machines(args.push_agents, behind_nat=True, mode="push",
+                                          backoff_max_delay=PUSH_BACKOFF_MAX)
                 print(json.dumps(tb.describe(), indent=2), flush=True)
                 print(f"tenant configuration: {tb.tenant_config}; for example:", file=sys.stderr)
                 for line in tb.tenant_commands():
@@ -144,9 +162,14 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "up", help="start a CA, registrar, verifier and N agents; Ctrl-C stops them",
         description="Start a CA, registrar, verifier and N agents (swtpm) and keep them running until "
                     "Ctrl-C. Writes DIR/tenant.toml (with the EK trust store DIR/ek-trust-store) and "
-                    "prints the tenant commands that use it, e.g. keytrio tenant add -c DIR/tenant.toml ID.")
+                    "prints the tenant commands that use it, e.g. keytrio tenant add -c DIR/tenant.toml ID "
+                    "(keytrio tenant add --push -c DIR/tenant.toml ID for a push agent).")
     up.add_argument("--agents", type=_machine_count, default=1,
-                    help=f"number of machines, 0 to {MAX_MACHINES} (default %(default)s)")
+                    help=f"number of machines with a pull-mode agent, 0 to {MAX_MACHINES} (default %(default)s)")
+    up.add_argument("--push-agents", type=_machine_count, default=0, metavar="N",
+                    help="also N push-mode machines (API v3.0), each behind a NAT gateway: they dial out, "
+                         "nothing dials in; the verifier then serves pull and push agents (mode both) at a "
+                         f"{PUSH_QUOTE_INTERVAL:g} s quote interval (default 0)")
     up.add_argument("--dir", type=Path, required=True, help="the testbed's directory (kept)")
     up.add_argument("--seed", type=int, default=0, help="seed of machine contents and agent ids")
     up.set_defaults(func=_testbed_up)

@@ -110,6 +110,11 @@ class Machine:
         return self.info.address
 
     @property
+    def is_push(self) -> bool:
+        """A push-mode agent (API v3.0): it dials the verifier, listens on no port."""
+        return self.agent_options.get("mode") == "push"
+
+    @property
     def agent_id(self) -> str:
         if self.info is None:
             raise RuntimeError(f"machine {self.name}: agent never started")

@@ -445,7 +445,12 @@ class Testbed:
         out = []
         for m in self.machines:
             aid = shlex.quote(m.agent_id)
-            out += [f"keytrio tenant add -c {config} {aid}", f"keytrio tenant status -c {config} {aid}"]
+            if m.is_push:  # enrolled without a contact address; its history is read at the verifier
+                out += [f"keytrio tenant add --push -c {config} {aid}",
+                        f"keytrio tenant attestations -c {config} {aid}"]
+            else:
+                out.append(f"keytrio tenant add -c {config} {aid}")
+            out.append(f"keytrio tenant status -c {config} {aid}")
         out.append(f"keytrio tenant list -c {config}")
         return out
 
@@ -460,10 +465,19 @@ class Testbed:
                        "client_key": str(self.ca.client_key),
                        "revocation_key": str(self.ca.revocation_key),
                        "revocation_cert": str(self.ca.revocation_cert)},
-            "agents": [{"machine": m.name, "agent_id": m.agent_id,
-                        "address": "{}:{}".format(*m.contact), "direct": "{}:{}".format(*m.address),
-                        "dir": str(m.dir)} for m in self.machines],
+            "agents": [self._describe(m) for m in self.machines],
         }
+
+    @staticmethod
+    def _describe(m: Machine) -> dict[str, Any]:
+        out: dict[str, Any] = {"machine": m.name, "agent_id": m.agent_id, "mode": "push" if m.is_push else "pull"}
+        if m.is_push:
+            # it listens on no port; behind a NAT its public address refuses every connection
+            out["behind_nat"] = "{}:{}".format(*m.contact) if m.nat is not None else None
+        else:
+            out["address"], out["direct"] = "{}:{}".format(*m.contact), "{}:{}".format(*m.address)
+        out["dir"] = str(m.dir)
+        return out
 
 
 __all__ = ["Testbed", "WaitTimeout", "machine_uuid"]

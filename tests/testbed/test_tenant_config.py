@@ -123,3 +123,62 @@ async def test_testbed_up_command_prints_working_tenant_commands(tmp_path: Path)
         with trio.fail_after(60):
             await proc.wait()
     assert proc.returncode == 0
+
+
+async def test_testbed_up_with_push_agents_prints_working_push_commands(tmp_path: Path) -> None:
+    """``keytrio testbed up --agents 0 --push-agents 1`` as a process: its JSON names the machine a
+    push agent behind a NAT gateway, and the commands it prints for it work as printed: ``tenant
+    add --push`` enrols it, it attests by itself (a passed attestation in ``tenant attestations``),
+    ``tenant status`` shows it in Get Quote."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import trio
+
+    keytrio = str(Path(sys.executable).with_name("keytrio"))
+    tb_dir = tmp_path / "tb"
+    proc = await trio.lowlevel.open_process(
+        [keytrio, "testbed", "up", "--dir", str(tb_dir), "--agents", "0", "--push-agents", "1", "--seed", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        err = out = b""
+        with trio.fail_after(120):  # a hang guard
+            while b"Ctrl-C" not in err:
+                assert proc.stderr is not None
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, err.decode()
+                err += chunk
+            assert proc.stdout is not None
+            while not out.rstrip().endswith(b"}"):
+                out += await proc.stdout.receive_some(65536)
+        (machine,) = json.loads(out)["agents"]
+        assert machine["mode"] == "push" and machine["behind_nat"] and "address" not in machine, machine
+        commands = [shlex.split(ln.strip()) for ln in err.decode().splitlines()
+                    if ln.strip().startswith("keytrio tenant ")]
+        aid = machine["agent_id"]
+        assert [c[2:4] for c in commands] == [["add", "--push"], ["attestations", "-c"], ["status", "-c"],
+                                              ["list", "-c"]], commands
+        assert all(c[-1] == aid for c in commands[:3]), commands
+
+        async def run(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+            return await trio.run_process([keytrio, *argv[1:]], capture_stdout=True, capture_stderr=True,
+                                          check=False, cwd=tmp_path)
+
+        done = await run(commands[0])
+        assert done.returncode == 0, done.stderr.decode()
+        with trio.fail_after(60):  # a hang guard: the agent retries at most every 5 s until enrolled
+            while True:
+                done = await run(commands[1])
+                assert done.returncode == 0, done.stderr.decode()
+                if " verification_complete pass " in done.stdout.decode():  # "#<i> <stage> <evaluation> <when>"
+                    break
+                await trio.sleep(0.5)
+        done = await run(commands[2])
+        assert done.returncode == 0 and "state        Get Quote" in done.stdout.decode(), done.stdout.decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(60):
+            await proc.wait()
+    assert proc.returncode == 0

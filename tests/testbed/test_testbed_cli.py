@@ -50,6 +50,19 @@ def test_machine_count_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
         assert not (tmp_path / "tb").exists()  # nothing started, nothing written
 
 
+def test_push_agents_count_is_checked_alone_and_with_the_pull_agents(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTRIO_")}
+    for args, last in ((["--push-agents", "-2"], "keytrio testbed up: error: argument --push-agents: must be 0 to "
+                                                  "1000, not -2"),
+                       (["--agents", "600", "--push-agents", "401"],
+                        "keytrio testbed up: error: --agents and --push-agents: 1001 machines, at most 1000 "
+                        "together")):
+        r = subprocess.run([str(KEYTRIO), "testbed", "up", "--dir", str(tmp_path / "tb"), *args],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert (r.returncode, r.stdout, r.stderr.splitlines()[-1]) == (2, "", last), r.stderr
+        assert not (tmp_path / "tb").exists()  # nothing started, nothing written
+
+
 def test_ctrl_c_while_the_machines_start_tears_down(tmp_path: Path) -> None:
     """SIGINT during the start (signals were read only once every machine ran, so a start of many
     swtpms could not be stopped) ends the process, and nothing it started is left running."""
