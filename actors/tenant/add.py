@@ -361,6 +361,9 @@ def _record_fields(record: dict[str, Any]) -> tuple[str, str, str, str, int]:
     if not isinstance(aik, str) or not isinstance(ek, str):
         raise Refused("registrar", 200, "record without aik_tpm/ek_tpm")
     if not isinstance(cert, str) or "-----BEGIN CERTIFICATE-----" not in cert:
+        if not ip and not port:  # what a push agent registers: it listens on no port
+            raise VerificationFailed("registrar record", "no mtls_cert and no contact address: the agent "
+                                                         "registered as a push-mode agent (API v3.0)")
         raise VerificationFailed("registrar record", "no mtls_cert: the agent cannot be authenticated")
     if not isinstance(ip, str) or not ip or not isinstance(port, int) or isinstance(port, bool):
         raise Refused("registrar", 200, "record without a contact ip/port")

@@ -121,7 +121,8 @@ async def _add(t: Tenant, args: argparse.Namespace, cfg: Any, tls: tconfig.TlsFi
                 await t.delete(args.agent_id, timeout=req.timeout)
     if getattr(args, "push", False):
         async with progress.step(f"enrolling {args.agent_id} as a push-mode agent"):
-            await push.add_push_agent(t, req)
+            await push.add_push_agent(t, req, warn=lambda text: print(
+                f"keytrio tenant {args.tenant_verb}: warning: {text}", file=progress.stream, flush=True))
         print(f"agent {args.agent_id} {'updated' if update else 'enrolled'} in push mode: it attests when it "
               f"connects (`keytrio tenant attestations {args.agent_id}`)", file=out)
         return EXIT_OK

@@ -74,6 +74,8 @@ def hint(exc: TenantError, args: argparse.Namespace) -> str:
             return "check the policy file and the key that signed it (keytrio policy verify)"
         if exc.what == "keys/verify":
             return "the agent did not derive the bootstrap key: check the agent's log"
+        if exc.what == "registrar record" and "push-mode" in exc.detail:
+            return f"enrol it as one: `keytrio tenant add --push {aid}`"
         return f"see `keytrio tenant status {aid}` and the verifier's log"
     if str(exc).startswith("runtime policy"):
         return "check the policy file (`keytrio policy create runtime` makes valid ones)"
@@ -118,7 +120,9 @@ def format_status(st: dict[str, Any]) -> str:
     if reg is None:
         lines.append("registrar    not registered")
     else:
-        lines.append(f"registrar    registered, contact {reg.get('ip')}:{reg.get('port')}, regcount {reg.get('regcount')}")
+        contact = (f"contact {reg.get('ip')}:{reg.get('port')}" if reg.get("ip") or reg.get("port")
+                   else "no contact address (it dials out: a push agent)")
+        lines.append(f"registrar    registered, {contact}, regcount {reg.get('regcount')}")
     if ver is None:
         lines.append("verifier     not enrolled")
         return "\n".join(lines)

@@ -14,6 +14,8 @@ connection: a JSON:API document, not the v2 envelope, so it is read here rather 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,8 @@ from keytrio.actors.tenant.context import TenantContext
 from keytrio.actors.tenant.ekcheck import check_ek
 from keytrio.actors.tenant.errors import ConnectionProblem, Refused, UsageError
 from keytrio.protocol import safejson
+
+log = logging.getLogger("keytrio.tenant")
 
 #: ``supported_version`` of a push enrolment: the API the agent speaks (nothing calls it back)
 PUSH_AGENT_VERSION = "3.0"
@@ -37,8 +41,10 @@ class PushAddResult:
     verifier_version: str
 
 
-async def add_push_agent(t: TenantContext, req: AddRequest) -> PushAddResult:
-    """Enrol a push-mode agent: registrar record, EK check, enrolment with no contact address."""
+async def add_push_agent(t: TenantContext, req: AddRequest, *,
+                         warn: Callable[[str], None] | None = None) -> PushAddResult:
+    """Enrol a push-mode agent: registrar record, EK check, enrolment with no contact address.
+    ``warn`` (default: a log warning) hears of a record that looks like a pull agent's."""
     if req.payload:
         raise UsageError("a push agent takes no payload: nothing can deliver U to an agent that listens on no port")
     checked = check_request(req)
@@ -47,6 +53,14 @@ async def add_push_agent(t: TenantContext, req: AddRequest) -> PushAddResult:
     aik, ek = record.get("aik_tpm"), record.get("ek_tpm")
     if not isinstance(aik, str) or not isinstance(ek, str):
         raise Refused("registrar", 200, "record without aik_tpm/ek_tpm")
+    if record.get("ip") or record.get("port"):
+        # a push agent registers no contact address; a pull agent enrolled in push mode never
+        # pushes, and the verifier fails it (and sends a revocation notice) once its
+        # maximum_attestation_interval passes
+        (warn or log.warning)(
+            f"the registrar has a contact address for {req.agent_id} ({record.get('ip')}:{record.get('port')}): "
+            "a pull-mode agent enrolled in push mode does not attest and will be failed after the "
+            "verifier's maximum_attestation_interval; enrol it without --push if it is one")
     if checked.ek_store is not None:
         check_ek(record.get("ekcert"), ek, checked.ek_store)
     verifier = await t.ready(t.verifier)

@@ -63,6 +63,12 @@ async def test_cli_end_to_end(world: World, nursery: trio.Nursery, swtpm: Any, t
     await cli.fails(4, "add", AGENT_ID, "--ek-trust-store", other, match="EK certificate")
     code, out, _ = await cli("list", "--json")
     assert code == 0 and json.loads(out) == {"registrar": [AGENT_ID], "verifier": []}
+    # a pull agent (it registered a contact address) enrolled with --push: warned before the POST,
+    # which this pull-mode verifier refuses (a push enrolment has no contact address)
+    code, out, err = await cli("add", "--push", AGENT_ID, "--no-ek-check")
+    assert "keytrio tenant add: warning: the registrar has a contact address for" in err, err
+    assert "enrol it without --push" in err and code == 5, (code, err)
+    assert json.loads((await cli("list", "--json"))[1])["verifier"] == []
 
     code, out, err = await cli("add", AGENT_ID, *ek_store, "--payload", src, "--include-autorun", autorun,
                                "--pcr", "16=" + "00" * 32, "--pcr", "16=" + "11" * 32,  # listed but PCR 16 is checked anyway

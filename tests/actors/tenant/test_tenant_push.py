@@ -73,8 +73,16 @@ async def test_tenant_enrols_a_push_agent_and_reads_its_history(
         code, out, _ = await cli("list", "--json")
         assert json.loads(out)["verifier"] == []
 
+        # enrolled as a pull agent by mistake: the registrar record (no contact, no mTLS cert) says
+        # what it is, and the line says how to enrol it
+        code, _, err = await cli("add", AGENT_ID, "--no-ek-check")
+        assert code == 4 and "registered as a push-mode agent" in err, err
+        assert f"`keytrio tenant add --push {AGENT_ID}`" in err, err
+        code, out, _ = await cli("list", "--json")
+        assert json.loads(out)["verifier"] == []
+
         code, out, err = await cli("add", "--push", AGENT_ID)
-        assert code == 0 and "push mode" in out, (out, err)
+        assert code == 0 and "push mode" in out and "warning" not in err, (out, err)
         code, out, _ = await cli("status", AGENT_ID, "--json")
         rec = json.loads(out)["verifier"]
         assert (rec["ip"], rec["port"]) == (None, None), rec
@@ -129,6 +137,12 @@ def test_status_lines_of_push_and_pull_agents() -> None:
             " failure policy_violation") in text.splitlines(), text
     text = format_status({"agent_id": AGENT_ID, "registrar": None, "verifier": rec, "latest_attestation": None})
     assert "latest       push agent, no attestation yet" in text.splitlines(), text
+    # the registrar line: a push agent registered no contact address
+    reg = {"ip": None, "port": None, "regcount": 1}
+    text = format_status({"agent_id": AGENT_ID, "registrar": reg, "verifier": None})
+    assert "registrar    registered, no contact address (it dials out: a push agent), regcount 1" in text, text
+    text = format_status({"agent_id": AGENT_ID, "registrar": {**reg, "ip": "10.0.0.2", "port": 9002}, "verifier": None})
+    assert "registrar    registered, contact 10.0.0.2:9002, regcount 1" in text, text
     # a pull agent's status has no such line (ops.status adds the key for push records only)
     pull = {**rec, "ip": "10.0.0.2", "port": 9002}
     assert "latest" not in format_status({"agent_id": AGENT_ID, "registrar": None, "verifier": pull})
