@@ -246,6 +246,7 @@ class PgDatabase:
     def __init__(self, admin_url: str) -> None:
         import sqlalchemy as sa
 
+        self.admin_url = admin_url
         self.name = f"keytrio_bench_{os.urandom(6).hex()}"
         self.admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
         self.url = sa.engine.make_url(admin_url).set(database=self.name).render_as_string(hide_password=False)
@@ -265,13 +266,10 @@ class PgDatabase:
             return [int(r[0]) for r in rows]
 
     def __exit__(self, *exc: object) -> None:
-        import sqlalchemy as sa
+        from keytrio.testbed.postgres import drop_database
 
-        try:
-            with self.admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
-        finally:
-            self.admin.dispose()
+        self.admin.dispose()
+        drop_database(self.admin_url, self.name)  # past an autovacuum worker that FORCE may not end
 
 
 def _keytrio_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, klog: Any, ctx: Any, limits: Any,

@@ -42,7 +42,7 @@ from keytrio.actors.tenant import Tenant
 from keytrio.actors.verifier.schema import agents, leases
 from keytrio.testbed.netproxy import Mode, NetProxy
 from keytrio.testbed.pki import CaFiles
-from keytrio.testbed.postgres import PostgresUnavailable, find_server
+from keytrio.testbed.postgres import PostgresUnavailable, drop_database, find_server
 from keytrio.testbed.world import POLL, Testbed
 
 STARTED = re.compile(r"event=verifier\.started .*https=([\d.]+):(\d+) metrics=([\d.]+):(\d+)")
@@ -83,7 +83,7 @@ async def fresh_database(admin_url: str | None = None) -> AsyncIterator[str]:
         yield sa.engine.make_url(admin).set(database=name).render_as_string(hide_password=False)
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(admin_sql, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await trio.to_thread.run_sync(drop_database, admin, name)
 
 
 # --- the verifier processes -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -20,6 +21,11 @@ ROLE_SQL = (
     "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='keytrio') THEN "
     "CREATE ROLE keytrio LOGIN CREATEDB PASSWORD 'keytrio'; END IF; END$$;"
 )
+
+
+#: SQLSTATE insufficient_privilege: what DROP DATABASE ... WITH (FORCE) answers when a backend on
+#: the database may not be ended by this role (an autovacuum worker, another role's session)
+INSUFFICIENT_PRIVILEGE = "42501"
 
 
 class PostgresUnavailable(Exception):
@@ -70,3 +76,27 @@ def find_server(url: str | None = None) -> str:
     if problem is not None:
         raise PostgresUnavailable(f"PostgreSQL not available: {problem}")
     return url
+
+
+def drop_database(admin_url: str, name: str, *, wait: float = 30.0) -> None:
+    """``DROP DATABASE IF EXISTS name WITH (FORCE)`` as ``admin_url``'s role (blocking).
+
+    FORCE ends the sessions on the database, but a role that is not a superuser may not end an
+    autovacuum worker (PostgreSQL: "must be a member of the role whose process is being terminated
+    or member of pg_signal_backend"), and autovacuum visits these small databases at moments of its
+    own choosing: the drop is tried again every 0.1 s until the worker is gone, for ``wait`` seconds
+    at most (then the error is raised)."""
+    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                with engine.connect() as conn:
+                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                return
+            except sa.exc.DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) != INSUFFICIENT_PRIVILEGE or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
+    finally:
+        engine.dispose()

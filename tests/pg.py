@@ -5,7 +5,8 @@
   when that fails and we are root on a Debian host with a local cluster, the cluster is started
   (``pg_ctlcluster <ver> main start``) and the ``keytrio`` role created. Tests that need it
   fail, with the reason, when no server can be reached (``./scripts/setup`` installs PostgreSQL).
-- ``pg_url``: a new empty database for one test (dropped afterwards, WITH (FORCE)).
+- ``pg_url``: a new empty database for one test (dropped afterwards, WITH (FORCE):
+  testbed.postgres.drop_database).
 - ``db_url``: parametrized ``sqlite`` | ``postgresql``: a SQLite file URL or ``pg_url``.
 
 Use: ``from tests.pg import db_url, pg_admin_url, pg_url  # noqa: F401`` in a test module (or list
@@ -22,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from keytrio.actors.common.store import sqlite_url
-from keytrio.testbed.postgres import PostgresUnavailable, find_server
+from keytrio.testbed.postgres import PostgresUnavailable, drop_database, find_server
 
 
 @pytest.fixture(scope="session")
@@ -41,10 +42,9 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
         yield sa.engine.make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+    drop_database(pg_admin_url, name)  # past an autovacuum worker that FORCE may not end
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
