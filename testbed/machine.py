@@ -185,7 +185,7 @@ class Machine:
             opts["contact_ip"], opts["contact_port"] = "127.0.0.1", self.proxy.port
         if self.nat is not None:
             opts["contact_ip"], opts["contact_port"] = self.nat.public_address
-        if self.agent_options.get("mode") == "push" and self.verifier is not None:
+        if self.is_push and self.verifier is not None:
             # a push agent dials the verifier (through the NAT when behind one) and is dialled by nobody
             opts.pop("contact_ip", None)
             opts.pop("contact_port", None)
