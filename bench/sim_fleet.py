@@ -43,6 +43,11 @@ from this process (``--push-client``: lean per-agent connections by default, or 
 CPU per accepted (passed) attestation over the same kind of window.
 With ``--upstream-push-dir`` (an up.sh DIR in push mode, bench.sim_push_upstream) the same push
 agents also drive upstream's push verifier at ``--upstream-sizes``: an "upstream push" row.
+``--pull-floor``: the N pull agents are also polled by bench.floor_pull, the poll's floor (a
+minimal poller doing only what a pull verifier must per poll): a "pull floor" row.
+``--push-floor full|bare|full,bare`` (with ``--push``): the same push agents also drive
+bench.floor_push, the push cycle's floor (a minimal v3.0 server that does only what the wire
+requires; ``bare``: not even a store or the answers' full documents): "push floor" rows.
 
 ``--mixed``: per N also a "mixed" row: a fresh keytrio verifier (1 worker, SQLite) in ``mode = both``
 driven by the N pull agents and N push agents together (enrolled as in the two rows above, the
@@ -398,10 +403,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             _say(name, row[name])
                         except (RuntimeError, httpx.HTTPError, OSError) as exc:
                             report["stopped"][name] = f"N={n}: {exc}"
+                if args.pull_floor and n in sizes:
+                    row["pull floor"] = _pull_floor_side(args, ca, cpu, klog, ctx, limits, agents, body,
+                                                         args.quote_interval or auto_interval(n), sims, report)
                 if args.push and n in sizes:
                     row["push"] = _push_side(args, ca, Path(vtmp) / f"push-verifier-{k}", cpu, klog, ctx, n,
                                              args.quote_interval or auto_interval(n), body, pushers, registrar,
                                              report)  # fmt: skip
+                    for kind in args.push_floor or ():
+                        name = "push floor" + (" (bare)" if kind == "bare" else "")
+                        row[name] = _floor_side(args, ca, cpu, klog, ctx, n, args.quote_interval or auto_interval(n),
+                                                body, pushers, report, name)
                 if args.mixed and n in sizes:
                     row["mixed"] = _mixed_side(args, ca, Path(vtmp) / f"mixed-verifier-{k}", cpu, klog, ctx, limits,
                                                agents, body, args.quote_interval or auto_interval(n), sims, pushers,
@@ -494,6 +506,52 @@ def _push_side(args: argparse.Namespace, ca: Path, data_dir: Path, cpu: int, log
         for p in spy:
             p.wait()
     _say("keytrio push", r)
+    return r
+
+
+def _pull_floor_side(args: argparse.Namespace, ca: Path, cpu: int, log: Any, ctx: Any, limits: Any,
+                     agents: list[dict[str, Any]], body: dict[str, Any], qi: float, sims: SimFleet,
+                     report: dict[str, Any]) -> dict[str, Any] | None:
+    """The pull agents polled by bench.floor_pull (a fresh one, pinned as the verifiers are)."""
+    from bench import floor_pull
+
+    async def side() -> dict[str, Any]:
+        async with httpx.AsyncClient(verify=ctx, timeout=120.0, limits=limits) as admin:
+            sims_cpu: list[float] = []
+            conns: list[int] = []
+            r = await floor_pull.floor_side(admin, ca, cpu, log, agents, body, qi, args.seconds, sims.quotes_served,
+                                            args.enrol_concurrency,
+                                            on_window=lambda: (sims_cpu.append(sims.cpu()),
+                                                               conns.append(sims.connections())))
+            return {**r, **_row_extra(r, sims.cpu() - sims_cpu[0]), **_handshakes(r, sims.connections() - conns[0])}
+
+    try:
+        r = trio.run(side)
+    except (RuntimeError, httpx.HTTPError, OSError) as exc:
+        report["stopped"]["pull floor"] = f"N={len(agents)}: {exc}"
+        return None
+    _say("pull floor", r)
+    return r
+
+
+def _floor_side(args: argparse.Namespace, ca: Path, cpu: int, log: Any, ctx: Any, n: int, qi: float,
+                body: dict[str, Any], pushers: Any, report: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The push row's agents against bench.floor_push (after the push row: registered already)."""
+    from bench import floor_push
+
+    agents, _new = _push_agents(n, pushers)
+
+    async def side() -> dict[str, Any]:
+        async with httpx.AsyncClient(verify=ctx, timeout=120.0) as admin:
+            return await floor_push.floor_side(admin, ca, cpu, log, agents, body, qi, args.seconds,
+                                               bare=name.endswith("(bare)"))
+
+    try:
+        r = trio.run(side)
+    except (RuntimeError, httpx.HTTPError) as exc:
+        report["stopped"][name] = f"N={n}: {exc}"
+        return None
+    _say(name, r)
     return r
 
 
@@ -726,12 +784,19 @@ def tables(rep: dict[str, Any]) -> str:
                        f"{row[name]['window_s']:.1f} s window, {row[name]['passed']} attestations passed over "
                        f"{row[name]['passed_span_s']:.1f} s around it; push agents' errors "
                        f"{row[name]['agent_errors'] or 'none'}"
-                       for row in rep["rows"] for name in ("push", "upstream push") if row.get(name))
+                       for row in rep["rows"] for name in ("push", "push floor", "push floor (bare)", "upstream push") if row.get(name))
     la0, la1 = rep["loadavg_start"], rep["loadavg_end"]
     return (f"### 4b. Simulated fleet (software RSA-2048 AKs, {rep['agent_procs']} agents process(es), {rep['policy_files']:,}-file "
             f"runtime policy, {rep['files_per_agent']} files + boot_aggregate per IMA log, {rep['seconds']:g} s "
             f"window; verifier pinned to CPU {rep['verifier_cpu']}, its database under {rep['verifier_dir']}; the first {rep['registered']:,} agents registered with keytrio's registrar; "
             f"load average {la0[0]:.1f} at start, {la1[0]:.1f} at end)\n\n" + "\n".join(rows) + stopped)
+
+
+def _floor_kinds(value: str) -> list[str]:
+    kinds = [k for k in value.split(",") if k]
+    if not kinds or set(kinds) - {"full", "bare"}:
+        raise argparse.ArgumentTypeError(f"expected full, bare or full,bare, not {value!r}")
+    return kinds
 
 
 def parser() -> argparse.ArgumentParser:
@@ -765,6 +830,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--push", action="store_true",
                     help="also a push-mode fleet (bench.sim_push: v3.0 agents in this process) per N, against a "
                          "fresh keytrio verifier in mode = push, next to the pull row")
+    ap.add_argument("--pull-floor", action="store_true",
+                    help="the pull agents also polled by bench.floor_pull (the poll's floor, a minimal poller, not "
+                         "a verifier): a 'pull floor' row per N (docs/performance.md 4c.15)")
+    ap.add_argument("--push-floor", default=None, type=_floor_kinds,
+                    help="with --push: the push agents also drive bench.floor_push (the push cycle's floor, a "
+                         "minimal v3.0 server, not a verifier): 'full' (a 'push floor' row), 'bare' (a 'push floor "
+                         "(bare)' row: the wire alone) or 'full,bare' (docs/performance.md 4c.15)")
     ap.add_argument("--mixed", action="store_true",
                     help="also a mode = both row per N: a fresh keytrio verifier (1 worker, SQLite) driven by the "
                          "N pull agents and N push agents together; its CPU per (poll + attestation), the store's "
