@@ -24,7 +24,12 @@ RULES: list[tuple[str, str, str]] = [
     # an idle trio worker thread blocked on its job lock (acquire with a timeout): py-spy's idle
     # detection misses that wait; it is no CPU either
     (IDLE := "idle worker thread (waiting for a job; not counted)", r"trio/_core/_thread_cache\.py", r"^WorkerThread\._work$"),
-    ("signature check (RSA verify)", r"protocol/quote_check\.py", r"_verify_signature"),
+    ("signature check (RSA verify)", r"protocol/quote_check\.py|bench/floor_serve\.py", r"_verify_signature"),
+    # the floors' own parts (bench/floor_*.py, docs/performance.md 4c.15) in the buckets of the same work
+    ("IMA incremental check", r"bench/floor_serve\.py", r"^check_ima$"),
+    ("quote decode + checks", r"bench/floor_serve\.py|bench/floor_pull\.py", r"^check_quote$|^Poller\.check$"),
+    ("store (SQLAlchemy, SQLite, records)", r"bench/floor_serve\.py", r"^Rows\."),
+    ("poll timer (poll_timer.py, deadline_heap.py)", r"verifier/poll_timer\.py|common/deadline_heap\.py", r".*"),
     ("logging", r"(^|/)logging/|actors/common/logs\.py", r".*"),
     ("metrics", r"prometheus_client|actors/common/metrics\.py|verifier/metrics\.py", r".*"),
     ("TLS (ssl, trio SSLStream)", r"(^|/)ssl\.py|trio/_ssl\.py", r".*"),
@@ -34,7 +39,8 @@ RULES: list[tuple[str, str, str]] = [
     ("JSON decode", r"(^|/)json/(decoder|__init__)\.py|protocol/safejson\.py", r"loads|decode|raw_decode|load"),
     ("JSON encode", r"(^|/)json/(encoder|__init__)\.py", r"dumps|encode|iterencode"),
     ("store (SQLAlchemy, SQLite, records)", r"sqlalchemy|sqlite3|actors/common/store\.py|verifier/records\.py", r".*"),
-    ("HTTP client (KeepAliveClient, http1)", r"(^|/)h11/|actors/common/client\.py|actors/common/http1\.py", r".*"),
+    ("HTTP client (KeepAliveClient, http1)",
+     r"(^|/)h11/|actors/common/(client|http1|rawconn)\.py|bench/floor_pull\.py", r".*"),
     ("IMA incremental check", r"protocol/ima|verifier/ima\.py|protocol/runtime_policy\.py", r".*"),
     ("quote decode + checks", r"protocol/quote|protocol/tpm2\.py|protocol/validation\.py|protocol/envelope\.py", r".*"),
     ("attestation round (attest.py)", r"verifier/attest\.py|verifier/evidence\.py", r".*"),
@@ -47,11 +53,12 @@ RULES: list[tuple[str, str, str]] = [
 PUSH_RULES: list[tuple[str, str, str]] = [
     ("store (push/store.py statements, SQLite)", r"verifier/push/store\.py", r".*"),
     ("HTTP server (serve.py lean path, h11, hypercorn, FastCycle, ASGI layers)",
-     r"actors/common/(serve|app|bodylimit|v3errors)\.py|(^|/)h11/|hypercorn|verifier/push/fast\.py", r".*"),
+     r"actors/common/(serve|app|bodylimit|v3errors)\.py|(^|/)h11/|hypercorn|verifier/push/fast\.py"
+     r"|bench/floor_serve\.py", r".*"),
     ("check (evidence.verify, push verify.py, evalstate)",
      r"protocol/(evidence|quote_check|ima_eval|mb)\w*\.py|verifier/push/(verify|evalstate)\.py", r".*"),
     ("cycle logic (admit, plan, sessions, documents, push_wire)",
-     r"verifier/push/|protocol/push_wire\.py|protocol/pop\.py", r".*"),
+     r"verifier/push/|protocol/push_wire\.py|protocol/pop\.py|bench/floor_push\.py", r".*"),
 ]
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 Compiled = list[tuple[str, re.Pattern[str], re.Pattern[str]]]
