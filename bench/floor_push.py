@@ -15,14 +15,14 @@ it does only what any push verifier must do on this wire, in the fewest Python s
   with the quote's, one RSA verify, the TPM clock compared with the last, new IMA lines (none in a
   steady fleet) checked against the policy and replayed, PCR 10 compared; the 202 with the
   evidence echoed as the verifier answers it;
-- one row per attestation to SQLite, batched: a background task commits what came in the last
-  100 ms in one ``executemany`` in a worker thread.
+- two rows per attestation (its challenge, its verdict) to SQLite, batched: a background task
+  commits what came in the last 100 ms in one ``executemany`` in a worker thread.
 
 What it leaves out makes it a lower bound of a correct implementation, not a rival: answers do
 not wait for the store (the challenge and the evidence live in memory until the batch commits:
 lost by a crash), no attestation history, no 429/503 rules, no timers for silent agents, no
 revocation notices, no input validation beyond what the floor needs to stay correct on good
-input, no metrics. Bad input is answered 400 and the connection closed.
+input, no metrics. A request it does not answer gets a 4xx and the connection closed.
 
 ``bare`` goes further, to the wire alone: no store rows at all, and each answer only what the agent
 reads (the 201's ``evidence_requested``, the 202's evaluation and ``seconds_to_next_attestation``).
