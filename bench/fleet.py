@@ -466,21 +466,39 @@ async def _upload(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> 
         raise RuntimeError(f"{url}: runtime policy upload answered {r.status_code}: {r.text[:300]}")
 
 
+def start_child(argv: list[str], cpus: set[int], log: Any, what: str, ready: str = "PORT ") -> tuple[subprocess.Popen[str], int]:
+    """``python *argv`` (this tree on its path) pinned to ``cpus``, its stderr to ``log``; waits for
+    its first stdout line ``<ready><port> ...`` -> (the process, the port)."""
+    srv = subprocess.Popen(
+        [sys.executable, *argv], stdout=subprocess.PIPE, stderr=log, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )  # fmt: skip
+    assert srv.stdout is not None
+    line = srv.stdout.readline()
+    if not line.startswith(ready):
+        srv.kill()
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    return srv, int(line.split()[1])
+
+
+def stop_child(srv: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    srv.terminate()
+    try:
+        srv.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        srv.kill()
+        srv.wait()
+
+
 def _start_keytrio(ca: Path, data_dir: Path, cpu: int, log: Any, cprofile: str | None = None,
                    options: dict[str, Any] | None = None) -> tuple[subprocess.Popen[str], str]:
     prof = ["-m", "cProfile", "-o", cprofile] if cprofile else []  # written at exit (stop it with SIGINT)
     extra = [json.dumps(options)] if options else []
-    srv = subprocess.Popen(
-        [sys.executable, *prof, "-m", "bench.keytrio_server", str(ca), str(data_dir), *extra], stdout=subprocess.PIPE,
-        stderr=log, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
-    )  # fmt: skip
-    assert srv.stdout is not None
-    line = srv.stdout.readline()
-    if not line.startswith("PORT "):
-        srv.kill()
-        raise RuntimeError(f"keytrio verifier did not start: {line!r}")
-    return srv, f"https://127.0.0.1:{int(line.split()[1])}"
+    srv, port = start_child([*prof, "-m", "bench.keytrio_server", str(ca), str(data_dir), *extra], {cpu}, log,
+                            "keytrio verifier")
+    return srv, f"https://127.0.0.1:{port}"
 
 
 def _upstream_interval(up_dir: Path) -> float:

@@ -41,7 +41,7 @@ import httpx
 import trio
 
 from bench import floor_serve
-from bench.floor_serve import Answer, Refused, Seen
+from bench.floor_serve import Answer, Seen
 from keytrio.actors.common.rawconn import RawConn
 from keytrio.actors.verifier.poll_timer import PollTimer
 from keytrio.protocol import tpm2
@@ -62,36 +62,24 @@ class Agent:
     pcr16: bytes | None = None  # the NK binding, once the agent sent its pubkey
 
 
-class Poller:
+class Poller(floor_serve.Admin):
     def __init__(self, db_path: Path, interval: float, nursery: trio.Nursery, ctx: ssl.SSLContext) -> None:
+        super().__init__()
         self.interval = interval
         self.nursery = nursery
+        self.ctx = ctx
         # the verifier's own timer and slack: trio.sleep_until would add a cancel scope and an
         # exception per poll and agent (poll_timer.py), which no poller needs to pay
         self.timer = PollTimer(nursery, slack=min(0.05, interval / 40))
-        self.ctx = ctx
-        self.agents: dict[str, Agent] = {}
-        self.policy: dict[str, set[str]] = {}
         self.rows = floor_serve.Rows(db_path)
 
     def answer(self, method: str, path: str, headers: dict[str, str], body: bytes, client_cert: bool) -> Answer:
-        if not client_cert:
-            raise Refused("a client certificate is required", 401)
-        parts = path.split("?")[0].split("/")  # ["", "v2.1", "agents", ID]
-        if method == "POST" and len(parts) == 4 and parts[2] == "allowlists":
-            self.policy = floor_serve.policy_of(body)
-            return floor_serve.CREATED
-        if method == "POST" and len(parts) == 4 and parts[2] == "agents":
-            doc = json.loads(body)
-            agent = Agent(parts[3], doc["cloudagent_ip"], int(doc["cloudagent_port"]), tpm2.ak_key(_B64(doc["ak_tpm"])))
-            if agent.agent_id in self.agents:
-                raise Refused("enrolled already", 409)
-            self.agents[agent.agent_id] = agent
-            self.nursery.start_soon(self.poll, agent)
-            return floor_serve.OK
-        if method == "GET" and parts[2] == "agents":
-            return floor_serve.bulk({i: (a.seen.count, a.seen.failed is not None) for i, a in self.agents.items()})
-        raise Refused(f"no route {method} {path}", 404)
+        return self.admin(method, path, body, client_cert)
+
+    def enrol(self, agent_id: str, doc: dict[str, Any]) -> Agent:
+        agent = Agent(agent_id, doc["cloudagent_ip"], int(doc["cloudagent_port"]), tpm2.ak_key(_B64(doc["ak_tpm"])))
+        self.nursery.start_soon(self.poll, agent)
+        return agent
 
     async def poll(self, agent: Agent) -> None:
         try:
@@ -176,7 +164,7 @@ async def floor_side(admin: httpx.AsyncClient, ca: Path, cpu: int, log: Any, age
                                 on_window=on_window, concurrency=concurrency, served=served)
         return {**r, "quote_interval": qi}
     finally:
-        floor_serve.stop(srv)
+        fleet.stop_child(srv)
 
 
 def main() -> None:

@@ -68,14 +68,13 @@ class Agent:
     session_challenge: bytes | None = None
 
 
-class Floor:
+class Floor(floor_serve.Admin):
     def __init__(self, db_path: Path, interval: int, bare: bool = False) -> None:
+        super().__init__()
         self.bare = bare  # no store rows, no evidence echoed, the least JSON the agent reads
         self.interval = interval  # seconds_to_next_attestation, as the verifier's retry_after(quote_interval)
-        self.agents: dict[str, Agent] = {}
         self.tokens: dict[bytes, str] = {}  # SHA-256 of a bearer token -> agent id
         self.sessions: dict[str, str] = {}  # session id -> agent id
-        self.policy: dict[str, set[str]] = {}
         self.rows = floor_serve.Rows(db_path)
 
     def answer(self, method: str, path: str, headers: dict[str, str], body: bytes, client_cert: bool) -> Answer:
@@ -91,18 +90,10 @@ class Floor:
             if len(parts) >= 3 and parts[2] == "sessions":
                 return self._session(method, parts, json.loads(body))
             raise Refused(f"no route {method} {path}", 404)
-        if not client_cert:
-            raise Refused("a client certificate is required", 401)
-        parts = path.split("?")[0].split("/")  # ["", "v2.1", "agents", ID]
-        if method == "POST" and len(parts) == 4 and parts[2] == "allowlists":
-            self.policy = floor_serve.policy_of(body)
-            return floor_serve.CREATED
-        if method == "POST" and len(parts) == 4 and parts[2] == "agents":
-            self.agents[parts[3]] = Agent(parts[3], tpm2.ak_key(_B64(json.loads(body)["ak_tpm"])))
-            return floor_serve.OK
-        if method == "GET" and parts[2] == "agents":
-            return floor_serve.bulk({i: (a.seen.count, a.seen.failed is not None) for i, a in self.agents.items()})
-        raise Refused(f"no route {method} {path}", 404)
+        return self.admin(method, path, body, client_cert)
+
+    def enrol(self, agent_id: str, doc: dict[str, Any]) -> Agent:
+        return Agent(agent_id, tpm2.ak_key(_B64(doc["ak_tpm"])))
 
     def _admit(self, headers: dict[str, str], agent_id: str) -> Agent:
         auth = headers.get("authorization", "")
@@ -224,7 +215,7 @@ async def floor_side(admin: httpx.AsyncClient, ca: Path, cpu: int, log: Any, sim
         await fleet._upload(admin, url, body)
         return await sim_push.push_window(admin, url, ca / "cacert.crt", lambda: [srv.pid], sims, qi, seconds)
     finally:
-        floor_serve.stop(srv)
+        fleet.stop_child(srv)
 
 
 def main() -> None:

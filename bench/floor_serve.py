@@ -14,13 +14,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import signal
 import socket
 import sqlite3
 import ssl
 import subprocess
-import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,7 +38,7 @@ from keytrio.protocol.quote import decode_attest, decode_signature
 JSONAPI = "application/vnd.api+json"
 BATCH_SECONDS = 0.1
 _REASONS = {200: "OK", 201: "Created", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",
-            403: "Forbidden", 404: "Not Found"}
+            403: "Forbidden", 404: "Not Found", 409: "Conflict"}
 
 Answer = tuple[int, bytes, str]  # status, JSON body, extra header lines ("name: value\r\n" each)
 
@@ -174,28 +172,41 @@ async def serve(ca_dir: Path, make: Callable[[Path, trio.Nursery], Handler],
 
 
 def start(module: str, args: list[str], cpu: int, log: Any) -> tuple[subprocess.Popen[str], str]:
-    """``python -m module *args`` as a child pinned to ``cpu`` (as bench.fleet starts keytrio's
-    verifier) -> (the process, its base URL)."""
-    srv = subprocess.Popen(
-        [sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=log, text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
-    )  # fmt: skip
-    assert srv.stdout is not None
-    line = srv.stdout.readline()
-    if not line.startswith("PORT "):
-        srv.kill()
-        raise RuntimeError(f"{module} did not start: {line!r}")
-    return srv, f"https://127.0.0.1:{int(line.split()[1])}"
+    """``python -m module *args`` pinned to ``cpu`` as bench.fleet starts keytrio's verifier ->
+    (the process, its base URL)."""
+    from bench import fleet
+
+    srv, port = fleet.start_child(["-m", module, *args], {cpu}, log, module)
+    return srv, f"https://127.0.0.1:{port}"
 
 
-def stop(srv: subprocess.Popen[str]) -> None:
-    srv.terminate()
-    try:
-        srv.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        srv.kill()
-        srv.wait()
+class Admin:
+    """The admin routes bench.fleet sends (a client certificate required, as on the verifier):
+    ``POST /v2.x/allowlists/N`` (the runtime policy), ``POST /v2.x/agents/ID`` (:meth:`enrol`),
+    ``GET /v2.x/agents/?bulk``. ``agents``: id -> an object with a ``seen`` (:class:`Seen`)."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, Any] = {}
+        self.policy: dict[str, set[str]] = {}
+
+    def enrol(self, agent_id: str, doc: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def admin(self, method: str, path: str, body: bytes, client_cert: bool) -> Answer:
+        if not client_cert:
+            raise Refused("a client certificate is required", 401)
+        parts = path.split("?")[0].split("/")  # ["", "v2.1", "agents", ID]
+        if method == "POST" and len(parts) == 4 and parts[2] == "allowlists":
+            self.policy = policy_of(body)
+            return CREATED
+        if method == "POST" and len(parts) == 4 and parts[2] == "agents":
+            if parts[3] in self.agents:
+                raise Refused("enrolled already", 409)
+            self.agents[parts[3]] = self.enrol(parts[3], json.loads(body))
+            return OK
+        if method == "GET" and len(parts) >= 3 and parts[2] == "agents":
+            return bulk({i: (a.seen.count, a.seen.failed is not None) for i, a in self.agents.items()})
+        raise Refused(f"no route {method} {path}", 404)
 
 
 # -- the checks both floors make of a quote and an IMA tail ---------------------------------------

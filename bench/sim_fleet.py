@@ -171,17 +171,9 @@ class SimFleet:
 
 
 def _start_registrar(ca: Path, data: Path, cpus: set[int], log: Any) -> tuple[subprocess.Popen[str], str]:
-    srv = subprocess.Popen(
-        [sys.executable, "-m", "bench.registration", "serve", str(ca), str(data)], stdout=subprocess.PIPE,
-        stderr=log, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
-    )  # fmt: skip
-    assert srv.stdout is not None
-    line = srv.stdout.readline()
-    if not line.startswith("PORTS "):
-        srv.kill()
-        raise RuntimeError(f"keytrio registrar did not start: {line!r}")
-    return srv, f"http://127.0.0.1:{int(line.split()[1])}"
+    srv, port = fleet.start_child(["-m", "bench.registration", "serve", str(ca), str(data)], cpus, log,
+                                  "keytrio registrar", ready="PORTS ")
+    return srv, f"http://127.0.0.1:{port}"
 
 
 def _stop(srv: subprocess.Popen[str], cprofile: bool = False) -> None:
@@ -191,12 +183,7 @@ def _stop(srv: subprocess.Popen[str], cprofile: bool = False) -> None:
             srv.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pass
-    srv.terminate()
-    try:
-        srv.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        srv.kill()
-        srv.wait()
+    fleet.stop_child(srv)
 
 
 def _handshakes(r: dict[str, Any], connections: int) -> dict[str, Any]:

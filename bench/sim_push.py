@@ -31,7 +31,6 @@ import random
 import ssl
 import statistics
 import struct
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -518,9 +517,4 @@ async def push_side(admin: httpx.AsyncClient, ca: Path, data_dir: Path, cpu: int
                                  on_window=(lambda: on_window(srv.pid)) if on_window is not None else None,
                                  counts=(lambda: fleet.store_counts(metrics_port)) if metrics_port else None)
     finally:
-        srv.terminate()
-        try:
-            srv.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        fleet.stop_child(srv)
