@@ -45,7 +45,6 @@ from bench.floor_serve import Answer, Seen
 from keytrio.actors.common.rawconn import RawConn
 from keytrio.actors.verifier.poll_timer import PollTimer
 from keytrio.protocol import tpm2
-from keytrio.protocol.errors import ProtocolError
 
 _B64 = base64.b64decode
 PCRS = (10, 16)
@@ -115,8 +114,8 @@ class Poller(floor_serve.Admin):
                     return
                 due += self.interval
                 await self.timer.sleep_until(due)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ValueError, KeyError, StopIteration,
-                ProtocolError) as exc:  # the agent's poll ends; the others go on
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ValueError, LookupError, TypeError,
+                StopIteration) as exc:  # the agent's poll ends (bad answers: ProtocolError is a ValueError); the others go on
             seen.failed = f"error: {exc!r}"
             print(f"{agent.agent_id}: {seen.failed}", file=sys.stderr, flush=True)
         finally:
@@ -177,10 +176,7 @@ def main() -> None:
     ctx.verify_mode = ssl.CERT_NONE
     ctx.load_cert_chain(str(ca / "client-cert.crt"), str(ca / "client-private.pem"))
 
-    async def writer(poller: Poller) -> None:
-        await poller.rows.writer()
-
-    trio.run(floor_serve.serve, ca, lambda tmp, nursery: Poller(tmp / "floor.sqlite", interval, nursery, ctx), writer)
+    trio.run(floor_serve.serve, ca, lambda tmp, nursery: Poller(tmp / "floor.sqlite", interval, nursery, ctx))
 
 
 if __name__ == "__main__":

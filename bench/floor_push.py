@@ -220,12 +220,8 @@ async def floor_side(admin: httpx.AsyncClient, ca: Path, cpu: int, log: Any, sim
 
 def main() -> None:
     interval = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-
-    async def writer(floor: Floor) -> None:
-        await floor.rows.writer()
-
     trio.run(floor_serve.serve, Path(sys.argv[1]),
-             lambda tmp, _nursery: Floor(tmp / "floor.sqlite", interval, sys.argv[3:] == ["bare"]), writer)
+             lambda tmp, _nursery: Floor(tmp / "floor.sqlite", interval, sys.argv[3:] == ["bare"]))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sqlite3
 import ssl
 import subprocess
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,12 +51,8 @@ class Refused(Exception):
         self.status = status
 
 
-class Handler(Protocol):
-    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes, client_cert: bool) -> Answer: ...
-
-
 class Rows:
-    """One row per attestation (agent, its index, the evaluation, when), committed in batches: one
+    """Rows of (agent, attestation or poll count, evaluation, when), committed in batches: one
     ``executemany`` per :data:`BATCH_SECONDS` in a worker thread (what the verifiers' group commit
     does, without its callers waiting)."""
 
@@ -78,6 +74,12 @@ class Rows:
             if self.pending:
                 rows, self.pending = self.pending, []
                 await trio.to_thread.run_sync(self._commit, rows)
+
+
+class Handler(Protocol):
+    rows: Rows
+
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes, client_cert: bool) -> Answer: ...
 
 
 def policy_of(body: bytes) -> dict[str, set[str]]:
@@ -126,7 +128,7 @@ async def serve_connection(handler: Handler, sock: socket.socket, ctx: ssl.SSLCo
                 status, payload, extra = handler.answer(method, path, headers, body, client_cert)
             except Refused as exc:
                 status, payload, extra, close = exc.status, json.dumps({"detail": str(exc)}).encode(), "", True
-            except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as exc:
+            except (LookupError, TypeError, ValueError, ArithmeticError) as exc:
                 status, payload, extra, close = 400, json.dumps({"detail": repr(exc)}).encode(), "", True
             head = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\ncontent-type: {JSONAPI}\r\n"
                     f"content-length: {len(payload)}\r\n{extra}" + ("connection: close\r\n" if close else "") + "\r\n")
@@ -139,12 +141,11 @@ async def serve_connection(handler: Handler, sock: socket.socket, ctx: ssl.SSLCo
         await stream.aclose()
 
 
-async def serve(ca_dir: Path, make: Callable[[Path, trio.Nursery], Handler],
-                background: Callable[[Handler], Awaitable[None]]) -> None:
+async def serve(ca_dir: Path, make: Callable[[Path, trio.Nursery], Handler]) -> None:
     """Listen on 127.0.0.1 (``PORT <n>`` on stdout) with the CA directory's server certificate (a
     client certificate optional, as on the verifier) until SIGTERM/SIGINT; ``make(tmp, nursery)``
-    builds the handler (its store under ``tmp``; its own tasks in ``nursery``), ``background(handler)``
-    runs beside the server (the store's writer)."""
+    builds the handler (its store under ``tmp``, whose writer runs beside the server; its own tasks
+    in ``nursery``)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca_dir / "cacert.crt"))
     ctx.load_cert_chain(str(ca_dir / "server-cert.crt"), str(ca_dir / "server-private.pem"))
     ctx.verify_mode = ssl.CERT_OPTIONAL
@@ -157,7 +158,7 @@ async def serve(ca_dir: Path, make: Callable[[Path, trio.Nursery], Handler],
             await listener.bind(("127.0.0.1", 0))
             listener.listen(1024)
             print(f"PORT {listener.getsockname()[1]}", flush=True)
-            nursery.start_soon(background, handler)
+            nursery.start_soon(handler.rows.writer)
 
             async def accept() -> None:
                 while True:

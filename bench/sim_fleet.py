@@ -398,9 +398,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                              args.quote_interval or auto_interval(n), body, pushers, registrar,
                                              report)  # fmt: skip
                     for kind in args.push_floor or ():
-                        name = "push floor" + (" (bare)" if kind == "bare" else "")
-                        row[name] = _floor_side(args, ca, cpu, klog, ctx, n, args.quote_interval or auto_interval(n),
-                                                body, pushers, report, name)
+                        row[PUSH_FLOORS[kind]] = _push_floor_side(args, ca, cpu, klog, ctx, n,
+                                                     args.quote_interval or auto_interval(n), body, pushers, report,
+                                                     kind)  # fmt: skip
                 if args.mixed and n in sizes:
                     row["mixed"] = _mixed_side(args, ca, Path(vtmp) / f"mixed-verifier-{k}", cpu, klog, ctx, limits,
                                                agents, body, args.quote_interval or auto_interval(n), sims, pushers,
@@ -521,17 +521,19 @@ def _pull_floor_side(args: argparse.Namespace, ca: Path, cpu: int, log: Any, ctx
     return r
 
 
-def _floor_side(args: argparse.Namespace, ca: Path, cpu: int, log: Any, ctx: Any, n: int, qi: float,
-                body: dict[str, Any], pushers: Any, report: dict[str, Any], name: str) -> dict[str, Any] | None:
-    """The push row's agents against bench.floor_push (after the push row: registered already)."""
+def _push_floor_side(args: argparse.Namespace, ca: Path, cpu: int, log: Any, ctx: Any, n: int, qi: float,
+                     body: dict[str, Any], pushers: Any, report: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The push row's agents against bench.floor_push, ``kind`` full or bare (after the push row:
+    registered already)."""
     from bench import floor_push
 
+    name = PUSH_FLOORS[kind]
     agents, _new = _push_agents(n, pushers)
 
     async def side() -> dict[str, Any]:
         async with httpx.AsyncClient(verify=ctx, timeout=120.0) as admin:
             return await floor_push.floor_side(admin, ca, cpu, log, agents, body, qi, args.seconds,
-                                               bare=name.endswith("(bare)"))
+                                               bare=kind == "bare")
 
     try:
         r = trio.run(side)
@@ -771,7 +773,7 @@ def tables(rep: dict[str, Any]) -> str:
                        f"{row[name]['window_s']:.1f} s window, {row[name]['passed']} attestations passed over "
                        f"{row[name]['passed_span_s']:.1f} s around it; push agents' errors "
                        f"{row[name]['agent_errors'] or 'none'}"
-                       for row in rep["rows"] for name in ("push", "push floor", "push floor (bare)", "upstream push") if row.get(name))
+                       for row in rep["rows"] for name in ("push", *PUSH_FLOORS.values(), "upstream push") if row.get(name))
     la0, la1 = rep["loadavg_start"], rep["loadavg_end"]
     return (f"### 4b. Simulated fleet (software RSA-2048 AKs, {rep['agent_procs']} agents process(es), {rep['policy_files']:,}-file "
             f"runtime policy, {rep['files_per_agent']} files + boot_aggregate per IMA log, {rep['seconds']:g} s "
@@ -779,9 +781,13 @@ def tables(rep: dict[str, Any]) -> str:
             f"load average {la0[0]:.1f} at start, {la1[0]:.1f} at end)\n\n" + "\n".join(rows) + stopped)
 
 
+#: ``--push-floor`` kinds -> their rows' names
+PUSH_FLOORS = {"full": "push floor", "bare": "push floor (bare)"}
+
+
 def _floor_kinds(value: str) -> list[str]:
     kinds = [k for k in value.split(",") if k]
-    if not kinds or set(kinds) - {"full", "bare"}:
+    if not kinds or set(kinds) - set(PUSH_FLOORS):
         raise argparse.ArgumentTypeError(f"expected full, bare or full,bare, not {value!r}")
     return kinds
 
@@ -849,7 +855,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.push_floor and not args.push:
+        ap.error("--push-floor needs --push (the floors are driven by the push row's agents)")
     report = run(args)
     print(tables(report))
     return 1 if report["stopped"] else 0

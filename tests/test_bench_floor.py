@@ -117,3 +117,6 @@ def test_sim_fleet_floor_rows_attest_every_agent(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "bench.sim_fleet", "--out", str(out), "--push-floor", "half"],
                          cwd=REPO, capture_output=True, text=True, timeout=GUARD)  # fmt: skip
     assert bad.returncode == 2 and "expected full, bare or full,bare" in bad.stderr
+    alone = subprocess.run([sys.executable, "-m", "bench.sim_fleet", "--out", str(out), "--push-floor", "bare"],
+                           cwd=REPO, capture_output=True, text=True, timeout=GUARD)  # fmt: skip
+    assert alone.returncode == 2 and "--push-floor needs --push" in alone.stderr
