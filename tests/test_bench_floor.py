@@ -108,11 +108,12 @@ def test_sim_fleet_floor_rows_attest_every_agent(tmp_path: Path) -> None:
     (row,) = report["rows"]
     pull = row["pull floor"]
     assert pull["states"] == {"3": 4} and pull["polls_counted_by"] == "served", pull
-    assert pull["polls"] > 0 and pull["polls_committed"] > 0 and pull["cpu_per_poll"] > 0, pull
+    # the CPU is read in clock ticks (10 ms): a few polls of a floor may round to none of them
+    assert pull["polls"] > 0 and pull["polls_committed"] > 0 and pull["cpu_per_poll"] >= 0, pull
     for name in ("push floor", "push floor (bare)"):
         r = row[name]
         assert r["states"] == {"3": 4} and r["agent_errors"] == {}, r
-        assert r["polls"] > 0 and r["passed"] > 0 and r["cpu_per_poll"] > 0, r
+        assert r["polls"] > 0 and r["passed"] > 0 and r["cpu_per_poll"] >= 0, r
     assert "| 4 | push floor (bare) |" in done.stdout and "| 4 | pull floor |" in done.stdout
     bad = subprocess.run([sys.executable, "-m", "bench.sim_fleet", "--out", str(out), "--push-floor", "half"],
                          cwd=REPO, capture_output=True, text=True, timeout=GUARD)  # fmt: skip
